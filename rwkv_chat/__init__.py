@@ -1,0 +1,24 @@
+"""rwkv-chat: chat with RWKV-4 World and RWKV-5 World models.
+
+The stable public surface:
+
+    from rwkv_chat import load_model, WorldTokenizer
+    model = load_model(source, device="cpu", dtype=torch.float32)
+    logits, state = model.forward(tokens, state=None)
+    tok = WorldTokenizer(); ids = tok.encode(text); text = tok.decode(ids)
+"""
+
+from .loading import ModelLoadError, load_model
+from .model import RwkvConfig, RwkvModel
+from .state import RwkvState
+
+
+def __getattr__(name):
+    # The tokenizer reads a 65k-line vocabulary; import it only when asked for.
+    if name == "WorldTokenizer":
+        from .tokenizer import WorldTokenizer
+        return WorldTokenizer
+    raise AttributeError(f"module 'rwkv_chat' has no attribute {name!r}")
+
+
+__all__ = ["load_model", "ModelLoadError", "RwkvConfig", "RwkvModel", "RwkvState", "WorldTokenizer"]

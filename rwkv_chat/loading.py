@@ -1,0 +1,260 @@
+"""One entry point from whatever a user has to a placed model: `load_model(source, device, dtype)`.
+
+`source` may be
+- a catalog name ("RWKV-5 World 0.1B"): its original .pth is downloaded from the hub;
+- a path to an original checkpoint file (`.pth`, BlinkDL layout);
+- a path to a Hugging Face-format directory: transformers' `rwkv` key names (RWKV/rwkv-4-world-*) or the
+  `rwkv5` names (RWKV/rwkv-5-world-*), safetensors or .bin, sharded or not. No remote code is ever run:
+  only the weights and config.json are read;
+- a hub repo id ("RWKV/rwkv-5-world-169m"), or "owner/repo:file.pth" for one original file in a repo.
+
+Downloads go through huggingface_hub into its normal cache, so HF_HOME and HF_HUB_OFFLINE are honoured.
+Every weight file is read with `weights_only=True`. Version and shape come from the weights alone. Weights
+are placed with accelerate on the chosen device: projections and embeddings in the chosen dtype, the rest
+(norms, decays, mixes) in fp32. fp16 turns on the every-6-layers rescale that RWKV-4 World needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .catalog import CatalogEntry, find_entry
+from .model import RwkvConfig, RwkvModel
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+FP16_RESCALE_EVERY = 6
+HF_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
+# transformers' names -> the original checkpoint's names (applied to each dotted part)
+HF_NAME_PARTS = {"embeddings": "emb", "pre_ln": "ln0", "attention": "att", "feed_forward": "ffn",
+                 "time_mix_key": "time_mix_k", "time_mix_value": "time_mix_v",
+                 "time_mix_receptance": "time_mix_r", "time_mix_gate": "time_mix_g"}
+
+Progress = Callable[[str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what failed and what to do."""
+
+
+# ---------------------------------------------------------------------------------------- public entry
+
+def load_model(source: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None, progress: Progress | None = None) -> RwkvModel:
+    """Load `source` (see module docstring) onto `device` in `dtype`.
+
+    Defaults: CUDA in bf16 when a GPU is present, else CPU in fp32. `progress` is called with short
+    human-readable stage descriptions ("downloading ...", "placing ...").
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    report = progress or (lambda message: None)
+    state_dict = read_weights(source, report)
+    config = config_from_state_dict(state_dict)
+    report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
+    return build_model(config, state_dict, device, dtype)
+
+
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device}; use 'cpu' or 'cuda'")
+    if dtype in (None, "auto"):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+        dtype = DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    return device, dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def read_weights(source, report: Progress) -> dict[str, torch.Tensor]:
+    """Any source -> a state dict with the original checkpoint's key names."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return read_pth(path)
+    if path.is_dir():
+        return read_hf_dir(path)
+    entry = find_entry(text)
+    if entry is not None:
+        return read_pth(download_catalog_file(entry, report))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w./-]+\.pth)?", text):
+        repo, _, filename = text.partition(":")
+        if filename:
+            return read_pth(download_file(repo, filename, report))
+        return read_hf_dir(download_repo(repo, report))
+    raise ModelLoadError(f"cannot load {text!r}: it is not an existing file or directory, a catalog name, "
+                         "or a hub repo id like 'RWKV/rwkv-5-world-169m'")
+
+
+def torch_load(path: Path) -> dict:
+    """torch.load with weights_only=True, memory-mapped when the file format allows it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise ModelLoadError(f"cannot read {path}: {error}") from error
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
+    except Exception as error:  # unpickling refused, truncated file, ...
+        raise ModelLoadError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
+
+
+def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    state_dict = torch_load(path)
+    if not isinstance(state_dict, dict) or "emb.weight" not in state_dict:
+        raise ModelLoadError(f"{path} is not an RWKV checkpoint (no 'emb.weight' tensor)")
+    return dict(state_dict)
+
+
+def read_hf_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """A transformers-format directory (rwkv or rwkv5 names) -> original names."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+    raw: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            raw.update(load_file(str(file)))
+        else:
+            raw.update(torch_load(file))
+    return hf_to_original_names(raw)
+
+
+def hf_to_original_names(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in raw.items():
+        parts = key.split(".")
+        if parts[0] in ("rwkv", "model"):
+            parts = parts[1:]
+        renamed[".".join(HF_NAME_PARTS.get(part, part) for part in parts)] = tensor
+    if "emb.weight" not in renamed:
+        raise ModelLoadError("the directory's weights are not an RWKV model (no embeddings)")
+    return renamed
+
+
+# ---------------------------------------------------------------------------------------- hub
+
+def _hub_error(what: str, error: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = ("HF_HUB_OFFLINE is set and the file is not in the cache" if offline
+            else "the Hugging Face hub could not be reached and the file is not cached")
+    return ModelLoadError(
+        f"could not get {what}: {hint} ({type(error).__name__}: {error}). Download the file on a machine "
+        "with network access (it lands in the HF cache, see HF_HOME) or pass a local path: "
+        "--model /path/to/RWKV-x.pth or a transformers-format directory.")
+
+
+def download_file(repo: str, filename: str, report: Progress) -> Path:
+    from huggingface_hub import hf_hub_download
+    report(f"downloading {repo}/{filename}")
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as error:
+        raise _hub_error(f"{repo}/{filename}", error) from error
+
+
+def download_catalog_file(entry: CatalogEntry, report: Progress) -> Path:
+    return download_file(entry.repo, entry.filename, report)
+
+
+def download_repo(repo: str, report: Progress) -> Path:
+    from huggingface_hub import snapshot_download
+    report(f"downloading {repo}")
+    try:
+        return Path(snapshot_download(repo_id=repo, allow_patterns=HF_WEIGHT_PATTERNS))
+    except Exception as error:
+        raise _hub_error(repo, error) from error
+
+
+# ---------------------------------------------------------------------------------------- shape
+
+def detect_version(state_dict: dict[str, torch.Tensor]) -> str:
+    keys = state_dict.keys()
+    if any("time_maa" in k for k in keys) or any(".att.w0" in k or ".att.r_k" in k for k in keys):
+        raise ModelLoadError("this is an RWKV-6/7 checkpoint; only RWKV-4 and RWKV-5 (5.0, 5.2) are supported")
+    if not any(".ln_x." in k for k in keys):
+        return "4"
+    decay = state_dict["blocks.0.att.time_decay"]
+    per_channel = decay.dim() >= 2 and decay.shape[1] > 1
+    if any(".att.gate.weight" in k for k in keys):
+        if not per_channel:
+            raise ModelLoadError("this is an RWKV-5.1 checkpoint, which is not supported (5.0 and 5.2 are)")
+        return "5.2"
+    return "5.0"
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> RwkvConfig:
+    version = detect_version(state_dict)
+    n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    vocab_size, n_embd = state_dict["emb.weight"].shape
+    dim_att = state_dict["blocks.0.att.key.weight"].shape[0]
+    dim_ffn = state_dict["blocks.0.ffn.key.weight"].shape[0]
+    head_size = 64
+    if version != "4":
+        head_size = dim_att // state_dict["blocks.0.att.time_decay"].shape[0]
+    return RwkvConfig(version, n_layer, n_embd, dim_att, dim_ffn, vocab_size, head_size)
+
+
+def canonical_state_dict(config: RwkvConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original names -> this package's parameter names and conventions."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("blocks.0.ln0."):
+            key = key.replace("blocks.0.ln0.", "ln0.")
+        if config.version != "4" and key.endswith(".att.time_first"):
+            key, tensor = key.replace("time_first", "time_faaaa"), torch.exp(tensor.float())  # u = exp(first)
+        out[key] = tensor
+    return out
+
+
+# ---------------------------------------------------------------------------------------- placement
+
+def _is_projection(name: str) -> bool:
+    return name.endswith(".weight") and (name.startswith("emb.") or name.startswith("head.")
+                                         or re.search(r"\.(key|value|receptance|output|gate)\.weight$", name))
+
+
+def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> RwkvModel:
+    """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    weights = canonical_state_dict(config, state_dict)
+    with init_empty_weights():
+        model = RwkvModel(config)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match RWKV-{config.version}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    for name, param in params.items():
+        tensor = weights[name]
+        if tensor.numel() != param.numel():
+            raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        target = dtype if _is_projection(name) else torch.float32
+        set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
+    model.eval()
+    if dtype == torch.float16:
+        model.enable_fp16_rescale(FP16_RESCALE_EVERY)
+    return model

@@ -229,7 +229,9 @@ def canonical_state_dict(config: RwkvConfig, state_dict: dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------- placement
 
 def _is_projection(name: str) -> bool:
-    return name.endswith(".weight") and (name.startswith("emb.") or name.startswith("head.")
+    """Matrices that are multiplied (in the chosen dtype). The embedding is only looked up: it stays fp32,
+    as in the reference, because rounding it perturbs every later layer."""
+    return name.endswith(".weight") and (name.startswith("head.")
                                          or re.search(r"\.(key|value|receptance|output|gate)\.weight$", name))
 
 

@@ -1,0 +1,31 @@
+"""The oracle: the `rwkv` PyPI package (ChatRWKV's reference implementation) on our test checkpoints.
+
+conftest.py sets RWKV_JIT_ON / RWKV_CUDA_ON before anything imports the package.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+@lru_cache(maxsize=8)
+def reference_model(pth: Path, strategy: str = "cpu fp32"):
+    from rwkv.model import RWKV
+
+    return RWKV(model=str(pth), strategy=strategy, verbose=False)
+
+
+def reference_run(pth: Path, tokens: list[int], state=None, strategy: str = "cpu fp32"):
+    """(fp32 logits of the last token, reference state) after `tokens`; the state list is copied first."""
+    model = reference_model(Path(pth), strategy)
+    state = [s.clone() for s in state] if state is not None else None
+    logits, state = model.forward(list(tokens), state)
+    return logits.float(), state
+
+
+def random_tokens(n: int, seed: int, vocab: int = 65536) -> list[int]:
+    """Ids drawn from the real World id range (1..65529), end-of-text excluded."""
+    return torch.randint(1, 65530, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

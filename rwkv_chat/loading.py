@@ -108,12 +108,13 @@ def read_weights(source, report: Progress) -> dict[str, torch.Tensor]:
 def torch_load(path: Path) -> dict:
     """torch.load with weights_only=True, memory-mapped when the file format allows it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise ModelLoadError(f"cannot read {path}: {error}") from error
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
-    except Exception as error:  # unpickling refused, truncated file, ...
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
+    except Exception as error:  # unpickling refused, truncated file, not a checkpoint at all, ...
         raise ModelLoadError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
 
 

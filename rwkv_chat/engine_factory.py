@@ -1,0 +1,58 @@
+"""Builds a ready `ChatEngine` for a `ModelKey`: load the weights, share one tokenizer, pick the decoder.
+
+Promises:
+- One `WorldTokenizer` for every engine of the app (it is read once, on first use).
+- The decoder is `batching.DecodeBatcher(model, max_batch)` when that module is present, so concurrent chats
+  with one model decode together; otherwise the engine's own one-chat-at-a-time `DirectDecoder`.
+- The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
+- Load stages ("downloading …", "placing …") go to the `progress` callback.
+Never runs remote code: loading goes through `loading.load_model`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from .engine import ChatEngine
+from .loading import load_model
+from .model_choices import ModelChoices, ModelKey
+from .session import ChatSession
+
+
+def make_decoder(model, max_batch: int):
+    """A batching decoder for `model` when the batching module exists, else None (the engine's default)."""
+    try:
+        from .batching import DecodeBatcher
+    except ImportError:
+        return None
+    return DecodeBatcher(model, max_batch=max_batch)
+
+
+class EngineFactory:
+    def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = 8,
+                 batching: bool = True):
+        self.choices = choices
+        self.preamble = preamble
+        self.max_batch = max_batch
+        self.batching = batching
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from .tokenizer import WorldTokenizer
+                self._tokenizer = WorldTokenizer()
+            return self._tokenizer
+
+    def __call__(self, key: ModelKey, progress: Callable[[str], None]) -> ChatEngine:
+        choice = self.choices.get(key.choice)
+        model = load_model(choice.source, key.device, key.dtype, progress=progress)
+        progress("reading the tokenizer")
+        decoder = make_decoder(model, self.max_batch) if self.batching else None
+        engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}", decoder=decoder)
+        if self.preamble:
+            progress("reading the preamble")
+            engine.warm_preamble(ChatSession(preamble=self.preamble))
+        return engine

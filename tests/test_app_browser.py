@@ -1,0 +1,129 @@
+"""The chat page in a real headless Chromium (Debian's /usr/bin/chromium through playwright) against the app
+served by `python app.py --model tiny.pth`: two messages stream in, each gets its stats line, retry re-answers
+the last message from the cached state (prefill 0), and undo puts the message back in the box."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from app_harness import chat_stats, running_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+TIMEOUT_MS = 90_000
+MAX_NEW_TOKENS = 48
+pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="needs Debian's chromium")
+
+# Watches one answer: records every distinct text of the last answer bubble (streaming evidence) and sets
+# __done once the stats line, blanked while the answer streams, shows a `prefill` line again.
+WATCH_ANSWER = """() => {
+  window.__seen = new Set(); window.__cleared = false; window.__done = false;
+  const timer = setInterval(() => {
+    const bots = document.querySelectorAll('#chat [data-testid="bot"]');
+    if (bots.length) window.__seen.add(bots[bots.length - 1].innerText);
+    const stats = document.querySelector('#stats').innerText;
+    if (!stats.includes('prefill')) window.__cleared = true;
+    else if (window.__cleared) { window.__done = true; clearInterval(timer); }
+  }, 5);
+}"""
+
+
+
+@pytest.fixture(scope="module")
+def server(make_checkpoint, tmp_path_factory):
+    tiny = make_checkpoint("5.2", n_layer=2, n_embd=128)
+    with running_app(["--model", str(tiny.path), "--device", "cpu"], tmp_path_factory.mktemp("browser")) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#message textarea")
+            page.wait_for_function("document.querySelector('#model-status').innerText.includes('ready')")
+            page.click("text=Generation")  # shorter answers keep the test quick (still dozens of updates)
+            page.fill("#max-new-tokens input[type=number]", str(MAX_NEW_TOKENS))
+            page.keyboard.press("Tab")
+            yield page
+        finally:
+            browser.close()
+
+
+def send(page, text: str) -> str:
+    """Type `text`, press Enter, wait for the stats line of its answer; returns that line."""
+    page.evaluate(WATCH_ANSWER)
+    page.fill("#message textarea", text)
+    page.keyboard.press("Enter")
+    page.wait_for_function("window.__done")
+    return page.inner_text("#stats")
+
+
+def texts(page, role: str) -> list[str]:
+    return [element.inner_text() for element in page.query_selector_all(f'#chat [data-testid="{role}"]')]
+
+
+def test_two_messages_stream_and_retry_reads_nothing(page):
+    first = send(page, "Hello there")
+    assert chat_stats(first) > 0
+    assert len(page.evaluate("[...window.__seen].filter(t => t.trim())")) >= 2  # it grew while streaming
+    assert page.input_value("#message textarea") == ""  # the box was cleared for the next message
+
+    second = send(page, "Tell me about dragons")
+    assert chat_stats(second) > 0
+    assert texts(page, "user") == ["Hello there", "Tell me about dragons"]
+    answers = texts(page, "bot")
+    assert len(answers) == 2 and all(answer.strip() for answer in answers)
+    assert re.search(r"· \d+ tok at \d+ tok/s · state [\d.]+ MB · .* · cpu fp32", second)
+
+    page.evaluate(WATCH_ANSWER)
+    page.click("#retry")
+    page.wait_for_function("window.__done")
+    assert chat_stats(page.inner_text("#stats")) == 0
+    assert texts(page, "user") == ["Hello there", "Tell me about dragons"]
+    assert len(texts(page, "bot")) == 2
+
+    page.click("#undo")
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"user\"]').length == 1")
+    assert page.input_value("#message textarea") == "Tell me about dragons"
+
+
+def test_overlong_message_is_refused_and_kept_in_the_box(page):
+    from rwkv_chat import limits
+    text = "y" * (limits.MAX_MESSAGE_CHARS + 1)
+    before = texts(page, "user")
+    page.fill("#message textarea", text)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("text=/the limit is/")
+    assert page.input_value("#message textarea") == text
+    assert texts(page, "user") == before
+
+
+def test_editing_a_message_answers_it_again_from_there(page):
+    send(page, "Original question")
+    page.query_selector_all('#chat button[aria-label="Edit"]')[0].click()
+    page.fill("#chat textarea", "Edited question")
+    page.evaluate(WATCH_ANSWER)
+    page.click('#chat button[aria-label="Submit"]')
+    page.wait_for_function("window.__done")
+    assert texts(page, "user")[-1] == "Edited question"
+    assert chat_stats(page.inner_text("#stats")) > 0
+
+
+def test_loading_another_precision_starts_a_new_conversation(page):
+    send(page, "Before switching")
+    page.get_by_label("bf16").check()
+    page.click("#load")
+    page.wait_for_function("document.querySelector('#model-status').innerText.includes('cpu bf16')")
+    assert "ready" in page.inner_text("#model-status")
+    assert texts(page, "user") == []
+    assert "cpu bf16" in send(page, "After switching")

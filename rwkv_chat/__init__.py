@@ -11,6 +11,9 @@ The stable public surface:
 from .loading import ModelLoadError, load_model
 from .model import RwkvConfig, RwkvModel
 from .state import RwkvState
+from .hf_register import register_when_transformers_loads as _register_transformers_classes
+
+_register_transformers_classes()  # AutoConfig/AutoModelForCausalLM/AutoTokenizer learn our RWKV classes, lazily
 
 
 def __getattr__(name):

@@ -28,7 +28,7 @@ from .catalog import CatalogEntry, find_entry
 from .model import RwkvConfig, RwkvModel
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8}
 FP16_RESCALE_EVERY = 6
 HF_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
 # transformers' names -> the original checkpoint's names (applied to each dotted part)
@@ -46,18 +46,22 @@ class ModelLoadError(RuntimeError):
 # ---------------------------------------------------------------------------------------- public entry
 
 def load_model(source: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None, progress: Progress | None = None) -> RwkvModel:
+               dtype: torch.dtype | str | None = None, progress: Progress | None = None,
+               fast: bool | None = None) -> RwkvModel:
     """Load `source` (see module docstring) onto `device` in `dtype`.
 
-    Defaults: CUDA in bf16 when a GPU is present, else CPU in fp32. `progress` is called with short
-    human-readable stage descriptions ("downloading ...", "placing ...").
+    Defaults: CUDA in bf16 when a GPU is present, else CPU in fp32. dtype "int8" (or torch.int8) stores the
+    projection matrices as int8 with per-row scales (quant.py): half of bf16's memory. `fast` turns on the
+    fast path (model.use_fast_path: fused kernels, CUDA graphs); by default it is on except for fp32 on CPU,
+    which keeps the plain reference path. `progress` is called with short human-readable stage descriptions
+    ("downloading ...", "placing ...").
     """
     device, dtype = resolve_device_dtype(device, dtype)
     report = progress or (lambda message: None)
     state_dict = read_weights(source, report)
     config = config_from_state_dict(state_dict)
     report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
-    return build_model(config, state_dict, device, dtype)
+    return build_model(config, state_dict, device, dtype, fast)
 
 
 def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -72,15 +76,16 @@ def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
         dtype = DTYPES[dtype.lower()]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+        raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16, float16 or int8")
     return device, dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.int8: "int8"}.get(dtype, str(dtype))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -237,8 +242,10 @@ def _is_projection(name: str) -> bool:
 
 
 def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype) -> RwkvModel:
-    """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between)."""
+                dtype: torch.dtype, fast: bool | None = None) -> RwkvModel:
+    """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between).
+
+    int8: projections are placed in bf16 (CUDA) or fp32 (CPU), then quantised in place (quant.py)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -255,9 +262,19 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         tensor = weights[name]
         if tensor.numel() != param.numel():
             raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        target = dtype if _is_projection(name) else torch.float32
+        placed = dtype
+        if dtype == torch.int8:
+            placed = torch.bfloat16 if device.type == "cuda" else torch.float32
+        target = placed if _is_projection(name) else torch.float32
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
+        if dtype == torch.int8 and _is_projection(name):  # one matrix at a time: no full-precision peak
+            from .quant import quantize_model_
+            quantize_model_(model.get_submodule(name.rsplit(".", 1)[0]))
     model.eval()
     if dtype == torch.float16:
         model.enable_fp16_rescale(FP16_RESCALE_EVERY)
+    if fast is None:
+        fast = device.type == "cuda" or dtype != torch.float32
+    if fast:
+        model.use_fast_path()
     return model

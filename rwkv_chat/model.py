@@ -11,6 +11,10 @@ What this module promises:
 - Parameter names are those of the original checkpoints (`blocks.N.att.key.weight`, ...), except that
   `blocks.0.ln0` lives at `ln0`. Shapes are read from a `RwkvConfig`.
 
+- `use_fast_path()` routes `forward` and `decode_batch` through `fast.FastRunner` (packed projections,
+  fused Triton kernels and CUDA graphs on GPUs, bf16/int8 weights on CPUs) under the same contract; the code
+  in this module stays the plain reference path.
+
 It knows nothing of files, text or devices beyond the tensors it is given. A new architecture (RWKV-6, 7) is
 one more time-mix class registered in `TIME_MIX_CLASSES`.
 """
@@ -65,12 +69,18 @@ class RwkvConfig:
 
 
 class Projection(nn.Linear):
-    """A bias-free linear layer that takes and returns fp32 and computes in its weight's dtype."""
+    """A bias-free linear layer that takes and returns fp32 and computes in its weight's dtype.
+
+    An int8 weight (quant.quantize_model_) carries a per-row `weight_scale` buffer and multiplies through
+    quant.linear."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.int8:
+            from .quant import linear
+            return linear(x, self.weight, self.weight_scale)
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
@@ -301,6 +311,8 @@ class RwkvModel(nn.Module):
         # Halve the residual stream after every `rescale_every` layers (fp16 guard); 0 = off. Set through
         # `enable_fp16_rescale`, which also scales the weights to match.
         self.rescale_every = 0
+        # The fast path (fast.FastRunner) when enabled through `use_fast_path`; None = the plain path below.
+        self.runner = None
 
     # -------------------------------------------------------------------------------------- properties
     @property
@@ -309,12 +321,23 @@ class RwkvModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the projections compute in."""
+        """The dtype the projections are stored in (torch.int8 for int8 weights, which compute in bf16/fp32)."""
         return self.head.weight.dtype
 
     def zero_state(self, batch: int = 1) -> RwkvState:
         c = self.config
         return RwkvState.zeros(c.version, c.n_layer, c.n_embd, c.n_head, c.head_size, batch, self.device)
+
+    @torch.no_grad()
+    def use_fast_path(self, enabled: bool = True, **options) -> "RwkvModel":
+        """Route forward/decode_batch through fast.FastRunner (packed projections, fused kernels, CUDA graphs;
+        same function within the weight dtype's rounding). Call after the weights are final (loading,
+        fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs)."""
+        self.runner = None
+        if enabled:
+            from .fast import FastRunner
+            self.runner = FastRunner(self, **options)
+        return self
 
     @torch.no_grad()
     def enable_fp16_rescale(self, every: int = 6) -> None:
@@ -327,6 +350,8 @@ class RwkvModel(nn.Module):
             block.att.output.weight.div_(factor)
             block.ffn.value.weight.div_(factor)
         self.rescale_every = every
+        if self.runner is not None:  # the packed weights are views of the scaled ones; refresh the rest
+            self.use_fast_path()
 
     # -------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -335,11 +360,16 @@ class RwkvModel(nn.Module):
 
         Returns (logits, new_state): logits fp32 [vocab] for the last token, or [T, vocab] with all_logits.
         """
-        ids = torch.as_tensor(tokens, dtype=torch.long).to(self.device).reshape(-1)
+        ids = self._token_ids(tokens).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
-        self._check_ids(ids)
         state = self._prepare_state(state, batch=1)
+        if self.runner is not None:
+            if ids.numel() == 1 and not all_logits:
+                logits, state = self.runner.decode(ids, state)  # ids may stay on the CPU (graph input)
+                return logits[0], state
+            return self.runner.prefill(ids.to(self.device), state, all_logits)
+        ids = ids.to(self.device)
         outputs = []
         for start in range(0, ids.numel(), SEGMENT_TOKENS):
             segment = ids[start:start + SEGMENT_TOKENS].unsqueeze(0)  # [1, T]
@@ -351,10 +381,11 @@ class RwkvModel(nn.Module):
     @torch.no_grad()
     def decode_batch(self, tokens: torch.Tensor, state: RwkvState):
         """One token for each of B sequences: tokens [B] -> (logits fp32 [B, vocab], new batched state)."""
-        ids = torch.as_tensor(tokens, dtype=torch.long).to(self.device).reshape(-1, 1)
-        self._check_ids(ids)
+        ids = self._token_ids(tokens).reshape(-1, 1)
         state = self._prepare_state(state, batch=ids.shape[0])
-        hidden, state = self._read(ids, state)
+        if self.runner is not None:
+            return self.runner.decode(ids.reshape(-1), state)
+        hidden, state = self._read(ids.to(self.device), state)
         return self._logits(hidden[:, -1]), state
 
     def _read(self, ids: torch.Tensor, state: RwkvState):
@@ -375,18 +406,32 @@ class RwkvModel(nn.Module):
                          LAYER_NORM_EPS)
         return self.head(x)
 
+    def _token_ids(self, tokens) -> torch.Tensor:
+        """Tokens -> a checked LongTensor. Lists are checked on the CPU, so a decode step costs no GPU sync."""
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        self._check_ids(ids)
+        return ids
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
                              f"min {int(ids.min())}, max {int(ids.max())}")
+
+    def _state_shapes(self):
+        """Per-sequence shapes of (shift, wkv), computed once."""
+        if not hasattr(self, "_shapes"):
+            expected = RwkvState.zeros(self.config.version, self.config.n_layer, self.config.n_embd,
+                                       self.config.n_head, self.config.head_size, 0, "cpu")
+            self._shapes = (expected.shift.shape[1:], expected.wkv.shape[1:])
+        return self._shapes
 
     def _prepare_state(self, state: RwkvState | None, batch: int) -> RwkvState:
         if state is None:
             return self.zero_state(batch)
         if state.batch_size != batch:
             raise ValueError(f"state holds {state.batch_size} sequences but {batch} were given")
-        expected = self.zero_state(0)
-        if state.shift.shape[1:] != expected.shift.shape[1:] or state.wkv.shape[1:] != expected.wkv.shape[1:]:
+        shift_shape, wkv_shape = self._state_shapes()
+        if state.shift.shape[1:] != shift_shape or state.wkv.shape[1:] != wkv_shape:
             raise ValueError("state does not belong to a model of this shape "
-                             f"(wkv {tuple(state.wkv.shape[1:])} vs {tuple(expected.wkv.shape[1:])})")
+                             f"(wkv {tuple(state.wkv.shape[1:])} vs {tuple(wkv_shape)})")
         return state.to(self.device) if state.device != self.device else state

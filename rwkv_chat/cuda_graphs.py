@@ -1,0 +1,118 @@
+"""CUDA graphs for the decode step: one captured graph per batch-size bucket, replayed per token.
+
+What this module promises:
+- `GraphedDecoder(step, config, device)(ids [B], state)` returns exactly what `step(ids, state.shift,
+  state.wkv)` returns, as fresh tensors the caller owns (the graph's static buffers are copied out), without
+  the per-kernel launch cost: a decode step is hundreds of small kernels, and replaying them as one graph is
+  what lets batch-1 decoding reach the memory bandwidth.
+- Batch sizes are rounded up to a bucket (1, 2, 4, 8, 16, 32); padding rows compute garbage that is never
+  returned. Larger batches run the step directly, ungraphed. Graphs are captured lazily, on first use of a
+  bucket, and share one memory pool.
+- Thread-safe: one replay at a time (the static buffers are shared).
+
+It knows nothing of the model beyond the step function and the state's shapes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .state import RwkvState
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+WARMUP_RUNS = 2
+
+
+class _Captured:
+    def __init__(self, step, batch: int, template: RwkvState, device: torch.device, pool):
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ids_host = torch.zeros(batch, dtype=torch.long).pin_memory()  # staging: no sync per step
+        self.ids_copied = torch.cuda.Event()
+        self.shift = torch.zeros((batch,) + tuple(template.shift.shape[1:]), device=device)
+        self.wkv = torch.zeros((batch,) + tuple(template.wkv.shape[1:]), device=device)
+        self.wkv.copy_(template.wkv[:1].expand_as(self.wkv))  # a valid empty state in every row
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # compile kernels and settle the allocator before capture
+            for _ in range(WARMUP_RUNS):
+                step(self.ids, self.shift, self.wkv)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits, self.out = step(self.ids, self.shift, self.wkv)
+
+    def run(self, ids: torch.Tensor, state: RwkvState):
+        rows = ids.shape[0]
+        self.shift[:rows].copy_(state.shift)
+        self.wkv[:rows].copy_(state.wkv)
+        self._replay(ids)
+        return (self.logits[:rows].clone(),
+                RwkvState(self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()))
+
+    def run_states(self, ids: torch.Tensor, states: list[RwkvState]):
+        """Separate batch-1 states in, separate batch-1 states out: one pass over the states each way."""
+        rows = ids.shape[0]
+        torch.cat([st.shift for st in states], out=self.shift[:rows])
+        torch.cat([st.wkv for st in states], out=self.wkv[:rows])
+        self._replay(ids)
+        news = [RwkvState(self.out.shift[i:i + 1].clone(), self.out.wkv[i:i + 1].clone()) for i in range(rows)]
+        return self.logits[:rows].clone(), news
+
+    def _replay(self, ids: torch.Tensor) -> None:
+        rows = ids.shape[0]
+        if ids.device.type == "cpu":
+            self.ids_copied.synchronize()  # the previous step's copy out of the staging buffer is done
+            self.ids_host[:rows].copy_(ids)
+            self.ids[:rows].copy_(self.ids_host[:rows], non_blocking=True)
+            self.ids_copied.record()
+        else:
+            self.ids[:rows].copy_(ids)
+        self.graph.replay()
+
+
+class GraphedDecoder:
+    """Replays captured decode steps (see module docstring)."""
+
+    def __init__(self, step, config, device: torch.device, buckets=BUCKETS):
+        self.step = step
+        self.device = torch.device(device)
+        self.buckets = tuple(sorted(buckets))
+        c = config
+        self.template = RwkvState.zeros(c.version, c.n_layer, c.n_embd, c.n_head, c.head_size, 1, self.device)
+        self.graphs: dict[int, _Captured] = {}
+        self.pool = None
+        self.lock = threading.Lock()
+
+    def bucket(self, batch: int) -> int | None:
+        for size in self.buckets:
+            if batch <= size:
+                return size
+        return None
+
+    def __call__(self, ids: torch.Tensor, state: RwkvState):
+        size = self.bucket(ids.shape[0])
+        if size is None:
+            return self.step(ids.to(self.device), state.shift, state.wkv)
+        # static buffers are ordinary tensors whatever mode the caller is in (inference tensors could not be
+        # written by a later caller outside inference mode)
+        with self.lock, torch.inference_mode(False), torch.no_grad():
+            return self._captured(size).run(ids, state)
+
+    def run_states(self, ids: torch.Tensor, states: list[RwkvState]):
+        """Like __call__ for a list of batch-1 states (on this device); returns (logits, list of states)."""
+        size = self.bucket(ids.shape[0])
+        if size is None:
+            logits, new = self(ids, RwkvState.stack(states))
+            return logits, new.unstack()
+        with self.lock, torch.inference_mode(False), torch.no_grad():
+            return self._captured(size).run_states(ids, states)
+
+    def _captured(self, size: int) -> _Captured:
+        captured = self.graphs.get(size)
+        if captured is None:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            captured = self.graphs[size] = _Captured(self.step, size, self.template, self.device, self.pool)
+        return captured

@@ -1,0 +1,374 @@
+"""The fast inference path of an `RwkvModel`: packed projections, fused decode steps, parallel prefill.
+
+What this module promises:
+- `FastRunner(model)` computes the same function as the model's plain path (`RwkvModel._read`), within the
+  rounding of the model's weight dtype: `prefill(ids, state)` for one sequence and `decode(ids, state)` for
+  one token of each of B sequences. States passed in are never changed; new ones are returned.
+- Packing shares memory with the model: each layer's r/k/v(/g) projections become one [P*A, C] matrix and
+  the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed to views
+  of them, so the weights are held once. int8 models (see quant.py) are packed the same way, with scales.
+- Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
+  layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
+  graphed; on CPU the PyTorch step runs as is. Prefill is a few large matrix products per layer plus the
+  chunked-parallel recurrence (parallel_wkv.py; on CUDA the v4 scan is a Triton kernel).
+
+It knows the model's modules and math; it knows nothing of text, files or sessions.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import parallel_wkv, quant, triton_kernels
+from .state import RwkvState
+
+LAYER_NORM_EPS = 1e-5
+GROUP_NORM_EPS = 64e-5
+CPU_WKV_CHUNK = 16
+CUDA_WKV_CHUNK = 32
+CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
+CUDA_SEGMENT = 4096
+INT8_DEQUANT_MIN_ROWS = 16  # from this many tokens at once, int8 weights are expanded once per product
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """One weight [N, K] (float or int8 with per-row scale) whose rows are split into named segments."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    bounds: tuple[int, ...]  # row offsets: segment i is rows bounds[i]:bounds[i+1]
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def equal_segments(self) -> bool:
+        sizes = {self.bounds[i + 1] - self.bounds[i] for i in range(self.n_segments)}
+        return len(sizes) == 1
+
+    def segment(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return self.weight[a:b], None if self.scale is None else self.scale[a:b]
+
+    def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """x [..., K] @ segment i ᵀ -> fp32."""
+        weight, scale = self.segment(i)
+        if scale is not None and x.device.type != "cuda" and x.reshape(-1, x.shape[-1]).shape[0] >= INT8_DEQUANT_MIN_ROWS:
+            return F.linear(x.float(), quant.dequantize(weight, scale))  # large products: expand once, fp32 GEMM
+        if scale is not None and x.device.type == "cuda" and x.reshape(-1, x.shape[-1]).shape[0] >= INT8_DEQUANT_MIN_ROWS:
+            return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
+        return quant.linear(x, weight, scale)
+
+
+def pack_projections(projections: list[nn.Module]) -> PackedLinear:
+    """Concatenate the rows of several `Projection`s and re-point their weights to views of the result."""
+    weights = [p.weight.data for p in projections]
+    int8 = weights[0].dtype == torch.int8
+    packed = torch.cat(weights).contiguous() if len(weights) > 1 else weights[0].contiguous()
+    scale = None
+    if int8:
+        scales = [p.weight_scale for p in projections]
+        scale = torch.cat(scales).contiguous() if len(scales) > 1 else scales[0].contiguous()
+    bounds, offset = [0], 0
+    for p, w in zip(projections, weights):
+        rows = w.shape[0]
+        p.weight = nn.Parameter(packed[offset:offset + rows], requires_grad=False)
+        if int8:
+            p.weight_scale = scale[offset:offset + rows]
+        offset += rows
+        bounds.append(offset)
+    return PackedLinear(packed, scale, tuple(bounds))
+
+
+@dataclass
+class LayerPack:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    att_mix: torch.Tensor  # [P, C]: r, k, v (, g)
+    att: PackedLinear  # [P*A, C]
+    out: PackedLinear  # [C, A]
+    ffn_mix: torch.Tensor  # [2, C]: k, r
+    ffn: PackedLinear  # [F + C, C]: key, receptance
+    value: PackedLinear  # [C, F]
+    decay: torch.Tensor  # v4: w = -exp(time_decay) [C]; v5: log_w = -exp(time_decay) [H, S]
+    first: torch.Tensor  # u: [C] or [H, S]
+    ln_x_w: torch.Tensor | None = None
+    ln_x_b: torch.Tensor | None = None
+
+    @property
+    def decay_factor(self) -> torch.Tensor:  # v5: w = exp(log_w), cached
+        if not hasattr(self, "_w"):
+            self._w = torch.exp(self.decay).contiguous()
+        return self._w
+
+
+def pack_layer(block: nn.Module, config) -> LayerPack:
+    att, ffn = block.att, block.ffn
+    c = config.n_embd
+    mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v]
+    projections = [att.receptance, att.key, att.value]
+    if config.version == "5.2":
+        mixes.append(att.time_mix_g)
+        projections.append(att.gate)
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    pack = LayerPack(
+        ln1_w=f32(block.ln1.weight), ln1_b=f32(block.ln1.bias), ln2_w=f32(block.ln2.weight),
+        ln2_b=f32(block.ln2.bias),
+        att_mix=torch.stack([f32(m).reshape(c) for m in mixes]),
+        att=pack_projections(projections),
+        out=pack_projections([att.output]),
+        ffn_mix=torch.stack([f32(ffn.time_mix_k).reshape(c), f32(ffn.time_mix_r).reshape(c)]),
+        ffn=pack_projections([ffn.key, ffn.receptance]),
+        value=pack_projections([ffn.value]),
+        decay=-torch.exp(f32(att.time_decay)),
+        first=f32(att.time_first if config.version == "4" else att.time_faaaa),
+    )
+    if config.version != "4":
+        h, s = config.n_head, config.head_size
+        pack.decay = pack.decay.reshape(h, -1).expand(h, s).contiguous()
+        pack.first = pack.first.reshape(h, -1).expand(h, s).contiguous()
+        pack.ln_x_w, pack.ln_x_b = f32(att.ln_x.weight), f32(att.ln_x.bias)
+    return pack
+
+
+# ----------------------------------------------------------------------------------------- runner
+
+class FastRunner:
+    """Fast prefill and decode for one `RwkvModel` (see module docstring)."""
+
+    def __init__(self, model: nn.Module, use_triton: bool | None = None, use_graphs: bool | None = None):
+        self.config = model.config
+        self.version = model.config.version
+        self.device = model.device
+        self.rescale_every = model.rescale_every
+        head_dtype = model.head.weight.dtype
+        self.int8 = head_dtype == torch.int8
+        # dtype the matrix inputs are rounded to: the weight dtype, or bf16 (CUDA) / fp32 (CPU) for int8
+        if self.int8:
+            self.act_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.act_dtype = head_dtype
+        self.emb = model.emb.weight
+        self.ln0 = (model.ln0.weight.detach().float(), model.ln0.bias.detach().float())
+        self.ln_out = (model.ln_out.weight.detach().float(), model.ln_out.bias.detach().float())
+        self.layers = [pack_layer(block, self.config) for block in model.blocks]
+        self.head = pack_projections([model.head])
+        on_cuda = self.device.type == "cuda"
+        self.use_triton = triton_kernels.usable(self.device) if use_triton is None else use_triton
+        self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
+        self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else CPU_WKV_CHUNK
+        self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
+        self._graphs = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------- public
+    def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
+        """ids [B] long on the model's device -> (logits fp32 [B, V], new state)."""
+        if self.use_graphs:
+            return self._graph_holder()(ids, state)
+        return self._decode_step(ids.to(self.device), state.shift, state.wkv)
+
+    def _graph_holder(self):
+        if self._graphs is None:
+            from .cuda_graphs import GraphedDecoder
+            self._graphs = GraphedDecoder(self._decode_step, self.config, self.device)
+        return self._graphs
+
+    def decode_states(self, ids: torch.Tensor, states: list[RwkvState]):
+        """decode() for B separate batch-1 states (on this device) -> (logits [B, V], B new batch-1 states).
+        With CUDA graphs the states go straight into the graph's buffers and come straight out, instead of
+        being stacked into a batch and split again (two passes over the states instead of four)."""
+        if self.use_graphs:
+            return self._graph_holder().run_states(ids, states)
+        logits, new = self.decode(ids, RwkvState.stack(states))
+        return logits, new.unstack()
+
+    def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
+        """ids [T] long -> (logits fp32 [V] or [T, V], new state)."""
+        outputs = []
+        for start in range(0, ids.numel(), self.segment):
+            hidden, state = self._prefill_segment(ids[start:start + self.segment], state)
+            outputs.append(hidden if all_logits else hidden[-1:])
+        hidden = torch.cat(outputs) if all_logits else outputs[-1]
+        logits = self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))
+        return (logits if all_logits else logits[0]), state
+
+    # ------------------------------------------------------------------------------------- decode
+    def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
+        """The whole decode step as a function of tensors (graph-capturable): returns (logits, RwkvState)."""
+        x = F.embedding(ids, self.emb).float()
+        x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)
+        if self.use_triton:
+            return self._decode_triton(x, shift, wkv)
+        return self._decode_torch(x, shift, wkv)
+
+    def _decode_torch(self, x, shift, wkv):
+        new_shift = torch.empty_like(shift)
+        new_wkv = torch.empty_like(wkv)
+        for i, layer in enumerate(self.layers):
+            x = self._decode_layer_torch(layer, x, shift[:, i], wkv[:, i], new_shift[:, i], new_wkv[:, i])
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+        x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
+        return self.head(x), RwkvState(new_shift, new_wkv)
+
+    def _decode_layer_torch(self, layer: LayerPack, x, shift, wkv, shift_out, wkv_out):
+        from .model import wkv4_step, wkv5_step
+        xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
+        shift_out[:, 0] = xx
+        prev = shift[:, 0]
+        mixed = (xx * layer.att_mix[:, None] + prev * (1 - layer.att_mix[:, None])).to(self.act_dtype)  # [P, B, C]
+        proj = [layer.att(mixed[i], i) for i in range(layer.att.n_segments)]  # fp32 [B, A] each
+        batch = x.shape[0]
+        if self.version == "4":
+            r, k, v = proj
+            out, aa, bb, pp = wkv4_step(layer.decay, layer.first, k, v, wkv[:, 0], wkv[:, 1], wkv[:, 2])
+            wkv_out[:, 0], wkv_out[:, 1], wkv_out[:, 2] = aa, bb, pp
+            out = torch.sigmoid(r) * out
+        else:
+            h, s = layer.decay.shape
+            r, k, v = (t.view(batch, h, s) for t in proj[:3])
+            out, new = wkv5_step(layer.decay, layer.first, r, k, v, wkv)
+            wkv_out.copy_(new)
+            out = F.group_norm(out.reshape(batch, h * s), h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
+            if len(proj) == 4:
+                out = out * F.silu(proj[3])
+        x = x + layer.out(out.to(self.act_dtype))
+        xx = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
+        shift_out[:, 1] = xx
+        prev = shift[:, 1]
+        mixed = (xx * layer.ffn_mix[:, None] + prev * (1 - layer.ffn_mix[:, None])).to(self.act_dtype)  # [2, B, C]
+        k = torch.relu(layer.ffn(mixed[0], 0)).square()
+        r = torch.sigmoid(layer.ffn(mixed[1], 1))
+        return x + r * layer.value(k.to(self.act_dtype))
+
+    # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) -> act ->
+    # project(value); the residual adds happen inside the next ln_mix.
+    def _project(self, x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
+        """x [P, M, K] -> one partials view [S, M, N_i] per segment."""
+        one_row = x.shape[1] == 1
+        attention_inputs = lin.n_segments > 2 and lin.equal_segments
+        # float weights: cuBLAS, except one row through out/ffn/value/head, where our kernel measured faster
+        if lin.scale is None and not (one_row and not attention_inputs):
+            if lin.n_segments > 1 and lin.equal_segments:
+                n = lin.bounds[1]
+                out = torch.bmm(x, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))  # [P, M, n]
+                return [out[i:i + 1] for i in range(lin.n_segments)]
+            return [F.linear(x[min(i, x.shape[0] - 1)], lin.segment(i)[0]).unsqueeze(0)
+                    for i in range(lin.n_segments)]
+        seg = lin.bounds[1] if lin.n_segments > 1 else None
+        parts = triton_kernels.project(x, lin.weight, lin.scale, seg)
+        return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(lin.n_segments)]
+
+    def _decode_triton(self, x, shift, wkv):
+        tk = triton_kernels
+        batch, c = x.shape
+        x = x.contiguous()
+        new_shift = torch.empty_like(shift)
+        new_wkv = torch.empty_like(wkv)
+        layers = self.layers
+        p_att = layers[0].att.n_segments
+        mixed = torch.empty((p_att, batch, c), device=x.device, dtype=self.act_dtype)
+        mixed2 = torch.empty((2, batch, c), device=x.device, dtype=self.act_dtype)
+        tk.ln_mix(x, layers[0].ln1_w, layers[0].ln1_b, mixed, prev=shift[:, 0, 0], mix=layers[0].att_mix,
+                  xx_out=new_shift[:, 0, 0])
+        for i, layer in enumerate(layers):
+            proj = self._project(mixed, layer.att)
+            if self.version == "4":
+                y = tk.wkv4_decode(*proj, wkv[:, i], new_wkv[:, i], layer.decay, layer.first, self.act_dtype)
+            else:
+                gate = proj[3] if len(proj) == 4 else None
+                y = tk.wkv5_decode(proj[0], proj[1], proj[2], gate, wkv[:, i], new_wkv[:, i], layer.decay_factor,
+                                   layer.first, layer.ln_x_w, layer.ln_x_b, self.act_dtype, GROUP_NORM_EPS)
+            (att_out,) = self._project(y.unsqueeze(0), layer.out)
+            tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
+                      xx_out=new_shift[:, i, 1], delta=att_out)
+            k_parts, r_parts = self._project(mixed2, layer.ffn)
+            hidden = tk.ffn_act(k_parts, self.act_dtype)
+            (value,) = self._project(hidden.unsqueeze(0), layer.value)
+            halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                tk.ln_mix(x, nxt.ln1_w, nxt.ln1_b, mixed, prev=shift[:, i + 1, 0], mix=nxt.att_mix,
+                          xx_out=new_shift[:, i + 1, 0], delta=value, gate=r_parts, halve=halve)
+            else:
+                tk.ln_mix(x, self.ln_out[0], self.ln_out[1], mixed[:1], delta=value, gate=r_parts, halve=halve)
+        (logits,) = self._project(mixed[:1], self.head)
+        logits = logits[0] if logits.shape[0] == 1 else logits.sum(0)
+        return logits.float(), RwkvState(new_shift, new_wkv)
+
+    # ------------------------------------------------------------------------------------- prefill
+    def _prefill_segment(self, ids: torch.Tensor, state: RwkvState):
+        """One sequence: ids [T] -> (final hidden [T, C] fp32 before ln_out, new state)."""
+        x = F.embedding(ids, self.emb).float()
+        x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)  # [T, C]
+        shifts, wkvs = [], []
+        for i, layer in enumerate(self.layers):
+            x, shift, wkv = self._prefill_layer(layer, x, state.shift[0, i], state.wkv[0, i])
+            shifts.append(shift)
+            wkvs.append(wkv)
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+        return x, RwkvState(torch.stack(shifts).unsqueeze(0), torch.stack(wkvs).unsqueeze(0))
+
+    def _mixed(self, xx, prev, mix):
+        """Token-shift mixes of the projection inputs: xx [T, C], mix [P, C] -> [P, T, C] in the matrix dtype."""
+        shifted = torch.cat([prev.unsqueeze(0), xx[:-1]])
+        mix = mix[:, None]
+        return (xx * mix + shifted * (1 - mix)).to(self.act_dtype)
+
+    def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
+        """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
+        if lin.scale is None and lin.equal_segments and lin.n_segments > 1:
+            n = lin.bounds[1]
+            out = torch.bmm(mixed, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
+            return list(out.float().unbind(0))
+        return [lin(mixed[i], i) for i in range(lin.n_segments)]
+
+    def _prefill_layer(self, layer: LayerPack, x, shift, wkv):
+        length = x.shape[0]
+        xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
+        proj = self._prefill_projections(self._mixed(xx, shift[0], layer.att_mix), layer.att)
+        if self.version == "4":
+            r, k, v = proj
+            if self.use_triton:
+                out, new_wkv = triton_kernels.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
+                                                        wkv)
+            else:
+                out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
+                                                            wkv[0:1], wkv[1:2], wkv[2:3], self.wkv_chunk)
+                out, new_wkv = out[0], torch.cat([aa, bb, pp])
+            out = torch.sigmoid(r) * out
+        else:
+            h, s = layer.decay.shape
+            if self.use_triton:
+                out, new_wkv = triton_kernels.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous()
+                                                        for t in proj[:3]), wkv)
+            else:
+                r, k, v = (t.view(1, length, h, s).transpose(1, 2) for t in proj[:3])  # [1, H, T, S]
+                scan = "matrix" if x.device.type == "cuda" else "loop"
+                out, new_wkv = parallel_wkv.wkv5_segment(layer.decay, layer.first, r, k, v, wkv.unsqueeze(0),
+                                                         self.wkv_chunk, scan)
+                new_wkv = new_wkv[0]
+                out = out[0].transpose(0, 1).reshape(length, h * s)
+            out = F.group_norm(out, h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
+            if len(proj) == 4:
+                out = out * F.silu(proj[3])
+        x = x + layer.out(out.to(self.act_dtype))
+        xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
+        mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
+        k = torch.relu(layer.ffn(mixed[0], 0)).square()
+        r = torch.sigmoid(layer.ffn(mixed[1], 1))
+        x = x + r * layer.value(k.to(self.act_dtype))
+        return x, torch.stack([xx[-1], xx2[-1]]), new_wkv

@@ -1,0 +1,79 @@
+"""Int8 weight-only quantisation of the projection matrices, and the matrix products that use it.
+
+What this module promises:
+- `quantize_rows(w)` stores a [N, K] matrix as int8 with one fp32 scale per output row (symmetric,
+  scale = max|row| / 127): half the bytes of bf16, a quarter of fp32. `dequantize` undoes it.
+- `linear(x, weight, scale)` is `x @ Wᵀ` returning fp32, for float weights (computed in the weight's dtype,
+  as `model.Projection` does) and for int8 weights (scale given). On CUDA, int8 products run in Triton
+  kernels when Triton is present; on CPU through PyTorch's int8 weight kernel; anywhere else by
+  dequantising, which is slow but exact to the stored weights.
+- `quantize_model_(model)` turns every projection of an `RwkvModel` (time mix, channel mix, head) into int8
+  in place; embeddings, norms, decays and mixes keep their precision.
+
+It knows nothing of RWKV beyond the names of the projection modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8 = "int8"
+INT8_MAX = 127.0
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 [N, K], fp32 scale [N]) with weight ≈ q * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (any float dtype) @ (q * scale)ᵀ -> fp32 [..., N]."""
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cuda":
+        from . import triton_kernels
+        if triton_kernels.AVAILABLE:
+            out = triton_kernels.matmul(x2.to(torch.bfloat16).unsqueeze(0), q, scale).sum(0)
+            return out.reshape(*shape, q.shape[0])
+        out = F.linear(x2.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16)).float()
+    elif x.device.type == "cpu":
+        out = _int8_linear_cpu(x2, q, scale)
+    else:
+        out = F.linear(x2.float(), dequantize(q, scale))
+    return out.reshape(*shape, q.shape[0])
+
+
+def _int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """PyTorch's weight-only int8 kernel (vectorised dequantise-and-multiply; bf16 activations)."""
+    xb = x.to(torch.bfloat16).contiguous()
+    return torch._weight_int8pack_mm(xb, q, scale.to(torch.bfloat16)).float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ in fp32 out; int8 weights need their `scale`."""
+    if weight.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("an int8 weight needs its per-row scale")
+        return int8_linear(x, weight, scale)
+    return F.linear(x.to(weight.dtype), weight).float()
+
+
+def quantize_model_(model: nn.Module) -> nn.Module:
+    """Replace every `Projection` weight of `model` by int8 + a `weight_scale` buffer (in place)."""
+    from .model import Projection
+
+    for module in model.modules():
+        if isinstance(module, Projection) and module.weight.dtype != torch.int8:
+            q, scale = quantize_rows(module.weight.data)
+            module.weight = nn.Parameter(q, requires_grad=False)
+            module.register_buffer("weight_scale", scale.to(q.device), persistent=True)
+    return model

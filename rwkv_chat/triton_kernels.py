@@ -1,0 +1,508 @@
+"""Triton kernels for the GPU fast path: fused decode-step pieces, weight-streaming matrix-vector products,
+and the sequential RWKV-4 scan for prefill.
+
+What this module promises:
+- `AVAILABLE` says whether Triton imported; without it nothing here may be called (callers fall back to
+  PyTorch), and importing this module never fails.
+- Each wrapper computes the same function as the PyTorch code in `fast.py` it replaces (fp32 arithmetic; only
+  the matrix operands are in the weight dtype), allocates its outputs, and returns them.
+- `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into
+  segments (r|k|v|g, or ffn key|receptance): row block n uses input `seg(n)`. The weight is read once.
+  It serves int8 weights (per-row scale), for which no library kernel exists; float weights go to cuBLAS,
+  which measured faster at batch 1 on an H200 (docs/PERFORMANCE.md).
+  Results come back as split-K partial sums [S, M, N] fp32; the consumers (`ln_mix`, `wkv*_decode`,
+  `ffn_act`) add the S partials while loading, so no extra reduction pass runs.
+- Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests).
+
+It knows the RWKV layer's arithmetic, not the model's structure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: CPUs and CUDA machines without it use the PyTorch path.
+    import triton
+    import triton.language as tl
+    AVAILABLE = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = tl = None
+    AVAILABLE = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_MAX_M = 4  # up to this many rows the products stream weights with a broadcast-multiply kernel
+HEAD_SIZE = 64
+
+
+def usable(device: torch.device | str) -> bool:
+    """Triton kernels can run on tensors of this device."""
+    device = torch.device(device)
+    return AVAILABLE and (device.type == "cuda" or INTERPRET)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+if AVAILABLE:
+
+    # ------------------------------------------------------------------------------- matrix products
+
+    @triton.jit
+    def _gemv_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
+                     K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
+        """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n])."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        seg = tl.minimum(n0 // SEG, NSEG - 1)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        k_begin = pid_s * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_base = X + seg * stride_xp
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_base + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)[None, :]
+        tl.store(Y + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _gemv1_kernel(X, W, SCALE, Y, N, K, SEG, NSEG, stride_xp, stride_ys, K_PER_SPLIT,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
+        [BLOCK_N, BLOCK_K] register tile and are reduced once at the end (no reduction inside the loop)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        seg = tl.minimum(n0 // SEG, NSEG - 1)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k_begin = pid_s * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_base = X + seg * stride_xp
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_base + offs_k, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            out = out * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
+        tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
+
+    @triton.jit
+    def _matmul_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
+                       K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, DOT_FP16: tl.constexpr):
+        """As _gemv_kernel for larger M, on the tensor cores (bf16 operands, fp32 accumulation; fp16 operands
+        only under the interpreter, whose bf16 dot is broken)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        seg = tl.minimum(n0 // SEG, NSEG - 1)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        k_begin = pid_s * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_base = X + seg * stride_xp
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_base + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DOT_FP16:
+                acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+            else:
+                acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)[None, :]
+        tl.store(Y + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    # ------------------------------------------------------------------------------- element-wise steps
+
+    @triton.jit
+    def _sum_splits(P, stride_s, n_split, offs, mask):
+        acc = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+        for s in range(1, n_split):
+            acc += tl.load(P + s * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _ln_mix_kernel(X, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV, stride_prev,
+                       MIX, OUT, stride_op, stride_om, XX, stride_xx, C, P, eps,
+                       HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr, HAS_MIX: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """x += sigmoid(g) * d (or d); x /= 2 if HALVE; xx = LayerNorm(x); OUT[p] = xx*mix_p + prev*(1-mix_p)."""
+        b = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_C)
+        ok = offs < C
+        x = tl.load(X + b * C + offs, mask=ok, other=0.0)
+        if HAS_D:
+            d = _sum_splits(D + b * stride_db, stride_ds, n_d, offs, ok)
+            if HAS_G:
+                g = _sum_splits(G + b * stride_gb, stride_gs, n_g, offs, ok)
+                d = d / (1.0 + tl.exp(-g))
+            x = x + d
+            if HALVE:
+                x = x * 0.5
+            tl.store(X + b * C + offs, x, mask=ok)
+        mean = tl.sum(x, axis=0) / C
+        diff = tl.where(ok, x - mean, 0.0)
+        var = tl.sum(diff * diff, axis=0) / C
+        xx = diff / tl.sqrt(var + eps) * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok,
+                                                                                           other=0.0)
+        if HAS_MIX:
+            tl.store(XX + b * stride_xx + offs, xx, mask=ok)
+            prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
+            for p in range(P):
+                m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
+                mixed = xx * m + prev * (1.0 - m)
+                tl.store(OUT + p * stride_op + b * stride_om + offs, mixed.to(OUT.dtype.element_ty), mask=ok)
+        else:
+            tl.store(OUT + b * stride_om + offs, xx.to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _wkv5_decode_kernel(R, K, V, G, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, LNW, LNB, Y,
+                            A, eps, GATED: tl.constexpr, SIZE: tl.constexpr):
+        """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate."""
+        h = tl.program_id(0)
+        b = tl.program_id(1)
+        i = tl.arange(0, SIZE)  # key index
+        j = tl.arange(0, SIZE)  # value index
+        base = b * stride_b + h * SIZE
+        mask = i < SIZE
+        r = _sum_splits(R + base, stride_s, n_split, i, mask)
+        k = _sum_splits(K + base, stride_s, n_split, i, mask)
+        v = _sum_splits(V + base, stride_s, n_split, j, mask)
+        u = tl.load(U + h * SIZE + i)
+        w = tl.load(W + h * SIZE + i)
+        cell = b * stride_state + h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
+        s = tl.load(S_IN + cell)
+        a = k[:, None] * v[None, :]
+        out = tl.sum(r[:, None] * (u[:, None] * a + s), axis=0)  # [value]
+        tl.store(S_OUT + cell, a + w[:, None] * s)
+        mean = tl.sum(out, axis=0) / SIZE
+        diff = out - mean
+        var = tl.sum(diff * diff, axis=0) / SIZE
+        y = diff / tl.sqrt(var + eps) * tl.load(LNW + h * SIZE + j) + tl.load(LNB + h * SIZE + j)
+        if GATED:
+            g = _sum_splits(G + base, stride_s, n_split, j, mask)
+            y = y * (g / (1.0 + tl.exp(-g)))
+        tl.store(Y + b * A + h * SIZE + j, y.to(Y.dtype.element_ty))
+
+    @triton.jit
+    def _wkv4_decode_kernel(R, K, V, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, Y, C,
+                            BLOCK: tl.constexpr):
+        """One token of the v4 recurrence; state rows (aa, bb, pp) at S + {0, C, 2C}; y = sigmoid(r) * wkv."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < C
+        base = b * stride_b
+        r = _sum_splits(R + base, stride_s, n_split, offs, ok)
+        k = _sum_splits(K + base, stride_s, n_split, offs, ok)
+        v = _sum_splits(V + base, stride_s, n_split, offs, ok)
+        st = b * stride_state + offs
+        aa = tl.load(S_IN + st, mask=ok, other=0.0)
+        bb = tl.load(S_IN + C + st, mask=ok, other=0.0)
+        pp = tl.load(S_IN + 2 * C + st, mask=ok, other=0.0)
+        w = tl.load(W + offs, mask=ok, other=0.0)
+        u = tl.load(U + offs, mask=ok, other=0.0)
+        ww = u + k
+        p = tl.maximum(pp, ww)
+        e1 = tl.exp(pp - p)
+        e2 = tl.exp(ww - p)
+        wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
+        ww = w + pp
+        p = tl.maximum(ww, k)
+        e1 = tl.exp(ww - p)
+        e2 = tl.exp(k - p)
+        tl.store(S_OUT + st, e1 * aa + e2 * v, mask=ok)
+        tl.store(S_OUT + C + st, e1 * bb + e2, mask=ok)
+        tl.store(S_OUT + 2 * C + st, p, mask=ok)
+        y = wkv / (1.0 + tl.exp(-r))
+        tl.store(Y + b * C + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _ffn_act_kernel(KP, stride_s, stride_b, n_split, OUT, F, BLOCK: tl.constexpr):
+        """relu(k)^2 of the channel-mix key, summed over splits, in the weight dtype."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < F
+        k = _sum_splits(KP + b * stride_b, stride_s, n_split, offs, ok)
+        k = tl.maximum(k, 0.0)
+        tl.store(OUT + b * F + offs, (k * k).to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _row(tile, rows, q):
+        """Row q of a register tile (rows run down axis 0, which stays inside each thread)."""
+        return tl.sum(tl.where(rows[:, None] == q, tile, 0.0), axis=0)
+
+    @triton.jit
+    def _wkv4_scan_kernel(K, V, Y, S_IN, S_OUT, W, U, T, C, UNROLL: tl.constexpr, BLOCK: tl.constexpr):
+        """The v4 recurrence over T tokens of one sequence, BLOCK channels per program. Tokens come in tiles of
+        UNROLL, the next tile loaded before the current one is used, so memory latency hides behind the math
+        (a load cannot move above the previous step's store on its own: the pointers might alias)."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < C
+        rows = tl.arange(0, UNROLL)
+        aa = tl.load(S_IN + offs, mask=ok, other=0.0)
+        bb = tl.load(S_IN + C + offs, mask=ok, other=0.0)
+        pp = tl.load(S_IN + 2 * C + offs, mask=ok, other=0.0)
+        w = tl.load(W + offs, mask=ok, other=0.0)
+        u = tl.load(U + offs, mask=ok, other=0.0)
+        cell = rows[:, None] * C + offs[None, :]
+        m = (rows[:, None] < T) & ok[None, :]
+        k_tile = tl.load(K + cell, mask=m, other=0.0)
+        v_tile = tl.load(V + cell, mask=m, other=0.0)
+        for t0 in range(0, T, UNROLL):
+            m_next = ((t0 + UNROLL + rows)[:, None] < T) & ok[None, :]
+            k_next = tl.load(K + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
+            v_next = tl.load(V + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
+            y_tile = tl.zeros((UNROLL, BLOCK), dtype=tl.float32)
+            for q in tl.static_range(UNROLL):
+                live = t0 + q < T
+                k = _row(k_tile, rows, q)
+                v = _row(v_tile, rows, q)
+                ww = u + k
+                p = tl.maximum(pp, ww)
+                e1 = tl.exp(pp - p)
+                e2 = tl.exp(ww - p)
+                y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+                y_tile = tl.where(rows[:, None] == q, y[None, :], y_tile)
+                ww = w + pp
+                p = tl.maximum(ww, k)
+                e1 = tl.exp(ww - p)
+                e2 = tl.exp(k - p)
+                aa = tl.where(live, e1 * aa + e2 * v, aa)
+                bb = tl.where(live, e1 * bb + e2, bb)
+                pp = tl.where(live, p, pp)
+            m_now = ((t0 + rows)[:, None] < T) & ok[None, :]
+            tl.store(Y + t0 * C + cell, y_tile, mask=m_now)
+            k_tile = k_next
+            v_tile = v_next
+        tl.store(S_OUT + offs, aa, mask=ok)
+        tl.store(S_OUT + C + offs, bb, mask=ok)
+        tl.store(S_OUT + 2 * C + offs, pp, mask=ok)
+
+    @triton.jit
+    def _wkv5_scan_kernel(R, K, V, Y, S_IN, S_OUT, W, U, T, A, UNROLL: tl.constexpr, SIZE: tl.constexpr,
+                          VB: tl.constexpr):
+        """The v5 recurrence over T tokens of one sequence for one head and VB of its value columns; the
+        [SIZE, VB] slice of the state lives in registers. r, k, v, y: [T, A] fp32."""
+        h = tl.program_id(0)
+        vb = tl.program_id(1)
+        i = tl.arange(0, SIZE)
+        j = vb * VB + tl.arange(0, VB)
+        rows = tl.arange(0, UNROLL)
+        cell = h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
+        s = tl.load(S_IN + cell)
+        w = tl.load(W + h * SIZE + i)
+        u = tl.load(U + h * SIZE + i)
+        key_cell = rows[:, None] * A + (h * SIZE + i)[None, :]
+        val_cell = rows[:, None] * A + (h * SIZE + j)[None, :]
+        r_tile = tl.load(R + key_cell, mask=rows[:, None] < T, other=0.0)
+        k_tile = tl.load(K + key_cell, mask=rows[:, None] < T, other=0.0)
+        v_tile = tl.load(V + val_cell, mask=rows[:, None] < T, other=0.0)
+        for t0 in range(0, T, UNROLL):
+            nxt = (t0 + UNROLL + rows)[:, None] < T
+            r_next = tl.load(R + (t0 + UNROLL) * A + key_cell, mask=nxt, other=0.0)
+            k_next = tl.load(K + (t0 + UNROLL) * A + key_cell, mask=nxt, other=0.0)
+            v_next = tl.load(V + (t0 + UNROLL) * A + val_cell, mask=nxt, other=0.0)
+            y_tile = tl.zeros((UNROLL, VB), dtype=tl.float32)
+            for q in tl.static_range(UNROLL):
+                live = t0 + q < T
+                r = _row(r_tile, rows, q)
+                k = _row(k_tile, rows, q)
+                v = _row(v_tile, rows, q)
+                a = k[:, None] * v[None, :]
+                out = tl.sum(r[:, None] * (u[:, None] * a + s), axis=0)  # [VB]
+                y_tile = tl.where(rows[:, None] == q, out[None, :], y_tile)
+                s = tl.where(live, a + w[:, None] * s, s)
+            tl.store(Y + t0 * A + val_cell, y_tile, mask=(t0 + rows)[:, None] < T)
+            r_tile = r_next
+            k_tile = k_next
+            v_tile = v_next
+        tl.store(S_OUT + cell, s)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _block_n(seg: int, n: int, preferred: int) -> int:
+    """Largest power-of-two block <= preferred that divides the segment length (tiles never straddle)."""
+    block = preferred
+    while block > 16 and (seg % block or n % block):
+        block //= 2
+    return block
+
+
+# Launch settings; bench.py may override these after measuring (see GEMV_CONFIG).
+GEMV_CONFIG = {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0}
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, seg: int | None = None,
+            splits: int | None = None) -> torch.Tensor:
+    """x [P, M, K] (P stacked inputs) @ weight [N, K]ᵀ, row block n taking input n // seg (clamped to P-1).
+
+    Returns split-K partials [S, M, N] fp32 (sum over dim 0 for the product).
+    """
+    p_count, m, k = x.shape
+    n = weight.shape[0]
+    seg = seg or n
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = GEMV_CONFIG
+    use_dot = m > GEMV_MAX_M
+    block_n = _block_n(seg, n, 64 if use_dot else cfg["block_n"])
+    block_k = 64 if use_dot else cfg["block_k"]
+    n_blocks = triton.cdiv(n, block_n)
+    if splits is None:
+        want = int(cfg["target_programs"] * _sm_count(x.device))
+        splits = max(1, min(want // max(1, n_blocks), k // (4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+    has_scale = scale is not None
+    scale_arg = scale if has_scale else y
+    if use_dot:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        grid = (n_blocks, splits, triton.cdiv(m, block_m))
+        _matmul_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
+                             y.stride(0), y.stride(1), k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, HAS_SCALE=has_scale, DOT_FP16=INTERPRET, num_warps=4,
+                             num_stages=3)
+    elif m == 1:
+        _gemv1_kernel[(n_blocks, splits)](x, weight, scale_arg, y, n, k, seg, p_count, x.stride(0), y.stride(0),
+                                          k_per_split, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale,
+                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        grid = (n_blocks, splits)
+        _gemv_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
+                           y.stride(0), y.stride(1), k_per_split, BLOCK_M=_pow2(m), BLOCK_N=block_n,
+                           BLOCK_K=block_k, HAS_SCALE=has_scale, num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"])
+    return y
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, M, K] @ weight [N, K]ᵀ -> partials [S, M, N] fp32 (convenience for single inputs)."""
+    return project(x, weight, scale)
+
+
+def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:
+    """(stride over splits, stride over rows, number of splits) of a [S, M, N] partials view."""
+    return parts.stride(0), parts.stride(1), parts.shape[0]
+
+
+def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+           prev: torch.Tensor | None = None, mix: torch.Tensor | None = None, xx_out: torch.Tensor | None = None,
+           delta: torch.Tensor | None = None, gate: torch.Tensor | None = None, halve: bool = False,
+           eps: float = 1e-5) -> None:
+    """In place on x [M, C] fp32: x += sigmoid(gate)*delta (delta/gate: partials [S, M, C] views); x /= 2 if
+    halve; xx = LayerNorm(x). With mix [P, C]: out[p] = xx*mix[p] + prev*(1-mix[p]) (out [P, M, C]), and xx is
+    written to xx_out [M, C]; without: out[0] = xx."""
+    m, c = x.shape
+    has_d, has_g, has_mix = delta is not None, gate is not None, mix is not None
+    d = delta if has_d else x.unsqueeze(0)
+    g = gate if has_g else d
+    prev = prev if prev is not None else x
+    xx_out = xx_out if xx_out is not None else x
+    mix_arg = mix if has_mix else weight
+    _ln_mix_kernel[(m,)](x, d, d.stride(0), d.stride(1), d.shape[0], g, g.stride(0), g.stride(1), g.shape[0],
+                         weight, bias, prev, prev.stride(0), mix_arg, out, out.stride(0), out.stride(1),
+                         xx_out, xx_out.stride(0), c, mix.shape[0] if has_mix else 1, eps,
+                         HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, BLOCK_C=_pow2(c),
+                         num_warps=4 if c <= 1024 else 8)
+
+
+def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):
+    """r, k, v, g: partials [S, M, A] views (g None for 5.0); state_in/out [M, H, 64, 64] (row stride any);
+    w = exp(log_w), u: [H, 64]. Returns y [M, A] in out_dtype; writes state_out."""
+    s_count, m, a = r.shape
+    heads = a // HEAD_SIZE
+    y = torch.empty((m, a), device=r.device, dtype=out_dtype)
+    stride_s, stride_b, n_split = _split_view(r)
+    for t in (k, v) + ((g,) if g is not None else ()):
+        assert _split_view(t) == (stride_s, stride_b, n_split)
+    _wkv5_decode_kernel[(heads, m)](r, k, v, g if g is not None else r, stride_s, stride_b, n_split,
+                                    state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps,
+                                    GATED=g is not None, SIZE=HEAD_SIZE, num_warps=4)
+    return y
+
+
+def wkv4_decode(r, k, v, state_in, state_out, w, u, out_dtype):
+    """r, k, v: partials [S, M, C] views; state_in/out [M, 3, C] (row stride any). Returns sigmoid(r)*wkv."""
+    s_count, m, c = r.shape
+    y = torch.empty((m, c), device=r.device, dtype=out_dtype)
+    stride_s, stride_b, n_split = _split_view(r)
+    block = 256
+    _wkv4_decode_kernel[(triton.cdiv(c, block), m)](r, k, v, stride_s, stride_b, n_split, state_in, state_out,
+                                                    state_in.stride(0), w, u, y, c, BLOCK=block, num_warps=2)
+    return y
+
+
+def ffn_act(k_parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """relu(sum of partials)^2 -> [M, F] in out_dtype."""
+    s_count, m, f = k_parts.shape
+    out = torch.empty((m, f), device=k_parts.device, dtype=out_dtype)
+    stride_s, stride_b, n_split = _split_view(k_parts)
+    block = 1024
+    _ffn_act_kernel[(triton.cdiv(f, block), m)](k_parts, stride_s, stride_b, n_split, out, f, BLOCK=block,
+                                               num_warps=4)
+    return out
+
+
+SCAN_UNROLL = 16
+
+
+def wkv4_scan(w, u, k, v, state):
+    """Prefill of one sequence: k, v [T, C] fp32 contiguous; state [3, C] (aa, bb, pp).
+
+    Returns (wkv [T, C] fp32, new state [3, C])."""
+    t, c = k.shape
+    y = torch.empty_like(k)
+    new_state = torch.empty_like(state)
+    block = 32
+    _wkv4_scan_kernel[(triton.cdiv(c, block),)](k, v, y, state.contiguous(), new_state, w, u, t, c,
+                                               UNROLL=SCAN_UNROLL, BLOCK=block, num_warps=1)
+    return y, new_state
+
+
+def wkv5_scan(w, u, r, k, v, state):
+    """Prefill of one sequence: r, k, v [T, A] fp32 contiguous; w = exp(log_w), u: [H, 64]; state [H, 64, 64].
+
+    Returns (out [T, A] fp32 before GroupNorm, new state [H, 64, 64])."""
+    t, a = r.shape
+    heads = a // HEAD_SIZE
+    y = torch.empty_like(r)
+    new_state = torch.empty_like(state)
+    vb = 16
+    _wkv5_scan_kernel[(heads, HEAD_SIZE // vb)](r, k, v, y, state.contiguous(), new_state, w, u, t, a,
+                                               UNROLL=8, SIZE=HEAD_SIZE, VB=vb, num_warps=1)
+    return y, new_state

@@ -2,8 +2,8 @@
 
 Promises:
 - One `WorldTokenizer` for every engine of the app (it is read once, on first use).
-- The decoder is `batching.DecodeBatcher(model, max_batch)` when that module is present, so concurrent chats
-  with one model decode together; otherwise the engine's own one-chat-at-a-time `DirectDecoder`.
+- The decoder is `batching.DecodeBatcher(model, max_batch)`, so concurrent chats with one model decode
+  together (or the engine's own one-chat-at-a-time `DirectDecoder` when batching is turned off).
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - Load stages ("downloading …", "placing …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.
@@ -14,19 +14,11 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
+from .batching import DecodeBatcher
 from .engine import ChatEngine
 from .loading import load_model
 from .model_choices import ModelChoices, ModelKey
 from .session import ChatSession
-
-
-def make_decoder(model, max_batch: int):
-    """A batching decoder for `model` when the batching module exists, else None (the engine's default)."""
-    try:
-        from .batching import DecodeBatcher
-    except ImportError:
-        return None
-    return DecodeBatcher(model, max_batch=max_batch)
 
 
 class EngineFactory:
@@ -50,7 +42,7 @@ class EngineFactory:
         choice = self.choices.get(key.choice)
         model = load_model(choice.source, key.device, key.dtype, progress=progress)
         progress("reading the tokenizer")
-        decoder = make_decoder(model, self.max_batch) if self.batching else None
+        decoder = DecodeBatcher(model, max_batch=self.max_batch) if self.batching else None
         engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}", decoder=decoder)
         if self.preamble:
             progress("reading the preamble")

@@ -7,9 +7,10 @@ What this module promises:
 - Many threads may call `decode` at once. A background worker takes whatever requests are waiting (up to
   `max_batch`) and runs them as one batched model call (`model.decode_batch`, or the fast path's
   `decode_states`, which skips stacking). It waits for more only while fewer requests are waiting than took
-  part in the previous step (the chats still generating), so a lone chat never waits, and then no longer
-  than those chats took to come back last time (at least `window_s`, at most MAX_FILL_WAIT_S). Sessions join
-  and leave between steps freely.
+  part in the previous step (the chats still generating), and then no longer than those chats took to come
+  back recently (at least `window_s`, at most MAX_FILL_WAIT_S). A lone chat never waits: while nothing else
+  is queued or running it runs its own step in its own thread (`model.forward`). Sessions join and leave
+  between steps freely.
 - Errors reach the callers whose step failed; a bad request (token out of range, wrong state) fails alone,
   at once, in its own thread. `close()` serves what is queued, then stops the worker; later calls raise.
 - The states passed in are never changed.
@@ -60,6 +61,8 @@ class DecodeBatcher:
         self._wake = threading.Condition()
         self._closed = False
         self._last_batch = 0
+        self._expected = 1  # requests the worker is waiting for (callers notify it when reached)
+        self._busy = False  # a model call is running (the worker's, or a lone caller's own)
         self._fill_s = 0.0  # how long the previous step's chats took to come back (moving average)
         self._events = threading.local()  # one reusable Event per calling thread
         self.steps = 0  # model calls made (for stats)
@@ -79,12 +82,32 @@ class DecodeBatcher:
         with self._wake:
             if self._closed:
                 raise BatcherClosed("the decode batcher is closed")
-            self._pending.append(request)
-            self._wake.notify_all()
+            direct = not self._busy and not self._pending and self._last_batch <= 1
+            if direct:  # a lone chat runs its own step: no hand-over to the worker and back
+                self._busy = True
+            else:
+                self._pending.append(request)
+                waiting = len(self._pending)
+                if waiting == 1 or waiting >= self._expected:  # wake the worker only when it can act
+                    self._wake.notify()
+        if direct:
+            return self._run_direct(request)
         request.done.wait()
         if request.error is not None:
             raise request.error
         return request.logits, request.new_state
+
+    def _run_direct(self, request: _Request) -> tuple[torch.Tensor, RwkvState]:
+        try:
+            return self.model.forward([request.token], request.state)
+        finally:
+            with self._wake:
+                self._busy = False
+                self._last_batch = 1
+                self.steps += 1
+                self.served += 1
+                if self._pending:
+                    self._wake.notify()
 
     def close(self, timeout: float | None = None) -> None:
         """Serve what is queued, then stop the worker thread. Idempotent."""
@@ -112,25 +135,30 @@ class DecodeBatcher:
     # ------------------------------------------------------------------------------------------- worker
     def _next_batch(self) -> list[_Request] | None:
         with self._wake:
-            while not self._pending and not self._closed:
+            while (not self._pending or self._busy) and not (self._closed and not self._busy):
                 self._wake.wait()
             if not self._pending:
                 return None  # closed and drained
-            expected = min(self._last_batch, self.max_batch)
+            expected = max(1, min(self._last_batch, self.max_batch))
             first = self._pending[0].arrived
-            # wait for the chats of the previous step: as long as they took last time (they sample between
-            # steps), at least window_s, at most MAX_FILL_WAIT_S
-            deadline = first + max(self.window_s, min(MAX_FILL_WAIT_S, 1.5 * self._fill_s))
+            # wait for the chats of the previous step: as long as they took to come back recently (they
+            # sample between steps), at least window_s, at most MAX_FILL_WAIT_S
+            allowed = max(self.window_s, min(MAX_FILL_WAIT_S, 1.5 * self._fill_s))
+            self._expected = expected
             while len(self._pending) < expected and not self._closed:
-                remaining = deadline - time.monotonic()
+                remaining = first + allowed - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wake.wait(remaining)
-            if expected > 1 and len(self._pending) >= expected:
-                self._fill_s = 0.7 * self._fill_s + 0.3 * (self._pending[expected - 1].arrived - first)
+            self._expected = 1
+            if expected > 1:  # learn how long the chats take to come back; a timeout means longer than allowed
+                filled = len(self._pending) >= expected
+                took = self._pending[expected - 1].arrived - first if filled else 1.5 * allowed
+                self._fill_s = 0.7 * self._fill_s + 0.3 * took
             batch = self._pending[:self.max_batch]
             del self._pending[:self.max_batch]
             self._last_batch = len(batch)
+            self._busy = True
             return batch
 
     def _serve(self) -> None:
@@ -144,8 +172,10 @@ class DecodeBatcher:
                 for request in batch:
                     request.error = error
             finally:
-                self.steps += 1
-                self.served += len(batch)
+                with self._wake:
+                    self._busy = False
+                    self.steps += 1
+                    self.served += len(batch)
                 for request in batch:
                     request.done.set()
 

@@ -82,6 +82,7 @@ class SlowModel:
 
     def _answer(self, tokens, state):
         self.entered = getattr(self, "entered", 0) + len(tokens)
+        self.threads = getattr(self, "threads", []) + [threading.current_thread().name]
         self.release.wait(timeout=60)
         self.batches.append(len(tokens))
         if self.fail:
@@ -169,8 +170,8 @@ def test_close_serves_the_queue_then_refuses():
 
 
 def test_a_lone_chat_does_not_wait_for_company():
-    """With an absurd window, a single caller's steps still complete: the batcher only waits for as many
-    requests as took part in the previous step."""
+    """With an absurd window, a single caller's steps still complete at once, and run in the caller's own
+    thread (no hand-over to the worker and back)."""
     model = SlowModel()
     model.release.set()
     with DecodeBatcher(model, window_s=600.0) as batcher:
@@ -180,10 +181,11 @@ def test_a_lone_chat_does_not_wait_for_company():
             for i in range(5):
                 batcher.decode(i, tiny_state())
             finished.set()
-        t = threading.Thread(target=chat, daemon=True)
+        t = threading.Thread(target=chat, name="lone-chat", daemon=True)
         t.start()
         assert finished.wait(timeout=120)
     assert model.batches == [1] * 5
+    assert model.threads == ["lone-chat"] * 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -30,10 +30,13 @@ from .state import RwkvState
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5
 CPU_WKV_CHUNK = 16
+CPU_WKV4_CHUNK = 32  # v4's chunks cost one [C, L, L] table product: longer ones measured faster on CPU
 CUDA_WKV_CHUNK = 32
 CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
 CUDA_SEGMENT = 4096
-INT8_DEQUANT_MIN_ROWS = 16  # from this many tokens at once, int8 weights are expanded once per product
+EXPAND_MIN_ROWS = 16  # from this many tokens at once, int8 (and, on CPUs, bf16/fp16) weights are expanded to a
+# wider dtype once per product, so the product is one fast GEMM
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------- packing
@@ -62,10 +65,16 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         """x [..., K] @ segment i ᵀ -> fp32."""
         weight, scale = self.segment(i)
-        if scale is not None and x.device.type != "cuda" and x.reshape(-1, x.shape[-1]).shape[0] >= INT8_DEQUANT_MIN_ROWS:
-            return F.linear(x.float(), quant.dequantize(weight, scale))  # large products: expand once, fp32 GEMM
-        if scale is not None and x.device.type == "cuda" and x.reshape(-1, x.shape[-1]).shape[0] >= INT8_DEQUANT_MIN_ROWS:
-            return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
+        many_rows = x.reshape(-1, x.shape[-1]).shape[0] >= EXPAND_MIN_ROWS
+        on_cuda = x.device.type == "cuda"
+        if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
+            if on_cuda:
+                return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
+            return F.linear(x.float(), quant.dequantize(weight, scale))
+        if many_rows and not on_cuda and weight.dtype in HALF_DTYPES:
+            # CPUs without bf16/fp16 matrix units (AVX2) run a half-precision GEMM many times slower than an fp32
+            # one; the inputs are already rounded to the weight dtype, so this is the same product
+            return F.linear(x.float(), weight.float())
         return quant.linear(x, weight, scale)
 
 
@@ -167,7 +176,7 @@ class FastRunner:
         on_cuda = self.device.type == "cuda"
         self.use_triton = triton_kernels.usable(self.device) if use_triton is None else use_triton
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
-        self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else CPU_WKV_CHUNK
+        self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else CPU_WKV4_CHUNK if self.version == "4" else CPU_WKV_CHUNK
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
         self._graphs = None
         self._lock = threading.Lock()
@@ -330,7 +339,8 @@ class FastRunner:
 
     def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
-        if lin.scale is None and lin.equal_segments and lin.n_segments > 1:
+        cpu_half = mixed.device.type != "cuda" and lin.weight.dtype in HALF_DTYPES  # see PackedLinear.__call__
+        if lin.scale is None and lin.equal_segments and lin.n_segments > 1 and not cpu_half:
             n = lin.bounds[1]
             out = torch.bmm(mixed, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
             return list(out.float().unbind(0))

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+TINY_DENOMINATOR = 1e-30  # v4: below this a float32 denominator may have lost digits (float32 normals end at ~1e-38)
+
 
 def split_chunks(length: int, chunk: int) -> tuple[int, int]:
     """(tokens done in whole chunks, leftover tokens) for a segment of `length` tokens."""
@@ -98,31 +100,41 @@ def wkv5_segment(log_w, u, r, k, v, s0, chunk: int = 16, state_scan: str = "loop
 
 # ---------------------------------------------------------------------------------------------- RWKV-4
 
-def wkv4_chunks(w, u, k, v, aa, bb, pp):
+def wkv4_chunks(w, u, k, v, aa, bb, pp, dtype=torch.float32):
     """Whole chunks in log space: k, v [B, N, L, C]; w = -exp(time_decay), u: [C]; aa, bb, pp: [B, C].
 
-    Inside a chunk, token t sees token j < t with log-weight (t-1-j)w + k_j and itself with u + k_t; the state
-    carried into the chunk is seen with t*w + pp. Returns (out [B, N, L, C], aa, bb, pp after the last chunk).
+    Inside a chunk, token t sees token j < t with weight exp((t-1-j)w) * exp(k_j) and itself with
+    exp(u) * exp(k_t); the state carried into the chunk is seen with exp(t*w + pp). The exp(k_j) are taken
+    relative to the chunk's largest k (per channel), so the L x L weights are one [C, L, L] table of decays
+    and the inside of every chunk is one batched matrix product. Should a denominator come out so small that
+    float32 loses it (keys spread by more than ~80 inside one chunk), the chunks are computed again in float64
+    (exact for spreads up to ~700). Returns (out [B, N, L, C] in k's dtype, aa, bb, pp after the last chunk).
     """
     batch, n, length, channels = k.shape
-    pos = torch.arange(length, device=k.device, dtype=torch.float32)
-    gap = pos[:, None] - 1 - pos[None, :]  # [L, L]
-    offset = torch.where((gap >= 0)[:, :, None], gap[:, :, None] * w, torch.full_like(w, -math.inf))
-    offset = torch.where(torch.eye(length, dtype=torch.bool, device=k.device)[:, :, None], u, offset)
-    logits = offset + k.unsqueeze(2)  # [B, N, L(t), L(j), C]
-    inner_max = logits.amax(dim=3)  # [B, N, L, C]
-    weight = torch.exp(logits - inner_max.unsqueeze(3))
-    inner_num = torch.einsum("bntjc,bnjc->bntc", weight, v)  # scaled by exp(-inner_max)
-    inner_den = weight.sum(dim=3)
+    f64 = dtype  # the working precision (named for the float64 retry)
+    w64, u64 = w.to(f64), u.to(f64)
+    k64, v64 = k.to(f64), v.to(f64)
+    pos = torch.arange(length, device=k.device, dtype=f64)
+    gap = pos[:, None] - 1 - pos[None, :]  # [L(t), L(j)]
+    table = torch.exp(gap.clamp(min=0)[None] * w64[:, None, None]) * (gap >= 0)  # [C, L, L]
+    table = table + torch.diag_embed(torch.exp(u64)[:, None].expand(channels, length))
+    chunk_max = k64.amax(dim=2, keepdim=True)  # [B, N, 1, C]
+    e_k = torch.exp(k64 - chunk_max)  # [B, N, L, C], <= 1
+    # [C, L, L] @ [C, L, B*N*2] -> [C, L, B*N*2]: numerators (e_k * v) and denominators (e_k) together
+    columns = torch.stack([e_k * v64, e_k], dim=-1).permute(3, 2, 0, 1, 4).reshape(channels, length, -1)
+    inner = torch.bmm(table, columns).reshape(channels, length, batch, n, 2).permute(2, 3, 1, 0, 4)
+    inner_num, inner_den = inner[..., 0], inner[..., 1]  # [B, N, L, C], scaled by exp(-chunk_max)
     # each chunk's own contribution to the state at its end, in log space (p_c, a_c, b_c)
-    last = (length - 1 - pos)[:, None] * w + k  # [B, N, L, C]
+    last = (length - 1 - pos)[:, None] * w64 + k64  # [B, N, L, C]
     own_p = last.amax(dim=2)  # [B, N, C]
     e_last = torch.exp(last - own_p.unsqueeze(2))
-    own_a = (e_last * v).sum(dim=2)
+    own_a = (e_last * v64).sum(dim=2)
     own_b = e_last.sum(dim=2)
     # hand the state over chunk by chunk: starts[c] = state entering chunk c
+    aa_in, bb_in, pp_in = aa, bb, pp
+    aa, bb, pp = aa.to(f64), bb.to(f64), pp.to(f64)
     starts_a, starts_b, starts_p = [], [], []
-    chunk_w = length * w
+    chunk_w = length * w64
     for c in range(n):
         starts_a.append(aa), starts_b.append(bb), starts_p.append(pp)
         decayed = chunk_w + pp
@@ -130,12 +142,15 @@ def wkv4_chunks(w, u, k, v, aa, bb, pp):
         e1, e2 = torch.exp(decayed - p), torch.exp(own_p[:, c] - p)
         aa, bb, pp = e1 * aa + e2 * own_a[:, c], e1 * bb + e2 * own_b[:, c], p
     start_a, start_b, start_p = (torch.stack(x, dim=1) for x in (starts_a, starts_b, starts_p))  # [B, N, C]
-    carried = pos[:, None] * w + start_p.unsqueeze(2)  # [B, N, L, C]
-    top = torch.maximum(inner_max, carried)
-    e_inner, e_carried = torch.exp(inner_max - top), torch.exp(carried - top)
+    carried = pos[:, None] * w64 + start_p.unsqueeze(2)  # [B, N, L, C]
+    top = torch.maximum(chunk_max, carried)
+    e_inner, e_carried = torch.exp(chunk_max - top), torch.exp(carried - top)
     num = e_inner * inner_num + e_carried * start_a.unsqueeze(2)
     den = e_inner * inner_den + e_carried * start_b.unsqueeze(2)
-    return num / den, aa, bb, pp
+    if dtype != torch.float64 and not bool(den.amin() > TINY_DENOMINATOR):
+        return wkv4_chunks(w, u, k, v, *(x.to(k.dtype) for x in (aa_in, bb_in, pp_in)), dtype=torch.float64)
+    out_dtype = k.dtype
+    return (num / den).to(out_dtype), aa.to(out_dtype), bb.to(out_dtype), pp.to(out_dtype)
 
 
 def wkv4_segment(w, u, k, v, aa, bb, pp, chunk: int = 16):

@@ -6,8 +6,9 @@ What this module promises:
   are cut into chunks of `chunk` tokens, the part of each output that comes from inside its chunk is computed
   for all chunks at once, and only the chunk-to-chunk hand-over of the state is sequential (one small
   operation per chunk, or one batched matrix product on GPUs: `state_scan="matrix"`).
-- Every exponent is <= 0 (decays are applied as exp(log_w * gap) with gap >= 0, and v4 works in log space
-  shifted by its maxima), so nothing overflows for any decay the checkpoints hold.
+- Decays are applied as exp(log_w * gap) with gap >= 0 and v4's keys as exp(k - max), so no exponent is
+  positive except v4's exp(u) (time_first, a small number in every checkpoint): nothing overflows for any
+  decay the checkpoints hold. v4 retries a segment in float64 if a float32 denominator underflows.
 - Inputs are fp32 and are not changed.
 
 It knows nothing of weights or of the model: only r, k, v, decays and a state.

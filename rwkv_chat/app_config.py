@@ -11,7 +11,7 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --port           GRADIO_SERVER_PORT, PORT            7860
     --server-name    GRADIO_SERVER_NAME                  0.0.0.0 on a Space (SPACE_ID set), else 127.0.0.1
     --share          GRADIO_SHARE (1/true/yes)           off
-    --concurrency    RWKV_CONCURRENCY                    8 chats generating at once
+    --concurrency    RWKV_CONCURRENCY                    32 chats generating at once (one decode batch)
     --max-queue      RWKV_MAX_QUEUE                      64 waiting requests
 
 Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it.
@@ -30,7 +30,7 @@ from .catalog import DEFAULT_MODEL
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_PORT = 7860
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 32  # = batching.DEFAULT_MAX_BATCH: every generating chat fits one batched step
 DEFAULT_MAX_QUEUE = 64
 TRUE_WORDS = ("1", "true", "yes", "on")
 

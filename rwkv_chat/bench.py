@@ -13,7 +13,9 @@ What it promises:
   reference (this package's plain path in fp32, which the tests hold to the `rwkv` package): max |Δlogit|
   and argmax agreement over the prompt's last token and --parity-steps teacher-forced decode steps.
 - `--batch N`: N concurrent chats through `batching.DecodeBatcher` (N threads), aggregate tok/s against one
-  chat alone, and each chat's logits against its unbatched run.
+  chat alone, both doing a chat's per-token work (penalties, the step, sampling with the default chat
+  settings, feeding the token drawn), and each chat's logits (teacher-forced) and sampled tokens against
+  its unbatched run.
 - int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them).
@@ -333,65 +335,84 @@ def cleanup() -> None:
 # ------------------------------------------------------------------------------------- batching
 
 def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: int = 3) -> dict:
-    """N threads decoding through a DecodeBatcher vs one chat alone; per-chat logits vs unbatched."""
+    """N threads chatting through a DecodeBatcher vs one chat alone, both doing a chat's per-token work:
+    count the token in the penalties, feed it and sample the next one (the default chat SamplingParams with
+    penalties, the ids the World tokenizer cannot decode banned) through `step` — the batcher's, or
+    `engine.DirectDecoder`'s for the chat alone — then feed the token drawn, as a chat does. Parity columns
+    come from a separate untimed teacher-forced pass (`decode` with fixed tokens), so logits compare
+    step by step; the sampled-token column is the share of each free-running chat that matches its run
+    alone before the two first differ (they drift apart at the first draw a logit difference moves)."""
     from .batching import DecodeBatcher
+    from .engine import DirectDecoder
+    from .sampling import PenaltyState, Sampler, SamplingParams, sample_batch
+    from .state import RwkvState
     device = model.device
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, 65530, (8 + i % 5,), generator=gen).tolist() for i in range(n_chats)]
     tokens = [torch.randint(1, 65530, (steps,), generator=gen).tolist() for _ in range(n_chats)]
     states = [model.forward(p)[1] for p in prompts]
+    params = SamplingParams()
+    bans = tuple(range(65530, vocab))  # what the engine bans: ids the World tokenizer cannot decode
 
-    def alone(i):
-        out, s = [], states[i]
+    def sampler(i):
+        return Sampler(params, torch.Generator().manual_seed(seed + i), PenaltyState.from_params(params, vocab), bans)
+
+    def chat(step, i):
+        """One chat's loop, feeding what it draws; returns the tokens drawn."""
+        token, state, row, drawn = tokens[i][0], states[i], sampler(i), []
+        for _ in range(steps):
+            row.penalties.update(token)
+            token, _, state = step(token, state, row)
+            drawn.append(token)
+        return drawn
+
+    def forced(decode, i):
+        """Teacher-forced logits of chat i (for parity)."""
+        out, state = [], states[i]
         for t in tokens[i]:
-            logits, s = model.forward([t], s)
+            logits, state = decode(t, state)
             out.append(logits)
         return out
 
-    alone(0)  # warm-up
+    direct = DirectDecoder(model)
+    chat(direct.step, 0)  # warm-up
     sync(device)
     start = time.perf_counter()
-    expected = [alone(i) for i in range(check_chats)]
+    alone = [chat(direct.step, i) for i in range(check_chats)]
     sync(device)
     single_tps = check_chats * steps / (time.perf_counter() - start)
-    # raw batched step without threads (the ceiling the batcher approaches)
-    from .state import RwkvState
+    expected = [forced(direct.decode, i) for i in range(check_chats)]
+    # the batched step without threads (the ceiling the batcher approaches): the model alone, then with sampling
     batch_state = RwkvState.stack(states)
     ids = torch.tensor([t[0] for t in tokens])
-    model.decode_batch(ids, batch_state)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.decode_batch(ids, batch_state)
-    sync(device)
-    raw_tps = n_chats * steps / (time.perf_counter() - start)
+    rows = [sampler(i) for i in range(n_chats)]
+    for row in rows:
+        for t in tokens[0][:steps]:
+            row.penalties.update(t)
+    raw = {}
+    for with_sampling in (False, True):
+        sample_batch(model.decode_batch(ids, batch_state)[0], rows)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = model.decode_batch(ids, batch_state)[0]
+            if with_sampling:
+                sample_batch(logits, rows)
+        sync(device)
+        raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
 
-    results: list = [None] * n_chats
-    errors = []
-    with DecodeBatcher(model, max_batch=n_chats) as batcher:
-        # warm-up: one batched step of every chat (captures the graph for this batch size)
-        warm = [threading.Thread(target=batcher.decode, args=(tokens[i][0], states[i])) for i in range(n_chats)]
-        for t in warm:
-            t.start()
-        for t in warm:
-            t.join()
-        barrier = threading.Barrier(n_chats + 1)
+    def in_threads(target, count):
+        results, errors = [None] * count, []
+        barrier = threading.Barrier(count + 1)
 
-        def chat(i):
+        def run(i):
             try:
-                out, s = [], states[i]
                 barrier.wait()
-                for t in tokens[i]:
-                    logits, s = batcher.decode(t, s)
-                    if i < check_chats:
-                        out.append(logits)
-                    else:
-                        int(logits.argmax())  # a real generator reads its logits every step
-                results[i] = out
+                results[i] = target(i)
             except Exception as error:  # pragma: no cover - reported below
                 errors.append(error)
-
-        threads = [threading.Thread(target=chat, args=(i,)) for i in range(n_chats)]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
         for t in threads:
             t.start()
         barrier.wait()
@@ -399,17 +420,30 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
         for t in threads:
             t.join()
         sync(device)
-        elapsed = time.perf_counter() - start
-        mean_batch = batcher.served / max(1, batcher.steps)
-    if errors:
-        raise errors[0]
+        if errors:
+            raise errors[0]
+        return results, time.perf_counter() - start
+
+    with DecodeBatcher(model, max_batch=n_chats) as batcher:
+        # warm-up: one batched step of every chat (captures the graph for this batch size)
+        in_threads(lambda i: batcher.step(tokens[i][0], states[i], sampler(i)), n_chats)
+        served, steps_before, used_before = batcher.served, batcher.steps, batcher.ahead_used
+        drawn, elapsed = in_threads(lambda i: chat(batcher.step, i), n_chats)
+        mean_batch = (batcher.served - served) / max(1, batcher.steps - steps_before)
+        ahead = (batcher.ahead_used - used_before) / max(1, batcher.served - served)
+        got = in_threads(lambda i: forced(batcher.decode, i), check_chats)[0]
     batched_tps = n_chats * steps / elapsed
-    dmax = max((a - b).abs().max().item() for i in range(check_chats) for a, b in zip(results[i], expected[i]))
-    agree = statistics.mean(float(int(a.argmax()) == int(b.argmax()))
-                            for i in range(check_chats) for a, b in zip(results[i], expected[i]))
-    return {"chats": n_chats, "steps": steps, "single_tps": single_tps, "raw_batch_tps": raw_tps,
-            "batcher_tps": batched_tps, "speedup": batched_tps / single_tps, "mean_batch": mean_batch,
-            "max_dlogit_vs_alone": dmax, "argmax_agree_vs_alone": agree}
+    pairs = [(a, b) for i in range(check_chats) for a, b in zip(got[i], expected[i])]
+    dmax = max((a - b).abs().max().item() for a, b in pairs)
+    agree = statistics.mean(float(int(a.argmax()) == int(b.argmax())) for a, b in pairs)
+
+    def common_prefix(a, b):
+        return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    same_tokens = statistics.mean(common_prefix(drawn[i], alone[i]) / steps for i in range(check_chats))
+    return {"chats": n_chats, "steps": steps, "single_tps": single_tps, "raw_batch_tps": raw[False],
+            "raw_batch_sampled_tps": raw[True], "batcher_tps": batched_tps, "speedup": batched_tps / single_tps,
+            "mean_batch": mean_batch, "look_ahead_used": ahead, "max_dlogit_vs_alone": dmax,
+            "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens}
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -707,14 +741,18 @@ def main(argv=None) -> int:
                     del model
                     cleanup()
                     line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['single_tps']:,.1f} | "
-                            f"{info['raw_batch_tps']:,.0f} | {info['batcher_tps']:,.0f} | {info['speedup']:.1f}× | "
-                            f"{info['mean_batch']:.1f} | {info['max_dlogit_vs_alone']:.2e} | "
-                            f"{info['argmax_agree_vs_alone'] * 100:.0f}% |")
+                            f"{info['raw_batch_tps']:,.0f} | {info['raw_batch_sampled_tps']:,.0f} | "
+                            f"{info['batcher_tps']:,.0f} | {info['speedup']:.1f}× | "
+                            f"{info['mean_batch']:.1f} | {info['look_ahead_used'] * 100:.0f}% | "
+                            f"{info['max_dlogit_vs_alone']:.2e} | "
+                            f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
                     texts.append(line)
                     print(f"[bench] batching {line}", file=sys.stderr, flush=True)
-        header = ("\n### Concurrent chats (DecodeBatcher, one thread per chat)\n\n| model | dtype | chats | "
-                  "one chat tok/s | decode_batch tok/s (no threads) | batcher aggregate tok/s | × one chat | "
-                  "mean batch | max abs Δlogit vs alone | argmax vs alone |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        header = ("\n### Concurrent chats (DecodeBatcher, one thread per chat, each sampling with penalties)\n\n"
+                  "| model | dtype | chats | one chat tok/s | decode_batch tok/s (no threads) | decode_batch + "
+                  "sample_batch tok/s (no threads) | batcher aggregate tok/s | × one chat | mean batch | "
+                  "steps from look-ahead | max abs Δlogit vs alone | argmax vs alone | tokens as alone until "
+                  "first difference |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(header + "\n" + "\n".join(t for t in texts if t.startswith("| RWKV")), flush=True)
     if args.json:
         with open(args.json, "w") as f:

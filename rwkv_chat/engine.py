@@ -9,6 +9,10 @@ What it promises:
   end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
   matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
 - Nothing here touches a session in place: each reply hands back a new `ChatSession`.
+- The first token of a reply is sampled from the prefill logits; every later one comes out of the decoder's
+  `step` together with the state that fed the previous one (so a `batching.DecodeBatcher` samples all its
+  chats in one batched call). Penalties count a token before the step that feeds it, so the sample inside
+  that step sees them; a reply runs exactly one model step per kept token, as it always has.
 
 It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
 """
@@ -24,7 +28,7 @@ import torch
 
 from . import limits
 from .prompts import END_OF_TEXT, find_stop, strip_answer
-from .sampling import PenaltyState, SamplingParams, penalty_exempt_mask, sample_token
+from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
 from .session import ChatSession, Turn
 from .state import RwkvState
 from .state_cache import StateCache
@@ -70,13 +74,19 @@ class ReplyChunk:
 
 
 class DirectDecoder:
-    """Decodes one token of one chat at a time; `batching.DecodeBatcher` has the same `decode`."""
+    """Decodes one token of one chat at a time; `batching.DecodeBatcher` has the same `decode` and `step`."""
 
     def __init__(self, model):
         self.model = model
 
     def decode(self, token: int, state: RwkvState):
+        """-> (fp32 logits [vocab], new state) after `token`."""
         return self.model.forward([token], state)
+
+    def step(self, token: int, state: RwkvState, sampler: Sampler):
+        """`decode`, then the next token from its logits -> (next token, logits, new state)."""
+        logits, state = self.model.forward([token], state)
+        return sampler.sample(logits), logits, state
 
 
 class ChatEngine:
@@ -152,17 +162,19 @@ class ChatEngine:
         started = time.perf_counter()
         logits, state, read = self.prefill(ids)
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
-        penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt,
-                                             device=logits.device)
+        penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt)
+        sampler = Sampler(settings.sampling, generator, penalties, self._unknown_ids)
         stream = self.tokenizer.stream_decoder()
         answer_ids: list[int] = []
         text = ""  # decoded text of every sampled token that was kept
         reason, first_token_at = "max_tokens", None
-        for _ in range(settings.max_new_tokens):
+        token = None  # the next token, sampled from `logits` (after the prompt, or inside the last step)
+        for count in range(1, settings.max_new_tokens + 1):
             if stop.is_set():
                 reason = "stopped"
                 break
-            token = sample_token(logits, settings.sampling, generator, penalties, self._unknown_ids)
+            if token is None:
+                token = sampler.sample(logits)
             first_token_at = first_token_at or time.perf_counter()
             if token == END_OF_TEXT:
                 reason = "end_of_text"
@@ -174,11 +186,14 @@ class ChatEngine:
                 logits, state, answer_ids, text = self._feed_before_separator(text, piece, cut, logits,
                                                                               state, answer_ids)
                 break
-            penalties.update(token)
+            penalties.update(token)  # before the step: the token sampled inside it must see this one
             answer_ids.append(token)
             text += piece
             yield ReplyChunk(strip_answer(_shown(text)))
-            logits, state = self.decoder.decode(token, state)
+            if count == settings.max_new_tokens:  # the last token is fed; nothing more will be sampled
+                logits, state = self.decoder.decode(token, state)
+            else:
+                token, logits, state = self.decoder.step(token, state, sampler)
         if reason != "separator":
             text += stream.flush()
         finished = time.perf_counter()

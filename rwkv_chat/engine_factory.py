@@ -2,8 +2,9 @@
 
 Promises:
 - One `WorldTokenizer` for every engine of the app (it is read once, on first use).
-- The decoder is `batching.DecodeBatcher(model, max_batch)`, so concurrent chats with one model decode
-  together (or the engine's own one-chat-at-a-time `DirectDecoder` when batching is turned off).
+- The decoder is `batching.DecodeBatcher(model, max_batch)` (32 rows unless told; the app passes its
+  --concurrency), so concurrent chats with one model decode and sample together (or the engine's own
+  one-chat-at-a-time `DirectDecoder` when batching is turned off).
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - Load stages ("downloading …", "placing …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
-from .batching import DecodeBatcher
+from .batching import DEFAULT_MAX_BATCH, DecodeBatcher
 from .engine import ChatEngine
 from .loading import load_model
 from .model_choices import ModelChoices, ModelKey
@@ -22,7 +23,7 @@ from .session import ChatSession
 
 
 class EngineFactory:
-    def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = 8,
+    def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
                  batching: bool = True):
         self.choices = choices
         self.preamble = preamble

@@ -1,4 +1,4 @@
-"""Next-token sampling with ChatRWKV ``PIPELINE`` semantics.
+"""Next-token sampling with ChatRWKV ``PIPELINE`` semantics, one row at a time or for a whole batch.
 
 Promises:
 - ``sample_token`` draws one token id from a 1-D logits tensor the way ChatRWKV does:
@@ -6,15 +6,26 @@ Promises:
   reaches ``top_p`` (every token at least as likely as the last one kept survives); optionally keep only
   the ``top_k`` most likely of those; then reweight the kept tokens by ``probs ** (1 / temperature)``.
   Temperature therefore never changes *which* tokens are kept, only their relative weights.
-  ``temperature == 0`` is greedy (argmax).
+  ``temperature == 0`` is greedy (argmax). "Sorted" means by probability, most likely first, equal
+  probabilities in increasing id order (stable sorts), so ties are broken the same way everywhere.
+- ``sample_batch`` does the same for B rows of logits [B, V] at once, each row with its own ``Sampler``
+  (params, penalties, generator, banned ids), and returns for every row the token ``sample_token`` returns
+  for that row: bit for bit on the CPU (tested), and on accelerators up to the last-bit rounding of their
+  reduction kernels, whose order of operations may depend on the shapes (there ``Sampler.sample`` uses the
+  batched path for one row too). Off the CPU it is a fixed number of device kernels, one host-to-device
+  copy and one host sync (the final ``.tolist()``) whatever B is; on the CPU it runs ``sample_token`` row
+  by row, which avoids sorting whole vocabularies (milliseconds each there).
 - Repetition penalties (``PenaltyState``) follow ChatRWKV's chat loop: before sampling,
   ``logit[t] -= presence + count[t] * frequency`` for every token sampled so far; after each sampled
   token every count decays (``count *= decay``) and the new token's count grows by 1, or by 0 for
   "exempt" tokens (ChatRWKV: a token whose text is a substring of ``" \\t0123456789"``). An exempt token
-  still pays the presence penalty once it has been sampled, exactly as in ChatRWKV.
-- Randomness comes only from the ``torch.Generator`` the caller passes (or torch's global generator when
-  none is given): the same seed and the same logits give the same tokens. Each non-greedy draw takes
-  exactly one uniform number from the generator (inverse CDF over the kept tokens).
+  still pays the presence penalty once it has been sampled, exactly as in ChatRWKV. The counts live on
+  the host, sparse: ``update`` is O(1) and touches no device.
+- Randomness comes only from the CPU ``torch.Generator`` the caller passes (torch's default CPU generator
+  when none is given): the same seed and the same logits give the same tokens on every device. Each
+  non-greedy draw takes exactly one uniform float64 number from it (inverse CDF over the kept tokens, in
+  sorted order when top_p or top_k removed any, else in id order). In ``sample_batch`` a row whose logits
+  turn out invalid has still taken its number (the check needs the device's answer).
 - The caller's logits tensor is never modified.
 
 Does not know: tokenizers, models, stop rules. Token 0 (end-of-text) is an ordinary token here; a caller
@@ -27,13 +38,15 @@ Deliberate differences from the reference:
 - The temperature is applied in log space (``softmax(logits / T)`` over the kept tokens), which is the
   same distribution as ``probs ** (1/T)`` normalised but cannot underflow to all-zeros at small T.
 - Greedy picks the lowest id among exactly tied maxima; the reference picks one of them at random.
+- Counts are float64 on the host (the reference keeps Python floats too); penalties are applied in fp32.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 PENALTY_EXEMPT_TEXT = " \t0123456789"  # ChatRWKV: tokens whose text is a substring of this add 0 to their count
@@ -105,11 +118,17 @@ def penalty_exempt_mask(token_bytes: Iterable[tuple[int, bytes]], vocab_size: in
     return mask
 
 
+_RESCALE_BELOW = 1e-150  # PenaltyState folds its running decay factor into the raw counts below this
+
+
 class PenaltyState:
     """Decaying per-token occurrence counts of one generated sequence, and the penalty they imply.
 
-    ``apply`` returns penalised logits (a new fp32 tensor); ``update`` records a sampled token. The counts
-    live on ``device``; the exempt mask is kept on the CPU so ``update`` never waits for the GPU.
+    Kept on the host and sparse: the count of token t is ``raw[t] * scale``; ``update`` multiplies
+    ``scale`` by the decay and adds ``1 / scale`` to one raw count (O(1), no device work), folding the
+    scale back into the raw counts when it gets tiny. ``sparse()`` gives the nonzero penalties;
+    ``penalty()`` / ``counts`` / ``seen`` give dense [V] tensors on ``device`` (for tests and callers that
+    want them); ``apply`` returns penalised logits (a new fp32 tensor).
     """
 
     def __init__(
@@ -132,18 +151,85 @@ class PenaltyState:
         self.frequency = float(frequency)
         self.decay = float(decay)
         self.exempt = exempt  # [V] bool on CPU, or None; never mutated, shared by clones
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # [V] decayed counts
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [V] sampled at least once
+        self._exempt = exempt.numpy() if exempt is not None else None  # a view of it, for O(1) lookups
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._slots: dict[int, int] = {}  # token id -> its index in _ids / _raw (order of first sampling)
+        self._ids = np.zeros(16, dtype=np.int64)  # [capacity] token ids seen
+        self._raw = np.zeros(16, dtype=np.float64)  # [capacity] count / scale
+        self._scale = 1.0
 
     @classmethod
     def from_params(cls, params: SamplingParams, vocab_size: int, exempt: Optional[torch.Tensor] = None,
                     device: Optional[torch.device | str] = None) -> "PenaltyState":
         return cls(vocab_size, params.presence_penalty, params.frequency_penalty, params.penalty_decay, exempt, device)
 
+    # ------------------------------------------------------------------------------------ recording
+    def update(self, token: int) -> None:
+        """Record one sampled token: decay every count, then count the token (+0 if exempt)."""
+        token = int(token)
+        _check(0 <= token < self.vocab_size, f"token id {token} is outside the vocabulary (size {self.vocab_size})")
+        self._scale *= self.decay
+        slot = self._slots.get(token)
+        if slot is None:
+            slot = self._add(token)
+        if self._exempt is None or not self._exempt[token]:
+            self._raw[slot] += 1.0 / self._scale
+        if self._scale < _RESCALE_BELOW:
+            self._raw[: len(self._slots)] *= self._scale
+            self._scale = 1.0
+
+    def _add(self, token: int) -> int:
+        slot = len(self._slots)
+        if slot == self._ids.size:  # grow by doubling: amortised O(1)
+            self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+            self._raw = np.concatenate([self._raw, np.zeros_like(self._raw)])
+        self._ids[slot] = token
+        self._slots[token] = slot
+        return slot
+
+    def clone(self) -> "PenaltyState":
+        other = object.__new__(PenaltyState)
+        other.__dict__.update(self.__dict__)
+        other._slots = dict(self._slots)
+        other._ids = self._ids.copy()
+        other._raw = self._raw.copy()
+        return other
+
+    # ------------------------------------------------------------------------------------ reading
+    def _sparse_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], amounts fp32 [n]) of the nonzero penalties; ids may be views of internal storage."""
+        n = len(self._slots)
+        ids = self._ids[:n]
+        amounts = self.presence + (self._raw[:n] * self._scale) * self.frequency  # [n] float64
+        if self.presence == 0.0:
+            keep = amounts != 0.0
+            ids, amounts = ids[keep], amounts[keep]
+        return ids, amounts.astype(np.float32)
+
+    def sparse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nonzero penalties as (token ids int64 [n], amounts fp32 [n]), on the CPU, in no set order."""
+        ids, amounts = self._sparse_arrays()
+        return torch.from_numpy(ids.copy()), torch.from_numpy(amounts)
+
     def penalty(self) -> torch.Tensor:
         """The amount subtracted from each logit: [V] fp32, zero for tokens never sampled."""
-        amount = self.presence + self.counts * self.frequency
-        return torch.where(self.seen, amount, torch.zeros_like(amount))
+        ids, amounts = self.sparse()
+        return torch.zeros(self.vocab_size, dtype=torch.float32).index_put_((ids,), amounts).to(self.device)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """The decayed counts: [V] fp32 on ``device``."""
+        n = len(self._slots)
+        values = torch.from_numpy((self._raw[:n] * self._scale).astype(np.float32))
+        ids = torch.from_numpy(self._ids[:n].copy())
+        return torch.zeros(self.vocab_size, dtype=torch.float32).index_put_((ids,), values).to(self.device)
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Which tokens were sampled at least once: [V] bool on ``device``."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[torch.from_numpy(self._ids[: len(self._slots)].copy())] = True
+        return mask.to(self.device)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalised copy of ``logits`` (last dim = vocab) as fp32; the input is left untouched."""
@@ -151,72 +237,146 @@ class PenaltyState:
                f"logits have {logits.shape[-1]} entries in the last dim, penalties expect {self.vocab_size}")
         return logits.float() - self.penalty().to(logits.device)
 
-    def update(self, token: int) -> None:
-        """Record one sampled token: decay every count, then count the token (+0 if exempt)."""
-        token = int(token)
-        _check(0 <= token < self.vocab_size, f"token id {token} is outside the vocabulary (size {self.vocab_size})")
-        self.counts.mul_(self.decay)
-        if self.exempt is None or not bool(self.exempt[token]):
-            self.counts[token] += 1.0
-        self.seen[token] = True
 
-    def clone(self) -> "PenaltyState":
-        other = object.__new__(PenaltyState)
-        other.__dict__.update(self.__dict__)
-        other.counts = self.counts.clone()
-        other.seen = self.seen.clone()
-        return other
+class Sampler:
+    """Everything one chat needs to pick its next token: params, its penalties (read here; the caller
+    updates them with each accepted token), its CPU generator (None = torch's default CPU generator) and
+    the ids it must never produce. One row of ``sample_batch``."""
+
+    __slots__ = ("params", "generator", "penalties", "ban_tokens", "_bans", "_ban_range")
+
+    def __init__(self, params: SamplingParams, generator: Optional[torch.Generator] = None,
+                 penalties: Optional[PenaltyState] = None, ban_tokens: Iterable[int] = ()) -> None:
+        _check(isinstance(params, SamplingParams), f"params must be SamplingParams, got {type(params).__name__}")
+        _check_generator(generator)
+        self.params = params
+        self.generator = generator
+        self.penalties = penalties
+        self.ban_tokens = tuple(int(t) for t in ban_tokens)
+        self._bans = np.asarray(self.ban_tokens, dtype=np.int64)  # [m], for building batch indices
+        self._ban_range = (min(self.ban_tokens), max(self.ban_tokens)) if self.ban_tokens else (0, 0)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Next token from 1-D ``logits`` [V]: ``sample_token`` on the CPU, the batched path elsewhere
+        (one host sync instead of several); the same draw either way (see the module docstring)."""
+        if logits.device.type == "cpu":
+            return sample_token(logits, self.params, self.generator, self.penalties, self.ban_tokens)
+        _check(logits.dim() == 1, f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
+        return sample_batch(logits.unsqueeze(0), [self])[0]
 
 
+def _check_generator(generator: Optional[torch.Generator]) -> None:
+    _check(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
+           f"generator must be a CPU torch.Generator or None (the uniforms are drawn on the CPU), got {generator!r}")
+
+
+def _uniform(generator: Optional[torch.Generator]) -> float:
+    """One uniform float64 number in [0, 1) from ``generator`` (None: torch's default CPU generator)."""
+    return float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+_SCAN_BLOCK = 256  # _prefix_sums works in blocks of this many entries
+
+
+def _prefix_sums(values: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inclusive prefix sums along the last dim, built in blocks of _SCAN_BLOCK: each block's own running
+    sum plus the (running) sum of the blocks before it.
+
+    Both samplers use this fixed structure, so a prefix sum depends only on the entries up to it, never
+    on the row's length or on the other rows: on the CPU (where each scan is sequential) sample_token's
+    sums over a few candidates equal sample_batch's sums over whole rows bit for bit. It is also much
+    faster on GPUs than one scan along a long row (which they do largely sequentially)."""
+    *lead, n = values.shape
+    pad = -n % _SCAN_BLOCK
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    within = torch.cumsum(values.reshape(*lead, -1, _SCAN_BLOCK), dim=-1, dtype=dtype)  # [..., n_blocks, C]
+    totals = torch.cumsum(within[..., -1], dim=-1)  # [..., n_blocks] sums of the blocks up to each
+    before = torch.nn.functional.pad(totals[..., :-1], (1, 0))  # [..., n_blocks] sums of the blocks before
+    sums = (within + before.unsqueeze(-1)).reshape(*lead, -1)
+    return sums[..., :n].contiguous() if pad else sums
+
+
+# ---------------------------------------------------------------------------------------- one row
 # Sorting the whole vocabulary is slow on a CPU (65536 floats: milliseconds), so the nucleus is searched
 # among the tokens within these ratios of the top probability first, widening only when their mass is short.
+# The candidates come in increasing id order and are sorted stably, so their order (and their cumulative
+# sums, see _prefix_sums) is the head of the full sort that sample_batch uses.
 _CANDIDATE_RATIOS = (1e-2, 1e-4, 0.0)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> Optional[torch.Tensor]:
-    """Ids of the tokens kept by top_p, most likely first, or None for "every token". [n] long
+    """Ids of the tokens kept by top_p in sorted order, or None for "every token" (never reached). [n] long
 
     Kept: every token at least as likely as the one at which the sorted cumulative mass first reaches
     top_p. The candidates are the head of the full sorted order, so their cumulative sums are the same.
     """
-    if top_p >= 1.0:
-        return None
     top = probs.max()
     for ratio in _CANDIDATE_RATIOS:
-        ids = torch.nonzero(probs >= top * ratio).flatten()  # [m] candidate ids
-        sorted_probs, order = torch.sort(probs[ids], descending=True)  # [m]
-        cumulative = torch.cumsum(sorted_probs, dim=0)  # [m]
+        ids = torch.nonzero(probs >= top * ratio).flatten()  # [m] candidate ids, ascending
+        sorted_probs, order = torch.sort(probs[ids], descending=True, stable=True)  # [m]
+        cumulative = _prefix_sums(sorted_probs)  # [m]
         if bool(cumulative[-1] >= top_p):
             cutoff = sorted_probs[int((cumulative < top_p).sum())]
             return ids[order[: int((sorted_probs >= cutoff).sum())]]
     return None  # rounding kept the total mass below top_p: keep everything
 
 
+def _head(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most likely ids in sorted order (ties by id, as a stable sort of the whole row gives). [k]"""
+    k = min(k, probs.numel())
+    kth = torch.topk(probs, k).values[-1]  # the values of topk are exact even where its tie order is not
+    ids = torch.nonzero(probs >= kth).flatten()  # [m >= k] ascending
+    order = torch.sort(probs[ids], descending=True, stable=True).indices
+    return ids[order[:k]]
+
+
 def _kept_tokens(logits: torch.Tensor, params: SamplingParams) -> Optional[torch.Tensor]:
-    """Ids surviving top_p then top_k, most likely first, or None for every token."""
-    ids = _nucleus(torch.softmax(logits, dim=0), params.top_p) if params.top_p < 1.0 else None
+    """Ids surviving top_p then top_k, in sorted order, or None for every token (drawn in id order)."""
+    probs = torch.softmax(logits, dim=0)  # [V]
+    ids = _nucleus(probs, params.top_p) if params.top_p < 1.0 else None
     if params.top_k <= 0:
         return ids
-    if ids is None:
-        return torch.topk(logits, min(params.top_k, logits.numel())).indices
-    return ids[: params.top_k]
+    return _head(probs, params.top_k) if ids is None else ids[: params.top_k]
 
 
 def _prepare_logits(logits: torch.Tensor, penalties: Optional[PenaltyState], ban_tokens: Iterable[int]) -> torch.Tensor:
     _check(logits.dim() == 1, f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
-    out = penalties.apply(logits) if penalties is not None else logits.float().clone()
-    banned = list(ban_tokens)
+    vocab = logits.shape[0]
+    out = logits.to(torch.float32, copy=True)
+    if penalties is not None:
+        _check(penalties.vocab_size == vocab, f"logits have {vocab} entries, penalties expect {penalties.vocab_size}")
+        ids, amounts = penalties._sparse_arrays()
+        if ids.size:  # x + (-a): the same fp32 operation sample_batch's scatter does
+            out.scatter_add_(0, torch.from_numpy(ids).to(out.device), torch.from_numpy(-amounts).to(out.device))
+    banned = [int(t) for t in ban_tokens]
     if banned:
-        out[torch.tensor(banned, dtype=torch.long, device=out.device)] = -math.inf
+        _check(0 <= min(banned) and max(banned) < vocab, f"ban token ids must be in [0, {vocab}), got {banned}")
+        out.index_fill_(0, torch.tensor(banned, dtype=torch.long, device=out.device), -math.inf)
     top = float(out.max())  # NaN if any NaN, +inf if any +inf, -inf if every token is banned
     _check(math.isfinite(top), "logits must have no NaN or +inf and at least one finite entry (not all banned)")
     return out
 
 
 def _weights(logits: torch.Tensor, ids: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
-    """probs ** (1/T) renormalised over the kept ids, computed as softmax(logits / T). [n] or [V]"""
-    kept_logits = logits if ids is None else logits[ids]
-    return torch.softmax(kept_logits / temperature, dim=0)
+    """probs ** (1/T) renormalised over the kept ids, in draw order: softmax(logits / T) over the whole row
+    in id order when every token is kept, else over a full-width row holding the kept ids' logits / T in
+    their sorted order first and -inf after them (the same full-width reduction sample_batch does). [V]"""
+    scale = torch.tensor(temperature, dtype=torch.float32, device=logits.device)  # a tensor: plain a / b
+    if ids is None:
+        return torch.softmax(logits / scale, dim=0)
+    scaled = torch.full_like(logits, -math.inf)
+    scaled[: ids.numel()] = logits[ids] / scale
+    return torch.softmax(scaled, dim=0)
+
+
+def _pick(weights: torch.Tensor, u: float) -> int:
+    """Index drawn with probability proportional to ``weights`` [n] by inverse CDF on the uniform ``u``.
+
+    ``u * total < total`` always (u <= 1 - 2**-53 and rounding is monotone), so the index found has a
+    nonzero weight and zeros after the kept tokens are never reached."""
+    cdf = _prefix_sums(weights, torch.float64)  # [n]
+    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True)[0])
 
 
 def sampling_distribution(
@@ -233,15 +393,7 @@ def sampling_distribution(
     weights = _weights(prepared, ids, params.temperature)
     if ids is None:
         return weights
-    return torch.zeros_like(prepared).index_put_((ids,), weights)
-
-
-def _draw(weights: torch.Tensor, generator: Optional[torch.Generator]) -> int:
-    """Index drawn with probability proportional to weights, by inverse CDF on one uniform number."""
-    device = generator.device if generator is not None else weights.device
-    cdf = torch.cumsum(weights.to(device=device, dtype=torch.float64), dim=0)  # [n]
-    u = torch.rand(1, generator=generator, dtype=torch.float64, device=device) * cdf[-1]  # [1] in [0, total)
-    return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1)[0])
+    return torch.zeros_like(prepared).index_put_((ids,), weights[: ids.numel()])
 
 
 def sample_token(
@@ -256,12 +408,195 @@ def sample_token(
     ``penalties`` is read, not updated: call ``penalties.update(token)`` once the token is accepted.
     Its coefficients are its own (see ``PenaltyState.from_params``); ``params`` supplies temperature,
     top_p and top_k. ``ban_tokens`` get logit -inf (e.g. ``(0,)`` to forbid end-of-text).
-    The uniform number comes from ``generator`` on its own device, so a CPU generator gives the same
-    tokens whatever device the logits are on (up to floating-point differences in the logits).
+    The uniform number comes from ``generator`` (a CPU generator; None = torch's default CPU generator),
+    so a seed gives the same tokens whatever device the logits are on (up to floating-point differences
+    in the logits).
     """
+    _check_generator(generator)
     prepared = _prepare_logits(logits, penalties, ban_tokens)
     if params.greedy:
         return int(torch.argmax(prepared))
+    u = _uniform(generator)
     ids = _kept_tokens(prepared, params)
-    index = _draw(_weights(prepared, ids, params.temperature), generator)
-    return index if ids is None else int(ids[index])
+    weights = _weights(prepared, ids, params.temperature)  # [V] in draw order
+    if ids is None:
+        return _pick(weights, u)
+    return int(ids[_pick(weights[: ids.numel()], u)])
+
+
+# ---------------------------------------------------------------------------------------- a batch
+def sample_batch(logits: torch.Tensor, rows: Sequence[Sampler], *, errors: str = "raise",
+                 vectorised: Optional[bool] = None) -> list:
+    """One token per row of ``logits`` [B, V], row b drawn with ``rows[b]`` exactly as ``sample_token``
+    would draw it (see the module docstring).
+
+    A row that cannot be sampled (NaN or +inf logits, every token banned, penalties or bans that do not
+    fit V) does not disturb the others: with ``errors="raise"`` the first such row's ValueError (naming
+    the row and the problem) is raised once every row is done, with ``errors="return"`` that row's entry
+    is the ValueError instead of a token id. A bad shape (not [len(rows), V]) raises for the whole batch.
+    ``vectorised``: None = batched kernels off the CPU, ``sample_token`` row by row on it; True / False
+    force one or the other (the tests check that both agree).
+    """
+    rows = list(rows)
+    _check(isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == len(rows),
+           f"logits must be [rows, vocab] with one row per sampler ({len(rows)}), got "
+           f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    _check(errors in ("raise", "return"), f"errors must be 'raise' or 'return', got {errors!r}")
+    _check(all(isinstance(row, Sampler) for row in rows), "rows must be Sampler objects")
+    if not rows:
+        return []
+    if vectorised is None:
+        vectorised = logits.device.type != "cpu"
+    with torch.no_grad():
+        results = _sample_vectorised(logits, rows) if vectorised else _sample_each(logits, rows)
+    if errors == "raise":
+        for result in results:
+            if isinstance(result, ValueError):
+                raise result
+    return results
+
+
+def _sample_each(logits: torch.Tensor, rows: list[Sampler]) -> list:
+    results: list = []
+    for b, row in enumerate(rows):
+        try:
+            results.append(sample_token(logits[b], row.params, row.generator, row.penalties, row.ban_tokens))
+        except ValueError as error:
+            results.append(ValueError(f"row {b}: {error}"))
+    return results
+
+
+def _row_problem(row: Sampler, vocab: int) -> Optional[str]:
+    if row.penalties is not None and row.penalties.vocab_size != vocab:
+        return f"logits have {vocab} entries, penalties expect {row.penalties.vocab_size}"
+    if row.ban_tokens and not (0 <= row._ban_range[0] and row._ban_range[1] < vocab):
+        return f"ban token ids must be in [0, {vocab}), got {list(row.ban_tokens)}"
+    return None
+
+
+class _Inputs:
+    """Everything sample_batch needs from the host, packed into one byte buffer (one copy to the device)
+    and read back there as typed views (no conversion kernels). Built before any device work, so it
+    overlaps whatever the device is still doing; the uniforms are drawn here."""
+
+    def __init__(self, rows: list[Sampler], vocab: int) -> None:
+        batch = len(rows)
+        uniform = np.zeros(batch, np.float64)  # [B]
+        top_k = np.full(batch, vocab, np.int64)  # [B] V when off
+        temperature = np.ones(batch, np.float32)  # [B] 1 for greedy rows (unused)
+        top_p = np.full(batch, 2.0, np.float32)  # [B] 2 = never reached (top_p 1 keeps every token)
+        greedy = np.zeros(batch, np.bool_)  # [B]
+        has_top_k = np.zeros(batch, np.bool_)  # [B]
+        penalty_ids, amounts, bans, self.problems = [], [], [], {}
+        for b, row in enumerate(rows):
+            problem = _row_problem(row, vocab)
+            params = row.params
+            if problem is not None:  # sampled greedily and unpenalised; its result is replaced by the error
+                self.problems[b] = problem
+                greedy[b] = True
+                continue
+            if row.penalties is not None:
+                ids, amount = row.penalties._sparse_arrays()
+                if ids.size:
+                    penalty_ids.append(ids + b * vocab)
+                    amounts.append(amount)
+            if row._bans.size:
+                bans.append(row._bans + b * vocab)
+            if params.greedy:
+                greedy[b] = True
+                continue
+            uniform[b] = _uniform(row.generator)
+            temperature[b] = params.temperature
+            if params.top_p < 1.0:
+                top_p[b] = params.top_p  # rounded to fp32 here, as sample_token's comparison rounds it
+            if params.top_k > 0:
+                top_k[b], has_top_k[b] = min(params.top_k, vocab), True
+        self.batch = batch
+        self.any_greedy = bool(greedy.any())
+        self.any_sampled = not bool(greedy.all())
+        self.any_filtered = bool(((top_p <= 1.0) | has_top_k)[~greedy].any())
+        penalty_ids = np.concatenate(penalty_ids) if penalty_ids else np.zeros(0, np.int64)
+        negated = -np.concatenate(amounts) if amounts else np.zeros(0, np.float32)
+        ban_ids = np.concatenate(bans) if bans else np.zeros(0, np.int64)
+        self.n_penalties, self.n_bans = penalty_ids.size, ban_ids.size
+        parts = [(uniform, torch.float64), (top_k, torch.int64), (penalty_ids, torch.int64), (ban_ids, torch.int64),
+                 (temperature, torch.float32), (top_p, torch.float32), (negated, torch.float32),
+                 (greedy, torch.bool), (has_top_k, torch.bool)]
+        self._layout = []  # (byte offset, count, torch dtype) of each part, 8-byte aligned
+        chunks, offset = [], 0
+        for part, dtype in parts:
+            raw = part.view(np.uint8)
+            pad = -raw.size % 8
+            chunks.append(np.concatenate([raw, np.zeros(pad, np.uint8)]) if pad else raw)
+            self._layout.append((offset, part.size, dtype))
+            offset += raw.size + pad
+        self.buffer = np.concatenate(chunks)
+
+    def to(self, device: torch.device) -> list[Optional[torch.Tensor]]:
+        """The parts on ``device`` (None for empty ones), in the order of __init__'s ``parts``."""
+        host = torch.from_numpy(self.buffer)
+        if device.type == "cuda":  # pinned (cached by torch) so the copy does not wait for the queued model step
+            data = host.pin_memory().to(device, non_blocking=True)
+        else:
+            data = host.to(device)
+        return [data[offset: offset + count * dtype.itemsize].view(dtype) if count else None
+                for offset, count, dtype in self._layout]
+
+
+def _sample_vectorised(logits: torch.Tensor, rows: list[Sampler]) -> list:
+    """sample_batch with a fixed set of batched kernels and a single host sync (the final ``.tolist()``)."""
+    batch, vocab = logits.shape
+    inputs = _Inputs(rows, vocab)  # host work first: it overlaps the device's queued work
+    uniform, top_k, penalty_ids, ban_ids, temperature, top_p, negated, greedy, has_top_k = inputs.to(logits.device)
+    x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
+    flat = x.view(-1)  # [B*V]
+    if inputs.n_penalties:  # x + (-a) at every (row, seen token): one scatter for the whole batch
+        flat.scatter_add_(0, penalty_ids, negated)
+    if inputs.n_bans:
+        flat.index_fill_(0, ban_ids, -math.inf)
+    valid = torch.isfinite(x.amax(dim=1))  # [B] no NaN / +inf, not all banned
+    if not inputs.any_sampled:
+        token = x.argmax(dim=1)  # [B] the first (lowest id) maximum
+    else:
+        token = _draw_rows(x, uniform, temperature, top_p, top_k, has_top_k, inputs.any_filtered)
+        if inputs.any_greedy:
+            token = torch.where(greedy, x.argmax(dim=1), token)
+    results = torch.where(valid, token, -1).tolist()  # the one host sync
+    for b, problem in inputs.problems.items():
+        results[b] = ValueError(f"row {b}: {problem}")
+    for b, result in enumerate(results):
+        if not isinstance(result, ValueError) and result < 0:
+            results[b] = ValueError(f"row {b}: logits must have no NaN or +inf and at least one finite entry "
+                                    "(not all banned)")
+    return results
+
+
+def _draw_rows(x, uniform, temperature, top_p, top_k, has_top_k, filtered: bool) -> torch.Tensor:
+    """The sampled token of every row of prepared logits ``x`` [B, V] (greedy rows get junk). [B] long
+
+    The per-row arguments are [B] tensors: uniform f64, temperature / top_p fp32 (top_p 2 = off), top_k
+    long (V = off), has_top_k bool. The arithmetic is sample_token's, row by row, at full width."""
+    batch, vocab = x.shape
+    temperature, uniform = temperature.unsqueeze(1), uniform.unsqueeze(1)  # [B, 1]
+    if filtered:
+        probs = torch.softmax(x, dim=1)  # [B, V]
+        sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)  # [B, V] ties by id
+        cumulative = _prefix_sums(sorted_probs)  # [B, V]
+        top_p = top_p.unsqueeze(1)  # [B, 1] compared in fp32, like sample_token
+        reached = cumulative[:, -1:] >= top_p  # [B, 1] top_p applies (never for the off value 2)
+        below = (cumulative < top_p).sum(dim=1, keepdim=True).clamp_(max=vocab - 1)  # [B, 1]
+        cutoff = sorted_probs.gather(1, below)  # [B, 1]
+        kept = torch.where(reached, (sorted_probs >= cutoff).sum(dim=1, keepdim=True), vocab)  # [B, 1]
+        kept = torch.minimum(kept, top_k.unsqueeze(1))  # [B, 1]
+        in_sorted = reached | has_top_k.unsqueeze(1)  # [B, 1] draw over the kept tokens in sorted order
+        source = torch.where(in_sorted, x.gather(1, order), x)  # [B, V] draw order
+        positions = torch.arange(vocab, device=x.device).unsqueeze(0)  # [1, V]
+        scaled = torch.where(positions < kept, source / temperature, -math.inf)  # [B, V]
+    else:
+        scaled = x / temperature  # [B, V] every row keeps every token, in id order
+    weights = torch.softmax(scaled, dim=1)  # [B, V]
+    cdf = _prefix_sums(weights, torch.float64)  # [B, V]
+    position = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=vocab - 1)  # [B, 1]
+    if filtered:
+        position = torch.where(in_sorted, order.gather(1, position), position)
+    return position.squeeze(1)

@@ -115,6 +115,25 @@ def test_max_tokens_feeds_every_shown_token(tokenizer):
     assert ScriptedModel.history(last_state(engine, final.session))[-5:] == [33] * 5
 
 
+def test_one_model_step_per_kept_token_and_none_after_the_last(tokenizer):
+    model = ScriptedModel({})
+    engine = ChatEngine(model, tokenizer)
+    run(engine.reply(ChatSession(), "Hello", GenerationSettings(GREEDY, 5)))
+    assert len(model.reads[0]) > 1 and model.reads[1:] == [[33]] * 5  # the prompt, then each kept token once
+
+
+def test_penalties_count_a_token_before_the_step_that_feeds_it(tokenizer):
+    """After " Hi" the model says " Hi" again (logit 10, the rest 0); a presence penalty of 20 counted before
+    that step pushes it below the rest, so greedy takes the lowest id (end-of-text) and the answer stops."""
+    model = ScriptedModel(chain(3880, 3880, 3880))
+    engine = ChatEngine(model, tokenizer)
+    params = SamplingParams(temperature=0.0, presence_penalty=20.0, frequency_penalty=0.0)
+    final = run(engine.reply(ChatSession(), "Hello", GenerationSettings(params, 10)))[-1]
+    assert final.text == "Hi" and final.stats.stop_reason == "end_of_text"
+    unpenalised = run(engine.reply(ChatSession(), "Hello", GenerationSettings(GREEDY, 3)))[-1]
+    assert unpenalised.text == "Hi Hi Hi"
+
+
 def test_stop_keeps_the_partial_answer_and_the_matching_state(tokenizer):
     model = ScriptedModel(chain(3880, 3880, 3880, 3880))
     engine = ChatEngine(model, tokenizer)

@@ -1,15 +1,20 @@
-"""Sampling and penalties against the reference ChatRWKV PIPELINE (rwkv PyPI package, used only as an oracle)."""
+"""Sampling and penalties against the reference ChatRWKV PIPELINE (rwkv PyPI package, used only as an oracle);
+batched sampling against the one-row sampler, row by row; sparse penalties against a plain dict oracle."""
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rwkv_chat.sampling import (
     PenaltyState,
+    Sampler,
     SamplingParams,
     is_penalty_exempt,
     penalty_exempt_mask,
+    sample_batch,
     sample_token,
     sampling_distribution,
 )
@@ -297,3 +302,241 @@ def test_invalid_penalty_state_arguments_raise():
         PenaltyState(10, exempt=torch.zeros(9, dtype=torch.bool))
     with pytest.raises(ValueError, match="outside"):
         PenaltyState(10).update(10)
+
+
+# ------------------------------------------------------------------------------------ sparse penalties
+
+def dict_penalties(history, vocab, presence, frequency, decay, exempt=()):
+    """ChatRWKV's chat loop, literally: a dict of counts, every count decays each step. [V] float64"""
+    occurrence = {}
+    for token in history:
+        for t in occurrence:
+            occurrence[t] *= decay
+        occurrence[token] = occurrence.get(token, 0.0) + (0.0 if token in exempt else 1.0)
+    dense = torch.zeros(vocab, dtype=torch.float64)
+    for t, count in occurrence.items():
+        dense[t] = presence + count * frequency
+    return dense
+
+
+@pytest.mark.parametrize("presence,frequency,decay,steps", [
+    (0.4, 0.4, 0.996, 300), (0.0, 0.7, 0.9, 200), (0.3, 0.0, 1.0, 100), (0.2, 0.5, 0.5, 2500)])
+def test_sparse_penalties_equal_dense_and_the_dict_loop(presence, frequency, decay, steps):
+    vocab = 50
+    exempt = torch.zeros(vocab, dtype=torch.bool)
+    exempt[[3, 7]] = True
+    history = torch.randint(0, vocab, (steps,), generator=torch.Generator().manual_seed(steps)).tolist()
+    penalties = PenaltyState(vocab, presence, frequency, decay, exempt=exempt)
+    for token in history:  # decay 0.5 over 2500 steps folds the running scale back several times
+        penalties.update(token)
+    ids, amounts = penalties.sparse()
+    assert ids.dtype == torch.long and amounts.dtype == torch.float32 and len(set(ids.tolist())) == len(ids)
+    assert bool((amounts != 0).all())
+    dense = penalties.penalty()
+    assert torch.equal(torch.zeros(vocab).index_put_((ids,), amounts), dense)
+    want = dict_penalties(history, vocab, presence, frequency, decay, exempt={3, 7})
+    torch.testing.assert_close(dense.double(), want, rtol=1e-6, atol=1e-30)
+    assert set(torch.nonzero(penalties.seen).flatten().tolist()) == set(history)
+
+
+def test_sparse_penalties_skip_zero_amounts():
+    exempt = torch.zeros(10, dtype=torch.bool)
+    exempt[4] = True
+    penalties = PenaltyState(10, presence=0.0, frequency=0.5, exempt=exempt)
+    for token in (4, 4, 6):
+        penalties.update(token)
+    ids, amounts = penalties.sparse()
+    assert ids.tolist() == [6] and amounts.tolist() == [0.5]
+    assert PenaltyState(10, presence=0.0, frequency=0.0).sparse()[0].numel() == 0
+
+
+# ------------------------------------------------------------------------------------ batched sampling
+
+def make_rows(cases):
+    """Fresh Samplers (fresh generators from the seeds, penalties rebuilt from the history) for each case."""
+    rows = []
+    for case in cases:
+        penalties = None
+        if case["penalties"] is not None:
+            presence, frequency, decay, history = case["penalties"]
+            penalties = PenaltyState(case["vocab"], presence, frequency, decay, exempt=case["exempt"])
+            for token in history:
+                penalties.update(token)
+        seed = case["seed"]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        rows.append(Sampler(case["params"], generator, penalties, case["bans"]))
+    return rows
+
+
+def one_by_one(logits, cases):
+    """sample_token on each row, with generators in the same starting states; the generators after it."""
+    rows, tokens = make_rows(cases), []
+    for b, row in enumerate(rows):
+        if row.generator is None:
+            torch.manual_seed(1000 + b)
+        tokens.append(sample_token(logits[b], row.params, row.generator, row.penalties, row.ban_tokens))
+    return tokens, rows
+
+
+def batched(logits, cases, vectorised):
+    rows = make_rows(cases)
+    if any(row.generator is None for row in rows):  # rows without a generator share the default one
+        assert sum(row.generator is None for row in rows) == 1
+        torch.manual_seed(1000 + next(b for b, row in enumerate(rows) if row.generator is None))
+    return sample_batch(logits, rows, vectorised=vectorised), rows
+
+
+def next_uniforms(rows):
+    return [float(torch.rand(1, generator=row.generator, dtype=torch.float64)) for row in rows
+            if row.generator is not None]
+
+
+def assert_batch_equals_rows(logits, cases):
+    want, want_rows = one_by_one(logits, cases)
+    want_next = next_uniforms(want_rows)
+    for vectorised in (True, False):
+        got, rows = batched(logits, cases, vectorised)
+        assert got == want, f"vectorised={vectorised}"
+        assert next_uniforms(rows) == want_next, "a row took a different number of uniforms"
+    return want
+
+
+def logits_rows(draw, batch, vocab):
+    """Random rows, some with exact ties (coarse values), near ties (one ulp apart) or a flat region."""
+    rows = []
+    for _ in range(batch):
+        seed = draw(st.integers(0, 2**31 - 1))
+        scale = draw(st.sampled_from([0.01, 0.5, 2.0, 8.0]))
+        row = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale
+        kind = draw(st.sampled_from(["plain", "ties", "near_ties", "flat"]))
+        if kind == "ties":
+            row = torch.round(row * 2) / 2
+        elif kind == "near_ties":
+            row[1::2] = torch.nextafter(row[0::2][: row[1::2].numel()], torch.tensor(math.inf))
+        elif kind == "flat":
+            row[: vocab // 2] = 1.0
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@st.composite
+def batch_cases(draw):
+    vocab = draw(st.sampled_from([7, 64, 300, 1000]))
+    batch = draw(st.integers(1, 6))
+    logits = logits_rows(draw, batch, vocab)
+    exempt = torch.zeros(vocab, dtype=torch.bool)
+    exempt[: vocab // 10] = True
+    none_used = False
+    cases = []
+    for _ in range(batch):
+        params = SamplingParams(
+            temperature=draw(st.sampled_from([0.0, 0.05, 0.7, 1.0, 1.7])),
+            top_p=draw(st.sampled_from([0.05, 0.3, 0.5, 0.85, 0.999, 1.0])),
+            top_k=draw(st.sampled_from([0, 0, 1, 3, 50, vocab + 5])))
+        penalties = None
+        if draw(st.booleans()):
+            history = draw(st.lists(st.integers(0, vocab - 1), max_size=40))
+            penalties = (draw(st.sampled_from([0.0, 0.4, 3.0])), draw(st.sampled_from([0.0, 0.4, 2.0])),
+                         draw(st.sampled_from([0.5, 0.996, 1.0])), history)
+        bans = tuple(draw(st.lists(st.integers(0, vocab - 1), max_size=3, unique=True)))
+        seed = draw(st.integers(0, 2**32 - 1))
+        if not none_used and draw(st.integers(0, 9)) == 0:
+            seed, none_used = None, True
+        cases.append(dict(vocab=vocab, params=params, penalties=penalties, bans=bans, seed=seed, exempt=exempt))
+    return logits, cases
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch_cases())
+def test_sample_batch_equals_sample_token_row_by_row(case):
+    logits, cases = case
+    before = logits.clone()
+    assert_batch_equals_rows(logits, cases)
+    assert torch.equal(logits, before)
+
+
+def test_sample_batch_equals_sample_token_on_full_vocabularies():
+    """Realistic rows: 65536 tokens, the chat defaults with a long penalty history, and a mix of others."""
+    vocab, batch = VOCAB, 12
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(batch, vocab, generator=generator) * 3
+    logits[3, 100:200] = logits[3].max()  # a hundred-way tie at the top
+    exempt = torch.zeros(vocab, dtype=torch.bool)
+    exempt[33] = True
+    grid = PARAM_GRID + [SamplingParams(), SamplingParams(top_p=1.0, top_k=0), SamplingParams(top_p=1.0, top_k=7),
+                         SamplingParams(temperature=0.3, top_p=0.6, top_k=2)]
+    history = torch.randint(0, vocab, (400,), generator=generator).tolist()
+    cases = [dict(vocab=vocab, params=grid[b], penalties=(0.4, 0.4, 0.996, history[: 40 * b]) if b % 3 else None,
+                  bans=tuple(range(65530, 65536)) + (0,), seed=b, exempt=exempt) for b in range(batch)]
+    for _ in range(3):
+        tokens = assert_batch_equals_rows(logits, cases)
+        assert all(0 < t < 65530 for t in tokens)
+        for case, token in zip(cases, tokens):
+            case["seed"] += 100
+            if case["penalties"] is not None:
+                case["penalties"] = case["penalties"][:3] + (case["penalties"][3] + [token],)
+
+
+def test_greedy_rows_take_no_uniform_and_sampled_rows_take_one():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [Sampler(SamplingParams(temperature=0.0), torch.Generator().manual_seed(1)),
+            Sampler(SamplingParams(), torch.Generator().manual_seed(1)),
+            Sampler(SamplingParams(top_p=1.0), torch.Generator().manual_seed(1))]
+    sample_batch(logits, rows, vectorised=True)
+    fresh = torch.Generator().manual_seed(1)
+    first, second = (float(torch.rand(1, generator=fresh, dtype=torch.float64)) for _ in range(2))
+    assert [float(torch.rand(1, generator=r.generator, dtype=torch.float64)) for r in rows] == [first, second, second]
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_a_bad_row_fails_alone(vectorised):
+    logits = torch.randn(5, 20, generator=torch.Generator().manual_seed(2))
+    logits[1, 3] = float("nan")
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    rows = [Sampler(params, torch.Generator().manual_seed(b)) for b in range(5)]
+    rows[2] = Sampler(params, torch.Generator().manual_seed(2), ban_tokens=range(20))  # all banned
+    rows[3] = Sampler(params, torch.Generator().manual_seed(3), penalties=PenaltyState(21))  # wrong vocabulary
+    got = sample_batch(logits, rows, errors="return", vectorised=vectorised)
+    assert isinstance(got[1], ValueError) and "row 1" in str(got[1]) and "NaN" in str(got[1])
+    assert isinstance(got[2], ValueError) and "banned" in str(got[2])
+    assert isinstance(got[3], ValueError) and "penalties expect 21" in str(got[3])
+    for b in (0, 4):
+        assert got[b] == sample_token(logits[b], params, torch.Generator().manual_seed(b))
+    with pytest.raises(ValueError, match="row 1: .*NaN"):
+        sample_batch(logits, [Sampler(params) for _ in range(5)], vectorised=vectorised)
+
+
+def test_sample_batch_rejects_bad_shapes_and_arguments():
+    rows = [Sampler(SamplingParams()) for _ in range(2)]
+    with pytest.raises(ValueError, match="one row per sampler"):
+        sample_batch(torch.zeros(3, 10), rows)
+    with pytest.raises(ValueError, match="rows, vocab"):
+        sample_batch(torch.zeros(10), rows)
+    with pytest.raises(ValueError, match="ban token ids"):
+        sample_batch(torch.zeros(2, 10), [rows[0], Sampler(SamplingParams(), ban_tokens=(10,))])
+    with pytest.raises(ValueError, match="generator"):
+        Sampler(SamplingParams(), generator=object())
+    assert sample_batch(torch.zeros(0, 10), []) == []
+
+
+def test_sampler_sample_equals_sample_token():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(8))
+    penalties = PenaltyState(1000)
+    penalties.update(int(logits.argmax()))
+    sampler = Sampler(SamplingParams(top_p=0.5), torch.Generator().manual_seed(3), penalties, (0,))
+    want = sample_token(logits, SamplingParams(top_p=0.5), torch.Generator().manual_seed(3), penalties, (0,))
+    assert sampler.sample(logits) == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_batched_kernels_draw_what_the_cpu_draws():
+    """Exact equality is a CPU promise; on a GPU the reductions may round differently, which can move a
+    draw only when its uniform falls within a rounding error of a boundary (never in these rows)."""
+    batch = 16
+    logits = torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(6)) * 2
+    cases = [dict(vocab=VOCAB, params=PARAM_GRID[b % len(PARAM_GRID)], penalties=(0.4, 0.4, 0.996, [5, 6, b]),
+                  bans=(0,), seed=b, exempt=None) for b in range(batch)]
+    together = sample_batch(logits.cuda(), make_rows(cases))
+    alone = [make_rows([case])[0].sample(logits[b].cuda()) for b, case in enumerate(cases)]
+    on_cpu = [make_rows([case])[0].sample(logits[b]) for b, case in enumerate(cases)]
+    assert together == alone == on_cpu

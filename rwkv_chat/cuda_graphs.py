@@ -52,12 +52,15 @@ class _Captured:
                 RwkvState(self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()))
 
     def run_states(self, ids: torch.Tensor, states: list[RwkvState]):
-        """Separate batch-1 states in, separate batch-1 states out: one pass over the states each way."""
+        """Separate batch-1 states in, separate batch-1 states out: one pass over the states each way. The
+        states out are row views of one fresh batch tensor (two copies instead of one per row and tensor);
+        a caller that keeps one for long clones it, as the state cache does."""
         rows = ids.shape[0]
         torch.cat([st.shift for st in states], out=self.shift[:rows])
         torch.cat([st.wkv for st in states], out=self.wkv[:rows])
         self._replay(ids)
-        news = [RwkvState(self.out.shift[i:i + 1].clone(), self.out.wkv[i:i + 1].clone()) for i in range(rows)]
+        shift, wkv = self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()
+        news = [RwkvState(shift[i:i + 1], wkv[i:i + 1]) for i in range(rows)]
         return self.logits[:rows].clone(), news
 
     def _replay(self, ids: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+FACTORED_EXPONENT_LIMIT = 600.0  # v5: largest |log w| * chunk for the float64 factored form (exp(709) overflows)
 TINY_DENOMINATOR = 1e-30  # v4: below this a float32 denominator may have lost digits (float32 normals end at ~1e-38)
 
 
@@ -63,10 +64,17 @@ def wkv5_chunks(log_w, u, r, k, v, s0, state_scan: str = "loop"):
     length = r.shape[3]
     pos = torch.arange(length, device=r.device, dtype=torch.float32)
     gap = pos[:, None] - 1 - pos[None, :]  # [L, L]: t-1-j
-    decay = torch.exp(log_w[:, None, None, :] * gap.clamp(min=0)[None, :, :, None])  # [H, L, L, S]
-    decay = decay * (gap >= 0)[None, :, :, None]
     # inside each chunk: token t sees token j < t through w^(t-1-j), itself through u
-    scores = torch.einsum("bhnts,htjs,bhnjs->bhntj", r, decay, k)  # [B, H, N, L, L]
+    if float(-log_w.min()) * (length + 1) < FACTORED_EXPONENT_LIMIT:
+        # w^(t-1-j) = w^t * w^-(j+1): two scaled copies and one matrix product per chunk, in float64 so the
+        # growing factor w^-(j+1) stays finite (the limit above); entries j >= t are dropped
+        r64 = r.double() * torch.exp(log_w.double()[:, None, :] * pos.double()[None, :, None])[:, None]
+        k64 = k.double() * torch.exp(-log_w.double()[:, None, :] * (pos.double() + 1)[None, :, None])[:, None]
+        scores = (r64 @ k64.transpose(-1, -2)).tril(diagonal=-1).float()  # [B, H, N, L, L]
+    else:  # decays too fast for the factored form: the full [H, L, L, S] table
+        decay = torch.exp(log_w[:, None, None, :] * gap.clamp(min=0)[None, :, :, None])  # [H, L, L, S]
+        decay = decay * (gap >= 0)[None, :, :, None]
+        scores = torch.einsum("bhnts,htjs,bhnjs->bhntj", r, decay, k)  # [B, H, N, L, L]
     scores = scores + torch.diag_embed((r * u[:, None, None, :] * k).sum(-1))
     out = scores @ v  # [B, H, N, L, S]
     # what each chunk adds to the state, as seen at its end

@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 
@@ -44,10 +46,12 @@ def max_diff(a, b) -> float:
 
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 @pytest.mark.parametrize("scan", ["loop", "matrix"])
-def test_wkv5_segment_equals_token_by_token(chunk, scan):
+@pytest.mark.parametrize("max_time_decay", [3.5, 5.0])  # 5.0: too fast for the factored form at chunk 16
+def test_wkv5_segment_equals_token_by_token(chunk, scan, max_time_decay):
     gen = torch.Generator().manual_seed(chunk)
     batch, heads, size, length = 2, 2, 64, 37
-    log_w = -torch.exp(torch.rand(heads, size, generator=gen) * 9.5 - 6)  # decays up to exp(-exp(3.5))
+    log_w = -torch.exp(torch.rand(heads, size, generator=gen) * (max_time_decay + 6) - 6)
+    log_w[0, 0] = -math.exp(max_time_decay)  # the fastest decay is in every draw
     u = torch.rand(heads, size, generator=gen)
     r, k, v = (torch.randn(batch, heads, length, size, generator=gen) for _ in range(3))
     s0 = torch.randn(batch, heads, size, size, generator=gen)

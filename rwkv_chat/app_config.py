@@ -6,7 +6,7 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     flag             environment                         default
     --model          RWKV_MODEL                          RWKV-5 World 0.1B (a catalog name, hub id or local path)
     --device         RWKV_DEVICE                         auto (CUDA when present, else CPU)
-    --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU)
+    --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU); fp32, bf16, fp16, int8
     --preamble       RWKV_PREAMBLE                       none (system text read before every conversation)
     --port           GRADIO_SERVER_PORT, PORT            7860
     --server-name    GRADIO_SERVER_NAME                  0.0.0.0 on a Space (SPACE_ID set), else 127.0.0.1
@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 from .catalog import DEFAULT_MODEL
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
 DEFAULT_PORT = 7860
 DEFAULT_CONCURRENCY = 32  # = batching.DEFAULT_MAX_BATCH: every generating chat fits one batched step
 DEFAULT_MAX_QUEUE = 64

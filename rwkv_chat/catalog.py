@@ -43,7 +43,7 @@ class CatalogEntry:
         return 2 * v * c + self.n_layer * (att + 2 * c * f + c * c)
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes the weights take in memory in `dtype` (int8 keeps embeddings and norms in bf16)."""
+        """Bytes of every weight in `dtype`: the size of a checkpoint file stored in that dtype."""
         return self.n_params * BYTES_PER_PARAM[dtype]
 
     def state_bytes(self) -> int:
@@ -51,10 +51,15 @@ class CatalogEntry:
         per_layer = 5 * self.n_embd if self.version == "4" else 2 * self.n_embd + self.n_embd * 64
         return 4 * self.n_layer * per_layer
 
+    def loaded_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the weights once loaded in `dtype`: the embedding stays fp32 in every dtype (as in the
+        reference); small vectors (norms, mixes, int8 scales) are left out."""
+        return self.weight_bytes(dtype) + VOCAB_SIZE * self.n_embd * (4 - BYTES_PER_PARAM[dtype])
+
     def memory_bytes(self, dtype: torch.dtype) -> int:
-        """Weights plus working room (activations of a 1024-token prefill, a few states)."""
+        """Weights as loaded plus working room (activations of a 1024-token prefill, a few states)."""
         activations = 1024 * (self.dim_ffn + 6 * self.n_embd) * 4 + 1024 * VOCAB_SIZE * 4 // 16
-        return self.weight_bytes(dtype) + activations + 8 * self.state_bytes()
+        return self.loaded_bytes(dtype) + activations + 8 * self.state_bytes()
 
     @property
     def label(self) -> str:

@@ -35,7 +35,7 @@ class ModelKey:
 
     choice: str  # a ModelChoice.value
     device: str  # "cpu", "cuda", "cuda:1"
-    dtype: str  # "fp32", "bf16", "fp16"
+    dtype: str  # "fp32", "bf16", "fp16", "int8"
 
     @property
     def placement(self) -> str:

@@ -253,3 +253,10 @@ def test_each_session_gets_its_own_control_and_one_answer_at_a_time():
                 pass
     with control.generating() as stop:
         assert not stop.is_set()  # a new answer starts without the old stop request
+
+
+def test_int8_is_offered_and_placed_as_int8():
+    assert parse_config(["--dtype", "int8"]).dtype == "int8"
+    assert ModelChoices(DEFAULT_MODEL).resolve(DEFAULT_MODEL, "cpu", "int8") == ModelKey(DEFAULT_MODEL, "cpu", "int8")
+    entry = get_entry(DEFAULT_MODEL)
+    assert entry.memory_bytes(torch.int8) < entry.memory_bytes(torch.bfloat16)

@@ -116,3 +116,13 @@ def test_catalog_covers_every_published_size():
     assert find_entry("rwkv-4-world-7b").n_embd == 4096 and get_entry("RWKV-5 World 0.1B").version == "5.0"
     with pytest.raises(KeyError, match="unknown model"):
         get_entry("RWKV-9 World 1T")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_catalog_memory_estimate_matches_a_loaded_model(make_checkpoint, dtype):
+    """The picker's memory figure counts what loading really holds (the fp32 embedding included)."""
+    from rwkv_chat.catalog import CatalogEntry
+    entry = CatalogEntry("tiny", "5.2", "", "", 0, n_layer=2, n_embd=256)
+    model = load_model(make_checkpoint("5.2", n_layer=2, n_embd=256).path, device="cpu", dtype=dtype)
+    held = sum(t.nbytes for t in model.state_dict().values())
+    assert abs(held / entry.loaded_bytes(dtype) - 1) < 0.02

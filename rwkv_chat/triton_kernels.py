@@ -54,34 +54,6 @@ if AVAILABLE:
     # ------------------------------------------------------------------------------- matrix products
 
     @triton.jit
-    def _gemv_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
-                     K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr):
-        """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n])."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n0 = pid_n * BLOCK_N
-        seg = tl.minimum(n0 // SEG, NSEG - 1)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        k_begin = pid_s * K_PER_SPLIT
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_base = X + seg * stride_xp
-        for kk in range(0, K_PER_SPLIT, BLOCK_K):
-            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_base + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        if HAS_SCALE:
-            acc = acc * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)[None, :]
-        tl.store(Y + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
     def _gemv1_kernel(X, W, SCALE, Y, N, K, SEG, NSEG, stride_xp, stride_ys, K_PER_SPLIT,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
@@ -109,9 +81,10 @@ if AVAILABLE:
     @triton.jit
     def _matmul_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
                        K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, DOT_FP16: tl.constexpr):
-        """As _gemv_kernel for larger M, on the tensor cores (bf16 operands, fp32 accumulation; fp16 operands
-        only under the interpreter, whose bf16 dot is broken)."""
+                       HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP16: tl.constexpr):
+        """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n]). USE_DOT: on the
+        tensor cores (bf16 operands, fp32 accumulation; fp16 operands only under the interpreter, whose bf16
+        dot is broken); else fp32 products reduced in registers (a few rows, weight-streaming)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -130,7 +103,9 @@ if AVAILABLE:
             w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_base + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if DOT_FP16:
+            if not USE_DOT:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            elif DOT_FP16:
                 acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
             else:
                 acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
@@ -390,23 +365,20 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
     has_scale = scale is not None
     scale_arg = scale if has_scale else y
-    if use_dot:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        grid = (n_blocks, splits, triton.cdiv(m, block_m))
-        _matmul_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
-                             y.stride(0), y.stride(1), k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k, HAS_SCALE=has_scale, DOT_FP16=INTERPRET, num_warps=4,
-                             num_stages=3)
-    elif m == 1:
+    if m == 1 and not use_dot:
         _gemv1_kernel[(n_blocks, splits)](x, weight, scale_arg, y, n, k, seg, p_count, x.stride(0), y.stride(0),
                                           k_per_split, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
+    if use_dot:
+        block_m, warps, stages = (16 if m <= 16 else (32 if m <= 32 else 64)), 4, 3
     else:
-        grid = (n_blocks, splits)
-        _gemv_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
-                           y.stride(0), y.stride(1), k_per_split, BLOCK_M=_pow2(m), BLOCK_N=block_n,
-                           BLOCK_K=block_k, HAS_SCALE=has_scale, num_warps=cfg["num_warps"],
-                           num_stages=cfg["num_stages"])
+        block_m, warps, stages = _pow2(m), cfg["num_warps"], cfg["num_stages"]
+    grid = (n_blocks, splits, triton.cdiv(m, block_m))
+    _matmul_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
+                         y.stride(0), y.stride(1), k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, HAS_SCALE=has_scale, USE_DOT=use_dot, DOT_FP16=INTERPRET,
+                         num_warps=warps, num_stages=stages)
     return y
 
 

@@ -29,3 +29,15 @@ def reference_run(pth: Path, tokens: list[int], state=None, strategy: str = "cpu
 def random_tokens(n: int, seed: int, vocab: int = 65536) -> list[int]:
     """Ids drawn from the real World id range (1..65529), end-of-text excluded."""
     return torch.randint(1, 65530, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def assert_states_passed_in_stay_unchanged(model) -> None:
+    """Prefill, one-token and batched calls of `model` (plain or fast path) leave the state they get alone."""
+    from rwkv_chat.state import RwkvState
+
+    _, state = model.forward(random_tokens(20, seed=1))
+    before = state.clone()
+    model.forward(random_tokens(5, seed=2), state)
+    model.forward([42], state)
+    model.decode_batch(torch.tensor([1, 2]), RwkvState.stack([state, state]))
+    assert state.equal(before)

@@ -108,23 +108,30 @@ def tiny_state(value: float = 0.0) -> RwkvState:
     return RwkvState(torch.full((1, 1, 2, 4), value), torch.zeros(1, 1, 3, 4))
 
 
+def run_queued_behind_a_blocked_call(model: SlowModel, batcher: DecodeBatcher, first, others) -> None:
+    """Start `first` and wait until it occupies the (SlowModel) model, start `others` and wait until all of
+    them are queued behind it, then release the model and wait for every call to finish."""
+    head = threading.Thread(target=first)
+    head.start()
+    while getattr(model, "entered", 0) < 1:
+        threading.Event().wait(0.01)
+    rest = [threading.Thread(target=target) for target in others]
+    for t in rest:
+        t.start()
+    while len(batcher._pending) < len(rest):
+        threading.Event().wait(0.01)
+    model.release.set()
+    for t in [head] + rest:
+        t.join(timeout=60)
+
+
 def test_waiting_requests_are_grouped_and_rows_go_back_to_their_callers():
     model = SlowModel()
     results = {}
     with DecodeBatcher(model, max_batch=8) as batcher:
-        first = threading.Thread(target=lambda: results.setdefault(0, batcher.decode(0, tiny_state(0))))
-        first.start()  # occupies the worker until released
-        while getattr(model, "entered", 0) < 1:
-            threading.Event().wait(0.01)
-        others = [threading.Thread(target=lambda i=i: results.setdefault(i, batcher.decode(i, tiny_state(i))))
-                  for i in range(1, 6)]
-        for t in others:
-            t.start()
-        while len(batcher._pending) < 5:  # all five are queued behind the first call
-            threading.Event().wait(0.01)
-        model.release.set()
-        for t in [first] + others:
-            t.join(timeout=60)
+        def call(i):
+            return lambda: results.setdefault(i, batcher.decode(i, tiny_state(i)))
+        run_queued_behind_a_blocked_call(model, batcher, call(0), [call(i) for i in range(1, 6)])
     assert model.batches == [1, 5]
     for i in range(6):
         logits, state = results[i]
@@ -208,18 +215,8 @@ def test_step_samples_each_row_with_its_own_sampler_and_a_bad_row_fails_alone():
     samplers = {0: Sampler(narrow), 1: Sampler(SamplingParams(temperature=0)), 2: None,
                 3: Sampler(narrow, torch.Generator().manual_seed(3)), 4: Sampler(narrow, ban_tokens=range(100))}
     with DecodeBatcher(model, max_batch=8) as batcher:
-        first = threading.Thread(target=call, args=(0, samplers[0]))
-        first.start()  # occupies the model until released
-        while getattr(model, "entered", 0) < 1:
-            threading.Event().wait(0.01)
-        others = [threading.Thread(target=call, args=(i, samplers[i])) for i in range(1, 5)]
-        for t in others:
-            t.start()
-        while len(batcher._pending) < 4:
-            threading.Event().wait(0.01)
-        model.release.set()
-        for t in [first] + others:
-            t.join(timeout=60)
+        run_queued_behind_a_blocked_call(model, batcher, lambda: call(0, samplers[0]),
+                                         [lambda i=i: call(i, samplers[i]) for i in range(1, 5)])
     assert model.batches == [1, 4, 2]  # then the look-ahead of the two chats sampled for without error
     assert model.threads[0] != "rwkv-decode-batcher" and model.threads[1] == "rwkv-decode-batcher"
     for i in (0, 1, 3):
@@ -245,18 +242,8 @@ def test_the_next_step_is_computed_while_the_chats_are_away_and_used_only_if_it_
         results[i] = got
     plans = {0: [0, 0], 1: [1, 1, 1], 2: [2, 2, 2], 3: [3, 7, 7]}  # chat 3 switches to another token
     with DecodeBatcher(model, max_batch=8) as batcher:
-        first = threading.Thread(target=chat, args=(0, plans[0]))
-        first.start()
-        while getattr(model, "entered", 0) < 1:
-            threading.Event().wait(0.01)
-        others = [threading.Thread(target=chat, args=(i, plans[i])) for i in (1, 2, 3)]
-        for t in others:
-            t.start()
-        while len(batcher._pending) < 3:
-            threading.Event().wait(0.01)
-        model.release.set()
-        for t in [first] + others:
-            t.join(timeout=60)
+        run_queued_behind_a_blocked_call(model, batcher, lambda: chat(0, plans[0]),
+                                         [lambda i=i: chat(i, plans[i]) for i in (1, 2, 3)])
         used = batcher.ahead_used
     for i, plan in plans.items():
         assert results[i] == [(t, t, 10 * i + n + 1) for n, t in enumerate(plan)]

@@ -6,13 +6,12 @@ CUDA graphs + Triton path when a GPU is present. Speed is the benchmark's busine
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import math
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 from rwkv_chat import load_model, parallel_wkv, quant
 from rwkv_chat.model import wkv4_step, wkv5_step
 from rwkv_chat.state import RwkvState
-from reference import random_tokens
+from reference import assert_states_passed_in_stay_unchanged, random_tokens
 
 VERSIONS = ["4", "5.0", "5.2"]
 SHAPE = dict(n_layer=2, n_embd=128)
@@ -170,12 +169,7 @@ def test_fast_split_prefill_equals_whole(ckpt):
 
 def test_fast_path_never_changes_the_state_passed_in(ckpt):
     _, fast = plain_and_fast(ckpt.path)
-    _, state = fast.forward(random_tokens(20, seed=1))
-    before = state.clone()
-    fast.forward(random_tokens(5, seed=2), state)
-    fast.forward([42], state)
-    fast.decode_batch(torch.tensor([1, 2]), RwkvState.stack([state, state]))
-    assert state.equal(before)
+    assert_states_passed_in_stay_unchanged(fast)
 
 
 def test_packing_shares_the_weights_with_the_model(ckpt):

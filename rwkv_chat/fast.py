@@ -65,7 +65,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         """x [..., K] @ segment i ᵀ -> fp32."""
         weight, scale = self.segment(i)
-        many_rows = x.reshape(-1, x.shape[-1]).shape[0] >= EXPAND_MIN_ROWS
+        many_rows = x.numel() >= EXPAND_MIN_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
         on_cuda = x.device.type == "cuda"
         if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
             if on_cuda:

@@ -16,7 +16,6 @@ are placed with accelerate on the chosen device: projections and embeddings in t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path

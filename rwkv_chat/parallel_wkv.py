@@ -16,7 +16,6 @@ It knows nothing of weights or of the model: only r, k, v, decays and a state.
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -298,9 +298,9 @@ class ChatPage:
                                              _stage_reporter(progress))
             outputs = [], "", conversation, self.status(conversation)
         except Exception as error:  # noqa: BLE001 - reported; the session keeps its model
-            reason = reason(error)
-            gr.Warning(reason, title="Model not loaded")
-            status = (f"⚠️ Could not load **{choice}**: {reason}\n\n{LOCAL_FILE_HINT}\n\n"
+            why = reason(error)
+            gr.Warning(why, title="Model not loaded")
+            status = (f"⚠️ Could not load **{choice}**: {why}\n\n{LOCAL_FILE_HINT}\n\n"
                       f"Still chatting with: {self.status(conversation)}")
             outputs = gr.skip(), gr.skip(), gr.skip(), status
         return *outputs, gr.update(choices=self._model_labels(device, dtype), value=choice)

@@ -260,3 +260,15 @@ def test_int8_is_offered_and_placed_as_int8():
     assert ModelChoices(DEFAULT_MODEL).resolve(DEFAULT_MODEL, "cpu", "int8") == ModelKey(DEFAULT_MODEL, "cpu", "int8")
     entry = get_entry(DEFAULT_MODEL)
     assert entry.memory_bytes(torch.int8) < entry.memory_bytes(torch.bfloat16)
+
+
+def test_a_model_that_fails_to_load_from_the_picker_is_reported_and_the_session_keeps_its_model():
+    from rwkv_chat.app_config import AppConfig
+    from rwkv_chat.chat_service import Conversation
+    from rwkv_chat.ui import ChatPage
+    pool = make_pool(10**13, [], fail={"RWKV-4 World 3B"})
+    page = ChatPage(ChatService(pool), ModelChoices(DEFAULT_MODEL), AppConfig(model=DEFAULT_MODEL, device="cpu"))
+    kept = Conversation(key("RWKV-5 World 0.1B"))
+    *_, status, _ = page.ui_load("RWKV-4 World 3B", "cpu", "fp32", kept, SessionControl())
+    assert "Could not load **RWKV-4 World 3B**: cannot get RWKV-4 World 3B" in status
+    assert "Still chatting with" in status

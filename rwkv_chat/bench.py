@@ -12,10 +12,10 @@ What it promises:
   steps), peak memory of the implementation, ratio to the best reference, and parity against the fp32
   reference (this package's plain path in fp32, which the tests hold to the `rwkv` package): max |Δlogit|
   and argmax agreement over the prompt's last token and --parity-steps teacher-forced decode steps.
-- `--batch N`: N concurrent chats through `batching.DecodeBatcher` (N threads), aggregate tok/s against one
-  chat alone, both doing a chat's per-token work (penalties, the step, sampling with the default chat
-  settings, feeding the token drawn), and each chat's logits (teacher-forced) and sampled tokens against
-  its unbatched run.
+- `--batch N`: N concurrent chats through `batching.DecodeBatcher` (a reading thread each), aggregate tok/s
+  against one chat alone, all running the engine's per-token judge (stop rules, detokenising, penalties)
+  and sampling with the default chat settings; each chat's logits (teacher-forced along its batched
+  tokens) and sampled tokens against its unbatched run.
 - int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them).
@@ -335,72 +335,51 @@ def cleanup() -> None:
 # ------------------------------------------------------------------------------------- batching
 
 def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: int = 3) -> dict:
-    """N threads chatting through a DecodeBatcher vs one chat alone, both doing a chat's per-token work:
-    count the token in the penalties, feed it and sample the next one (the default chat SamplingParams with
-    penalties, the ids the World tokenizer cannot decode banned) through `step` — the batcher's, or
-    `engine.DirectDecoder`'s for the chat alone — then feed the token drawn, as a chat does. Parity columns
-    come from a separate untimed teacher-forced pass (`decode` with fixed tokens), so logits compare
-    step by step; the sampled-token column is the share of each free-running chat that matches its run
-    alone before the two first differ (they drift apart at the first draw a logit difference moves)."""
+    """N chats generating at once through a DecodeBatcher (a reading thread each) vs one chat alone, all
+    running the engine's own judge (`engine.AnswerJudge`: stop rules, streamed detokenising with the World
+    tokenizer, penalties) with the default chat SamplingParams and the ids the tokenizer cannot decode
+    banned, from the states after short prompts, for up to `steps` tokens each. One chat alone runs through
+    `generation.DirectDecoder` (the loop in its own thread) and through the batcher; the speed-up is taken
+    against the faster of the two. Parity comes from a separate untimed batched run that also keeps every
+    logits row a token was drawn from: those rows against the same tokens fed alone (teacher-forced), and
+    each free-running chat's tokens against its run alone up to the first difference (they drift apart at
+    the first draw a logit difference moves)."""
     from .batching import DecodeBatcher
-    from .engine import DirectDecoder
+    from .engine import AnswerJudge
+    from .generation import DirectDecoder, Verdict
     from .sampling import PenaltyState, Sampler, SamplingParams, sample_batch
     from .state import RwkvState
+    from .tokenizer import WorldTokenizer
     device = model.device
     vocab = model.config.vocab_size
+    tokenizer = WorldTokenizer()
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, 65530, (8 + i % 5,), generator=gen).tolist() for i in range(n_chats)]
-    tokens = [torch.randint(1, 65530, (steps,), generator=gen).tolist() for _ in range(n_chats)]
-    states = [model.forward(p)[1] for p in prompts]
+    starts = [model.forward(p) for p in prompts]
     params = SamplingParams()
-    bans = tuple(range(65530, vocab))  # what the engine bans: ids the World tokenizer cannot decode
+    bans = tuple(range(tokenizer.max_token_id + 1, vocab))
 
-    def sampler(i):
-        return Sampler(params, torch.Generator().manual_seed(seed + i), PenaltyState.from_params(params, vocab), bans)
+    class Recording(AnswerJudge):
+        """The engine's judge, also keeping the logits row of every token it keeps."""
 
-    def chat(step, i):
-        """One chat's loop, feeding what it draws; returns the tokens drawn."""
-        token, state, row, drawn = tokens[i][0], states[i], sampler(i), []
-        for _ in range(steps):
-            row.penalties.update(token)
-            token, _, state = step(token, state, row)
-            drawn.append(token)
-        return drawn
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.rows = []
 
-    def forced(decode, i):
-        """Teacher-forced logits of chat i (for parity)."""
-        out, state = [], states[i]
-        for t in tokens[i]:
-            logits, state = decode(t, state)
-            out.append(logits)
-        return out
+        def accept(self, token, logits):
+            verdict = super().accept(token, logits)
+            if verdict is not Verdict.STOP:
+                self.rows.append(logits.clone())
+            return verdict
 
-    direct = DirectDecoder(model)
-    chat(direct.step, 0)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    alone = [chat(direct.step, i) for i in range(check_chats)]
-    sync(device)
-    single_tps = check_chats * steps / (time.perf_counter() - start)
-    expected = [forced(direct.decode, i) for i in range(check_chats)]
-    # the batched step without threads (the ceiling the batcher approaches): the model alone, then with sampling
-    batch_state = RwkvState.stack(states)
-    ids = torch.tensor([t[0] for t in tokens])
-    rows = [sampler(i) for i in range(n_chats)]
-    for row in rows:
-        for t in tokens[0][:steps]:
-            row.penalties.update(t)
-    raw = {}
-    for with_sampling in (False, True):
-        sample_batch(model.decode_batch(ids, batch_state)[0], rows)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = model.decode_batch(ids, batch_state)[0]
-            if with_sampling:
-                sample_batch(logits, rows)
-        sync(device)
-        raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
+    def chat(decoder, i, judge_type=AnswerJudge, max_new=steps):
+        """Chat i's reply from its prompt state; returns its judge."""
+        penalties = PenaltyState.from_params(params, vocab)
+        sampler = Sampler(params, torch.Generator().manual_seed(seed + i), penalties, bans)
+        judge = judge_type(tokenizer, penalties, max_new, threading.Event())
+        for _ in decoder.generate(*starts[i], sampler, judge):
+            pass
+        return judge
 
     def in_threads(target, count):
         results, errors = [None] * count, []
@@ -424,25 +403,62 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
             raise errors[0]
         return results, time.perf_counter() - start
 
+    def alone_tps(decoder):
+        chat(decoder, 0, max_new=8)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        judges = [chat(decoder, i) for i in range(check_chats)]
+        sync(device)
+        return sum(len(j.ids) for j in judges) / (time.perf_counter() - start), judges
+
+    direct_tps, alone = alone_tps(DirectDecoder(model))
+    # the batched step without threads or judges (the ceiling): the model alone, then with sampling
+    batch_state = RwkvState.stack([state for _, state in starts])
+    ids = torch.tensor([int(logits.argmax()) for logits, _ in starts])
+    rows = [Sampler(params, torch.Generator().manual_seed(i), PenaltyState.from_params(params, vocab), bans)
+            for i in range(n_chats)]
+    for row in rows:
+        for t in prompts[0]:
+            row.penalties.update(t)
+    raw = {}
+    for with_sampling in (False, True):
+        sample_batch(model.decode_batch(ids, batch_state)[0], rows)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = model.decode_batch(ids, batch_state)[0]
+            if with_sampling:
+                sample_batch(logits, rows)
+        sync(device)
+        raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
     with DecodeBatcher(model, max_batch=n_chats) as batcher:
-        # warm-up: one batched step of every chat (captures the graph for this batch size)
-        in_threads(lambda i: batcher.step(tokens[i][0], states[i], sampler(i)), n_chats)
-        served, steps_before, used_before = batcher.served, batcher.steps, batcher.ahead_used
-        drawn, elapsed = in_threads(lambda i: chat(batcher.step, i), n_chats)
+        lone_tps, _ = alone_tps(batcher)
+        in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
+        served, steps_before = batcher.served, batcher.steps
+        judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
         mean_batch = (batcher.served - served) / max(1, batcher.steps - steps_before)
-        ahead = (batcher.ahead_used - used_before) / max(1, batcher.served - served)
-        got = in_threads(lambda i: forced(batcher.decode, i), check_chats)[0]
-    batched_tps = n_chats * steps / elapsed
-    pairs = [(a, b) for i in range(check_chats) for a, b in zip(got[i], expected[i])]
+        recorded = in_threads(lambda i: chat(batcher, i, Recording), n_chats)[0][:check_chats]
+    generated = sum(len(j.ids) for j in judges)
+    batched_tps = generated / elapsed
+    single_tps = max(direct_tps, lone_tps)
+    pairs = []
+    for i, judge in enumerate(recorded):  # the rows each token was drawn from, against the same tokens fed alone
+        logits, state = starts[i]
+        for token, row in zip(judge.ids, judge.rows):
+            pairs.append((row, logits))
+            logits, state = model.forward([token], state)
     dmax = max((a - b).abs().max().item() for a, b in pairs)
     agree = statistics.mean(float(int(a.argmax()) == int(b.argmax())) for a, b in pairs)
 
     def common_prefix(a, b):
-        return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    same_tokens = statistics.mean(common_prefix(drawn[i], alone[i]) / steps for i in range(check_chats))
-    return {"chats": n_chats, "steps": steps, "single_tps": single_tps, "raw_batch_tps": raw[False],
-            "raw_batch_sampled_tps": raw[True], "batcher_tps": batched_tps, "speedup": batched_tps / single_tps,
-            "mean_batch": mean_batch, "look_ahead_used": ahead, "max_dlogit_vs_alone": dmax,
+        return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    same_tokens = statistics.mean(common_prefix(recorded[i].ids, alone[i].ids) / max(1, len(alone[i].ids))
+                                  for i in range(check_chats))
+    reasons = sorted({j.reason for j in judges})
+    return {"chats": n_chats, "steps": steps, "direct_tps": direct_tps, "lone_batcher_tps": lone_tps,
+            "single_tps": single_tps, "raw_batch_tps": raw[False], "raw_batch_sampled_tps": raw[True],
+            "batcher_tps": batched_tps, "speedup": batched_tps / single_tps, "mean_batch": mean_batch,
+            "tokens_per_chat": generated / n_chats, "stop_reasons": reasons, "max_dlogit_vs_alone": dmax,
             "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens}
 
 
@@ -740,19 +756,21 @@ def main(argv=None) -> int:
                     results["batching"].append(info)
                     del model
                     cleanup()
-                    line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['single_tps']:,.1f} | "
-                            f"{info['raw_batch_tps']:,.0f} | {info['raw_batch_sampled_tps']:,.0f} | "
-                            f"{info['batcher_tps']:,.0f} | {info['speedup']:.1f}× | "
-                            f"{info['mean_batch']:.1f} | {info['look_ahead_used'] * 100:.0f}% | "
-                            f"{info['max_dlogit_vs_alone']:.2e} | "
+                    line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['direct_tps']:,.1f} | "
+                            f"{info['lone_batcher_tps']:,.1f} | {info['raw_batch_tps']:,.0f} | "
+                            f"{info['raw_batch_sampled_tps']:,.0f} | {info['batcher_tps']:,.0f} | "
+                            f"{info['speedup']:.1f}× | {info['mean_batch']:.1f} | {info['tokens_per_chat']:.0f} "
+                            f"({', '.join(info['stop_reasons'])}) | {info['max_dlogit_vs_alone']:.2e} | "
                             f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
                     texts.append(line)
                     print(f"[bench] batching {line}", file=sys.stderr, flush=True)
-        header = ("\n### Concurrent chats (DecodeBatcher, one thread per chat, each sampling with penalties)\n\n"
-                  "| model | dtype | chats | one chat tok/s | decode_batch tok/s (no threads) | decode_batch + "
-                  "sample_batch tok/s (no threads) | batcher aggregate tok/s | × one chat | mean batch | "
-                  "steps from look-ahead | max abs Δlogit vs alone | argmax vs alone | tokens as alone until "
-                  "first difference |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        header = ("\n### Concurrent chats (DecodeBatcher: a reading thread per chat, the engine's judge, sampling "
+                  "with penalties)\n\n"
+                  "| model | dtype | chats | one chat tok/s (DirectDecoder) | one chat tok/s (batcher) | decode_batch "
+                  "tok/s (no threads) | decode_batch + sample_batch tok/s (no threads) | batcher aggregate tok/s | "
+                  "× one chat (the faster) | mean batch | tokens per chat (stops) | max abs Δlogit vs alone | "
+                  "argmax vs alone | tokens as alone until first difference |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(header + "\n" + "\n".join(t for t in texts if t.startswith("| RWKV")), flush=True)
     if args.json:
         with open(args.json, "w") as f:

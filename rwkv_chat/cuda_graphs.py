@@ -51,18 +51,6 @@ class _Captured:
         return (self.logits[:rows].clone(),
                 RwkvState(self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()))
 
-    def run_states(self, ids: torch.Tensor, states: list[RwkvState]):
-        """Separate batch-1 states in, separate batch-1 states out: one pass over the states each way. The
-        states out are row views of one fresh batch tensor (two copies instead of one per row and tensor);
-        a caller that keeps one for long clones it, as the state cache does."""
-        rows = ids.shape[0]
-        torch.cat([st.shift for st in states], out=self.shift[:rows])
-        torch.cat([st.wkv for st in states], out=self.wkv[:rows])
-        self._replay(ids)
-        shift, wkv = self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()
-        news = [RwkvState(shift[i:i + 1], wkv[i:i + 1]) for i in range(rows)]
-        return self.logits[:rows].clone(), news
-
     def _replay(self, ids: torch.Tensor) -> None:
         rows = ids.shape[0]
         if ids.device.type == "cpu":
@@ -102,15 +90,6 @@ class GraphedDecoder:
         # written by a later caller outside inference mode)
         with self.lock, torch.inference_mode(False), torch.no_grad():
             return self._captured(size).run(ids, state)
-
-    def run_states(self, ids: torch.Tensor, states: list[RwkvState]):
-        """Like __call__ for a list of batch-1 states (on this device); returns (logits, list of states)."""
-        size = self.bucket(ids.shape[0])
-        if size is None:
-            logits, new = self(ids, RwkvState.stack(states))
-            return logits, new.unstack()
-        with self.lock, torch.inference_mode(False), torch.no_grad():
-            return self._captured(size).run_states(ids, states)
 
     def _captured(self, size: int) -> _Captured:
         captured = self.graphs.get(size)

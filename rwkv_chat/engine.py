@@ -9,10 +9,11 @@ What it promises:
   end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
   matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
 - Nothing here touches a session in place: each reply hands back a new `ChatSession`.
-- The first token of a reply is sampled from the prefill logits; every later one comes out of the decoder's
-  `step` together with the state that fed the previous one (so a `batching.DecodeBatcher` samples all its
-  chats in one batched call). Penalties count a token before the step that feeds it, so the sample inside
-  that step sees them; a reply runs exactly one model step per kept token, as it always has.
+- The token loop runs in the decoder (`generation.DirectDecoder` in the reader's thread, or a
+  `batching.DecodeBatcher` that runs many chats' loops as batched steps); the reply's bookkeeping is its
+  judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
+  before the step that feeds it, so the next sample sees them; a reply runs exactly one model step per kept
+  token. A reader slower than the decoder gets several tokens per chunk.
 
 It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
 """
@@ -28,9 +29,9 @@ import torch
 
 from . import limits
 from .prompts import END_OF_TEXT, find_stop, strip_answer
+from .generation import DirectDecoder, Verdict
 from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
 from .session import ChatSession, Turn
-from .state import RwkvState
 from .state_cache import StateCache
 
 
@@ -73,20 +74,37 @@ class ReplyChunk:
     stats: Optional[ReplyStats] = None  # on the last chunk
 
 
-class DirectDecoder:
-    """Decodes one token of one chat at a time; `batching.DecodeBatcher` has the same `decode` and `step`."""
+class AnswerJudge:
+    """One reply's per-token bookkeeping, as the decoder's judge (`generation`): stop rules, the streamed
+    text, the kept ids and the penalties. Written only by the thread that runs the loop; the reader reads
+    `text`, which is always whole characters."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, tokenizer, penalties: PenaltyState, max_new_tokens: int, stop: threading.Event):
+        self.stream = tokenizer.stream_decoder()
+        self.penalties, self.max_new_tokens, self.stop = penalties, max_new_tokens, stop
+        self.ids: list[int] = []  # every token kept (and fed)
+        self.text = ""  # their decoded text
+        self.reason = "max_tokens"
+        self.first_token_at: Optional[float] = None
+        self.separator: Optional[tuple[str, int]] = None  # (the refused token's text, where the stop begins)
 
-    def decode(self, token: int, state: RwkvState):
-        """-> (fp32 logits [vocab], new state) after `token`."""
-        return self.model.forward([token], state)
-
-    def step(self, token: int, state: RwkvState, sampler: Sampler):
-        """`decode`, then the next token from its logits -> (next token, logits, new state)."""
-        logits, state = self.model.forward([token], state)
-        return sampler.sample(logits), logits, state
+    def accept(self, token: int, logits: torch.Tensor) -> Verdict:
+        if self.stop.is_set():
+            self.reason = "stopped"
+            return Verdict.STOP
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        if token == END_OF_TEXT:
+            self.reason = "end_of_text"
+            return Verdict.STOP
+        piece = self.stream.push(token)
+        cut = find_stop(self.text + piece)
+        if cut is not None:
+            self.reason, self.separator = "separator", (piece, cut)
+            return Verdict.STOP
+        self.penalties.update(token)  # before the step: the token sampled after it must see this one
+        self.ids.append(token)
+        self.text += piece
+        return Verdict.LAST if len(self.ids) == self.max_new_tokens else Verdict.FEED
 
 
 class ChatEngine:
@@ -164,45 +182,26 @@ class ChatEngine:
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt)
         sampler = Sampler(settings.sampling, generator, penalties, self._unknown_ids)
-        stream = self.tokenizer.stream_decoder()
-        answer_ids: list[int] = []
-        text = ""  # decoded text of every sampled token that was kept
-        reason, first_token_at = "max_tokens", None
-        token = None  # the next token, sampled from `logits` (after the prompt, or inside the last step)
-        for count in range(1, settings.max_new_tokens + 1):
-            if stop.is_set():
-                reason = "stopped"
-                break
-            if token is None:
-                token = sampler.sample(logits)
-            first_token_at = first_token_at or time.perf_counter()
-            if token == END_OF_TEXT:
-                reason = "end_of_text"
-                break
-            piece = stream.push(token)
-            cut = find_stop(text + piece)
-            if cut is not None:
-                reason = "separator"
-                logits, state, answer_ids, text = self._feed_before_separator(text, piece, cut, logits,
-                                                                              state, answer_ids)
-                break
-            penalties.update(token)  # before the step: the token sampled inside it must see this one
-            answer_ids.append(token)
-            text += piece
-            yield ReplyChunk(strip_answer(_shown(text)))
-            if count == settings.max_new_tokens:  # the last token is fed; nothing more will be sampled
-                logits, state = self.decoder.decode(token, state)
-            else:
-                token, logits, state = self.decoder.step(token, state, sampler)
-        if reason != "separator":
-            text += stream.flush()
+        judge = AnswerJudge(self.tokenizer, penalties, settings.max_new_tokens, stop)
+        run = self.decoder.generate(logits, state, sampler, judge)
+        try:
+            for _ in run:
+                yield ReplyChunk(strip_answer(_shown(judge.text)))
+        finally:
+            run.close()  # a reader that leaves half-way stops the loop
+        logits, state, answer_ids, text = run.logits, run.state, judge.ids, judge.text
+        if judge.separator is not None:
+            logits, state, answer_ids, text = self._feed_before_separator(text, *judge.separator, logits,
+                                                                          state, answer_ids)
+        else:
+            text += judge.stream.flush()
         finished = time.perf_counter()
-        first_token_at = first_token_at or finished
-        turn = Turn(message, prompt_ids, strip_answer(text), tuple(answer_ids), text, reason)
+        first_token_at = judge.first_token_at or finished
+        turn = Turn(message, prompt_ids, strip_answer(text), tuple(answer_ids), text, judge.reason)
         all_ids = ids + turn.answer_ids
         self.cache.put(all_ids, state, logits)
         stats = ReplyStats(read, first_token_at - started, len(answer_ids), finished - first_token_at,
-                           state.nbytes, reason, self.label)
+                           state.nbytes, judge.reason, self.label)
         yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats)
 
     def _feed_before_separator(self, text, piece, cut, logits, state, answer_ids):

@@ -194,15 +194,6 @@ class FastRunner:
             self._graphs = GraphedDecoder(self._decode_step, self.config, self.device)
         return self._graphs
 
-    def decode_states(self, ids: torch.Tensor, states: list[RwkvState]):
-        """decode() for B separate batch-1 states (on this device) -> (logits [B, V], B new batch-1 states).
-        With CUDA graphs the states go straight into the graph's buffers and come straight out, instead of
-        being stacked into a batch and split again (two passes over the states instead of four)."""
-        if self.use_graphs:
-            return self._graph_holder().run_states(ids, states)
-        logits, new = self.decode(ids, RwkvState.stack(states))
-        return logits, new.unstack()
-
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         """ids [T] long -> (logits fp32 [V] or [T, V], new state)."""
         outputs = []

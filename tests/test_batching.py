@@ -1,5 +1,5 @@
-"""DecodeBatcher: concurrent single-token requests served by batched model calls, equal to unbatched decoding;
-batched sampling gives every chat the tokens it gets alone."""
+"""DecodeBatcher: the token loops of concurrent chats run as batched steps in one worker; every chat gets
+what it gets alone (generation.DirectDecoder), and one chat's trouble stays its own."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from rwkv_chat import batching, load_model
 from rwkv_chat.batching import BatcherClosed, DecodeBatcher
 from rwkv_chat.engine import ChatEngine, GenerationSettings
+from rwkv_chat.generation import DirectDecoder, Verdict
 from rwkv_chat.sampling import Sampler, SamplingParams, sample_batch
 from rwkv_chat.session import ChatSession
 from rwkv_chat.state import RwkvState
@@ -33,270 +34,43 @@ def run_threads(targets):
     assert not any(t.is_alive() for t in threads)
 
 
-def test_concurrent_chats_get_what_they_get_alone(model):
-    """Chats of different lengths join and leave; every step equals the unbatched step."""
-    n_chats = 6
-    prompts = [random_tokens(5 + i, seed=i) for i in range(n_chats)]
-    plans = [random_tokens(3 + 2 * i, seed=100 + i) for i in range(n_chats)]  # 3..13 steps: chats leave early
-    starts = [model.forward(p)[1] for p in prompts]
-    expected = []
-    for state, plan in zip(starts, plans):
-        rows = []
-        for token in plan:
-            logits, state = model.forward([token], state)
-            rows.append((logits, state))
-        expected.append(rows)
-    got = [[] for _ in range(n_chats)]
-    with DecodeBatcher(model, max_batch=4) as batcher:
-        def chat(i):
-            state = starts[i]
-            for token in plans[i]:
-                logits, state = batcher.decode(token, state)
-                got[i].append((logits, state))
-        run_threads([lambda i=i: chat(i) for i in range(n_chats)])
-        assert batcher.served == sum(len(p) for p in plans)
-    for rows, want in zip(got, expected):
-        assert len(rows) == len(want)
-        for (logits, state), (ref_logits, ref_state) in zip(rows, want):
-            assert logits.shape == ref_logits.shape and logits.dtype == torch.float32
-            assert (logits - ref_logits).abs().max().item() <= 1e-4  # fp32 rounding of batched products
-            assert state.batch_size == 1
-            assert torch.allclose(state.wkv, ref_state.wkv, rtol=1e-4, atol=1e-4)
-            assert torch.allclose(state.shift, ref_state.shift, atol=1e-4)
-
-
-def test_states_passed_in_are_not_changed(model):
-    _, state = model.forward(random_tokens(8, seed=1))
-    before = state.clone()
-    with DecodeBatcher(model) as batcher:
-        run_threads([lambda: batcher.decode(3, state) for _ in range(4)])
-    assert state.equal(before)
-
-
-class SlowModel:
-    """A stand-in model: records batch sizes; decode_batch waits until released so requests pile up."""
-
-    class config:
-        vocab_size = 100
-
-    device = torch.device("cpu")
-
-    def __init__(self, fail: bool = False):
-        self.batches = []
-        self.release = threading.Event()
-        self.fail = fail
-
-    def _answer(self, tokens, state):
-        self.entered = getattr(self, "entered", 0) + len(tokens)
-        self.threads = getattr(self, "threads", []) + [threading.current_thread().name]
-        self.release.wait(timeout=60)
-        self.batches.append(len(tokens))
-        if self.fail:
-            raise RuntimeError("kernel exploded")
-        logits = torch.nn.functional.one_hot(torch.as_tensor(tokens), 100).float()
-        return logits, RwkvState(state.shift + 1, state.wkv)
-
-    def forward(self, tokens, state):
-        logits, state = self._answer(list(tokens), state)
-        return logits[0], state
-
-    def decode_batch(self, tokens, state):
-        return self._answer(tokens.tolist(), state)
-
-
-def tiny_state(value: float = 0.0) -> RwkvState:
-    return RwkvState(torch.full((1, 1, 2, 4), value), torch.zeros(1, 1, 3, 4))
-
-
-def run_queued_behind_a_blocked_call(model: SlowModel, batcher: DecodeBatcher, first, others) -> None:
-    """Start `first` and wait until it occupies the (SlowModel) model, start `others` and wait until all of
-    them are queued behind it, then release the model and wait for every call to finish."""
-    head = threading.Thread(target=first)
-    head.start()
-    while getattr(model, "entered", 0) < 1:
+def wait_until(condition, timeout: float = 60.0) -> None:
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "timed out"
         threading.Event().wait(0.01)
-    rest = [threading.Thread(target=target) for target in others]
-    for t in rest:
-        t.start()
-    while len(batcher._pending) < len(rest):
-        threading.Event().wait(0.01)
-    model.release.set()
-    for t in [head] + rest:
-        t.join(timeout=60)
+        waited += 0.01
 
 
-def test_waiting_requests_are_grouped_and_rows_go_back_to_their_callers():
-    model = SlowModel()
-    results = {}
-    with DecodeBatcher(model, max_batch=8) as batcher:
-        def call(i):
-            return lambda: results.setdefault(i, batcher.decode(i, tiny_state(i)))
-        run_queued_behind_a_blocked_call(model, batcher, call(0), [call(i) for i in range(1, 6)])
-    assert model.batches == [1, 5]
-    for i in range(6):
-        logits, state = results[i]
-        assert int(logits.argmax()) == i  # each caller got its own row
-        assert state.shift.flatten()[0].item() == i + 1
+class Recorder:
+    """A judge that keeps `count` tokens (feeding the last as LAST), or refuses the one at `stop_at`
+    (STOP), or raises at `fail_at`; records each token it sees, the logits row it came from and the thread
+    that judged it."""
+
+    def __init__(self, count: int, stop_at: int | None = None, fail_at: int | None = None):
+        self.count, self.stop_at, self.fail_at = count, stop_at, fail_at
+        self.tokens, self.logits, self.threads = [], [], []
+
+    def accept(self, token, logits):
+        self.threads.append(threading.current_thread().name)
+        n = len(self.tokens)
+        if n == self.fail_at:
+            raise RuntimeError("the judge failed")
+        self.tokens.append(token)
+        self.logits.append(logits.clone())
+        if n == self.stop_at:
+            return Verdict.STOP
+        return Verdict.LAST if n + 1 == self.count else Verdict.FEED
 
 
-def test_a_failing_step_raises_in_every_caller_of_that_step():
-    model = SlowModel(fail=True)
-    model.release.set()
-    errors = []
-    with DecodeBatcher(model) as batcher:
-        def call(i):
-            try:
-                batcher.decode(i, tiny_state())
-            except RuntimeError as error:
-                errors.append(str(error))
-        run_threads([lambda i=i: call(i) for i in range(4)])
-    assert errors == ["kernel exploded"] * 4
+def run_chat(decoder, logits, state, sampler, judge):
+    """Iterate a chat to its end -> (items seen, final logits, final state)."""
+    run = decoder.generate(logits, state, sampler, judge)
+    items = sum(1 for _ in run)
+    return items, run.logits, run.state
 
 
-def test_bad_requests_fail_alone_at_once(model):
-    with DecodeBatcher(model) as batcher:
-        with pytest.raises(ValueError, match="token ids"):
-            batcher.decode(70000, model.zero_state())
-        with pytest.raises(ValueError, match="one sequence"):
-            batcher.decode(1, model.zero_state(batch=2))
-        logits, _ = batcher.decode(1, model.zero_state())  # the batcher still serves
-        assert logits.shape == (model.config.vocab_size,)
-
-
-def test_close_serves_the_queue_then_refuses():
-    model = SlowModel()
-    batcher = DecodeBatcher(model)
-    done = []
-    callers = [threading.Thread(target=lambda: done.append(batcher.decode(1, tiny_state()))) for _ in range(3)]
-    for t in callers:
-        t.start()
-    while len(batcher._pending) + getattr(model, "entered", 0) < 3:  # all three submitted
-        threading.Event().wait(0.01)
-    closer = threading.Thread(target=batcher.close)
-    closer.start()
-    model.release.set()
-    for t in callers + [closer]:
-        t.join(timeout=60)
-    assert len(done) == 3
-    with pytest.raises(BatcherClosed):
-        batcher.decode(1, tiny_state())
-
-
-def test_a_lone_chat_does_not_wait_for_company():
-    """With an absurd window, a single caller's steps still complete at once, and run in the caller's own
-    thread (no hand-over to the worker and back)."""
-    model = SlowModel()
-    model.release.set()
-    with DecodeBatcher(model, window_s=600.0) as batcher:
-        finished = threading.Event()
-
-        def chat():
-            for i in range(5):
-                batcher.decode(i, tiny_state())
-            finished.set()
-        t = threading.Thread(target=chat, name="lone-chat", daemon=True)
-        t.start()
-        assert finished.wait(timeout=120)
-    assert model.batches == [1] * 5
-    assert model.threads == ["lone-chat"] * 5
-
-
-def test_step_samples_each_row_with_its_own_sampler_and_a_bad_row_fails_alone():
-    """One-hot logits at the token fed: greedy and narrow-nucleus samplers both give that token back."""
-    model = SlowModel()
-    results, errors = {}, {}
-    narrow = SamplingParams(temperature=1.0, top_p=0.02)  # the top token alone holds e / (e + 99) > 0.02
-
-    def call(i, sampler):
-        try:
-            results[i] = batcher.step(i, tiny_state(i), sampler) if sampler else batcher.decode(i, tiny_state(i))
-        except ValueError as error:
-            errors[i] = str(error)
-    samplers = {0: Sampler(narrow), 1: Sampler(SamplingParams(temperature=0)), 2: None,
-                3: Sampler(narrow, torch.Generator().manual_seed(3)), 4: Sampler(narrow, ban_tokens=range(100))}
-    with DecodeBatcher(model, max_batch=8) as batcher:
-        run_queued_behind_a_blocked_call(model, batcher, lambda: call(0, samplers[0]),
-                                         [lambda i=i: call(i, samplers[i]) for i in range(1, 5)])
-    assert model.batches == [1, 4, 2]  # then the look-ahead of the two chats sampled for without error
-    assert model.threads[0] != "rwkv-decode-batcher" and model.threads[1] == "rwkv-decode-batcher"
-    for i in (0, 1, 3):
-        token, logits, state = results[i]
-        assert token == i and int(logits.argmax()) == i and state.shift.flatten()[0].item() == i + 1
-    assert int(results[2][0].argmax()) == 2  # a plain decode in the same batch
-    assert list(errors) == [4] and "banned" in errors[4]
-
-
-def test_the_next_step_is_computed_while_the_chats_are_away_and_used_only_if_it_matches():
-    """Three chats queue behind a blocked one; after their batch the worker feeds each one's drawn token at
-    once. Chats that feed exactly that token get the precomputed step; one that feeds another token gets a
-    fresh step for it. Either way every result equals plain decoding (SlowModel: logits one-hot at the
-    token fed, shift + 1 per step; greedy sampling draws the token just fed)."""
-    model = SlowModel()
-    results = {}
-
-    def chat(i, tokens):
-        sampler, state, got = Sampler(SamplingParams(temperature=0)), tiny_state(10 * i), []
-        for token in tokens:
-            drawn, logits, state = batcher.step(token, state, sampler)
-            got.append((drawn, int(logits.argmax()), state.shift.flatten()[0].item()))
-        results[i] = got
-    plans = {0: [0, 0], 1: [1, 1, 1], 2: [2, 2, 2], 3: [3, 7, 7]}  # chat 3 switches to another token
-    with DecodeBatcher(model, max_batch=8) as batcher:
-        run_queued_behind_a_blocked_call(model, batcher, lambda: chat(0, plans[0]),
-                                         [lambda i=i: chat(i, plans[i]) for i in (1, 2, 3)])
-        used = batcher.ahead_used
-    for i, plan in plans.items():
-        assert results[i] == [(t, t, 10 * i + n + 1) for n, t in enumerate(plan)]
-    assert used >= 2  # chats 1 and 2 at least once each; chat 3's look-ahead (token 3) was not used for 7
-
-
-def test_a_lone_chat_samples_in_its_own_thread():
-    model = SlowModel()
-    model.release.set()
-    with DecodeBatcher(model, window_s=600.0) as batcher:
-        tokens = []
-
-        def chat():
-            sampler = Sampler(SamplingParams(temperature=0))
-            for i in range(5):
-                tokens.append(batcher.step(i, tiny_state(), sampler)[0])
-        t = threading.Thread(target=chat, name="lone-chat", daemon=True)
-        t.start()
-        t.join(timeout=120)
-    assert tokens == list(range(5))
-    assert model.threads == ["lone-chat"] * 5
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return WorldTokenizer()
-
-
-class GatedModel:
-    """The model, except that one-token reads wait until `release` is set (counting who waits), so the test
-    can make every chat queue up behind the first one and the batcher serve them as one batch."""
-
-    def __init__(self, model):
-        self.model, self.config, self.device = model, model.config, model.device
-        self.release = threading.Event()
-        self.waiting = 0
-        self._lock = threading.Lock()
-
-    def forward(self, tokens, state=None):
-        if len(tokens) == 1 and not self.release.is_set():
-            with self._lock:
-                self.waiting += 1
-            self.release.wait(timeout=120)
-        return self.model.forward(tokens, state)
-
-    def decode_batch(self, tokens, state):
-        return self.model.decode_batch(tokens, state)
-
-    def _prepare_state(self, state, batch):
-        return self.model._prepare_state(state, batch)
-
-
-CHAT_SETTINGS = [
+CHAT_PARAMS = [
     SamplingParams(),  # the chat defaults: T 1, top_p 0.3, penalties 0.4 / 0.4 / 0.996
     SamplingParams(temperature=0.0),
     SamplingParams(temperature=1.3, top_p=0.9, top_k=40, presence_penalty=1.0, frequency_penalty=0.2),
@@ -306,14 +80,253 @@ CHAT_SETTINGS = [
 ]
 
 
+def test_concurrent_chats_get_what_they_get_alone(model):
+    """Six chats with their own sampling settings, seeds and lengths (two end on a refused token), more
+    than the batch holds: they join and leave between steps, and each draws the same tokens from the same
+    logits, and ends in the same state, as alone."""
+    vocab = model.config.vocab_size
+    prompts = [random_tokens(5 + i, seed=i) for i in range(6)]
+    starts = [model.forward(p) for p in prompts]
+    judges = {"alone": [], "batched": []}
+
+    def chat(decoder, i, kind):
+        logits, state = starts[i]
+        judge = Recorder(count=4 + 3 * i, stop_at=5 if i in (2, 5) else None)
+        judges[kind].append(judge)
+        sampler = Sampler(CHAT_PARAMS[i], torch.Generator().manual_seed(10 + i), None, range(vocab - 6, vocab))
+        return run_chat(decoder, logits, state, sampler, judge)
+
+    alone = [chat(DirectDecoder(model), i, "alone") for i in range(6)]
+    got = [None] * 6
+    with DecodeBatcher(model, max_batch=4) as batcher:
+        run_threads([lambda i=i: got.__setitem__(i, chat(batcher, i, "batched")) for i in range(6)])
+        assert batcher.served > batcher.steps  # chats shared steps
+    batched = sorted(judges["batched"], key=lambda j: j.count)  # judges in chat order (counts differ)
+    for i, (want, judge) in enumerate(zip(judges["alone"], batched)):
+        assert judge.tokens == want.tokens
+        assert len(judge.tokens) == (6 if i in (2, 5) else 4 + 3 * i)
+        for a, b in zip(judge.logits, want.logits):
+            assert (a - b).abs().max().item() <= 1e-4  # fp32 rounding of batched products
+        assert set(judge.threads) == {"rwkv-decode-batcher"}  # the judges run in the worker
+    for (items, logits, state), (_, ref_logits, ref_state) in zip(got, alone):
+        assert 1 <= items and state.batch_size == 1 and logits.shape == (vocab,)
+        assert (logits - ref_logits).abs().max().item() <= 1e-4
+        assert torch.allclose(state.wkv, ref_state.wkv, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(state.shift, ref_state.shift, atol=1e-4)
+
+
+def test_states_and_logits_passed_in_are_not_changed(model):
+    logits, state = model.forward(random_tokens(8, seed=1))
+    before = (logits.clone(), state.clone())
+    greedy = SamplingParams(temperature=0)
+    with DecodeBatcher(model) as batcher:
+        run_threads([lambda: run_chat(batcher, logits, state, Sampler(greedy), Recorder(3)) for _ in range(4)])
+    assert torch.equal(logits, before[0]) and state.equal(before[1])
+
+
+class SlowModel:
+    """A stand-in model: logits one-hot at each token fed (so a greedy chat repeats its first token) and
+    shift + 1 per step; records batch sizes; each step waits until `release` is set."""
+
+    class config:
+        vocab_size = 100
+
+    device = torch.device("cpu")
+
+    def __init__(self, fail: bool = False):
+        self.batches = []
+        self.entered = 0
+        self.release = threading.Event()
+        self.fail = fail
+
+    def decode_batch(self, tokens, state):
+        self.entered += 1
+        self.release.wait(timeout=60)
+        self.batches.append(len(tokens))
+        if self.fail:
+            raise RuntimeError("kernel exploded")
+        return torch.nn.functional.one_hot(tokens, 100).float(), RwkvState(state.shift + 1, state.wkv)
+
+
+def tiny_state(value: float = 0.0) -> RwkvState:
+    return RwkvState(torch.full((1, 1, 2, 4), value), torch.zeros(1, 1, 3, 4))
+
+
+def one_hot(token: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(token), 100).float()
+
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def test_chats_that_arrive_during_a_step_join_the_next_one_and_rows_go_back_to_their_callers():
+    model = SlowModel()
+    results, judges = {}, {i: Recorder(3) for i in range(6)}
+    with DecodeBatcher(model, max_batch=8) as batcher:
+        def chat(i):
+            return lambda: results.setdefault(
+                i, run_chat(batcher, one_hot(i), tiny_state(10 * i), Sampler(GREEDY), judges[i]))
+        first = threading.Thread(target=chat(0))
+        first.start()
+        wait_until(lambda: model.entered == 1)  # chat 0's first step is running
+        rest = [threading.Thread(target=chat(i)) for i in range(1, 6)]
+        for t in rest:
+            t.start()
+        wait_until(lambda: len(batcher._incoming) == 5)
+        model.release.set()
+        for t in [first] + rest:
+            t.join(timeout=60)
+    assert model.batches == [1, 6, 6, 5]  # chat 0 ends a step before the others
+    for i in range(6):
+        items, logits, state = results[i]
+        assert judges[i].tokens == [i] * 3  # each chat got its own rows back
+        assert int(logits.argmax()) == i and state.shift.flatten()[0].item() == 10 * i + 3
+        assert 1 <= items <= 3
+
+
+def test_a_failing_step_ends_every_chat_of_that_step_with_its_error():
+    model = SlowModel(fail=True)
+    model.release.set()
+    errors = []
+    with DecodeBatcher(model) as batcher:
+        def chat(i):
+            try:
+                run_chat(batcher, one_hot(i), tiny_state(), Sampler(GREEDY), Recorder(5))
+            except RuntimeError as error:
+                errors.append(str(error))
+        run_threads([lambda i=i: chat(i) for i in range(4)])
+        run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(1, stop_at=0))  # still serves
+    assert errors == ["kernel exploded"] * 4
+
+
+def test_bad_calls_fail_at_once_and_the_batcher_still_serves(model):
+    logits, state = model.forward([1, 2])
+    sampler, judge = Sampler(GREEDY), Recorder(2)
+    with DecodeBatcher(model) as batcher:
+        with pytest.raises(ValueError, match="one sequence"):
+            batcher.generate(logits, model.zero_state(batch=2), sampler, judge)
+        with pytest.raises(ValueError, match="logits"):
+            batcher.generate(logits[:10], state, sampler, judge)
+        with pytest.raises(ValueError, match="Sampler"):
+            batcher.generate(logits, state, GREEDY, judge)
+        with pytest.raises(ValueError, match="judge"):
+            batcher.generate(logits, state, sampler, object())
+        items, final, _ = run_chat(batcher, logits, state, sampler, judge)
+    assert judge.tokens and final.shape == (model.config.vocab_size,)
+
+
+def test_a_row_that_cannot_be_sampled_or_a_failing_judge_ends_only_its_own_chat():
+    model = SlowModel()
+    model.release.set()
+    outcome = {}
+    rows = {"ok": (Sampler(GREEDY), Recorder(4)),
+            "all banned": (Sampler(GREEDY, ban_tokens=range(100)), Recorder(4)),
+            "judge fails": (Sampler(GREEDY), Recorder(4, fail_at=2))}
+    with DecodeBatcher(model) as batcher:
+        def chat(name):
+            try:
+                outcome[name] = run_chat(batcher, one_hot(7), tiny_state(), *rows[name])[1:]
+            except (ValueError, RuntimeError) as error:
+                outcome[name] = str(error)
+        run_threads([lambda n=n: chat(n) for n in rows])
+    logits, state = outcome["ok"]
+    assert rows["ok"][1].tokens == [7] * 4 and state.shift.flatten()[0].item() == 4
+    assert "banned" in outcome["all banned"]
+    assert outcome["judge fails"] == "the judge failed" and rows["judge fails"][1].tokens == [7, 7]
+
+
+def test_close_ends_the_chats_in_flight_then_refuses():
+    model = SlowModel()
+    batcher = DecodeBatcher(model)
+    errors = []
+
+    def chat():
+        try:
+            run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(50))
+        except BatcherClosed as error:
+            errors.append(error)
+    chats = [threading.Thread(target=chat) for _ in range(2)]
+    chats[0].start()
+    wait_until(lambda: model.entered == 1)
+    chats[1].start()
+    wait_until(lambda: len(batcher._incoming) == 1)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    model.release.set()
+    for t in chats + [closer]:
+        t.join(timeout=60)
+    assert len(errors) == 2 and model.batches == [1]
+    with pytest.raises(BatcherClosed):
+        batcher.generate(one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(1))
+
+
+def test_a_reader_that_leaves_stops_its_chat():
+    model = SlowModel()
+    model.release.set()
+    with DecodeBatcher(model) as batcher:
+        endless = Recorder(10**9)
+        run = batcher.generate(one_hot(3), tiny_state(), Sampler(GREEDY), endless)
+        for n, _ in enumerate(run):
+            if n == 2:
+                break
+        run.close()
+        seen = len(endless.tokens)
+        run_chat(batcher, one_hot(4), tiny_state(), Sampler(GREEDY), Recorder(3))
+        wait_until(lambda: batcher.steps == len(model.batches))
+        assert model.batches[-3:] == [1, 1, 1]  # the other chat ran alone
+        assert len(endless.tokens) <= seen + 1  # at most the step that was running when it left
+
+
+def test_a_slow_reader_gets_several_tokens_per_item_and_a_lone_chat_runs_at_once():
+    model = SlowModel()
+    model.release.set()
+    with DecodeBatcher(model) as batcher:
+        judge = Recorder(5)
+        run = batcher.generate(one_hot(2), tiny_state(), Sampler(GREEDY), judge)
+        wait_until(lambda: run.finished)  # nobody reads: the chat still runs to its end
+        assert sum(1 for _ in run) == 1
+        assert judge.tokens == [2] * 5 and model.batches == [1] * 5
+        assert run.state.shift.flatten()[0].item() == 5
+        judge = Recorder(300)
+        items = sum(1 for _ in batcher.generate(one_hot(2), tiny_state(), Sampler(GREEDY), judge))
+    assert len(judge.tokens) == 300 and 1 <= items < 300  # readers are woken at most every WAKE_INTERVAL_S
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WorldTokenizer()
+
+
+class GatedModel:
+    """The model, except that batched steps wait until `release` is set (counting the chats they hold), so
+    the test can make every chat queue up behind the first step and the batcher serve them as one batch."""
+
+    def __init__(self, model):
+        self.model, self.config, self.device = model, model.config, model.device
+        self.release = threading.Event()
+        self.held = 0
+
+    def forward(self, tokens, state=None):
+        return self.model.forward(tokens, state)
+
+    def decode_batch(self, tokens, state):
+        if not self.release.is_set():
+            self.held += len(tokens)  # only the batcher's worker calls this
+            self.release.wait(timeout=120)
+        return self.model.decode_batch(tokens, state)
+
+    def _prepare_state(self, state, batch):
+        return self.model._prepare_state(state, batch)
+
+
 @pytest.mark.parametrize("vectorised", [False, True], ids=["auto", "vectorised"])
 def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch, vectorised):
     """Six chats with different sampling settings and seeds, answered concurrently through one batcher (the
-    first batch holds all of them), give exactly the tokens each gets from the engine alone."""
+    second step holds all of them), give exactly the tokens each gets from the engine alone."""
     if vectorised:  # on the CPU the batched kernels are otherwise used only off the CPU; check them here too
         monkeypatch.setattr(batching, "sample_batch", functools.partial(sample_batch, vectorised=True))
     chats = [(f"Tell me story number {i}.", GenerationSettings(params, max_new_tokens=14, seed=100 + i))
-             for i, params in enumerate(CHAT_SETTINGS)]
+             for i, params in enumerate(CHAT_PARAMS)]
 
     def answer(engine, message, settings):
         final = list(engine.reply(ChatSession(), message, settings))[-1]
@@ -329,10 +342,8 @@ def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch
                    for i in range(len(chats))]
         for t in threads:
             t.start()
-        # every chat is now finished, waiting at the gate (the first step, or a separator's extra token) or
-        # queued behind the first one
-        while sum(g is not None for g in got) + gated.waiting + len(batcher._pending) < len(chats):
-            threading.Event().wait(0.01)
+        # every chat is now finished, in the first step (waiting at the gate) or queued behind it
+        wait_until(lambda: sum(g is not None for g in got) + gated.held + len(batcher._incoming) == len(chats))
         gated.release.set()
         for t in threads:
             t.join(timeout=300)
@@ -344,21 +355,21 @@ def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch
 def test_cuda_graphed_batches_equal_single_decodes(make_checkpoint):
     model = load_model(make_checkpoint("5.2", n_layer=2, n_embd=128, seed=2).path, device="cuda", dtype="fp32",
                        fast=True)
-    starts = [model.forward(random_tokens(4 + i, seed=i))[1] for i in range(5)]
-    plans = [random_tokens(6, seed=50 + i) for i in range(5)]
-    expected = []
-    for state, plan in zip(starts, plans):
-        for token in plan:
-            logits, state = model.forward([token], state)
-        expected.append((logits, state))
+    starts = [model.forward(random_tokens(4 + i, seed=i)) for i in range(5)]
+    greedy = SamplingParams(temperature=0)
+    alone = []
+    for logits, state in starts:
+        judge = Recorder(6)
+        alone.append((judge, run_chat(DirectDecoder(model), logits, state, Sampler(greedy), judge)))
     got = [None] * 5
     with DecodeBatcher(model) as batcher:
         def chat(i):
-            state = starts[i]
-            for token in plans[i]:
-                logits, state = batcher.decode(token, state)
-            got[i] = (logits, state)
+            judge = Recorder(6)
+            got[i] = (judge, run_chat(batcher, *starts[i], Sampler(greedy), judge))
         run_threads([lambda i=i: chat(i) for i in range(5)])
-    for (logits, state), (ref_logits, ref_state) in zip(got, expected):
+    for (judge, (_, logits, state)), (ref_judge, (_, ref_logits, ref_state)) in zip(got, alone):
+        assert judge.tokens == ref_judge.tokens
+        for a, b in zip(judge.logits, ref_judge.logits):
+            assert (a - b).abs().max().item() <= 1e-3
         assert (logits - ref_logits).abs().max().item() <= 1e-3
         assert torch.allclose(state.wkv, ref_state.wkv, rtol=1e-3, atol=1e-3)

@@ -9,9 +9,10 @@ What it promises:
 - Rows: ours (fast path, each --dtypes entry), the `rwkv` package (strategy "cpu fp32" on CPU, "cuda fp16"
   with its CUDA kernel on GPUs) and transformers' RwkvForCausalLM (RWKV-4 shapes only; fp32 on CPU, fp16 on
   GPUs). Columns: prefill tok/s (one prompt of --prefill-tokens), decode tok/s (batch 1, --decode-tokens
-  steps), peak memory of the implementation, ratio to the best reference, and parity against the fp32
-  reference (this package's plain path in fp32, which the tests hold to the `rwkv` package): max |Δlogit|
-  and argmax agreement over the prompt's last token and --parity-steps teacher-forced decode steps.
+  steps), memory of the implementation (held once loaded, and the peak of the whole run: loading, prefill
+  and decode), ratio to the best reference, and parity against the fp32 reference (this package's plain
+  path in fp32, which the tests hold to the `rwkv` package): max |Δlogit| and argmax agreement over the
+  prompt's last token and --parity-steps teacher-forced decode steps.
 - `--batch N`: N concurrent chats through `batching.DecodeBatcher` (a reading thread each), aggregate tok/s
   against one chat alone, all running the engine's per-token judge (stop rules, detokenising, penalties)
   and sampling with the default chat settings; each chat's logits (teacher-forced along its batched
@@ -137,6 +138,13 @@ class MemoryMeter:
             self.peak = max(self.peak, rss_bytes())
 
     @property
+    def current(self) -> int:
+        """Bytes held now (CUDA: allocated; CPU: resident set), over the start."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) - self.base
+        return rss_bytes() - self.base
+
+    @property
     def used(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.base
@@ -153,7 +161,8 @@ class Row:
     dtype: str
     prefill_tps: float = float("nan")
     decode_tps: float = float("nan")
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # peak of the whole run (loading, prefill, decode)
+    loaded_bytes: int = 0  # held once loaded, before running
     max_dlogit: float = float("nan")
     argmax_agree: float = float("nan")
     ratio_prefill: float = float("nan")
@@ -272,6 +281,8 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
         except Exception as error:  # a reference that cannot run here gets a note, not a crash
             return Row("?", "?", note=f"unavailable: {type(error).__name__}: {str(error)[:120]}")
         row = Row(impl.name, impl.dtype, note=meter_note)
+        gc.collect()
+        row.loaded_bytes = meter.current
         try:
             with torch.inference_mode():
                 logits, state = impl.prefill(prompt[:16])  # warm-up (kernels, graphs, allocator)
@@ -616,13 +627,13 @@ def fmt_bytes(n: int) -> str:
 
 def print_table(title: str, rows: list[Row]) -> str:
     lines = [f"\n### {title}", "",
-             "| impl | dtype | prefill tok/s | decode tok/s | peak mem | × best ref (prefill / decode) | "
+             "| impl | dtype | prefill tok/s | decode tok/s | memory loaded / peak | × best ref (prefill / decode) | "
              "max abs Δlogit vs fp32 | argmax agree | note |",
              "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         ratio = "" if r.ratio_prefill != r.ratio_prefill else f"{r.ratio_prefill:.2f} / {r.ratio_decode:.2f}"
         lines.append(f"| {r.name} | {r.dtype} | {r.prefill_tps:,.0f} | {r.decode_tps:,.1f} | "
-                     f"{fmt_bytes(r.memory_bytes)} | {ratio} | {r.max_dlogit:.4f} | {r.argmax_agree * 100:.1f}% | "
+                     f"{fmt_bytes(r.loaded_bytes)} / {fmt_bytes(r.memory_bytes)} | {ratio} | {r.max_dlogit:.4f} | {r.argmax_agree * 100:.1f}% | "
                      f"{r.note} |")
     text = "\n".join(lines)
     print(text, flush=True)

@@ -21,13 +21,22 @@ from torch import nn
 
 INT8 = "int8"
 INT8_MAX = 127.0
+QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows (64 MiB of fp32)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (int8 [N, K], fp32 scale [N]) with weight ≈ q * scale[:, None]."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
-    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """[N, K] float -> (int8 [N, K], fp32 scale [N]) with weight ≈ q * scale[:, None]. Rows are done in
+    blocks of about QUANTIZE_BLOCK weights, so the fp32 temporaries stay small whatever the matrix (a whole
+    7B head at once took 3 GiB of them, the peak of loading a model in int8)."""
+    rows, cols = weight.shape
+    q = torch.empty((rows, cols), dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_BLOCK // max(1, cols))
+    for start in range(0, rows, step):
+        w = weight[start:start + step].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+        q[start:start + step] = torch.round(w / s[:, None]).clamp_(-INT8_MAX, INT8_MAX)  # exact integers
+        scale[start:start + step] = s
     return q, scale
 
 

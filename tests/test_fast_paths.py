@@ -94,11 +94,16 @@ def test_wkv4_segment_equals_token_by_token(chunk, empty_state, k_scale):
 
 # ------------------------------------------------------------------------------------- int8
 
-def test_int8_rows_round_trip_within_half_a_step():
-    w = torch.randn(64, 200) * torch.rand(64, 1)
+@pytest.mark.parametrize("block", [quant.QUANTIZE_BLOCK, 600, 1])  # one block; 3 rows a block; a row each
+def test_int8_rows_round_trip_within_half_a_step(monkeypatch, block):
+    monkeypatch.setattr(quant, "QUANTIZE_BLOCK", block)
+    w = (torch.randn(64, 200) * torch.rand(64, 1)).to(torch.bfloat16)
     q, scale = quant.quantize_rows(w)
     assert q.dtype == torch.int8 and scale.shape == (64,)
-    assert ((quant.dequantize(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    expected_scale = w.float().abs().amax(dim=1) / 127
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, torch.round(w.float() / expected_scale[:, None]).to(torch.int8))
+    assert ((quant.dequantize(q, scale) - w.float()).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
 def test_int8_linear_equals_dequantised_product_on_cpu():

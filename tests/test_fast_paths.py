@@ -235,6 +235,17 @@ def test_load_model_turns_the_fast_path_on_except_for_cpu_fp32(ckpt):
 
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import sys, torch
+    import numpy as np
+    import triton.runtime.interpreter as interpreter
+    if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
+        # triton-lang/triton#9171: the interpreter's range() over a kernel's scalar argument calls int() on a
+        # one-element array, which NumPy 2.4 refuses; upstream's fix, applied here until Triton ships it
+        patch_tensor = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        interpreter._patch_lang_tensor = patched
     from rwkv_chat import load_model
     from rwkv_chat.state import RwkvState
     path, dtype = sys.argv[1:]

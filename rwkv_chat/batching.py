@@ -151,6 +151,10 @@ class DecodeBatcher:
 
     # ------------------------------------------------------------------------------------------- worker
     def _serve(self) -> None:
+        with torch.inference_mode():  # the worker's tensors never need autograd: each op costs less host time
+            self._serve_chats()
+
+    def _serve_chats(self) -> None:
         rows: list[_Chat] = []  # the chats generating, in the order of the batch's rows
         logits: Optional[torch.Tensor] = None  # [n, V] each row's next token is drawn from
         state: Optional[RwkvState] = None  # [n] each row's state

@@ -19,8 +19,8 @@ What this module promises:
   join or leave); a chat's state and logits are copied out when it ends.
 - Errors: a bad call (a state of another shape or batch size, logits that are not [vocab], no Sampler, no
   judge) raises at once in its caller; a row that cannot be sampled (e.g. NaN logits) or a judge that
-  raises ends only its own chat, with that error; a failed model step ends every chat of that step with
-  its error. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls raise
+  raises ends only its own chat, with that error; a failed step (the model's or the sampling's) ends
+  every chat of that step with its error, and the batcher goes on serving. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls raise
   it at once. The states and logits passed in are never changed.
 
 It knows the model's decode_batch contract, RwkvState, the sampling module's batch interface and the
@@ -171,7 +171,14 @@ class DecodeBatcher:
                     state = RwkvState.stack(([] if state is None else [state]) + [chat.state for chat in joining])
                     rows = rows + joining
                 if rows:
-                    rows, logits, state = self._step(rows, logits, state)
+                    try:
+                        rows, logits, state = self._step(rows, logits, state)
+                    except Exception as error:  # a failed step (the model's, or the sampling's) ends its chats
+                        for chat in rows:
+                            if not chat.finished:
+                                chat.end(error=error)
+                                chat.progress.set()
+                        rows, logits, state = [], None, None
         except BaseException as error:  # a bug in the worker: every chat learns it, and the batcher closes
             failure = error
             raise
@@ -201,13 +208,9 @@ class DecodeBatcher:
         with the state and logits it had before (the call leaves them untouched)."""
         tokens = sample_batch(logits, [chat.sampler for chat in rows], errors="return")
         feeding = [0 if isinstance(token, ValueError) else token for token in tokens]  # 0: a row wasted
-        failure = None
-        try:
-            new_logits, new_state = self.model.decode_batch(torch.tensor(feeding, dtype=torch.long), state)
-            self.steps += 1
-            self.served += len(rows)
-        except Exception as error:  # every chat of this step learns why it failed
-            failure = error
+        new_logits, new_state = self.model.decode_batch(torch.tensor(feeding, dtype=torch.long), state)
+        self.steps += 1
+        self.served += len(rows)
         for i, (chat, token) in enumerate(zip(rows, tokens)):
             if isinstance(token, ValueError):
                 chat.end(error=token)
@@ -223,17 +226,13 @@ class DecodeBatcher:
                 chat.end(logits[i], state[i])
                 continue
             chat.accepted += 1
-            if failure is not None:
-                chat.end(error=failure)
-            elif verdict is Verdict.LAST:
+            if verdict is Verdict.LAST:
                 chat.end(new_logits[i], new_state[i])
         now = time.monotonic()
         for chat in rows:  # after the launch: the readers' threads would slow it down
             if chat.finished or now - chat.woken >= WAKE_INTERVAL_S:
                 chat.woken = now
                 chat.progress.set()
-        if failure is not None:
-            return [], None, None
         return _keep(rows, new_logits, new_state, [not chat.finished for chat in rows])
 
 

@@ -184,7 +184,7 @@ def test_chats_that_arrive_during_a_step_join_the_next_one_and_rows_go_back_to_t
         assert 1 <= items <= 3
 
 
-def test_a_failing_step_ends_every_chat_of_that_step_with_its_error():
+def test_a_failing_step_ends_every_chat_of_that_step_with_its_error_and_the_batcher_goes_on(monkeypatch):
     model = SlowModel(fail=True)
     model.release.set()
     errors = []
@@ -195,8 +195,18 @@ def test_a_failing_step_ends_every_chat_of_that_step_with_its_error():
             except RuntimeError as error:
                 errors.append(str(error))
         run_threads([lambda i=i: chat(i) for i in range(4)])
-        run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(1, stop_at=0))  # still serves
-    assert errors == ["kernel exploded"] * 4
+        assert errors == ["kernel exploded"] * 4
+        model.fail = False
+
+        def broken_sampling(*args, **kwargs):
+            monkeypatch.undo()  # once
+            raise RuntimeError("sampling exploded")
+        monkeypatch.setattr(batching, "sample_batch", broken_sampling)
+        with pytest.raises(RuntimeError, match="sampling exploded"):
+            run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(5))
+        judge = Recorder(3)
+        run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), judge)  # still serving
+    assert judge.tokens == [1, 1, 1]
 
 
 def test_bad_calls_fail_at_once_and_the_batcher_still_serves(model):

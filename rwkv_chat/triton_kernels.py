@@ -33,7 +33,6 @@ except Exception:  # pragma: no cover - depends on the machine
     AVAILABLE = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_MAX_M = 4  # up to this many rows the products stream weights with a broadcast-multiply kernel
 HEAD_SIZE = 64
 
 
@@ -81,10 +80,10 @@ if AVAILABLE:
     @triton.jit
     def _matmul_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
                        K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP16: tl.constexpr):
-        """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n]). USE_DOT: on the
-        tensor cores (bf16 operands, fp32 accumulation; fp16 operands only under the interpreter, whose bf16
-        dot is broken); else fp32 products reduced in registers (a few rows, weight-streaming)."""
+                       HAS_SCALE: tl.constexpr, DOT_FP16: tl.constexpr):
+        """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n]) on the tensor cores
+        (bf16 operands, fp32 accumulation; fp16 operands only under the interpreter, whose bf16 dot is
+        broken). Rows past M are masked: 2 rows cost a 16-row tile, which still streams each weight once."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -103,9 +102,7 @@ if AVAILABLE:
             w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_base + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if not USE_DOT:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            elif DOT_FP16:
+            if DOT_FP16:
                 acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
             else:
                 acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
@@ -353,9 +350,9 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     seg = seg or n
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = GEMV_CONFIG
-    use_dot = m > GEMV_MAX_M
-    block_n = _block_n(seg, n, 64 if use_dot else cfg["block_n"])
-    block_k = 64 if use_dot else cfg["block_k"]
+    one_row = m == 1
+    block_n = _block_n(seg, n, cfg["block_n"] if one_row else 64)
+    block_k = cfg["block_k"] if one_row else 64
     n_blocks = triton.cdiv(n, block_n)
     if splits is None:
         want = int(cfg["target_programs"] * _sm_count(x.device))
@@ -365,20 +362,16 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
     has_scale = scale is not None
     scale_arg = scale if has_scale else y
-    if m == 1 and not use_dot:
+    if one_row:
         _gemv1_kernel[(n_blocks, splits)](x, weight, scale_arg, y, n, k, seg, p_count, x.stride(0), y.stride(0),
                                           k_per_split, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y
-    if use_dot:
-        block_m, warps, stages = (16 if m <= 16 else (32 if m <= 32 else 64)), 4, 3
-    else:
-        block_m, warps, stages = _pow2(m), cfg["num_warps"], cfg["num_stages"]
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     grid = (n_blocks, splits, triton.cdiv(m, block_m))
     _matmul_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
                          y.stride(0), y.stride(1), k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, HAS_SCALE=has_scale, USE_DOT=use_dot, DOT_FP16=INTERPRET,
-                         num_warps=warps, num_stages=stages)
+                         BLOCK_K=block_k, HAS_SCALE=has_scale, DOT_FP16=INTERPRET, num_warps=4, num_stages=3)
     return y
 
 

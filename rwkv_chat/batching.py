@@ -20,8 +20,9 @@ What this module promises:
 - Errors: a bad call (a state of another shape or batch size, logits that are not [vocab], no Sampler, no
   judge) raises at once in its caller; a row that cannot be sampled (e.g. NaN logits) or a judge that
   raises ends only its own chat, with that error; a failed step (the model's or the sampling's) ends
-  every chat of that step with its error, and the batcher goes on serving. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls raise
-  it at once. The states and logits passed in are never changed.
+  every chat of that step with its error, and the batcher goes on serving. `close()` ends every chat in
+  flight with BatcherClosed and stops the worker; later calls raise it at once. The states and logits
+  passed in are never changed.
 
 It knows the model's decode_batch contract, RwkvState, the sampling module's batch interface and the
 generation protocol; nothing of text or sessions.

@@ -28,8 +28,8 @@ from typing import Iterator, Optional
 import torch
 
 from . import limits
-from .prompts import END_OF_TEXT, find_stop, strip_answer
 from .generation import DirectDecoder, Verdict
+from .prompts import END_OF_TEXT, find_stop, strip_answer
 from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
 from .session import ChatSession, Turn
 from .state_cache import StateCache

@@ -245,5 +245,4 @@ def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[Rwk
         return [], None, None
     index = [i for i, k in enumerate(keep) if k]
     on = torch.tensor(index, device=state.device)
-    return ([rows[i] for i in index], logits.index_select(0, on) if logits is not None else None,
-            RwkvState(state.shift.index_select(0, on), state.wkv.index_select(0, on)))
+    return [rows[i] for i in index], logits.index_select(0, on) if logits is not None else None, state.select(on)

@@ -633,8 +633,8 @@ def print_table(title: str, rows: list[Row]) -> str:
     for r in rows:
         ratio = "" if r.ratio_prefill != r.ratio_prefill else f"{r.ratio_prefill:.2f} / {r.ratio_decode:.2f}"
         lines.append(f"| {r.name} | {r.dtype} | {r.prefill_tps:,.0f} | {r.decode_tps:,.1f} | "
-                     f"{fmt_bytes(r.loaded_bytes)} / {fmt_bytes(r.memory_bytes)} | {ratio} | {r.max_dlogit:.4f} | {r.argmax_agree * 100:.1f}% | "
-                     f"{r.note} |")
+                     f"{fmt_bytes(r.loaded_bytes)} / {fmt_bytes(r.memory_bytes)} | {ratio} | {r.max_dlogit:.4f} | "
+                     f"{r.argmax_agree * 100:.1f}% | {r.note} |")
     text = "\n".join(lines)
     print(text, flush=True)
     return text

@@ -3,8 +3,8 @@
 Promises:
 - One `WorldTokenizer` for every engine of the app (it is read once, on first use).
 - The decoder is `batching.DecodeBatcher(model, max_batch)` (32 rows unless told; the app passes its
-  --concurrency), so concurrent chats with one model decode and sample together (or the engine's own
-  one-chat-at-a-time `DirectDecoder` when batching is turned off).
+  --concurrency), so concurrent chats with one model decode and sample together (or
+  `generation.DirectDecoder`, one chat at a time, when batching is turned off).
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - Load stages ("downloading …", "placing …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.

@@ -71,11 +71,16 @@ class PackedLinear:
             if on_cuda:
                 return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
             return F.linear(x.float(), quant.dequantize(weight, scale))
-        if many_rows and not on_cuda and weight.dtype in HALF_DTYPES:
-            # CPUs without bf16/fp16 matrix units (AVX2) run a half-precision GEMM many times slower than an fp32
-            # one; the inputs are already rounded to the weight dtype, so this is the same product
+        if many_rows and _half_on_cpu(x, weight):
             return F.linear(x.float(), weight.float())
         return quant.linear(x, weight, scale)
+
+
+def _half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16/fp16 weights on a CPU: their products of many rows run as fp32 GEMMs. CPUs without bf16/fp16
+    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one, and the inputs are
+    already rounded to the weight dtype, so it is the same product."""
+    return x.device.type != "cuda" and weight.dtype in HALF_DTYPES
 
 
 def pack_projections(projections: list[nn.Module]) -> PackedLinear:
@@ -330,8 +335,8 @@ class FastRunner:
 
     def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
-        cpu_half = mixed.device.type != "cuda" and lin.weight.dtype in HALF_DTYPES  # see PackedLinear.__call__
-        if lin.scale is None and lin.equal_segments and lin.n_segments > 1 and not cpu_half:
+        one_product = lin.scale is None and lin.equal_segments and lin.n_segments > 1
+        if one_product and not _half_on_cpu(mixed, lin.weight):
             n = lin.bounds[1]
             out = torch.bmm(mixed, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
             return list(out.float().unbind(0))

@@ -16,7 +16,6 @@ It knows nothing of weights or of the model: only r, k, v, decays and a state.
 
 from __future__ import annotations
 
-
 import torch
 
 FACTORED_EXPONENT_LIMIT = 600.0  # v5: largest |log w| * chunk for the float64 factored form (exp(709) overflows)

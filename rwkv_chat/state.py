@@ -75,6 +75,10 @@ class RwkvState:
         """Split a batch into independent batch-1 states (copies)."""
         return [self[i].clone() for i in range(self.batch_size)]
 
+    def select(self, rows: torch.Tensor) -> "RwkvState":
+        """The sequences at `rows` (batch indices, a LongTensor on this device), in that order (copies)."""
+        return RwkvState(self.shift.index_select(0, rows), self.wkv.index_select(0, rows))
+
     @staticmethod
     def stack(states: list["RwkvState"]) -> "RwkvState":
         """Join states (each of any batch size, same model) into one batch, in order."""

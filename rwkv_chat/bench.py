@@ -720,7 +720,12 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
                        f"mean |Δ| {(a - b).abs().mean().item():.4f}")
     del sd, factories
     cleanup()
-    name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
+    if on_cuda:
+        name = torch.cuda.get_device_name(device)
+    else:
+        from . import cpu_kernels
+        steps = "C++ decode kernels" if cpu_kernels.kernels() is not None else "PyTorch decode step (no C++ kernels)"
+        name = f"CPU ({torch.get_num_threads()} threads, {steps})"
     title = (f"RWKV-{version} {size} (L{n_layer} D{n_embd}) · {name} · prefill {args.prefill_tokens} tok · "
              f"decode {decode_n} tok · batch 1")
     return rows, print_table(title, rows)

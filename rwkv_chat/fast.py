@@ -9,8 +9,10 @@ What this module promises:
   of them, so the weights are held once. int8 models (see quant.py) are packed the same way, with scales.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
-  graphed; on CPU the PyTorch step runs as is. Prefill is a few large matrix products per layer plus the
-  chunked-parallel recurrence (parallel_wkv.py; on CUDA the v4 scan is a Triton kernel).
+  graphed; on CPU each layer's step is one call into the C++ kernels (cpu_kernels.py), whose products read
+  the weights as stored with fp32 activations, and the PyTorch step runs where they did not build. Prefill
+  is a few large matrix products per layer plus the chunked-parallel recurrence (parallel_wkv.py; on CUDA
+  the v4 scan is a Triton kernel).
 
 It knows the model's modules and math; it knows nothing of text, files or sessions.
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import parallel_wkv, quant, triton_kernels
+from . import cpu_kernels, parallel_wkv, quant, triton_kernels
 from .state import RwkvState
 
 LAYER_NORM_EPS = 1e-5
@@ -67,6 +69,8 @@ class PackedLinear:
         weight, scale = self.segment(i)
         many_rows = x.numel() >= EXPAND_MIN_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
         on_cuda = x.device.type == "cuda"
+        if not many_rows and cpu_kernels.handles(x, weight):
+            return cpu_kernels.linear(x, weight, scale)
         if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
             if on_cuda:
                 return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
@@ -78,8 +82,9 @@ class PackedLinear:
 
 def _half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bf16/fp16 weights on a CPU: their products of many rows run as fp32 GEMMs. CPUs without bf16/fp16
-    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one, and the inputs are
-    already rounded to the weight dtype, so it is the same product."""
+    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one. The product of the
+    stored weights with the fp32 inputs (or inputs already rounded to the weight dtype, without the CPU
+    kernels) is the same product the decode step takes, or a more exact one."""
     return x.device.type != "cuda" and weight.dtype in HALF_DTYPES
 
 
@@ -127,6 +132,17 @@ class LayerPack:
         return self._w
 
 
+def cpu_layer_tensors(layer: LayerPack) -> list[torch.Tensor]:
+    """A layer's tensors in the order cpu_kernels.decode_layer reads them (empty tensors for absent ones)."""
+    none = torch.empty(0)
+    opt = lambda t: none if t is None else t  # noqa: E731
+    decay = layer.decay_factor if layer.ln_x_w is not None else layer.decay  # v5 reads w = exp(log_w)
+    return [layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b, layer.att_mix.contiguous(), layer.att.weight,
+            opt(layer.att.scale), layer.out.weight, opt(layer.out.scale), layer.ffn_mix.contiguous(), layer.ffn.weight,
+            opt(layer.ffn.scale), decay, layer.first, layer.value.weight, opt(layer.value.scale),
+            opt(layer.ln_x_w), opt(layer.ln_x_b)]
+
+
 def pack_layer(block: nn.Module, config) -> LayerPack:
     att, ffn = block.att, block.ffn
     c = config.n_embd
@@ -168,8 +184,11 @@ class FastRunner:
         self.rescale_every = model.rescale_every
         head_dtype = model.head.weight.dtype
         self.int8 = head_dtype == torch.int8
-        # dtype the matrix inputs are rounded to: the weight dtype, or bf16 (CUDA) / fp32 (CPU) for int8
-        if self.int8:
+        # dtype the matrix inputs are rounded to: the weight dtype, or bf16 (CUDA) / fp32 (CPU) for int8; fp32
+        # wherever the CPU kernels take the products (they read fp32 inputs)
+        if self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype):
+            self.act_dtype = torch.float32
+        elif self.int8:
             self.act_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.act_dtype = head_dtype
@@ -185,6 +204,10 @@ class FastRunner:
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
         self._graphs = None
         self._lock = threading.Lock()
+        # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
+        self.cpu_layers = None
+        if self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype):
+            self.cpu_layers = [cpu_layer_tensors(layer) for layer in self.layers]
 
     # ------------------------------------------------------------------------------------- public
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
@@ -216,7 +239,21 @@ class FastRunner:
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)
         if self.use_triton:
             return self._decode_triton(x, shift, wkv)
+        if self.cpu_layers is not None:
+            return self._decode_cpu(x, shift, wkv)
         return self._decode_torch(x, shift, wkv)
+
+    def _decode_cpu(self, x, shift, wkv):
+        kernels = cpu_kernels.kernels()
+        new_shift = torch.empty_like(shift)
+        new_wkv = torch.empty_like(wkv)
+        version = 4 if self.version == "4" else 5
+        for i, (layer, tensors) in enumerate(zip(self.layers, self.cpu_layers)):
+            halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
+            x = kernels.decode_layer(x.contiguous(), shift[:, i], wkv[:, i], new_shift[:, i], new_wkv[:, i],
+                                     tensors, version, layer.att.n_segments, halve)
+        x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
+        return self.head(x), RwkvState(new_shift, new_wkv)
 
     def _decode_torch(self, x, shift, wkv):
         new_shift = torch.empty_like(shift)

@@ -1,0 +1,80 @@
+"""AVX2 matrix products for the CPU fast path (csrc/cpu_kernels.cpp), compiled on first use.
+
+What this module promises:
+- `kernels()` returns the compiled extension, or None where it cannot run: not an x86 CPU with AVX2, no C++
+  compiler or ninja, a failed build, or `RWKV_CPU_KERNELS=0` in the environment. It builds once per process
+  (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
+  warning and never raised. Callers fall back to PyTorch when it returns None.
+- The kernels compute the same products as PyTorch's with fp32 activations (see the C++ file's header for
+  the rounding each one does); tests hold them to PyTorch on random operands.
+
+It knows matrix products, nothing of RWKV.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+EXTENSION_NAME = "rwkv_chat_cpu_kernels"
+DISABLE_VARIABLE = "RWKV_CPU_KERNELS"
+CAPABLE = ("AVX2", "AVX512")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+_lock = threading.Lock()
+_built: dict[str, object] = {}  # "module": the extension or None, once tried (process-wide build cache)
+
+
+def _unusable_reason() -> str | None:
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"{DISABLE_VARIABLE}=0"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in CAPABLE:
+        return f"this CPU reports {capability}, not AVX2"
+    from torch.utils import cpp_extension
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed"
+    return None
+
+
+def kernels():
+    """The compiled extension, or None (see the module docstring)."""
+    with _lock:
+        if "module" in _built:
+            return _built["module"]
+        module = None
+        reason = _unusable_reason()
+        if reason is None:
+            try:
+                from torch.utils import cpp_extension
+                module = cpp_extension.load(
+                    name=EXTENSION_NAME, sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)
+            except Exception as error:  # a missing compiler, a failed build: the PyTorch path still works
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+        if module is None:
+            warnings.warn(f"rwkv_chat: CPU kernels unavailable ({reason}); using PyTorch's products", stacklevel=2)
+        _built["module"] = module
+        return module
+
+
+def handles_dtype(dtype: torch.dtype) -> bool:
+    """Weights of this dtype get their CPU products here (builds the kernels on the first call)."""
+    return dtype in WEIGHT_DTYPES and kernels() is not None
+
+
+def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`linear(x, weight)` runs here: CPU tensors, a weight dtype the kernels read, and the kernels built."""
+    return x.device.type == "cpu" and weight.device.type == "cpu" and handles_dtype(weight.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ Wᵀ -> fp32 [..., N]; W fp32/bf16/fp16, or int8 with its per-row `scale`. Only where `handles`."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    out = kernels().rows_product(rows, weight, scale if weight.dtype == torch.int8 else None)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,299 @@
+// AVX2 kernels for RWKV decode steps on CPUs (built by rwkv_chat/cpu_kernels.py on first use).
+//
+// What this file promises:
+// - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
+//   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read once per
+//   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
+//   are split over PyTorch's intra-op threads.
+// - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
+//   fast.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
+//   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
+// Inputs must be CPU tensors; the checks below say which must be contiguous.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float horizontal_sum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// 8 weights from memory as fp32.
+struct Bf16Weights {
+  using T = uint16_t;
+  static inline __m256 load8(const T* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static inline float load1(const T* p) {
+    uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+struct Fp32Weights {
+  using T = float;
+  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static inline float load1(const T* p) { return *p; }
+};
+
+struct Fp16Weights {
+  using T = uint16_t;
+  static inline __m256 load8(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline float load1(const T* p) { return _cvtsh_ss(*p); }
+};
+
+struct Int8Weights {
+  using T = int8_t;
+  static inline __m256 load8(const T* p) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  static inline float load1(const T* p) { return static_cast<float>(*p); }
+};
+
+// out[m, n] for MB rows of x (MB <= 4) against one weight row.
+template <typename W, int MB>
+inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float scale, float* out,
+                     int64_t out_stride) {
+  __m256 acc0[MB], acc1[MB];
+  for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0 = W::load8(w + k), w1 = W::load8(w + k + 8);
+    for (int m = 0; m < MB; ++m) {
+      acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float s = horizontal_sum(_mm256_add_ps(acc0[m], acc1[m]));
+    for (int64_t j = k; j < K; ++j) s += W::load1(w + j) * x[m * K + j];
+    out[m * out_stride] = s * scale;
+  }
+}
+
+template <typename W>
+void rows_product_impl(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M,
+                       int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const typename W::T* row = w + n * K;
+      float s = scale ? scale[n] : 1.0f;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) dot_rows<W, 4>(row, x + m * K, K, s, out + m * N + n, N);
+      switch (M - m) {
+        case 3: dot_rows<W, 3>(row, x + m * K, K, s, out + m * N + n, N); break;
+        case 2: dot_rows<W, 2>(row, x + m * K, K, s, out + m * N + n, N); break;
+        case 1: dot_rows<W, 1>(row, x + m * K, K, s, out + m * N + n, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu_kernels: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cpu_kernels: x [M, K] and w [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cpu_kernels: x must be contiguous fp32");
+  TORCH_CHECK(w.is_contiguous(), "cpu_kernels: w must be contiguous");
+  if (w.scalar_type() == torch::kInt8) {
+    TORCH_CHECK(scale.defined() && scale.numel() == w.size(0) && scale.scalar_type() == torch::kFloat32 &&
+                    scale.is_contiguous(), "cpu_kernels: int8 weights need a contiguous fp32 scale per row");
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf ||
+                    w.scalar_type() == torch::kFloat32, "cpu_kernels: weights must be fp32, bf16, fp16 or int8");
+  }
+}
+
+
+// out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype.
+void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
+             int64_t row_end, float* out) {
+  const int64_t K = w.size(1), N = row_end - row_begin;
+  switch (w.scalar_type()) {
+    case torch::kInt8:
+      rows_product_impl<Int8Weights>(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin,
+                                     out, M, N, K);
+      break;
+    case torch::kHalf:
+      rows_product_impl<Fp16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row_begin * K, nullptr,
+                                     out, M, N, K);
+      break;
+    case torch::kFloat32:
+      rows_product_impl<Fp32Weights>(x, w.data_ptr<float>() + row_begin * K, nullptr, out, M, N, K);
+      break;
+    default:
+      rows_product_impl<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row_begin * K, nullptr,
+                                     out, M, N, K);
+  }
+}
+
+// (x - mean) / sqrt(var + eps) * w + b over n values.
+inline void normalize(const float* x, int64_t n, const float* w, const float* b, float eps, float* out) {
+  double mean = 0, var = 0;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= n;
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  var /= n;
+  const float inv = 1.0f / std::sqrt(static_cast<float>(var) + eps);
+  const float m = static_cast<float>(mean);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv * w[i] + b[i];
+}
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// A layer's weights and constants, in the order fast.py's CpuLayer lists them.
+struct LayerWeights {
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *att_mix, *ffn_mix, *decay, *first, *ln_x_w, *ln_x_b;
+  torch::Tensor att, att_scale, out, out_scale, ffn, ffn_scale, value, value_scale;
+};
+
+LayerWeights unpack(const std::vector<torch::Tensor>& t) {
+  TORCH_CHECK(t.size() == 18, "cpu_kernels.decode_layer: 18 layer tensors expected");
+  auto f = [](const torch::Tensor& v) -> const float* {
+    if (v.numel() == 0) return nullptr;
+    TORCH_CHECK(v.scalar_type() == torch::kFloat32 && v.is_contiguous(), "layer constants: contiguous fp32");
+    return v.data_ptr<float>();
+  };
+  for (int i : {5, 7, 10, 14}) TORCH_CHECK(t[i].is_contiguous(), "layer weights must be contiguous");
+  return LayerWeights{f(t[0]), f(t[1]), f(t[2]), f(t[3]), f(t[4]), f(t[9]), f(t[12]), f(t[13]), f(t[16]), f(t[17]),
+                      t[5], t[6], t[7], t[8], t[10], t[11], t[14], t[15]};
+}
+
+
+}  // namespace
+
+// One decode step of one layer for B sequences (fast.py's _decode_layer_torch, in one call).
+// x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out: v4 [B, 3, C] (aa, bb, pp), v5 [B, H, S, S]. The batch
+// dimension may be strided; each sequence's block must be contiguous. Returns the new x [B, C].
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
+                           torch::Tensor wkv_out, std::vector<torch::Tensor> tensors, int64_t version,
+                           int64_t n_att, bool halve) {
+  const LayerWeights L = unpack(tensors);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t A = L.out.size(1), F = L.value.size(1);
+  for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->size(0) == B, "state: fp32 with the batch first");
+    TORCH_CHECK(t->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
+  }
+  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
+  const float* sh = shift.data_ptr<float>();
+  const float* wk = wkv.data_ptr<float>();
+  float* sh_out = shift_out.data_ptr<float>();
+  float* wk_out = wkv_out.data_ptr<float>();
+  torch::Tensor result = x.clone();
+  float* h = result.data_ptr<float>();
+
+  std::vector<float> xx(B * C), mixed(n_att * B * C), proj(n_att * B * A), y(B * A), tmp(B * std::max(C, F));
+  // time mix
+  for (int64_t b = 0; b < B; ++b) {
+    normalize(h + b * C, C, L.ln1_w, L.ln1_b, 1e-5f, xx.data() + b * C);
+    std::copy(xx.data() + b * C, xx.data() + (b + 1) * C, sh_out + b * sso);
+    const float* prev = sh + b * ss;
+    for (int64_t p = 0; p < n_att; ++p)
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = L.att_mix[p * C + c];
+        mixed[(p * B + b) * C + c] = xx[b * C + c] * m + prev[c] * (1 - m);
+      }
+  }
+  for (int64_t p = 0; p < n_att; ++p)
+    product(mixed.data() + p * B * C, B, L.att, L.att_scale, p * A, (p + 1) * A, proj.data() + p * B * A);
+  for (int64_t b = 0; b < B; ++b) {
+    const float *r = proj.data() + b * A, *k = proj.data() + (B + b) * A, *v = proj.data() + (2 * B + b) * A;
+    float* out = y.data() + b * A;
+    const float* state = wk + b * ws;
+    float* state_out = wk_out + b * wso;
+    if (version == 4) {
+      const float *aa = state, *bb = state + A, *pp = state + 2 * A;
+      for (int64_t c = 0; c < A; ++c) {
+        float ww = L.first[c] + k[c];
+        float p = std::max(pp[c], ww);
+        float e1 = std::exp(pp[c] - p), e2 = std::exp(ww - p);
+        out[c] = sigmoid(r[c]) * ((e1 * aa[c] + e2 * v[c]) / (e1 * bb[c] + e2));
+        ww = L.decay[c] + pp[c];
+        p = std::max(ww, k[c]);
+        e1 = std::exp(ww - p);
+        e2 = std::exp(k[c] - p);
+        state_out[c] = e1 * aa[c] + e2 * v[c];
+        state_out[A + c] = e1 * bb[c] + e2;
+        state_out[2 * A + c] = p;
+      }
+    } else {
+      const int64_t S = wkv.size(2), H = A / S;
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const float *rh = r + hd * S, *kh = k + hd * S, *vh = v + hd * S;
+        const float *u = L.first + hd * S, *w = L.decay + hd * S;
+        const float* s = state + hd * S * S;
+        float* so = state_out + hd * S * S;
+        float* o = out + hd * S;
+        std::fill(o, o + S, 0.0f);
+        for (int64_t i = 0; i < S; ++i) {
+          const float ri = rh[i], ki = kh[i], rui = ri * u[i] * ki, wi = w[i];
+          const float* si = s + i * S;
+          float* soi = so + i * S;
+          for (int64_t j = 0; j < S; ++j) {
+            const float a = ki * vh[j];
+            o[j] += rui * vh[j] + ri * si[j];
+            soi[j] = a + wi * si[j];
+          }
+        }
+        normalize(o, S, L.ln_x_w + hd * S, L.ln_x_b + hd * S, 64e-5f, o);
+      }
+      if (n_att == 4) {
+        const float* g = proj.data() + (3 * B + b) * A;
+        for (int64_t c = 0; c < A; ++c) out[c] *= g[c] * sigmoid(g[c]);
+      }
+    }
+  }
+  product(y.data(), B, L.out, L.out_scale, 0, C, tmp.data());
+  for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+  // channel mix
+  std::vector<float> mixed2(2 * B * C), key(B * F), rec(B * C);
+  for (int64_t b = 0; b < B; ++b) {
+    normalize(h + b * C, C, L.ln2_w, L.ln2_b, 1e-5f, xx.data() + b * C);
+    std::copy(xx.data() + b * C, xx.data() + (b + 1) * C, sh_out + b * sso + C);
+    const float* prev = sh + b * ss + C;
+    for (int64_t p = 0; p < 2; ++p)
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = L.ffn_mix[p * C + c];
+        mixed2[(p * B + b) * C + c] = xx[b * C + c] * m + prev[c] * (1 - m);
+      }
+  }
+  product(mixed2.data(), B, L.ffn, L.ffn_scale, 0, F, key.data());
+  product(mixed2.data() + B * C, B, L.ffn, L.ffn_scale, F, F + C, rec.data());
+  for (int64_t i = 0; i < B * F; ++i) key[i] = key[i] > 0 ? key[i] * key[i] : 0.0f;
+  product(key.data(), B, L.value, L.value_scale, 0, C, tmp.data());
+  const float factor = halve ? 0.5f : 1.0f;
+  for (int64_t i = 0; i < B * C; ++i) h[i] = (h[i] + sigmoid(rec[i]) * tmp[i]) * factor;
+  return result;
+}
+
+torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale_opt) {
+  torch::Tensor scale = scale_opt.has_value() ? *scale_opt : torch::Tensor();
+  check_operands(x, w, scale);
+  const int64_t M = x.size(0), N = w.size(0);
+  torch::Tensor out = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0) product(x.data_ptr<float>(), M, w, scale, 0, N, out.data_ptr<float>());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
+  m.def("rows_product", &rows_product, "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, or int8 with row scales)");
+}

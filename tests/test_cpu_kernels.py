@@ -100,3 +100,15 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
         logits, state = model.forward([token], state)
         expected, ref_state = reference.forward([token], ref_state)
     assert (logits - expected).abs().max().item() < 0.1
+
+
+@needs_kernels
+def test_decode_layer_refuses_an_int8_weight_without_its_scales(make_checkpoint):
+    ckpt = make_checkpoint("4", n_layer=1, n_embd=64, seed=7)
+    model = load_model(ckpt.path, dtype="int8")
+    tensors = list(model.runner.cpu_layers[0])
+    tensors[6] = torch.empty(0)  # the r|k|v weight's scales
+    state = model.zero_state()
+    with pytest.raises(RuntimeError, match="scale per row"):
+        cpu_kernels.kernels().decode_layer(torch.zeros(1, 64), state.shift[:, 0], state.wkv[:, 0],
+                                           state.shift[:, 0].clone(), state.wkv[:, 0].clone(), tensors, 4, 3, False)

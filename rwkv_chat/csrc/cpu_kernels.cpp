@@ -120,7 +120,6 @@ void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch:
   }
 }
 
-
 // out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype.
 void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
              int64_t row_end, float* out) {
@@ -157,7 +156,7 @@ inline void normalize(const float* x, int64_t n, const float* w, const float* b,
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// A layer's weights and constants, in the order fast.py's CpuLayer lists them.
+// A layer's weights and constants, in the order fast.cpu_layer_tensors lists them.
 struct LayerWeights {
   const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *att_mix, *ffn_mix, *decay, *first, *ln_x_w, *ln_x_b;
   torch::Tensor att, att_scale, out, out_scale, ffn, ffn_scale, value, value_scale;
@@ -170,7 +169,15 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
     TORCH_CHECK(v.scalar_type() == torch::kFloat32 && v.is_contiguous(), "layer constants: contiguous fp32");
     return v.data_ptr<float>();
   };
-  for (int i : {5, 7, 10, 14}) TORCH_CHECK(t[i].is_contiguous(), "layer weights must be contiguous");
+  for (int i : {5, 7, 10, 14}) {  // each weight, followed by its scale
+    TORCH_CHECK(t[i].dim() == 2 && t[i].is_contiguous(), "layer weights must be contiguous matrices");
+    const auto dtype = t[i].scalar_type();
+    TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kBFloat16 || dtype == torch::kHalf ||
+                    dtype == torch::kFloat32, "layer weights must be fp32, bf16, fp16 or int8");
+    TORCH_CHECK(dtype != torch::kInt8 || (t[i + 1].numel() == t[i].size(0) &&
+                                          t[i + 1].scalar_type() == torch::kFloat32 && t[i + 1].is_contiguous()),
+                "int8 layer weights need a contiguous fp32 scale per row");
+  }
   return LayerWeights{f(t[0]), f(t[1]), f(t[2]), f(t[3]), f(t[4]), f(t[9]), f(t[12]), f(t[13]), f(t[16]), f(t[17]),
                       t[5], t[6], t[7], t[8], t[10], t[11], t[14], t[15]};
 }

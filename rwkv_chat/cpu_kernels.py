@@ -1,14 +1,14 @@
-"""AVX2 matrix products for the CPU fast path (csrc/cpu_kernels.cpp), compiled on first use.
+"""C++ AVX2 kernels for the CPU decode step (csrc/cpu_kernels.cpp), compiled on first use, and their loader.
 
 What this module promises:
 - `kernels()` returns the compiled extension, or None where it cannot run: not an x86 CPU with AVX2, no C++
   compiler or ninja, a failed build, or `RWKV_CPU_KERNELS=0` in the environment. It builds once per process
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
-- The kernels compute the same products as PyTorch's with fp32 activations (see the C++ file's header for
-  the rounding each one does); tests hold them to PyTorch on random operands.
+- `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
+  is one RWKV layer's decode step (fast.py calls it). The tests hold both to PyTorch.
 
-It knows matrix products, nothing of RWKV.
+It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in fast.py.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ def _unusable_reason() -> str | None:
 
 def kernels():
     """The compiled extension, or None (see the module docstring)."""
+    if "module" in _built:  # every product asks: no lock once the build was tried
+        return _built["module"]
     with _lock:
         if "module" in _built:
             return _built["module"]

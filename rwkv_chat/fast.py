@@ -132,13 +132,13 @@ class LayerPack:
         return self._w
 
 
-def cpu_layer_tensors(layer: LayerPack) -> list[torch.Tensor]:
+def cpu_layer_tensors(layer: LayerPack, version: str) -> list[torch.Tensor]:
     """A layer's tensors in the order cpu_kernels.decode_layer reads them (empty tensors for absent ones)."""
     none = torch.empty(0)
     opt = lambda t: none if t is None else t  # noqa: E731
-    decay = layer.decay_factor if layer.ln_x_w is not None else layer.decay  # v5 reads w = exp(log_w)
-    return [layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b, layer.att_mix.contiguous(), layer.att.weight,
-            opt(layer.att.scale), layer.out.weight, opt(layer.out.scale), layer.ffn_mix.contiguous(), layer.ffn.weight,
+    decay = layer.decay if version == "4" else layer.decay_factor  # v5 reads w = exp(log_w)
+    return [layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b, layer.att_mix, layer.att.weight,
+            opt(layer.att.scale), layer.out.weight, opt(layer.out.scale), layer.ffn_mix, layer.ffn.weight,
             opt(layer.ffn.scale), decay, layer.first, layer.value.weight, opt(layer.value.scale),
             opt(layer.ln_x_w), opt(layer.ln_x_b)]
 
@@ -184,9 +184,10 @@ class FastRunner:
         self.rescale_every = model.rescale_every
         head_dtype = model.head.weight.dtype
         self.int8 = head_dtype == torch.int8
+        cpu_decode = self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype)
         # dtype the matrix inputs are rounded to: the weight dtype, or bf16 (CUDA) / fp32 (CPU) for int8; fp32
         # wherever the CPU kernels take the products (they read fp32 inputs)
-        if self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype):
+        if cpu_decode:
             self.act_dtype = torch.float32
         elif self.int8:
             self.act_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -205,9 +206,7 @@ class FastRunner:
         self._graphs = None
         self._lock = threading.Lock()
         # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
-        self.cpu_layers = None
-        if self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype):
-            self.cpu_layers = [cpu_layer_tensors(layer) for layer in self.layers]
+        self.cpu_layers = [cpu_layer_tensors(layer, self.version) for layer in self.layers] if cpu_decode else None
 
     # ------------------------------------------------------------------------------------- public
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:

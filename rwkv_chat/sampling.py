@@ -211,25 +211,26 @@ class PenaltyState:
         ids, amounts = self._sparse_arrays()
         return torch.from_numpy(ids.copy()), torch.from_numpy(amounts)
 
+    def _dense(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[V] on ``device``: ``values`` at ``ids``, zero (False) elsewhere."""
+        return torch.zeros(self.vocab_size, dtype=values.dtype).index_put_((ids,), values).to(self.device)
+
     def penalty(self) -> torch.Tensor:
         """The amount subtracted from each logit: [V] fp32, zero for tokens never sampled."""
-        ids, amounts = self.sparse()
-        return torch.zeros(self.vocab_size, dtype=torch.float32).index_put_((ids,), amounts).to(self.device)
+        return self._dense(*self.sparse())
 
     @property
     def counts(self) -> torch.Tensor:
         """The decayed counts: [V] fp32 on ``device``."""
         n = len(self._slots)
         values = torch.from_numpy((self._raw[:n] * self._scale).astype(np.float32))
-        ids = torch.from_numpy(self._ids[:n].copy())
-        return torch.zeros(self.vocab_size, dtype=torch.float32).index_put_((ids,), values).to(self.device)
+        return self._dense(torch.from_numpy(self._ids[:n].copy()), values)
 
     @property
     def seen(self) -> torch.Tensor:
         """Which tokens were sampled at least once: [V] bool on ``device``."""
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        mask[torch.from_numpy(self._ids[: len(self._slots)].copy())] = True
-        return mask.to(self.device)
+        ids = torch.from_numpy(self._ids[: len(self._slots)].copy())
+        return self._dense(ids, torch.ones(ids.numel(), dtype=torch.bool))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalised copy of ``logits`` (last dim = vocab) as fp32; the input is left untouched."""

@@ -65,6 +65,11 @@ def kernels():
         return module
 
 
+def tried() -> bool:
+    """Whether this process has already built (or failed to build) the kernels: the next `kernels()` is quick."""
+    return "module" in _built
+
+
 def handles_dtype(dtype: torch.dtype) -> bool:
     """Weights of this dtype get their CPU products here (builds the kernels on the first call)."""
     return dtype in WEIGHT_DTYPES and kernels() is not None

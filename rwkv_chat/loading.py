@@ -60,7 +60,17 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     state_dict = read_weights(source, report)
     config = config_from_state_dict(state_dict)
     report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
+    fast = fast_by_default(device, dtype) if fast is None else fast
+    if fast and device.type == "cpu":
+        from . import cpu_kernels
+        if not cpu_kernels.tried():
+            report("preparing the CPU kernels (compiled on the first run only, about a minute)")
     return build_model(config, state_dict, device, dtype, fast)
+
+
+def fast_by_default(device: torch.device, dtype: torch.dtype) -> bool:
+    """The fast path is the default except for fp32 on a CPU, which keeps the plain reference path."""
+    return device.type == "cuda" or dtype != torch.float32
 
 
 def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -272,8 +282,6 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     model.eval()
     if dtype == torch.float16:
         model.enable_fp16_rescale(FP16_RESCALE_EVERY)
-    if fast is None:
-        fast = device.type == "cuda" or dtype != torch.float32
-    if fast:
+    if fast_by_default(device, dtype) if fast is None else fast:
         model.use_fast_path()
     return model

@@ -219,6 +219,11 @@ def test_a_shared_preamble_is_read_once_and_counted_where_it_is_read(service):
     assert stats_prefill(third) == len(tokenizer.encode("Question: Hello\n\nAnswer:"))
 
 
+def test_the_app_loads_its_models_on_the_fast_path_even_in_fp32_on_a_cpu(service):
+    chat, model = service
+    assert model.dtype == "fp32" and chat.pool.get(model).model.runner is not None
+
+
 def test_changing_the_prompt_style_starts_a_new_conversation(service):
     chat, model = service
     settings = ChatSettings(max_new_tokens=5, seed=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_chat import load_model, parallel_wkv, quant
+from rwkv_chat import cpu_kernels, load_model, parallel_wkv, quant
 from rwkv_chat.model import wkv4_step, wkv5_step
 from rwkv_chat.state import RwkvState
 from reference import assert_states_passed_in_stay_unchanged, random_tokens
@@ -229,6 +229,18 @@ def test_load_model_turns_the_fast_path_on_except_for_cpu_fp32(ckpt):
     assert load_model(ckpt.path, dtype="bf16").runner is not None
     assert load_model(ckpt.path, dtype="int8").runner is not None
     assert load_model(ckpt.path, dtype="bf16", fast=False).runner is None
+
+
+def test_the_first_cpu_fast_load_of_a_process_says_it_prepares_the_kernels(ckpt, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+    preparing = "preparing the CPU kernels"
+    stages = []
+    load_model(ckpt.path, progress=stages.append)  # fp32 on the CPU: the plain path, no kernels
+    assert stages[-1].startswith("placing") and not cpu_kernels.tried()
+    load_model(ckpt.path, dtype="bf16", progress=stages.append)
+    assert stages[-1].startswith(preparing) and cpu_kernels.tried()
+    load_model(ckpt.path, fast=True, progress=stages.append)  # once tried, loads say nothing of it
+    assert stages[-1].startswith("placing") and sum(s.startswith(preparing) for s in stages) == 1
 
 
 # ------------------------------------------------------------------------------------- Triton (interpreter)

@@ -9,8 +9,9 @@ What it promises:
   an upper bound for 8-bit products, not a usable one), a complete int16 GEMM micro-kernel on operands held in
   L1 (checked against a scalar loop), and PyTorch's fp32 GEMM on the prefill's own shapes.
 - For each version: the matrix work any exact prefill of N tokens must do (every projection of every token,
-  except in the last layer, where only k and v are needed for all tokens; the rest of it and the head for
-  the last token), the reference's prefill (the `rwkv` package, `cpu fp32`) and ours (bf16 fast path) timed
+  except in the last layer: k and v for every token (its wkv state), its other attention projections for
+  the last two (the last token's channel mix reads the one before through its token shift), its channel mix
+  and the head for the last one), the reference's prefill (the `rwkv` package, `cpu fp32`) and ours (bf16 fast path) timed
   in the same process on the same random checkpoint, and for each ceiling the time that matrix work alone
   would take at that rate (nothing else counted) and so the largest prefill speed-up over the reference it
   leaves room for.
@@ -35,7 +36,9 @@ from .bench import SIZES, OursImpl, RwkvPipImpl, cleanup, random_state_dict
 SOURCE = Path(__file__).with_name("csrc") / "cpu_bounds.cpp"
 PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output", "ffn.key", "ffn.receptance",
                "ffn.value")
-STATE_PROJECTIONS = ("att.key", "att.value")  # what the last layer needs for every token (its wkv state)
+# the last layer's projections and how many of the last tokens need them (None: every token)
+LAST_LAYER_ROWS = {"att.key": None, "att.value": None, "att.receptance": 2, "att.gate": 2, "att.output": 2,
+                   "ffn.key": 1, "ffn.receptance": 1, "ffn.value": 1}
 SECONDS_PER_MEASURE = 0.3
 
 
@@ -80,8 +83,8 @@ def prefill_macs(sd: dict[str, torch.Tensor], n_layer: int, tokens: int) -> int:
     macs = 0
     for i in range(n_layer):
         for name, w in layer_weights(sd, i).items():
-            every_token = i < n_layer - 1 or name in STATE_PROJECTIONS
-            macs += w.numel() * (tokens if every_token else 1)
+            rows = tokens if i < n_layer - 1 or LAST_LAYER_ROWS[name] is None else min(tokens, LAST_LAYER_ROWS[name])
+            macs += w.numel() * rows
     return macs + sd["head.weight"].numel()
 
 

@@ -11,8 +11,8 @@ What this module promises:
   layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
   graphed; on CPU each layer's step is one call into the C++ kernels (cpu_kernels.py), whose products read
   the weights as stored with fp32 activations, and the PyTorch step runs where they did not build. Prefill
-  is a few large matrix products per layer plus the chunked-parallel recurrence (parallel_wkv.py; on CUDA
-  the v4 scan is a Triton kernel).
+  is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton (CUDA) or
+  in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py.
 
 It knows the model's modules and math; it knows nothing of text, files or sessions.
 """
@@ -207,6 +207,9 @@ class FastRunner:
         self._lock = threading.Lock()
         # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
         self.cpu_layers = [cpu_layer_tensors(layer, self.version) for layer in self.layers] if cpu_decode else None
+        # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
+        # else the chunked PyTorch forms of parallel_wkv
+        self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
 
     # ------------------------------------------------------------------------------------- public
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
@@ -225,7 +228,7 @@ class FastRunner:
         """ids [T] long -> (logits fp32 [V] or [T, V], new state)."""
         outputs = []
         for start in range(0, ids.numel(), self.segment):
-            hidden, state = self._prefill_segment(ids[start:start + self.segment], state)
+            hidden, state = self._prefill_segment(ids[start:start + self.segment], state, all_rows=all_logits)
             outputs.append(hidden if all_logits else hidden[-1:])
         hidden = torch.cat(outputs) if all_logits else outputs[-1]
         logits = self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))
@@ -350,13 +353,15 @@ class FastRunner:
         return logits.float(), RwkvState(new_shift, new_wkv)
 
     # ------------------------------------------------------------------------------------- prefill
-    def _prefill_segment(self, ids: torch.Tensor, state: RwkvState):
-        """One sequence: ids [T] -> (final hidden [T, C] fp32 before ln_out, new state)."""
+    def _prefill_segment(self, ids: torch.Tensor, state: RwkvState, all_rows: bool = True):
+        """One sequence: ids [T] -> (final hidden fp32 before ln_out, new state). The hidden is [T, C], or
+        with all_rows=False only its last rows (the last layer then skips what only other tokens need)."""
         x = F.embedding(ids, self.emb).float()
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)  # [T, C]
         shifts, wkvs = [], []
         for i, layer in enumerate(self.layers):
-            x, shift, wkv = self._prefill_layer(layer, x, state.shift[0, i], state.wkv[0, i])
+            last_rows = not all_rows and i == len(self.layers) - 1
+            x, shift, wkv = self._prefill_layer(layer, x, state.shift[0, i], state.wkv[0, i], last_rows)
             shifts.append(shift)
             wkvs.append(wkv)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
@@ -378,25 +383,34 @@ class FastRunner:
             return list(out.float().unbind(0))
         return [lin(mixed[i], i) for i in range(lin.n_segments)]
 
-    def _prefill_layer(self, layer: LayerPack, x, shift, wkv):
+    def _prefill_layer(self, layer: LayerPack, x, shift, wkv, last_rows: bool = False):
+        """One layer over x [T, C] -> (x, new shift, new wkv). last_rows: return x for the last two tokens
+        only, and spend on the others only what the state needs (k and v; the channel mix of the last token
+        needs the attention output of the one before it, through its token shift)."""
         length = x.shape[0]
         xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
-        proj = self._prefill_projections(self._mixed(xx, shift[0], layer.att_mix), layer.att)
+        mixed = self._mixed(xx, shift[0], layer.att_mix)
+        if last_rows:  # k and v (and v5's r, which its scans read) of every token; v4's r and v5's g of the last two
+            every = (1, 2) if self.version == "4" else (0, 1, 2)
+            proj = [layer.att(mixed[i] if i in every else mixed[i, -2:], i) for i in range(layer.att.n_segments)]
+        else:
+            proj = self._prefill_projections(mixed, layer.att)
+        kept = slice(-2, None) if last_rows else slice(None)  # the rows that go on past the wkv
         if self.version == "4":
             r, k, v = proj
-            if self.use_triton:
-                out, new_wkv = triton_kernels.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
-                                                        wkv)
+            if self.wkv_scans is not None:
+                out, new_wkv = self.wkv_scans.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
+                                                        wkv.contiguous())
             else:
                 out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
                                                             wkv[0:1], wkv[1:2], wkv[2:3], self.wkv_chunk)
                 out, new_wkv = out[0], torch.cat([aa, bb, pp])
-            out = torch.sigmoid(r) * out
+            out = torch.sigmoid(r) * out[kept]
         else:
             h, s = layer.decay.shape
-            if self.use_triton:
-                out, new_wkv = triton_kernels.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous()
-                                                        for t in proj[:3]), wkv)
+            if self.wkv_scans is not None:
+                out, new_wkv = self.wkv_scans.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous()
+                                                        for t in proj[:3]), wkv.contiguous())
             else:
                 r, k, v = (t.view(1, length, h, s).transpose(1, 2) for t in proj[:3])  # [1, H, T, S]
                 scan = "matrix" if x.device.type == "cuda" else "loop"
@@ -404,10 +418,10 @@ class FastRunner:
                                                          self.wkv_chunk, scan)
                 new_wkv = new_wkv[0]
                 out = out[0].transpose(0, 1).reshape(length, h * s)
-            out = F.group_norm(out, h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
+            out = F.group_norm(out[kept], h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
             if len(proj) == 4:
                 out = out * F.silu(proj[3])
-        x = x + layer.out(out.to(self.act_dtype))
+        x = x[kept] + layer.out(out.to(self.act_dtype))
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
         k = torch.relu(layer.ffn(mixed[0], 0)).square()

@@ -1,5 +1,6 @@
 """The C++ CPU kernels (rwkv_chat/cpu_kernels.py) against PyTorch: the products on random operands, the
-one-call decode layer against the PyTorch decode step of the same runner, and the fallback without them."""
+one-call decode layer against the PyTorch decode step of the same runner, the prefill's wkv scans against the
+plain model's token-by-token recurrence in float64, and the fallback without them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from rwkv_chat import cpu_kernels, load_model
+from rwkv_chat.model import wkv4_step, wkv5_step
 from rwkv_chat.state import RwkvState
 from reference import random_tokens
 
@@ -75,6 +77,71 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint):
         assert (got_logits - want_logits).abs().max().item() <= 1e-5 * max(1.0, scale)
         assert torch.allclose(got.shift, want.shift, atol=1e-5)
         assert torch.allclose(got.wkv, want.wkv, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k_scale", [3.0, 40.0])  # 40: keys far beyond fp32's exp range without the max shift
+@pytest.mark.parametrize("empty_state", [False, True])
+def test_wkv4_scan_equals_the_recurrence_in_float64(k_scale, empty_state):
+    gen = torch.Generator().manual_seed(int(k_scale))
+    length, channels = 37, 200  # channels: several thread blocks of 64 and a remainder
+    w = -torch.exp(torch.rand(channels, generator=gen) * 9 - 6)
+    u = torch.rand(channels, generator=gen) * 2 - 1
+    k = torch.randn(length, channels, generator=gen) * k_scale
+    v = torch.randn(length, channels, generator=gen)
+    if empty_state:
+        state = torch.stack([torch.zeros(channels), torch.zeros(channels), torch.full((channels,), -1e30)])
+    else:
+        state = torch.stack([torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.1,
+                             torch.randn(channels, generator=gen)])
+    before = state.clone()
+    out, new_state = cpu_kernels.kernels().wkv4_scan(w, u, k, v, state)
+    assert torch.equal(state, before)  # the state passed in is left alone
+    a, b, p = (t.double()[None] for t in state)
+    rows = []
+    for t in range(length):
+        y, a, b, p = wkv4_step(w.double(), u.double(), k[t:t + 1].double(), v[t:t + 1].double(), a, b, p)
+        rows.append(y[0])
+    assert torch.allclose(out.double(), torch.stack(rows), rtol=1e-5, atol=1e-5)
+    # the same recurrence token by token, so the same log-scale p: the state compares directly
+    rtol = 1e-4 if k_scale < 10 else 1e-3  # exp(p ~ 100) turns p's absolute rounding into a relative error
+    assert torch.allclose(new_state[2].double(), p[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(new_state[0].double(), a[0], rtol=rtol, atol=1e-5)
+    assert torch.allclose(new_state[1].double(), b[0], rtol=rtol, atol=1e-5)
+
+
+@needs_kernels
+def test_wkv5_scan_equals_the_recurrence_in_float64():
+    gen = torch.Generator().manual_seed(5)
+    length, heads, size = 23, 3, 64
+    log_w = -torch.exp(torch.rand(heads, size, generator=gen) * 6 - 5)
+    u = torch.randn(heads, size, generator=gen)
+    r, k, v = (torch.randn(length, heads * size, generator=gen) for _ in range(3))
+    state = torch.randn(heads, size, size, generator=gen)
+    before = state.clone()
+    out, new_state = cpu_kernels.kernels().wkv5_scan(torch.exp(log_w), u, r, k, v, state)
+    assert torch.equal(state, before)
+    s, rows = state.double()[None], []
+    per_head = lambda t: t.double().view(1, heads, size)  # noqa: E731
+    for t in range(length):
+        y, s = wkv5_step(log_w.double(), u.double(), per_head(r[t]), per_head(k[t]), per_head(v[t]), s)
+        rows.append(y.reshape(-1))
+    assert torch.allclose(out.double(), torch.stack(rows), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(new_state.double(), s[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_the_scans_refuse_operands_of_the_wrong_shape_or_kind():
+    kernels = cpu_kernels.kernels()
+    c = 8
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        kernels.wkv4_scan(torch.zeros(c), torch.zeros(c), torch.zeros(4, c).double(), torch.zeros(4, c),
+                          torch.zeros(3, c))
+    with pytest.raises(RuntimeError, match=r"state \[3, C\]"):
+        kernels.wkv4_scan(torch.zeros(c), torch.zeros(c), torch.zeros(4, c), torch.zeros(4, c), torch.zeros(2, c))
+    with pytest.raises(RuntimeError, match=r"\[T, H\*S\]"):
+        kernels.wkv5_scan(torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(3, 4), torch.zeros(3, 5),
+                          torch.zeros(3, 4), torch.zeros(1, 4, 4))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-// AVX2 kernels for RWKV decode steps on CPUs (built by rwkv_chat/cpu_kernels.py on first use).
+// AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/cpu_kernels.py on first use).
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
@@ -8,6 +8,8 @@
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   fast.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
+// - wkv4_scan / wkv5_scan: the wkv of a whole prefill segment of one sequence, token by token with the decode
+//   step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -156,6 +158,49 @@ inline void normalize(const float* x, int64_t n, const float* w, const float* b,
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
+// One token of RWKV-4's wkv for channels [begin, end): out = the wkv average (before the receptance gate),
+// and the new (aa, bb, pp). Each channel is read before it is written, so the new state may overwrite the old.
+inline void wkv4_token(const float* decay, const float* first, const float* k, const float* v, const float* aa,
+                       const float* bb, const float* pp, float* out, float* aa_out, float* bb_out, float* pp_out,
+                       int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    float ww = first[c] + k[c];
+    float p = std::max(pp[c], ww);
+    float e1 = std::exp(pp[c] - p), e2 = std::exp(ww - p);
+    out[c] = (e1 * aa[c] + e2 * v[c]) / (e1 * bb[c] + e2);
+    ww = decay[c] + pp[c];
+    p = std::max(ww, k[c]);
+    e1 = std::exp(ww - p);
+    e2 = std::exp(k[c] - p);
+    const float a = e1 * aa[c] + e2 * v[c], b = e1 * bb[c] + e2;
+    aa_out[c] = a;
+    bb_out[c] = b;
+    pp_out[c] = p;
+  }
+}
+
+// One token of one RWKV-5 head of size S: o[j] = Σ_i r_i (u_i k_i v_j + s_ij) (before the group norm), and
+// s_out_ij = k_i v_j + w_i s_ij, where w is the decay factor. s_out may be s (each row is read, then written).
+inline void wkv5_head_token(const float* r, const float* k, const float* v, const float* u, const float* w,
+                            const float* s, float* s_out, float* o, int64_t S) {
+  std::fill(o, o + S, 0.0f);
+  for (int64_t i = 0; i < S; ++i) {
+    const float ri = r[i], ki = k[i], rui = ri * u[i] * ki, wi = w[i];
+    const float* si = s + i * S;
+    float* soi = s_out + i * S;
+    for (int64_t j = 0; j < S; ++j) {
+      const float a = ki * v[j];
+      o[j] += rui * v[j] + ri * si[j];
+      soi[j] = a + wi * si[j];
+    }
+  }
+}
+
+void check_scan_operand(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              "cpu_kernels scan: ", name, " must be a contiguous fp32 CPU tensor");
+}
+
 // A layer's weights and constants, in the order fast.cpu_layer_tensors lists them.
 struct LayerWeights {
   const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *att_mix, *ffn_mix, *decay, *first, *ln_x_w, *ln_x_b;
@@ -227,39 +272,15 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
     const float* state = wk + b * ws;
     float* state_out = wk_out + b * wso;
     if (version == 4) {
-      const float *aa = state, *bb = state + A, *pp = state + 2 * A;
-      for (int64_t c = 0; c < A; ++c) {
-        float ww = L.first[c] + k[c];
-        float p = std::max(pp[c], ww);
-        float e1 = std::exp(pp[c] - p), e2 = std::exp(ww - p);
-        out[c] = sigmoid(r[c]) * ((e1 * aa[c] + e2 * v[c]) / (e1 * bb[c] + e2));
-        ww = L.decay[c] + pp[c];
-        p = std::max(ww, k[c]);
-        e1 = std::exp(ww - p);
-        e2 = std::exp(k[c] - p);
-        state_out[c] = e1 * aa[c] + e2 * v[c];
-        state_out[A + c] = e1 * bb[c] + e2;
-        state_out[2 * A + c] = p;
-      }
+      wkv4_token(L.decay, L.first, k, v, state, state + A, state + 2 * A, out, state_out, state_out + A,
+                 state_out + 2 * A, 0, A);
+      for (int64_t c = 0; c < A; ++c) out[c] = sigmoid(r[c]) * out[c];
     } else {
       const int64_t S = wkv.size(2), H = A / S;
       for (int64_t hd = 0; hd < H; ++hd) {
-        const float *rh = r + hd * S, *kh = k + hd * S, *vh = v + hd * S;
-        const float *u = L.first + hd * S, *w = L.decay + hd * S;
-        const float* s = state + hd * S * S;
-        float* so = state_out + hd * S * S;
         float* o = out + hd * S;
-        std::fill(o, o + S, 0.0f);
-        for (int64_t i = 0; i < S; ++i) {
-          const float ri = rh[i], ki = kh[i], rui = ri * u[i] * ki, wi = w[i];
-          const float* si = s + i * S;
-          float* soi = so + i * S;
-          for (int64_t j = 0; j < S; ++j) {
-            const float a = ki * vh[j];
-            o[j] += rui * vh[j] + ri * si[j];
-            soi[j] = a + wi * si[j];
-          }
-        }
+        wkv5_head_token(r + hd * S, k + hd * S, v + hd * S, L.first + hd * S, L.decay + hd * S,
+                        state + hd * S * S, state_out + hd * S * S, o, S);
         normalize(o, S, L.ln_x_w + hd * S, L.ln_x_b + hd * S, 64e-5f, o);
       }
       if (n_att == 4) {
@@ -291,6 +312,56 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   return result;
 }
 
+// Prefill of one sequence through RWKV-4's wkv, token by token (the decode step's recurrence): decay, first
+// [C]; k, v [T, C]; state [3, C] (aa, bb, pp). Returns (wkv [T, C] before the receptance gate, new state).
+// Channels are split over PyTorch's intra-op threads.
+std::vector<torch::Tensor> wkv4_scan(torch::Tensor decay, torch::Tensor first, torch::Tensor k, torch::Tensor v,
+                                     torch::Tensor state) {
+  for (auto [t, name] : {std::pair{&decay, "decay"}, {&first, "first"}, {&k, "k"}, {&v, "v"}, {&state, "state"}})
+    check_scan_operand(*t, name);
+  TORCH_CHECK(k.dim() == 2 && v.sizes() == k.sizes(), "wkv4_scan: k and v must be [T, C]");
+  const int64_t T = k.size(0), C = k.size(1);
+  TORCH_CHECK(decay.numel() == C && first.numel() == C && state.numel() == 3 * C,
+              "wkv4_scan: decay and first must be [C], state [3, C]");
+  torch::Tensor y = torch::empty_like(k), new_state = state.clone();
+  const float *w = decay.data_ptr<float>(), *u = first.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *s = new_state.data_ptr<float>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < T; ++t)
+      wkv4_token(w, u, kp + t * C, vp + t * C, s, s + C, s + 2 * C, yp + t * C, s, s + C, s + 2 * C, begin, end);
+  });
+  return {y, new_state};
+}
+
+// Prefill of one sequence through RWKV-5's wkv, token by token: w (decay factor), u [H, S]; r, k, v [T, H·S];
+// state [H, S, S]. Returns (out [T, H·S] before the group norm, new state). Heads are split over threads.
+std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Tensor r, torch::Tensor k,
+                                     torch::Tensor v, torch::Tensor state) {
+  for (auto [t, name] : {std::pair{&w, "w"}, {&u, "u"}, {&r, "r"}, {&k, "k"}, {&v, "v"}, {&state, "state"}})
+    check_scan_operand(*t, name);
+  TORCH_CHECK(state.dim() == 3 && state.size(1) == state.size(2), "wkv5_scan: state must be [H, S, S]");
+  const int64_t H = state.size(0), S = state.size(1), A = H * S;
+  TORCH_CHECK(r.dim() == 2 && r.size(1) == A && k.sizes() == r.sizes() && v.sizes() == r.sizes(),
+              "wkv5_scan: r, k and v must be [T, H*S]");
+  TORCH_CHECK(w.numel() == A && u.numel() == A, "wkv5_scan: w and u must be [H, S]");
+  const int64_t T = r.size(0);
+  torch::Tensor y = torch::empty_like(r), new_state = state.clone();
+  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
+  const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *s = new_state.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      float* sh = s + h * S * S;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = t * A + h * S;
+        wkv5_head_token(rp + at, kp + at, vp + at, up + h * S, wp + h * S, sh, sh, yp + at, S);
+      }
+    }
+  });
+  return {y, new_state};
+}
+
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale_opt) {
   torch::Tensor scale = scale_opt.has_value() ? *scale_opt : torch::Tensor();
   check_operands(x, w, scale);
@@ -302,5 +373,7 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
+  m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
+  m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("rows_product", &rows_product, "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, or int8 with row scales)");
 }

@@ -34,9 +34,7 @@ import torch.nn.functional as F
 from .bench import SIZES, OursImpl, RwkvPipImpl, cleanup, random_state_dict
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_bounds.cpp"
-PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output", "ffn.key", "ffn.receptance",
-               "ffn.value")
-# the last layer's projections and how many of the last tokens need them (None: every token)
+# every projection of a layer, and how many of the last tokens need it in the last layer (None: every token)
 LAST_LAYER_ROWS = {"att.key": None, "att.value": None, "att.receptance": 2, "att.gate": 2, "att.output": 2,
                    "ffn.key": 1, "ffn.receptance": 1, "ffn.value": 1}
 SECONDS_PER_MEASURE = 0.3
@@ -75,7 +73,7 @@ def ceilings(ext, threads: int) -> list[tuple[str, float, float, str]]:
 
 
 def layer_weights(sd: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    return {p: sd[f"blocks.{layer}.{p}.weight"] for p in PROJECTIONS if f"blocks.{layer}.{p}.weight" in sd}
+    return {p: sd[f"blocks.{layer}.{p}.weight"] for p in LAST_LAYER_ROWS if f"blocks.{layer}.{p}.weight" in sd}
 
 
 def prefill_macs(sd: dict[str, torch.Tensor], n_layer: int, tokens: int) -> int:

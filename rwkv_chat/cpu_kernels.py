@@ -1,4 +1,5 @@
-"""C++ AVX2 kernels for the CPU decode step (csrc/cpu_kernels.cpp), compiled on first use, and their loader.
+"""C++ AVX2 kernels for CPU decode steps and the prefill's wkv (csrc/cpu_kernels.cpp), compiled on first use,
+and their loader.
 
 What this module promises:
 - `kernels()` returns the compiled extension, or None where it cannot run: not an x86 CPU with AVX2, no C++
@@ -6,7 +7,8 @@ What this module promises:
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
 - `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
-  is one RWKV layer's decode step (fast.py calls it). The tests hold both to PyTorch.
+  is one RWKV layer's decode step, and its `wkv4_scan` / `wkv5_scan` the wkv of a prefill segment (fast.py
+  calls them). The tests hold them to PyTorch and to the float64 recurrence.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in fast.py.
 """

@@ -108,18 +108,23 @@ void rows_product_impl(const float* x, const typename W::T* w, const float* scal
   });
 }
 
+// A weight the products read: a contiguous CPU matrix in fp32, bf16 or fp16, or int8 with its fp32 scales.
+void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "cpu_kernels: weights must be contiguous CPU matrices");
+  const auto dtype = w.scalar_type();
+  TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kBFloat16 || dtype == torch::kHalf ||
+                  dtype == torch::kFloat32, "cpu_kernels: weights must be fp32, bf16, fp16 or int8");
+  TORCH_CHECK(dtype != torch::kInt8 || (scale.defined() && scale.numel() == w.size(0) &&
+                                        scale.scalar_type() == torch::kFloat32 && scale.is_contiguous()),
+              "cpu_kernels: int8 weights need a contiguous fp32 scale per row");
+}
+
 void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu_kernels: CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu(), "cpu_kernels: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cpu_kernels: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cpu_kernels: x must be contiguous fp32");
-  TORCH_CHECK(w.is_contiguous(), "cpu_kernels: w must be contiguous");
-  if (w.scalar_type() == torch::kInt8) {
-    TORCH_CHECK(scale.defined() && scale.numel() == w.size(0) && scale.scalar_type() == torch::kFloat32 &&
-                    scale.is_contiguous(), "cpu_kernels: int8 weights need a contiguous fp32 scale per row");
-  } else {
-    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf ||
-                    w.scalar_type() == torch::kFloat32, "cpu_kernels: weights must be fp32, bf16, fp16 or int8");
-  }
+  check_weight(w, scale);
 }
 
 // out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype.
@@ -201,6 +206,25 @@ void check_scan_operand(const torch::Tensor& t, const char* name) {
               "cpu_kernels scan: ", name, " must be a contiguous fp32 CPU tensor");
 }
 
+// For each of B rows of h [B, C]: xx = layer_norm(h) (also written to the shift state out, at shift_out +
+// b * shift_stride), and P token-shift mixes of xx with the previous token's (prev + b * prev_stride):
+// mixed[p, b] = xx * mix[p] + prev * (1 - mix[p]).
+void norm_and_mix(const float* h, int64_t B, int64_t C, const float* ln_w, const float* ln_b, const float* prev,
+                  int64_t prev_stride, float* shift_out, int64_t shift_stride, const float* mix, int64_t P,
+                  float* xx, float* mixed) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = xx + b * C;
+    normalize(h + b * C, C, ln_w, ln_b, 1e-5f, row);
+    std::copy(row, row + C, shift_out + b * shift_stride);
+    const float* before = prev + b * prev_stride;
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = mix[p * C + c];
+        mixed[(p * B + b) * C + c] = row[c] * m + before[c] * (1 - m);
+      }
+  }
+}
+
 // A layer's weights and constants, in the order fast.cpu_layer_tensors lists them.
 struct LayerWeights {
   const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *att_mix, *ffn_mix, *decay, *first, *ln_x_w, *ln_x_b;
@@ -214,15 +238,7 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
     TORCH_CHECK(v.scalar_type() == torch::kFloat32 && v.is_contiguous(), "layer constants: contiguous fp32");
     return v.data_ptr<float>();
   };
-  for (int i : {5, 7, 10, 14}) {  // each weight, followed by its scale
-    TORCH_CHECK(t[i].dim() == 2 && t[i].is_contiguous(), "layer weights must be contiguous matrices");
-    const auto dtype = t[i].scalar_type();
-    TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kBFloat16 || dtype == torch::kHalf ||
-                    dtype == torch::kFloat32, "layer weights must be fp32, bf16, fp16 or int8");
-    TORCH_CHECK(dtype != torch::kInt8 || (t[i + 1].numel() == t[i].size(0) &&
-                                          t[i + 1].scalar_type() == torch::kFloat32 && t[i + 1].is_contiguous()),
-                "int8 layer weights need a contiguous fp32 scale per row");
-  }
+  for (int i : {5, 7, 10, 14}) check_weight(t[i], t[i + 1]);  // each weight, followed by its scale
   return LayerWeights{f(t[0]), f(t[1]), f(t[2]), f(t[3]), f(t[4]), f(t[9]), f(t[12]), f(t[13]), f(t[16]), f(t[17]),
                       t[5], t[6], t[7], t[8], t[10], t[11], t[14], t[15]};
 }
@@ -254,16 +270,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
 
   std::vector<float> xx(B * C), mixed(n_att * B * C), proj(n_att * B * A), y(B * A), tmp(B * std::max(C, F));
   // time mix
-  for (int64_t b = 0; b < B; ++b) {
-    normalize(h + b * C, C, L.ln1_w, L.ln1_b, 1e-5f, xx.data() + b * C);
-    std::copy(xx.data() + b * C, xx.data() + (b + 1) * C, sh_out + b * sso);
-    const float* prev = sh + b * ss;
-    for (int64_t p = 0; p < n_att; ++p)
-      for (int64_t c = 0; c < C; ++c) {
-        const float m = L.att_mix[p * C + c];
-        mixed[(p * B + b) * C + c] = xx[b * C + c] * m + prev[c] * (1 - m);
-      }
-  }
+  norm_and_mix(h, B, C, L.ln1_w, L.ln1_b, sh, ss, sh_out, sso, L.att_mix, n_att, xx.data(), mixed.data());
   for (int64_t p = 0; p < n_att; ++p)
     product(mixed.data() + p * B * C, B, L.att, L.att_scale, p * A, (p + 1) * A, proj.data() + p * B * A);
   for (int64_t b = 0; b < B; ++b) {
@@ -293,16 +300,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
   // channel mix
   std::vector<float> mixed2(2 * B * C), key(B * F), rec(B * C);
-  for (int64_t b = 0; b < B; ++b) {
-    normalize(h + b * C, C, L.ln2_w, L.ln2_b, 1e-5f, xx.data() + b * C);
-    std::copy(xx.data() + b * C, xx.data() + (b + 1) * C, sh_out + b * sso + C);
-    const float* prev = sh + b * ss + C;
-    for (int64_t p = 0; p < 2; ++p)
-      for (int64_t c = 0; c < C; ++c) {
-        const float m = L.ffn_mix[p * C + c];
-        mixed2[(p * B + b) * C + c] = xx[b * C + c] * m + prev[c] * (1 - m);
-      }
-  }
+  norm_and_mix(h, B, C, L.ln2_w, L.ln2_b, sh + C, ss, sh_out + C, sso, L.ffn_mix, 2, xx.data(), mixed2.data());
   product(mixed2.data(), B, L.ffn, L.ffn_scale, 0, F, key.data());
   product(mixed2.data() + B * C, B, L.ffn, L.ffn_scale, F, F + C, rec.data());
   for (int64_t i = 0; i < B * F; ++i) key[i] = key[i] > 0 ? key[i] * key[i] : 0.0f;

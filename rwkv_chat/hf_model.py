@@ -6,12 +6,14 @@ Promises:
   equal the reference implementation's. Their parameters carry transformers' key names
   (`rwkv.embeddings.weight`, `rwkv.blocks.0.pre_ln.weight`, `rwkv.blocks.N.attention.time_mix_key`, ...,
   `head.weight`), so `from_pretrained`/`save_pretrained` read and write the published layouts directly.
-- The RNN state is a first-class cache: `forward` returns `past_key_values` (an `RwkvCache`) and `state`
-  (the `RwkvState`); `generate` carries it from step to step (the prompt is read in parallel once, then one
-  token per step) and returns it with `return_dict_in_generate=True`. Feeding more text on top of a state:
-  `generate(previous_sequences + new_ids, past_key_values=cache)` (transformers' convention: the tokens the
-  cache has read are skipped), or `generate(new_ids, past_key_values=RwkvCache(state))` for a state from
-  anywhere (`model(ids).state`, `RwkvModel.forward`). States passed in are never changed.
+- The RNN state is a first-class cache: `forward` returns it as `cache` (an `RwkvCache`; named
+  `past_key_values` before transformers 5.24, see `CACHE_NAME`) and as `state` (the `RwkvState`); `generate`
+  carries it from step to step (the prompt is read in parallel once, then one token per step) and returns it
+  with `return_dict_in_generate=True`. Feeding more text on top of a state:
+  `generate(previous_sequences + new_ids, cache=cache)` (transformers' convention: the tokens the cache has
+  read are skipped), or `generate(new_ids, cache=RwkvCache(state))` for a state from anywhere
+  (`model(ids).state`, `RwkvModel.forward`). Both keyword names are accepted by `forward` on every supported
+  transformers version. States passed in are never changed.
 - Batches may be padded on either side: positions whose attention_mask is 0 are not read at all.
 - Greedy, sampling and beam search work; `labels` give the usual shifted cross-entropy loss.
 
@@ -22,14 +24,15 @@ fp16 without overflow for RWKV-4 World (use bf16 or fp32), layers spread over se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, RwkvConfig as TransformersRwkvConfig
+from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
 from . import model as core
@@ -39,6 +42,10 @@ from .state import RwkvState
 # Parameters kept in fp32 when loading in bf16/fp16 (the loader's rule: only the projections, i.e. the
 # matrices that are multiplied, take the low-precision dtype). Regex fragments searched in key names.
 FP32_PARAMETERS = ["embeddings", "time_", "pre_ln", r"\.ln1\.", r"\.ln2\.", "ln_x", "ln_out"]
+
+# The name transformers gives the cache in model outputs and in generate()'s model keyword arguments:
+# `cache` from 5.24 on (the old names still work there, with a deprecation warning), `past_key_values` before.
+CACHE_NAME = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 # ------------------------------------------------------------------------------------ transformers' names
@@ -134,6 +141,10 @@ class RwkvCache:
 
     is_compileable = False
     is_croppable = False
+    # transformers >= 5.24 slices the positions a cache has read off generate()'s input_ids unless every layer
+    # is "linear" (its recurrent caches do not count positions). This cache counts them (`seen_tokens`), so
+    # generate(previous + new, cache=...) reads only the new tokens, as on earlier versions.
+    is_linear = (False,)
 
     def __init__(self, state: RwkvState, seen_tokens: int = 0):
         self.state = state
@@ -150,15 +161,14 @@ class RwkvCache:
         return f"RwkvCache(batch={self.batch_size}, seen_tokens={self.seen_tokens})"
 
 
-@dataclass
-class RwkvWorldCausalLMOutput(ModelOutput):
-    """loss (with labels), logits [B, T or logits_to_keep, vocab] fp32, past_key_values (`RwkvCache`) and
-    state (the same `RwkvState`, for `model(ids, state=out.state)`)."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: RwkvCache | None = None
-    state: RwkvState | None = None
+RwkvWorldCausalLMOutput = dataclasses.make_dataclass(
+    "RwkvWorldCausalLMOutput",
+    [("loss", "torch.Tensor | None", None), ("logits", "torch.Tensor | None", None),
+     (CACHE_NAME, "RwkvCache | None", None), ("state", "RwkvState | None", None)],
+    bases=(ModelOutput,), namespace={"__module__": __name__})
+RwkvWorldCausalLMOutput.__doc__ = (
+    "loss (with labels), logits [B, T or logits_to_keep, vocab] fp32, the cache (`RwkvCache`, under "
+    "`CACHE_NAME`) and state (the same `RwkvState`, for `model(ids, state=out.state)`).")
 
 
 # ------------------------------------------------------------------------------------ checkpoint shapes
@@ -277,20 +287,25 @@ class _RwkvWorldForCausalLM(RwkvWorldPreTrainedModel, GenerationMixin):
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values: RwkvCache | None = None, state: RwkvState | None = None,
+                cache: RwkvCache | None = None, state: RwkvState | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int = 0, inputs_embeds=None, **kwargs):
+                return_dict: bool | None = None, logits_to_keep: int = 0, inputs_embeds=None,
+                past_key_values: RwkvCache | None = None, **kwargs):
         """Read `input_ids` [B, T] after the cache's (or `state`'s) state; positions with attention_mask 0 are
-        skipped. Returns logits of the last `logits_to_keep` positions (0 = all) and the new state."""
+        skipped. Returns logits of the last `logits_to_keep` positions (0 = all) and the new state.
+        `past_key_values` is the cache's name before transformers 5.24."""
         if inputs_embeds is not None:
             raise ValueError("RWKV World models take input_ids, not inputs_embeds")
         if input_ids is None:
             raise ValueError("input_ids are required")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache once, as `cache` (or `past_key_values` before transformers 5.24)")
+        cache = cache if cache is not None else past_key_values
         ids = input_ids.to(self.rwkv.device)
         batch, length = ids.shape
-        start = past_key_values.state if past_key_values is not None else state
+        start = cache.state if cache is not None else state
         start = self._broadcast_state(start, batch)
         keep_all = labels is not None or logits_to_keep != 1
         mask = None if attention_mask is None else attention_mask[:, -length:].to(ids.device).bool()
@@ -305,10 +320,10 @@ class _RwkvWorldForCausalLM(RwkvWorldPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(logits.device),
                                       vocab_size=self.config.vocab_size, **kwargs)
-        seen = (past_key_values.seen_tokens if past_key_values is not None else 0) + length
-        output = RwkvWorldCausalLMOutput(loss=loss, logits=logits,
-                                         past_key_values=RwkvCache(new_state, seen) if use_cache else None,
-                                         state=new_state if use_cache else None)
+        seen = (cache.seen_tokens if cache is not None else 0) + length
+        new_cache = RwkvCache(new_state, seen) if use_cache else None
+        output = RwkvWorldCausalLMOutput(loss=loss, logits=logits, state=new_state if use_cache else None,
+                                         **{CACHE_NAME: new_cache})
         return output if return_dict else output.to_tuple()
 
     def _broadcast_state(self, state: RwkvState | None, batch: int) -> RwkvState | None:

@@ -63,7 +63,7 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint):
     """The whole C++ decode step against the PyTorch step of the same runner (same weights, same fp32
     activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three."""
     ckpt = make_checkpoint(version, n_layer=8, n_embd=128, seed=7)
-    model = load_model(ckpt.path, dtype=dtype, fast=False).use_fast_path()  # CPU fp32 loads without it
+    model = load_model(ckpt.path, device="cpu", dtype=dtype, fast=False).use_fast_path()  # CPU fp32 loads without it
     runner = model.runner
     assert runner.cpu_layers is not None and runner.act_dtype == torch.float32
     states = [model.forward(random_tokens(5 + i, seed=i))[1] for i in range(3)]
@@ -156,10 +156,10 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
     with pytest.warns(UserWarning, match="RWKV_CPU_KERNELS=0"):
         assert cpu_kernels.kernels() is None
     assert not cpu_kernels.handles_dtype(torch.bfloat16)
-    model = load_model(ckpt.path, dtype="bf16")
+    model = load_model(ckpt.path, device="cpu", dtype="bf16")
     assert model.runner is not None and model.runner.cpu_layers is None
     assert model.runner.act_dtype == torch.bfloat16  # PyTorch's bf16 products round their inputs
-    reference = load_model(ckpt.path, dtype="bf16", fast=False)
+    reference = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
     tokens = random_tokens(20, seed=4)
     logits, state = model.forward(tokens)
     expected, ref_state = reference.forward(tokens)
@@ -172,7 +172,7 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
 @needs_kernels
 def test_decode_layer_refuses_an_int8_weight_without_its_scales(make_checkpoint):
     ckpt = make_checkpoint("4", n_layer=1, n_embd=64, seed=7)
-    model = load_model(ckpt.path, dtype="int8")
+    model = load_model(ckpt.path, device="cpu", dtype="int8")
     tensors = list(model.runner.cpu_layers[0])
     tensors[6] = torch.empty(0)  # the r|k|v weight's scales
     state = model.zero_state()

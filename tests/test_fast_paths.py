@@ -116,8 +116,8 @@ def test_int8_linear_equals_dequantised_product_on_cpu():
 
 
 def test_int8_model_halves_bf16_memory_and_keeps_the_plain_path_working(ckpt):
-    bf16 = load_model(ckpt.path, dtype="bf16", fast=False)
-    int8 = load_model(ckpt.path, dtype="int8", fast=False)
+    bf16 = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
+    int8 = load_model(ckpt.path, device="cpu", dtype="int8", fast=False)
     assert int8.dtype == torch.int8 and int8.blocks[0].att.key.weight.dtype == torch.int8
     projections = lambda m: sum(p.numel() * p.element_size() for n, p in m.named_parameters()  # noqa: E731
                                 if n.endswith("weight") and p.dim() == 2 and not n.startswith("emb"))
@@ -178,7 +178,7 @@ def test_fast_path_never_changes_the_state_passed_in(ckpt):
 
 
 def test_packing_shares_the_weights_with_the_model(ckpt):
-    model = load_model(ckpt.path, dtype="bf16", fast=False)
+    model = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
     before = sum(p.numel() for p in model.parameters())
     model.use_fast_path()
     layer = model.runner.layers[0]
@@ -191,7 +191,7 @@ def test_packing_shares_the_weights_with_the_model(ckpt):
 
 def greedy_agreement(model, ckpt, steps=60) -> float:
     """Argmax agreement with the fp32 plain path, teacher-forced on its greedy tokens."""
-    reference = load_model(ckpt.path, dtype="fp32", fast=False)
+    reference = load_model(ckpt.path, device="cpu", dtype="fp32", fast=False)
     prompt = random_tokens(64, seed=11)
     expected, ref_state = reference.forward(prompt)
     logits, state = model.forward(prompt)
@@ -209,37 +209,37 @@ def test_bf16_and_int8_fast_paths_track_fp32(version, make_checkpoint):
     """Random tiny models are chaotic (the plain bf16 path itself agrees ~95% here), so the fast bf16 path
     is held to the plain bf16 path's agreement, and int8 to 90%; the benchmark measures the real shapes."""
     ckpt = make_checkpoint(version, n_layer=2, n_embd=256, seed=3)
-    plain = greedy_agreement(load_model(ckpt.path, dtype="bf16", fast=False), ckpt)
-    assert greedy_agreement(load_model(ckpt.path, dtype="bf16"), ckpt) >= plain - 0.02
-    assert greedy_agreement(load_model(ckpt.path, dtype="int8"), ckpt) >= 0.9
+    plain = greedy_agreement(load_model(ckpt.path, device="cpu", dtype="bf16", fast=False), ckpt)
+    assert greedy_agreement(load_model(ckpt.path, device="cpu", dtype="bf16"), ckpt) >= plain - 0.02
+    assert greedy_agreement(load_model(ckpt.path, device="cpu", dtype="int8"), ckpt) >= 0.9
 
 
 def test_fp16_rescaled_fast_path_tracks_fp32(ckpt):
-    fp16 = load_model(ckpt.path, dtype="fp16")
+    fp16 = load_model(ckpt.path, device="cpu", dtype="fp16")
     assert fp16.runner is not None and fp16.runner.rescale_every == 6
     tokens = random_tokens(64, seed=2)
     logits, _ = fp16.forward(tokens, all_logits=True)
-    expected, _ = load_model(ckpt.path).forward(tokens, all_logits=True)
+    expected, _ = load_model(ckpt.path, device="cpu").forward(tokens, all_logits=True)
     assert torch.isfinite(logits).all()
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
 
 
 def test_load_model_turns_the_fast_path_on_except_for_cpu_fp32(ckpt):
-    assert load_model(ckpt.path).runner is None
-    assert load_model(ckpt.path, dtype="bf16").runner is not None
-    assert load_model(ckpt.path, dtype="int8").runner is not None
-    assert load_model(ckpt.path, dtype="bf16", fast=False).runner is None
+    assert load_model(ckpt.path, device="cpu").runner is None
+    assert load_model(ckpt.path, device="cpu", dtype="bf16").runner is not None
+    assert load_model(ckpt.path, device="cpu", dtype="int8").runner is not None
+    assert load_model(ckpt.path, device="cpu", dtype="bf16", fast=False).runner is None
 
 
 def test_the_first_cpu_fast_load_of_a_process_says_it_prepares_the_kernels(ckpt, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
     preparing = "preparing the CPU kernels"
     stages = []
-    load_model(ckpt.path, progress=stages.append)  # fp32 on the CPU: the plain path, no kernels
+    load_model(ckpt.path, device="cpu", progress=stages.append)  # fp32 on the CPU: the plain path, no kernels
     assert stages[-1].startswith("placing") and not cpu_kernels.tried()
-    load_model(ckpt.path, dtype="bf16", progress=stages.append)
+    load_model(ckpt.path, device="cpu", dtype="bf16", progress=stages.append)
     assert stages[-1].startswith(preparing) and cpu_kernels.tried()
-    load_model(ckpt.path, fast=True, progress=stages.append)  # once tried, loads say nothing of it
+    load_model(ckpt.path, device="cpu", fast=True, progress=stages.append)  # once tried, loads say nothing of it
     assert stages[-1].startswith("placing") and sum(s.startswith(preparing) for s in stages) == 1
 
 
@@ -262,8 +262,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     from rwkv_chat.state import RwkvState
     path, dtype = sys.argv[1:]
     torch.manual_seed(0)
-    plain = load_model(path, dtype=dtype, fast=False)
-    fast = load_model(path, dtype=dtype, fast=False).use_fast_path(use_triton=True)
+    plain = load_model(path, device="cpu", dtype=dtype, fast=False)
+    fast = load_model(path, device="cpu", dtype=dtype, fast=False).use_fast_path(use_triton=True)
     tokens = torch.randint(1, 65530, (21,)).tolist()
     a, sa = plain.forward(tokens)
     b, sb = fast.forward(tokens)

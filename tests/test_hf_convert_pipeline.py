@@ -47,7 +47,7 @@ def test_convert_reports_an_unreadable_source(tmp_path, capsys):
 
 def test_text_generation_pipeline_continues_like_the_reference(checkpoint_factory):
     checkpoint, out_dir = converted_dir(checkpoint_factory, "5.2")
-    generator = pipeline("text-generation", model=str(out_dir))
+    generator = pipeline("text-generation", model=str(out_dir), device="cpu")
     tokenizer = generator.tokenizer
     expected = reference_greedy(checkpoint.oracle_pth, tokenizer.encode(PROMPT), 8)
     result = generator(PROMPT, max_new_tokens=8, do_sample=False)
@@ -56,7 +56,7 @@ def test_text_generation_pipeline_continues_like_the_reference(checkpoint_factor
 
 def test_chat_pipeline_answers_after_the_question_answer_template(checkpoint_factory):
     checkpoint, out_dir = converted_dir(checkpoint_factory, "4")
-    generator = pipeline("text-generation", model=str(out_dir))
+    generator = pipeline("text-generation", model=str(out_dir), device="cpu")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     reply = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]
     prompt = "Question: What is the capital of France?\n\nAnswer:"

@@ -16,8 +16,11 @@ register_hf()
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rwkv_chat import load_model  # noqa: E402
-from rwkv_chat.hf_model import RwkvCache, Rwkv4WorldForCausalLM, Rwkv5WorldForCausalLM  # noqa: E402
+from rwkv_chat.hf_model import CACHE_NAME, RwkvCache, Rwkv4WorldForCausalLM, Rwkv5WorldForCausalLM  # noqa: E402
 
+# The cache's keyword: transformers' current name (`cache` from 5.24 on), and the older `past_key_values`,
+# which transformers >= 5.24 still accepts (deprecated) and earlier versions use alone.
+CACHE_KEYWORDS = sorted({CACHE_NAME, "past_key_values"})
 ALL_VERSIONS = ["4", "5.0", "5.2"]  # behaviour that depends on the architecture
 STATE_LAYOUTS = ["4", "5.2"]  # the two state layouts (v4 aa/bb/pp, v5 key-by-value matrices)
 ONE_VERSION = ["5.2"]  # plumbing that is the same for every architecture
@@ -83,17 +86,41 @@ def test_sampling_is_seeded_and_stays_in_the_top_p_set(version, converted):
     assert first in allowed
 
 
+@pytest.mark.parametrize("version", ONE_VERSION)
+def test_outputs_carry_the_cache_under_the_current_transformers_name(version, converted):
+    model = converted[2]
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert isinstance(out[CACHE_NAME], RwkvCache) and out[CACHE_NAME].get_seq_length() == 3
+    assert out[CACHE_NAME].state is out.state
+    assert CACHE_NAME in out.keys() and "past_key_values" in out  # the old name still reads it
+
+
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+@pytest.mark.parametrize("version", ONE_VERSION)
+def test_forward_takes_the_cache_under_either_name(version, keyword, converted):
+    model = converted[2]
+    first, second = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])
+    carried = model(second, **{keyword: model(first)[CACHE_NAME]})
+    whole = model(torch.cat([first, second], dim=1))
+    torch.testing.assert_close(carried.logits[0], whole.logits[0, -2:], atol=1e-4, rtol=1e-4)
+    assert carried[CACHE_NAME].get_seq_length() == 6
+    cache = model(first)[CACHE_NAME]
+    with pytest.raises(ValueError, match="cache once"):
+        model(second, cache=cache, past_key_values=cache)
+
+
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
 @pytest.mark.parametrize("version", STATE_LAYOUTS)
-def test_new_prompt_on_top_of_a_returned_state(version, converted):
+def test_new_prompt_on_top_of_a_returned_state(version, keyword, converted):
     _, _, model, tokenizer = converted
     first = prompt_ids(tokenizer)
     out = model.generate(first, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = out[CACHE_NAME]
     assert isinstance(cache, RwkvCache) and cache.get_seq_length() == out.sequences.shape[1] - 1
     before = cache.state.clone()
     more = prompt_ids(tokenizer, "\n\nQuestion: And of Italy?\n\nAnswer:")
     whole = torch.cat([out.sequences, more], dim=1)
-    continued = model.generate(whole, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    continued = model.generate(whole, **{keyword: cache}, max_new_tokens=6, do_sample=False)
     from_scratch = model.generate(whole, max_new_tokens=6, do_sample=False)
     assert torch.equal(continued, from_scratch)
     assert cache.state.equal(before)  # the cache handed in is not changed
@@ -104,7 +131,7 @@ def test_generate_from_a_state_reads_only_the_new_tokens(version, converted):
     _, _, model, tokenizer = converted
     preamble, question = prompt_ids(tokenizer, "You are helpful.\n\n"), prompt_ids(tokenizer)
     state = model(preamble).state
-    on_state = model.generate(question, past_key_values=RwkvCache(state), max_new_tokens=6, do_sample=False)
+    on_state = model.generate(question, **{CACHE_NAME: RwkvCache(state)}, max_new_tokens=6, do_sample=False)
     whole = torch.cat([preamble, question], dim=1)
     from_scratch = model.generate(whole, max_new_tokens=6, do_sample=False)
     assert on_state[0, question.shape[1]:].tolist() == from_scratch[0, whole.shape[1]:].tolist()
@@ -118,9 +145,9 @@ def test_generate_from_a_state_reads_only_the_new_tokens(version, converted):
 def test_a_shorter_input_than_the_cache_is_refused(version, converted):
     _, _, model, tokenizer = converted
     ids = prompt_ids(tokenizer)
-    cache = model(ids).past_key_values
+    cache = model(ids)[CACHE_NAME]
     with pytest.raises(ValueError, match="already read"):
-        model.generate(ids[:, :3], past_key_values=cache, max_new_tokens=2)
+        model.generate(ids[:, :3], **{CACHE_NAME: cache}, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("version", ONE_VERSION)

@@ -36,10 +36,13 @@ def test_version_and_shape_come_from_the_weights(make_checkpoint):
         assert config.dim_ffn == (int(3.5 * 192) // 32 * 32 if version == "5.2" else 4 * 192)
 
 
-def test_default_placement_is_cpu_fp32_without_a_gpu(tiny_pth):
+def test_default_placement_is_cuda_bf16_with_a_gpu_else_cpu_fp32(tiny_pth):
     model = load_model(tiny_pth.path)
-    assert model.device.type == "cpu" and model.dtype == torch.float32
-    bf16 = load_model(tiny_pth.path, dtype="bf16")
+    if torch.cuda.is_available():
+        assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+    else:
+        assert model.device.type == "cpu" and model.dtype == torch.float32
+    bf16 = load_model(tiny_pth.path, device="cpu", dtype="bf16")
     assert bf16.blocks[0].att.key.weight.dtype == torch.bfloat16
     assert bf16.blocks[0].att.time_decay.dtype == torch.float32 and bf16.emb.weight.dtype == torch.float32
 

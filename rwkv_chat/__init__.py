@@ -9,7 +9,7 @@ The stable public surface:
 """
 
 from .loading import ModelLoadError, load_model
-from .model import RwkvConfig, RwkvModel
+from .models import RwkvConfig, RwkvModel
 from .state import RwkvState
 from .hf_register import register_when_transformers_loads as _register_transformers_classes
 

@@ -504,7 +504,7 @@ def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
     """Batch-1 weight-streaming products of each size's matrices: cuBLAS vs our Triton kernel configs.
 
     Weights are rotated over copies totalling >= 512 MB so every call reads HBM, not L2."""
-    from . import quant, triton_kernels as tk
+    from .kernels import quant, triton_kernels as tk
     configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, target_programs=tp)
                for bn, bk, nw, ns, tp in [(16, 512, 4, 2, 4), (16, 512, 4, 2, 8), (32, 256, 4, 2, 4),
                                           (32, 512, 8, 2, 4), (16, 1024, 8, 2, 4), (8, 1024, 4, 2, 8),
@@ -723,7 +723,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     if on_cuda:
         name = torch.cuda.get_device_name(device)
     else:
-        from . import cpu_kernels
+        from .kernels import cpu_kernels
         steps = "C++ decode kernels" if cpu_kernels.kernels() is not None else "PyTorch decode step (no C++ kernels)"
         name = f"CPU ({torch.get_num_threads()} threads, {steps})"
     title = (f"RWKV-{version} {size} (L{n_layer} D{n_embd}) · {name} · prefill {args.prefill_tokens} tok · "

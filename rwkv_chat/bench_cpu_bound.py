@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .bench import SIZES, OursImpl, RwkvPipImpl, cleanup, random_state_dict
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_bounds.cpp"
+SOURCE = Path(__file__).parent / "kernels" / "csrc" / "cpu_bounds.cpp"
 # every projection of a layer, and how many of the last tokens need it in the last layer (None: every token)
 LAST_LAYER_ROWS = {"att.key": None, "att.value": None, "att.receptance": 2, "att.gate": 2, "att.output": 2,
                    "ffn.key": 1, "ffn.receptance": 1, "ffn.value": 1}

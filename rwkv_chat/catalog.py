@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import Architecture, architecture_for
+
 VOCAB_SIZE = 65536
+HEAD_SIZE = 64  # every published World model
 BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
 
 
@@ -28,19 +31,17 @@ class CatalogEntry:
     hf_repo: str | None = None  # converted transformers-format repo, if published
 
     @property
-    def family(self) -> str:
-        return "RWKV-4 World" if self.version == "4" else "RWKV-5 World"
+    def architecture(self) -> Architecture:
+        return architecture_for(self.version)
 
     @property
     def dim_ffn(self) -> int:
-        # v4 and v5.0 use 4C; v5.2 uses 3.5C (its gate takes the difference: the files are the same size)
-        return int(3.5 * self.n_embd) // 32 * 32 if self.version == "5.2" else 4 * self.n_embd
+        return self.architecture.default_ffn_size(self.n_embd)
 
     @property
     def n_params(self) -> int:
         c, f, v = self.n_embd, self.dim_ffn, VOCAB_SIZE
-        att = (5 if self.version == "5.2" else 4) * c * c
-        return 2 * v * c + self.n_layer * (att + 2 * c * f + c * c)
+        return 2 * v * c + self.n_layer * (self.architecture.time_mix_params(c, c) + 2 * c * f + c * c)
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of every weight in `dtype`: the size of a checkpoint file stored in that dtype."""
@@ -48,8 +49,7 @@ class CatalogEntry:
 
     def state_bytes(self) -> int:
         """Bytes of one chat's fp32 RNN state."""
-        per_layer = 5 * self.n_embd if self.version == "4" else 2 * self.n_embd + self.n_embd * 64
-        return 4 * self.n_layer * per_layer
+        return 4 * self.n_layer * self.architecture.state_floats_per_layer(self.n_embd, self.n_embd, HEAD_SIZE)
 
     def loaded_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of the weights once loaded in `dtype`: the embedding stays fp32 in every dtype (as in the
@@ -61,9 +61,6 @@ class CatalogEntry:
         activations = 1024 * (self.dim_ffn + 6 * self.n_embd) * 4 + 1024 * VOCAB_SIZE * 4 // 16
         return self.loaded_bytes(dtype) + activations + 8 * self.state_bytes()
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} · {self.file_bytes / 1e9:.2f} GB download"
 
 
 def _w4(size, date, file_bytes, n_layer, n_embd, hf_size, tag="v1"):

@@ -40,8 +40,9 @@ def convert(source: str, out_dir: str | Path, dtype: str | torch.dtype = "fp32",
     model = load_model(source, device="cpu", dtype=torch.float32 if target == torch.float16 else target,
                        progress=progress)
     if target == torch.float16:
+        projections = model.projection_weight_names()
         for name, param in model.named_parameters():
-            if _is_projection(name):
+            if name in projections:
                 param.data = param.data.to(torch.float16)
     hf_model = causal_lm_class_for(model.config.version).from_rwkv_model(model)  # config.dtype = projections'
     hf_model.generation_config.pad_token_id = 0
@@ -50,12 +51,6 @@ def convert(source: str, out_dir: str | Path, dtype: str | torch.dtype = "fp32",
     hf_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     RwkvWorldTokenizer().save_pretrained(out_dir)
     return out_dir
-
-
-def _is_projection(name: str) -> bool:
-    """The matrices that are multiplied (the loader's rule: the embedding stays fp32)."""
-    return name.endswith(".weight") and name.split(".")[-2] in ("key", "value", "receptance", "output", "gate",
-                                                                  "head")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
 from transformers import PreTrainedConfig
 
-from .model import RwkvConfig
+from .hf_names import original_key
+from .models import RwkvConfig, architecture_for
 
 RWKV5_MODEL_TYPE = "rwkv5_world"
 PUBLISHED_RWKV5_MODEL_TYPE = "rwkv5"  # the remote-code layout published under RWKV/
@@ -29,9 +31,7 @@ DEFAULT_CONTEXT_LENGTH = 4096  # informational only: an RNN reads any length
 IGNORED_RWKV5_FIELDS = ("auto_map", "num_attention_heads", "head_size_divisor", "model_version")
 
 
-def rwkv5_ffn_size(hidden_size: int, version: str) -> int:
-    """Channel-mix width when a config leaves it out: 4C for 5.0, int(3.5C) rounded down to 32 for 5.2."""
-    return 4 * hidden_size if version == "5.0" else int(3.5 * hidden_size) // 32 * 32
+RWKV5_VERSIONS = ("5.0", "5.2")
 
 
 class Rwkv5WorldConfig(PreTrainedConfig):
@@ -69,12 +69,12 @@ class Rwkv5WorldConfig(PreTrainedConfig):
             kwargs.pop(field, None)
         if self.rwkv_version is None:
             self.rwkv_version = {"5_0": "5.0", "5.0": "5.0"}.get(str(model_version), "5.2")
-        if self.rwkv_version not in ("5.0", "5.2"):
-            raise ValueError(f"rwkv_version must be '5.0' or '5.2', got {self.rwkv_version!r}")
+        if self.rwkv_version not in RWKV5_VERSIONS:
+            raise ValueError(f"rwkv_version must be one of {RWKV5_VERSIONS}, got {self.rwkv_version!r}")
         if self.attention_hidden_size is None:
             self.attention_hidden_size = self.hidden_size
         if self.intermediate_size is None:
-            self.intermediate_size = rwkv5_ffn_size(self.hidden_size, self.rwkv_version)
+            self.intermediate_size = architecture_for(self.rwkv_version).default_ffn_size(self.hidden_size)
         super().__post_init__(**kwargs)
 
 
@@ -97,11 +97,11 @@ def hf_config_for(core: RwkvConfig, **extra) -> PreTrainedConfig:
                   attention_hidden_size=core.dim_att, intermediate_size=core.dim_ffn,
                   context_length=DEFAULT_CONTEXT_LENGTH, bos_token_id=0, eos_token_id=0,
                   tie_word_embeddings=False)
-    if core.version == "4":
-        from transformers.models.rwkv.configuration_rwkv import RwkvConfig as TransformersRwkvConfig
+    if core.version in RWKV5_VERSIONS:
+        return Rwkv5WorldConfig(**common, head_size=core.head_size, rwkv_version=core.version, **extra)
+    from transformers.models.rwkv.configuration_rwkv import RwkvConfig as TransformersRwkvConfig
 
-        return TransformersRwkvConfig(**common, **extra)
-    return Rwkv5WorldConfig(**common, head_size=core.head_size, rwkv_version=core.version, **extra)
+    return TransformersRwkvConfig(**common, **extra)
 
 
 def fit_config_to_weights(config: PreTrainedConfig, shapes: Mapping[str, Sequence[int]]) -> None:
@@ -111,19 +111,18 @@ def fit_config_to_weights(config: PreTrainedConfig, shapes: Mapping[str, Sequenc
     """
     if "rwkv.embeddings.weight" not in shapes:
         raise ValueError("the checkpoint has no rwkv.embeddings.weight: not an RWKV model in transformers' layout")
-    vocab_size, hidden = shapes["rwkv.embeddings.weight"]
-    config.vocab_size, config.hidden_size = int(vocab_size), int(hidden)
-    config.num_hidden_layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("rwkv.blocks."))
-    config.attention_hidden_size = int(shapes["rwkv.blocks.0.attention.key.weight"][0])
-    config.intermediate_size = int(shapes["rwkv.blocks.0.feed_forward.key.weight"][0])
-    is_v5 = "rwkv.blocks.0.attention.ln_x.weight" in shapes
-    if is_v5 != isinstance(config, Rwkv5WorldConfig):
-        raise ValueError(f"the weights are RWKV-{'5' if is_v5 else '4'} but config.json says model type "
+    # the architecture reads its version and shapes from the original names (meta tensors: shapes only)
+    weights = {original_key(key): torch.empty(tuple(shape), device="meta") for key, shape in shapes.items()}
+    core = RwkvConfig.from_state_dict(weights)
+    rwkv5_family = core.version in RWKV5_VERSIONS
+    if rwkv5_family != isinstance(config, Rwkv5WorldConfig):
+        raise ValueError(f"the weights are {core.architecture.family} but config.json says model type "
                          f"{config.model_type!r}")
-    if is_v5:
+    config.vocab_size, config.hidden_size = core.vocab_size, core.n_embd
+    config.num_hidden_layers, config.attention_hidden_size = core.n_layer, core.dim_att
+    config.intermediate_size = core.dim_ffn
+    if rwkv5_family:
         if "rwkv.blocks.0.attention.time_faaaa" not in shapes:
             raise ValueError("this RWKV-5.0 directory stores attention.time_first instead of time_faaaa; convert "
                              "the original .pth with `python -m rwkv_chat.convert` instead")
-        decay = shapes["rwkv.blocks.0.attention.time_decay"]
-        config.rwkv_version = "5.2" if len(decay) >= 2 and decay[1] > 1 else "5.0"
-        config.head_size = config.attention_hidden_size // int(decay[0])
+        config.rwkv_version, config.head_size = core.version, core.head_size

@@ -35,7 +35,8 @@ from transformers import GenerationMixin, PreTrainedModel, RwkvConfig as Transfo
 from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
-from . import model as core
+from .hf_names import ORIGINAL_TO_HF
+from .models import architecture_for, model as core
 from .hf_config import Rwkv5WorldConfig, core_config, fit_config_to_weights, hf_config_for
 from .state import RwkvState
 
@@ -51,9 +52,9 @@ CACHE_NAME = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", 
 # ------------------------------------------------------------------------------------ transformers' names
 
 class _TransformersNames:
-    """Mixin for a model.py module whose parameters/children were moved to transformers' names.
+    """Mixin for a models/ module whose parameters/children were moved to transformers' names.
 
-    model.py's forward code keeps using its own names (`self.att`, `self.time_mix_k`); each alias resolves
+    The module's forward code keeps using its own names (`self.att`, `self.time_mix_k`); each alias resolves
     to the new place (a dotted path is followed attribute by attribute).
     """
 
@@ -66,22 +67,6 @@ class _TransformersNames:
         return functools.reduce(getattr, target.split("."), self)
 
 
-class RwkvWorldTimeMix4(_TransformersNames, core.TimeMixV4):
-    ALIASES = {"time_mix_k": "time_mix_key", "time_mix_v": "time_mix_value", "time_mix_r": "time_mix_receptance"}
-
-
-class RwkvWorldTimeMix5(_TransformersNames, core.TimeMixV5):
-    ALIASES = {**RwkvWorldTimeMix4.ALIASES, "time_mix_g": "time_mix_gate"}
-
-
-class RwkvWorldChannelMix(_TransformersNames, core.ChannelMix):
-    ALIASES = {"time_mix_k": "time_mix_key", "time_mix_r": "time_mix_receptance"}
-
-
-class RwkvWorldBlock(_TransformersNames, core.Block):
-    ALIASES = {"att": "attention", "ffn": "feed_forward"}
-
-
 class RwkvWorldCore(_TransformersNames, core.RwkvModel):
     """An `RwkvModel` whose embedding is `embeddings`, whose ln0 is `blocks.0.pre_ln` and whose head lives
     on the owning causal-LM model (transformers keeps `head.weight` outside the `rwkv.` prefix)."""
@@ -89,8 +74,11 @@ class RwkvWorldCore(_TransformersNames, core.RwkvModel):
     ALIASES = {"emb": "embeddings", "ln0": "blocks.0.pre_ln", "head": "lm_head_ref"}
 
 
-TRANSFORMERS_CLASSES = {core.TimeMixV4: RwkvWorldTimeMix4, core.TimeMixV5: RwkvWorldTimeMix5,
-                        core.ChannelMix: RwkvWorldChannelMix, core.Block: RwkvWorldBlock}
+@functools.cache
+def _renamed_class(cls: type, aliases: tuple[tuple[str, str], ...]) -> type:
+    """`cls` with `aliases` (original name -> transformers' name) readable under the original names."""
+    return type(f"RwkvWorld{cls.__name__}", (_TransformersNames, cls), {"ALIASES": dict(aliases),
+                                                                         "__module__": __name__})
 
 
 def _move(module: nn.Module, old: str, new: str) -> None:
@@ -107,15 +95,16 @@ def with_transformers_names(model: core.RwkvModel) -> tuple[RwkvWorldCore, nn.Mo
     """Rename `model`'s parameters in place to transformers' names; returns (the model, its detached head).
 
     The model keeps working (its code reads the old names through aliases); its state_dict keys become
-    `embeddings.weight`, `blocks.0.pre_ln.weight`, `blocks.N.attention.time_mix_key`, ... and the head is
-    no longer one of its submodules (attach it with `set_head`).
+    `embeddings.weight`, `blocks.0.pre_ln.weight`, `blocks.N.attention.time_mix_key`, ... (hf_names.py) and
+    the head is no longer one of its submodules (attach it with `set_head`).
     """
-    for module in list(model.modules()):
-        renamed = TRANSFORMERS_CLASSES.get(type(module))
-        if renamed is not None:
-            for old, new in renamed.ALIASES.items():
+    for module in list(model.modules())[1:]:  # every submodule; the model's own names are moved below
+        names = [*module._parameters, *module._modules]
+        aliases = tuple((old, ORIGINAL_TO_HF[old]) for old in names if old in ORIGINAL_TO_HF)
+        if aliases:
+            for old, new in aliases:
                 _move(module, old, new)
-            module.__class__ = renamed
+            module.__class__ = _renamed_class(type(module), aliases)
     model.blocks[0].pre_ln = model._modules.pop("ln0")
     _move(model, "emb", "embeddings")
     head = model._modules.pop("head")
@@ -221,7 +210,7 @@ class RwkvWorldPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, (core.TimeMixV4, core.TimeMixV5, core.ChannelMix)):
+        else:  # the time and channel mixes' own vectors (decays, bonuses, token-shift mixes)
             for name, param in module.named_parameters(recurse=False):
                 value = {"time_decay": -1.0, "time_first": 0.0, "time_faaaa": 0.5}.get(name, 0.5)
                 init.constant_(param, value)
@@ -387,6 +376,9 @@ class Rwkv5WorldForCausalLM(_RwkvWorldForCausalLM):
     config_class = Rwkv5WorldConfig
 
 
+CAUSAL_LM_CLASSES = {"RWKV-4": Rwkv4WorldForCausalLM, "RWKV-5": Rwkv5WorldForCausalLM}  # by family
+
+
 def causal_lm_class_for(version: str) -> type[_RwkvWorldForCausalLM]:
     """The transformers class for an architecture version ("4", "5.0", "5.2")."""
-    return Rwkv4WorldForCausalLM if version == "4" else Rwkv5WorldForCausalLM
+    return CAUSAL_LM_CLASSES[architecture_for(version).family]

@@ -24,16 +24,15 @@ from typing import Callable
 import torch
 
 from .catalog import CatalogEntry, find_entry
-from .model import RwkvConfig, RwkvModel
+from .hf_names import original_key
+from .kernels import cpu_kernels, quant
+from .models import RwkvConfig, RwkvModel, UnsupportedCheckpoint
+from .runtime.fast_path import attach_fast_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8}
 FP16_RESCALE_EVERY = 6
 HF_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
-# transformers' names -> the original checkpoint's names (applied to each dotted part)
-HF_NAME_PARTS = {"embeddings": "emb", "pre_ln": "ln0", "attention": "att", "feed_forward": "ffn",
-                 "time_mix_key": "time_mix_k", "time_mix_value": "time_mix_v",
-                 "time_mix_receptance": "time_mix_r", "time_mix_gate": "time_mix_g"}
 
 Progress = Callable[[str], None]
 
@@ -50,8 +49,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     """Load `source` (see module docstring) onto `device` in `dtype`.
 
     Defaults: CUDA in bf16 when a GPU is present, else CPU in fp32. dtype "int8" (or torch.int8) stores the
-    projection matrices as int8 with per-row scales (quant.py): half of bf16's memory. `fast` turns on the
-    fast path (model.use_fast_path: fused kernels, CUDA graphs); by default it is on except for fp32 on CPU,
+    projection matrices as int8 with per-row scales (kernels/quant.py): half of bf16's memory. `fast` attaches
+    the fast runner (runtime.fast_path: fused kernels, CUDA graphs); by default it is on except for fp32 on CPU,
     which keeps the plain reference path. `progress` is called with short human-readable stage descriptions
     ("downloading ...", "placing ...").
     """
@@ -62,7 +61,6 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
     fast = fast_by_default(device, dtype) if fast is None else fast
     if fast and device.type == "cpu":
-        from . import cpu_kernels
         if not cpu_kernels.tried():
             report("preparing the CPU kernels (compiled on the first run only, about a minute)")
     return build_model(config, state_dict, device, dtype, fast)
@@ -155,12 +153,7 @@ def read_hf_dir(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_original_names(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renamed = {}
-    for key, tensor in raw.items():
-        parts = key.split(".")
-        if parts[0] in ("rwkv", "model"):
-            parts = parts[1:]
-        renamed[".".join(HF_NAME_PARTS.get(part, part) for part in parts)] = tensor
+    renamed = {original_key(key): tensor for key, tensor in raw.items()}
     if "emb.weight" not in renamed:
         raise ModelLoadError("the directory's weights are not an RWKV model (no embeddings)")
     return renamed
@@ -202,31 +195,12 @@ def download_repo(repo: str, report: Progress) -> Path:
 
 # ---------------------------------------------------------------------------------------- shape
 
-def detect_version(state_dict: dict[str, torch.Tensor]) -> str:
-    keys = state_dict.keys()
-    if any("time_maa" in k for k in keys) or any(".att.w0" in k or ".att.r_k" in k for k in keys):
-        raise ModelLoadError("this is an RWKV-6/7 checkpoint; only RWKV-4 and RWKV-5 (5.0, 5.2) are supported")
-    if not any(".ln_x." in k for k in keys):
-        return "4"
-    decay = state_dict["blocks.0.att.time_decay"]
-    per_channel = decay.dim() >= 2 and decay.shape[1] > 1
-    if any(".att.gate.weight" in k for k in keys):
-        if not per_channel:
-            raise ModelLoadError("this is an RWKV-5.1 checkpoint, which is not supported (5.0 and 5.2 are)")
-        return "5.2"
-    return "5.0"
-
-
 def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> RwkvConfig:
-    version = detect_version(state_dict)
-    n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    vocab_size, n_embd = state_dict["emb.weight"].shape
-    dim_att = state_dict["blocks.0.att.key.weight"].shape[0]
-    dim_ffn = state_dict["blocks.0.ffn.key.weight"].shape[0]
-    head_size = 64
-    if version != "4":
-        head_size = dim_att // state_dict["blocks.0.att.time_decay"].shape[0]
-    return RwkvConfig(version, n_layer, n_embd, dim_att, dim_ffn, vocab_size, head_size)
+    """The config of an original checkpoint; ModelLoadError when no supported architecture reads it."""
+    try:
+        return RwkvConfig.from_state_dict(state_dict)
+    except UnsupportedCheckpoint as error:
+        raise ModelLoadError(str(error)) from None
 
 
 def canonical_state_dict(config: RwkvConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,26 +209,20 @@ def canonical_state_dict(config: RwkvConfig, state_dict: dict[str, torch.Tensor]
     for key, tensor in state_dict.items():
         if key.startswith("blocks.0.ln0."):
             key = key.replace("blocks.0.ln0.", "ln0.")
-        if config.version != "4" and key.endswith(".att.time_first"):
-            key, tensor = key.replace("time_first", "time_faaaa"), torch.exp(tensor.float())  # u = exp(first)
+        key, tensor = config.architecture.canonical_key(key, tensor)
         out[key] = tensor
     return out
 
 
 # ---------------------------------------------------------------------------------------- placement
 
-def _is_projection(name: str) -> bool:
-    """Matrices that are multiplied (in the chosen dtype). The embedding is only looked up: it stays fp32,
-    as in the reference, because rounding it perturbs every later layer."""
-    return name.endswith(".weight") and (name.startswith("head.")
-                                         or re.search(r"\.(key|value|receptance|output|gate)\.weight$", name))
-
-
 def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device: torch.device,
                 dtype: torch.dtype, fast: bool | None = None) -> RwkvModel:
     """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between).
 
-    int8: projections are placed in bf16 (CUDA) or fp32 (CPU), then quantised in place (quant.py)."""
+    Projections (the matrices that are multiplied) take `dtype`; everything else stays fp32: the embedding is
+    only looked up, and rounding it perturbs every later layer, as in the reference. int8: projections are
+    placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -262,6 +230,7 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     with init_empty_weights():
         model = RwkvModel(config)
     params = dict(model.named_parameters())
+    projections = model.projection_weight_names()
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -274,14 +243,20 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         placed = dtype
         if dtype == torch.int8:
             placed = torch.bfloat16 if device.type == "cuda" else torch.float32
-        target = placed if _is_projection(name) else torch.float32
+        target = placed if name in projections else torch.float32
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
-        if dtype == torch.int8 and _is_projection(name):  # one matrix at a time: no full-precision peak
-            from .quant import quantize_model_
-            quantize_model_(model.get_submodule(name.rsplit(".", 1)[0]))
+        if dtype == torch.int8 and name in projections:
+            quantize_projection(model.get_submodule(name.rsplit(".", 1)[0]))
     model.eval()
     if dtype == torch.float16:
         model.enable_fp16_rescale(FP16_RESCALE_EVERY)
     if fast_by_default(device, dtype) if fast is None else fast:
-        model.use_fast_path()
+        attach_fast_path(model)
     return model
+
+
+def quantize_projection(projection: torch.nn.Module) -> None:
+    """Store a `Projection`'s weight as int8 with a per-row `weight_scale` buffer (in place)."""
+    q, scale = quant.quantize_rows(projection.weight.data)
+    projection.weight = torch.nn.Parameter(q, requires_grad=False)
+    projection.register_buffer("weight_scale", scale.to(q.device), persistent=True)

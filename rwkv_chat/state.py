@@ -5,13 +5,12 @@ independent sequences:
 
 - `shift`  [B, L, 2, C] fp32: the previous token's normalised input to the time mix (index 0) and to the
   channel mix (index 1) of every layer (the "token shift").
-- `wkv`    the time-mix memory of every layer, fp32:
-  v4: [B, L, 3, C] holding (aa, bb, pp): numerator, denominator and their common log-scale;
-  v5: [B, L, H, S, S] holding per head the key-by-value matrix.
+- `wkv`    the time-mix memory of every layer, fp32, [B, L, ...] in the layout of the model's architecture
+  (models/rwkv4.py: [B, L, 3, C]; models/rwkv5.py: [B, L, H, S, S]); `models.model.empty_state` builds an empty one.
 
 Nothing in this package changes a state in place: the model returns new states. That is what lets the
 engine branch from a cached state (retry, edit) and share a preamble state between users. This module knows
-nothing of the model's weights, only of shapes.
+nothing of the model's weights or architecture, only of two tensors with a batch dimension.
 """
 
 from __future__ import annotations
@@ -20,29 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-# Initial log-scale of an empty v4 numerator/denominator: e^-1e30 is exactly 0 in fp32.
-V4_EMPTY_LOG_SCALE = -1e30
-
 
 @dataclass(frozen=True)
 class RwkvState:
-    """A batch of RNN states. Build one with `RwkvState.zeros` or `model.zero_state()`."""
+    """A batch of RNN states. Build an empty one with `model.zero_state()`."""
 
     shift: torch.Tensor  # [B, L, 2, C]
-    wkv: torch.Tensor  # v4: [B, L, 3, C]; v5: [B, L, H, S, S]
-
-    @staticmethod
-    def zeros(version: str, n_layer: int, n_embd: int, n_head: int, head_size: int,
-              batch: int = 1, device: torch.device | str | None = None) -> "RwkvState":
-        """The state of a model that has read nothing."""
-        shift = torch.zeros(batch, n_layer, 2, n_embd, dtype=torch.float32, device=device)
-        if version == "4":
-            wkv = torch.zeros(batch, n_layer, 3, n_embd, dtype=torch.float32, device=device)
-            wkv[:, :, 2] = V4_EMPTY_LOG_SCALE
-        else:
-            wkv = torch.zeros(batch, n_layer, n_head, head_size, head_size,
-                              dtype=torch.float32, device=device)
-        return RwkvState(shift, wkv)
+    wkv: torch.Tensor  # [B, L, ...]: the architecture's time-mix memory
 
     @property
     def batch_size(self) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from rwkv_chat import bench_cpu_bound
 from rwkv_chat.loading import build_model, config_from_state_dict
-from rwkv_chat.model import Projection
+from rwkv_chat.models.layers import Projection
 from checkpoints import VERSIONS, make_state_dict
 
 CAPABLE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("c++") is not None

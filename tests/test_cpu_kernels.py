@@ -9,8 +9,11 @@ import shutil
 import pytest
 import torch
 
-from rwkv_chat import cpu_kernels, load_model
-from rwkv_chat.model import wkv4_step, wkv5_step
+from rwkv_chat import load_model
+from rwkv_chat.kernels import cpu_kernels
+from rwkv_chat.runtime.fast_path import attach_fast_path
+from rwkv_chat.models.rwkv4 import wkv4_step
+from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
 from reference import random_tokens
 
@@ -63,7 +66,7 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint):
     """The whole C++ decode step against the PyTorch step of the same runner (same weights, same fp32
     activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three."""
     ckpt = make_checkpoint(version, n_layer=8, n_embd=128, seed=7)
-    model = load_model(ckpt.path, device="cpu", dtype=dtype, fast=False).use_fast_path()  # CPU fp32 loads without it
+    model = attach_fast_path(load_model(ckpt.path, device="cpu", dtype=dtype, fast=False))  # CPU fp32 loads without it
     runner = model.runner
     assert runner.cpu_layers is not None and runner.act_dtype == torch.float32
     states = [model.forward(random_tokens(5 + i, seed=i))[1] for i in range(3)]

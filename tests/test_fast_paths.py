@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_chat import cpu_kernels, load_model, parallel_wkv, quant
-from rwkv_chat.model import wkv4_step, wkv5_step
+from rwkv_chat import load_model
+from rwkv_chat.kernels import cpu_kernels, parallel_wkv, quant
+from rwkv_chat.runtime.fast_path import attach_fast_path
+from rwkv_chat.models.rwkv4 import wkv4_step
+from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
 from reference import assert_states_passed_in_stay_unchanged, random_tokens
 
@@ -33,7 +36,7 @@ def ckpt(request, make_checkpoint):
 
 def plain_and_fast(path, dtype="fp32", device="cpu", **options):
     plain = load_model(path, device=device, dtype=dtype, fast=False)
-    fast = load_model(path, device=device, dtype=dtype, fast=False).use_fast_path(**options)
+    fast = attach_fast_path(load_model(path, device=device, dtype=dtype, fast=False), **options)
     return plain, fast
 
 
@@ -124,7 +127,7 @@ def test_int8_model_halves_bf16_memory_and_keeps_the_plain_path_working(ckpt):
     assert projections(int8) * 2 == projections(bf16)
     tokens = random_tokens(30, seed=1)
     plain, _ = int8.forward(tokens)
-    int8.use_fast_path()
+    attach_fast_path(int8)
     fast, _ = int8.forward(tokens)
     assert max_diff(plain, fast) <= 0.25  # both int8 weights; activations/logits rounded differently
     assert int(plain.argmax()) == int(fast.argmax())
@@ -180,7 +183,7 @@ def test_fast_path_never_changes_the_state_passed_in(ckpt):
 def test_packing_shares_the_weights_with_the_model(ckpt):
     model = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
     before = sum(p.numel() for p in model.parameters())
-    model.use_fast_path()
+    attach_fast_path(model)
     layer = model.runner.layers[0]
     packed = layer.att.weight
     key = model.blocks[0].att.key.weight
@@ -259,11 +262,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
             scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
         interpreter._patch_lang_tensor = patched
     from rwkv_chat import load_model
+    from rwkv_chat.runtime.fast_path import attach_fast_path
     from rwkv_chat.state import RwkvState
     path, dtype = sys.argv[1:]
     torch.manual_seed(0)
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
-    fast = load_model(path, device="cpu", dtype=dtype, fast=False).use_fast_path(use_triton=True)
+    fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False), use_triton=True)
     tokens = torch.randint(1, 65530, (21,)).tolist()
     a, sa = plain.forward(tokens)
     b, sb = fast.forward(tokens)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rwkv_chat import ModelLoadError, load_model
+from rwkv_chat.loading import config_from_state_dict
 from rwkv_chat.catalog import CATALOG, DEFAULT_MODEL, find_entry, get_entry
 from reference import random_tokens, reference_run
 
@@ -104,9 +105,8 @@ def test_non_rwkv_and_unsafe_files_are_refused(tmp_path):
 def test_unsupported_architectures_are_named(tiny_pth):
     weights = torch.load(tiny_pth.path, weights_only=True)
     weights["blocks.0.att.time_maa_x"] = torch.zeros(1)
-    with pytest.raises(ModelLoadError, match="RWKV-6/7"):
-        from rwkv_chat.loading import detect_version
-        detect_version(weights)
+    with pytest.raises(ModelLoadError, match="RWKV-6 checkpoint"):
+        config_from_state_dict(weights)
 
 
 def test_catalog_covers_every_published_size():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_chat import load_model, model as model_module
+from rwkv_chat import load_model
+from rwkv_chat.models import rwkv4, rwkv5
+from rwkv_chat.models.layers import WKV_CHUNK
 from rwkv_chat.state import RwkvState
 from reference import assert_states_passed_in_stay_unchanged, random_tokens, reference_run
 
@@ -117,16 +119,16 @@ def test_decode_batch_rows_equal_single_decodes(tiny_pth):
 def test_prefill_runs_in_chunks_not_a_loop_over_tokens(tiny_pth, monkeypatch):
     model = load_model(tiny_pth.path, device="cpu")
     calls = {"step": 0, "chunk": 0}
-    for name in ("wkv4_step", "wkv5_step", "wkv4_chunk", "wkv5_chunk"):
-        original = getattr(model_module, name)
+    for module, name in ((rwkv4, "wkv4_step"), (rwkv5, "wkv5_step"), (rwkv4, "wkv4_chunk"), (rwkv5, "wkv5_chunk")):
+        original = getattr(module, name)
         kind = "step" if name.endswith("step") else "chunk"
 
         def counted(*args, _original=original, _kind=kind):
             calls[_kind] += 1
             return _original(*args)
-        monkeypatch.setattr(model_module, name, counted)
+        monkeypatch.setattr(module, name, counted)
     model.forward(random_tokens(100, seed=4))
-    chunks_per_layer = -(-100 // model_module.WKV_CHUNK)
+    chunks_per_layer = -(-100 // WKV_CHUNK)
     assert calls == {"step": 0, "chunk": chunks_per_layer * model.config.n_layer}
 
 

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from rwkv_chat.models import RwkvConfig, empty_state
 from rwkv_chat.state import RwkvState
 from rwkv_chat.state_cache import StateCache
 
@@ -86,7 +87,7 @@ def test_state_stack_unstack_and_size():
     first, second = both.unstack()
     assert first.equal(a) and second.equal(b)
     assert both[-1].equal(b)
-    zero = RwkvState.zeros("4", n_layer=2, n_embd=8, n_head=0, head_size=64)
+    zero = empty_state(RwkvConfig("4", n_layer=2, n_embd=8, dim_att=8, dim_ffn=32, vocab_size=16), 1, "cpu")
     assert torch.all(zero.wkv[:, :, 2] == torch.tensor(-1e30)) and zero.shift.abs().sum() == 0
-    v5 = RwkvState.zeros("5.2", n_layer=2, n_embd=128, n_head=2, head_size=64, batch=3)
+    v5 = empty_state(RwkvConfig("5.2", n_layer=2, n_embd=128, dim_att=128, dim_ffn=448, vocab_size=16), 3, "cpu")
     assert v5.wkv.shape == (3, 2, 2, 64, 64) and v5.nbytes == 4 * (3 * 2 * 2 * 128 + 3 * 2 * 2 * 64 * 64)

@@ -7,10 +7,10 @@ What this module promises:
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
 - `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
-  is one RWKV layer's decode step, and its `wkv4_scan` / `wkv5_scan` the wkv of a prefill segment (fast.py
+  is one RWKV layer's decode step, and its `wkv4_scan` / `wkv5_scan` the wkv of a prefill segment (runtime/fast_path.py
   calls them). The tests hold them to PyTorch and to the float64 recurrence.
 
-It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in fast.py.
+It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
 
 from __future__ import annotations

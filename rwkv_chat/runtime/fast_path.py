@@ -1,12 +1,14 @@
 """The fast inference path of an `RwkvModel`: packed projections, fused decode steps, parallel prefill.
 
 What this module promises:
+- `attach_fast_path(model)` attaches a `FastRunner` to a plain model (its `runner`), `detach_fast_path` takes it
+  off; the model's forward/decode_batch then go through it.
 - `FastRunner(model)` computes the same function as the model's plain path (`RwkvModel._read`), within the
   rounding of the model's weight dtype: `prefill(ids, state)` for one sequence and `decode(ids, state)` for
   one token of each of B sequences. States passed in are never changed; new ones are returned.
 - Packing shares memory with the model: each layer's r/k/v(/g) projections become one [P*A, C] matrix and
   the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed to views
-  of them, so the weights are held once. int8 models (see quant.py) are packed the same way, with scales.
+  of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way, with scales.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
   graphed; on CPU each layer's step is one call into the C++ kernels (cpu_kernels.py), whose products read
@@ -14,25 +16,23 @@ What this module promises:
   is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton (CUDA) or
   in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py.
 
-It knows the model's modules and math; it knows nothing of text, files or sessions.
+It is the same for every architecture: what differs (how a time mix is packed, its recurrence on each backend)
+it asks the model's architecture (models/rwkv4.py, rwkv5.py). It knows nothing of text, files or sessions.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, parallel_wkv, quant, triton_kernels
-from .state import RwkvState
+from ..kernels import cpu_kernels, quant, triton_kernels
+from ..models.layers import LAYER_NORM_EPS
+from ..state import RwkvState
+from .cuda_graphs import GraphedDecoder
 
-LAYER_NORM_EPS = 1e-5
-GROUP_NORM_EPS = 64e-5
-CPU_WKV_CHUNK = 16
-CPU_WKV4_CHUNK = 32  # v4's chunks cost one [C, L, L] table product: longer ones measured faster on CPU
 CUDA_WKV_CHUNK = 32
 CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
 CUDA_SEGMENT = 4096
@@ -120,56 +120,44 @@ class LayerPack:
     ffn_mix: torch.Tensor  # [2, C]: k, r
     ffn: PackedLinear  # [F + C, C]: key, receptance
     value: PackedLinear  # [C, F]
-    decay: torch.Tensor  # v4: w = -exp(time_decay) [C]; v5: log_w = -exp(time_decay) [H, S]
-    first: torch.Tensor  # u: [C] or [H, S]
-    ln_x_w: torch.Tensor | None = None
-    ln_x_b: torch.Tensor | None = None
+    decay: torch.Tensor  # as the architecture's kernels read it (TimeMixPack.decay)
+    first: torch.Tensor  # u
+    ln_x: tuple[torch.Tensor, torch.Tensor] | None = None  # GroupNorm of the heads, if any
 
     @property
-    def decay_factor(self) -> torch.Tensor:  # v5: w = exp(log_w), cached
+    def decay_factor(self) -> torch.Tensor:  # w = exp(decay) for kernels that read the factor, cached
         if not hasattr(self, "_w"):
             self._w = torch.exp(self.decay).contiguous()
         return self._w
 
 
-def cpu_layer_tensors(layer: LayerPack, version: str) -> list[torch.Tensor]:
+def cpu_layer_tensors(layer: LayerPack, architecture) -> list[torch.Tensor]:
     """A layer's tensors in the order cpu_kernels.decode_layer reads them (empty tensors for absent ones)."""
     none = torch.empty(0)
     opt = lambda t: none if t is None else t  # noqa: E731
-    decay = layer.decay if version == "4" else layer.decay_factor  # v5 reads w = exp(log_w)
+    ln_x_w, ln_x_b = layer.ln_x or (None, None)
     return [layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b, layer.att_mix, layer.att.weight,
             opt(layer.att.scale), layer.out.weight, opt(layer.out.scale), layer.ffn_mix, layer.ffn.weight,
-            opt(layer.ffn.scale), decay, layer.first, layer.value.weight, opt(layer.value.scale),
-            opt(layer.ln_x_w), opt(layer.ln_x_b)]
+            opt(layer.ffn.scale), architecture.cpu_decay(layer), layer.first, layer.value.weight,
+            opt(layer.value.scale), opt(ln_x_w), opt(ln_x_b)]
 
 
 def pack_layer(block: nn.Module, config) -> LayerPack:
     att, ffn = block.att, block.ffn
     c = config.n_embd
-    mixes = [att.time_mix_r, att.time_mix_k, att.time_mix_v]
-    projections = [att.receptance, att.key, att.value]
-    if config.version == "5.2":
-        mixes.append(att.time_mix_g)
-        projections.append(att.gate)
+    time_mix = config.architecture.pack_time_mix(att, config)
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-    pack = LayerPack(
+    return LayerPack(
         ln1_w=f32(block.ln1.weight), ln1_b=f32(block.ln1.bias), ln2_w=f32(block.ln2.weight),
         ln2_b=f32(block.ln2.bias),
-        att_mix=torch.stack([f32(m).reshape(c) for m in mixes]),
-        att=pack_projections(projections),
+        att_mix=torch.stack([f32(m).reshape(c) for m in time_mix.mixes]),
+        att=pack_projections(time_mix.projections),
         out=pack_projections([att.output]),
         ffn_mix=torch.stack([f32(ffn.time_mix_k).reshape(c), f32(ffn.time_mix_r).reshape(c)]),
         ffn=pack_projections([ffn.key, ffn.receptance]),
         value=pack_projections([ffn.value]),
-        decay=-torch.exp(f32(att.time_decay)),
-        first=f32(att.time_first if config.version == "4" else att.time_faaaa),
+        decay=time_mix.decay, first=time_mix.first, ln_x=time_mix.ln_x,
     )
-    if config.version != "4":
-        h, s = config.n_head, config.head_size
-        pack.decay = pack.decay.reshape(h, -1).expand(h, s).contiguous()
-        pack.first = pack.first.reshape(h, -1).expand(h, s).contiguous()
-        pack.ln_x_w, pack.ln_x_b = f32(att.ln_x.weight), f32(att.ln_x.bias)
-    return pack
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -179,7 +167,7 @@ class FastRunner:
 
     def __init__(self, model: nn.Module, use_triton: bool | None = None, use_graphs: bool | None = None):
         self.config = model.config
-        self.version = model.config.version
+        self.architecture = model.config.architecture
         self.device = model.device
         self.rescale_every = model.rescale_every
         head_dtype = model.head.weight.dtype
@@ -201,12 +189,12 @@ class FastRunner:
         on_cuda = self.device.type == "cuda"
         self.use_triton = triton_kernels.usable(self.device) if use_triton is None else use_triton
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
-        self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else CPU_WKV4_CHUNK if self.version == "4" else CPU_WKV_CHUNK
+        self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
         self._graphs = None
-        self._lock = threading.Lock()
         # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
-        self.cpu_layers = [cpu_layer_tensors(layer, self.version) for layer in self.layers] if cpu_decode else None
+        self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
+                           if cpu_decode else None)
         # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
         # else the chunked PyTorch forms of parallel_wkv
         self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
@@ -220,9 +208,12 @@ class FastRunner:
 
     def _graph_holder(self):
         if self._graphs is None:
-            from .cuda_graphs import GraphedDecoder
-            self._graphs = GraphedDecoder(self._decode_step, self.config, self.device)
+            self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device)
         return self._graphs
+
+    def empty_state(self, batch: int) -> RwkvState:
+        shift = torch.zeros(batch, self.config.n_layer, 2, self.config.n_embd, device=self.device)
+        return RwkvState(shift, self.architecture.empty_wkv(self.config, batch, self.device))
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         """ids [T] long -> (logits fp32 [V] or [T, V], new state)."""
@@ -249,11 +240,10 @@ class FastRunner:
         kernels = cpu_kernels.kernels()
         new_shift = torch.empty_like(shift)
         new_wkv = torch.empty_like(wkv)
-        version = 4 if self.version == "4" else 5
         for i, (layer, tensors) in enumerate(zip(self.layers, self.cpu_layers)):
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
             x = kernels.decode_layer(x.contiguous(), shift[:, i], wkv[:, i], new_shift[:, i], new_wkv[:, i],
-                                     tensors, version, layer.att.n_segments, halve)
+                                     tensors, self.architecture.cpu_kernel_id, layer.att.n_segments, halve)
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
         return self.head(x), RwkvState(new_shift, new_wkv)
 
@@ -268,26 +258,12 @@ class FastRunner:
         return self.head(x), RwkvState(new_shift, new_wkv)
 
     def _decode_layer_torch(self, layer: LayerPack, x, shift, wkv, shift_out, wkv_out):
-        from .model import wkv4_step, wkv5_step
         xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
         shift_out[:, 0] = xx
         prev = shift[:, 0]
         mixed = (xx * layer.att_mix[:, None] + prev * (1 - layer.att_mix[:, None])).to(self.act_dtype)  # [P, B, C]
         proj = [layer.att(mixed[i], i) for i in range(layer.att.n_segments)]  # fp32 [B, A] each
-        batch = x.shape[0]
-        if self.version == "4":
-            r, k, v = proj
-            out, aa, bb, pp = wkv4_step(layer.decay, layer.first, k, v, wkv[:, 0], wkv[:, 1], wkv[:, 2])
-            wkv_out[:, 0], wkv_out[:, 1], wkv_out[:, 2] = aa, bb, pp
-            out = torch.sigmoid(r) * out
-        else:
-            h, s = layer.decay.shape
-            r, k, v = (t.view(batch, h, s) for t in proj[:3])
-            out, new = wkv5_step(layer.decay, layer.first, r, k, v, wkv)
-            wkv_out.copy_(new)
-            out = F.group_norm(out.reshape(batch, h * s), h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
-            if len(proj) == 4:
-                out = out * F.silu(proj[3])
+        out = self.architecture.decode_wkv(layer, proj, wkv, wkv_out)
         x = x + layer.out(out.to(self.act_dtype))
         xx = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         shift_out[:, 1] = xx
@@ -329,12 +305,7 @@ class FastRunner:
                   xx_out=new_shift[:, 0, 0])
         for i, layer in enumerate(layers):
             proj = self._project(mixed, layer.att)
-            if self.version == "4":
-                y = tk.wkv4_decode(*proj, wkv[:, i], new_wkv[:, i], layer.decay, layer.first, self.act_dtype)
-            else:
-                gate = proj[3] if len(proj) == 4 else None
-                y = tk.wkv5_decode(proj[0], proj[1], proj[2], gate, wkv[:, i], new_wkv[:, i], layer.decay_factor,
-                                   layer.first, layer.ln_x_w, layer.ln_x_b, self.act_dtype, GROUP_NORM_EPS)
+            y = self.architecture.triton_decode_wkv(tk, layer, proj, wkv[:, i], new_wkv[:, i], self.act_dtype)
             (att_out,) = self._project(y.unsqueeze(0), layer.out)
             tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
                       xx_out=new_shift[:, i, 1], delta=att_out)
@@ -387,40 +358,15 @@ class FastRunner:
         """One layer over x [T, C] -> (x, new shift, new wkv). last_rows: return x for the last two tokens
         only, and spend on the others only what the state needs (k and v; the channel mix of the last token
         needs the attention output of the one before it, through its token shift)."""
-        length = x.shape[0]
         xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx, shift[0], layer.att_mix)
-        if last_rows:  # k and v (and v5's r, which its scans read) of every token; v4's r and v5's g of the last two
-            every = (1, 2) if self.version == "4" else (0, 1, 2)
+        if last_rows:  # the projections the recurrence reads for every token; the others for the last two
+            every = self.architecture.projections_for_every_token
             proj = [layer.att(mixed[i] if i in every else mixed[i, -2:], i) for i in range(layer.att.n_segments)]
         else:
             proj = self._prefill_projections(mixed, layer.att)
         kept = slice(-2, None) if last_rows else slice(None)  # the rows that go on past the wkv
-        if self.version == "4":
-            r, k, v = proj
-            if self.wkv_scans is not None:
-                out, new_wkv = self.wkv_scans.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
-                                                        wkv.contiguous())
-            else:
-                out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
-                                                            wkv[0:1], wkv[1:2], wkv[2:3], self.wkv_chunk)
-                out, new_wkv = out[0], torch.cat([aa, bb, pp])
-            out = torch.sigmoid(r) * out[kept]
-        else:
-            h, s = layer.decay.shape
-            if self.wkv_scans is not None:
-                out, new_wkv = self.wkv_scans.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous()
-                                                        for t in proj[:3]), wkv.contiguous())
-            else:
-                r, k, v = (t.view(1, length, h, s).transpose(1, 2) for t in proj[:3])  # [1, H, T, S]
-                scan = "matrix" if x.device.type == "cuda" else "loop"
-                out, new_wkv = parallel_wkv.wkv5_segment(layer.decay, layer.first, r, k, v, wkv.unsqueeze(0),
-                                                         self.wkv_chunk, scan)
-                new_wkv = new_wkv[0]
-                out = out[0].transpose(0, 1).reshape(length, h * s)
-            out = F.group_norm(out[kept], h, layer.ln_x_w, layer.ln_x_b, GROUP_NORM_EPS)
-            if len(proj) == 4:
-                out = out * F.silu(proj[3])
+        out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.wkv_scans, self.wkv_chunk, kept)
         x = x[kept] + layer.out(out.to(self.act_dtype))
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
@@ -428,3 +374,18 @@ class FastRunner:
         r = torch.sigmoid(layer.ffn(mixed[1], 1))
         x = x + r * layer.value(k.to(self.act_dtype))
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv
+
+
+@torch.no_grad()
+def attach_fast_path(model: nn.Module, **options) -> nn.Module:
+    """Route `model`'s forward/decode_batch through a `FastRunner` (packed projections, fused kernels, CUDA
+    graphs; the same function within the weight dtype's rounding). Call after the weights are final (loading,
+    fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model."""
+    model.runner = FastRunner(model, **options)
+    return model
+
+
+def detach_fast_path(model: nn.Module) -> nn.Module:
+    """Back to the model's plain reference path."""
+    model.runner = None
+    return model

@@ -1,7 +1,7 @@
 """CUDA graphs for the decode step: one captured graph per batch-size bucket, replayed per token.
 
 What this module promises:
-- `GraphedDecoder(step, config, device)(ids [B], state)` returns exactly what `step(ids, state.shift,
+- `GraphedDecoder(step, empty_state, device)(ids [B], state)` returns exactly what `step(ids, state.shift,
   state.wkv)` returns, as fresh tensors the caller owns (the graph's static buffers are copied out), without
   the per-kernel launch cost: a decode step is hundreds of small kernels, and replaying them as one graph is
   what lets batch-1 decoding reach the memory bandwidth.
@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .state import RwkvState
+from ..state import RwkvState
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 WARMUP_RUNS = 2
@@ -66,12 +66,12 @@ class _Captured:
 class GraphedDecoder:
     """Replays captured decode steps (see module docstring)."""
 
-    def __init__(self, step, config, device: torch.device, buckets=BUCKETS):
+    def __init__(self, step, empty_state, device: torch.device, buckets=BUCKETS):
+        """step(ids, shift, wkv) -> (logits, RwkvState); empty_state(batch) -> the model's empty RwkvState."""
         self.step = step
         self.device = torch.device(device)
         self.buckets = tuple(sorted(buckets))
-        c = config
-        self.template = RwkvState.zeros(c.version, c.n_layer, c.n_embd, c.n_head, c.head_size, 1, self.device)
+        self.template = empty_state(1)
         self.graphs: dict[int, _Captured] = {}
         self.pool = None
         self.lock = threading.Lock()

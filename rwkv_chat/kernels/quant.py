@@ -7,19 +7,17 @@ What this module promises:
   as `model.Projection` does) and for int8 weights (scale given). On CUDA, int8 products run in Triton
   kernels when Triton is present; on CPU through PyTorch's int8 weight kernel; anywhere else by
   dequantising, which is slow but exact to the stored weights.
-- `quantize_model_(model)` turns every projection of an `RwkvModel` (time mix, channel mix, head) into int8
-  in place; embeddings, norms, decays and mixes keep their precision.
 
-It knows nothing of RWKV beyond the names of the projection modules.
+It knows nothing of RWKV: which matrices are quantised is the loader's choice.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-INT8 = "int8"
+from . import triton_kernels
+
 INT8_MAX = 127.0
 QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows (64 MiB of fp32)
 
@@ -49,7 +47,6 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x.device.type == "cuda":
-        from . import triton_kernels
         if triton_kernels.AVAILABLE:
             out = triton_kernels.matmul(x2.to(torch.bfloat16).unsqueeze(0), q, scale).sum(0)
             return out.reshape(*shape, q.shape[0])
@@ -74,15 +71,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
             raise ValueError("an int8 weight needs its per-row scale")
         return int8_linear(x, weight, scale)
     return F.linear(x.to(weight.dtype), weight).float()
-
-
-def quantize_model_(model: nn.Module) -> nn.Module:
-    """Replace every `Projection` weight of `model` by int8 + a `weight_scale` buffer (in place)."""
-    from .model import Projection
-
-    for module in model.modules():
-        if isinstance(module, Projection) and module.weight.dtype != torch.int8:
-            q, scale = quantize_rows(module.weight.data)
-            module.weight = nn.Parameter(q, requires_grad=False)
-            module.register_buffer("weight_scale", scale.to(q.device), persistent=True)
-    return model

@@ -4,7 +4,7 @@ and the sequential RWKV-4 scan for prefill.
 What this module promises:
 - `AVAILABLE` says whether Triton imported; without it nothing here may be called (callers fall back to
   PyTorch), and importing this module never fails.
-- Each wrapper computes the same function as the PyTorch code in `fast.py` it replaces (fp32 arithmetic; only
+- Each wrapper computes the same function as the PyTorch code of runtime/fast_path.py and the architectures it replaces (fp32 arithmetic; only
   the matrix operands are in the weight dtype), allocates its outputs, and returns them.
 - `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into
   segments (r|k|v|g, or ffn key|receptance): row block n uses input `seg(n)`. The weight is read once.

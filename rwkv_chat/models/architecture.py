@@ -1,0 +1,109 @@
+"""What an RWKV architecture must answer, so that nothing outside its module branches on a version.
+
+An `Architecture` is one object per architecture version ("4", "5.0", "5.2"), made by that version's module and
+listed in registry.py. The loader, the state, the catalog, the fast runner and the transformers wing ask it:
+- which checkpoints it reads (`identifies`), its shapes from the weights (`head_size_from`, `default_ffn_size`),
+  and what the original key names mean here (`canonical_key`);
+- its state (`n_head`, `empty_wkv`) and the modules of its reference math (`make_time_mix`);
+- its size (`time_mix_params`, `state_floats_per_layer`) for memory estimates;
+- for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
+  `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`).
+
+It holds no weights and no state: the methods take the tensors they work on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import RwkvConfig
+
+
+@dataclass
+class TimeMixPack:
+    """A time mix as the fast paths read it: the token-shift mixes and the projections they feed, in the same
+    order (packed into one matrix), and the recurrence's constants in the layout of the kernels."""
+
+    mixes: list[torch.Tensor]  # [1, 1, C] each
+    projections: list[nn.Module]  # the `Projection`s each mix feeds
+    decay: torch.Tensor  # fp32, as the architecture's kernels read it
+    first: torch.Tensor  # fp32 bonus of the current token (u)
+    ln_x: tuple[torch.Tensor, torch.Tensor] | None = None  # GroupNorm of the heads (weight, bias), if any
+
+
+class Architecture:
+    """The interface; see the module docstring. Subclasses set the class attributes."""
+
+    version: str  # "4", "5.0", "5.2"
+    family: str  # the name users know: "RWKV-4", "RWKV-5"
+    heads: bool  # whether the time mix is split into heads of `head_size`
+    cpu_kernel_id: int  # which recurrence cpu_kernels.decode_layer runs
+    cpu_wkv_chunk: int  # tokens per chunk of the PyTorch prefill form on CPUs
+    # time-mix projections (indices into `TimeMixPack.projections`) that the last layer of a prefill computes
+    # for every token (the recurrence reads them); the others only for the last two tokens
+    projections_for_every_token: tuple[int, ...]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def identifies(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        raise NotImplementedError
+
+    def head_size_from(self, state_dict: dict[str, torch.Tensor], dim_att: int) -> int:
+        raise NotImplementedError
+
+    def default_ffn_size(self, n_embd: int) -> int:
+        raise NotImplementedError
+
+    def canonical_key(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """An original checkpoint's (key, tensor) in this package's names and conventions."""
+        return key, tensor
+
+    # ------------------------------------------------------------------------------------- shapes and state
+    def n_head(self, config: "RwkvConfig") -> int:
+        raise NotImplementedError
+
+    def empty_wkv(self, config: "RwkvConfig", batch: int, device) -> torch.Tensor:
+        """The time-mix memory of every layer of a model that has read nothing: [B, L, ...] fp32."""
+        raise NotImplementedError
+
+    def make_time_mix(self, config: "RwkvConfig") -> nn.Module:
+        raise NotImplementedError
+
+    def time_mix_params(self, n_embd: int, dim_att: int) -> int:
+        """Parameters of one layer's time-mix projections."""
+        raise NotImplementedError
+
+    def state_floats_per_layer(self, n_embd: int, dim_att: int, head_size: int) -> int:
+        """fp32 numbers of one layer's state (token shifts included)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------- fast paths
+    def pack_time_mix(self, att: nn.Module, config: "RwkvConfig") -> TimeMixPack:
+        raise NotImplementedError
+
+    def decode_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, wkv_out: torch.Tensor) -> torch.Tensor:
+        """One token of B sequences in PyTorch: the projections (fp32 [B, A] each) and this layer's memory
+        -> the input of the output projection (fp32 [B, A]); the new memory is written to wkv_out."""
+        raise NotImplementedError
+
+    def triton_decode_wkv(self, kernels, layer, proj, wkv, wkv_out, act_dtype) -> torch.Tensor:
+        """The same in the Triton kernels (proj: partial products [S, B, A] each)."""
+        raise NotImplementedError
+
+    def prefill_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, scans, chunk: int,
+                    kept: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """T tokens of one sequence: projections fp32 [T or 2, A] -> (the output projection's input for the
+        `kept` rows, new memory). `scans` is a module with the token-by-token scans (Triton or C++), or None
+        for the chunked PyTorch forms."""
+        raise NotImplementedError
+
+    def cpu_decay(self, layer) -> torch.Tensor:
+        """The decay as cpu_kernels.decode_layer reads it."""
+        return layer.decay
+
+    def __repr__(self) -> str:
+        return f"<{self.family} architecture {self.version}>"

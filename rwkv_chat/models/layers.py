@@ -1,0 +1,74 @@
+"""The pieces every RWKV architecture shares: projections, token shift, the channel mix and the norm constants.
+
+Promises: `Projection` takes and returns fp32 and computes in its weight's dtype (int8 weights through the
+kernels' int8 product); `token_shift`/`mix` are the reference token-shift formulas; `ChannelMix` is the
+feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`); `layer_norm`/`group_norm` run in
+fp32 with the reference epsilons. It knows no version: what differs between versions lives in their modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import quant
+
+LAYER_NORM_EPS = 1e-5
+GROUP_NORM_EPS = 64e-5  # ln_x: GroupNorm of the head outputs (equals GN(out / 8, eps=1e-5) for head size 64)
+WKV_CHUNK = 32  # tokens per chunk of the reference's parallel recurrence
+
+
+class Projection(nn.Linear):
+    """A bias-free linear layer that takes and returns fp32 and computes in its weight's dtype.
+
+    An int8 weight (loading quantises them) carries a per-row `weight_scale` buffer."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.linear(x, self.weight, getattr(self, "weight_scale", None))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension in fp32, with the reference epsilon."""
+    return F.layer_norm(x, x.shape[-1:], weight.float(), bias.float(), LAYER_NORM_EPS)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ln_x: GroupNorm of [N, A] head outputs in fp32, with the reference epsilon."""
+    return F.group_norm(x, groups, weight.float(), bias.float(), GROUP_NORM_EPS)
+
+
+def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Each position's previous token: [B, T, C] from xx [B, T, C] and the state's last token prev [B, C]."""
+    return torch.cat([prev.unsqueeze(1), xx[:, :-1]], dim=1)
+
+
+def mix(xx: torch.Tensor, shifted: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:
+    """Interpolate between the current and the previous token, per channel (reference formula)."""
+    return xx * time_mix + shifted * (1 - time_mix)
+
+
+def ffn_size(n_embd: int) -> int:
+    """The channel-mix width of RWKV-5.2 and later: int(3.5 C) rounded down to a multiple of 32."""
+    return int(3.5 * n_embd) // 32 * 32
+
+
+class ChannelMix(nn.Module):
+    """The feed-forward half of a block: sigmoid(r) * (relu(k)^2 @ Wv)."""
+
+    def __init__(self, n_embd: int, dim_ffn: int):
+        super().__init__()
+        c, f = n_embd, dim_ffn
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, c))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, c))
+        self.key = Projection(c, f)
+        self.receptance = Projection(c, c)
+        self.value = Projection(f, c)
+
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        shifted = token_shift(xx, prev)
+        k = torch.relu(self.key(mix(xx, shifted, self.time_mix_k))).square()
+        return torch.sigmoid(self.receptance(mix(xx, shifted, self.time_mix_r))) * self.value(k)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import limits
-from .app_config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig
+from .app_config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
 from .engine_factory import EngineFactory
 from .loading import DTYPES, ModelLoadError, resolve_device_dtype
@@ -59,6 +59,12 @@ def build_app(config: AppConfig) -> gr.Blocks:
 def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     """Serve `demo` as `config` says (host, port, --share)."""
     return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share, **kwargs)
+
+
+def main() -> None:
+    """The installed `rwkv-chat` command: what `python app.py` does, with the same flags."""
+    config = parse_config()
+    launch(build_app(config), config)
 
 
 def _message_text(value) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Try the newest releases of every dependency: a scratch virtual environment gets the latest torch and the
-# latest release of each package in requirements.txt and requirements-test.txt (their version bounds and the
+# latest release of each dependency in pyproject.toml, the test extra included (their version bounds and the
 # constraints.txt lock ignored), then runs the README's test command there.
 #
 #   tools/try_latest_releases.sh               # prints what it installed and the test summary
@@ -15,16 +15,19 @@ python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip
 "${pip[@]}" install --quiet --upgrade "${TORCH:-torch}"
-# Package names only: no bounds, no pins, no -c lines.
-names=$(sed -e 's/#.*//' -e '/^\s*-/d' -e 's/[<>=!~;[ ].*//' requirements.txt requirements-test.txt | grep -v '^$')
+# Package names only: no bounds, no pins.
+names=$("$venv/bin/python" -c "import re, tomllib
+project = tomllib.load(open('pyproject.toml', 'rb'))['project']
+print(' '.join(re.split(r'[<>=!~;\[ ]', d)[0] for d in project['dependencies'] + project['optional-dependencies']['test']))")
 # shellcheck disable=SC2086
 "${pip[@]}" install --quiet --upgrade $names
+"${pip[@]}" install --quiet --no-deps -e .
 echo "Installed (newest releases):"
 "${pip[@]}" list --format=freeze | grep -iE "^($(echo $names | tr ' ' '|')|torch)==" | sed 's/^/  /'
 status=0
 "$venv/bin/python" -m pytest -q || status=$?
 if [ "$status" -eq 0 ] && [ "${1:-}" = "--write-lock" ]; then
-    { sed -n '/^#/p' constraints.txt; "${pip[@]}" freeze | grep -viE "^(torch|pip)=="; } > constraints.txt.new
+    { sed -n '/^#/p' constraints.txt; "${pip[@]}" freeze | grep -viE "^(torch|pip)==|^-e |^rwkv-chat"; } > constraints.txt.new
     mv constraints.txt.new constraints.txt
     echo "constraints.txt rewritten from the newest releases: review git diff, raise the bounds in the requirements"
 fi

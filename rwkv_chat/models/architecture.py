@@ -9,19 +9,16 @@ listed in registry.py. The loader, the state, the catalog, the fast runner and t
 - for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
   `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`).
 
-It holds no weights and no state: the methods take the tensors they work on.
+It holds no weights and no state: the methods take the tensors they work on, and `config` is always a
+`RwkvConfig` (config.py; not imported here, which would close a loop through the registry).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .config import RwkvConfig
 
 
 @dataclass
@@ -63,14 +60,14 @@ class Architecture:
         return key, tensor
 
     # ------------------------------------------------------------------------------------- shapes and state
-    def n_head(self, config: "RwkvConfig") -> int:
+    def n_head(self, config) -> int:
         raise NotImplementedError
 
-    def empty_wkv(self, config: "RwkvConfig", batch: int, device) -> torch.Tensor:
+    def empty_wkv(self, config, batch: int, device) -> torch.Tensor:
         """The time-mix memory of every layer of a model that has read nothing: [B, L, ...] fp32."""
         raise NotImplementedError
 
-    def make_time_mix(self, config: "RwkvConfig") -> nn.Module:
+    def make_time_mix(self, config) -> nn.Module:
         raise NotImplementedError
 
     def time_mix_params(self, n_embd: int, dim_att: int) -> int:
@@ -82,7 +79,7 @@ class Architecture:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------- fast paths
-    def pack_time_mix(self, att: nn.Module, config: "RwkvConfig") -> TimeMixPack:
+    def pack_time_mix(self, att: nn.Module, config) -> TimeMixPack:
         raise NotImplementedError
 
     def decode_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, wkv_out: torch.Tensor) -> torch.Tensor:

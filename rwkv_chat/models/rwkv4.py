@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,9 +18,6 @@ from torch import nn
 from ..kernels import parallel_wkv
 from .architecture import Architecture, TimeMixPack
 from .layers import WKV_CHUNK, Projection, mix, token_shift
-
-if TYPE_CHECKING:
-    from .config import RwkvConfig
 
 EMPTY_LOG_SCALE = -1e30  # pp of an empty memory
 
@@ -71,7 +67,7 @@ def wkv4_chunk(w, u, k, v, aa, bb, pp):
 class TimeMixV4(nn.Module):
     """RWKV-4 time mix: a per-channel exponentially decaying weighted average of values."""
 
-    def __init__(self, config: "RwkvConfig"):
+    def __init__(self, config):
         super().__init__()
         c, a = config.n_embd, config.dim_att
         self.time_decay = nn.Parameter(torch.empty(a))

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,9 +18,6 @@ from torch import nn
 from ..kernels import parallel_wkv
 from .architecture import Architecture, TimeMixPack
 from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, mix, token_shift
-
-if TYPE_CHECKING:
-    from .config import RwkvConfig
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -60,7 +55,7 @@ class TimeMixV5(nn.Module):
     """RWKV-5 time mix: multi-head linear attention with a per-head (5.0) or per-channel (5.2) decay,
     GroupNorm of the heads, and (5.2) a SiLU output gate."""
 
-    def __init__(self, config: "RwkvConfig", gated: bool):
+    def __init__(self, config, gated: bool):
         super().__init__()
         c, a, h = config.n_embd, config.dim_att, config.n_head
         self.n_head, self.head_size, self.gated = h, config.head_size, gated

@@ -23,7 +23,7 @@ print(' '.join(re.split(r'[<>=!~;\[ ]', d)[0] for d in project['dependencies'] +
 "${pip[@]}" install --quiet --upgrade $names
 "${pip[@]}" install --quiet --no-deps -e .
 echo "Installed (newest releases):"
-"${pip[@]}" list --format=freeze | grep -iE "^($(echo $names | tr ' ' '|')|torch)==" | sed 's/^/  /'
+"${pip[@]}" list --format=freeze | grep -iE "^($(echo $names | tr ' ' '|' | sed 's/[-_]/[-_]/g')|torch)==" | sed 's/^/  /'
 status=0
 "$venv/bin/python" -m pytest -q || status=$?
 if [ "$status" -eq 0 ] && [ "${1:-}" = "--write-lock" ]; then

@@ -3,11 +3,11 @@
     python app.py                                  # RWKV-5 World 0.1B, on the GPU if there is one
     python app.py --model /path/to/model.pth --port 7860 --share
 
-Flags and their environment variables are listed in rwkv_chat/app_config.py; the page lives in rwkv_chat/ui.py.
+Flags and their environment variables are listed in rwkv_chat/app/config.py; the page lives in rwkv_chat/app/ui.py.
 """
 
-from rwkv_chat.app_config import parse_config
-from rwkv_chat.ui import build_app, launch
+from rwkv_chat.app.config import parse_config
+from rwkv_chat.app.ui import build_app, launch
 
 config = parse_config()
 demo = build_app(config)

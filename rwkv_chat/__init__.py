@@ -8,10 +8,10 @@ The stable public surface:
     tok = WorldTokenizer(); ids = tok.encode(text); text = tok.decode(ids)
 """
 
-from .loading import ModelLoadError, load_model
+from .hf.register import register_when_transformers_loads as _register_transformers_classes
+from .loading.loader import ModelLoadError, load_model
 from .models import RwkvConfig, RwkvModel
 from .state import RwkvState
-from .hf_register import register_when_transformers_loads as _register_transformers_classes
 
 _register_transformers_classes()  # AutoConfig/AutoModelForCausalLM/AutoTokenizer learn our RWKV classes, lazily
 

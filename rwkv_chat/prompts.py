@@ -10,7 +10,7 @@ tokenize (and cache the state after) one at a time. The pieces join into the can
     = "{preamble}\\n\\nQuestion: q1\\n\\nAnswer: a1\\n\\nQuestion: q2\\n\\nAnswer:"
 
 An answer ends where the model writes the turn separator "\\n\\n" (``find_stop``) or end-of-text
-(token ``END_OF_TEXT``); the separator itself is not fed back, so every later turn starts with it.
+(token ``tokenizer.EOT_ID``); the separator itself is not fed back, so every later turn starts with it.
 No space follows the final colon: the model writes the leading space of its answer itself.
 
 Does not know: tokens (beyond the end-of-text id), torch, length limits (the engine and UI own those).
@@ -23,7 +23,6 @@ from types import MappingProxyType
 from typing import Iterable, Mapping, Optional
 
 TURN_SEPARATOR = "\n\n"
-END_OF_TEXT = 0  # token id the model emits to end the text; never shown
 ANSWER_LEAD = " "  # the model starts its answer with a space after the assistant prefix
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # two or more line breaks, blank lines possibly holding spaces

@@ -19,7 +19,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import torch  # noqa: E402
 
-from rwkv_chat.hf_register import register_when_transformers_loads  # noqa: E402
+from rwkv_chat.hf.register import register_when_transformers_loads  # noqa: E402
 
 PROMPT = "Question: What is the capital of France?\n\nAnswer:"
 _converted: dict[tuple, tuple] = {}
@@ -33,7 +33,7 @@ def converted_dir(factory, version: str, dtype: str = "fp32", **shape):
     """(TinyCheckpoint, HF directory) for a tiny checkpoint of `version`, converted once per session."""
     key = (str(factory.root), version, dtype, tuple(sorted(shape.items())))
     if key not in _converted:
-        from rwkv_chat.convert import convert
+        from rwkv_chat.hf.convert import convert
 
         checkpoint = factory.make(version, **{"n_layer": 2, "n_embd": 128, **shape})
         suffix = "".join(f"-{name}{value}" for name, value in sorted(shape.items()))

@@ -1,9 +1,9 @@
 """Prompt text: exact template strings, canonical multi-turn text, message cleaning, stop rules."""
 import pytest
 
+from rwkv_chat.tokenizer import EOT_ID
 from rwkv_chat.prompts import (
     DEFAULT_TEMPLATE,
-    END_OF_TEXT,
     INSTRUCTION_RESPONSE,
     QUESTION_ANSWER,
     TEMPLATES,
@@ -117,7 +117,7 @@ def test_find_stop():
     assert find_stop(" The answer is 4.\n\nQuestion: more") == len(" The answer is 4.")
     assert find_stop(" line\nline\n\n\n") == len(" line\nline")
     assert find_stop("\n\n") == 0
-    assert END_OF_TEXT == 0
+    assert EOT_ID == 0
 
 
 def test_stream_safe_length_holds_back_a_possible_separator():

@@ -1,4 +1,4 @@
-// AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/cpu_kernels.py on first use).
+// AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/kernels/cpu_kernels.py on first use).
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;

@@ -1,0 +1,798 @@
+"""Speed benchmark: this package against the `rwkv` package and transformers, side by side, in one process.
+
+    python -m benchmarks.bench                       # CPU, 0.1B shape, v4 and v5.2
+    python -m benchmarks.bench --device cuda --sizes 0.1B,1.5B,7B --dtypes bf16,int8 --batch 32
+
+What it promises:
+- Every implementation runs on the same random-weight checkpoint (original BlinkDL layout, built in memory
+  from a seed with realistic scales), the same prompt and the same decode tokens, in this process.
+- Rows: ours (fast path, each --dtypes entry), the `rwkv` package (strategy "cpu fp32" on CPU, "cuda fp16"
+  with its CUDA kernel on GPUs) and transformers' RwkvForCausalLM (RWKV-4 shapes only; fp32 on CPU, fp16 on
+  GPUs). Columns: prefill tok/s (one prompt of --prefill-tokens), decode tok/s (batch 1, --decode-tokens
+  steps), memory of the implementation (held once loaded, and the peak of the whole run: loading, prefill
+  and decode), ratio to the best reference, and parity against the fp32 reference (this package's plain
+  path in fp32, which the tests hold to the `rwkv` package): max |Δlogit| and argmax agreement over the
+  prompt's last token and --parity-steps teacher-forced decode steps.
+- `--batch N`: N concurrent chats through `batching.DecodeBatcher` (a reading thread each), aggregate tok/s
+  against one chat alone, all running the engine's per-token judge (stop rules, detokenising, penalties)
+  and sampling with the default chat settings; each chat's logits (teacher-forced along its batched
+  tokens) and sampled tokens against its unbatched run.
+- int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
+- Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
+  this prints tables (and --json writes them).
+
+It imports the reference packages only when they are asked for and present; a missing one gives a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+SIZES = {"tiny": (2, 256), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "3B": (32, 2560), "7B": (32, 4096)}
+VOCAB = 65536
+HEAD_SIZE = 64
+TIME_BUDGET_S = 4.0  # per implementation and phase: repetitions stop once this much time was spent
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+def ffn_dim(version: str, n_embd: int) -> int:
+    return int(3.5 * n_embd) // 32 * 32 if version == "5.2" else 4 * n_embd
+
+
+def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCAB, seed: int = 0,
+                      device="cpu") -> dict[str, torch.Tensor]:
+    """A random checkpoint in the original layout and key order, fp32, with scales like trained models'
+    (unit-variance projections, decays spread over [-6, 1], mixes in [0, 1]), so logits span a few units."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    c, f, h = n_embd, ffn_dim(version, n_embd), n_embd // HEAD_SIZE
+
+    def normal(*shape, std=1.0, mean=0.0):
+        return torch.randn(shape, generator=gen, device=device) * std + mean
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return torch.rand(shape, generator=gen, device=device) * (high - low) + low
+
+    def linear(out_features, in_features, gain=1.0):
+        return normal(out_features, in_features, std=gain / in_features ** 0.5)
+
+    def norm(prefix, size):
+        return {f"{prefix}.weight": normal(size, std=0.1, mean=1.0), f"{prefix}.bias": normal(size, std=0.1)}
+
+    sd = {"emb.weight": normal(vocab, c, std=0.5)}
+    for i in range(n_layer):
+        b = f"blocks.{i}"
+        sd.update(norm(f"{b}.ln1", c))
+        sd.update(norm(f"{b}.ln2", c))
+        if i == 0:
+            sd.update(norm(f"{b}.ln0", c))
+        a = f"{b}.att"
+        if version == "4":
+            sd[f"{a}.time_decay"] = uniform(c, low=-6.0, high=1.0)
+            sd[f"{a}.time_first"] = uniform(c, low=-1.0, high=1.0)
+        for name in ("k", "v", "r") + (("g",) if version == "5.2" else ()):
+            sd[f"{a}.time_mix_{name}"] = uniform(1, 1, c)
+        if version != "4":
+            shape = (h, HEAD_SIZE) if version == "5.2" else (h,)
+            sd[f"{a}.time_decay"] = uniform(*shape, low=-6.0, high=1.0)
+            sd[f"{a}.time_faaaa"] = uniform(*shape)
+        for name in ("key", "value", "receptance"):
+            sd[f"{a}.{name}.weight"] = linear(c, c)
+        sd[f"{a}.output.weight"] = linear(c, c)
+        if version == "5.2":
+            sd[f"{a}.gate.weight"] = linear(c, c)
+        if version != "4":
+            sd.update(norm(f"{a}.ln_x", c))
+        m = f"{b}.ffn"
+        sd[f"{m}.time_mix_k"] = uniform(1, 1, c)
+        sd[f"{m}.time_mix_r"] = uniform(1, 1, c)
+        sd[f"{m}.key.weight"] = linear(f, c)
+        sd[f"{m}.receptance.weight"] = linear(c, c)
+        sd[f"{m}.value.weight"] = linear(c, f)
+    sd.update(norm("ln_out", c))
+    sd["head.weight"] = linear(vocab, c, gain=4.0)
+    return sd
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryMeter:
+    """Peak bytes an implementation adds: CUDA peak allocation, or CPU resident-set growth (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = rss_bytes()
+            self.peak = self.base
+        return self
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def current(self) -> int:
+        """Bytes held now (CUDA: allocated; CPU: resident set), over the start."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) - self.base
+        return rss_bytes() - self.base
+
+    @property
+    def used(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        self.sample()
+        return self.peak - self.base
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class Row:
+    name: str
+    dtype: str
+    prefill_tps: float = float("nan")
+    decode_tps: float = float("nan")
+    memory_bytes: int = 0  # peak of the whole run (loading, prefill, decode)
+    loaded_bytes: int = 0  # held once loaded, before running
+    max_dlogit: float = float("nan")
+    argmax_agree: float = float("nan")
+    ratio_prefill: float = float("nan")
+    ratio_decode: float = float("nan")
+    note: str = ""
+    logits: list = field(default_factory=list, repr=False)  # per position, for cross-row comparisons
+
+
+class Impl:
+    """Uniform adapter: prefill(tokens) -> (logits [V] fp32, state); step(token, state) -> (logits, state)."""
+
+    name = "?"
+    dtype = "?"
+
+    def prefill(self, tokens):
+        raise NotImplementedError
+
+    def step(self, token, state):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class OursImpl(Impl):
+    def __init__(self, sd, device, dtype, fast=True, name="ours"):
+        from rwkv_chat.loading.loader import build_model, config_from_state_dict, resolve_device_dtype
+        device, torch_dtype = resolve_device_dtype(device, dtype)
+        config = config_from_state_dict(sd)
+        self.model = build_model(config, dict(sd), device, torch_dtype, fast=fast)
+        self.name, self.dtype = name, dtype
+
+    def prefill(self, tokens):
+        return self.model.forward(tokens)
+
+    def step(self, token, state):
+        return self.model.forward([token], state)
+
+
+class RwkvPipImpl(Impl):
+    """The rwkv package, fed the in-memory checkpoint (its loader only reads the dict)."""
+
+    def __init__(self, sd, device, strategy):
+        import rwkv.model as rwkv_model
+        original = torch.load
+        torch.load = lambda *a, **k: dict(sd)  # its loader calls torch.load(path); hand it our dict
+        try:
+            self.model = rwkv_model.RWKV(model="in-memory-checkpoint", strategy=strategy, verbose=False)
+        finally:
+            torch.load = original
+        self.name, self.dtype = "rwkv pip", strategy.split()[1]
+
+    def prefill(self, tokens):
+        out, state = self.model.forward(list(tokens), None)
+        return out.float(), state
+
+    def step(self, token, state):
+        out, state = self.model.forward([token], state)
+        return out.float(), state
+
+
+class TransformersImpl(Impl):
+    """transformers' RwkvForCausalLM (RWKV-4), built from the same weights."""
+
+    def __init__(self, sd, device, dtype: torch.dtype):
+        from transformers import RwkvConfig, RwkvForCausalLM
+        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        vocab, c = sd["emb.weight"].shape
+        f = sd["blocks.0.ffn.key.weight"].shape[0]
+        config = RwkvConfig(vocab_size=vocab, context_length=4096, hidden_size=c, num_hidden_layers=n_layer,
+                            attention_hidden_size=c, intermediate_size=f,
+                            rescale_every=6 if dtype == torch.float16 else 0)
+        parts = {"emb": "embeddings", "ln0": "pre_ln", "att": "attention", "ffn": "feed_forward",
+                 "time_mix_k": "time_mix_key", "time_mix_v": "time_mix_value", "time_mix_r": "time_mix_receptance"}
+        weights = {}
+        for key, tensor in sd.items():
+            name = ".".join(parts.get(p, p) for p in key.split("."))
+            weights[name if key == "head.weight" else f"rwkv.{name}"] = tensor.to(device, dtype).clone()
+        with torch.device("meta"):
+            model = RwkvForCausalLM(config)
+        model.load_state_dict(weights, assign=True)
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.name, self.dtype = "transformers", {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+    @torch.no_grad()
+    def prefill(self, tokens):
+        ids = torch.tensor([list(tokens)], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float(), out.state
+
+    @torch.no_grad()
+    def step(self, token, state):
+        ids = torch.tensor([[token]], device=self.device)
+        out = self.model(input_ids=ids, state=state, use_cache=True)
+        return out.logits[0, -1].float(), out.state
+
+
+def compare(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |Δlogit|, argmax agreement) over the positions both have."""
+    n = min(len(logits), len(reference))
+    if n == 0:
+        return float("nan"), float("nan")
+    a = torch.stack([t.float().cpu() for t in logits[:n]])
+    b = torch.stack([t.float().cpu() for t in reference[:n]])
+    return (a - b).abs().max().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="") -> Row:
+    """Build, time prefill and decode, and collect logits for parity. Returns the row (the impl is freed)."""
+    device = torch.device(device)
+    meter = MemoryMeter(device)
+    with meter:
+        try:
+            impl = impl_factory()
+        except Exception as error:  # a reference that cannot run here gets a note, not a crash
+            return Row("?", "?", note=f"unavailable: {type(error).__name__}: {str(error)[:120]}")
+        row = Row(impl.name, impl.dtype, note=meter_note)
+        gc.collect()
+        row.loaded_bytes = meter.current
+        try:
+            with torch.inference_mode():
+                logits, state = impl.prefill(prompt[:16])  # warm-up (kernels, graphs, allocator)
+                logits, state = impl.prefill(prompt)
+                for token in steps[:3]:
+                    impl.step(token, state)
+                sync(device)
+                times = []
+                for _ in range(reps):  # slow implementations get fewer repetitions (>= 1)
+                    meter.sample()
+                    start = time.perf_counter()
+                    logits, state = impl.prefill(prompt)
+                    sync(device)
+                    times.append(time.perf_counter() - start)
+                    if sum(times) > TIME_BUDGET_S:
+                        break
+                row.prefill_tps = len(prompt) / statistics.median(times)
+                collected = [logits.float().clone()]
+                # parity: teacher-forced on the reference's greedy tokens
+                s = state
+                for token in steps:
+                    out, s = impl.step(token, s)
+                    collected.append(out.float().clone())
+                sync(device)
+                row.logits = [t.cpu() for t in collected]
+                # speed: batch-1 decode over timing_tokens steps, twice, best of two halves' medians
+                rates, spent = [], 0.0
+                for _ in range(2):  # best of two passes; one pass (possibly cut short) when slow
+                    s, done = state, 0
+                    sync(device)
+                    start = time.perf_counter()
+                    for token in timing_tokens:
+                        out, s = impl.step(token, s)
+                        done += 1
+                        if done % 16 == 0 and time.perf_counter() - start > TIME_BUDGET_S:
+                            break
+                    sync(device)
+                    elapsed = time.perf_counter() - start
+                    rates.append(done / elapsed)
+                    spent += elapsed
+                    meter.sample()
+                    if spent > TIME_BUDGET_S:
+                        break
+                row.decode_tps = max(rates)
+        except Exception as error:
+            row.note = (row.note + " " if row.note else "") + f"failed: {type(error).__name__}: {str(error)[:160]}"
+        row.memory_bytes = meter.used
+    impl.close()
+    del impl
+    cleanup()
+    return row
+
+
+def cleanup() -> None:
+    """Return freed memory (callers `del` their references first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- batching
+
+def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: int = 3) -> dict:
+    """N chats generating at once through a DecodeBatcher (a reading thread each) vs one chat alone, all
+    running the engine's own judge (`engine.AnswerJudge`: stop rules, streamed detokenising with the World
+    tokenizer, penalties) with the default chat SamplingParams and the ids the tokenizer cannot decode
+    banned, from the states after short prompts, for up to `steps` tokens each. One chat alone runs through
+    `generation.DirectDecoder` (the loop in its own thread) and through the batcher; the speed-up is taken
+    against the faster of the two. Parity comes from a separate untimed batched run that also keeps every
+    logits row a token was drawn from: those rows against the same tokens fed alone (teacher-forced), and
+    each free-running chat's tokens against its run alone up to the first difference (they drift apart at
+    the first draw a logit difference moves)."""
+    from rwkv_chat.serving.batching import DecodeBatcher
+    from rwkv_chat.serving.engine import AnswerJudge
+    from rwkv_chat.serving.generation import DirectDecoder, Verdict
+    from rwkv_chat.serving.sampling import PenaltyState, Sampler, SamplingParams, sample_batch
+    from rwkv_chat.state import RwkvState
+    from rwkv_chat.tokenizer import WorldTokenizer
+    device = model.device
+    vocab = model.config.vocab_size
+    tokenizer = WorldTokenizer()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 65530, (8 + i % 5,), generator=gen).tolist() for i in range(n_chats)]
+    starts = [model.forward(p) for p in prompts]
+    params = SamplingParams()
+    bans = tuple(range(tokenizer.max_token_id + 1, vocab))
+
+    class Recording(AnswerJudge):
+        """The engine's judge, also keeping the logits row of every token it keeps."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.rows = []
+
+        def accept(self, token, logits):
+            verdict = super().accept(token, logits)
+            if verdict is not Verdict.STOP:
+                self.rows.append(logits.clone())
+            return verdict
+
+    def chat(decoder, i, judge_type=AnswerJudge, max_new=steps):
+        """Chat i's reply from its prompt state; returns its judge."""
+        penalties = PenaltyState.from_params(params, vocab)
+        sampler = Sampler(params, torch.Generator().manual_seed(seed + i), penalties, bans)
+        judge = judge_type(tokenizer, penalties, max_new, threading.Event())
+        for _ in decoder.generate(*starts[i], sampler, judge):
+            pass
+        return judge
+
+    def in_threads(target, count):
+        results, errors = [None] * count, []
+        barrier = threading.Barrier(count + 1)
+
+        def run(i):
+            try:
+                barrier.wait()
+                results[i] = target(i)
+            except Exception as error:  # pragma: no cover - reported below
+                errors.append(error)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        sync(device)
+        if errors:
+            raise errors[0]
+        return results, time.perf_counter() - start
+
+    def alone_tps(decoder):
+        chat(decoder, 0, max_new=8)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        judges = [chat(decoder, i) for i in range(check_chats)]
+        sync(device)
+        return sum(len(j.ids) for j in judges) / (time.perf_counter() - start), judges
+
+    direct_tps, alone = alone_tps(DirectDecoder(model))
+    # the batched step without threads or judges (the ceiling): the model alone, then with sampling
+    batch_state = RwkvState.stack([state for _, state in starts])
+    ids = torch.tensor([int(logits.argmax()) for logits, _ in starts])
+    rows = [Sampler(params, torch.Generator().manual_seed(i), PenaltyState.from_params(params, vocab), bans)
+            for i in range(n_chats)]
+    for row in rows:
+        for t in prompts[0]:
+            row.penalties.update(t)
+    raw = {}
+    for with_sampling in (False, True):
+        sample_batch(model.decode_batch(ids, batch_state)[0], rows)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = model.decode_batch(ids, batch_state)[0]
+            if with_sampling:
+                sample_batch(logits, rows)
+        sync(device)
+        raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
+    with DecodeBatcher(model, max_batch=n_chats) as batcher:
+        lone_tps, _ = alone_tps(batcher)
+        in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
+        served, steps_before = batcher.served, batcher.steps
+        judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
+        mean_batch = (batcher.served - served) / max(1, batcher.steps - steps_before)
+        recorded = in_threads(lambda i: chat(batcher, i, Recording), n_chats)[0][:check_chats]
+    generated = sum(len(j.ids) for j in judges)
+    batched_tps = generated / elapsed
+    single_tps = max(direct_tps, lone_tps)
+    pairs = []
+    for i, judge in enumerate(recorded):  # the rows each token was drawn from, against the same tokens fed alone
+        logits, state = starts[i]
+        for token, row in zip(judge.ids, judge.rows):
+            pairs.append((row, logits))
+            logits, state = model.forward([token], state)
+    dmax = max((a - b).abs().max().item() for a, b in pairs)
+    agree = statistics.mean(float(int(a.argmax()) == int(b.argmax())) for a, b in pairs)
+
+    def common_prefix(a, b):
+        return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    same_tokens = statistics.mean(common_prefix(recorded[i].ids, alone[i].ids) / max(1, len(alone[i].ids))
+                                  for i in range(check_chats))
+    reasons = sorted({j.reason for j in judges})
+    return {"chats": n_chats, "steps": steps, "direct_tps": direct_tps, "lone_batcher_tps": lone_tps,
+            "single_tps": single_tps, "raw_batch_tps": raw[False], "raw_batch_sampled_tps": raw[True],
+            "batcher_tps": batched_tps, "speedup": batched_tps / single_tps, "mean_batch": mean_batch,
+            "tokens_per_chat": generated / n_chats, "stop_reasons": reasons, "max_dlogit_vs_alone": dmax,
+            "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens}
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+def graph_time(fn, calls: int = 24) -> float:
+    """Seconds per call of `fn` (CUDA), replayed from a graph of `calls` calls (no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
+    """Batch-1 weight-streaming products of each size's matrices: cuBLAS vs our Triton kernel configs.
+
+    Weights are rotated over copies totalling >= 512 MB so every call reads HBM, not L2."""
+    from rwkv_chat.kernels import quant, triton_kernels as tk
+    configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, target_programs=tp)
+               for bn, bk, nw, ns, tp in [(16, 512, 4, 2, 4), (16, 512, 4, 2, 8), (32, 256, 4, 2, 4),
+                                          (32, 512, 8, 2, 4), (16, 1024, 8, 2, 4), (8, 1024, 4, 2, 8),
+                                          (16, 256, 4, 3, 8), (32, 256, 4, 3, 8), (16, 512, 4, 1, 4),
+                                          (64, 128, 4, 2, 4)]]
+    default = dict(tk.GEMV_CONFIG)
+    out = []
+    for size in sizes:
+        n_layer, c = SIZES[size]
+        f = ffn_dim("5.2", c)
+        shapes = {"att r|k|v|g": (4, c, 4 * c), "att out": (1, c, c), "ffn k|r": (2, c, f + c),
+                  "ffn value": (1, f, c), "head": (1, c, VOCAB)}
+        for label, (p, k, n) in shapes.items():
+            nbytes = n * k * 2
+            copies = max(2, -(-512 * 2**20 // nbytes))
+            calls = max(24, min(400, -(-256 * 2**20 // nbytes)))  # one replay reads > 4x the L2
+            seg = n // p if label != "ffn k|r" else f
+            ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            qs = [quant.quantize_rows(w)[0] for w in ws[:max(2, copies // 2 + 1)]]
+            scale = torch.rand(n, device=device) * 0.01
+            x = torch.randn(p, 1, k, device=device, dtype=torch.bfloat16)
+            state = {"i": 0}
+
+            def rotate(items):
+                state["i"] = (state["i"] + 1) % len(items)
+                return items[state["i"]]
+
+            rec = {"size": size, "matrix": label, "shape": f"{p}x[{k}->{n // p if p > 1 else n}]", "MB": nbytes / 1e6}
+            if p > 1 and label != "ffn k|r":
+                t = graph_time(calls=calls, fn=lambda: torch.bmm(x, rotate(ws).view(p, n // p, k).transpose(1, 2)))
+            else:
+                t = graph_time(calls=calls, fn=lambda: [torch.nn.functional.linear(x[i], rotate(ws)[:n // p]) for i in range(p)]
+                               if label != "ffn k|r" else
+                               (torch.nn.functional.linear(x[0], rotate(ws)[:f]),
+                                torch.nn.functional.linear(x[1], ws[state["i"]][f:])))
+            rec["cublas_us"], rec["cublas_TBps"] = t * 1e6, nbytes / t / 1e12
+            best = None
+            for cfg in configs:
+                tk.GEMV_CONFIG.update(cfg)
+                try:
+                    t = graph_time(lambda: tk.project(x, rotate(qs), scale, seg), calls)
+                except Exception as error:  # a config the compiler rejects
+                    print(f"[kernels] {label} {cfg}: {type(error).__name__}", file=sys.stderr)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, dict(cfg))
+            rec["int8_us"], rec["int8_TBps"], rec["best_config"] = best[0] * 1e6, nbytes / 2 / best[0] / 1e12, best[1]
+            tk.GEMV_CONFIG.update(default)
+            t = graph_time(lambda: tk.project(x, rotate(ws), None, seg), calls)
+            rec["triton_us"], rec["triton_TBps"] = t * 1e6, nbytes / t / 1e12
+            out.append(rec)
+            print(f"| {size} | {label} | {rec['shape']} | {rec['MB']:.1f} | {rec['cublas_us']:.1f} "
+                  f"({rec['cublas_TBps']:.2f}) | {rec['triton_us']:.1f} ({rec['triton_TBps']:.2f}) | "
+                  f"{rec['int8_us']:.1f} ({rec['int8_TBps']:.2f}) | {rec['best_config']} |", flush=True)
+            del ws, qs
+            cleanup()
+    return out
+
+
+# ------------------------------------------------------------------------------------- profile
+
+def profile_decode(args, version: str, size: str, dtype: str, device: torch.device) -> dict:
+    """Where a decode step's time goes: graph replay on the GPU alone vs model.forward wall time, and the
+    kernels of one eager step and of one prefill (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device)
+    model = OursImpl(sd, device, dtype).model
+    del sd
+    cleanup()
+    prompt = torch.randint(1, 65530, (args.prefill_tokens,)).tolist()
+    steps = 50
+    info = {"version": version, "size": size, "dtype": dtype}
+    with torch.inference_mode():
+        logits, state = model.forward(prompt)
+        for _ in range(3):
+            logits, new = model.forward([1], state)
+        runner = model.runner
+        graph = runner._graphs.graphs[1].graph
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        info["graph_replay_us"] = start.elapsed_time(end) * 1e3 / steps
+        s = state
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, s = model.forward([1], s)
+            int(logits.argmax())
+        info["forward_wall_us"] = (time.perf_counter() - t0) * 1e6 / steps
+        runner.use_graphs = False
+        ids = torch.ones(1, dtype=torch.long, device=device)
+        runner._decode_step(ids, state.shift, state.wkv)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runner._decode_step(ids, state.shift, state.wkv)
+            torch.cuda.synchronize()
+        runner.use_graphs = True
+        decode_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward(prompt)
+            torch.cuda.synchronize()
+        prefill_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    print(f"\n### Profile RWKV-{version} {size} {dtype}: graph replay {info['graph_replay_us']:.0f} µs/step (GPU), "
+          f"model.forward {info['forward_wall_us']:.0f} µs/step (wall)\n3 eager decode steps:\n{decode_table}\n"
+          f"one prefill of {len(prompt)} tokens:\n{prefill_table}", flush=True)
+    del model
+    cleanup()
+    return info
+
+
+# ------------------------------------------------------------------------------------- driver
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def print_table(title: str, rows: list[Row]) -> str:
+    lines = [f"\n### {title}", "",
+             "| impl | dtype | prefill tok/s | decode tok/s | memory loaded / peak | × best ref (prefill / decode) | "
+             "max abs Δlogit vs fp32 | argmax agree | note |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        ratio = "" if r.ratio_prefill != r.ratio_prefill else f"{r.ratio_prefill:.2f} / {r.ratio_decode:.2f}"
+        lines.append(f"| {r.name} | {r.dtype} | {r.prefill_tps:,.0f} | {r.decode_tps:,.1f} | "
+                     f"{fmt_bytes(r.loaded_bytes)} / {fmt_bytes(r.memory_bytes)} | {ratio} | {r.max_dlogit:.4f} | "
+                     f"{r.argmax_agree * 100:.1f}% | {r.note} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", default="0.1B", help="comma list of " + ",".join(SIZES))
+    p.add_argument("--versions", default="4,5.2")
+    p.add_argument("--dtypes", default=None, help="ours: comma list of fp32,bf16,fp16,int8 (default bf16,int8)")
+    p.add_argument("--prefill-tokens", type=int, default=1024)
+    p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64 CPU, 256 GPU)")
+    p.add_argument("--parity-steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=None, help="prefill repetitions (default 2 CPU, 5 GPU)")
+    p.add_argument("--refs", default="rwkv,transformers", help="reference implementations to run ('' for none)")
+    p.add_argument("--plain", action="store_true", help="also time our plain (reference) path")
+    p.add_argument("--batch", type=int, default=0, help="concurrent chats for the batching section (0 = skip)")
+    p.add_argument("--batch-sizes", default=None, help="sizes for the batching section (default: --sizes)")
+    p.add_argument("--batch-steps", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--kernels", action="store_true", help="GPU: time the batch-1 matrix products first")
+    p.add_argument("--profile", action="store_true", help="GPU: profile one decode step and one prefill per shape")
+    p.add_argument("--skip-shapes", action="store_true", help="skip the per-model tables")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[list[Row], str]:
+    n_layer, n_embd = SIZES[size]
+    on_cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompt = torch.randint(1, 65530, (args.prefill_tokens,), generator=gen).tolist()
+    decode_n = args.decode_tokens or (256 if on_cuda else 64)
+    timing_tokens = torch.randint(1, 65530, (decode_n,), generator=gen).tolist()
+    reps = args.reps or (5 if on_cuda else 2)
+    sd = random_state_dict(version, n_layer, n_embd, seed=args.seed, device=device)
+    print(f"[bench] RWKV-{version} {size} (L{n_layer} D{n_embd}) on {device}", file=sys.stderr, flush=True)
+    # fp32 reference logits: our plain path (held to the rwkv package by the tests)
+    with torch.inference_mode():
+        ref_model = OursImpl(sd, device, "fp32", fast=False, name="ours plain")
+        logits, state = ref_model.prefill(prompt)
+        ref_logits, steps = [logits.float().cpu()], []
+        for _ in range(args.parity_steps):
+            token = int(logits.argmax())
+            steps.append(token)
+            logits, state = ref_model.step(token, state)
+            ref_logits.append(logits.float().cpu())
+        ref_logits = ref_logits[:-1]  # positions: after prompt, after each of steps[:-1]... aligned below
+    del ref_model
+    cleanup()
+    # position i of every row: logits after prompt + steps[:i]; the reference has the same positions
+    rows: list[Row] = []
+    dtypes = (args.dtypes or ("bf16,int8" if True else "")).split(",")
+    factories = []
+    if args.plain:
+        factories.append(lambda: OursImpl(sd, device, "fp32", fast=False, name="ours plain"))
+    for dt in dtypes:
+        factories.append(lambda dt=dt: OursImpl(sd, device, dt))
+    refs = [r for r in args.refs.split(",") if r]
+    if "rwkv" in refs:
+        strategy = "cuda fp16" if on_cuda else "cpu fp32"
+        factories.append(lambda: RwkvPipImpl(sd, device, strategy))
+    if "transformers" in refs and version == "4":
+        factories.append(lambda: TransformersImpl(sd, device, torch.float16 if on_cuda else torch.float32))
+    for factory in factories:
+        row = run_impl(factory, device, prompt, steps, timing_tokens, reps)
+        row.max_dlogit, row.argmax_agree = compare(row.logits, ref_logits + [None] * 0)
+        rows.append(row)
+        print(f"[bench]   {row.name} {row.dtype}: prefill {row.prefill_tps:,.0f} tok/s, decode "
+              f"{row.decode_tps:,.1f} tok/s {row.note}", file=sys.stderr, flush=True)
+    refs_rows = [r for r in rows if r.name in ("rwkv pip", "transformers") and r.prefill_tps == r.prefill_tps]
+    best_p = max((r.prefill_tps for r in refs_rows), default=float("nan"))
+    best_d = max((r.decode_tps for r in refs_rows), default=float("nan"))
+    by_dtype = {r.dtype: r for r in rows if r.name == "ours"}
+    for r in rows:
+        r.ratio_prefill, r.ratio_decode = r.prefill_tps / best_p, r.decode_tps / best_d
+        if r.name == "ours" and r.dtype == "int8" and "bf16" in by_dtype:
+            a = torch.stack(r.logits[:len(by_dtype["bf16"].logits)])
+            b = torch.stack(by_dtype["bf16"].logits[:len(a)])
+            r.note += (f"vs bf16: argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100:.1f}%, "
+                       f"mean |Δ| {(a - b).abs().mean().item():.4f}")
+    del sd, factories
+    cleanup()
+    if on_cuda:
+        name = torch.cuda.get_device_name(device)
+    else:
+        from rwkv_chat.kernels import cpu_kernels
+        steps = "C++ decode kernels" if cpu_kernels.kernels() is not None else "PyTorch decode step (no C++ kernels)"
+        name = f"CPU ({torch.get_num_threads()} threads, {steps})"
+    title = (f"RWKV-{version} {size} (L{n_layer} D{n_embd}) · {name} · prefill {args.prefill_tokens} tok · "
+             f"decode {decode_n} tok · batch 1")
+    return rows, print_table(title, rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        os.environ.setdefault("RWKV_CUDA_ON", "1")
+    else:
+        os.environ.setdefault("RWKV_CUDA_ON", "0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"device": str(device), "args": vars(args), "shapes": [], "batching": [], "kernels": []}
+    texts = []
+    if args.kernels and device.type == "cuda":
+        print("\n### Batch-1 products: µs (TB/s of weight read)\n\n| size | matrix | shape | MB bf16 | cuBLAS bf16 | "
+              "Triton bf16 (best) | Triton int8 | best config |\n|---|---|---|---:|---:|---:|---:|---|", flush=True)
+        results["kernels"] = bench_kernels(args.sizes.split(","), device)
+    if args.profile and device.type == "cuda":
+        results["profile"] = [profile_decode(args, v, size, dt, device) for size in args.sizes.split(",")
+                              for v in args.versions.split(",") for dt in (args.dtypes or "bf16").split(",")]
+    for size in ([] if args.skip_shapes else args.sizes.split(",")):
+        for version in args.versions.split(","):
+            rows, text = bench_shape(args, version, size, device)
+            texts.append(text)
+            results["shapes"].append({"version": version, "size": size,
+                                      "rows": [{k: v for k, v in asdict(r).items() if k != "logits"} for r in rows]})
+    if args.batch:
+        from rwkv_chat.loading.loader import build_model, config_from_state_dict, resolve_device_dtype
+        for size in (args.batch_sizes or args.sizes).split(","):
+            for version in args.versions.split(","):
+                for dt in (args.dtypes or "bf16").split(","):
+                    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device)
+                    dev, torch_dtype = resolve_device_dtype(device, dt)
+                    model = build_model(config_from_state_dict(sd), dict(sd), dev, torch_dtype, fast=True)
+                    del sd
+                    cleanup()
+                    with torch.inference_mode():
+                        info = bench_batching(model, args.batch, args.batch_steps)
+                    info.update(version=version, size=size, dtype=dt)
+                    results["batching"].append(info)
+                    del model
+                    cleanup()
+                    line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['direct_tps']:,.1f} | "
+                            f"{info['lone_batcher_tps']:,.1f} | {info['raw_batch_tps']:,.0f} | "
+                            f"{info['raw_batch_sampled_tps']:,.0f} | {info['batcher_tps']:,.0f} | "
+                            f"{info['speedup']:.1f}× | {info['mean_batch']:.1f} | {info['tokens_per_chat']:.0f} "
+                            f"({', '.join(info['stop_reasons'])}) | {info['max_dlogit_vs_alone']:.2e} | "
+                            f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
+                    texts.append(line)
+                    print(f"[bench] batching {line}", file=sys.stderr, flush=True)
+        header = ("\n### Concurrent chats (DecodeBatcher: a reading thread per chat, the engine's judge, sampling "
+                  "with penalties)\n\n"
+                  "| model | dtype | chats | one chat tok/s (DirectDecoder) | one chat tok/s (batcher) | decode_batch "
+                  "tok/s (no threads) | decode_batch + sample_batch tok/s (no threads) | batcher aggregate tok/s | "
+                  "× one chat (the faster) | mean batch | tokens per chat (stops) | max abs Δlogit vs alone | "
+                  "argmax vs alone | tokens as alone until first difference |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(header + "\n" + "\n".join(t for t in texts if t.startswith("| RWKV")), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

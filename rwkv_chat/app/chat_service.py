@@ -1,0 +1,244 @@
+"""Chat turns for the web app in plain Python: per-session values and the `ChatService` that answers,
+retries, edits and undoes turns with models from the shared pool.
+
+Promises:
+- A browser session's chat is a `Conversation`: an immutable value (the model key, the token-exact
+  `ChatSession`, the last stats line). Every method returns a new one; nothing is shared between sessions
+  except the model pool and each engine's prefix-state cache (whose states are copies).
+- `SessionControl` is a session's stop button and its one-generation-at-a-time guard. Copying it (as
+  gr.State does for each new browser session) gives a fresh one.
+- Streams: `reply`/`retry`/`edit` check their input first (ValueError with a message for people; the
+  conversation is unchanged) and return an iterator of `ChatUpdate`s. The last update carries the new
+  conversation; when a stop was requested it holds the partial answer, and the state kept matches it.
+- A conversation keeps the prompt style and preamble it started with; a message sent with other ones
+  starts a new conversation (the update's `notice` says so).
+- The stats line's `prefill N tok` counts every token read before the first new token of the turn,
+  the preamble's included when it had to be read.
+Knows nothing of Gradio.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional
+
+from .. import limits
+from ..prompts import DEFAULT_TEMPLATE, TEMPLATES, preamble_text
+from ..serving.engine import GenerationSettings
+from ..serving.sampling import SamplingParams
+from ..serving.session import ChatSession
+from .model_choices import ModelKey
+
+NO_SEED = -1
+
+
+class Busy(RuntimeError):
+    """This session is already generating an answer."""
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Everything sent with a message (the page's sliders, or the API's arguments)."""
+
+    max_new_tokens: int = limits.DEFAULT_NEW_TOKENS
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    top_k: int = SamplingParams.top_k
+    presence_penalty: float = SamplingParams.presence_penalty
+    frequency_penalty: float = SamplingParams.frequency_penalty
+    penalty_decay: float = SamplingParams.penalty_decay
+    prompt_style: str = DEFAULT_TEMPLATE
+    preamble: Optional[str] = None
+    seed: int = NO_SEED  # negative = a fresh random seed each time
+
+    def generation(self) -> GenerationSettings:
+        """The engine's settings; ValueError naming the first setting out of bounds."""
+        _bounded("temperature", self.temperature, 0, limits.MAX_TEMPERATURE)
+        _bounded("top_k", self.top_k, 0, limits.MAX_TOP_K)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _bounded(name, getattr(self, name), 0, limits.MAX_PENALTY)
+        sampling = SamplingParams(float(self.temperature), float(self.top_p), _integer("top_k", self.top_k),
+                                  float(self.presence_penalty), float(self.frequency_penalty),
+                                  float(self.penalty_decay))
+        seed = _integer("seed", NO_SEED if self.seed is None else self.seed)
+        return GenerationSettings(sampling, _integer("max_new_tokens", self.max_new_tokens),
+                                  None if seed < 0 else seed)
+
+    def session_style(self) -> tuple[str, Optional[str]]:
+        """(template, preamble) a new conversation with these settings starts with."""
+        if self.prompt_style not in TEMPLATES:
+            raise ValueError(f"unknown prompt style {self.prompt_style!r}; choose one of: {', '.join(TEMPLATES)}")
+        preamble = self.preamble if self.preamble and self.preamble.strip() else None
+        if preamble is not None and len(preamble) > limits.MAX_PREAMBLE_CHARS:
+            raise ValueError(f"the preamble has {len(preamble)} characters; the limit is "
+                             f"{limits.MAX_PREAMBLE_CHARS}")
+        return self.prompt_style, preamble
+
+
+def _number(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+def _bounded(name, value, low, high) -> None:
+    if not low <= _number(name, value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _integer(name, value) -> int:
+    if _number(name, value) != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    model: Optional[ModelKey]
+    session: ChatSession = field(default_factory=ChatSession)
+    stats: str = ""
+
+    def messages(self, turns: Optional[int] = None) -> list[dict]:
+        """The chat as Gradio "messages": a user and an assistant message per turn."""
+        shown = []
+        for turn in self.session.turns[:turns]:
+            shown += [user_message(turn.message), assistant_message(turn.answer)]
+        return shown
+
+    def history(self) -> list[list[str]]:
+        return [[message, answer] for message, answer in self.session.history()]
+
+
+def user_message(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+@dataclass(frozen=True)
+class ChatUpdate:
+    conversation: Conversation  # before the answer while it streams; with it on the last update
+    messages: list  # what the chat shows now
+    answer: str  # the answer so far
+    done: bool = False
+    notice: str = ""
+
+
+class SessionControl:
+    """One browser session's stop request and generation guard (a fresh one per deepcopy)."""
+
+    def __init__(self):
+        self.stop_event = threading.Event()
+        self._busy = threading.Lock()
+
+    def __deepcopy__(self, memo) -> "SessionControl":
+        return SessionControl()
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy.locked()
+
+    @contextmanager
+    def generating(self):
+        """Hold the session's one generation slot; the stop request starts cleared."""
+        if not self._busy.acquire(blocking=False):
+            raise Busy("an answer is still being written in this conversation; wait for it or press Stop")
+        self.stop_event.clear()
+        try:
+            yield self.stop_event
+        finally:
+            self._busy.release()
+
+
+class ChatService:
+    def __init__(self, pool):
+        self.pool = pool
+
+    # ------------------------------------------------------------------------------------ conversations
+    @staticmethod
+    def start(model: Optional[ModelKey], settings: ChatSettings = ChatSettings()) -> Conversation:
+        template, preamble = settings.session_style()
+        return Conversation(model, ChatSession(template, preamble))
+
+    def engine(self, conversation: Conversation, progress=None):
+        if conversation.model is None:
+            raise ValueError("no model is selected; pick one under Model and press Load")
+        return self.pool.get(conversation.model, progress)
+
+    @staticmethod
+    def undo(conversation: Conversation) -> tuple[Conversation, str]:
+        """Forget the last turn; returns the new conversation and the message of the forgotten turn."""
+        turns = conversation.session.turns
+        if not turns:
+            return conversation, ""
+        return Conversation(conversation.model, conversation.session.truncated(len(turns) - 1)), turns[-1].message
+
+    @staticmethod
+    def cleared(conversation: Conversation) -> Conversation:
+        return Conversation(conversation.model, conversation.session.truncated(0))
+
+    # ------------------------------------------------------------------------------------ answers
+    def reply(self, conversation: Conversation, message: str, settings: ChatSettings,
+              stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
+        generation = settings.generation()
+        template, preamble = settings.session_style()
+        notice = ""
+        if (template, preamble) != (conversation.session.template, conversation.session.preamble):
+            notice = "new conversation (prompt style or preamble changed)" if conversation.session.turns else ""
+            conversation = Conversation(conversation.model, ChatSession(template, preamble))
+        engine = self.engine(conversation, progress)
+        preamble_read = self._read_preamble(engine, conversation.session)
+        chunks = engine.reply(conversation.session, message, generation, stop)
+        return self._stream(conversation, len(conversation.session.turns), message, chunks, preamble_read, notice)
+
+    def retry(self, conversation: Conversation, settings: ChatSettings,
+              stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
+        turns = conversation.session.turns
+        if not turns:
+            raise ValueError("there is no answer to retry yet")
+        engine = self.engine(conversation, progress)
+        chunks = engine.regenerate(conversation.session, settings.generation(), stop)
+        return self._stream(conversation, len(turns) - 1, turns[-1].message, chunks, 0, "")
+
+    def edit(self, conversation: Conversation, turn_index: int, message: str, settings: ChatSettings,
+             stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
+        turn_index = _integer("turn_index", turn_index)
+        if not 0 <= turn_index < len(conversation.session.turns):
+            raise ValueError(f"there is no message {turn_index} to edit (the conversation has "
+                             f"{len(conversation.session.turns)} turns)")
+        engine = self.engine(conversation, progress)
+        preamble_read = self._read_preamble(engine, conversation.session) if turn_index == 0 else 0
+        chunks = engine.edit(conversation.session, turn_index, message, settings.generation(), stop)
+        return self._stream(conversation, turn_index, message, chunks, preamble_read, "")
+
+    @staticmethod
+    def _read_preamble(engine, session: ChatSession) -> int:
+        """Cache the state after the preamble on its own, so every conversation with the same preamble
+        reuses it; returns how many tokens had to be read (0 when another session already did)."""
+        if not preamble_text(session.preamble):
+            return 0
+        return engine.prefill(session.preamble_ids(engine.tokenizer))[2]
+
+    @staticmethod
+    def _stream(conversation: Conversation, keep_turns: int, message: str, chunks, preamble_read: int,
+                notice: str) -> Iterator[ChatUpdate]:
+        before = conversation.messages(keep_turns)
+        base = Conversation(conversation.model, conversation.session.truncated(keep_turns))
+        yield ChatUpdate(base, before + [user_message(message)], "", notice=notice)
+        for chunk in chunks:
+            shown = before + [user_message(message), assistant_message(chunk.text)]
+            if not chunk.done:
+                yield ChatUpdate(base, shown, chunk.text, notice=notice)
+                continue
+            stats = replace(chunk.stats, prefill_tokens=chunk.stats.prefill_tokens + preamble_read)
+            line = stats.line() + (" · stopped" if stats.stop_reason == "stopped" else "")
+            final = Conversation(conversation.model, chunk.session, line)
+            yield ChatUpdate(final, final.messages(), chunk.text, True, notice)

@@ -1,0 +1,94 @@
+"""The chat app's settings from command-line flags and environment variables, as one frozen `AppConfig`.
+
+Promises: a flag wins over its environment variable, which wins over the default, so the same code runs
+locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (settings as Space variables):
+
+    flag             environment                         default
+    --model          RWKV_MODEL                          RWKV-5 World 0.1B (a catalog name, hub id or local path)
+    --device         RWKV_DEVICE                         auto (CUDA when present, else CPU)
+    --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU); fp32, bf16, fp16, int8
+    --preamble       RWKV_PREAMBLE                       none (system text read before every conversation)
+    --port           GRADIO_SERVER_PORT, PORT            7860
+    --server-name    GRADIO_SERVER_NAME                  0.0.0.0 on a Space (SPACE_ID set), else 127.0.0.1
+    --share          GRADIO_SHARE (1/true/yes)           off
+    --concurrency    RWKV_CONCURRENCY                    32 chats generating at once (one decode batch)
+    --max-queue      RWKV_MAX_QUEUE                      64 waiting requests
+
+Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it.
+Knows nothing of Gradio or models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+from ..loading.catalog import DEFAULT_MODEL
+from ..serving.batching import DEFAULT_MAX_BATCH
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
+DEFAULT_PORT = 7860
+DEFAULT_CONCURRENCY = DEFAULT_MAX_BATCH  # every generating chat fits one batched step
+DEFAULT_MAX_QUEUE = 64
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    preamble: Optional[str] = None
+    port: int = DEFAULT_PORT
+    server_name: str = "127.0.0.1"
+    share: bool = False
+    concurrency: int = DEFAULT_CONCURRENCY
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+    def __post_init__(self):
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError(f"concurrency must be between 1 and 256, got {self.concurrency}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    on_space = bool(env.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(description="Chat with RWKV-4 World and RWKV-5 World models.")
+    parser.add_argument("--model", default=env.get("RWKV_MODEL", DEFAULT_MODEL),
+                        help="catalog name (e.g. 'RWKV-5 World 0.1B'), hub repo id, or a local .pth file / "
+                             "transformers-format directory")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default=env.get("RWKV_DEVICE", "auto"))
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=env.get("RWKV_DTYPE", "auto"))
+    parser.add_argument("--preamble", default=env.get("RWKV_PREAMBLE"),
+                        help="system text read before every conversation (its state is computed once)")
+    parser.add_argument("--port", type=int,
+                        default=int(env.get("GRADIO_SERVER_PORT") or env.get("PORT") or DEFAULT_PORT))
+    parser.add_argument("--server-name", dest="server_name",
+                        default=env.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1"))
+    parser.add_argument("--share", action="store_true",
+                        default=env.get("GRADIO_SHARE", "").lower() in TRUE_WORDS,
+                        help="also serve through a temporary public *.gradio.live link")
+    parser.add_argument("--concurrency", type=int,
+                        default=int(env.get("RWKV_CONCURRENCY", DEFAULT_CONCURRENCY)),
+                        help="how many chats may generate at the same time")
+    parser.add_argument("--max-queue", dest="max_queue", type=int,
+                        default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> AppConfig:
+    """Flags from `argv` (default: sys.argv[1:]) over variables from `env` (default: os.environ)."""
+    env = os.environ if env is None else env
+    args, _unknown = _parser(env).parse_known_args(argv)
+    preamble = args.preamble if args.preamble and args.preamble.strip() else None
+    return AppConfig(model=args.model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
+                     server_name=args.server_name, share=args.share, concurrency=args.concurrency,
+                     max_queue=args.max_queue)

@@ -1,0 +1,54 @@
+"""Builds a ready `ChatEngine` for a `ModelKey`: load the weights, share one tokenizer, pick the decoder.
+
+Promises:
+- One `WorldTokenizer` for every engine of the app (it is read once, on first use).
+- The decoder is `batching.DecodeBatcher(model, max_batch)` (32 rows unless told; the app passes its
+  --concurrency), so concurrent chats with one model decode and sample together (or
+  `generation.DirectDecoder`, one chat at a time, when batching is turned off).
+- The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
+- Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.
+- Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
+Never runs remote code: loading goes through `loading.load_model`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from ..loading.loader import load_model
+from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher
+from ..serving.engine import ChatEngine
+from ..serving.session import ChatSession
+from .model_choices import ModelChoices, ModelKey
+
+
+class EngineFactory:
+    def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 batching: bool = True):
+        self.choices = choices
+        self.preamble = preamble
+        self.max_batch = max_batch
+        self.batching = batching
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from ..tokenizer import WorldTokenizer
+                self._tokenizer = WorldTokenizer()
+            return self._tokenizer
+
+    def __call__(self, key: ModelKey, progress: Callable[[str], None]) -> ChatEngine:
+        choice = self.choices.get(key.choice)
+        # the fast path everywhere, fp32 on CPUs included: the same fp32 arithmetic as the plain path (the tests
+        # hold the two together), with the decode step in the C++ kernels, about twice as fast
+        model = load_model(choice.source, key.device, key.dtype, progress=progress, fast=True)
+        progress("reading the tokenizer")
+        decoder = DecodeBatcher(model, max_batch=self.max_batch) if self.batching else None
+        engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}", decoder=decoder)
+        if self.preamble:
+            progress("reading the preamble")
+            engine.warm_preamble(ChatSession(preamble=self.preamble))
+        return engine

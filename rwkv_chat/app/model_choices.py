@@ -1,0 +1,154 @@
+"""What the model picker may offer, what each choice needs, and whether it fits this machine.
+
+Promises:
+- `ModelChoices` holds exactly the catalog entries plus the operator's own `--model` (a local path or hub id
+  given on the command line). `resolve(name, device, dtype)` is the only way from user input to a
+  `ModelKey`, and it refuses any name not on that list, so neither the page nor the API can make the
+  server read an arbitrary path.
+- `ModelKey` names one loaded model: (choice, device, dtype) with "auto" already resolved.
+- Memory: catalog entries use `CatalogEntry.memory_bytes(dtype)`; the operator's file is estimated from its
+  size (BlinkDL files hold bf16/fp16 weights: 2 bytes per parameter). `free_memory` reads free GPU memory
+  (torch.cuda.mem_get_info) or available RAM (psutil, else os.sysconf).
+Knows nothing of Gradio; never loads or downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..loading.catalog import CATALOG, CatalogEntry, find_entry
+from ..loading.loader import ModelLoadError, dtype_name, resolve_device_dtype
+
+FILE_BYTES_PER_PARAM = 2  # published RWKV checkpoints store bf16/fp16 weights
+WORKING_ROOM = 1.15  # activations and a few states on top of the weights, for files of unknown shape
+WEIGHT_SUFFIXES = (".pth", ".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """One model placed on one device in one precision (the pool's key, a session's model)."""
+
+    choice: str  # a ModelChoice.value
+    device: str  # "cpu", "cuda", "cuda:1"
+    dtype: str  # "fp32", "bf16", "fp16", "int8"
+
+    @property
+    def placement(self) -> str:
+        return f"{self.device} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    value: str  # what the picker and the API send: a catalog name, or the operator's file name / hub id
+    name: str  # what people read
+    source: str  # what load_model gets
+    download_bytes: Optional[int]  # None when unknown (a hub id)
+    entry: Optional[CatalogEntry] = None
+
+    def memory_bytes(self, dtype: torch.dtype) -> Optional[int]:
+        if self.entry is not None:
+            return self.entry.memory_bytes(dtype)
+        if self.download_bytes is None:
+            return None
+        params = self.download_bytes / FILE_BYTES_PER_PARAM
+        return int(params * dtype.itemsize * WORKING_ROOM)
+
+
+def _local_bytes(source: str) -> Optional[int]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    return None
+
+
+def operator_choice(source: str) -> ModelChoice:
+    entry = find_entry(source)
+    if entry is not None:
+        return catalog_choice(entry)
+    path = Path(source).expanduser()
+    name = path.name if path.exists() and path.name else source  # the page shows no server directories
+    return ModelChoice(name, name, source, _local_bytes(source))
+
+
+def catalog_choice(entry: CatalogEntry) -> ModelChoice:
+    return ModelChoice(entry.name, entry.name, entry.name, entry.file_bytes, entry)
+
+
+class ModelChoices:
+    """The catalog plus the operator's model; the default choice is the operator's."""
+
+    def __init__(self, operator_model: str):
+        self.default = operator_choice(operator_model)
+        catalog = [catalog_choice(entry) for entry in CATALOG]
+        extra = [] if self.default.entry is not None else [self.default]
+        self.choices: tuple[ModelChoice, ...] = tuple(extra + catalog)
+        self._by_value = {choice.value: choice for choice in self.choices}
+
+    def __iter__(self):
+        return iter(self.choices)
+
+    def get(self, value: str) -> ModelChoice:
+        """The choice called `value`; ValueError for anything not offered (arbitrary paths included)."""
+        choice = self._by_value.get(value)
+        if choice is None:
+            entry = find_entry(value) if isinstance(value, str) else None
+            choice = self._by_value.get(entry.name) if entry is not None else None
+        if choice is None:
+            names = ", ".join(c.value for c in self.choices)
+            raise ValueError(f"unknown model {value!r}; choose one of: {names}")
+        return choice
+
+    def resolve(self, value: str, device: str = "auto", dtype: str = "auto") -> ModelKey:
+        """Validate a user's choice and settle "auto" (ModelLoadError when e.g. CUDA is missing)."""
+        choice = self.get(value)
+        placed_on, placed_as = resolve_device_dtype(device, dtype)
+        return ModelKey(choice.value, str(placed_on), dtype_name(placed_as))
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+def free_memory(device: str | torch.device) -> tuple[int, int]:
+    """(free, total) bytes on `device`: GPU memory for CUDA, available RAM for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    try:
+        import psutil
+        memory = psutil.virtual_memory()
+        return int(memory.available), int(memory.total)
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_AVPHYS_PAGES"), page * os.sysconf("SC_PHYS_PAGES")
+
+
+def gigabytes(n_bytes: Optional[int]) -> str:
+    return "?" if n_bytes is None else f"{n_bytes / 1e9:.2f} GB" if n_bytes < 10e9 else f"{n_bytes / 1e9:.0f} GB"
+
+
+def describe(choice: ModelChoice, device: str, dtype: str, reclaimable: int = 0,
+             loaded: bool = False) -> str:
+    """One picker line: name · download · memory in the chosen precision · fits or not."""
+    try:
+        placed_on, placed_as = resolve_device_dtype(device, dtype)
+    except ModelLoadError:
+        return f"{choice.name} · {gigabytes(choice.download_bytes)} download · {device} not available here"
+    need = choice.memory_bytes(placed_as)
+    where = "GPU" if placed_on.type == "cuda" else "RAM"
+    if loaded:
+        fit = f"loaded on {placed_on.type} {dtype_name(placed_as)}"
+    elif need is None:
+        fit = "size unknown"
+    else:
+        free, _total = free_memory(placed_on)
+        fit = "fits" if need <= free + reclaimable else f"too big ({gigabytes(free + reclaimable)} {where} free)"
+    name = choice.name if choice.entry is not None else f"{choice.name} (this server's model)"
+    return (f"{name} · {gigabytes(choice.download_bytes)} download · needs {gigabytes(need)} "
+            f"{dtype_name(placed_as)} · {fit}")

@@ -1,0 +1,334 @@
+"""The Gradio page and its API: `build_app(config)` returns the `gr.Blocks` demo; `launch(demo, config)`.
+
+Promises:
+- Each browser session (and each gradio_client `Client`) has its own `gr.State`: an immutable
+  `Conversation` and a `SessionControl` (stop button + one generation at a time). No chat state lives in
+  module globals; models are shared through one `ModelPool`, loaded in the handler's own worker thread
+  (queue slot "load"), so other sessions keep chatting meanwhile.
+- Refused input (too long, empty, settings out of bounds, unknown model) is reported with its message
+  (a gr.Warning toast on the page; gr.Error, i.e. an AppError, for API clients) and changes nothing: the
+  text stays in the box, the conversation is unchanged.
+- A stop request keeps the partial answer; the state kept matches it. A client that goes away closes the
+  generator, which ends the generation.
+- The picker offers only `ModelChoices` (catalog + the operator's --model); every API argument naming a
+  model is checked against it.
+Named API endpoints (gradio_client) are wired by ui_api.ChatApi, plus `stop` (the Stop button); all other
+events are private to the page.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import limits
+from ..loading.loader import DTYPES, ModelLoadError, resolve_device_dtype
+from ..prompts import DEFAULT_TEMPLATE, TEMPLATES
+from ..serving.sampling import SamplingParams
+from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
+from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
+from .engine_factory import EngineFactory
+from .model_choices import ModelChoices, ModelKey, describe
+from .model_pool import ModelPool
+from .ui_api import ChatApi
+from .ui_stream import reason, throttled
+
+TITLE = "RWKV World chat"
+INTRO = ("## RWKV World chat\nAn RNN that carries its whole conversation in a fixed-size state: each turn reads "
+         "only its own new tokens. Pick a model on the right; the answer streams below.")
+DRAGON = ("In a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
+          "unexplored valley, in Tibet. Even more surprising to the researchers was the fact that the dragons "
+          "spoke perfect Chinese.")
+EXAMPLES = [[DRAGON], ["请介绍一下北京的旅游景点"], ["What are the three laws of robotics?"],
+            ["Write a short poem about a cat watching the rain."]]
+LOCAL_FILE_HINT = ("To use a file you already have, start the app with `python app.py --model "
+                   "/path/to/RWKV-5-World-0.1B-v1-20230803-ctx4096.pth` (or set `RWKV_MODEL`).")
+
+
+def build_app(config: AppConfig) -> gr.Blocks:
+    """The whole app: model pool, chat service, page; the default model starts loading in the background."""
+    choices = ModelChoices(config.model)
+    pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency))
+    page = ChatPage(ChatService(pool), choices, config)
+    page.preload_default()
+    demo = page.build()
+    demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
+    demo.rwkv_pool = pool  # for tests and for tools that embed the app
+    return demo
+
+
+def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
+    """Serve `demo` as `config` says (host, port, --share)."""
+    return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share, **kwargs)
+
+
+def main() -> None:
+    """The installed `rwkv-chat` command: what `python app.py` does, with the same flags."""
+    config = parse_config()
+    launch(build_app(config), config)
+
+
+def _message_text(value) -> str:
+    """The text of a chat message value (a str, or Gradio 6's list of content parts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _message_text(value.get("content", value.get("text", "")))
+    if isinstance(value, (list, tuple)):
+        return "".join(_message_text(part) for part in value)
+    return "" if value is None else str(value)
+
+
+class ChatPage:
+    def __init__(self, service: ChatService, choices: ModelChoices, config: AppConfig):
+        self.service = service
+        self.pool: ModelPool = service.pool
+        self.choices = choices
+        self.config = config
+        self.default_settings = ChatSettings(preamble=config.preamble)
+        try:
+            self.default_key = choices.resolve(choices.default.value, config.device, config.dtype)
+            self.startup_error = ""
+        except ModelLoadError as error:
+            self.default_key, self.startup_error = None, str(error)
+
+    def preload_default(self) -> None:
+        if self.default_key is not None:
+            self.pool.preload(self.default_key)
+
+    # ------------------------------------------------------------------------------------ layout
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title=TITLE) as demo:
+            self.conversation = gr.State(self.service.start(self.default_key, self.default_settings))
+            self.control = gr.State(SessionControl())
+            gr.Markdown(INTRO)
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3, min_width=420):
+                    self._chat_area()
+                with gr.Column(scale=2, min_width=320):
+                    self._model_panel()
+                    self._settings_panel()
+            self._wire_chat()
+            self._wire_models(demo)
+            ChatApi(self).wire()
+        return demo
+
+    def _chat_area(self) -> None:
+        self.model_status = gr.Markdown(self.status(self.service.start(self.default_key)), elem_id="model-status")
+        self.chatbot = gr.Chatbot(label="Chat", height=520, editable="user", buttons=["copy", "copy_all"],
+                                  elem_id="chat", layout="bubble", feedback_options=None,
+                                  placeholder="Ask a question below, or pick an example.")
+        self.stats = gr.Markdown(elem_id="stats")
+        with gr.Row(equal_height=True):
+            self.message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
+                                      lines=1, max_lines=8, scale=5, elem_id="message", autofocus=True)
+            self.send_button = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+            self.stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+        with gr.Row():
+            self.retry_button = gr.Button("Retry", size="sm", elem_id="retry")
+            self.undo_button = gr.Button("Undo", size="sm", elem_id="undo")
+            self.clear_button = gr.Button("Clear", size="sm", elem_id="clear")
+        gr.Examples(EXAMPLES, inputs=[self.message], label="Examples")
+
+    def _model_panel(self) -> None:
+        with gr.Accordion("Model", open=True):
+            self.model_pick = gr.Dropdown(self._model_labels(self.config.device, self.config.dtype),
+                                          value=self.choices.default.value, label="Model", elem_id="model-pick",
+                                          info="download size · memory in the chosen precision · fits here?")
+            with gr.Row():
+                self.device = gr.Radio(list(DEVICE_CHOICES), value=self.config.device, label="Device")
+                self.dtype = gr.Radio(list(DTYPE_CHOICES), value=self.config.dtype, label="Precision")
+            self.load_button = gr.Button("Load model (starts a new conversation)", elem_id="load")
+
+    def _settings_panel(self) -> None:
+        defaults = SamplingParams()
+        with gr.Accordion("Generation", open=False):
+            max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=limits.DEFAULT_NEW_TOKENS, step=1,
+                                label="Max new tokens", elem_id="max-new-tokens")
+            temperature = gr.Slider(0, limits.MAX_TEMPERATURE, value=defaults.temperature, step=0.05,
+                                    label="Temperature", info="0 = always the most likely token")
+            top_p = gr.Slider(0.01, 1, value=defaults.top_p, step=0.01, label="Top-p")
+            top_k = gr.Slider(0, limits.MAX_TOP_K, value=defaults.top_k, step=1, label="Top-k", info="0 = off")
+            presence = gr.Slider(0, limits.MAX_PENALTY, value=defaults.presence_penalty, step=0.05,
+                                 label="Presence penalty")
+            frequency = gr.Slider(0, limits.MAX_PENALTY, value=defaults.frequency_penalty, step=0.05,
+                                  label="Frequency penalty")
+            decay = gr.Slider(0.9, 1.0, value=defaults.penalty_decay, step=0.001, label="Penalty decay",
+                              info="how fast past tokens are forgiven (per token)")
+            seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random; fixed = repeatable",
+                             elem_id="seed")
+        with gr.Accordion("Prompt", open=False):
+            style = gr.Radio(list(TEMPLATES), value=DEFAULT_TEMPLATE, label="Prompt style")
+            preamble = gr.Textbox(value=self.config.preamble or "", lines=3, label="Preamble (system text)",
+                                  info="read before the conversation; changing it (or the style) starts a new one")
+        # The order of ChatSettings' fields.
+        self.settings = [max_new, temperature, top_p, top_k, presence, frequency, decay, style, preamble, seed]
+
+    def status(self, conversation: Conversation) -> str:
+        key = conversation.model
+        if key is None:
+            return f"⚠️ No model could be selected: {self.startup_error}"
+        name = self.choices.get(key.choice).name
+        if self.pool.peek(key) is not None:
+            return f"**{name}** · {key.placement} · ready"
+        error = self.pool.error(key)
+        if error:
+            return f"⚠️ Could not load **{name}** ({key.placement}): {error}\n\n{LOCAL_FILE_HINT}"
+        if self.pool.is_loading(key):
+            return f"⏳ Loading **{name}** on {key.placement}…"
+        return f"**{name}** · {key.placement} · loads with the first message"
+
+    def _model_labels(self, device: str, dtype: str) -> list[tuple[str, str]]:
+        try:
+            placed_on, _ = resolve_device_dtype(device, dtype)
+            reclaimable = self.pool.reclaimable_bytes(str(placed_on))
+        except ModelLoadError:
+            reclaimable = 0
+        loaded = {key.choice for key in self.pool.loaded_keys()
+                  if self._same_placement(key, device, dtype)}
+        return [(describe(choice, device, dtype, reclaimable, choice.value in loaded), choice.value)
+                for choice in self.choices]
+
+    @staticmethod
+    def _same_placement(key: ModelKey, device: str, dtype: str) -> bool:
+        try:
+            placed_on, placed_as = resolve_device_dtype(device, dtype)
+        except ModelLoadError:
+            return False
+        return key.device == str(placed_on) and DTYPES[key.dtype] == placed_as
+
+    # ------------------------------------------------------------------------------------ chat events
+    def _wire_chat(self) -> None:
+        chat_outputs = [self.message, self.chatbot, self.stats, self.conversation]
+        generating = dict(concurrency_id="generate", concurrency_limit=self.config.concurrency,
+                          api_visibility="private", show_progress="minimal")
+        quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        inputs = self.settings + [self.conversation, self.control]
+        gr.on([self.message.submit, self.send_button.click], self.ui_send, [self.message] + inputs, chat_outputs,
+              **generating)
+        gr.on([self.chatbot.retry, self.retry_button.click], self.ui_retry, inputs, chat_outputs, **generating)
+        self.chatbot.edit(self.ui_edit, inputs, chat_outputs, **generating)
+        gr.on([self.chatbot.undo, self.undo_button.click], self.ui_undo, [self.conversation, self.control],
+              chat_outputs, **quick)
+        gr.on([self.chatbot.clear, self.clear_button.click], self.ui_clear, [self.conversation, self.control],
+              chat_outputs, **quick)
+        self.stop_button.click(request_stop, [self.control], None, api_name="stop", concurrency_limit=None,
+                               show_progress="hidden")
+
+    def _ui_stream(self, start, conversation: Conversation, control: SessionControl, clear_box: bool):
+        """Run one generation for the page: (message box, chat, stats, conversation) per update."""
+        updates = None
+        try:
+            with control.generating() as stop:
+                updates = start(stop)
+                first = True
+                for update in throttled(updates):
+                    if first and update.notice:
+                        gr.Info(update.notice)
+                    box = "" if clear_box and first else gr.skip()
+                    first = False
+                    if update.done:
+                        yield box, update.messages, update.conversation.stats, update.conversation
+                    else:
+                        yield box, update.messages, "", gr.skip()
+        except Exception as error:  # noqa: BLE001 - reported; the conversation stays as it was
+            # A toast, not an error state: the text stays in the box and the chat shows what is really kept.
+            gr.Warning(reason(error), title="Not done")
+            yield gr.skip(), conversation.messages(), gr.skip(), gr.skip()
+        finally:
+            if updates is not None:
+                updates.close()
+
+    def ui_send(self, progress=gr.Progress(), *values):
+        message, *settings, conversation, control = values
+        run = lambda stop: self.service.reply(conversation, message, ChatSettings(*settings), stop,  # noqa: E731
+                                              _stage_reporter(progress))
+        yield from self._ui_stream(run, conversation, control, clear_box=True)
+
+    def ui_retry(self, progress=gr.Progress(), *values):
+        *settings, conversation, control = values
+        run = lambda stop: self.service.retry(conversation, ChatSettings(*settings), stop,  # noqa: E731
+                                              _stage_reporter(progress))
+        yield from self._ui_stream(run, conversation, control, clear_box=False)
+
+    def ui_edit(self, edit: gr.EditData, progress=gr.Progress(), *values):
+        *settings, conversation, control = values
+        index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
+        if index % 2:  # only user messages are editable
+            yield gr.skip(), conversation.messages(), gr.skip(), gr.skip()
+            return
+        run = lambda stop: self.service.edit(conversation, index // 2, _message_text(edit.value),  # noqa: E731
+                                             ChatSettings(*settings), stop, _stage_reporter(progress))
+        yield from self._ui_stream(run, conversation, control, clear_box=False)
+
+    def ui_undo(self, conversation: Conversation, control: SessionControl):
+        if control.busy:
+            gr.Warning("Press Stop before undoing: an answer is still being written.")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        conversation, message = self.service.undo(conversation)
+        return message or gr.skip(), conversation.messages(), "", conversation
+
+    def ui_clear(self, conversation: Conversation, control: SessionControl):
+        if control.busy:
+            gr.Warning("Press Stop before clearing: an answer is still being written.")
+            return gr.skip(), conversation.messages(), gr.skip(), gr.skip()
+        return gr.skip(), [], "", self.service.cleared(conversation)
+
+    # ------------------------------------------------------------------------------------ model events
+    def _wire_models(self, demo: gr.Blocks) -> None:
+        timer = gr.Timer(1.0, active=True)
+        refresh = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        demo.load(self.ui_refresh, [self.conversation, self.model_pick, self.device, self.dtype],
+                  [self.model_status, self.model_pick, timer], **refresh)
+        timer.tick(self.ui_refresh, [self.conversation, self.model_pick, self.device, self.dtype],
+                   [self.model_status, self.model_pick, timer], **refresh)
+        gr.on([self.device.change, self.dtype.change], self.ui_labels, [self.device, self.dtype],
+              [self.model_pick], **refresh)
+        self.load_button.click(self.ui_load, [self.model_pick, self.device, self.dtype, self.conversation,
+                                              self.control],
+                               [self.chatbot, self.stats, self.conversation, self.model_status, self.model_pick],
+                               concurrency_id="load", concurrency_limit=2, api_visibility="private")
+
+    def ui_refresh(self, conversation: Conversation, choice: str, device: str, dtype: str):
+        """Status line and picker labels; keeps polling while the session's model is loading."""
+        loading = conversation.model is not None and self.pool.is_loading(conversation.model)
+        picker = gr.update(choices=self._model_labels(device, dtype), value=choice)
+        return self.status(conversation), picker, gr.Timer(active=loading)
+
+    def ui_labels(self, device: str, dtype: str):
+        return gr.update(choices=self._model_labels(device, dtype))
+
+    def ui_load(self, choice: str, device: str, dtype: str, conversation: Conversation, control: SessionControl,
+                progress=gr.Progress(track_tqdm=True)):
+        try:
+            conversation = self.switch_model(choice, device, dtype, conversation, control,
+                                             _stage_reporter(progress))
+            outputs = [], "", conversation, self.status(conversation)
+        except Exception as error:  # noqa: BLE001 - reported; the session keeps its model
+            why = reason(error)
+            gr.Warning(why, title="Model not loaded")
+            status = (f"⚠️ Could not load **{choice}**: {why}\n\n{LOCAL_FILE_HINT}\n\n"
+                      f"Still chatting with: {self.status(conversation)}")
+            outputs = gr.skip(), gr.skip(), gr.skip(), status
+        return *outputs, gr.update(choices=self._model_labels(device, dtype), value=choice)
+
+    def switch_model(self, choice, device, dtype, conversation, control, progress) -> Conversation:
+        if control.busy:
+            raise Busy("press Stop before switching models: an answer is still being written")
+        key = self.choices.resolve(choice, device, dtype)
+        self.pool.get(key, progress)
+        return Conversation(key, conversation.session.truncated(0))
+
+    # ------------------------------------------------------------------------------------ API
+def _stage_reporter(progress):
+    """load_model's stage strings -> the Gradio progress bar (indeterminate: the stages have no fraction)."""
+    def report(stage: str) -> None:
+        try:
+            progress(None, desc=stage)
+        except Exception:  # noqa: BLE001 - progress display must never break a load
+            pass
+    return report
+
+
+def request_stop(control: SessionControl) -> None:
+    """Stop this session's answer; the part written so far is kept (the page's Stop button and API `stop`)."""
+    control.request_stop()

@@ -1,0 +1,136 @@
+"""The chat app's named API endpoints for gradio_client: chat, retry, edit (streaming), undo, reset, history,
+list_models, select_model; `stop` is the page's stop button itself (see ui.py).
+
+Promises: the endpoints share the page's per-session gr.State, so one gradio_client `Client` is one
+conversation, apart from every other client and browser tab; their settings arguments are the page's own
+setting components (same bounds, same defaults). Every model name is checked against the server's choices.
+Refusals raise gr.Error (an AppError for the client) with the reason, and change nothing.
+Documented for users in the README's API section.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..loading.loader import ModelLoadError, resolve_device_dtype
+from .chat_service import ChatSettings, Conversation, SessionControl
+from .model_choices import describe, free_memory
+from .ui_stream import reason, throttled
+
+
+class ChatApi:
+    def __init__(self, page):
+        self.page = page
+        self.service = page.service
+
+    def wire(self) -> None:
+        """Hidden outputs and one hidden trigger; each endpoint is a named listener on it."""
+        page = self.page
+        with gr.Row(visible=False):
+            trigger = gr.Button("api")
+            api_answer = gr.Textbox(label="answer")
+            api_stats = gr.Textbox(label="stats")
+            api_text = gr.Textbox(label="text")
+            api_turn = gr.Number(label="turn_index", precision=0, value=0)
+            api_json = gr.JSON(label="result")
+        state = [page.conversation, page.control]
+        answer = [api_answer, api_stats, page.conversation]
+        generating = dict(concurrency_id="generate", concurrency_limit=page.config.concurrency)
+        quick = dict(concurrency_limit=None)
+        click = trigger.click
+        click(self.chat, [page.message] + page.settings + state, answer, api_name="chat", **generating)
+        click(self.retry, page.settings + state, answer, api_name="retry", **generating)
+        click(self.edit, [api_turn, page.message] + page.settings + state, answer, api_name="edit", **generating)
+        click(self.undo, state, [api_text, page.conversation], api_name="undo", **quick)
+        click(self.reset, state, [api_text, page.conversation], api_name="reset", **quick)
+        click(self.history, [page.conversation], [api_json], api_name="history", **quick)
+        click(self.list_models, [page.device, page.dtype], [api_json], api_name="list_models", **quick)
+        click(self.select_model, [page.model_pick, page.device, page.dtype] + state, [api_text, page.conversation],
+              api_name="select_model", concurrency_id="load", concurrency_limit=2)
+
+    def _stream(self, start, control: SessionControl):
+        """(answer so far, stats line, conversation) per update; the stats line comes with the last one."""
+        updates = None
+        try:
+            with control.generating() as stop:
+                updates = start(stop)
+                for update in throttled(updates):
+                    if update.done:
+                        yield update.answer, update.conversation.stats, update.conversation
+                    else:
+                        yield update.answer, "", gr.skip()
+        except Exception as error:  # noqa: BLE001 - reported to the client; the conversation stays as it was
+            raise gr.Error(reason(error), print_exception=False) from None
+        finally:
+            if updates is not None:
+                updates.close()
+
+    def chat(self, message: str, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+             presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
+             preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+        """Send `message` as the next turn of this client's conversation; streams (answer, stats)."""
+        settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
+                                penalty_decay, prompt_style, preamble, seed)
+        yield from self._stream(lambda stop: self.service.reply(conversation, message, settings, stop), control)
+
+    def retry(self, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+              presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
+              preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+        """Answer the last message again, from the state right after it; streams (answer, stats)."""
+        settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
+                                penalty_decay, prompt_style, preamble, seed)
+        yield from self._stream(lambda stop: self.service.retry(conversation, settings, stop), control)
+
+    def edit(self, turn_index: float, message: str, max_new_tokens: float, temperature: float, top_p: float,
+             top_k: float, presence_penalty: float, frequency_penalty: float, penalty_decay: float,
+             prompt_style: str, preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+        """Replace user message `turn_index` (0 = first), drop what followed, answer it; streams (answer, stats)."""
+        settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
+                                penalty_decay, prompt_style, preamble, seed)
+        yield from self._stream(
+            lambda stop: self.service.edit(conversation, turn_index, message, settings, stop), control)
+
+    def undo(self, conversation: Conversation, control: SessionControl):
+        """Forget the last turn; returns its message."""
+        if control.busy:
+            raise gr.Error("press Stop before undoing: an answer is still being written", print_exception=False)
+        conversation, message = self.service.undo(conversation)
+        return message, conversation
+
+    def reset(self, conversation: Conversation, control: SessionControl):
+        """Start a new conversation with the same model; returns the model's status line."""
+        if control.busy:
+            raise gr.Error("press Stop before resetting: an answer is still being written", print_exception=False)
+        conversation = self.service.cleared(conversation)
+        return self.page.status(conversation), conversation
+
+    @staticmethod
+    def history(conversation: Conversation):
+        """The conversation as [[message, answer], ...]."""
+        return conversation.history()
+
+    def list_models(self, device: str, dtype: str):
+        """Every model the server offers, with sizes and whether it fits the chosen device and precision."""
+        rows = []
+        for choice in self.page.choices:
+            try:
+                placed_on, placed_as = resolve_device_dtype(device, dtype)
+                need = choice.memory_bytes(placed_as)
+                free = free_memory(placed_on)[0] + self.page.pool.reclaimable_bytes(str(placed_on))
+                fits = None if need is None else need <= free
+            except ModelLoadError:
+                need, fits = None, False
+            loaded = [f"{k.device} {k.dtype}" for k in self.page.pool.loaded_keys() if k.choice == choice.value]
+            rows.append({"name": choice.value, "download_bytes": choice.download_bytes, "memory_bytes": need,
+                         "fits": fits, "loaded": loaded, "label": describe(choice, device, dtype)})
+        return rows
+
+    def select_model(self, model: str, device: str, dtype: str, conversation: Conversation,
+                     control: SessionControl):
+        """Load `model` (a name from list_models) and start a new conversation with it."""
+        try:
+            conversation = self.page.switch_model(model, device, dtype, conversation, control, None)
+        except Exception as error:  # noqa: BLE001 - reported to the client; the session keeps its model
+            raise gr.Error(reason(error), print_exception=False) from None
+        return self.page.status(conversation), conversation
+

@@ -1,0 +1,220 @@
+"""The chat engine: prefill through the prefix-state cache, then streaming generation, in token ids.
+
+What it promises:
+- A new turn reads only the tokens the conversation does not already have a state for: the state after the
+  previous answer (or after the shared preamble, or after the prompt being retried) comes from the cache, so
+  time to first token does not grow with the length of the chat. On a cache miss the state is rebuilt from
+  the session's tokens, with the same result.
+- Generation streams text as it decodes (never a broken multi-byte character), stops at the turn separator,
+  end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
+  matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
+- Nothing here touches a session in place: each reply hands back a new `ChatSession`.
+- The token loop runs in the decoder (`generation.DirectDecoder` in the reader's thread, or a
+  `batching.DecodeBatcher` that runs many chats' loops as batched steps); the reply's bookkeeping is its
+  judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
+  before the step that feeds it, so the next sample sees them; a reply runs exactly one model step per kept
+  token. A reader slower than the decoder gets several tokens per chunk.
+
+It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .. import limits
+from ..prompts import find_stop, strip_answer
+from ..tokenizer import EOT_ID
+from .generation import DirectDecoder, Verdict
+from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
+from .session import ChatSession, Turn
+from .state_cache import StateCache
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = limits.DEFAULT_NEW_TOKENS
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not 1 <= self.max_new_tokens <= limits.MAX_NEW_TOKENS:
+            raise ValueError(f"max new tokens must be between 1 and {limits.MAX_NEW_TOKENS}, "
+                             f"got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    prefill_tokens: int  # tokens read before the first new token of this turn
+    ttft_s: float
+    new_tokens: int
+    decode_s: float
+    state_bytes: int
+    stop_reason: str  # "separator", "end_of_text", "max_tokens", "stopped"
+    model_label: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"prefill {self.prefill_tokens} tok · TTFT {self.ttft_s:.2f} s · {self.new_tokens} tok at "
+                f"{self.tokens_per_s:.0f} tok/s · state {self.state_bytes / 1e6:.1f} MB · {self.model_label}")
+
+
+@dataclass(frozen=True)
+class ReplyChunk:
+    text: str  # the answer so far, as shown
+    done: bool = False
+    session: Optional[ChatSession] = None  # the conversation with this answer, on the last chunk
+    stats: Optional[ReplyStats] = None  # on the last chunk
+
+
+class AnswerJudge:
+    """One reply's per-token bookkeeping, as the decoder's judge (`generation`): stop rules, the streamed
+    text, the kept ids and the penalties. Written only by the thread that runs the loop; the reader reads
+    `text`, which is always whole characters."""
+
+    def __init__(self, tokenizer, penalties: PenaltyState, max_new_tokens: int, stop: threading.Event):
+        self.stream = tokenizer.stream_decoder()
+        self.penalties, self.max_new_tokens, self.stop = penalties, max_new_tokens, stop
+        self.ids: list[int] = []  # every token kept (and fed)
+        self.text = ""  # their decoded text
+        self.reason = "max_tokens"
+        self.first_token_at: Optional[float] = None
+        self.separator: Optional[tuple[str, int]] = None  # (the refused token's text, where the stop begins)
+
+    def accept(self, token: int, logits: torch.Tensor) -> Verdict:
+        if self.stop.is_set():
+            self.reason = "stopped"
+            return Verdict.STOP
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        if token == EOT_ID:
+            self.reason = "end_of_text"
+            return Verdict.STOP
+        piece = self.stream.push(token)
+        cut = find_stop(self.text + piece)
+        if cut is not None:
+            self.reason, self.separator = "separator", (piece, cut)
+            return Verdict.STOP
+        self.penalties.update(token)  # before the step: the token sampled after it must see this one
+        self.ids.append(token)
+        self.text += piece
+        return Verdict.LAST if len(self.ids) == self.max_new_tokens else Verdict.FEED
+
+
+class ChatEngine:
+    def __init__(self, model, tokenizer, label: str = "", cache_bytes: int = limits.STATE_CACHE_BYTES,
+                 decoder=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.label = label
+        self.cache = StateCache(cache_bytes)
+        self.decoder = decoder or DirectDecoder(model)
+        self._exempt = penalty_exempt_mask(
+            ((i, tokenizer.token_bytes(i)) for i in range(1, tokenizer.max_token_id + 1)),
+            model.config.vocab_size)
+        # ids the model can score but the tokenizer cannot decode (65530..65535 in World models) are never drawn
+        self._unknown_ids = tuple(range(tokenizer.max_token_id + 1, model.config.vocab_size))
+
+    # ------------------------------------------------------------------------------------ prefill
+    def prefill(self, ids, pin: bool = False):
+        """State and logits after `ids`, reading only what the cache does not cover.
+
+        Returns (logits [vocab], state, number of tokens read)."""
+        ids = tuple(ids)
+        if not ids:
+            raise ValueError("nothing to read")
+        hit = self.cache.longest_prefix(ids, device=self.model.device)
+        if hit is not None and hit.length == len(ids):
+            if pin:
+                self.cache.put(ids, hit.state, hit.logits, pinned=True)
+            return hit.logits, hit.state, 0
+        start, state = (hit.length, hit.state) if hit is not None else (0, None)
+        logits, state = self.model.forward(list(ids[start:]), state)
+        self.cache.put(ids, state, logits, pinned=pin)
+        return logits, state, len(ids) - start
+
+    def warm_preamble(self, session: ChatSession) -> int:
+        """Compute (once, for every session) and pin the state after the session's preamble."""
+        ids = session.preamble_ids(self.tokenizer)
+        return self.prefill(ids, pin=True)[2] if ids else 0
+
+    # ------------------------------------------------------------------------------------ replies
+    def reply(self, session: ChatSession, message: str, settings: GenerationSettings,
+              stop: Optional[threading.Event] = None) -> Iterator[ReplyChunk]:
+        """Answer `message` as the next turn of `session`."""
+        return self._answer(session, len(session.turns), message, settings, stop)
+
+    def regenerate(self, session: ChatSession, settings: GenerationSettings,
+                   stop: Optional[threading.Event] = None) -> Iterator[ReplyChunk]:
+        """Answer the last user message again, from the state right after its prompt."""
+        if not session.turns:
+            raise ValueError("there is no answer to regenerate")
+        return self._answer(session, len(session.turns) - 1, session.turns[-1].message, settings, stop)
+
+    def edit(self, session: ChatSession, turn_index: int, message: str, settings: GenerationSettings,
+             stop: Optional[threading.Event] = None) -> Iterator[ReplyChunk]:
+        """Replace user message `turn_index` (and drop everything after it), then answer it."""
+        if not 0 <= turn_index < len(session.turns):
+            raise IndexError(f"no turn {turn_index} in a conversation of {len(session.turns)} turns")
+        return self._answer(session, turn_index, message, settings, stop)
+
+    def _answer(self, session, keep_turns, message, settings, stop) -> Iterator[ReplyChunk]:
+        if len(message) > limits.MAX_MESSAGE_CHARS:
+            raise ValueError(f"the message has {len(message)} characters; the limit is {limits.MAX_MESSAGE_CHARS}")
+        base = session.truncated(keep_turns)
+        prompt_ids = base.prompt_ids(self.tokenizer, message)  # raises ValueError for an empty message
+        if len(prompt_ids) > limits.MAX_MESSAGE_TOKENS:
+            raise ValueError(f"the message is {len(prompt_ids)} tokens long; the limit is "
+                             f"{limits.MAX_MESSAGE_TOKENS}")
+        return self._generate(base, message, base.context_ids(self.tokenizer) + prompt_ids, prompt_ids,
+                               settings, stop or threading.Event())
+
+    def _generate(self, base: ChatSession, message: str, ids: tuple[int, ...], prompt_ids, settings,
+                  stop: threading.Event) -> Iterator[ReplyChunk]:
+        started = time.perf_counter()
+        logits, state, read = self.prefill(ids)
+        generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt)
+        sampler = Sampler(settings.sampling, generator, penalties, self._unknown_ids)
+        judge = AnswerJudge(self.tokenizer, penalties, settings.max_new_tokens, stop)
+        run = self.decoder.generate(logits, state, sampler, judge)
+        try:
+            for _ in run:
+                yield ReplyChunk(strip_answer(_shown(judge.text)))
+        finally:
+            run.close()  # a reader that leaves half-way stops the loop
+        logits, state, answer_ids, text = run.logits, run.state, judge.ids, judge.text
+        if judge.separator is not None:
+            logits, state, answer_ids, text = self._feed_before_separator(text, *judge.separator, logits,
+                                                                          state, answer_ids)
+        else:
+            text += judge.stream.flush()
+        finished = time.perf_counter()
+        first_token_at = judge.first_token_at or finished
+        turn = Turn(message, prompt_ids, strip_answer(text), tuple(answer_ids), text, judge.reason)
+        all_ids = ids + turn.answer_ids
+        self.cache.put(all_ids, state, logits)
+        stats = ReplyStats(read, first_token_at - started, len(answer_ids), finished - first_token_at,
+                           state.nbytes, judge.reason, self.label)
+        yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats)
+
+    def _feed_before_separator(self, text, piece, cut, logits, state, answer_ids):
+        """The token that completed the separator is not fed; text it carried before the separator is
+        (re-encoded), so the state matches the kept answer exactly."""
+        kept = text + piece[:max(0, cut - len(text))]
+        extra = self.tokenizer.encode(kept[len(text):]) if cut > len(text) else []
+        if extra:
+            logits, state = self.model.forward(extra, state)
+        return logits, state, answer_ids + list(extra), kept
+
+
+def _shown(text: str) -> str:
+    """Hold back one trailing newline: the next token may make it the separator."""
+    return text[:-1] if text.endswith("\n") else text

@@ -1,0 +1,279 @@
+"""The app's parts without a server: flags/env, the model choices and their memory lines, the LRU model pool
+(with a fake loader and a fake memory probe), and the chat service on a tiny real model."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from rwkv_chat import limits
+from rwkv_chat.app.config import AppConfig, parse_config
+from rwkv_chat.loading.catalog import CATALOG, DEFAULT_MODEL, get_entry
+from rwkv_chat.app.chat_service import Busy, ChatService, ChatSettings, SessionControl
+from rwkv_chat.app.engine_factory import EngineFactory
+from rwkv_chat.loading.loader import DTYPES, ModelLoadError
+from rwkv_chat.app.model_choices import ModelChoices, ModelKey, describe
+from rwkv_chat.app.model_pool import ModelPool
+
+
+# ---------------------------------------------------------------------------------------- config
+
+def test_defaults_serve_the_default_model_on_loopback():
+    assert parse_config([], {}) == AppConfig(model=DEFAULT_MODEL, server_name="127.0.0.1", port=7860)
+
+
+def test_flags_win_over_environment_which_wins_over_defaults():
+    env = {"RWKV_MODEL": "RWKV-4 World 0.4B", "RWKV_DEVICE": "cpu", "RWKV_DTYPE": "bf16", "PORT": "9000",
+           "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SHARE": "true", "RWKV_CONCURRENCY": "3",
+           "RWKV_PREAMBLE": "Be brief."}
+    config = parse_config([], env)
+    assert (config.model, config.device, config.dtype, config.port, config.server_name, config.share,
+            config.concurrency, config.preamble) == ("RWKV-4 World 0.4B", "cpu", "bf16", 9000, "0.0.0.0", True, 3,
+                                                     "Be brief.")
+    config = parse_config(["--model", "/models/x.pth", "--port", "8001", "--dtype", "fp16", "--server-name",
+                           "127.0.0.1", "--concurrency", "5", "--share"], env)
+    assert (config.model, config.port, config.dtype, config.server_name, config.concurrency) == \
+        ("/models/x.pth", 8001, "fp16", "127.0.0.1", 5)
+    assert parse_config([], {"GRADIO_SERVER_PORT": "7000", "PORT": "9000"}).port == 7000
+
+
+def test_a_space_listens_on_all_interfaces_and_unknown_flags_are_ignored():
+    assert parse_config(["--reload"], {"SPACE_ID": "user/space"}).server_name == "0.0.0.0"
+    with pytest.raises(SystemExit):
+        parse_config(["--device", "tpu"], {})
+
+
+# ---------------------------------------------------------------------------------------- choices
+
+def test_choices_are_the_catalog_plus_the_operators_file(tmp_path):
+    weights = tmp_path / "mine.pth"
+    weights.write_bytes(b"0" * 1000)
+    choices = ModelChoices(str(weights))
+    assert [c.value for c in choices] == ["mine.pth"] + [e.name for e in CATALOG]
+    assert choices.default.value == "mine.pth" and choices.default.source == str(weights)
+    assert choices.default.download_bytes == 1000
+    assert [c.value for c in ModelChoices("rwkv-5-world-0.1b")] == [e.name for e in CATALOG]
+
+
+def test_resolve_refuses_anything_not_offered(tmp_path):
+    choices = ModelChoices(DEFAULT_MODEL)
+    for name in ("/etc/passwd", str(tmp_path), "RWKV/rwkv-5-world-169m", "RWKV-6 World 1.6B"):
+        with pytest.raises(ValueError, match="unknown model"):
+            choices.resolve(name, "cpu", "fp32")
+    assert choices.resolve("rwkv-4-world-0.4b", "cpu", "bf16") == ModelKey("RWKV-4 World 0.4B", "cpu", "bf16")
+    assert choices.resolve(DEFAULT_MODEL, "cpu", "auto").dtype == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_load_error():
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        ModelChoices(DEFAULT_MODEL).resolve(DEFAULT_MODEL, "cuda", "auto")
+
+
+def test_picker_lines_show_download_memory_and_fit(monkeypatch):
+    import rwkv_chat.app.model_choices as model_choices
+    monkeypatch.setattr(model_choices, "free_memory", lambda device: (8 * 10**9, 16 * 10**9))
+    choices = ModelChoices(DEFAULT_MODEL)
+    small, big = choices.get("RWKV-5 World 0.1B"), choices.get("RWKV-5 World 7B")
+    line = describe(small, "cpu", "fp32")
+    assert line.startswith("RWKV-5 World 0.1B · 0.39 GB download · needs ") and line.endswith("fp32 · fits")
+    assert describe(big, "cpu", "bf16").endswith("too big (8.00 GB RAM free)")
+    assert describe(big, "cpu", "bf16", reclaimable=10 * 10**9).endswith("fits")
+    assert describe(small, "cpu", "fp32", loaded=True).endswith("loaded on cpu fp32")
+    assert f"{get_entry('RWKV-5 World 7B').memory_bytes(torch.bfloat16) / 1e9:.0f} GB" in describe(big, "cpu", "bf16")
+
+
+# ---------------------------------------------------------------------------------------- pool
+
+class FakeEngine:
+    def __init__(self, nbytes: int):
+        self.model = torch.nn.Linear(1, 1)
+        self.nbytes = nbytes
+        self.decoder = self
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class FakeMachine:
+    """A device with `total` bytes, minus the estimated memory of every model the pool holds."""
+
+    def __init__(self, pool_choices: ModelChoices, total: int):
+        self.choices, self.total, self.pool = pool_choices, total, None
+
+    def __call__(self, device):
+        used = sum(self.choices.get(k.choice).memory_bytes(DTYPES[k.dtype]) for k in self.pool.loaded_keys())
+        return self.total - used, self.total
+
+
+def make_pool(total: int, calls: list, fail: set = frozenset()):
+    choices = ModelChoices(DEFAULT_MODEL)
+
+    def factory(key, progress):
+        calls.append(key)
+        progress("placing")
+        if key.choice in fail:
+            raise ModelLoadError(f"cannot get {key.choice}")
+        return FakeEngine(1)
+
+    machine = FakeMachine(choices, total)
+    pool = ModelPool(choices, factory, machine)
+    machine.pool = pool
+    return pool
+
+
+def key(name: str) -> ModelKey:
+    return ModelKey(name, "cpu", "fp32")
+
+
+def test_pool_keeps_models_and_evicts_the_least_recently_used():
+    a, b = key("RWKV-5 World 0.1B"), key("RWKV-4 World 0.1B")
+    c = ModelKey("RWKV-5 World 0.1B", "cpu", "bf16")
+    need = {k: ModelChoices(DEFAULT_MODEL).get(k.choice).memory_bytes(DTYPES[k.dtype]) for k in (a, b, c)}
+    calls = []
+    pool = make_pool(need[a] + need[b] + need[c] // 2, calls)  # room for a and b, not for a third
+    engine_a, engine_b = pool.get(a), pool.get(b)
+    assert pool.get(a) is engine_a and calls == [a, b]  # loaded models are reused
+    pool.get(c)  # b is the least recently used: it goes, and its batcher is closed
+    assert pool.loaded_keys() == [a, c] and engine_b.closed and not engine_a.closed
+    with pytest.raises(ModelLoadError, match="needs about"):
+        pool.get(key("RWKV-5 World 3B"))  # could never fit: refused, and nothing is evicted
+    assert pool.loaded_keys() == [a, c]
+
+
+def test_pool_loads_a_key_once_for_concurrent_askers_and_remembers_errors():
+    calls = []
+    pool = make_pool(10**13, calls, fail={"RWKV-4 World 3B"})
+    engines = []
+    threads = [threading.Thread(target=lambda: engines.append(pool.get(key("RWKV-5 World 0.1B"))))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len({id(e) for e in engines}) == 1
+    stages = []
+    with pytest.raises(ModelLoadError):
+        pool.get(key("RWKV-4 World 3B"), stages.append)
+    assert stages == ["placing"] and pool.error(key("RWKV-4 World 3B")) == "cannot get RWKV-4 World 3B"
+    assert pool.peek(key("RWKV-4 World 3B")) is None
+
+
+def test_a_slow_load_does_not_hold_up_models_already_loaded():
+    release, started = threading.Event(), threading.Event()
+    choices = ModelChoices(DEFAULT_MODEL)
+
+    def factory(key, progress):
+        if key.choice == "RWKV-5 World 7B":
+            started.set()
+            release.wait(60)
+        return FakeEngine(1)
+
+    pool = ModelPool(choices, factory, lambda device: (10**13, 10**13))
+    ready = pool.get(key("RWKV-5 World 0.1B"))
+    loader = threading.Thread(target=pool.get, args=(key("RWKV-5 World 7B"),))
+    loader.start()
+    assert started.wait(60)
+    assert pool.is_loading(key("RWKV-5 World 7B"))
+    assert pool.get(key("RWKV-5 World 0.1B")) is ready  # answered while the other load is still running
+    release.set()
+    loader.join(60)
+    assert not pool.is_loading(key("RWKV-5 World 7B")) and pool.peek(key("RWKV-5 World 7B")) is not None
+
+
+# ---------------------------------------------------------------------------------------- service
+
+@pytest.fixture(scope="module")
+def service(make_checkpoint):
+    tiny = make_checkpoint("5.2", n_layer=2, n_embd=128)
+    choices = ModelChoices(str(tiny.path))
+    pool = ModelPool(choices, EngineFactory(choices, batching=False))
+    return ChatService(pool), choices.resolve(choices.default.value, "cpu", "fp32")
+
+
+def finish(updates):
+    *_, last = list(updates)
+    assert last.done
+    return last
+
+
+def stats_prefill(conversation) -> int:
+    return int(conversation.stats.split("prefill ")[1].split(" tok")[0])
+
+
+def test_a_shared_preamble_is_read_once_and_counted_where_it_is_read(service):
+    chat, model = service
+    tokenizer = chat.pool.get(model).tokenizer
+    settings = ChatSettings(max_new_tokens=5, seed=1, preamble="You are a terse assistant.")
+    first = finish(chat.reply(chat.start(model, settings), "Hi", settings)).conversation
+    preamble = len(tokenizer.encode("You are a terse assistant.\n\n"))
+    turn = len(tokenizer.encode("Question: Hi\n\nAnswer:"))
+    assert stats_prefill(first) == preamble + turn
+    second = finish(chat.reply(chat.start(model, settings), "Hi", settings)).conversation
+    assert stats_prefill(second) == 0  # the same preamble and question: everything came from the cache
+    third = finish(chat.reply(chat.start(model, settings), "Hello", settings)).conversation
+    assert stats_prefill(third) == len(tokenizer.encode("Question: Hello\n\nAnswer:"))
+
+
+def test_the_app_loads_its_models_on_the_fast_path_even_in_fp32_on_a_cpu(service):
+    chat, model = service
+    assert model.dtype == "fp32" and chat.pool.get(model).model.runner is not None
+
+
+def test_changing_the_prompt_style_starts_a_new_conversation(service):
+    chat, model = service
+    settings = ChatSettings(max_new_tokens=5, seed=1)
+    conversation = finish(chat.reply(chat.start(model), "One", settings)).conversation
+    updates = list(chat.reply(conversation, "Two", ChatSettings(max_new_tokens=5, prompt_style="User/Assistant")))
+    assert updates[-1].notice.startswith("new conversation")
+    assert updates[-1].conversation.session.template == "User/Assistant"
+    assert [m for m, _ in updates[-1].conversation.history()] == ["Two"]
+
+
+def test_refused_settings_name_the_setting():
+    with pytest.raises(ValueError, match="temperature"):
+        ChatSettings(temperature=limits.MAX_TEMPERATURE + 1).generation()
+    with pytest.raises(ValueError, match="max new tokens"):
+        ChatSettings(max_new_tokens=limits.MAX_NEW_TOKENS + 1).generation()
+    with pytest.raises(ValueError, match="top_k"):
+        ChatSettings(top_k=2.5).generation()
+    with pytest.raises(ValueError, match="prompt style"):
+        ChatSettings(prompt_style="Bob/Alice").session_style()
+    assert ChatSettings(seed=-1).generation().seed is None and ChatSettings(seed=4).generation().seed == 4
+
+
+def test_each_session_gets_its_own_control_and_one_answer_at_a_time():
+    control = SessionControl()
+    fresh = copy.deepcopy(control)
+    assert fresh is not control and fresh.stop_event is not control.stop_event
+    with control.generating() as stop:
+        control.request_stop()
+        assert stop.is_set() and control.busy and not fresh.busy
+        with pytest.raises(Busy):
+            with control.generating():
+                pass
+    with control.generating() as stop:
+        assert not stop.is_set()  # a new answer starts without the old stop request
+
+
+def test_int8_is_offered_and_placed_as_int8():
+    assert parse_config(["--dtype", "int8"]).dtype == "int8"
+    assert ModelChoices(DEFAULT_MODEL).resolve(DEFAULT_MODEL, "cpu", "int8") == ModelKey(DEFAULT_MODEL, "cpu", "int8")
+    entry = get_entry(DEFAULT_MODEL)
+    assert entry.memory_bytes(torch.int8) < entry.memory_bytes(torch.bfloat16)
+
+
+def test_a_model_that_fails_to_load_from_the_picker_is_reported_and_the_session_keeps_its_model():
+    from rwkv_chat.app.config import AppConfig
+    from rwkv_chat.app.chat_service import Conversation
+    from rwkv_chat.app.ui import ChatPage
+    pool = make_pool(10**13, [], fail={"RWKV-4 World 3B"})
+    page = ChatPage(ChatService(pool), ModelChoices(DEFAULT_MODEL), AppConfig(model=DEFAULT_MODEL, device="cpu"))
+    kept = Conversation(key("RWKV-5 World 0.1B"))
+    *_, status, _ = page.ui_load("RWKV-4 World 3B", "cpu", "fp32", kept, SessionControl())
+    assert "Could not load **RWKV-4 World 3B**: cannot get RWKV-4 World 3B" in status
+    assert "Still chatting with" in status

@@ -1,0 +1,93 @@
+"""The prefix-state cache and the state object."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from rwkv_chat.models import RwkvConfig, empty_state
+from rwkv_chat.state import RwkvState
+from rwkv_chat.serving.state_cache import StateCache
+
+
+def state(value: float, size: int = 256) -> RwkvState:
+    return RwkvState(torch.full((1, 1, 2, size), value), torch.full((1, 1, 3, size), value))
+
+
+ENTRY_BYTES = state(0).nbytes + 4 * 8  # state + 8 fp32 logits
+
+
+def test_longest_cached_prefix_is_found():
+    cache = StateCache()
+    cache.put([1, 2], state(2), torch.zeros(8))
+    cache.put([1, 2, 3, 4], state(4), torch.zeros(8))
+    cache.put([9], state(9), torch.zeros(8))
+    assert cache.longest_prefix([1, 2, 3, 4, 5]).length == 4
+    assert cache.longest_prefix([1, 2, 3]).length == 2
+    assert cache.longest_prefix([1, 2, 3, 4]).state.equal(state(4))
+    assert cache.longest_prefix([7, 1, 2]) is None
+
+
+def test_entries_are_private_copies():
+    cache = StateCache()
+    original = state(1)
+    cache.put([1], original, torch.zeros(8))
+    original.shift.fill_(5)
+    got = cache.longest_prefix([1])
+    got.state.shift.fill_(7)
+    assert cache.longest_prefix([1]).state.equal(state(1))
+
+
+def test_least_recently_used_entries_are_evicted_beyond_the_byte_budget():
+    cache = StateCache(max_bytes=3 * ENTRY_BYTES)
+    for key in range(3):
+        cache.put([key], state(key), torch.zeros(8))
+    cache.longest_prefix([0])  # 0 is now the most recently used
+    cache.put([3], state(3), torch.zeros(8))
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.longest_prefix([1]) is None and cache.longest_prefix([0]) is not None
+
+
+def test_pinned_entries_survive_eviction_and_clear():
+    cache = StateCache(max_bytes=2 * ENTRY_BYTES)
+    cache.put([42], state(42), torch.zeros(8), pinned=True)
+    for key in range(5):
+        cache.put([key], state(key), torch.zeros(8))
+    cache.clear()
+    assert cache.longest_prefix([42, 1]).length == 1 and len(cache) == 1
+
+
+def test_states_are_stored_on_the_cpu():
+    cache = StateCache(storage_device="cpu")
+    cache.put([1], state(1), torch.zeros(8))
+    assert cache.longest_prefix([1], device="cpu").state.device.type == "cpu"
+
+
+def test_concurrent_use_keeps_the_byte_count_exact():
+    cache = StateCache(max_bytes=10 * ENTRY_BYTES)
+
+    def work(offset):
+        for key in range(50):
+            cache.put([offset, key], state(key), torch.zeros(8))
+            cache.longest_prefix([offset, key, 1])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.nbytes == len(cache) * ENTRY_BYTES <= cache.max_bytes
+
+
+def test_state_stack_unstack_and_size():
+    a, b = state(1), state(2)
+    both = RwkvState.stack([a, b])
+    assert both.batch_size == 2 and both.nbytes == a.nbytes + b.nbytes
+    first, second = both.unstack()
+    assert first.equal(a) and second.equal(b)
+    assert both[-1].equal(b)
+    zero = empty_state(RwkvConfig("4", n_layer=2, n_embd=8, dim_att=8, dim_ffn=32, vocab_size=16), 1, "cpu")
+    assert torch.all(zero.wkv[:, :, 2] == torch.tensor(-1e30)) and zero.shift.abs().sum() == 0
+    v5 = empty_state(RwkvConfig("5.2", n_layer=2, n_embd=128, dim_att=128, dim_ffn=448, vocab_size=16), 3, "cpu")
+    assert v5.wkv.shape == (3, 2, 2, 64, 64) and v5.nbytes == 4 * (3 * 2 * 2 * 128 + 3 * 2 * 2 * 64 * 64)

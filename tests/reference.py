@@ -31,6 +31,14 @@ def random_tokens(n: int, seed: int, vocab: int = 65536) -> list[int]:
     return torch.randint(1, 65530, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def logits_after(model, prompt: list[int], decode_tokens) -> torch.Tensor:
+    """Our model's logits after reading `prompt` whole, then `decode_tokens` one decode step each."""
+    logits, state = model.forward(prompt)
+    for token in decode_tokens:
+        logits, state = model.forward([token], state)
+    return logits
+
+
 def assert_states_passed_in_stay_unchanged(model) -> None:
     """Prefill, one-token and batched calls of `model` (plain or fast path) leave the state they get alone."""
     from rwkv_chat.state import RwkvState

@@ -12,8 +12,8 @@ Promises:
   conversation; when a stop was requested it holds the partial answer, and the state kept matches it.
 - A conversation keeps the prompt style and preamble it started with; a message sent with other ones
   starts a new conversation (the update's `notice` says so).
-- The stats line's `prefill N tok` counts every token read before the first new token of the turn,
-  the preamble's included when it had to be read.
+- The stats line is the engine's (serving/engine.py): `prefill N tok` counts every token read before the
+  first new token of the turn, the preamble's included when it had to be read.
 Knows nothing of Gradio.
 """
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from .. import limits
-from ..prompts import DEFAULT_TEMPLATE, TEMPLATES, preamble_text
+from ..prompts import DEFAULT_TEMPLATE, TEMPLATES
 from ..serving.engine import GenerationSettings
 from ..serving.sampling import SamplingParams
 from ..serving.session import ChatSession
@@ -194,19 +194,16 @@ class ChatService:
         if (template, preamble) != (conversation.session.template, conversation.session.preamble):
             notice = "new conversation (prompt style or preamble changed)" if conversation.session.turns else ""
             conversation = Conversation(conversation.model, ChatSession(template, preamble))
-        engine = self.engine(conversation, progress)
-        preamble_read = self._read_preamble(engine, conversation.session)
-        chunks = engine.reply(conversation.session, message, generation, stop)
-        return self._stream(conversation, len(conversation.session.turns), message, chunks, preamble_read, notice)
+        chunks = self.engine(conversation, progress).reply(conversation.session, message, generation, stop)
+        return self._stream(conversation, len(conversation.session.turns), message, chunks, notice)
 
     def retry(self, conversation: Conversation, settings: ChatSettings,
               stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
         turns = conversation.session.turns
         if not turns:
             raise ValueError("there is no answer to retry yet")
-        engine = self.engine(conversation, progress)
-        chunks = engine.regenerate(conversation.session, settings.generation(), stop)
-        return self._stream(conversation, len(turns) - 1, turns[-1].message, chunks, 0, "")
+        chunks = self.engine(conversation, progress).regenerate(conversation.session, settings.generation(), stop)
+        return self._stream(conversation, len(turns) - 1, turns[-1].message, chunks)
 
     def edit(self, conversation: Conversation, turn_index: int, message: str, settings: ChatSettings,
              stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
@@ -215,21 +212,12 @@ class ChatService:
             raise ValueError(f"there is no message {turn_index} to edit (the conversation has "
                              f"{len(conversation.session.turns)} turns)")
         engine = self.engine(conversation, progress)
-        preamble_read = self._read_preamble(engine, conversation.session) if turn_index == 0 else 0
         chunks = engine.edit(conversation.session, turn_index, message, settings.generation(), stop)
-        return self._stream(conversation, turn_index, message, chunks, preamble_read, "")
+        return self._stream(conversation, turn_index, message, chunks)
 
     @staticmethod
-    def _read_preamble(engine, session: ChatSession) -> int:
-        """Cache the state after the preamble on its own, so every conversation with the same preamble
-        reuses it; returns how many tokens had to be read (0 when another session already did)."""
-        if not preamble_text(session.preamble):
-            return 0
-        return engine.prefill(session.preamble_ids(engine.tokenizer))[2]
-
-    @staticmethod
-    def _stream(conversation: Conversation, keep_turns: int, message: str, chunks, preamble_read: int,
-                notice: str) -> Iterator[ChatUpdate]:
+    def _stream(conversation: Conversation, keep_turns: int, message: str, chunks,
+                notice: str = "") -> Iterator[ChatUpdate]:
         before = conversation.messages(keep_turns)
         base = Conversation(conversation.model, conversation.session.truncated(keep_turns))
         yield ChatUpdate(base, before + [user_message(message)], "", notice=notice)
@@ -238,7 +226,5 @@ class ChatService:
             if not chunk.done:
                 yield ChatUpdate(base, shown, chunk.text, notice=notice)
                 continue
-            stats = replace(chunk.stats, prefill_tokens=chunk.stats.prefill_tokens + preamble_read)
-            line = stats.line() + (" · stopped" if stats.stop_reason == "stopped" else "")
-            final = Conversation(conversation.model, chunk.session, line)
+            final = Conversation(conversation.model, chunk.session, chunk.stats.line())
             yield ChatUpdate(final, final.messages(), chunk.text, True, notice)

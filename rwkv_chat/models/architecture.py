@@ -39,7 +39,9 @@ class Architecture:
     version: str  # "4", "5.0", "5.2"
     family: str  # the name users know: "RWKV-4", "RWKV-5"
     heads: bool  # whether the time mix is split into heads of `head_size`
-    cpu_kernel_id: int  # which recurrence cpu_kernels.decode_layer runs
+    # Kernels this architecture has beyond PyTorch; the fast runner uses only those that exist:
+    cpu_kernel_id: int | None = None  # which recurrence cpu_kernels.decode_layer runs; None: the PyTorch step
+    triton_decode: bool = False  # whether `triton_decode_wkv` exists (else CUDA runs the graphed PyTorch step)
     cpu_wkv_chunk: int  # tokens per chunk of the PyTorch prefill form on CPUs
     # time-mix projections (indices into `TimeMixPack.projections`) that the last layer of a prefill computes
     # for every token (the recurrence reads them); the others only for the last two tokens

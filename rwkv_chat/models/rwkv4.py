@@ -106,6 +106,7 @@ class Rwkv4(Architecture):
     family = "RWKV-4"
     heads = False
     cpu_kernel_id = 4
+    triton_decode = True
     cpu_wkv_chunk = 32  # v4's chunks cost one [C, L, L] table product: longer ones measured faster on CPU
     projections_for_every_token = (1, 2)  # k and v; r only where the output is kept
 

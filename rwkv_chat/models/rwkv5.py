@@ -109,6 +109,7 @@ class Rwkv5(Architecture):
     family = "RWKV-5"
     heads = True
     cpu_kernel_id = 5
+    triton_decode = True
     cpu_wkv_chunk = 16
     projections_for_every_token = (0, 1, 2)  # r, k and v: the scans read r
 

@@ -172,7 +172,8 @@ class FastRunner:
         self.rescale_every = model.rescale_every
         head_dtype = model.head.weight.dtype
         self.int8 = head_dtype == torch.int8
-        cpu_decode = self.device.type == "cpu" and cpu_kernels.handles_dtype(head_dtype)
+        cpu_decode = (self.device.type == "cpu" and self.architecture.cpu_kernel_id is not None
+                      and cpu_kernels.handles_dtype(head_dtype))
         # dtype the matrix inputs are rounded to: the weight dtype, or bf16 (CUDA) / fp32 (CPU) for int8; fp32
         # wherever the CPU kernels take the products (they read fp32 inputs)
         if cpu_decode:
@@ -187,7 +188,8 @@ class FastRunner:
         self.layers = [pack_layer(block, self.config) for block in model.blocks]
         self.head = pack_projections([model.head])
         on_cuda = self.device.type == "cuda"
-        self.use_triton = triton_kernels.usable(self.device) if use_triton is None else use_triton
+        self.use_triton = ((triton_kernels.usable(self.device) if use_triton is None else use_triton)
+                           and self.architecture.triton_decode)
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT

@@ -1,10 +1,14 @@
 """The chat engine: prefill through the prefix-state cache, then streaming generation, in token ids.
 
 What it promises:
+- The engine owns a whole turn: callers hand it the conversation and the message, and get the streamed answer
+  and, on the last chunk, the new conversation and the turn's final stats.
 - A new turn reads only the tokens the conversation does not already have a state for: the state after the
   previous answer (or after the shared preamble, or after the prompt being retried) comes from the cache, so
-  time to first token does not grow with the length of the chat. On a cache miss the state is rebuilt from
-  the session's tokens, with the same result.
+  time to first token does not grow with the length of the chat. The state after a preamble is cached on its
+  own, so every conversation with the same preamble reads it once (`warm_preamble` pins the operator's); `prefill N tok` counts every
+  token read for the turn, the preamble's included when it had to be read. On a cache miss the state is
+  rebuilt from the session's tokens, with the same result.
 - Generation streams text as it decodes (never a broken multi-byte character), stops at the turn separator,
   end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
   matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
@@ -63,8 +67,10 @@ class ReplyStats:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def line(self) -> str:
+        stopped = " · stopped" if self.stop_reason == "stopped" else ""
         return (f"prefill {self.prefill_tokens} tok · TTFT {self.ttft_s:.2f} s · {self.new_tokens} tok at "
-                f"{self.tokens_per_s:.0f} tok/s · state {self.state_bytes / 1e6:.1f} MB · {self.model_label}")
+                f"{self.tokens_per_s:.0f} tok/s · state {self.state_bytes / 1e6:.1f} MB · {self.model_label}"
+                f"{stopped}")
 
 
 @dataclass(frozen=True)
@@ -141,9 +147,14 @@ class ChatEngine:
         return logits, state, len(ids) - start
 
     def warm_preamble(self, session: ChatSession) -> int:
-        """Compute (once, for every session) and pin the state after the session's preamble."""
-        ids = session.preamble_ids(self.tokenizer)
-        return self.prefill(ids, pin=True)[2] if ids else 0
+        """Compute (once, for every session) and pin the state after the session's preamble; returns how many
+        tokens had to be read."""
+        return self._read_preamble(session.preamble_ids(self.tokenizer), pin=True)
+
+    def _read_preamble(self, preamble_ids: tuple[int, ...], pin: bool = False) -> int:
+        """Cache the state after a preamble on its own, so every conversation with it reuses it (pinned: the
+        operator's, kept for good; a user's may be evicted); returns how many tokens had to be read."""
+        return self.prefill(preamble_ids, pin=pin)[2] if preamble_ids else 0
 
     # ------------------------------------------------------------------------------------ replies
     def reply(self, session: ChatSession, message: str, settings: GenerationSettings,
@@ -173,13 +184,16 @@ class ChatEngine:
         if len(prompt_ids) > limits.MAX_MESSAGE_TOKENS:
             raise ValueError(f"the message is {len(prompt_ids)} tokens long; the limit is "
                              f"{limits.MAX_MESSAGE_TOKENS}")
-        return self._generate(base, message, base.context_ids(self.tokenizer) + prompt_ids, prompt_ids,
-                               settings, stop or threading.Event())
+        return self._generate(base, message, prompt_ids, settings, stop or threading.Event())
 
-    def _generate(self, base: ChatSession, message: str, ids: tuple[int, ...], prompt_ids, settings,
+    def _generate(self, base: ChatSession, message: str, prompt_ids, settings,
                   stop: threading.Event) -> Iterator[ReplyChunk]:
         started = time.perf_counter()
-        logits, state, read = self.prefill(ids)
+        preamble_ids = base.preamble_ids(self.tokenizer)  # tokenised once a turn
+        ids = preamble_ids + base.turn_ids() + prompt_ids
+        read = self._read_preamble(preamble_ids)
+        logits, state, rest = self.prefill(ids)
+        read += rest
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt)
         sampler = Sampler(settings.sampling, generator, penalties, self._unknown_ids)

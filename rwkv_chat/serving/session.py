@@ -45,10 +45,11 @@ class ChatSession:
 
     def context_ids(self, tokenizer, turns: Optional[int] = None) -> tuple[int, ...]:
         """Every token fed for the preamble and the first `turns` turns (all by default)."""
-        ids = list(self.preamble_ids(tokenizer))
-        for turn in self.turns[:turns]:
-            ids += turn.prompt_ids + turn.answer_ids
-        return tuple(ids)
+        return self.preamble_ids(tokenizer) + self.turn_ids(turns)
+
+    def turn_ids(self, turns: Optional[int] = None) -> tuple[int, ...]:
+        """Every token fed for the first `turns` turns (all by default), without the preamble's."""
+        return tuple(token for turn in self.turns[:turns] for token in turn.prompt_ids + turn.answer_ids)
 
     def prompt_ids(self, tokenizer, message: str, after: Optional[int] = None) -> tuple[int, ...]:
         """Tokens of a new user turn placed after the first `after` turns (default: after all of them)."""
@@ -78,10 +79,6 @@ class ChatSession:
         if not 0 <= n_turns <= len(self.turns):
             raise IndexError(f"the conversation has {len(self.turns)} turns, cannot keep {n_turns}")
         return replace(self, turns=self.turns[:n_turns])
-
-    def with_settings(self, template: Optional[str] = None, preamble: Optional[str] = None) -> "ChatSession":
-        """A new, empty conversation with another template or preamble."""
-        return ChatSession(template or self.template, preamble if preamble is not None else self.preamble)
 
     def history(self) -> list[tuple[str, str]]:
         return [(turn.message, turn.answer) for turn in self.turns]

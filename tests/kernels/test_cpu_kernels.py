@@ -15,7 +15,7 @@ from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
-from reference import random_tokens
+from reference import logits_after, random_tokens
 
 CAPABLE = torch.backends.cpu.get_cpu_capability() in cpu_kernels.CAPABLE and shutil.which("c++") is not None
 needs_kernels = pytest.mark.skipif(not CAPABLE, reason="needs an AVX2 CPU and a C++ compiler")
@@ -164,11 +164,7 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
     assert model.runner.act_dtype == torch.bfloat16  # PyTorch's bf16 products round their inputs
     reference = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
     tokens = random_tokens(20, seed=4)
-    logits, state = model.forward(tokens)
-    expected, ref_state = reference.forward(tokens)
-    for token in (5, 50):
-        logits, state = model.forward([token], state)
-        expected, ref_state = reference.forward([token], ref_state)
+    logits, expected = logits_after(model, tokens, (5, 50)), logits_after(reference, tokens, (5, 50))
     assert (logits - expected).abs().max().item() < 0.1
 
 

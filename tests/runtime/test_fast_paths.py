@@ -22,7 +22,7 @@ from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
-from reference import assert_states_passed_in_stay_unchanged, random_tokens
+from reference import assert_states_passed_in_stay_unchanged, logits_after, random_tokens
 
 VERSIONS = ["4", "5.0", "5.2"]
 SHAPE = dict(n_layer=2, n_embd=128)
@@ -225,6 +225,19 @@ def test_fp16_rescaled_fast_path_tracks_fp32(ckpt):
     expected, _ = load_model(ckpt.path, device="cpu").forward(tokens, all_logits=True)
     assert torch.isfinite(logits).all()
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_an_architecture_without_kernels_runs_the_pytorch_step(ckpt, monkeypatch):
+    """The fast runner uses only the kernels an architecture declares (a new one may have none yet)."""
+    from rwkv_chat.models import architecture_for
+    architecture = architecture_for(ckpt.version)
+    monkeypatch.setattr(architecture, "cpu_kernel_id", None)
+    monkeypatch.setattr(architecture, "triton_decode", False)
+    plain = load_model(ckpt.path, device="cpu", dtype="fp32", fast=False)
+    fast = attach_fast_path(load_model(ckpt.path, device="cpu", dtype="fp32", fast=False), use_triton=True)
+    assert fast.runner.cpu_layers is None and not fast.runner.use_triton
+    tokens = random_tokens(40, seed=5)
+    assert max_diff(logits_after(plain, tokens, (7, 70)), logits_after(fast, tokens, (7, 70))) <= 1e-4
 
 
 def test_load_model_turns_the_fast_path_on_except_for_cpu_fp32(ckpt):

@@ -55,14 +55,16 @@ class ChatSettings:
     seed: int = NO_SEED  # negative = a fresh random seed each time
 
     def generation(self) -> GenerationSettings:
-        """The engine's settings; ValueError naming the first setting out of bounds."""
-        _bounded("temperature", self.temperature, 0, limits.MAX_TEMPERATURE)
-        _bounded("top_k", self.top_k, 0, limits.MAX_TOP_K)
-        for name in ("presence_penalty", "frequency_penalty"):
-            _bounded(name, getattr(self, name), 0, limits.MAX_PENALTY)
-        sampling = SamplingParams(float(self.temperature), float(self.top_p), _integer("top_k", self.top_k),
-                                  float(self.presence_penalty), float(self.frequency_penalty),
-                                  float(self.penalty_decay))
+        """The engine's settings; ValueError naming the first setting that is not valid. Each rule is checked
+        once: whole numbers (which may arrive as floats from JSON or sliders) are converted here, what
+        sampling itself needs by SamplingParams, max new tokens by GenerationSettings, and here the caps that
+        the page and the API put on what a visitor may ask for (limits.py)."""
+        sampling = SamplingParams(self.temperature, self.top_p, _integer("top_k", self.top_k),
+                                  self.presence_penalty, self.frequency_penalty, self.penalty_decay)
+        for name, cap in (("temperature", limits.MAX_TEMPERATURE), ("top_k", limits.MAX_TOP_K),
+                          ("presence_penalty", limits.MAX_PENALTY), ("frequency_penalty", limits.MAX_PENALTY)):
+            if getattr(sampling, name) > cap:
+                raise ValueError(f"{name} must be at most {cap}, got {getattr(sampling, name)}")
         seed = _integer("seed", NO_SEED if self.seed is None else self.seed)
         return GenerationSettings(sampling, _integer("max_new_tokens", self.max_new_tokens),
                                   None if seed < 0 else seed)
@@ -82,11 +84,6 @@ def _number(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return value
-
-
-def _bounded(name, value, low, high) -> None:
-    if not low <= _number(name, value) <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
 
 
 def _integer(name, value) -> int:

@@ -1,7 +1,7 @@
 """Shared helpers for the Hugging Face tests (test_hf_*.py): converted directories and the reference oracle.
 
 - `register_hf()` registers rwkv_chat's classes with transformers (what `import rwkv_chat` will do once
-  rwkv_chat/__init__.py calls hf_register.register_when_transformers_loads()).
+  rwkv_chat/__init__.py calls hf.register.register_when_transformers_loads()).
 - `converted_dir(factory, version, dtype)` converts a tiny checkpoint once per session and returns
   (TinyCheckpoint, output directory).
 - `reference_model(pth)` is the `rwkv` pip package's RWKV on that file ("cpu fp32", cached);

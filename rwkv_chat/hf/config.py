@@ -4,7 +4,7 @@ Promises:
 - RWKV-4 directories use transformers' own `rwkv` configuration (`transformers.RwkvConfig`) unchanged, so
   plain transformers can read them.
 - RWKV-5 (5.0, 5.2) directories use `Rwkv5WorldConfig`, model type "rwkv5_world". The published `rwkv5`
-  layout (RWKV/rwkv-5-world-*, RWKV/v5-Eagle-7B-HF) is read by the same class (hf_register maps "rwkv5" to it);
+  layout (RWKV/rwkv-5-world-*, RWKV/v5-Eagle-7B-HF) is read by the same class (hf/register.py maps "rwkv5" to it);
   its `auto_map` (remote code) is dropped, and its unreliable fields (`num_attention_heads`,
   `head_size_divisor`) are ignored. `model_version` ("5_0"/"5_2") sets the architecture when present.
 - `core_config(hf_config)` gives the `RwkvConfig` the math runs with; `hf_config_for(core)` the reverse;

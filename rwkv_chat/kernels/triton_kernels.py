@@ -335,7 +335,7 @@ def _block_n(seg: int, n: int, preferred: int) -> int:
     return block
 
 
-# Launch settings; bench.py may override these after measuring (see GEMV_CONFIG).
+# Launch settings; benchmarks/bench.py may override these after measuring (see GEMV_CONFIG).
 GEMV_CONFIG = {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0}
 
 

@@ -6,7 +6,7 @@
 //   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
 //   are split over PyTorch's intra-op threads.
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
-//   fast.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
+//   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
 // - wkv4_scan / wkv5_scan: the wkv of a whole prefill segment of one sequence, token by token with the decode
 //   step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
@@ -246,7 +246,7 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
 
 }  // namespace
 
-// One decode step of one layer for B sequences (fast.py's _decode_layer_torch, in one call).
+// One decode step of one layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one call).
 // x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out: v4 [B, 3, C] (aa, bb, pp), v5 [B, H, S, S]. The batch
 // dimension may be strided; each sequence's block must be contiguous. Returns the new x [B, C].
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,

@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 import torch
 from transformers import PreTrainedConfig
 
+from ..loading.hf_names import original_key
 from ..models import RwkvConfig, architecture_for
 from ..tokenizer import VOCAB_SIZE
-from .names import original_key
 
 RWKV5_MODEL_TYPE = "rwkv5_world"
 PUBLISHED_RWKV5_MODEL_TYPE = "rwkv5"  # the remote-code layout published under RWKV/

@@ -35,10 +35,10 @@ from transformers import GenerationMixin, PreTrainedModel, RwkvConfig as Transfo
 from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
+from ..loading.hf_names import ORIGINAL_TO_HF
 from ..models import architecture_for, model as core
 from ..state import RwkvState
 from .config import Rwkv5WorldConfig, core_config, fit_config_to_weights, hf_config_for
-from .names import ORIGINAL_TO_HF
 
 # Parameters kept in fp32 when loading in bf16/fp16 (the loader's rule: only the projections, i.e. the
 # matrices that are multiplied, take the low-precision dtype). Regex fragments searched in key names.

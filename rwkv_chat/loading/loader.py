@@ -23,11 +23,11 @@ from typing import Callable
 
 import torch
 
-from ..hf.names import original_key
 from ..kernels import cpu_kernels, quant
 from ..models import RwkvConfig, RwkvModel, UnsupportedCheckpoint
 from ..runtime.fast_path import attach_fast_path
 from .catalog import CatalogEntry, find_entry
+from .hf_names import original_key
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8}

@@ -11,7 +11,8 @@ Each yields a checkpoints.TinyCheckpoint: `.path`, `.oracle_pth` (a .pth of the 
 package), `.version`, shape fields and `.state_dict()` (a fresh copy). Treat files as read-only.
 
 The rwkv package reads RWKV_JIT_ON / RWKV_CUDA_ON when imported, so they are defaulted here, before any test
-module imports it.
+module imports it. Under pytest-xdist each worker gets its share of the cores for torch's CPU threads: without
+that, N workers each start one thread per core and a 16-core machine runs 16x oversubscribed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,30 @@ import pytest
 
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+
+def _share_the_cores_between_xdist_workers() -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_xdist_workers()
+import rwkv.model  # noqa: E402,F401  (imported once, here: it switches TF32 on, and the fixture below switches it off)
+
+
+@pytest.fixture(autouse=True)
+def fp32_means_fp32():
+    """Importing the rwkv package turns TF32 matrix products on for the whole process; every test that compares
+    fp32 results on a GPU needs them off."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 from checkpoints import VERSIONS, CheckpointFactory  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -2,7 +2,7 @@
 
 Promises:
 - `make_state_dict` returns exactly the original BlinkDL `.pth` layout (key names, shapes, raw time_* values)
-  for RWKV "4", "5.0" and "5.2", deterministic in `seed`, with distributions chosen so logits are well
+  for RWKV "4", "5.0", "5.2", "6" and "7", deterministic in `seed`, with distributions chosen so logits are well
   separated (a few units apart) and every nonlinearity is exercised.
 - `save_pth` writes it the way BlinkDL files are written (a plain `torch.save` of the dict).
 - `save_hf_rwkv4` / `save_hf_rwkv5` write the Hugging Face layouts published as RWKV/rwkv-4-world-* (transformers
@@ -26,6 +26,11 @@ import torch
 from torch import Tensor
 
 VERSIONS = ("4", "5.0", "5.2")
+NEW_VERSIONS = ("6", "7")  # original .pth layout only so far
+ALL_VERSIONS = VERSIONS + NEW_VERSIONS
+# LoRA widths of the random RWKV-6/7 models (small, unlike every published model's, and all different, so a
+# mixed-up shape fails loudly): v6 (maa, decay), v7 (w, a, v, g)
+RANDOM_LORA = {"6": (8, 16), "7": (8, 12, 16, 20)}
 WORLD_VOCAB_SIZE = 65536
 HEAD_SIZE = 64
 DROP = object()  # a config_overrides value that removes the key from config.json
@@ -53,12 +58,12 @@ def ffn_dim(version: str, n_embd: int) -> int:
     5.0 has no gate and keeps 4C: RWKV-5-World-0.1B-v1 (5.0) is 385,598,386 bytes vs 385,594,610 for
     RWKV-4-World-0.1B (same L12 D768), and BBuf's 5.0 HF port defaults to 4C. 5.2 trades 0.5C of FFN for the gate.
     """
-    return int(3.5 * n_embd) // 32 * 32 if version == "5.2" else 4 * n_embd
+    return int(3.5 * n_embd) // 32 * 32 if version in ("5.2", "6") else 4 * n_embd
 
 
 def _check_version(version: str) -> None:
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version not in ALL_VERSIONS:
+        raise ValueError(f"version must be one of {ALL_VERSIONS}, got {version!r}")
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -123,6 +128,50 @@ def _time_mix_v5(draw: _Draw, prefix: str, version: str, n_embd: int, head_size:
     return out
 
 
+def _time_mix_v6(draw: _Draw, prefix: str, n_embd: int, head_size: int) -> dict[str, Tensor]:
+    """As in the x060 files: the token-shift LoRA feeds w, k, v, r, g; the decay is per token and channel."""
+    n_head = n_embd // head_size
+    maa, decay = RANDOM_LORA["6"]
+    out = {f"{prefix}.time_maa_{name}": draw.mix(n_embd) for name in ("x", "w", "k", "v", "r", "g")}
+    out[f"{prefix}.time_maa_w1"] = draw.normal(n_embd, 5 * maa, std=0.3)
+    out[f"{prefix}.time_maa_w2"] = draw.normal(5, maa, n_embd, std=0.3)
+    out[f"{prefix}.time_decay"] = draw.uniform(1, 1, n_embd, low=-6.0, high=1.0)  # log_w = -exp(td + lora)
+    out[f"{prefix}.time_decay_w1"] = draw.normal(n_embd, decay, std=0.3)
+    out[f"{prefix}.time_decay_w2"] = draw.normal(decay, n_embd, std=0.3)
+    out[f"{prefix}.time_faaaa"] = draw.uniform(n_head, head_size)
+    for name in ("receptance", "key", "value", "gate", "output"):
+        out[f"{prefix}.{name}.weight"] = draw.linear(n_embd, n_embd)
+    out.update(draw.norm(f"{prefix}.ln_x", n_embd))
+    return out
+
+
+def _time_mix_v7(draw: _Draw, prefix: str, layer: int, n_embd: int, head_size: int,
+                 v_in_first_layer: bool) -> dict[str, Tensor]:
+    """As in the x070 files (key order of BlinkDL's); layer 0 has no v0/v1/v2 unless `v_in_first_layer`."""
+    n_head = n_embd // head_size
+    w_rank, a_rank, v_rank, g_rank = RANDOM_LORA["7"]
+    out = {f"{prefix}.x_{name}": draw.mix(n_embd) for name in ("r", "w", "k", "v", "a", "g")}
+    out[f"{prefix}.w1"] = draw.normal(n_embd, w_rank, std=0.3)
+    out[f"{prefix}.w2"] = draw.normal(w_rank, n_embd, std=0.3)
+    out[f"{prefix}.w0"] = draw.uniform(1, 1, n_embd, low=-3.0, high=2.0)
+    out[f"{prefix}.a1"] = draw.normal(n_embd, a_rank, std=0.3)
+    out[f"{prefix}.a2"] = draw.normal(a_rank, n_embd, std=0.3)
+    out[f"{prefix}.a0"] = draw.uniform(1, 1, n_embd, low=-1.0, high=1.0)
+    if layer > 0 or v_in_first_layer:
+        out[f"{prefix}.v1"] = draw.normal(n_embd, v_rank, std=0.3)
+        out[f"{prefix}.v2"] = draw.normal(v_rank, n_embd, std=0.3)
+        out[f"{prefix}.v0"] = draw.uniform(1, 1, n_embd, low=-1.0, high=1.0)
+    out[f"{prefix}.g1"] = draw.normal(n_embd, g_rank, std=0.3)
+    out[f"{prefix}.g2"] = draw.normal(g_rank, n_embd, std=0.3)
+    out[f"{prefix}.k_k"] = draw.uniform(1, 1, n_embd, low=0.5, high=1.5)
+    out[f"{prefix}.k_a"] = draw.uniform(1, 1, n_embd)
+    out[f"{prefix}.r_k"] = draw.normal(n_head, head_size, std=0.5)
+    for name in ("receptance", "key", "value", "output"):
+        out[f"{prefix}.{name}.weight"] = draw.linear(n_embd, n_embd)
+    out.update(draw.norm(f"{prefix}.ln_x", n_embd))
+    return out
+
+
 def _channel_mix(draw: _Draw, prefix: str, n_embd: int, n_ffn: int) -> dict[str, Tensor]:
     return {
         f"{prefix}.time_mix_k": draw.mix(n_embd),
@@ -135,7 +184,8 @@ def _channel_mix(draw: _Draw, prefix: str, n_embd: int, n_ffn: int) -> dict[str,
 
 def make_state_dict(version: str, n_layer: int, n_embd: int, vocab_size: int = WORLD_VOCAB_SIZE,
                     head_size: int = HEAD_SIZE, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    v50_time_first: bool = False, n_ffn: int | None = None) -> dict[str, Tensor]:
+                    v50_time_first: bool = False, n_ffn: int | None = None,
+                    v7_v_in_first_layer: bool = False) -> dict[str, Tensor]:
     """A random RWKV checkpoint in the original `.pth` layout (key order as BlinkDL files have it).
 
     `v50_time_first` gives a 5.0 checkpoint `att.time_first [H]` (u = exp(time_first)) instead of
@@ -160,9 +210,21 @@ def make_state_dict(version: str, n_layer: int, n_embd: int, vocab_size: int = W
             state.update(draw.norm(f"{block}.ln0", n_embd))
         if version == "4":
             state.update(_time_mix_v4(draw, f"{block}.att", n_embd))
+        elif version == "6":
+            state.update(_time_mix_v6(draw, f"{block}.att", n_embd, head_size))
+        elif version == "7":
+            state.update(_time_mix_v7(draw, f"{block}.att", layer, n_embd, head_size, v7_v_in_first_layer))
         else:
             state.update(_time_mix_v5(draw, f"{block}.att", version, n_embd, head_size, v50_time_first))
-        state.update(_channel_mix(draw, f"{block}.ffn", n_embd, n_ffn))
+        if version == "6":
+            mixes = _channel_mix(draw, f"{block}.ffn", n_embd, n_ffn)
+            state.update({key.replace("time_mix", "time_maa"): value for key, value in mixes.items()})
+        elif version == "7":
+            state[f"{block}.ffn.x_k"] = draw.mix(n_embd)
+            state[f"{block}.ffn.key.weight"] = draw.linear(n_ffn, n_embd)
+            state[f"{block}.ffn.value.weight"] = draw.linear(n_embd, n_ffn)
+        else:
+            state.update(_channel_mix(draw, f"{block}.ffn", n_embd, n_ffn))
     state.update(draw.norm("ln_out", n_embd))
     state["head.weight"] = draw.linear(vocab_size, n_embd, gain=4.0)  # logits span a few units
     return {key: tensor.to(dtype).contiguous() for key, tensor in state.items()}

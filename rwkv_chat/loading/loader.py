@@ -209,8 +209,9 @@ def canonical_state_dict(config: RwkvConfig, state_dict: dict[str, torch.Tensor]
     for key, tensor in state_dict.items():
         if key.startswith("blocks.0.ln0."):
             key = key.replace("blocks.0.ln0.", "ln0.")
-        key, tensor = config.architecture.canonical_key(key, tensor)
-        out[key] = tensor
+        renamed = config.architecture.canonical_key(key, tensor)
+        if renamed is not None:
+            out[renamed[0]] = renamed[1]
     return out
 
 

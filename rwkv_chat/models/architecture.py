@@ -1,10 +1,12 @@
 """What an RWKV architecture must answer, so that nothing outside its module branches on a version.
 
-An `Architecture` is one object per architecture version ("4", "5.0", "5.2"), made by that version's module and
-listed in registry.py. The loader, the state, the catalog, the fast runner and the transformers wing ask it:
-- which checkpoints it reads (`identifies`), its shapes from the weights (`head_size_from`, `default_ffn_size`),
-  and what the original key names mean here (`canonical_key`);
-- its state (`n_head`, `empty_wkv`) and the modules of its reference math (`make_time_mix`);
+An `Architecture` is one object per architecture version ("4", "5.0", "5.2", "6", "7"), made by that version's
+module and listed in registry.py. The loader, the state, the catalog, the fast runner and the transformers wing
+ask it:
+- which checkpoints it reads (`identifies`), its shapes from the weights (`head_size_from`, `lora_from`,
+  `default_ffn_size`), and what the original key names mean here (`canonical_key`);
+- its state (`n_head`, `empty_wkv`, how state files are laid out) and the modules of its reference math
+  (`make_time_mix`, `make_channel_mix`);
 - its size (`time_mix_params`, `state_floats_per_layer`) for memory estimates;
 - for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
   `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`).
@@ -19,6 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .layers import ChannelMix
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint of a version this package knows but does not run."""
 
 
 @dataclass
@@ -36,9 +44,13 @@ class TimeMixPack:
 class Architecture:
     """The interface; see the module docstring. Subclasses set the class attributes."""
 
-    version: str  # "4", "5.0", "5.2"
-    family: str  # the name users know: "RWKV-4", "RWKV-5"
+    version: str  # "4", "5.0", "5.2", "6", "7"
+    family: str  # the name users know: "RWKV-4", "RWKV-5", ...
     heads: bool  # whether the time mix is split into heads of `head_size`
+    fast_runner: bool = True  # whether runtime.fast_path can pack it (else the plain path runs on every device)
+    # state files (`blocks.N.att.time_state` [H, N, N]) hold the memory transposed against `empty_wkv`'s layout;
+    # None: this architecture has no per-head matrix memory, so no state file fits it
+    state_file_transposed: bool | None = None
     # Kernels this architecture has beyond PyTorch; the fast runner uses only those that exist:
     cpu_kernel_id: int | None = None  # which recurrence cpu_kernels.decode_layer runs; None: the PyTorch step
     triton_decode: bool = False  # whether `triton_decode_wkv` exists (else CUDA runs the graphed PyTorch step)
@@ -57,8 +69,16 @@ class Architecture:
     def default_ffn_size(self, n_embd: int) -> int:
         raise NotImplementedError
 
-    def canonical_key(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """An original checkpoint's (key, tensor) in this package's names and conventions."""
+    def lora_from(self, state_dict: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        """The widths of the low-rank (LoRA) parts of the time mix, from the shapes (RwkvConfig.lora)."""
+        return ()
+
+    def default_lora(self, n_embd: int) -> tuple[int, ...]:
+        """The LoRA widths published models of this width use (for building random models)."""
+        return ()
+
+    def canonical_key(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """An original checkpoint's (key, tensor) in this package's names and conventions; None drops it."""
         return key, tensor
 
     # ------------------------------------------------------------------------------------- shapes and state
@@ -69,8 +89,13 @@ class Architecture:
         """The time-mix memory of every layer of a model that has read nothing: [B, L, ...] fp32."""
         raise NotImplementedError
 
-    def make_time_mix(self, config) -> nn.Module:
+    def make_time_mix(self, config, layer_id: int) -> nn.Module:
+        """The time mix of layer `layer_id`: forward(xx [B, T, C], prev [B, C], wkv, carry) -> (out, wkv, carry),
+        where `carry` flows from layer to layer within one read (RWKV-7's first-layer value; None otherwise)."""
         raise NotImplementedError
+
+    def make_channel_mix(self, config) -> nn.Module:
+        return ChannelMix(config.n_embd, config.dim_ffn)
 
     def time_mix_params(self, n_embd: int, dim_att: int) -> int:
         """Parameters of one layer's time-mix projections."""

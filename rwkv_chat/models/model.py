@@ -23,7 +23,7 @@ from torch import nn
 
 from ..state import RwkvState
 from .config import RwkvConfig
-from .layers import LAYER_NORM_EPS, ChannelMix, Projection, layer_norm
+from .layers import LAYER_NORM_EPS, Projection, layer_norm
 
 SEGMENT_TOKENS = 1024  # tokens read through all layers at once; bounds activation memory for long prompts
 
@@ -35,21 +35,22 @@ def empty_state(config: RwkvConfig, batch: int, device) -> RwkvState:
 
 
 class Block(nn.Module):
-    def __init__(self, config: RwkvConfig):
+    def __init__(self, config: RwkvConfig, layer_id: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.ln2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
-        self.att = config.architecture.make_time_mix(config)
-        self.ffn = ChannelMix(config.n_embd, config.dim_ffn)
+        self.att = config.architecture.make_time_mix(config, layer_id)
+        self.ffn = config.architecture.make_channel_mix(config)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
-        """x: residual stream [B, T, C] fp32; shift: [B, 2, C]; wkv: this layer's memory."""
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, carry=None):
+        """x: residual stream [B, T, C] fp32; shift: [B, 2, C]; wkv: this layer's memory; carry: what the
+        previous layer's time mix hands on (RWKV-7's first-layer value, else None)."""
         xx = layer_norm(x, self.ln1.weight, self.ln1.bias)
-        att, wkv = self.att(xx, shift[:, 0], wkv)
+        att, wkv, carry = self.att(xx, shift[:, 0], wkv, carry)
         x = x + att
         xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
         x = x + self.ffn(xx2, shift[:, 1])
-        return x, torch.stack([xx[:, -1], xx2[:, -1]], dim=1), wkv
+        return x, torch.stack([xx[:, -1], xx2[:, -1]], dim=1), wkv, carry
 
 
 class RwkvModel(nn.Module):
@@ -60,7 +61,7 @@ class RwkvModel(nn.Module):
         self.config = config
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.ln0 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.head = Projection(config.n_embd, config.vocab_size)
         # Halve the residual stream after every `rescale_every` layers (fp16 guard); 0 = off. Set through
@@ -140,9 +141,9 @@ class RwkvModel(nn.Module):
     def _read(self, ids: torch.Tensor, state: RwkvState):
         """Run [B, T] ids through every layer; returns (final hidden [B, T, C], new state)."""
         x = layer_norm(self.emb(ids).float(), self.ln0.weight, self.ln0.bias)
-        shifts, wkvs = [], []
+        shifts, wkvs, carry = [], [], None
         for i, block in enumerate(self.blocks):
-            x, shift, wkv = block(x, state.shift[:, i], state.wkv[:, i])
+            x, shift, wkv, carry = block(x, state.shift[:, i], state.wkv[:, i], carry)
             shifts.append(shift)
             wkvs.append(wkv)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from . import rwkv4, rwkv5
-from .architecture import Architecture
-from .rwkv5 import UnsupportedCheckpoint
+from . import rwkv4, rwkv5, rwkv6, rwkv7
+from .architecture import Architecture, UnsupportedCheckpoint
 
-ARCHITECTURES: tuple[Architecture, ...] = rwkv4.ARCHITECTURES + rwkv5.ARCHITECTURES
-SUPPORTED_VERSIONS = tuple(arch.version for arch in ARCHITECTURES)
+# most specific first: a checkpoint is the first architecture that identifies it
+ARCHITECTURES: tuple[Architecture, ...] = (rwkv7.ARCHITECTURES + rwkv6.ARCHITECTURES + rwkv5.ARCHITECTURES
+                                           + rwkv4.ARCHITECTURES)
+SUPPORTED_VERSIONS = tuple(sorted(arch.version for arch in ARCHITECTURES))
 _BY_VERSION = {arch.version: arch for arch in ARCHITECTURES}
-# keys of architectures this package knows of but does not run yet
-_NOT_YET = {"time_maa": "RWKV-6", ".att.r_k": "RWKV-7", ".att.w0": "RWKV-7"}
 
 
 def architecture_for(version: str) -> Architecture:
@@ -29,10 +28,6 @@ def architecture_for(version: str) -> Architecture:
 
 def detect(state_dict: dict[str, torch.Tensor]) -> Architecture:
     """The architecture of an original (BlinkDL-layout) checkpoint; UnsupportedCheckpoint if none runs it."""
-    for fragment, family in _NOT_YET.items():
-        if any(fragment in key for key in state_dict):
-            raise UnsupportedCheckpoint(f"this is an {family} checkpoint; supported: "
-                                        f"RWKV-{', '.join(SUPPORTED_VERSIONS)}")
     for arch in ARCHITECTURES:
         if arch.identifies(state_dict):
             return arch

@@ -80,7 +80,7 @@ class TimeMixV4(nn.Module):
         self.receptance = Projection(c, a)
         self.output = Projection(a, c)
 
-    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor):
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, carry=None):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, 3, C] -> (out [B, T, C], new wkv)."""
         shifted = token_shift(xx, prev)
         r = torch.sigmoid(self.receptance(mix(xx, shifted, self.time_mix_r)))
@@ -98,7 +98,7 @@ class TimeMixV4(nn.Module):
                                                v[:, start:start + WKV_CHUNK], aa, bb, pp)
                 pieces.append(piece)
             out = torch.cat(pieces, dim=1)
-        return self.output(r * out), torch.stack([aa, bb, pp], dim=1)
+        return self.output(r * out), torch.stack([aa, bb, pp], dim=1), carry
 
 
 class Rwkv4(Architecture):
@@ -127,7 +127,7 @@ class Rwkv4(Architecture):
         wkv[:, :, 2] = EMPTY_LOG_SCALE
         return wkv
 
-    def make_time_mix(self, config):
+    def make_time_mix(self, config, layer_id):
         return TimeMixV4(config)
 
     def time_mix_params(self, n_embd, dim_att):

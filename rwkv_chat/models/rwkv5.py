@@ -16,12 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import parallel_wkv
-from .architecture import Architecture, TimeMixPack
+from .architecture import Architecture, TimeMixPack, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, mix, token_shift
-
-
-class UnsupportedCheckpoint(ValueError):
-    """A checkpoint of a version this package knows but does not run."""
 
 
 def wkv5_step(log_w, u, r, k, v, s):
@@ -74,8 +70,8 @@ class TimeMixV5(nn.Module):
             self.time_mix_g = nn.Parameter(torch.empty(1, 1, c))
             self.gate = Projection(c, a)
 
-    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor):
-        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, S, S] -> (out [B, T, C], new wkv)."""
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, carry=None):
+        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, S, S] -> (out [B, T, C], new wkv, carry)."""
         batch, length, _ = xx.shape
         h, size = self.n_head, self.head_size
         shifted = token_shift(xx, prev)
@@ -100,7 +96,7 @@ class TimeMixV5(nn.Module):
         out = group_norm(out, h, self.ln_x.weight, self.ln_x.bias).view(batch, length, h * size)
         if self.gated:
             out = out * F.silu(self.gate(mix(xx, shifted, self.time_mix_g)))
-        return self.output(out), wkv
+        return self.output(out), wkv, carry
 
 
 class Rwkv5(Architecture):
@@ -111,6 +107,7 @@ class Rwkv5(Architecture):
     cpu_kernel_id = 5
     triton_decode = True
     cpu_wkv_chunk = 16
+    state_file_transposed = True  # state files hold [H, S(value), S(key)]
     projections_for_every_token = (0, 1, 2)  # r, k and v: the scans read r
 
     def __init__(self, version: str, gated: bool):
@@ -146,7 +143,7 @@ class Rwkv5(Architecture):
         h, s = config.n_head, config.head_size
         return torch.zeros(batch, config.n_layer, h, s, s, dtype=torch.float32, device=device)
 
-    def make_time_mix(self, config):
+    def make_time_mix(self, config, layer_id):
         return TimeMixV5(config, self.gated)
 
     def time_mix_params(self, n_embd, dim_att):

@@ -382,8 +382,10 @@ class FastRunner:
 def attach_fast_path(model: nn.Module, **options) -> nn.Module:
     """Route `model`'s forward/decode_batch through a `FastRunner` (packed projections, fused kernels, CUDA
     graphs; the same function within the weight dtype's rounding). Call after the weights are final (loading,
-    fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model."""
-    model.runner = FastRunner(model, **options)
+    fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model;
+    an architecture the runner cannot pack yet (`Architecture.fast_runner` False) keeps the plain path."""
+    if model.config.architecture.fast_runner:
+        model.runner = FastRunner(model, **options)
     return model
 
 

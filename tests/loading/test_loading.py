@@ -102,10 +102,10 @@ def test_non_rwkv_and_unsafe_files_are_refused(tmp_path):
         load_model("no such thing")
 
 
-def test_unsupported_architectures_are_named(tiny_pth):
+def test_a_checkpoint_between_architectures_is_named_and_refused(tiny_pth):
     weights = torch.load(tiny_pth.path, weights_only=True)
-    weights["blocks.0.att.time_maa_x"] = torch.zeros(1)
-    with pytest.raises(ModelLoadError, match="RWKV-6 checkpoint"):
+    weights["blocks.0.att.time_maa_x"] = torch.zeros(1)  # an RWKV-6 key, the rest of another version
+    with pytest.raises(ModelLoadError, match="looks like an RWKV-6 checkpoint, but its weights do not fit one: .blocks.0.att.time_"):
         config_from_state_dict(weights)
 
 

@@ -1,0 +1,220 @@
+"""RWKV-7 (Goose, "x070"; the World and G1 models): every question about this architecture, in one place.
+
+- Checkpoints: `att.r_k` [H, N] and no `time_maa` in the keys; head size from `r_k`; the LoRA widths from
+  `w1`, `a1`, `v1` (layers after the first) and `g1`; F from `ffn.key.weight` [F, C]. Layer 0 has no value
+  residual: `v0/v1/v2` there, when a file carries them, are dropped (the reference ignores them). DeepEmbed files
+  (`rwkv7a`/`rwkv7b`: `ffn.s_emb`, `blocks.N.qkv`) are refused.
+- State per layer: the token shifts and one value-by-key matrix per head [H, N(value), N(key)] fp32 (the
+  reference's layout; state files are in it too).
+- Math (the reference's `RWKV_x070_TMix_one`, shift written `x + (prev - x) * x_*`): r, k, v from projections,
+  the decay `log_w = -e^-0.5 * sigmoid(w0 + lora_w)`, the in-context learning rate `a`, the gate `g` from LoRAs;
+  `kk = normalize(k * k_k)` per head, `k *= 1 + (a - 1) * k_a`; after layer 0 the value is pulled towards layer
+  0's (`v_first`, which flows across the layers of one token: the `carry` of the time mix). Per head:
+  `S = S diag(w) + (S (-kk)) (kk a)^T + v k^T; y = S r`, then GroupNorm of the heads plus `(r . k r_k) v`,
+  times g. `wkv7_step` runs one token; `wkv7_chunk` L tokens at once through the WY form of that
+  diagonal-plus-rank-one recurrence (one triangular solve per chunk; every exponent stays within the chunk).
+  The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
+- Fast paths: none yet beyond the plain PyTorch path (`fast_runner = False`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import Architecture, UnsupportedCheckpoint
+from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
+
+DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
+WKV7_CHUNK = 16  # tokens per chunk: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
+_DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
+
+
+def wkv7_step(log_w, r, k, v, kk, a, s):
+    """One token. Every input [B, H, N] (k already scaled by k_a); s: [B, H, N(value), N(key)]."""
+    s = (s * torch.exp(log_w).unsqueeze(-2) - (s @ kk.unsqueeze(-1)) @ (kk * a).unsqueeze(-2)
+         + v.unsqueeze(-1) @ k.unsqueeze(-2))
+    return (s @ r.unsqueeze(-1)).squeeze(-1), s
+
+
+def wkv7_chunk(log_w, r, k, v, kk, a, s):
+    """L tokens at once. Every input [B, H, L, N]; s: [B, H, N(value), N(key)] -> (y [B, H, L, N], s).
+
+    With alpha = -kk, beta = kk * a, D_t = diag(e^log_w_t): S_t = S_{t-1} D_t + u_t beta_t^T + v_t k_t^T, where
+    u_t = S_{t-1} alpha_t. Unrolled with G_t = D_1 ... D_t, u depends linearly on the earlier u's (a unit lower
+    triangular system, solved exactly) and y_t = S_t r_t on the u's, the v's and S_0.
+    """
+    length = r.shape[2]
+    c = torch.cumsum(log_w, dim=2)
+    grow, shrink = torch.exp(-c), torch.exp(c)
+    alpha = -kk * torch.exp(c - log_w)  # alpha_t G_{t-1}
+    beta, k_in = kk * a * grow, k * grow  # beta_j / G_j, k_j / G_j
+    r_out = r * shrink  # r_t G_t
+    strict = torch.ones(length, length, dtype=torch.bool, device=r.device).tril(-1)
+    inclusive = strict | torch.eye(length, dtype=torch.bool, device=r.device)
+    s_t = s.transpose(-1, -2)  # [B, H, K, V]
+    beta_t, k_t = beta.transpose(-1, -2), k_in.transpose(-1, -2)
+    m_beta_alpha = (alpha @ beta_t) * strict
+    m_k_alpha = (alpha @ k_t) * strict
+    eye = torch.eye(length, dtype=r.dtype, device=r.device)
+    u = torch.linalg.solve_triangular(eye - m_beta_alpha, alpha @ s_t + m_k_alpha @ v, upper=False,
+                                      unitriangular=True)  # [B, H, L, V]
+    y = r_out @ s_t + ((r_out @ beta_t) * inclusive) @ u + ((r_out @ k_t) * inclusive) @ v
+    end = shrink[:, :, -1:]  # G_L [B, H, 1, K]
+    s = s * end + u.transpose(-1, -2) @ (beta * end) + v.transpose(-1, -2) @ (k_in * end)
+    return y, s
+
+
+class TimeMixV7(nn.Module):
+    """RWKV-7 time mix (see the module docstring). `carry` is v_first: None into layer 0, its value after."""
+
+    def __init__(self, config, layer_id: int):
+        super().__init__()
+        c, h = config.n_embd, config.n_head
+        dim_att = config.dim_att
+        w_rank, a_rank, v_rank, g_rank = config.lora
+        self.n_head, self.head_size, self.first_layer = h, config.head_size, layer_id == 0
+        for name in ("r", "w", "k", "v", "a", "g"):
+            setattr(self, f"x_{name}", nn.Parameter(torch.empty(1, 1, c)))
+        self.w0 = nn.Parameter(torch.empty(1, 1, dim_att))
+        self.w1 = nn.Parameter(torch.empty(c, w_rank))
+        self.w2 = nn.Parameter(torch.empty(w_rank, dim_att))
+        self.a0 = nn.Parameter(torch.empty(1, 1, dim_att))
+        self.a1 = nn.Parameter(torch.empty(c, a_rank))
+        self.a2 = nn.Parameter(torch.empty(a_rank, dim_att))
+        if not self.first_layer:
+            self.v0 = nn.Parameter(torch.empty(1, 1, dim_att))
+            self.v1 = nn.Parameter(torch.empty(c, v_rank))
+            self.v2 = nn.Parameter(torch.empty(v_rank, dim_att))
+        self.g1 = nn.Parameter(torch.empty(c, g_rank))
+        self.g2 = nn.Parameter(torch.empty(g_rank, dim_att))
+        self.k_k = nn.Parameter(torch.empty(1, 1, dim_att))
+        self.k_a = nn.Parameter(torch.empty(1, 1, dim_att))
+        self.r_k = nn.Parameter(torch.empty(h, config.head_size))
+        self.receptance = Projection(c, dim_att)
+        self.key = Projection(c, dim_att)
+        self.value = Projection(c, dim_att)
+        self.output = Projection(dim_att, c)
+        self.ln_x = nn.GroupNorm(h, dim_att, eps=GROUP_NORM_EPS)
+
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, v_first=None):
+        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first)."""
+        batch, length, _ = xx.shape
+        h, n = self.n_head, self.head_size
+        sx = token_shift(xx, prev) - xx
+        xr, xw, xk = xx + sx * self.x_r, xx + sx * self.x_w, xx + sx * self.x_k
+        xv, xa, xg = xx + sx * self.x_v, xx + sx * self.x_a, xx + sx * self.x_g
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        log_w = -DECAY_SCALE * torch.sigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        heads = (batch, length, h, n)
+        kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.first_layer:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        per_head = [t.view(heads).transpose(1, 2) for t in (log_w, r, k, v, a)]  # [B, H, T, N]
+        kk = kk.transpose(1, 2)
+        log_w_h, r_h, k_h, v_h, a_h = per_head
+        if length == 1:
+            y, wkv = wkv7_step(log_w_h[:, :, 0], r_h[:, :, 0], k_h[:, :, 0], v_h[:, :, 0], kk[:, :, 0],
+                               a_h[:, :, 0], wkv)
+            y = y.unsqueeze(2)
+        else:
+            pieces = []
+            for start in range(0, length, WKV7_CHUNK):
+                part = slice(start, start + WKV7_CHUNK)
+                piece, wkv = wkv7_chunk(log_w_h[:, :, part], r_h[:, :, part], k_h[:, :, part],
+                                        v_h[:, :, part], kk[:, :, part], a_h[:, :, part], wkv)
+                pieces.append(piece)
+            y = torch.cat(pieces, dim=2)
+        y = y.transpose(1, 2).reshape(batch * length, h * n)
+        y = group_norm(y, h, self.ln_x.weight, self.ln_x.bias).view(heads)
+        bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(-1, keepdim=True) * v.view(heads)
+        return self.output((y + bonus).view(batch, length, h * n) * g), wkv, v_first
+
+
+class ChannelMixV7(nn.Module):
+    """RWKV-7 channel mix: relu(key(x + (prev - x) * x_k))^2 @ value, no receptance."""
+
+    def __init__(self, n_embd: int, dim_ffn: int):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.empty(1, 1, n_embd))
+        self.key = Projection(n_embd, dim_ffn)
+        self.value = Projection(dim_ffn, n_embd)
+
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        shifted = token_shift(xx, prev)
+        return self.value(torch.relu(self.key(xx + (shifted - xx) * self.x_k)).square())
+
+
+class Rwkv7(Architecture):
+    version = "7"
+    family = "RWKV-7"
+    heads = True
+    fast_runner = False
+    state_file_transposed = False
+
+    def identifies(self, state_dict):
+        if "blocks.0.att.r_k" not in state_dict:
+            return False
+        deep = sorted({part for key in state_dict for part in _DEEP_EMBED if part in key})
+        if deep:
+            raise UnsupportedCheckpoint(f"this is an RWKV-7 DeepEmbed checkpoint (rwkv7a/rwkv7b: keys with "
+                                        f"{', '.join(deep)}), which is not supported; use a plain RWKV-7 model "
+                                        "(World or G1)")
+        return True
+
+    def head_size_from(self, state_dict, dim_att):
+        return state_dict["blocks.0.att.r_k"].shape[-1]
+
+    def lora_from(self, state_dict):
+        v1 = next((tensor for key, tensor in state_dict.items() if key.endswith(".att.v1")
+                   and not key.startswith("blocks.0.")), None)
+        return (state_dict["blocks.0.att.w1"].shape[1], state_dict["blocks.0.att.a1"].shape[1],
+                0 if v1 is None else v1.shape[1], state_dict["blocks.0.att.g1"].shape[1])
+
+    def default_lora(self, n_embd):
+        # the widths of the published models, by size (for random test models)
+        table = {768: (64, 64, 32, 128), 1024: (64, 64, 32, 128), 2048: (96, 96, 64, 256),
+                 2560: (96, 96, 64, 320), 4096: (128, 128, 96, 480)}
+        return table.get(n_embd, (32, 32, 32, 64))
+
+    def default_ffn_size(self, n_embd):
+        return 4 * n_embd
+
+    def canonical_key(self, key, tensor):
+        if key.startswith("blocks.0.att.v") and key[len("blocks.0.att.v"):] in ("0", "1", "2"):
+            return None  # layer 0 has no value residual
+        if key.endswith(".att.r_k"):
+            return key, tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() != 2 else tensor
+        return key, tensor
+
+    def n_head(self, config):
+        return config.dim_att // config.head_size
+
+    def empty_wkv(self, config, batch, device):
+        h, n = config.n_head, config.head_size
+        return torch.zeros(batch, config.n_layer, h, n, n, dtype=torch.float32, device=device)
+
+    def make_time_mix(self, config, layer_id):
+        return TimeMixV7(config, layer_id)
+
+    def make_channel_mix(self, config):
+        return ChannelMixV7(config.n_embd, config.dim_ffn)
+
+    def time_mix_params(self, n_embd, dim_att):
+        return 4 * n_embd * dim_att
+
+    def state_floats_per_layer(self, n_embd, dim_att, head_size):
+        return 2 * n_embd + dim_att * head_size
+
+
+ARCHITECTURES = (Rwkv7(),)

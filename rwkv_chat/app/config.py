@@ -25,7 +25,9 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..loading.catalog import DEFAULT_MODEL
+import torch
+
+from ..loading.catalog import DEFAULT_MODEL, suggested_model
 from ..serving.batching import DEFAULT_MAX_BATCH
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
@@ -61,10 +63,11 @@ class AppConfig:
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     on_space = bool(env.get("SPACE_ID"))
-    parser = argparse.ArgumentParser(description="Chat with RWKV-4 World and RWKV-5 World models.")
-    parser.add_argument("--model", default=env.get("RWKV_MODEL", DEFAULT_MODEL),
-                        help="catalog name (e.g. 'RWKV-5 World 0.1B'), hub repo id, or a local .pth file / "
-                             "transformers-format directory")
+    parser = argparse.ArgumentParser(description="Chat with RWKV models (RWKV-4, 5, 6 and 7; World and G1).")
+    parser.add_argument("--model", default=env.get("RWKV_MODEL"),
+                        help="catalog name (e.g. 'RWKV-7 G1 1.5B'), hub repo id, or a local .pth file / "
+                             "transformers-format directory (default: an RWKV-7 G1 model that fits the GPU, "
+                             f"{DEFAULT_MODEL} without one)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default=env.get("RWKV_DEVICE", "auto"))
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=env.get("RWKV_DTYPE", "auto"))
     parser.add_argument("--preamble", default=env.get("RWKV_PREAMBLE"),
@@ -84,11 +87,19 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def gpu_memory(device: str) -> Optional[int]:
+    """Total memory of the GPU the app will use, or None when it runs on the CPU."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
 def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> AppConfig:
     """Flags from `argv` (default: sys.argv[1:]) over variables from `env` (default: os.environ)."""
     env = os.environ if env is None else env
     args, _unknown = _parser(env).parse_known_args(argv)
     preamble = args.preamble if args.preamble and args.preamble.strip() else None
-    return AppConfig(model=args.model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
+    model = args.model or suggested_model(gpu_memory(args.device))
+    return AppConfig(model=model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
                      server_name=args.server_name, share=args.share, concurrency=args.concurrency,
                      max_queue=args.max_queue)

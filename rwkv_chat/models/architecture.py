@@ -7,7 +7,7 @@ ask it:
   `default_ffn_size`), and what the original key names mean here (`canonical_key`);
 - its state (`n_head`, `empty_wkv`, how state files are laid out) and the modules of its reference math
   (`make_time_mix`, `make_channel_mix`);
-- its size (`time_mix_params`, `state_floats_per_layer`) for memory estimates;
+- its size (`time_mix_params`, `channel_mix_params`, `state_floats_per_layer`) for memory estimates;
 - for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
   `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`).
 
@@ -98,8 +98,12 @@ class Architecture:
         return ChannelMix(config.n_embd, config.dim_ffn)
 
     def time_mix_params(self, n_embd: int, dim_att: int) -> int:
-        """Parameters of one layer's time-mix projections."""
+        """Parameters of one layer's time-mix matrices (projections and LoRAs) at the published widths."""
         raise NotImplementedError
+
+    def channel_mix_params(self, n_embd: int, dim_ffn: int) -> int:
+        """Parameters of one layer's channel-mix matrices."""
+        return 2 * n_embd * dim_ffn + n_embd * n_embd
 
     def state_floats_per_layer(self, n_embd: int, dim_att: int, head_size: int) -> int:
         """fp32 numbers of one layer's state (token shifts included)."""

@@ -163,7 +163,8 @@ class Rwkv6(Architecture):
         return ChannelMixV6(config.n_embd, config.dim_ffn)
 
     def time_mix_params(self, n_embd, dim_att):
-        return 5 * n_embd * dim_att
+        maa, decay = self.default_lora(n_embd)
+        return 5 * n_embd * dim_att + 2 * MAA_PARTS * maa * n_embd + 2 * decay * n_embd
 
     def state_floats_per_layer(self, n_embd, dim_att, head_size):
         return 2 * n_embd + dim_att * head_size

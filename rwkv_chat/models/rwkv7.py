@@ -182,10 +182,11 @@ class Rwkv7(Architecture):
                 0 if v1 is None else v1.shape[1], state_dict["blocks.0.att.g1"].shape[1])
 
     def default_lora(self, n_embd):
-        # the widths of the published models, by size (for random test models)
-        table = {768: (64, 64, 32, 128), 1024: (64, 64, 32, 128), 2048: (96, 96, 64, 256),
-                 2560: (96, 96, 64, 320), 4096: (128, 128, 96, 480)}
-        return table.get(n_embd, (32, 32, 32, 64))
+        """The widths BlinkDL's training code gives a model of width C (0.1B: 64, 64, 32, 128; 7.2B: 128, 128,
+        96, 480), multiples of 32."""
+        def width(factor, power):
+            return max(32, round(factor * n_embd ** power / 32) * 32)
+        return (width(1.8, 0.5), width(1.8, 0.5), width(1.3, 0.5), width(0.6, 0.8))
 
     def default_ffn_size(self, n_embd):
         return 4 * n_embd
@@ -211,7 +212,10 @@ class Rwkv7(Architecture):
         return ChannelMixV7(config.n_embd, config.dim_ffn)
 
     def time_mix_params(self, n_embd, dim_att):
-        return 4 * n_embd * dim_att
+        return 4 * n_embd * dim_att + 2 * n_embd * sum(self.default_lora(n_embd))
+
+    def channel_mix_params(self, n_embd, dim_ffn):
+        return 2 * n_embd * dim_ffn  # no receptance
 
     def state_floats_per_layer(self, n_embd, dim_att, head_size):
         return 2 * n_embd + dim_att * head_size

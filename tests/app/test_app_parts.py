@@ -11,7 +11,7 @@ import torch
 
 from rwkv_chat import limits
 from rwkv_chat.app.config import AppConfig, parse_config
-from rwkv_chat.loading.catalog import CATALOG, DEFAULT_MODEL, get_entry
+from rwkv_chat.loading.catalog import CATALOG, DEFAULT_MODEL, get_entry, suggested_model
 from rwkv_chat.app.chat_service import Busy, ChatService, ChatSettings, SessionControl
 from rwkv_chat.app.engine_factory import EngineFactory
 from rwkv_chat.loading.loader import DTYPES, ModelLoadError
@@ -22,7 +22,19 @@ from rwkv_chat.app.model_pool import ModelPool
 # ---------------------------------------------------------------------------------------- config
 
 def test_defaults_serve_the_default_model_on_loopback():
-    assert parse_config([], {}) == AppConfig(model=DEFAULT_MODEL, server_name="127.0.0.1", port=7860)
+    expected = DEFAULT_MODEL if not torch.cuda.is_available() else parse_config([], {}).model
+    assert parse_config([], {}) == AppConfig(model=expected, server_name="127.0.0.1", port=7860)
+    assert parse_config(["--device", "cpu"], {}).model == DEFAULT_MODEL
+
+
+def test_a_g1_model_is_suggested_on_a_gpu_and_rwkv5_01b_on_a_cpu():
+    gib = 1024 ** 3
+    assert suggested_model(None) == "RWKV-5 World 0.1B"
+    assert suggested_model(80 * gib) == "RWKV-7 G1 2.9B"
+    assert suggested_model(8 * gib) == "RWKV-7 G1 1.5B"
+    assert suggested_model(4 * gib) == "RWKV-7 G1 0.4B"
+    for name in ("RWKV-7 G1 2.9B", "RWKV-7 G1 1.5B"):  # what is suggested fits in half the card it is suggested for
+        assert get_entry(name).memory_bytes(torch.bfloat16) <= {"RWKV-7 G1 2.9B": 80, "RWKV-7 G1 1.5B": 8}[name] * gib
 
 
 def test_flags_win_over_environment_which_wins_over_defaults():
@@ -60,7 +72,7 @@ def test_choices_are_the_catalog_plus_the_operators_file(tmp_path):
 
 def test_resolve_refuses_anything_not_offered(tmp_path):
     choices = ModelChoices(DEFAULT_MODEL)
-    for name in ("/etc/passwd", str(tmp_path), "RWKV/rwkv-5-world-169m", "RWKV-6 World 1.6B"):
+    for name in ("/etc/passwd", str(tmp_path), "RWKV/rwkv-5-world-169m", "RWKV-8 World 1.6B"):
         with pytest.raises(ValueError, match="unknown model"):
             choices.resolve(name, "cpu", "fp32")
     assert choices.resolve("rwkv-4-world-0.4b", "cpu", "bf16") == ModelKey("RWKV-4 World 0.4B", "cpu", "bf16")

@@ -114,18 +114,26 @@ def test_catalog_covers_every_published_size():
     for size in ("0.1B", "0.4B", "1.5B", "3B", "7B"):
         assert f"RWKV-4 World {size}" in names and f"RWKV-5 World {size}" in names
     assert "RWKV-5 World 3B ctx16k" in names
-    for entry in CATALOG:  # shapes agree with the published file sizes (bf16 weights)
+    assert {f"RWKV-6 World {size}" for size in ("1.6B", "3B", "7B", "14B")} <= names
+    assert {f"RWKV-7 World {size}" for size in ("0.1B", "0.4B", "1.5B", "2.9B")} <= names
+    assert {f"RWKV-7 G1 {size}" for size in ("0.1B", "0.4B", "1.5B", "2.9B", "7.2B")} <= names
+    listed = [entry for entry in CATALOG if entry.listed_bytes is not None]
+    assert {"RWKV-7 World 2.9B", "RWKV-7 G1 2.9B", "RWKV-5 World 7B"} <= {entry.name for entry in listed}
+    for entry in listed:  # shapes (LoRA widths included) agree with the published file sizes (bf16 weights)
         assert abs(entry.file_bytes / entry.weight_bytes(torch.bfloat16) - 1) < 0.002
+    for entry in CATALOG:
+        assert entry.file_bytes == (entry.listed_bytes or entry.weight_bytes(torch.bfloat16))
     assert find_entry("rwkv-4-world-7b").n_embd == 4096 and get_entry("RWKV-5 World 0.1B").version == "5.0"
     with pytest.raises(KeyError, match="unknown model"):
         get_entry("RWKV-9 World 1T")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-def test_catalog_memory_estimate_matches_a_loaded_model(make_checkpoint, dtype):
+@pytest.mark.parametrize("version", ["5.2", "6", "7"])
+def test_catalog_memory_estimate_matches_a_loaded_model(make_checkpoint, dtype, version):
     """The picker's memory figure counts what loading really holds (the fp32 embedding included)."""
     from rwkv_chat.loading.catalog import CatalogEntry
-    entry = CatalogEntry("tiny", "5.2", "", "", 0, n_layer=2, n_embd=256)
-    model = load_model(make_checkpoint("5.2", n_layer=2, n_embd=256).path, device="cpu", dtype=dtype)
+    entry = CatalogEntry("tiny", version, "", "", None, n_layer=2, n_embd=256)
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=256).path, device="cpu", dtype=dtype)
     held = sum(t.nbytes for t in model.state_dict().values())
     assert abs(held / entry.loaded_bytes(dtype) - 1) < 0.02

@@ -13,6 +13,11 @@ An answer ends where the model writes the turn separator "\\n\\n" (``find_stop``
 (token ``tokenizer.EOT_ID``); the separator itself is not fed back, so every later turn starts with it.
 No space follows the final colon: the model writes the leading space of its answer itself.
 
+Thinking (RWKV-7 G1): a turn's prompt may end "Assistant: <think" (``think``: the model writes its reasoning,
+"</think>", then the answer) or "Assistant: <think></think" ("fake think": no reasoning, the answer at once).
+``split_reasoning`` separates what the model wrote into the reasoning and the answer people see; the state
+carries everything as the model wrote it.
+
 Does not know: tokens (beyond the end-of-text id), torch, length limits (the engine and UI own those).
 """
 from __future__ import annotations
@@ -47,6 +52,43 @@ TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType(
     {t.name: t for t in (QUESTION_ANSWER, USER_ASSISTANT, INSTRUCTION_RESPONSE)}
 )
 DEFAULT_TEMPLATE = QUESTION_ANSWER.name
+
+THINK_PROMPTS: Mapping[str, str] = MappingProxyType({"off": "", "think": " <think", "fake think": " <think></think"})
+THINK_MODES = tuple(THINK_PROMPTS)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def check_think(mode: str) -> str:
+    if mode not in THINK_PROMPTS:
+        raise ValueError(f"think must be one of {', '.join(repr(m) for m in THINK_MODES)}, got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Reasoned:
+    """What the model wrote after the prompt, split for display."""
+
+    reasoning: str  # the thinking ("" when there was none)
+    answer: str  # what people see as the answer
+    thinking: bool  # the reasoning is still open (no "</think>" yet)
+
+
+def split_reasoning(generated: str, think: str = "off") -> Reasoned:
+    """Split generated text into reasoning and answer. `think` is the turn's mode: after " <think" the model
+    closes the tag (">") and reasons until "</think>"; after " <think></think" it closes that tag and answers;
+    with thinking off a model may still open "<think>" itself, which is treated the same way."""
+    text = generated
+    if think == "fake think":
+        text = text[1:] if text.startswith(">") else text
+        return Reasoned("", text.strip(), False)
+    if think == "think":
+        text = text[1:] if text.startswith(">") else text
+    elif text.lstrip().startswith(THINK_OPEN):
+        text = text.lstrip()[len(THINK_OPEN):]
+    else:
+        return Reasoned("", strip_answer(text), False)
+    reasoning, closed, answer = text.partition(THINK_CLOSE)
+    return Reasoned(reasoning.strip(), answer.strip(), not closed)
 
 
 def get_template(name: str) -> PromptTemplate:
@@ -87,8 +129,10 @@ def preamble_text(preamble: Optional[str]) -> str:
     return cleaned + TURN_SEPARATOR if cleaned else ""
 
 
-def user_turn_text(template: PromptTemplate, message: str, input_text: Optional[str] = None) -> str:
-    """One user turn up to the assistant prefix: "Question: {message}\\n\\nAnswer:".
+def user_turn_text(template: PromptTemplate, message: str, input_text: Optional[str] = None,
+                   think: str = "off") -> str:
+    """One user turn up to the assistant prefix: "Question: {message}\\n\\nAnswer:" (plus " <think" or
+    " <think></think" when `think` says so).
 
     ``input_text`` fills the template's input block ("Instruction: …\\n\\nInput: …\\n\\nResponse:");
     the block is left out when there is no input. Raises ValueError for a template without one.
@@ -98,14 +142,14 @@ def user_turn_text(template: PromptTemplate, message: str, input_text: Optional[
         if template.input_prefix is None:
             raise ValueError(f"template {template.name!r} has no input block")
         parts.append(template.input_prefix + clean_message(input_text))
-    parts.append(template.assistant_prefix)
+    parts.append(template.assistant_prefix + THINK_PROMPTS[check_think(think)])
     return TURN_SEPARATOR.join(parts)
 
 
 def first_turn_text(template: PromptTemplate, message: str, preamble: Optional[str] = None,
-                    input_text: Optional[str] = None) -> str:
+                    input_text: Optional[str] = None, think: str = "off") -> str:
     """The text of a new conversation: the preamble piece then the first user turn."""
-    return preamble_text(preamble) + user_turn_text(template, message, input_text)
+    return preamble_text(preamble) + user_turn_text(template, message, input_text, think)
 
 
 def separator_rest(fed_text: str) -> str:
@@ -120,13 +164,13 @@ def separator_rest(fed_text: str) -> str:
 
 
 def next_turn_text(template: PromptTemplate, message: str, input_text: Optional[str] = None,
-                   fed_text: str = "") -> str:
+                   fed_text: str = "", think: str = "off") -> str:
     """A later user turn; starts with the separator that closes the previous answer.
 
     ``fed_text``: the end of the text already fed to the model (e.g. the previous answer as generated);
     only the missing part of the separator is added, see ``separator_rest``.
     """
-    return separator_rest(fed_text) + user_turn_text(template, message, input_text)
+    return separator_rest(fed_text) + user_turn_text(template, message, input_text, think)
 
 
 def answer_text(answer: str) -> str:

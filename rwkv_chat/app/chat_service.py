@@ -53,6 +53,7 @@ class ChatSettings:
     prompt_style: str = DEFAULT_TEMPLATE
     preamble: Optional[str] = None
     seed: int = NO_SEED  # negative = a fresh random seed each time
+    think: str = "off"  # RWKV-7 G1 thinking: "off", "think" or "fake think" (prompts.THINK_PROMPTS)
 
     def generation(self) -> GenerationSettings:
         """The engine's settings; ValueError naming the first setting that is not valid. Each rule is checked
@@ -67,7 +68,7 @@ class ChatSettings:
                 raise ValueError(f"{name} must be at most {cap}, got {getattr(sampling, name)}")
         seed = _integer("seed", NO_SEED if self.seed is None else self.seed)
         return GenerationSettings(sampling, _integer("max_new_tokens", self.max_new_tokens),
-                                  None if seed < 0 else seed)
+                                  None if seed < 0 else seed, self.think)
 
     def session_style(self) -> tuple[str, Optional[str]]:
         """(template, preamble) a new conversation with these settings starts with."""
@@ -99,14 +100,26 @@ class Conversation:
     stats: str = ""
 
     def messages(self, turns: Optional[int] = None) -> list[dict]:
-        """The chat as Gradio "messages": a user and an assistant message per turn."""
+        """The chat as Gradio "messages": per turn the user's, the thinking (if any, collapsible) and the
+        answer."""
         shown = []
         for turn in self.session.turns[:turns]:
-            shown += [user_message(turn.message), assistant_message(turn.answer)]
+            shown += [user_message(turn.message)] + answer_messages(turn.answer, turn.reasoning)
         return shown
 
+    def turn_of_message(self, index: int) -> Optional[int]:
+        """The turn whose user message is message `index` of `messages()`; None for any other message."""
+        position = 0
+        for turn_index, turn in enumerate(self.session.turns):
+            if index == position:
+                return turn_index
+            position += 1 + len(answer_messages(turn.answer, turn.reasoning))
+        return None
+
     def history(self) -> list[list[str]]:
-        return [[message, answer] for message, answer in self.session.history()]
+        """[message, answer] per turn, plus the reasoning as a third item where the model thought."""
+        return [[turn.message, turn.answer] + ([turn.reasoning] if turn.reasoning else [])
+                for turn in self.session.turns]
 
 
 def user_message(text: str) -> dict:
@@ -117,6 +130,18 @@ def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
+def answer_messages(answer: str, reasoning: str = "", thinking: bool = False) -> list[dict]:
+    """The assistant's part of a turn: a collapsible "Thinking" message when there is reasoning, then the
+    answer (left out while the model is still thinking and has written none)."""
+    shown = []
+    if reasoning or thinking:
+        shown.append({"role": "assistant", "content": reasoning,
+                      "metadata": {"title": "Thinking", "status": "pending" if thinking else "done"}})
+    if answer or not shown:
+        shown.append(assistant_message(answer))
+    return shown
+
+
 @dataclass(frozen=True)
 class ChatUpdate:
     conversation: Conversation  # before the answer while it streams; with it on the last update
@@ -124,6 +149,7 @@ class ChatUpdate:
     answer: str  # the answer so far
     done: bool = False
     notice: str = ""
+    reasoning: str = ""  # the thinking so far (never part of `answer`)
 
 
 class SessionControl:
@@ -219,9 +245,9 @@ class ChatService:
         base = Conversation(conversation.model, conversation.session.truncated(keep_turns))
         yield ChatUpdate(base, before + [user_message(message)], "", notice=notice)
         for chunk in chunks:
-            shown = before + [user_message(message), assistant_message(chunk.text)]
+            shown = before + [user_message(message)] + answer_messages(chunk.text, chunk.reasoning, chunk.thinking)
             if not chunk.done:
-                yield ChatUpdate(base, shown, chunk.text, notice=notice)
+                yield ChatUpdate(base, shown, chunk.text, notice=notice, reasoning=chunk.reasoning)
                 continue
             final = Conversation(conversation.model, chunk.session, chunk.stats.line())
-            yield ChatUpdate(final, final.messages(), chunk.text, True, notice)
+            yield ChatUpdate(final, final.messages(), chunk.text, True, notice, chunk.reasoning)

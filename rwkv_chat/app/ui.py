@@ -22,8 +22,8 @@ import gradio as gr
 
 from .. import limits
 from ..loading.loader import DTYPES, ModelLoadError, resolve_device_dtype
-from ..prompts import DEFAULT_TEMPLATE, TEMPLATES
-from ..serving.sampling import SamplingParams
+from ..prompts import TEMPLATES, THINK_MODES
+from .chat_defaults import defaults_for, is_g1, with_think
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
 from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
 from .engine_factory import EngineFactory
@@ -32,14 +32,18 @@ from .model_pool import ModelPool
 from .ui_api import ChatApi
 from .ui_stream import reason, throttled
 
-TITLE = "RWKV World chat"
-INTRO = ("## RWKV World chat\nAn RNN that carries its whole conversation in a fixed-size state: each turn reads "
-         "only its own new tokens. Pick a model on the right; the answer streams below.")
+TITLE = "RWKV chat"
+INTRO = ("## RWKV chat\nAn RNN that carries its whole conversation in a fixed-size state: each turn reads "
+         "only its own new tokens. Pick a model on the right (RWKV-7 G1 models can think before they answer); "
+         "the answer streams below.")
 DRAGON = ("In a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
           "unexplored valley, in Tibet. Even more surprising to the researchers was the fact that the dragons "
           "spoke perfect Chinese.")
 EXAMPLES = [[DRAGON], ["请介绍一下北京的旅游景点"], ["What are the three laws of robotics?"],
             ["Write a short poem about a cat watching the rain."]]
+# the settings a model family presets (chat_defaults), as ChatSettings names; the page sets them on Load
+FAMILY_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay",
+                 "prompt_style", "think")
 LOCAL_FILE_HINT = ("To use a file you already have, start the app with `python app.py --model "
                    "/path/to/RWKV-5-World-0.1B-v1-20230803-ctx4096.pth` (or set `RWKV_MODEL`).")
 
@@ -84,7 +88,7 @@ class ChatPage:
         self.pool: ModelPool = service.pool
         self.choices = choices
         self.config = config
-        self.default_settings = ChatSettings(preamble=config.preamble)
+        self.default_settings = defaults_for(choices.default, config.preamble)
         try:
             self.default_key = choices.resolve(choices.default.value, config.device, config.dtype)
             self.startup_error = ""
@@ -140,7 +144,7 @@ class ChatPage:
             self.load_button = gr.Button("Load model (starts a new conversation)", elem_id="load")
 
     def _settings_panel(self) -> None:
-        defaults = SamplingParams()
+        defaults = self.default_settings
         with gr.Accordion("Generation", open=False):
             max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=limits.DEFAULT_NEW_TOKENS, step=1,
                                 label="Max new tokens", elem_id="max-new-tokens")
@@ -157,11 +161,18 @@ class ChatPage:
             seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random; fixed = repeatable",
                              elem_id="seed")
         with gr.Accordion("Prompt", open=False):
-            style = gr.Radio(list(TEMPLATES), value=DEFAULT_TEMPLATE, label="Prompt style")
+            think = gr.Radio(list(THINK_MODES), value=defaults.think, label="Think", elem_id="think",
+                             info="RWKV-7 G1: 'think' reasons first (shown folded above the answer); "
+                                  "'fake think' answers at once")
+            style = gr.Radio(list(TEMPLATES), value=defaults.prompt_style, label="Prompt style")
             preamble = gr.Textbox(value=self.config.preamble or "", lines=3, label="Preamble (system text)",
                                   info="read before the conversation; changing it (or the style) starts a new one")
         # The order of ChatSettings' fields.
-        self.settings = [max_new, temperature, top_p, top_k, presence, frequency, decay, style, preamble, seed]
+        self.settings = [max_new, temperature, top_p, top_k, presence, frequency, decay, style, preamble, seed,
+                         think]
+        components = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
+                          frequency_penalty=frequency, penalty_decay=decay, prompt_style=style, think=think)
+        self.family_settings = [components[name] for name in FAMILY_FIELDS]
 
     def status(self, conversation: Conversation) -> str:
         key = conversation.model
@@ -253,10 +264,11 @@ class ChatPage:
     def ui_edit(self, edit: gr.EditData, progress=gr.Progress(), *values):
         *settings, conversation, control = values
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
-        if index % 2:  # only user messages are editable
+        turn = conversation.turn_of_message(index)
+        if turn is None:  # only user messages are editable
             yield gr.skip(), conversation.messages(), gr.skip(), gr.skip()
             return
-        run = lambda stop: self.service.edit(conversation, index // 2, _message_text(edit.value),  # noqa: E731
+        run = lambda stop: self.service.edit(conversation, turn, _message_text(edit.value),  # noqa: E731
                                              ChatSettings(*settings), stop, _stage_reporter(progress))
         yield from self._ui_stream(run, conversation, control, clear_box=False)
 
@@ -285,8 +297,11 @@ class ChatPage:
               [self.model_pick], **refresh)
         self.load_button.click(self.ui_load, [self.model_pick, self.device, self.dtype, self.conversation,
                                               self.control],
-                               [self.chatbot, self.stats, self.conversation, self.model_status, self.model_pick],
+                               [self.chatbot, self.stats, self.conversation, self.model_status, self.model_pick]
+                               + self.family_settings,
                                concurrency_id="load", concurrency_limit=2, api_visibility="private")
+        think = self.family_settings[FAMILY_FIELDS.index("think")]
+        think.input(self.ui_think, [think, self.conversation], self.family_settings, **refresh)
 
     def ui_refresh(self, conversation: Conversation, choice: str, device: str, dtype: str):
         """Status line and picker labels; keeps polling while the session's model is loading."""
@@ -303,13 +318,25 @@ class ChatPage:
             conversation = self.switch_model(choice, device, dtype, conversation, control,
                                              _stage_reporter(progress))
             outputs = [], "", conversation, self.status(conversation)
+            family = self.family_updates(defaults_for(self.choices.get(choice), self.config.preamble))
         except Exception as error:  # noqa: BLE001 - reported; the session keeps its model
             why = reason(error)
             gr.Warning(why, title="Model not loaded")
             status = (f"⚠️ Could not load **{choice}**: {why}\n\n{LOCAL_FILE_HINT}\n\n"
                       f"Still chatting with: {self.status(conversation)}")
             outputs = gr.skip(), gr.skip(), gr.skip(), status
-        return *outputs, gr.update(choices=self._model_labels(device, dtype), value=choice)
+            family = [gr.skip()] * len(FAMILY_FIELDS)
+        return *outputs, gr.update(choices=self._model_labels(device, dtype), value=choice), *family
+
+    def family_updates(self, settings: ChatSettings) -> list:
+        """The settings components set to a model family's defaults (in FAMILY_FIELDS' order)."""
+        return [getattr(settings, name) for name in FAMILY_FIELDS]
+
+    def ui_think(self, think: str, conversation: Conversation):
+        """Choosing a thinking mode on a G1 model also picks the sampling that mode is used with."""
+        if conversation.model is None or not is_g1(self.choices.get(conversation.model.choice)):
+            return [gr.skip()] * len(FAMILY_FIELDS)
+        return self.family_updates(with_think(defaults_for(self.choices.get(conversation.model.choice)), think))
 
     def switch_model(self, choice, device, dtype, conversation, control, progress) -> Conversation:
         if control.busy:

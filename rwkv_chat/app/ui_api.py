@@ -49,7 +49,8 @@ class ChatApi:
               api_name="select_model", concurrency_id="load", concurrency_limit=2)
 
     def _stream(self, start, control: SessionControl):
-        """(answer so far, stats line, conversation) per update; the stats line comes with the last one."""
+        """(answer so far, stats line, conversation) per update; the stats line comes with the last one. A G1
+        model's reasoning is never part of the answer: `history` returns it, beside the answer."""
         updates = None
         try:
             with control.generating() as stop:
@@ -67,26 +68,27 @@ class ChatApi:
 
     def chat(self, message: str, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
              presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
-             preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+             preamble: str, seed: float, think: str, conversation: Conversation, control: SessionControl):
         """Send `message` as the next turn of this client's conversation; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed)
+                                penalty_decay, prompt_style, preamble, seed, think)
         yield from self._stream(lambda stop: self.service.reply(conversation, message, settings, stop), control)
 
     def retry(self, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
               presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
-              preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+              preamble: str, seed: float, think: str, conversation: Conversation, control: SessionControl):
         """Answer the last message again, from the state right after it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed)
+                                penalty_decay, prompt_style, preamble, seed, think)
         yield from self._stream(lambda stop: self.service.retry(conversation, settings, stop), control)
 
     def edit(self, turn_index: float, message: str, max_new_tokens: float, temperature: float, top_p: float,
              top_k: float, presence_penalty: float, frequency_penalty: float, penalty_decay: float,
-             prompt_style: str, preamble: str, seed: float, conversation: Conversation, control: SessionControl):
+             prompt_style: str, preamble: str, seed: float, think: str, conversation: Conversation,
+             control: SessionControl):
         """Replace user message `turn_index` (0 = first), drop what followed, answer it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed)
+                                penalty_decay, prompt_style, preamble, seed, think)
         yield from self._stream(
             lambda stop: self.service.edit(conversation, turn_index, message, settings, stop), control)
 
@@ -106,7 +108,7 @@ class ChatApi:
 
     @staticmethod
     def history(conversation: Conversation):
-        """The conversation as [[message, answer], ...]."""
+        """The conversation as [[message, answer], ...]; a turn with thinking adds its reasoning as a third item."""
         return conversation.history()
 
     def list_models(self, device: str, dtype: str):

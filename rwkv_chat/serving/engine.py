@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import torch
 
 from .. import limits
-from ..prompts import find_stop, strip_answer
+from ..prompts import check_think, find_stop, split_reasoning
 from ..tokenizer import EOT_ID
 from .generation import DirectDecoder, Verdict
 from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
@@ -45,8 +45,10 @@ class GenerationSettings:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = limits.DEFAULT_NEW_TOKENS
     seed: Optional[int] = None
+    think: str = "off"  # how the turn's prompt ends: prompts.THINK_PROMPTS
 
     def __post_init__(self):
+        check_think(self.think)
         if not 1 <= self.max_new_tokens <= limits.MAX_NEW_TOKENS:
             raise ValueError(f"max new tokens must be between 1 and {limits.MAX_NEW_TOKENS}, "
                              f"got {self.max_new_tokens}")
@@ -79,6 +81,8 @@ class ReplyChunk:
     done: bool = False
     session: Optional[ChatSession] = None  # the conversation with this answer, on the last chunk
     stats: Optional[ReplyStats] = None  # on the last chunk
+    reasoning: str = ""  # the thinking so far (kept out of `text`)
+    thinking: bool = False  # the model is still thinking
 
 
 class AnswerJudge:
@@ -180,7 +184,7 @@ class ChatEngine:
         if len(message) > limits.MAX_MESSAGE_CHARS:
             raise ValueError(f"the message has {len(message)} characters; the limit is {limits.MAX_MESSAGE_CHARS}")
         base = session.truncated(keep_turns)
-        prompt_ids = base.prompt_ids(self.tokenizer, message)  # raises ValueError for an empty message
+        prompt_ids = base.prompt_ids(self.tokenizer, message, think=settings.think)  # ValueError if empty
         if len(prompt_ids) > limits.MAX_MESSAGE_TOKENS:
             raise ValueError(f"the message is {len(prompt_ids)} tokens long; the limit is "
                              f"{limits.MAX_MESSAGE_TOKENS}")
@@ -201,7 +205,8 @@ class ChatEngine:
         run = self.decoder.generate(logits, state, sampler, judge)
         try:
             for _ in run:
-                yield ReplyChunk(strip_answer(_shown(judge.text)))
+                shown = split_reasoning(_shown(judge.text), settings.think)
+                yield ReplyChunk(shown.answer, reasoning=shown.reasoning, thinking=shown.thinking)
         finally:
             run.close()  # a reader that leaves half-way stops the loop
         logits, state, answer_ids, text = run.logits, run.state, judge.ids, judge.text
@@ -212,12 +217,14 @@ class ChatEngine:
             text += judge.stream.flush()
         finished = time.perf_counter()
         first_token_at = judge.first_token_at or finished
-        turn = Turn(message, prompt_ids, strip_answer(text), tuple(answer_ids), text, judge.reason)
+        split = split_reasoning(text, settings.think)
+        turn = Turn(message, prompt_ids, split.answer, tuple(answer_ids), text, judge.reason, settings.think,
+                    split.reasoning)
         all_ids = ids + turn.answer_ids
         self.cache.put(all_ids, state, logits)
         stats = ReplyStats(read, first_token_at - started, len(answer_ids), finished - first_token_at,
                            state.nbytes, judge.reason, self.label)
-        yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats)
+        yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats, turn.reasoning, split.thinking)
 
     def _feed_before_separator(self, text, piece, cut, logits, state, answer_ids):
         """The token that completed the separator is not fed; text it carried before the separator is

@@ -27,6 +27,8 @@ class Turn:
     answer_ids: tuple[int, ...]  # tokens fed for the answer
     fed_text: str  # the answer's text exactly as fed (decides the next separator)
     stop_reason: str = ""
+    think: str = "off"  # the thinking mode its prompt ended with (prompts.THINK_PROMPTS)
+    reasoning: str = ""  # the thinking the model wrote before `answer`, if any
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,14 @@ class ChatSession:
         """Every token fed for the first `turns` turns (all by default), without the preamble's."""
         return tuple(token for turn in self.turns[:turns] for token in turn.prompt_ids + turn.answer_ids)
 
-    def prompt_ids(self, tokenizer, message: str, after: Optional[int] = None) -> tuple[int, ...]:
+    def prompt_ids(self, tokenizer, message: str, after: Optional[int] = None, think: str = "off") -> tuple[int, ...]:
         """Tokens of a new user turn placed after the first `after` turns (default: after all of them)."""
         template = get_template(self.template)
         previous = self.turns[:after][-1:] if after is None or after > 0 else ()
         if previous:
-            return tuple(tokenizer.encode(next_turn_text(template, message, fed_text=previous[0].fed_text)))
-        return tuple(tokenizer.encode(user_turn_text(template, message)))
+            return tuple(tokenizer.encode(next_turn_text(template, message, fed_text=previous[0].fed_text,
+                                                         think=think)))
+        return tuple(tokenizer.encode(user_turn_text(template, message, think=think)))
 
     def text(self) -> str:
         """The whole conversation as the model read it (for display and debugging)."""
@@ -65,8 +68,8 @@ class ChatSession:
         template = get_template(self.template)
         for index, turn in enumerate(self.turns):
             previous = self.turns[index - 1].fed_text if index else None
-            pieces.append(next_turn_text(template, turn.message, fed_text=previous) if index
-                          else first_turn_text(template, turn.message))
+            pieces.append(next_turn_text(template, turn.message, fed_text=previous, think=turn.think) if index
+                          else first_turn_text(template, turn.message, think=turn.think))
             pieces.append(turn.fed_text)
         return "".join(pieces)
 

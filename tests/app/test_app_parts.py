@@ -286,6 +286,36 @@ def test_a_model_that_fails_to_load_from_the_picker_is_reported_and_the_session_
     pool = make_pool(10**13, [], fail={"RWKV-4 World 3B"})
     page = ChatPage(ChatService(pool), ModelChoices(DEFAULT_MODEL), AppConfig(model=DEFAULT_MODEL, device="cpu"))
     kept = Conversation(key("RWKV-5 World 0.1B"))
-    *_, status, _ = page.ui_load("RWKV-4 World 3B", "cpu", "fp32", kept, SessionControl())
+    status = page.ui_load("RWKV-4 World 3B", "cpu", "fp32", kept, SessionControl())[3]
     assert "Could not load **RWKV-4 World 3B**: cannot get RWKV-4 World 3B" in status
     assert "Still chatting with" in status
+
+
+def test_loading_a_model_presets_its_familys_chat_settings():
+    from rwkv_chat.app.chat_service import Conversation
+    from rwkv_chat.app.config import AppConfig
+    from rwkv_chat.app.ui import FAMILY_FIELDS, ChatPage
+    page = ChatPage(ChatService(make_pool(10**13, [])), ModelChoices(DEFAULT_MODEL),
+                    AppConfig(model=DEFAULT_MODEL, device="cpu"))
+    outputs = page.ui_load("RWKV-7 G1 0.1B", "cpu", "fp32", Conversation(key(DEFAULT_MODEL)), SessionControl())
+    g1 = dict(zip(FAMILY_FIELDS, outputs[5:]))
+    assert g1 == {"temperature": 1.0, "top_p": 0.3, "top_k": 0, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                  "penalty_decay": 0.996, "prompt_style": "User/Assistant", "think": "fake think"}
+    conversation = outputs[2]
+    thinking = dict(zip(FAMILY_FIELDS, page.ui_think("think", conversation)))
+    assert (thinking["top_p"], thinking["top_k"], thinking["presence_penalty"], thinking["penalty_decay"],
+            thinking["think"]) == (0.5, 100, 0.0, 0.997, "think")
+    outputs = page.ui_load("RWKV-6 World 1.6B", "cpu", "fp32", conversation, SessionControl())
+    world = dict(zip(FAMILY_FIELDS, outputs[5:]))
+    assert (world["prompt_style"], world["think"], world["top_p"]) == ("Question/Answer", "off", 0.3)
+    assert page.default_settings.prompt_style == "Question/Answer"  # the CPU default is a World model
+
+
+@pytest.mark.parametrize("source,g1", [("/models/rwkv7-g1a-0.4b-20250905-ctx4096.pth", True),
+                                       ("BlinkDL/rwkv7-g1", True), ("RWKV-7 G1 2.9B", True),
+                                       ("/models/RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth", False),
+                                       ("RWKV-7 World 0.1B", False), ("/models/big1.pth", False)])
+def test_g1_models_are_told_apart_by_catalog_entry_or_file_name(source, g1):
+    from rwkv_chat.app.chat_defaults import is_g1
+    from rwkv_chat.app.model_choices import operator_choice
+    assert is_g1(operator_choice(source)) is g1

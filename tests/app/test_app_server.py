@@ -234,3 +234,26 @@ def test_offline_hub_still_serves_the_page_and_says_what_failed(tmp_path):
         assert "HF_HUB_OFFLINE" in message and "--model" in message
         status = c.predict(api_name="/reset")
         assert "Could not load" in status and "RWKV-5 World 0.1B" in status and "--model" in status
+
+
+@pytest.fixture(scope="module")
+def g1_server(tmp_path_factory):
+    from checkpoints import make_state_dict, save_pth
+    root = tmp_path_factory.mktemp("g1")
+    path = save_pth(make_state_dict("7", n_layer=2, n_embd=128, seed=4), root / "rwkv7-g1x-tiny-ctx4096.pth")
+    with running_app(["--model", str(path), "--device", "cpu"], root) as app:
+        yield app
+
+
+def test_a_g1_model_chats_with_its_familys_template_and_keeps_reasoning_out_of_the_answer(g1_server, ref_tokenizer):
+    c = client(g1_server)
+    answer, stats = chat(c, "Hello")  # the page's defaults for a G1 model: User/Assistant, "fake think"
+    assert chat_stats(stats) == len(ref_tokenizer.encode("User: Hello\n\nAssistant: <think></think"))
+    answer, stats = chat(c, "Why?", think="think", max_new_tokens=8)
+    assert chat_stats(stats) == len(ref_tokenizer.encode("\n\nUser: Why?\n\nAssistant: <think"))
+    history = c.predict(api_name="/history")
+    written = history[-1][2] if len(history[-1]) == 3 else ""
+    # random weights never close the tag: what they wrote is reasoning, and none of it is the answer
+    assert answer == "" and history[-1][1] == "" and written
+    with pytest.raises(Exception, match="'deeply'.*not in the list of choices.*'off', 'think', 'fake think'"):
+        chat(c, "Hm", think="deeply")  # refused by the client against the page's Think radio

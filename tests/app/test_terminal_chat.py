@@ -44,3 +44,15 @@ def test_help_lists_the_commands_and_bad_model_fails_cleanly(make_checkpoint, tm
     result = subprocess.run([sys.executable, "-m", "rwkv_chat", "--model", str(tmp_path / "missing.pth")],
                             capture_output=True, text=True, timeout=120, input="")
     assert result.returncode == 2 and "error: cannot load" in result.stderr
+
+
+def test_a_g1_model_gets_its_familys_template_and_thinking(tmp_path):
+    from checkpoints import make_state_dict, save_pth
+    tokenizer = WorldTokenizer()
+    path = save_pth(make_state_dict("7", n_layer=2, n_embd=128, seed=4), tmp_path / "rwkv7-g1x-tiny.pth")
+    output = chat(path, ["Hello", "/quit"])
+    assert "User: " in output and "Assistant: " in output
+    assert prefills(output) == [len(tokenizer.encode("User: Hello\n\nAssistant: <think></think"))]
+    output = chat(path, ["Hello", "/quit"], "--think", "think")
+    assert prefills(output) == [len(tokenizer.encode("User: Hello\n\nAssistant: <think"))]
+    assert "[thinking] " in output  # random weights never close the tag: all they write is reasoning

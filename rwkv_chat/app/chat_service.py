@@ -10,8 +10,8 @@ Promises:
 - Streams: `reply`/`retry`/`edit` check their input first (ValueError with a message for people; the
   conversation is unchanged) and return an iterator of `ChatUpdate`s. The last update carries the new
   conversation; when a stop was requested it holds the partial answer, and the state kept matches it.
-- A conversation keeps the prompt style and preamble it started with; a message sent with other ones
-  starts a new conversation (the update's `notice` says so).
+- A conversation keeps the prompt style, preamble and start state it started with; a message sent with other
+  ones starts a new conversation (the update's `notice` says so).
 - The stats line is the engine's (serving/engine.py): `prefill N tok` counts every token read before the
   first new token of the turn, the preamble's included when it had to be read.
 Knows nothing of Gradio.
@@ -54,6 +54,7 @@ class ChatSettings:
     preamble: Optional[str] = None
     seed: int = NO_SEED  # negative = a fresh random seed each time
     think: str = "off"  # RWKV-7 G1 thinking: "off", "think" or "fake think" (prompts.THINK_PROMPTS)
+    start_state: str = ""  # a state file the operator offers ("" = none); the engine refuses unknown names
 
     def generation(self) -> GenerationSettings:
         """The engine's settings; ValueError naming the first setting that is not valid. Each rule is checked
@@ -70,15 +71,17 @@ class ChatSettings:
         return GenerationSettings(sampling, _integer("max_new_tokens", self.max_new_tokens),
                                   None if seed < 0 else seed, self.think)
 
-    def session_style(self) -> tuple[str, Optional[str]]:
-        """(template, preamble) a new conversation with these settings starts with."""
+    def session_style(self) -> tuple[str, Optional[str], Optional[str]]:
+        """(template, preamble, start state) a new conversation with these settings starts with."""
         if self.prompt_style not in TEMPLATES:
             raise ValueError(f"unknown prompt style {self.prompt_style!r}; choose one of: {', '.join(TEMPLATES)}")
         preamble = self.preamble if self.preamble and self.preamble.strip() else None
         if preamble is not None and len(preamble) > limits.MAX_PREAMBLE_CHARS:
             raise ValueError(f"the preamble has {len(preamble)} characters; the limit is "
                              f"{limits.MAX_PREAMBLE_CHARS}")
-        return self.prompt_style, preamble
+        if not isinstance(self.start_state, (str, type(None))):
+            raise ValueError(f"start_state must be a state name, got {self.start_state!r}")
+        return self.prompt_style, preamble, self.start_state or None
 
 
 def _number(name, value) -> float:
@@ -188,8 +191,8 @@ class ChatService:
     # ------------------------------------------------------------------------------------ conversations
     @staticmethod
     def start(model: Optional[ModelKey], settings: ChatSettings = ChatSettings()) -> Conversation:
-        template, preamble = settings.session_style()
-        return Conversation(model, ChatSession(template, preamble))
+        template, preamble, start_state = settings.session_style()
+        return Conversation(model, ChatSession(template, preamble, start_state=start_state))
 
     def engine(self, conversation: Conversation, progress=None):
         if conversation.model is None:
@@ -212,11 +215,12 @@ class ChatService:
     def reply(self, conversation: Conversation, message: str, settings: ChatSettings,
               stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
         generation = settings.generation()
-        template, preamble = settings.session_style()
+        style = settings.session_style()
         notice = ""
-        if (template, preamble) != (conversation.session.template, conversation.session.preamble):
-            notice = "new conversation (prompt style or preamble changed)" if conversation.session.turns else ""
-            conversation = Conversation(conversation.model, ChatSession(template, preamble))
+        session = conversation.session
+        if style != (session.template, session.preamble, session.start_state):
+            notice = "new conversation (prompt style, preamble or start state changed)" if session.turns else ""
+            conversation = Conversation(conversation.model, ChatSession(style[0], style[1], start_state=style[2]))
         chunks = self.engine(conversation, progress).reply(conversation.session, message, generation, stop)
         return self._stream(conversation, len(conversation.session.turns), message, chunks, notice)
 

@@ -49,6 +49,7 @@ class AppConfig:
     share: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
     max_queue: int = DEFAULT_MAX_QUEUE
+    states: tuple[str, ...] = ()  # state files offered to chats, as NAME=PATH (loading/state_files.py)
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -84,6 +85,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="how many chats may generate at the same time")
     parser.add_argument("--max-queue", dest="max_queue", type=int,
                         default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
+    parser.add_argument("--state", dest="states", action="append", metavar="NAME=PATH",
+                        help="offer a state file (state tuning, a persona) to chats with the models it fits; "
+                             "repeatable; also RWKV_STATES='NAME=PATH;NAME2=PATH2'")
     return parser
 
 
@@ -100,6 +104,8 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
     args, _unknown = _parser(env).parse_known_args(argv)
     preamble = args.preamble if args.preamble and args.preamble.strip() else None
     model = args.model or suggested_model(gpu_memory(args.device))
+    states = tuple(args.states) if args.states else tuple(
+        item.strip() for item in env.get("RWKV_STATES", "").split(";") if item.strip())
     return AppConfig(model=model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
                      server_name=args.server_name, share=args.share, concurrency=args.concurrency,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, states=states)

@@ -6,6 +6,7 @@ Promises:
   --concurrency), so concurrent chats with one model decode and sample together (or
   `generation.DirectDecoder`, one chat at a time, when batching is turned off).
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
+- The operator's state files that fit the model (loading/state_files.py) become the engine's start states.
 - Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.
 - Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.
@@ -17,6 +18,7 @@ import threading
 from typing import Callable, Optional
 
 from ..loading.loader import load_model
+from ..loading.state_files import StateFile
 from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher
 from ..serving.engine import ChatEngine
 from ..serving.session import ChatSession
@@ -25,9 +27,10 @@ from .model_choices import ModelChoices, ModelKey
 
 class EngineFactory:
     def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 batching: bool = True):
+                 batching: bool = True, state_files: tuple[StateFile, ...] = ()):
         self.choices = choices
         self.preamble = preamble
+        self.state_files = state_files
         self.max_batch = max_batch
         self.batching = batching
         self._tokenizer = None
@@ -48,6 +51,9 @@ class EngineFactory:
         progress("reading the tokenizer")
         decoder = DecodeBatcher(model, max_batch=self.max_batch) if self.batching else None
         engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}", decoder=decoder)
+        for state_file in self.state_files:
+            if state_file.fits(model.config):
+                engine.add_start_state(state_file.name, state_file.initial_state(model.config, model.device))
         if self.preamble:
             progress("reading the preamble")
             engine.warm_preamble(ChatSession(preamble=self.preamble))

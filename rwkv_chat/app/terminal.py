@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         return 2
     label = f"{args.model} · {model.device.type} {dtype_name(model.dtype)}"
     engine = ChatEngine(model, WorldTokenizer(), label=label)
-    session = ChatSession(*settings.session_style())
+    template, preamble, _ = settings.session_style()
+    session = ChatSession(template, preamble)
     engine.warm_preamble(session)
     chat_loop(engine, session, settings.generation(), args.stats)
     return 0

@@ -22,6 +22,7 @@ import gradio as gr
 
 from .. import limits
 from ..loading.loader import DTYPES, ModelLoadError, resolve_device_dtype
+from ..loading.state_files import StateFileError, parse_state_specs
 from ..prompts import TEMPLATES, THINK_MODES
 from .chat_defaults import defaults_for, is_g1, with_think
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
@@ -51,8 +52,10 @@ LOCAL_FILE_HINT = ("To use a file you already have, start the app with `python a
 def build_app(config: AppConfig) -> gr.Blocks:
     """The whole app: model pool, chat service, page; the default model starts loading in the background."""
     choices = ModelChoices(config.model)
-    pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency))
-    page = ChatPage(ChatService(pool), choices, config)
+    state_files = tuple(parse_state_specs(config.states))  # StateFileError: a clear message at start-up
+    pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency,
+                                            state_files=state_files))
+    page = ChatPage(ChatService(pool), choices, config, tuple(f.name for f in state_files))
     page.preload_default()
     demo = page.build()
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
@@ -65,10 +68,18 @@ def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share, **kwargs)
 
 
+def build_app_or_exit(config: AppConfig) -> gr.Blocks:
+    """`build_app` for the command line: a setting that cannot work (a state file) ends the start with its reason."""
+    try:
+        return build_app(config)
+    except StateFileError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def main() -> None:
     """The installed `rwkv-chat` command: what `python app.py` does, with the same flags."""
     config = parse_config()
-    launch(build_app(config), config)
+    launch(build_app_or_exit(config), config)
 
 
 def _message_text(value) -> str:
@@ -83,8 +94,10 @@ def _message_text(value) -> str:
 
 
 class ChatPage:
-    def __init__(self, service: ChatService, choices: ModelChoices, config: AppConfig):
+    def __init__(self, service: ChatService, choices: ModelChoices, config: AppConfig,
+                 state_names: tuple[str, ...] = ()):
         self.service = service
+        self.state_names = state_names  # every state file the operator offers; each model gets those that fit
         self.pool: ModelPool = service.pool
         self.choices = choices
         self.config = config
@@ -167,9 +180,14 @@ class ChatPage:
             style = gr.Radio(list(TEMPLATES), value=defaults.prompt_style, label="Prompt style")
             preamble = gr.Textbox(value=self.config.preamble or "", lines=3, label="Preamble (system text)",
                                   info="read before the conversation; changing it (or the style) starts a new one")
+            self.start_state = gr.Dropdown([("none", "")] + [(name, name) for name in self.state_names], value="",
+                                           label="Start state", elem_id="start-state",
+                                           visible=bool(self.state_names),
+                                           info="a state file the server offers for this model (a persona or "
+                                                "tuned style); changing it starts a new conversation")
         # The order of ChatSettings' fields.
         self.settings = [max_new, temperature, top_p, top_k, presence, frequency, decay, style, preamble, seed,
-                         think]
+                         think, self.start_state]
         components = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
                           frequency_penalty=frequency, penalty_decay=decay, prompt_style=style, think=think)
         self.family_settings = [components[name] for name in FAMILY_FIELDS]
@@ -298,7 +316,7 @@ class ChatPage:
         self.load_button.click(self.ui_load, [self.model_pick, self.device, self.dtype, self.conversation,
                                               self.control],
                                [self.chatbot, self.stats, self.conversation, self.model_status, self.model_pick]
-                               + self.family_settings,
+                               + self.family_settings + [self.start_state],
                                concurrency_id="load", concurrency_limit=2, api_visibility="private")
         think = self.family_settings[FAMILY_FIELDS.index("think")]
         think.input(self.ui_think, [think, self.conversation], self.family_settings, **refresh)
@@ -319,13 +337,15 @@ class ChatPage:
                                              _stage_reporter(progress))
             outputs = [], "", conversation, self.status(conversation)
             family = self.family_updates(defaults_for(self.choices.get(choice), self.config.preamble))
+            fitting = self.pool.peek(conversation.model).start_states
+            family.append(gr.update(choices=[("none", "")] + [(name, name) for name in fitting], value=""))
         except Exception as error:  # noqa: BLE001 - reported; the session keeps its model
             why = reason(error)
             gr.Warning(why, title="Model not loaded")
             status = (f"⚠️ Could not load **{choice}**: {why}\n\n{LOCAL_FILE_HINT}\n\n"
                       f"Still chatting with: {self.status(conversation)}")
             outputs = gr.skip(), gr.skip(), gr.skip(), status
-            family = [gr.skip()] * len(FAMILY_FIELDS)
+            family = [gr.skip()] * (len(FAMILY_FIELDS) + 1)
         return *outputs, gr.update(choices=self._model_labels(device, dtype), value=choice), *family
 
     def family_updates(self, settings: ChatSettings) -> list:

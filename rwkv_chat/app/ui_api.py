@@ -68,27 +68,29 @@ class ChatApi:
 
     def chat(self, message: str, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
              presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
-             preamble: str, seed: float, think: str, conversation: Conversation, control: SessionControl):
+             preamble: str, seed: float, think: str, start_state: str, conversation: Conversation,
+             control: SessionControl):
         """Send `message` as the next turn of this client's conversation; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed, think)
+                                penalty_decay, prompt_style, preamble, seed, think, start_state)
         yield from self._stream(lambda stop: self.service.reply(conversation, message, settings, stop), control)
 
     def retry(self, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
               presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
-              preamble: str, seed: float, think: str, conversation: Conversation, control: SessionControl):
+              preamble: str, seed: float, think: str, start_state: str, conversation: Conversation,
+             control: SessionControl):
         """Answer the last message again, from the state right after it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed, think)
+                                penalty_decay, prompt_style, preamble, seed, think, start_state)
         yield from self._stream(lambda stop: self.service.retry(conversation, settings, stop), control)
 
     def edit(self, turn_index: float, message: str, max_new_tokens: float, temperature: float, top_p: float,
              top_k: float, presence_penalty: float, frequency_penalty: float, penalty_decay: float,
-             prompt_style: str, preamble: str, seed: float, think: str, conversation: Conversation,
-             control: SessionControl):
+             prompt_style: str, preamble: str, seed: float, think: str, start_state: str,
+             conversation: Conversation, control: SessionControl):
         """Replace user message `turn_index` (0 = first), drop what followed, answer it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-                                penalty_decay, prompt_style, preamble, seed, think)
+                                penalty_decay, prompt_style, preamble, seed, think, start_state)
         yield from self._stream(
             lambda stop: self.service.edit(conversation, turn_index, message, settings, stop), control)
 

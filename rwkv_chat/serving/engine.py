@@ -13,6 +13,10 @@ What it promises:
   end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
   matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
 - Nothing here touches a session in place: each reply hands back a new `ChatSession`.
+- Start states (state files): `add_start_state(name, state)` registers an initial state; a session whose
+  `start_state` names it begins there instead of from zeros. The cache keys such a conversation's tokens after
+  a pseudo-token of its own (a negative id, pinned with the state), so conversations from different start
+  states never share a cached prefix.
 - The token loop runs in the decoder (`generation.DirectDecoder` in the reader's thread, or a
   `batching.DecodeBatcher` that runs many chats' loops as batched steps); the reply's bookkeeping is its
   judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
@@ -131,16 +135,45 @@ class ChatEngine:
             model.config.vocab_size)
         # ids the model can score but the tokenizer cannot decode (65530..65535 in World models) are never drawn
         self._unknown_ids = tuple(range(tokenizer.max_token_id + 1, model.config.vocab_size))
+        self._start_keys: dict[str, tuple[int]] = {}  # start state name -> its cache key, (negative id,)
+
+    # ------------------------------------------------------------------------------------ start states
+    def add_start_state(self, name: str, state) -> None:
+        """Offer `state` (batch 1, this model's shape) as the start of conversations whose start_state is `name`."""
+        if name in self._start_keys:
+            raise ValueError(f"a start state called {name!r} is already registered")
+        if state.batch_size != 1:
+            raise ValueError(f"a start state holds one sequence, not {state.batch_size}")
+        key = (-1 - len(self._start_keys),)
+        self.cache.put(key, state, torch.zeros(self.model.config.vocab_size), pinned=True)
+        self._start_keys[name] = key
+
+    @property
+    def start_states(self) -> tuple[str, ...]:
+        return tuple(self._start_keys)
+
+    def _start_key(self, session: ChatSession) -> tuple[int, ...]:
+        if session.start_state is None:
+            return ()
+        try:
+            return self._start_keys[session.start_state]
+        except KeyError:
+            offered = ", ".join(repr(name) for name in self._start_keys) or "none"
+            raise ValueError(f"start state {session.start_state!r} is not offered for this model (it offers: "
+                             f"{offered})") from None
 
     # ------------------------------------------------------------------------------------ prefill
     def prefill(self, ids, pin: bool = False):
         """State and logits after `ids`, reading only what the cache does not cover.
 
+        `ids` may begin with a start state's key (`_start_key`), which is always cached and never read.
         Returns (logits [vocab], state, number of tokens read)."""
         ids = tuple(ids)
         if not ids:
             raise ValueError("nothing to read")
         hit = self.cache.longest_prefix(ids, device=self.model.device)
+        if ids[0] < 0 and hit is None:
+            raise RuntimeError("the start state's cache entry is missing")
         if hit is not None and hit.length == len(ids):
             if pin:
                 self.cache.put(ids, hit.state, hit.logits, pinned=True)
@@ -153,12 +186,12 @@ class ChatEngine:
     def warm_preamble(self, session: ChatSession) -> int:
         """Compute (once, for every session) and pin the state after the session's preamble; returns how many
         tokens had to be read."""
-        return self._read_preamble(session.preamble_ids(self.tokenizer), pin=True)
+        return self._read_preamble(self._start_key(session), session.preamble_ids(self.tokenizer), pin=True)
 
-    def _read_preamble(self, preamble_ids: tuple[int, ...], pin: bool = False) -> int:
+    def _read_preamble(self, start: tuple[int, ...], preamble_ids: tuple[int, ...], pin: bool = False) -> int:
         """Cache the state after a preamble on its own, so every conversation with it reuses it (pinned: the
         operator's, kept for good; a user's may be evicted); returns how many tokens had to be read."""
-        return self.prefill(preamble_ids, pin=pin)[2] if preamble_ids else 0
+        return self.prefill(start + preamble_ids, pin=pin)[2] if preamble_ids else 0
 
     # ------------------------------------------------------------------------------------ replies
     def reply(self, session: ChatSession, message: str, settings: GenerationSettings,
@@ -184,6 +217,7 @@ class ChatEngine:
         if len(message) > limits.MAX_MESSAGE_CHARS:
             raise ValueError(f"the message has {len(message)} characters; the limit is {limits.MAX_MESSAGE_CHARS}")
         base = session.truncated(keep_turns)
+        self._start_key(base)  # an unknown start state is refused before anything runs
         prompt_ids = base.prompt_ids(self.tokenizer, message, think=settings.think)  # ValueError if empty
         if len(prompt_ids) > limits.MAX_MESSAGE_TOKENS:
             raise ValueError(f"the message is {len(prompt_ids)} tokens long; the limit is "
@@ -194,8 +228,9 @@ class ChatEngine:
                   stop: threading.Event) -> Iterator[ReplyChunk]:
         started = time.perf_counter()
         preamble_ids = base.preamble_ids(self.tokenizer)  # tokenised once a turn
-        ids = preamble_ids + base.turn_ids() + prompt_ids
-        read = self._read_preamble(preamble_ids)
+        start = self._start_key(base)
+        ids = start + preamble_ids + base.turn_ids() + prompt_ids
+        read = self._read_preamble(start, preamble_ids)
         logits, state, rest = self.prefill(ids)
         read += rest
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None

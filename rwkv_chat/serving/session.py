@@ -36,6 +36,7 @@ class ChatSession:
     template: str = DEFAULT_TEMPLATE
     preamble: Optional[str] = None
     turns: tuple[Turn, ...] = field(default_factory=tuple)
+    start_state: Optional[str] = None  # the state file the conversation starts from (the engine's name for it)
 
     def __post_init__(self):
         get_template(self.template)  # unknown names fail here, with the list of known ones

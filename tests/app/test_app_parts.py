@@ -101,6 +101,8 @@ def test_picker_lines_show_download_memory_and_fit(monkeypatch):
 # ---------------------------------------------------------------------------------------- pool
 
 class FakeEngine:
+    start_states = ()
+
     def __init__(self, nbytes: int):
         self.model = torch.nn.Linear(1, 1)
         self.nbytes = nbytes
@@ -319,3 +321,10 @@ def test_g1_models_are_told_apart_by_catalog_entry_or_file_name(source, g1):
     from rwkv_chat.app.chat_defaults import is_g1
     from rwkv_chat.app.model_choices import operator_choice
     assert is_g1(operator_choice(source)) is g1
+
+
+def test_state_files_come_from_flags_or_the_environment():
+    assert parse_config(["--state", "a=/x/a.pth", "--state", "b=/x/b.pth"], {}).states == ("a=/x/a.pth", "b=/x/b.pth")
+    assert parse_config([], {"RWKV_STATES": "a=/x/a.pth; b=/x/b.pth;"}).states == ("a=/x/a.pth", "b=/x/b.pth")
+    assert parse_config(["--state", "c=/c.pth"], {"RWKV_STATES": "a=/a.pth"}).states == ("c=/c.pth",)
+    assert parse_config([], {}).states == ()

@@ -11,6 +11,7 @@ import os
 import threading
 
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -241,7 +242,12 @@ def g1_server(tmp_path_factory):
     from checkpoints import make_state_dict, save_pth
     root = tmp_path_factory.mktemp("g1")
     path = save_pth(make_state_dict("7", n_layer=2, n_embd=128, seed=4), root / "rwkv7-g1x-tiny-ctx4096.pth")
-    with running_app(["--model", str(path), "--device", "cpu"], root) as app:
+    gen = torch.Generator().manual_seed(9)
+    persona = save_pth({f"blocks.{i}.att.time_state": torch.randn(2, 64, 64, generator=gen) for i in range(2)},
+                       root / "persona.pth")
+    misfit = save_pth({"blocks.0.att.time_state": torch.randn(2, 64, 64, generator=gen)}, root / "misfit.pth")
+    with running_app(["--model", str(path), "--device", "cpu", "--state", f"persona={persona}",
+                      "--state", f"misfit={misfit}"], root) as app:
         yield app
 
 
@@ -257,3 +263,25 @@ def test_a_g1_model_chats_with_its_familys_template_and_keeps_reasoning_out_of_t
     assert answer == "" and history[-1][1] == "" and written
     with pytest.raises(Exception, match="'deeply'.*not in the list of choices.*'off', 'think', 'fake think'"):
         chat(c, "Hm", think="deeply")  # refused by the client against the page's Think radio
+
+
+def test_a_chat_can_start_from_a_state_file_the_operator_offers(g1_server, ref_tokenizer):
+    c = client(g1_server)
+    plain, _ = chat(c, "Hello", think="off")
+    answer, stats = chat(c, "Hello", think="off", start_state="persona")  # a new conversation, from the state
+    assert chat_stats(stats) == len(ref_tokenizer.encode("User: Hello\n\nAssistant:"))
+    assert len(c.predict(api_name="/history")) == 1 and answer != plain
+    again, stats = chat(c, "Hello", think="off", start_state="persona", seed=SHORT["seed"])
+    with pytest.raises(AppError, match="start state 'misfit' is not offered for this model"):
+        chat(c, "Hello", start_state="misfit")  # a 1-layer state does not fit this 2-layer model
+    with pytest.raises(Exception, match="not in the list of choices"):
+        chat(c, "Hello", start_state="/etc/passwd")  # never a path: only the operator's names
+
+
+def test_a_bad_state_file_stops_the_start_with_its_reason(tiny, tmp_path):
+    import subprocess
+    import sys
+    from app_harness import REPO
+    done = subprocess.run([sys.executable, "app.py", "--model", str(tiny.path), "--device", "cpu", "--state",
+                           f"gone={tmp_path / 'gone.pth'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode != 0 and "error: cannot read state file" in done.stderr and "(gone)" in done.stderr

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench                       # CPU, 0.1B shape, v4 and v5.2
     python -m benchmarks.bench --device cuda --sizes 0.1B,1.5B,7B --dtypes bf16,int8 --batch 32
+    python -m benchmarks.bench --versions 7 --dtypes fp32,bf16   # RWKV-7 (its reference needs a run of its own)
 
 What it promises:
 - Every implementation runs on the same random-weight checkpoint (original BlinkDL layout, built in memory
@@ -21,7 +22,9 @@ What it promises:
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them).
 
-It imports the reference packages only when they are asked for and present; a missing one gives a note.
+It imports the reference packages only when they are asked for and present; a missing one gives a note. The
+`rwkv` package runs RWKV-7 only with RWKV_V7_ON=1 set before its import, which then serves no other version: a
+run whose --versions are all "7" sets it, and in a mixed run the RWKV-7 shapes go without that reference.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from rwkv_chat.models import architecture_for
+
 SIZES = {"tiny": (2, 256), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "3B": (32, 2560), "7B": (32, 4096)}
 VOCAB = 65536
 HEAD_SIZE = 64
@@ -47,7 +52,7 @@ TIME_BUDGET_S = 4.0  # per implementation and phase: repetitions stop once this 
 # ------------------------------------------------------------------------------------- checkpoints
 
 def ffn_dim(version: str, n_embd: int) -> int:
-    return int(3.5 * n_embd) // 32 * 32 if version == "5.2" else 4 * n_embd
+    return architecture_for(version).default_ffn_size(n_embd)
 
 
 def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCAB, seed: int = 0,
@@ -70,6 +75,7 @@ def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCA
         return {f"{prefix}.weight": normal(size, std=0.1, mean=1.0), f"{prefix}.bias": normal(size, std=0.1)}
 
     sd = {"emb.weight": normal(vocab, c, std=0.5)}
+    lora = architecture_for(version).default_lora(c)  # the published widths (RWKV-6/7)
     for i in range(n_layer):
         b = f"blocks.{i}"
         sd.update(norm(f"{b}.ln1", c))
@@ -77,6 +83,19 @@ def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCA
         if i == 0:
             sd.update(norm(f"{b}.ln0", c))
         a = f"{b}.att"
+        if version in ("6", "7"):
+            sd.update(_time_mix_v6(a, c, h, lora, normal, uniform, linear) if version == "6"
+                      else _time_mix_v7(a, i, c, h, lora, normal, uniform, linear))
+            sd.update(norm(f"{a}.ln_x", c))
+            m = f"{b}.ffn"
+            if version == "6":
+                sd[f"{m}.time_maa_k"], sd[f"{m}.time_maa_r"] = uniform(1, 1, c), uniform(1, 1, c)
+                sd[f"{m}.receptance.weight"] = linear(c, c)
+            else:
+                sd[f"{m}.x_k"] = uniform(1, 1, c)
+            sd[f"{m}.key.weight"] = linear(f, c)
+            sd[f"{m}.value.weight"] = linear(c, f)
+            continue
         if version == "4":
             sd[f"{a}.time_decay"] = uniform(c, low=-6.0, high=1.0)
             sd[f"{a}.time_first"] = uniform(c, low=-1.0, high=1.0)
@@ -101,6 +120,33 @@ def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCA
         sd[f"{m}.value.weight"] = linear(c, f)
     sd.update(norm("ln_out", c))
     sd["head.weight"] = linear(vocab, c, gain=4.0)
+    return sd
+
+
+def _time_mix_v6(a, c, h, lora, normal, uniform, linear):
+    maa, decay = lora
+    sd = {f"{a}.time_maa_{n}": uniform(1, 1, c) for n in ("x", "w", "k", "v", "r", "g")}
+    sd.update({f"{a}.time_maa_w1": normal(c, 5 * maa, std=0.1), f"{a}.time_maa_w2": normal(5, maa, c, std=0.1),
+               f"{a}.time_decay": uniform(1, 1, c, low=-6.0, high=1.0),
+               f"{a}.time_decay_w1": normal(c, decay, std=0.1), f"{a}.time_decay_w2": normal(decay, c, std=0.1),
+               f"{a}.time_faaaa": uniform(h, HEAD_SIZE)})
+    sd.update({f"{a}.{n}.weight": linear(c, c) for n in ("receptance", "key", "value", "gate", "output")})
+    return sd
+
+
+def _time_mix_v7(a, layer, c, h, lora, normal, uniform, linear):
+    w, al, v, g = lora
+    sd = {f"{a}.x_{n}": uniform(1, 1, c) for n in ("r", "w", "k", "v", "a", "g")}
+    sd.update({f"{a}.w1": normal(c, w, std=0.1), f"{a}.w2": normal(w, c, std=0.1),
+               f"{a}.w0": uniform(1, 1, c, low=-3.0, high=2.0), f"{a}.a1": normal(c, al, std=0.1),
+               f"{a}.a2": normal(al, c, std=0.1), f"{a}.a0": uniform(1, 1, c, low=-1.0, high=1.0)})
+    if layer:
+        sd.update({f"{a}.v1": normal(c, v, std=0.1), f"{a}.v2": normal(v, c, std=0.1),
+                   f"{a}.v0": uniform(1, 1, c, low=-1.0, high=1.0)})
+    sd.update({f"{a}.g1": normal(c, g, std=0.1), f"{a}.g2": normal(g, c, std=0.1),
+               f"{a}.k_k": uniform(1, 1, c, low=0.5, high=1.5), f"{a}.k_a": uniform(1, 1, c),
+               f"{a}.r_k": normal(h, HEAD_SIZE, std=0.5)})
+    sd.update({f"{a}.{n}.weight": linear(c, c) for n in ("receptance", "key", "value", "output")})
     return sd
 
 
@@ -210,7 +256,8 @@ class RwkvPipImpl(Impl):
         original = torch.load
         torch.load = lambda *a, **k: dict(sd)  # its loader calls torch.load(path); hand it our dict
         try:
-            self.model = rwkv_model.RWKV(model="in-memory-checkpoint", strategy=strategy, verbose=False)
+            quiet = {} if os.environ.get("RWKV_V7_ON") == "1" else {"verbose": False}  # RWKV_x070 has no verbose
+            self.model = rwkv_model.RWKV(model="in-memory-checkpoint", strategy=strategy, **quiet)
         finally:
             torch.load = original
         self.name, self.dtype = "rwkv pip", strategy.split()[1]
@@ -696,7 +743,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     for dt in dtypes:
         factories.append(lambda dt=dt: OursImpl(sd, device, dt))
     refs = [r for r in args.refs.split(",") if r]
-    if "rwkv" in refs:
+    if "rwkv" in refs and (version == "7") == (os.environ.get("RWKV_V7_ON") == "1"):
         strategy = "cuda fp16" if on_cuda else "cpu fp32"
         factories.append(lambda: RwkvPipImpl(sd, device, strategy))
     if "transformers" in refs and version == "4":
@@ -734,6 +781,8 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RWKV_JIT_ON", "1")
+    if set(args.versions.split(",")) == {"7"}:
+        os.environ["RWKV_V7_ON"] = "1"  # the reference's RWKV-7 class replaces its RWKV class, process-wide
     device = torch.device(args.device)
     if device.type == "cuda":
         os.environ.setdefault("RWKV_CUDA_ON", "1")

@@ -489,3 +489,100 @@ class CheckpointFactory:
         text = "-".join(str(part) for part in spec)
         digest = hashlib.sha1(text.encode()).hexdigest()[:10]
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60] + f"-{digest}"
+
+
+# ---------------------------------------------------------------------------------------- RWKV-6/7 HF layouts
+# The published layouts of the newer versions, written independently of rwkv_chat from the public converters:
+# BBuf/RWKV-World-HF-Tokenizer scripts/convert_rwkv6_checkpoint_to_hf.py (RWKV/v6-Finch-*-HF: the v5 renames,
+# values untouched) and fla-org/flash-linear-attention utils/convert_from_rwkv7.py (fla-hub/rwkv7-*).
+
+RWKV6_AUTO_MAP = {"AutoConfig": "configuration_rwkv6.Rwkv6Config",
+                  "AutoModelForCausalLM": "modeling_rwkv6.Rwkv6ForCausalLM"}
+RWKV6_TOKENIZER_CONFIG = {"auto_map": {"AutoTokenizer": ["hf_rwkv_tokenizer.Rwkv6Tokenizer", None]},
+                          "tokenizer_class": "Rwkv6Tokenizer", "bos_token": "<s>", "eos_token": "<s>",
+                          "unk_token": "<s>", "add_bos_token": False}
+FLA_RWKV7_BLOCK_PARTS = {"att": "attn", "ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
+FLA_RWKV7_ATTN_PARTS = {"ln_x": "g_norm", "receptance": "r_proj", "key": "k_proj", "value": "v_proj",
+                        "output": "o_proj"}  # the channel mix keeps `key`/`value`
+FLA_RWKV7_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the rows of fla v1's stacked `attn.x_x`
+
+
+def hf_rwkv6_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """config.json as in BBuf's rwkv6_model/config.json (the RWKV/v6-Finch-*-HF configs): no LoRA widths, an
+    `intermediate_size` of null, remote code in `auto_map`."""
+    shape = detect_shape(state_dict)
+    return {"architectures": ["Rwkv6ForCausalLM"], "auto_map": dict(RWKV6_AUTO_MAP),
+            "attention_hidden_size": shape["dim_att"], "bos_token_id": 0, "context_length": 4096, "eos_token_id": 0,
+            "head_size": int(state_dict["blocks.0.att.time_faaaa"].shape[-1]), "hidden_size": shape["n_embd"],
+            "intermediate_size": None, "layer_norm_epsilon": 1e-05, "model_type": "rwkv6",
+            "num_hidden_layers": shape["n_layer"], "rescale_every": 6, "tie_word_embeddings": False,
+            "transformers_version": "4.33.1", "use_cache": True, "vocab_size": shape["vocab_size"]}
+
+
+def save_hf_rwkv6(state_dict: Mapping[str, Tensor], out_dir: str | Path, fmt: str = "bin", shards: int = 1,
+                  config_overrides: Mapping[str, Any] | None = None) -> Path:
+    """An RWKV/v6-Finch-*-HF directory (remote-code `rwkv6`) for an RWKV-6 state dict: the published repos ship
+    pytorch_model.bin files; safetensors/shards are offered for loader coverage."""
+    if "blocks.0.att.time_maa_x" not in state_dict:
+        raise ValueError("save_hf_rwkv6 needs an RWKV-6 state dict")
+    config = _apply_overrides(hf_rwkv6_config(state_dict), config_overrides)
+    return _save_hf(state_dict, out_dir, fmt, shards, config, dict(RWKV6_TOKENIZER_CONFIG))
+
+
+def fla_rwkv7_state_dict(state_dict: Mapping[str, Tensor], stacked_mixes: bool = False) -> dict[str, Tensor]:
+    """An RWKV-7 state dict in fla's names and conventions: LoRAs as two Linear layers (`{w,a,v,g}_lora.lora.0`
+    [D, C] = w1ᵀ, `lora.2` [C, D] = w2ᵀ, bias = w0/a0/v0), [1, 1, C] vectors as [C] (the token-shift mixes stay
+    [1, 1, C], or are stacked into `attn.x_x` [6, C] as in fla's first version with `stacked_mixes`). Layer 0's
+    v0/v1/v2, when the dict has them, are written too (fla's converter drops them; the loader must)."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key in ("emb.weight", "head.weight") or key.startswith("ln_out."):
+            out[{"emb.weight": "model.embeddings.weight", "head.weight": "lm_head.weight"}.get(
+                key, key.replace("ln_out.", "model.norm."))] = tensor
+            continue
+        parts = key.split(".")  # blocks, N, att|ffn|lnX, name, ...
+        parts = ["model", "layers", parts[1], FLA_RWKV7_BLOCK_PARTS.get(parts[2], parts[2]), *parts[3:]]
+        if parts[3] == "attn":
+            parts[4] = FLA_RWKV7_ATTN_PARTS.get(parts[4], parts[4])
+        name = parts[4] if len(parts) > 4 else ""
+        if parts[3] == "attn" and re.fullmatch(r"[wavg][012]", name):
+            lora, digit = name
+            parts[4:] = [f"{lora}_lora", "lora", *{"0": ("2", "bias"), "1": ("0", "weight"), "2": ("2", "weight")}[digit]]
+            tensor = tensor.reshape(-1) if digit == "0" else tensor.t()
+        elif tuple(tensor.shape[:2]) == (1, 1) and not name.startswith("x_") or key.endswith(".ffn.x_k"):
+            tensor = tensor.reshape(-1)  # k_k, k_a, ffn.x_k
+        out[".".join(parts)] = tensor
+    if stacked_mixes:
+        for layer in sorted({key.split(".")[2] for key in out if key.startswith("model.layers.")}, key=int):
+            prefix = f"model.layers.{layer}.attn"
+            out[f"{prefix}.x_x"] = torch.cat([out.pop(f"{prefix}.{mix}").reshape(1, -1) for mix in FLA_RWKV7_MIXES])
+    return out
+
+
+def fla_rwkv7_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """config.json of an fla `rwkv7` model as fla's converter fills it (widths from the shapes)."""
+    shape = detect_shape(state_dict)
+    v1 = state_dict.get("blocks.1.att.v1")
+    return {"architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", "attn_mode": "chunk",
+            "hidden_size": shape["n_embd"], "num_hidden_layers": shape["n_layer"], "vocab_size": shape["vocab_size"],
+            "head_dim": int(state_dict["blocks.0.att.r_k"].shape[-1]), "num_heads": None,
+            "intermediate_size": int(state_dict["blocks.0.ffn.key.weight"].shape[0]), "hidden_ratio": 4.0,
+            "decay_low_rank_dim": int(state_dict["blocks.0.att.w1"].shape[1]),
+            "a_low_rank_dim": int(state_dict["blocks.0.att.a1"].shape[1]),
+            "v_low_rank_dim": int(v1.shape[1]) if v1 is not None else 32,
+            "gate_low_rank_dim": int(state_dict["blocks.0.att.g1"].shape[1]),
+            "value_dim": [shape["n_embd"]] * shape["n_layer"], "norm_first": True, "norm_bias": True,
+            "norm_eps": 1e-05, "fuse_norm": True, "hidden_act": "sqrelu", "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "use_cache": True, "torch_dtype": "float32"}
+
+
+def save_fla_rwkv7(state_dict: Mapping[str, Tensor], out_dir: str | Path, fmt: str = "safetensors",
+                   shards: int = 1, stacked_mixes: bool = False) -> Path:
+    """An fla-hub/rwkv7-* style directory (flash-linear-attention's `rwkv7` model type) for an RWKV-7 state dict."""
+    if "blocks.0.att.r_k" not in state_dict:
+        raise ValueError("save_fla_rwkv7 needs an RWKV-7 state dict")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_weights(fla_rwkv7_state_dict(state_dict, stacked_mixes), out_dir, fmt, shards)
+    _write_json(out_dir / "config.json", fla_rwkv7_config(state_dict))
+    return out_dir

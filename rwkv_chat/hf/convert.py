@@ -2,14 +2,17 @@
 
     python -m rwkv_chat.hf.convert SRC OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
-SRC is anything `load_model` reads: an original BlinkDL `.pth`, a transformers-format directory, a catalog
-name or a hub id. OUT_DIR receives config.json, model.safetensors (sharded with an index when larger than
---max-shard-size), generation_config.json, and the tokenizer files (tokenizer_config.json, the chat
+SRC is anything `load_model` reads: an original BlinkDL `.pth` (RWKV-4, 5, 6 or 7), a Hugging Face-format
+directory (transformers' `rwkv`, the published `rwkv5`/`rwkv6` layouts, flash-linear-attention's `rwkv7`), a
+catalog name or a hub id. OUT_DIR receives config.json, model.safetensors (sharded with an index when larger
+than --max-shard-size), generation_config.json, and the tokenizer files (tokenizer_config.json, the chat
 template, rwkv_vocab_v20230424.txt). RWKV-4 becomes transformers' own `rwkv` model type (plain transformers'
-RwkvForCausalLM loads it too); RWKV-5 becomes the `rwkv5_world` type with the published `rwkv5` key names.
-Projections take --dtype; the embedding, norms, decays and mixing weights stay fp32. Weight values are
-copied unchanged except the few RWKV-5.0 files that store `time_first`, which become `time_faaaa =
-exp(time_first)`.
+RwkvForCausalLM loads it too); RWKV-5, 6 and 7 become this package's `rwkv5_world`, `rwkv6_world` and
+`rwkv7_world` types, whose key names are the original ones renamed part by part as transformers does (the
+published `rwkv5`/`rwkv6` names). Projections take --dtype; the embedding, norms, decays, mixing weights and
+LoRA matrices stay fp32. Weight values are the original checkpoint's: unchanged except the few RWKV-5.0 files
+that store `time_first`, which become `time_faaaa = exp(time_first)` (an fla directory is first brought back to
+the original layout, its LoRA matrices transposed back).
 
 After `import rwkv_chat`, `AutoModelForCausalLM.from_pretrained(OUT_DIR)`, `AutoTokenizer.from_pretrained(
 OUT_DIR)` and `pipeline("text-generation", model=OUT_DIR)` work without trust_remote_code.

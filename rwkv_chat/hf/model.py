@@ -1,11 +1,15 @@
 """RWKV World models as transformers `PreTrainedModel`s: from_pretrained, save_pretrained, generate, pipelines.
 
 Promises:
-- `Rwkv4WorldForCausalLM` (transformers' `rwkv` config) and `Rwkv5WorldForCausalLM` (`rwkv5_world` config)
-  run this package's `RwkvModel` itself — the same modules, the same numerics as `load_model` — so logits
-  equal the reference implementation's. Their parameters carry transformers' key names
-  (`rwkv.embeddings.weight`, `rwkv.blocks.0.pre_ln.weight`, `rwkv.blocks.N.attention.time_mix_key`, ...,
-  `head.weight`), so `from_pretrained`/`save_pretrained` read and write the published layouts directly.
+- `Rwkv4WorldForCausalLM` (transformers' `rwkv` config), `Rwkv5WorldForCausalLM` (`rwkv5_world`),
+  `Rwkv6WorldForCausalLM` (`rwkv6_world`) and `Rwkv7WorldForCausalLM` (`rwkv7_world`) run this package's
+  `RwkvModel` itself — the same modules, the same numerics as `load_model` — so logits equal the reference
+  implementation's. Their parameters carry transformers' key names (`rwkv.embeddings.weight`,
+  `rwkv.blocks.0.pre_ln.weight`, `rwkv.blocks.N.attention.time_mix_key`, `rwkv.blocks.N.attention.time_maa_x`,
+  `rwkv.blocks.N.attention.w1`, ..., `head.weight`: the original names renamed part by part, hf_names.py), so
+  `from_pretrained`/`save_pretrained` read and write the published rwkv/rwkv5/rwkv6 layouts directly.
+- Only the projections take a low-precision dtype; every other parameter (embedding, norms, decays, mixes,
+  LoRA matrices) is kept in fp32 when loading in bf16/fp16, as the loader does.
 - The RNN state is a first-class cache: `forward` returns it as `cache` (an `RwkvCache`; named
   `past_key_values` before transformers 5.24, see `CACHE_NAME`) and as `state` (the `RwkvState`); `generate`
   carries it from step to step (the prompt is read in parallel once, then one token per step) and returns it
@@ -19,7 +23,9 @@ Promises:
 
 Not supported: training (the core runs under no_grad), `inputs_embeds`, hidden states/attentions outputs,
 fp16 without overflow for RWKV-4 World (use bf16 or fp32), layers spread over several devices or offloaded
-(`device_map="auto"` keeps the layers together; they must fit one device).
+(`device_map="auto"` keeps the layers together; they must fit one device). flash-linear-attention's `rwkv7`
+directories are not loaded by these classes (their tensors differ, not only their names): `load_model` reads
+them, and `python -m rwkv_chat.hf.convert` turns them into `rwkv7_world` directories.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -37,12 +44,10 @@ from transformers.modeling_outputs import ModelOutput
 
 from ..loading.hf_names import ORIGINAL_TO_HF
 from ..models import architecture_for, model as core
+from ..models.layers import Projection
 from ..state import RwkvState
-from .config import Rwkv5WorldConfig, core_config, fit_config_to_weights, hf_config_for
-
-# Parameters kept in fp32 when loading in bf16/fp16 (the loader's rule: only the projections, i.e. the
-# matrices that are multiplied, take the low-precision dtype). Regex fragments searched in key names.
-FP32_PARAMETERS = ["embeddings", "time_", "pre_ln", r"\.ln1\.", r"\.ln2\.", "ln_x", "ln_out"]
+from .config import (Rwkv5WorldConfig, Rwkv6WorldConfig, Rwkv7WorldConfig, core_config, fit_config_to_weights,
+                     hf_config_for)
 
 # The name transformers gives the cache in model outputs and in generate()'s model keyword arguments:
 # `cache` from 5.24 on (the old names still work there, with a deprecation warning), `past_key_values` before.
@@ -184,14 +189,23 @@ def checkpoint_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]
 
 # ------------------------------------------------------------------------------------ models
 
+def fp32_parameter_patterns(model: nn.Module) -> list[str]:
+    """Anchored regexes of `model`'s parameters that stay fp32 when it is loaded in bf16/fp16: all but the
+    projections (the matrices that are multiplied), the loader's rule. transformers matches them against the
+    checkpoint's key names."""
+    projections = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Projection)}
+    return [f"^{re.escape(name)}$" for name, _ in model.named_parameters() if name not in projections]
+
+
 class RwkvWorldPreTrainedModel(PreTrainedModel):
-    """Shared plumbing of the RWKV-4 and RWKV-5 causal-LM classes."""
+    """Shared plumbing of the causal-LM classes of every version."""
 
     base_model_prefix = "rwkv"
     main_input_name = "input_ids"
     # The state is stacked across layers on one device, so accelerate must not spread the layers out.
     _no_split_modules = ["RwkvWorldCore"]
-    _keep_in_fp32_modules_strict = FP32_PARAMETERS
+    # set per model by `_attach` (fp32_parameter_patterns): which parameters stay fp32 depends on the architecture
+    _keep_in_fp32_modules_strict = None
     _is_stateful = True
     supports_gradient_checkpointing = False
 
@@ -228,6 +242,7 @@ class _RwkvWorldForCausalLM(RwkvWorldPreTrainedModel, GenerationMixin):
         renamed, head = with_transformers_names(model)
         self.rwkv = renamed
         self.head = head
+        self._keep_in_fp32_modules_strict = fp32_parameter_patterns(self)
 
     @classmethod
     def from_rwkv_model(cls, model: core.RwkvModel):
@@ -376,9 +391,23 @@ class Rwkv5WorldForCausalLM(_RwkvWorldForCausalLM):
     config_class = Rwkv5WorldConfig
 
 
-CAUSAL_LM_CLASSES = {"RWKV-4": Rwkv4WorldForCausalLM, "RWKV-5": Rwkv5WorldForCausalLM}  # by family
+class Rwkv6WorldForCausalLM(_RwkvWorldForCausalLM):
+    """RWKV-6 (Finch) World with the `rwkv6_world` configuration and the published `rwkv6` key names."""
+
+    config_class = Rwkv6WorldConfig
+
+
+class Rwkv7WorldForCausalLM(_RwkvWorldForCausalLM):
+    """RWKV-7 (Goose) World / G1 with the `rwkv7_world` configuration; its key names are the original ones
+    renamed as for the other versions (`rwkv.blocks.N.attention.w1`, `rwkv.blocks.N.feed_forward.x_k`, ...)."""
+
+    config_class = Rwkv7WorldConfig
+
+
+CAUSAL_LM_CLASSES = {"RWKV-4": Rwkv4WorldForCausalLM, "RWKV-5": Rwkv5WorldForCausalLM,
+                     "RWKV-6": Rwkv6WorldForCausalLM, "RWKV-7": Rwkv7WorldForCausalLM}  # by family
 
 
 def causal_lm_class_for(version: str) -> type[_RwkvWorldForCausalLM]:
-    """The transformers class for an architecture version ("4", "5.0", "5.2")."""
+    """The transformers class for an architecture version ("4", "5.0", "5.2", "6", "7")."""
     return CAUSAL_LM_CLASSES[architecture_for(version).family]

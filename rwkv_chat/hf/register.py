@@ -1,14 +1,17 @@
 """Teach transformers' Auto classes this package's RWKV World classes, so no remote code is ever needed.
 
 After registration:
-- AutoConfig reads model type "rwkv5_world" (this package's RWKV-5 directories) and the published "rwkv5"
-  layout with `Rwkv5WorldConfig` (the remote-code `auto_map` of published configs is ignored).
-- AutoModelForCausalLM builds `Rwkv5WorldForCausalLM` for RWKV-5 and `Rwkv4WorldForCausalLM` for every
-  transformers `rwkv` config (World and Pile RWKV-4 alike): exact reference numerics and a reusable state.
+- AutoConfig reads this package's model types "rwkv5_world", "rwkv6_world" and "rwkv7_world" and the published
+  remote-code layouts "rwkv5" (with `Rwkv5WorldConfig`) and "rwkv6" (RWKV/v6-Finch-*-HF, with
+  `Rwkv6WorldConfig`); the remote-code `auto_map` of published configs is ignored. flash-linear-attention's
+  "rwkv7" is left to fla (its tensors differ from ours: `load_model` and the converter read those directories).
+- AutoModelForCausalLM builds `Rwkv5/6/7WorldForCausalLM` for those configs and `Rwkv4WorldForCausalLM` for
+  every transformers `rwkv` config (World and Pile RWKV-4 alike): exact reference numerics and a reusable state.
   `transformers.RwkvForCausalLM.from_pretrained(...)` still gives transformers' own class (e.g. to train).
-- AutoTokenizer builds `RwkvWorldTokenizer` for RWKV-5 configs and for every directory whose
+- AutoTokenizer builds `RwkvWorldTokenizer` for RWKV-5/6/7 configs and for every directory whose
   tokenizer_config.json names a World tokenizer ("RwkvWorldTokenizer", or the published remote-code names
-  "RWKVWorldTokenizer" and "Rwkv5Tokenizer"); other `rwkv` directories keep their GPT-NeoX tokenizer.
+  "RWKVWorldTokenizer", "Rwkv5Tokenizer" and "Rwkv6Tokenizer"); other `rwkv` directories keep their GPT-NeoX
+  tokenizer.
 
 `register_when_transformers_loads()` is what `import rwkv_chat` runs. Importing rwkv_chat never imports
 transformers: each part is registered as soon as the transformers modules it extends are fully loaded (an
@@ -30,7 +33,10 @@ CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 MODEL_AUTO = "transformers.models.auto.modeling_auto"
 TOKENIZER_AUTO = "transformers.models.auto.tokenization_auto"
 RWKV_CONFIG = "transformers.models.rwkv.configuration_rwkv"
-TOKENIZER_NAMES = ("RwkvWorldTokenizer", "RWKVWorldTokenizer", "Rwkv5Tokenizer")
+TOKENIZER_NAMES = ("RwkvWorldTokenizer", "RWKVWorldTokenizer", "Rwkv5Tokenizer", "Rwkv6Tokenizer")
+# this package's model classes, by the name of their configuration class in hf/config.py
+WORLD_MODEL_CLASSES = {"Rwkv5WorldConfig": "Rwkv5WorldForCausalLM", "Rwkv6WorldConfig": "Rwkv6WorldForCausalLM",
+                       "Rwkv7WorldConfig": "Rwkv7WorldForCausalLM"}
 
 _lock = threading.RLock()
 _done: set[str] = set()
@@ -69,19 +75,24 @@ def deferred_class(module: str, name: str, **attributes) -> type:
 def _register_configs() -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .config import PUBLISHED_RWKV5_MODEL_TYPE, RWKV5_MODEL_TYPE, Rwkv5WorldConfig
+    from .config import (PUBLISHED_RWKV5_MODEL_TYPE, PUBLISHED_RWKV6_MODEL_TYPE, WORLD_CONFIG_CLASSES,
+                         Rwkv5WorldConfig, Rwkv6WorldConfig)
 
-    CONFIG_MAPPING.register(RWKV5_MODEL_TYPE, Rwkv5WorldConfig, exist_ok=True)
+    for config_class in WORLD_CONFIG_CLASSES:
+        CONFIG_MAPPING.register(config_class.model_type, config_class, exist_ok=True)
     CONFIG_MAPPING.register(PUBLISHED_RWKV5_MODEL_TYPE, Rwkv5WorldConfig, exist_ok=True)
+    CONFIG_MAPPING.register(PUBLISHED_RWKV6_MODEL_TYPE, Rwkv6WorldConfig, exist_ok=True)
 
 
 def _register_models() -> None:
     from transformers.models.auto.modeling_auto import AutoModelForCausalLM
     from transformers.models.rwkv.configuration_rwkv import RwkvConfig
 
-    from .config import Rwkv5WorldConfig
+    from .config import WORLD_CONFIG_CLASSES
 
-    for config_class, name in ((RwkvConfig, "Rwkv4WorldForCausalLM"), (Rwkv5WorldConfig, "Rwkv5WorldForCausalLM")):
+    pairs = [(RwkvConfig, "Rwkv4WorldForCausalLM")]
+    pairs += [(config_class, WORLD_MODEL_CLASSES[config_class.__name__]) for config_class in WORLD_CONFIG_CLASSES]
+    for config_class, name in pairs:
         stand_in = deferred_class("rwkv_chat.hf.model", name, config_class=config_class)
         AutoModelForCausalLM.register(config_class, stand_in, exist_ok=True)
         mapping = AutoModelForCausalLM._model_mapping
@@ -92,10 +103,11 @@ def _register_models() -> None:
 def _register_tokenizers() -> None:
     from transformers.models.auto import tokenization_auto
 
-    from .config import Rwkv5WorldConfig
+    from .config import WORLD_CONFIG_CLASSES
 
     stand_in = deferred_class("rwkv_chat.hf.tokenizer", "RwkvWorldTokenizer")
-    tokenization_auto.AutoTokenizer.register(Rwkv5WorldConfig, tokenizer_class=stand_in, exist_ok=True)
+    for config_class in WORLD_CONFIG_CLASSES:
+        tokenization_auto.AutoTokenizer.register(config_class, tokenizer_class=stand_in, exist_ok=True)
     for name in TOKENIZER_NAMES:  # class names written in tokenizer_config.json files
         tokenization_auto.REGISTERED_TOKENIZER_CLASSES[name] = stand_in
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_kernels
+from . import cpu_kernels, triton_kernels
+
+CPU_KERNEL_ROWS = 16  # up to this many rows, low-precision CPU products stream the weight through cpu_kernels
 
 INT8_MAX = 127.0
 QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows (64 MiB of fp32)
@@ -65,7 +67,12 @@ def _int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ in fp32 out; int8 weights need their `scale`."""
+    """x @ weightᵀ in fp32 out; int8 weights need their `scale`. A decode step's few rows against a bf16, fp16 or
+    int8 weight on a CPU run in the C++ kernels when they are built (PyTorch's bf16 matrix-vector product
+    reads weights at half the speed of its fp32 one); fp32 stays with PyTorch."""
+    if (x.device.type == "cpu" and weight.dtype != torch.float32 and x.numel() <= CPU_KERNEL_ROWS * x.shape[-1]
+            and cpu_kernels.tried() and cpu_kernels.handles(x, weight)):
+        return cpu_kernels.linear(x, weight, scale)
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")

@@ -3,9 +3,11 @@
 `source` may be
 - a catalog name ("RWKV-5 World 0.1B"): its original .pth is downloaded from the hub;
 - a path to an original checkpoint file (`.pth`, BlinkDL layout);
-- a path to a Hugging Face-format directory: transformers' `rwkv` key names (RWKV/rwkv-4-world-*) or the
-  `rwkv5` names (RWKV/rwkv-5-world-*), safetensors or .bin, sharded or not. No remote code is ever run:
-  only the weights and config.json are read;
+- a path to a Hugging Face-format directory: transformers' `rwkv` key names (RWKV/rwkv-4-world-*), the
+  `rwkv5` names (RWKV/rwkv-5-world-*), the `rwkv6` names (RWKV/v6-Finch-*-HF), flash-linear-attention's
+  `rwkv7` names (fla-hub/rwkv7-*), or this package's converted rwkv5/6/7_world directories; safetensors or
+  .bin, sharded or not (loading/hf_names.py maps every layout to the original names). No remote code is ever
+  run: only the weights and config.json are read;
 - a hub repo id ("RWKV/rwkv-5-world-169m"), or "owner/repo:file.pth" for one original file in a repo.
 
 Downloads go through huggingface_hub into its normal cache, so HF_HOME and HF_HUB_OFFLINE are honoured.
@@ -27,7 +29,7 @@ from ..kernels import cpu_kernels, quant
 from ..models import RwkvConfig, RwkvModel, UnsupportedCheckpoint
 from ..runtime.fast_path import attach_fast_path
 from .catalog import CatalogEntry, find_entry
-from .hf_names import original_key
+from .hf_names import original_state_dict
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8}
@@ -60,9 +62,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     config = config_from_state_dict(state_dict)
     report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
     fast = fast_by_default(device, dtype) if fast is None else fast
-    if fast and device.type == "cpu":
-        if not cpu_kernels.tried():
-            report("preparing the CPU kernels (compiled on the first run only, about a minute)")
+    if device.type == "cpu" and (fast or dtype != torch.float32) and not cpu_kernels.tried():
+        report("preparing the CPU kernels (compiled on the first run only, about a minute)")
     return build_model(config, state_dict, device, dtype, fast)
 
 
@@ -138,7 +139,8 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_hf_dir(directory: Path) -> dict[str, torch.Tensor]:
-    """A transformers-format directory (rwkv or rwkv5 names) -> original names."""
+    """A Hugging Face-format directory in any layout hf_names.py knows (transformers' rwkv names and the rwkv5,
+    rwkv6 and this package's layouts modelled on them; flash-linear-attention's rwkv7) -> the original layout."""
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise ModelLoadError(f"{directory} holds no model.safetensors or pytorch_model.bin")
@@ -153,7 +155,8 @@ def read_hf_dir(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_original_names(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renamed = {original_key(key): tensor for key, tensor in raw.items()}
+    """Names (and, for fla's layout, the few tensors it stores differently) -> the original checkpoint's."""
+    renamed = original_state_dict(raw)
     if "emb.weight" not in renamed:
         raise ModelLoadError("the directory's weights are not an RWKV model (no embeddings)")
     return renamed
@@ -249,6 +252,8 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         if dtype == torch.int8 and name in projections:
             quantize_projection(model.get_submodule(name.rsplit(".", 1)[0]))
     model.eval()
+    if device.type == "cpu" and dtype != torch.float32:
+        cpu_kernels.kernels()  # every architecture's low-precision products on CPUs use them (kernels/quant.py)
     if dtype == torch.float16:
         model.enable_fp16_rescale(FP16_RESCALE_EVERY)
     if fast_by_default(device, dtype) if fast is None else fast:

@@ -35,8 +35,8 @@ _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
 
 def wkv7_step(log_w, r, k, v, kk, a, s):
     """One token. Every input [B, H, N] (k already scaled by k_a); s: [B, H, N(value), N(key)]."""
-    s = (s * torch.exp(log_w).unsqueeze(-2) - (s @ kk.unsqueeze(-1)) @ (kk * a).unsqueeze(-2)
-         + v.unsqueeze(-1) @ k.unsqueeze(-2))
+    s = (s * torch.exp(log_w).unsqueeze(-2) - (s @ kk.unsqueeze(-1)) * (kk * a).unsqueeze(-2)
+         + v.unsqueeze(-1) * k.unsqueeze(-2))
     return (s @ r.unsqueeze(-1)).squeeze(-1), s
 
 

@@ -119,6 +119,10 @@ class RwkvModel(nn.Module):
                 logits, state = self.runner.decode(ids, state)  # ids may stay on the CPU (graph input)
                 return logits[0], state
             return self.runner.prefill(ids.to(self.device), state, all_logits)
+        return self.read_plain(ids, state, all_logits)
+
+    def read_plain(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
+        """The plain path of `forward`, whatever runner is attached: checked 1-D ids, a state of batch 1."""
         ids = ids.to(self.device)
         outputs = []
         for start in range(0, ids.numel(), SEGMENT_TOKENS):
@@ -135,7 +139,12 @@ class RwkvModel(nn.Module):
         state = self._prepare_state(state, batch=ids.shape[0])
         if self.runner is not None:
             return self.runner.decode(ids.reshape(-1), state)
-        hidden, state = self._read(ids.to(self.device), state)
+        return self.decode_plain(ids.reshape(-1), state)
+
+    def decode_plain(self, ids: torch.Tensor, state: RwkvState):
+        """The plain path of `decode_batch` (ids [B], any device), whatever runner is attached; no host sync, so
+        a CUDA graph can capture it."""
+        hidden, state = self._read(ids.to(self.device).reshape(-1, 1), state)
         return self._logits(hidden[:, -1]), state
 
     def _read(self, ids: torch.Tensor, state: RwkvState):

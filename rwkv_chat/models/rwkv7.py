@@ -29,7 +29,8 @@ from .architecture import Architecture, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
-WKV7_CHUNK = 16  # tokens per chunk: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
+WKV7_CHUNK = 16  # tokens per chunk on CPUs: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
+WKV7_GPU_CHUNK = 64  # on GPUs, fewer and larger chunks (factors within e^(64 * 0.607) ~ 7e16, far from fp32's limit)
 _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
 
 
@@ -129,8 +130,9 @@ class TimeMixV7(nn.Module):
             y = y.unsqueeze(2)
         else:
             pieces = []
-            for start in range(0, length, WKV7_CHUNK):
-                part = slice(start, start + WKV7_CHUNK)
+            chunk = WKV7_GPU_CHUNK if xx.is_cuda else WKV7_CHUNK
+            for start in range(0, length, chunk):
+                part = slice(start, start + chunk)
                 piece, wkv = wkv7_chunk(log_w_h[:, :, part], r_h[:, :, part], k_h[:, :, part],
                                         v_h[:, :, part], kk[:, :, part], a_h[:, :, part], wkv)
                 pieces.append(piece)

@@ -32,6 +32,7 @@ from ..kernels import cpu_kernels, quant, triton_kernels
 from ..models.layers import LAYER_NORM_EPS
 from ..state import RwkvState
 from .cuda_graphs import GraphedDecoder
+from .plain_graphs import GraphedPlainRunner
 
 CUDA_WKV_CHUNK = 32
 CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
@@ -382,10 +383,13 @@ class FastRunner:
 def attach_fast_path(model: nn.Module, **options) -> nn.Module:
     """Route `model`'s forward/decode_batch through a `FastRunner` (packed projections, fused kernels, CUDA
     graphs; the same function within the weight dtype's rounding). Call after the weights are final (loading,
-    fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model;
-    an architecture the runner cannot pack yet (`Architecture.fast_runner` False) keeps the plain path."""
+    fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model.
+    An architecture the runner cannot pack yet (`Architecture.fast_runner` False) keeps the plain path, with its
+    decode step in CUDA graphs on a GPU (runtime.plain_graphs) unless use_graphs=False."""
     if model.config.architecture.fast_runner:
         model.runner = FastRunner(model, **options)
+    elif model.device.type == "cuda" and options.get("use_graphs", True):
+        model.runner = GraphedPlainRunner(model)
     return model
 
 

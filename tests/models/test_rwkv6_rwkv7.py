@@ -98,10 +98,11 @@ def test_state_contract_and_batched_decoding(checkpoint):
     assert state.clone().equal(state)
 
 
-def test_chunked_recurrences_equal_their_one_token_steps():
+@pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
+def test_chunked_recurrences_equal_their_one_token_steps(chunk):
     """The parallel forms against a token-by-token loop of the step (float64, strong decays included)."""
     gen = torch.Generator().manual_seed(0)
-    batch, heads, length, size = 2, 3, 40, 16
+    batch, heads, length, size = 2, 3, 150, 16
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     r, k, v = rand(batch, heads, length, size), rand(batch, heads, length, size), rand(batch, heads, length, size)
     s0 = rand(batch, heads, size, size)
@@ -124,13 +125,28 @@ def test_chunked_recurrences_equal_their_one_token_steps():
                                      a[:, :, t], state)
         steps.append(out)
     outs, carried = [], s0
-    for start in range(0, length, rwkv7.WKV7_CHUNK):
-        part = slice(start, start + rwkv7.WKV7_CHUNK)
+    for start in range(0, length, chunk):
+        part = slice(start, start + chunk)
         out, carried = rwkv7.wkv7_chunk(log_w7[:, :, part], r[:, :, part], k[:, :, part], v[:, :, part],
                                         kk[:, :, part], a[:, :, part], carried)
         outs.append(out)
     assert torch.allclose(torch.cat(outs, 2), torch.stack(steps, 2), atol=1e-9)
     assert torch.allclose(carried, state, atol=1e-9)
+    # fp32, as the models run it, with every decay at its strongest (the largest in-chunk factors)
+    strongest = torch.full_like(log_w7, -rwkv7.DECAY_SCALE).float()
+    state32, steps32 = s0, []
+    for t in range(length):
+        out, state32 = rwkv7.wkv7_step(strongest[:, :, t].double(), r[:, :, t], k[:, :, t], v[:, :, t], kk[:, :, t],
+                                       a[:, :, t], state32)
+        steps32.append(out)
+    outs, carried = [], s0.float()
+    for start in range(0, length, chunk):
+        part = slice(start, start + chunk)
+        out, carried = rwkv7.wkv7_chunk(*(t[:, :, part].float() for t in (strongest, r, k, v, kk, a)), carried)
+        outs.append(out)
+    expected = torch.stack(steps32, 2)
+    assert ((torch.cat(outs, 2) - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert ((carried - state32).abs().max() / state32.abs().max()).item() < 1e-5
 
 
 def test_rwkv7_first_layer_value_residual_weights_are_ignored_as_the_reference_does(tmp_path):

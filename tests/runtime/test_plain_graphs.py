@@ -1,0 +1,42 @@
+"""RWKV-6/7 on a GPU: the plain decode step replayed from CUDA graphs equals the plain path (needs CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat import load_model
+from rwkv_chat.runtime.plain_graphs import GraphedPlainRunner
+from rwkv_chat.state import RwkvState
+from reference import assert_states_passed_in_stay_unchanged, random_tokens
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("version", ["6", "7"])
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-3), ("bf16", 1.0)])
+def test_graphed_decode_equals_the_plain_path(make_checkpoint, version, dtype, tolerance):
+    path = make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path
+    plain = load_model(path, device="cuda", dtype=dtype, fast=False)
+    graphed = load_model(path, device="cuda", dtype=dtype)
+    assert plain.runner is None and isinstance(graphed.runner, GraphedPlainRunner)
+    tokens = random_tokens(200, seed=1)
+    a, _ = plain.forward(tokens)
+    b, _ = graphed.forward(tokens)
+    assert (a - b).abs().max().item() <= tolerance
+    for batch in (1, 3, 8, 40):  # buckets 1, 4, 8 and an ungraphed batch
+        states = [plain.forward(random_tokens(5 + i, seed=i))[1] for i in range(batch)]
+        ids = torch.randint(1, 65530, (batch,))
+        for _ in range(2):  # a replay must not reuse the previous call's inputs
+            la, na = plain.decode_batch(ids, RwkvState.stack(states))
+            lb, nb = graphed.decode_batch(ids, RwkvState.stack(states))
+            assert (la - lb).abs().max().item() <= tolerance
+            if dtype == "fp32":
+                assert torch.allclose(na.wkv, nb.wkv, rtol=1e-3, atol=1e-3)
+    assert_states_passed_in_stay_unchanged(graphed)
+
+
+def test_cpu_models_of_these_architectures_keep_the_plain_path(make_checkpoint):
+    for version in ("6", "7"):
+        assert load_model(make_checkpoint(version).path, device="cpu", dtype="bf16").runner is None

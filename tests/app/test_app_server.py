@@ -17,6 +17,7 @@ from gradio_client.exceptions import AppError
 
 from app_harness import chat_stats, running_app
 from rwkv_chat import limits
+from rwkv_chat.app.config import parse_config
 from rwkv_chat.loading.catalog import CATALOG
 
 SHORT = dict(max_new_tokens=12, seed=7)
@@ -234,7 +235,8 @@ def test_offline_hub_still_serves_the_page_and_says_what_failed(tmp_path):
         message = str(refused.value)
         assert "HF_HUB_OFFLINE" in message and "--model" in message
         status = c.predict(api_name="/reset")
-        assert "Could not load" in status and "RWKV-5 World 0.1B" in status and "--model" in status
+        default = parse_config([], {}).model  # RWKV-5 World 0.1B on a CPU, a G1 model where a GPU is present
+        assert "Could not load" in status and f"**{default}**" in status and "--model" in status
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from rwkv_chat.tokenizer import WorldTokenizer
 from reference import random_tokens
 
 
-@pytest.fixture(scope="module", params=["4", "5.2"], ids=lambda v: f"v{v}")
+@pytest.fixture(scope="module", params=["4", "5.2", "6", "7"], ids=lambda v: f"v{v}")
 def model(request, make_checkpoint):
     # On the CPU wherever the tests run: batched and single products agree to fp32 rounding there (1e-4 below);
     # GPU batching is checked by the benchmark's parity columns.

@@ -160,9 +160,9 @@ def test_emoji_split_over_tokens_streams_without_broken_characters(tokenizer):
 
 # ------------------------------------------------------------------------------ tiny real models
 
-@pytest.fixture(scope="module")
-def engine(make_checkpoint, tokenizer):
-    model = load_model(make_checkpoint("5.2", n_layer=2, n_embd=128).path, device="cpu")
+@pytest.fixture(scope="module", params=["5.2", "6", "7"], ids=lambda v: f"v{v}")
+def engine(request, make_checkpoint, tokenizer):
+    model = load_model(make_checkpoint(request.param, n_layer=2, n_embd=128).path, device="cpu")
     return ChatEngine(model, tokenizer, label="tiny")
 
 

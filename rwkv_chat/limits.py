@@ -9,3 +9,5 @@ STATE_CACHE_BYTES = 1024 * 2**20  # prefix-state cache shared by all sessions of
 MAX_TOP_K = 1_000
 MAX_TEMPERATURE = 5.0
 MAX_PENALTY = 2.0
+MAX_STOP_STRINGS = 4  # OpenAI's bound on `stop`
+MAX_STOP_CHARS = 64

@@ -50,6 +50,7 @@ class AppConfig:
     concurrency: int = DEFAULT_CONCURRENCY
     max_queue: int = DEFAULT_MAX_QUEUE
     states: tuple[str, ...] = ()  # state files offered to chats, as NAME=PATH (loading/state_files.py)
+    api_key: Optional[str] = None  # bearer key the OpenAI-compatible /v1 routes require (None: open, like the page)
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -85,6 +86,8 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="how many chats may generate at the same time")
     parser.add_argument("--max-queue", dest="max_queue", type=int,
                         default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
+    parser.add_argument("--api-key", dest="api_key", default=env.get("RWKV_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 routes")
     parser.add_argument("--state", dest="states", action="append", metavar="NAME=PATH",
                         help="offer a state file (state tuning, a persona) to chats with the models it fits; "
                              "repeatable; also RWKV_STATES='NAME=PATH;NAME2=PATH2'")
@@ -108,4 +111,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
         item.strip() for item in env.get("RWKV_STATES", "").split(";") if item.strip())
     return AppConfig(model=model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
                      server_name=args.server_name, share=args.share, concurrency=args.concurrency,
-                     max_queue=args.max_queue, states=states)
+                     max_queue=args.max_queue, states=states, api_key=args.api_key or None)

@@ -30,6 +30,7 @@ from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
 from .engine_factory import EngineFactory
 from .model_choices import ModelChoices, ModelKey, describe
 from .model_pool import ModelPool
+from .openai_api import OpenAIApi
 from .ui_api import ChatApi
 from .ui_stream import reason, throttled
 
@@ -60,12 +61,21 @@ def build_app(config: AppConfig) -> gr.Blocks:
     demo = page.build()
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
     demo.rwkv_pool = pool  # for tests and for tools that embed the app
+    demo.rwkv_openai = OpenAIApi(pool, choices, config.device, config.dtype, config.api_key, config.max_queue,
+                                 config.preamble)
     return demo
 
 
 def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
-    """Serve `demo` as `config` says (host, port, --share)."""
-    return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share, **kwargs)
+    """Serve `demo` as `config` says (host, port, --share), with the OpenAI-compatible routes under /v1 on the
+    same server."""
+    if not config.api_key and config.server_name not in ("127.0.0.1", "localhost", "::1"):
+        print(f"rwkv-chat: the OpenAI-compatible API at /v1 is open to anyone who can reach "
+              f"{config.server_name}:{config.port}, as the page is; set --api-key (or RWKV_API_KEY) to require a key",
+              flush=True)
+    routes = list(demo.rwkv_openai.router().routes)
+    return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share,
+                       app_kwargs={"routes": routes}, **kwargs)
 
 
 def build_app_or_exit(config: AppConfig) -> gr.Blocks:

@@ -50,9 +50,14 @@ class GenerationSettings:
     max_new_tokens: int = limits.DEFAULT_NEW_TOKENS
     seed: Optional[int] = None
     think: str = "off"  # how the turn's prompt ends: prompts.THINK_PROMPTS
+    stop: tuple[str, ...] = ()  # more strings that end the answer (not kept, like the turn separator)
+    turn_ends_answer: bool = True  # the turn separator "\n\n" ends the answer (off for plain completions)
 
     def __post_init__(self):
         check_think(self.think)
+        if len(self.stop) > limits.MAX_STOP_STRINGS or any(not s or len(s) > limits.MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop takes at most {limits.MAX_STOP_STRINGS} non-empty strings of at most "
+                             f"{limits.MAX_STOP_CHARS} characters")
         if not 1 <= self.max_new_tokens <= limits.MAX_NEW_TOKENS:
             raise ValueError(f"max new tokens must be between 1 and {limits.MAX_NEW_TOKENS}, "
                              f"got {self.max_new_tokens}")
@@ -67,6 +72,7 @@ class ReplyStats:
     state_bytes: int
     stop_reason: str  # "separator", "end_of_text", "max_tokens", "stopped"
     model_label: str
+    context_tokens: int = 0  # tokens the answer was conditioned on (preamble, earlier turns, the prompt)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,6 +93,7 @@ class ReplyChunk:
     stats: Optional[ReplyStats] = None  # on the last chunk
     reasoning: str = ""  # the thinking so far (kept out of `text`)
     thinking: bool = False  # the model is still thinking
+    written: str = ""  # everything generated so far, exactly as written (for plain completions)
 
 
 class AnswerJudge:
@@ -94,9 +101,11 @@ class AnswerJudge:
     text, the kept ids and the penalties. Written only by the thread that runs the loop; the reader reads
     `text`, which is always whole characters."""
 
-    def __init__(self, tokenizer, penalties: PenaltyState, max_new_tokens: int, stop: threading.Event):
+    def __init__(self, tokenizer, penalties: PenaltyState, max_new_tokens: int, stop: threading.Event,
+                 stop_strings: tuple[str, ...] = (), turn_ends_answer: bool = True):
         self.stream = tokenizer.stream_decoder()
         self.penalties, self.max_new_tokens, self.stop = penalties, max_new_tokens, stop
+        self.stop_strings, self.turn_ends_answer = stop_strings, turn_ends_answer
         self.ids: list[int] = []  # every token kept (and fed)
         self.text = ""  # their decoded text
         self.reason = "max_tokens"
@@ -112,7 +121,7 @@ class AnswerJudge:
             self.reason = "end_of_text"
             return Verdict.STOP
         piece = self.stream.push(token)
-        cut = find_stop(self.text + piece)
+        cut = self._find_stop(self.text + piece)
         if cut is not None:
             self.reason, self.separator = "separator", (piece, cut)
             return Verdict.STOP
@@ -120,6 +129,13 @@ class AnswerJudge:
         self.ids.append(token)
         self.text += piece
         return Verdict.LAST if len(self.ids) == self.max_new_tokens else Verdict.FEED
+
+    def _find_stop(self, text: str) -> Optional[int]:
+        """Where the answer ends in `text`: the first turn separator (if it ends answers) or stop string."""
+        cuts = [find_stop(text)] if self.turn_ends_answer else []
+        cuts += [index for index in (text.find(s) for s in self.stop_strings) if index >= 0]
+        cuts = [cut for cut in cuts if cut is not None]
+        return min(cuts) if cuts else None
 
 
 class ChatEngine:
@@ -199,6 +215,14 @@ class ChatEngine:
         """Answer `message` as the next turn of `session`."""
         return self._answer(session, len(session.turns), message, settings, stop)
 
+    def complete(self, prompt_ids, settings: GenerationSettings,
+                 stop: Optional[threading.Event] = None) -> Iterator[ReplyChunk]:
+        """Continue `prompt_ids` as plain text (no chat template); the chunks' `written` is the continuation."""
+        prompt_ids = tuple(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        return self._generate(ChatSession(), "", prompt_ids, settings, stop or threading.Event())
+
     def regenerate(self, session: ChatSession, settings: GenerationSettings,
                    stop: Optional[threading.Event] = None) -> Iterator[ReplyChunk]:
         """Answer the last user message again, from the state right after its prompt."""
@@ -236,30 +260,35 @@ class ChatEngine:
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         penalties = PenaltyState.from_params(settings.sampling, self.model.config.vocab_size, self._exempt)
         sampler = Sampler(settings.sampling, generator, penalties, self._unknown_ids)
-        judge = AnswerJudge(self.tokenizer, penalties, settings.max_new_tokens, stop)
+        judge = AnswerJudge(self.tokenizer, penalties, settings.max_new_tokens, stop, settings.stop,
+                            settings.turn_ends_answer)
         run = self.decoder.generate(logits, state, sampler, judge)
         try:
             for _ in run:
-                shown = split_reasoning(_shown(judge.text), settings.think)
-                yield ReplyChunk(shown.answer, reasoning=shown.reasoning, thinking=shown.thinking)
+                written = _shown(judge.text, settings.stop)
+                shown = split_reasoning(written, settings.think)
+                yield ReplyChunk(shown.answer, reasoning=shown.reasoning, thinking=shown.thinking, written=written)
         finally:
             run.close()  # a reader that leaves half-way stops the loop
         logits, state, answer_ids, text = run.logits, run.state, judge.ids, judge.text
+        written = text
         if judge.separator is not None:
             logits, state, answer_ids, text = self._feed_before_separator(text, *judge.separator, logits,
                                                                           state, answer_ids)
+            written = text[:judge.separator[1]]  # a stop string may begin in text already fed: it is not shown
         else:
             text += judge.stream.flush()
+            written = text
         finished = time.perf_counter()
         first_token_at = judge.first_token_at or finished
-        split = split_reasoning(text, settings.think)
+        split = split_reasoning(written, settings.think)
         turn = Turn(message, prompt_ids, split.answer, tuple(answer_ids), text, judge.reason, settings.think,
                     split.reasoning)
         all_ids = ids + turn.answer_ids
         self.cache.put(all_ids, state, logits)
         stats = ReplyStats(read, first_token_at - started, len(answer_ids), finished - first_token_at,
-                           state.nbytes, judge.reason, self.label)
-        yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats, turn.reasoning, split.thinking)
+                           state.nbytes, judge.reason, self.label, len(ids) - len(start))
+        yield ReplyChunk(turn.answer, True, base.with_turn(turn), stats, turn.reasoning, split.thinking, written)
 
     def _feed_before_separator(self, text, piece, cut, logits, state, answer_ids):
         """The token that completed the separator is not fed; text it carried before the separator is
@@ -271,6 +300,13 @@ class ChatEngine:
         return logits, state, answer_ids + list(extra), kept
 
 
-def _shown(text: str) -> str:
-    """Hold back one trailing newline: the next token may make it the separator."""
-    return text[:-1] if text.endswith("\n") else text
+def _shown(text: str, stop_strings: tuple[str, ...] = ()) -> str:
+    """Hold back one trailing newline (the next token may make it the separator) and any end of the text that
+    may be the start of a stop string."""
+    held = 1 if text.endswith("\n") else 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:size]):
+                held = size
+                break
+    return text[:len(text) - held] if held else text

@@ -328,3 +328,24 @@ def test_state_files_come_from_flags_or_the_environment():
     assert parse_config([], {"RWKV_STATES": "a=/x/a.pth; b=/x/b.pth;"}).states == ("a=/x/a.pth", "b=/x/b.pth")
     assert parse_config(["--state", "c=/c.pth"], {"RWKV_STATES": "a=/a.pth"}).states == ("c=/c.pth",)
     assert parse_config([], {}).states == ()
+
+
+def test_launch_serves_v1_on_the_same_server_and_warns_when_v1_is_open_beyond_loopback(capsys):
+    from rwkv_chat.app.config import AppConfig
+    from rwkv_chat.app.openai_api import OpenAIApi
+    from rwkv_chat.app.ui import launch
+
+    class Demo:
+        rwkv_openai = OpenAIApi(None, ModelChoices(DEFAULT_MODEL))
+
+        def launch(self, **kwargs):
+            self.kwargs = kwargs
+
+    demo = Demo()
+    launch(demo, AppConfig(server_name="0.0.0.0"))
+    paths = {route.path for route in demo.kwargs["app_kwargs"]["routes"]}
+    assert paths == {"/v1/models", "/v1/chat/completions", "/v1/completions"}
+    assert "open to anyone who can reach 0.0.0.0:7860" in capsys.readouterr().out
+    launch(demo, AppConfig(server_name="0.0.0.0", api_key="k"))
+    launch(demo, AppConfig(server_name="127.0.0.1"))
+    assert capsys.readouterr().out == ""

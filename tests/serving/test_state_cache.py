@@ -8,7 +8,7 @@ import torch
 
 from rwkv_chat.models import RwkvConfig, empty_state
 from rwkv_chat.state import RwkvState
-from rwkv_chat.serving.state_cache import StateCache
+from rwkv_chat.serving.state_cache import NODE_BYTES, StateCache
 
 
 def state(value: float, size: int = 256) -> RwkvState:
@@ -16,6 +16,20 @@ def state(value: float, size: int = 256) -> RwkvState:
 
 
 ENTRY_BYTES = state(0).nbytes + 4 * 8  # state + 8 fp32 logits
+ONE_TOKEN_KEY = NODE_BYTES + 4  # a key of one token that shares nothing: one tree node
+
+
+def counted_bytes(cache: StateCache) -> int:
+    """Everything the cache holds, recounted from its tree: entries, and every node with its tokens."""
+    total, nodes = 0, [cache._root]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children.values())
+        if node is not cache._root:
+            total += NODE_BYTES + 4 * len(node.label)
+        if node.entry is not None:
+            total += node.entry.nbytes
+    return total
 
 
 def test_longest_cached_prefix_is_found():
@@ -40,7 +54,7 @@ def test_entries_are_private_copies():
 
 
 def test_least_recently_used_entries_are_evicted_beyond_the_byte_budget():
-    cache = StateCache(max_bytes=3 * ENTRY_BYTES)
+    cache = StateCache(max_bytes=3 * (ENTRY_BYTES + ONE_TOKEN_KEY))
     for key in range(3):
         cache.put([key], state(key), torch.zeros(8))
     cache.longest_prefix([0])  # 0 is now the most recently used
@@ -50,7 +64,7 @@ def test_least_recently_used_entries_are_evicted_beyond_the_byte_budget():
 
 
 def test_pinned_entries_survive_eviction_and_clear():
-    cache = StateCache(max_bytes=2 * ENTRY_BYTES)
+    cache = StateCache(max_bytes=2 * (ENTRY_BYTES + ONE_TOKEN_KEY))
     cache.put([42], state(42), torch.zeros(8), pinned=True)
     for key in range(5):
         cache.put([key], state(key), torch.zeros(8))
@@ -65,7 +79,7 @@ def test_states_are_stored_on_the_cpu():
 
 
 def test_concurrent_use_keeps_the_byte_count_exact():
-    cache = StateCache(max_bytes=10 * ENTRY_BYTES)
+    cache = StateCache(max_bytes=10 * (ENTRY_BYTES + 2 * ONE_TOKEN_KEY))
 
     def work(offset):
         for key in range(50):
@@ -77,7 +91,39 @@ def test_concurrent_use_keeps_the_byte_count_exact():
         thread.start()
     for thread in threads:
         thread.join()
-    assert cache.nbytes == len(cache) * ENTRY_BYTES <= cache.max_bytes
+    assert cache.nbytes == counted_bytes(cache) <= cache.max_bytes
+
+
+def test_keys_count_against_the_budget():
+    cache = StateCache()
+    cache.put(list(range(1000)), state(1), torch.zeros(8))
+    assert cache.nbytes == ENTRY_BYTES + NODE_BYTES + 4 * 1000 == counted_bytes(cache)
+    cache.put(list(range(500)) + [7] * 10, state(2), torch.zeros(8))  # splits the first key's edge at 500
+    assert cache.nbytes == 2 * ENTRY_BYTES + 3 * NODE_BYTES + 4 * 1010 == counted_bytes(cache)
+    cache.clear()
+    assert cache.nbytes == 0 == len(cache) and not cache._root.children
+
+
+def test_the_tree_answers_as_a_scan_of_every_key_would_through_puts_and_evictions():
+    import random
+    rng = random.Random(0)
+    cache = StateCache(max_bytes=12 * (ENTRY_BYTES + 3 * ONE_TOKEN_KEY))
+    for step in range(600):
+        base = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
+        if rng.random() < 0.5:
+            cache.put(base, state(step), torch.full((8,), float(step)))
+        query = base + [rng.randrange(3) for _ in range(rng.randrange(0, 4))]
+        keys = []  # the oracle: every key in the cache, read from its LRU order
+        for node in cache._lru:
+            tokens, walk = [], node
+            while walk is not cache._root:
+                tokens[:0] = list(walk.label)
+                walk = walk.parent
+            keys.append(tokens)
+        fits = [key for key in keys if query[:len(key)] == key]
+        hit = cache.longest_prefix(query)
+        assert (hit.length if hit else 0) == max(map(len, fits), default=0)
+        assert cache.nbytes == counted_bytes(cache) <= cache.max_bytes
 
 
 def test_state_stack_unstack_and_size():

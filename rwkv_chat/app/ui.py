@@ -12,8 +12,11 @@ Promises:
   generator, which ends the generation.
 - The picker offers only `ModelChoices` (catalog + the operator's --model); every API argument naming a
   model is checked against it.
+- Loading a model presets its family's chat settings (chat_defaults: template, thinking, sampling) and the start
+  states that fit it; a G1 model's reasoning shows as a folded "Thinking" message above its answer.
 Named API endpoints (gradio_client) are wired by ui_api.ChatApi, plus `stop` (the Stop button); all other
-events are private to the page.
+events are private to the page. `launch` also serves the OpenAI-compatible routes (openai_api.OpenAIApi) under
+/v1 on the same server.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def running_app(args: list[str], tmp_dir: Path, env: dict | None = None):
     hf_home.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "GRADIO_ANALYTICS_ENABLED": "False",
                 "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    for name in ("RWKV_MODEL", "RWKV_DEVICE", "RWKV_DTYPE", "RWKV_PREAMBLE", "RWKV_STATES", "GRADIO_SHARE",
-                 "SPACE_ID"):
+    for name in ("RWKV_MODEL", "RWKV_DEVICE", "RWKV_DTYPE", "RWKV_PREAMBLE", "RWKV_STATES", "RWKV_API_KEY",
+                 "RWKV_CORS_ORIGINS", "GRADIO_SHARE", "SPACE_ID"):
         if env is None or name not in env:
             full_env.pop(name, None)
     log_path = tmp_dir / f"app-{port}.log"

@@ -51,6 +51,7 @@ class AppConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     states: tuple[str, ...] = ()  # state files offered to chats, as NAME=PATH (loading/state_files.py)
     api_key: Optional[str] = None  # bearer key the OpenAI-compatible /v1 routes require (None: open, like the page)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the server ("*": any); () = Gradio's rules
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -61,6 +62,9 @@ class AppConfig:
             raise ValueError(f"concurrency must be between 1 and 256, got {self.concurrency}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.cors_origins and self.share:
+            raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
+                             "whose CORS rules cannot be changed")
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -88,6 +92,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
     parser.add_argument("--api-key", dest="api_key", default=env.get("RWKV_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 routes")
+    parser.add_argument("--cors-origins", dest="cors_origins", default=env.get("RWKV_CORS_ORIGINS", ""),
+                        help="comma-separated browser origins allowed to call the server, /v1 included "
+                             "(e.g. https://app.example, or *); not with --share")
     parser.add_argument("--state", dest="states", action="append", metavar="NAME=PATH",
                         help="offer a state file (state tuning, a persona) to chats with the models it fits; "
                              "repeatable; also RWKV_STATES='NAME=PATH;NAME2=PATH2'")
@@ -111,4 +118,5 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
         item.strip() for item in env.get("RWKV_STATES", "").split(";") if item.strip())
     return AppConfig(model=model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
                      server_name=args.server_name, share=args.share, concurrency=args.concurrency,
-                     max_queue=args.max_queue, states=states, api_key=args.api_key or None)
+                     max_queue=args.max_queue, states=states, api_key=args.api_key or None,
+                     cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()))

@@ -15,8 +15,8 @@ Promises:
   prompt over the limits, 401 for a missing or wrong key, 404 for an unknown model, 429 when `max_waiting`
   requests already wait, 503 while the model loads or could not be loaded.
 - `api_key` (the --api-key flag or RWKV_API_KEY) turns on bearer checks for every /v1 route, compared in constant
-  time. A client that disconnects stops its generation. CORS is Gradio's, for the whole server (it answers
-  preflights before any route or app middleware sees them).
+  time. A client that disconnects stops its generation. CORS is the server's (ui.launch: Gradio's rules, or the
+  operator's --cors-origins).
 - RWKV-7 G1 thinking: `think` ("off" / "think" / "fake think"; or OpenAI's `reasoning_effort`: "none" and
   "minimal" mean fake think, the others think) defaults to the family's; the reasoning is returned as
   `reasoning_content` beside `content`, never inside it.

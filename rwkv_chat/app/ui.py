@@ -71,14 +71,31 @@ def build_app(config: AppConfig) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     """Serve `demo` as `config` says (host, port, --share), with the OpenAI-compatible routes under /v1 on the
-    same server."""
+    same server. With --cors-origins the page is mounted in an app of ours whose CORS policy names those origins
+    (Gradio then adds none of its own) and served by uvicorn; otherwise Gradio serves it with its own rules."""
     if not config.api_key and config.server_name not in ("127.0.0.1", "localhost", "::1"):
         print(f"rwkv-chat: the OpenAI-compatible API at /v1 is open to anyone who can reach "
               f"{config.server_name}:{config.port}, as the page is; set --api-key (or RWKV_API_KEY) to require a key",
               flush=True)
     routes = list(demo.rwkv_openai.router().routes)
+    if config.cors_origins:
+        return serve_with_cors(demo, config, routes)
     return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share,
                        app_kwargs={"routes": routes}, **kwargs)
+
+
+def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+    from starlette.middleware.cors import CORSMiddleware
+
+    app = FastAPI(routes=routes)
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])
+    app = gr.mount_gradio_app(app, demo, path="/")
+    print(f"rwkv-chat: serving on http://{config.server_name}:{config.port}/ (browser origins allowed: "
+          f"{', '.join(config.cors_origins)})", flush=True)
+    uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning")
 
 
 def build_app_or_exit(config: AppConfig) -> gr.Blocks:

@@ -349,3 +349,12 @@ def test_launch_serves_v1_on_the_same_server_and_warns_when_v1_is_open_beyond_lo
     launch(demo, AppConfig(server_name="0.0.0.0", api_key="k"))
     launch(demo, AppConfig(server_name="127.0.0.1"))
     assert capsys.readouterr().out == ""
+
+
+def test_cors_origins_come_from_flags_or_the_environment_and_exclude_share():
+    assert parse_config(["--cors-origins", "https://a.example, https://b.example"], {}).cors_origins == \
+        ("https://a.example", "https://b.example")
+    assert parse_config([], {"RWKV_CORS_ORIGINS": "*"}).cors_origins == ("*",)
+    assert parse_config([], {}).cors_origins == ()
+    with pytest.raises(ValueError, match="--cors-origins and --share cannot be combined"):
+        parse_config(["--cors-origins", "*", "--share"], {})

@@ -216,3 +216,30 @@ def test_a_client_that_disconnects_stops_its_generation(tmp_path):
             except openai.RateLimitError:
                 assert time.time() < deadline, "the disconnected streams are still generating"
                 time.sleep(0.2)
+
+
+def test_cors_origins_are_the_operators_and_the_page_still_works(tmp_path):
+    from gradio_client import Client
+    tiny = save_pth(make_state_dict("5.2", n_layer=2, n_embd=128, seed=1), tmp_path / "tiny.pth")
+    with running_app(["--model", str(tiny), "--device", "cpu", "--cors-origins", "https://ok.example"],
+                     tmp_path) as app:
+        wait_until_loaded(app.url, "tiny.pth", key="none")
+
+        def preflight(origin):
+            request = urllib.request.Request(app.url + "v1/chat/completions", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return response.headers.get("access-control-allow-origin")
+            except urllib.error.HTTPError as error:
+                return error.headers.get("access-control-allow-origin")
+        assert preflight("https://ok.example") == "https://ok.example"
+        assert preflight("https://evil.example") is None
+        request = urllib.request.Request(app.url + "v1/models", headers={"Origin": "https://ok.example"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers.get("access-control-allow-origin") == "https://ok.example"
+        with urllib.request.urlopen(app.url, timeout=30) as page:
+            assert page.status == 200
+        answer, stats = Client(app.url, verbose=False).predict("Hello", max_new_tokens=4, api_name="/chat")
+        assert "prefill" in stats

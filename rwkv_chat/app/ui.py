@@ -21,10 +21,12 @@ events are private to the page. `launch` also serves the OpenAI-compatible route
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from .. import limits
-from ..loading.loader import DTYPES, ModelLoadError, resolve_device_dtype
+from ..loading.loader import DTYPES, ModelLoadError, config_from_state_dict, read_pth, resolve_device_dtype
 from ..loading.state_files import StateFileError, parse_state_specs
 from ..prompts import TEMPLATES, THINK_MODES
 from .chat_defaults import defaults_for, is_g1, with_think
@@ -99,11 +101,21 @@ def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
 
 
 def build_app_or_exit(config: AppConfig) -> gr.Blocks:
-    """`build_app` for the command line: a setting that cannot work (a state file) ends the start with its reason."""
+    """`build_app` for the command line: a setting that cannot work (a state file, a local --model file that cannot
+    be read as an RWKV checkpoint) ends the start with its reason on the console."""
     try:
+        check_local_model(config.model)
         return build_app(config)
-    except StateFileError as error:
+    except (StateFileError, ModelLoadError) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def check_local_model(source: str) -> None:
+    """For a local checkpoint file: read its header (memory-mapped, cheap) and its shapes now, so a broken file
+    is reported at start-up rather than on the page; ModelLoadError says what is wrong."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        config_from_state_dict(read_pth(path))
 
 
 def main() -> None:

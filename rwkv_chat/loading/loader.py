@@ -119,7 +119,10 @@ def read_weights(source, report: Progress) -> dict[str, torch.Tensor]:
 
 
 def torch_load(path: Path) -> dict:
-    """torch.load with weights_only=True, memory-mapped when the file format allows it."""
+    """torch.load with weights_only=True, memory-mapped when the file format allows it. A file that cannot be
+    read says why in the package's words (torch's own message suggests weights_only=False, which we never use)."""
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"cannot read {path}: the file is empty (0 bytes); it was not written or copied whole")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -128,7 +131,19 @@ def torch_load(path: Path) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
     except Exception as error:  # unpickling refused, truncated file, not a checkpoint at all, ...
-        raise ModelLoadError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
+        raise ModelLoadError(f"cannot read {path} as a PyTorch checkpoint: {_load_failure(error)}") from None
+
+
+def _load_failure(error: Exception) -> str:
+    text = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if unpickler is not None:
+        return (f"it is not a plain file of tensors ({unpickler.group(1).strip()}); it may hold Python objects or "
+                "code, and checkpoints are only ever read as plain tensors (weights_only=True)")
+    if isinstance(error, EOFError):
+        return "the file ends too early (a truncated download or copy?)"
+    first = text.strip().splitlines()[0] if text.strip() else "no detail"
+    return f"{type(error).__name__}: {first}"
 
 
 def read_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -148,7 +163,11 @@ def read_hf_dir(directory: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
-            raw.update(load_file(str(file)))
+            try:
+                raw.update(load_file(str(file)))
+            except Exception as error:  # noqa: BLE001 - a damaged or foreign file
+                raise ModelLoadError(f"cannot read {file} as a safetensors file (damaged, truncated or not "
+                                     f"safetensors): {error}") from None
         else:
             raw.update(torch_load(file))
     return hf_to_original_names(raw)

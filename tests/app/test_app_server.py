@@ -280,6 +280,16 @@ def test_a_chat_can_start_from_a_state_file_the_operator_offers(g1_server, ref_t
         chat(c, "Hello", start_state="/etc/passwd")  # never a path: only the operator's names
 
 
+def test_a_broken_model_file_stops_the_start_with_its_reason(tmp_path):
+    import subprocess
+    import sys
+    from app_harness import REPO
+    (tmp_path / "empty.pth").write_bytes(b"")
+    done = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "empty.pth"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode != 0 and "error: cannot read" in done.stderr and "the file is empty" in done.stderr
+
+
 def test_a_bad_state_file_stops_the_start_with_its_reason(tiny, tmp_path):
     import subprocess
     import sys

@@ -96,10 +96,29 @@ def test_non_rwkv_and_unsafe_files_are_refused(tmp_path):
         def __reduce__(self):
             return (print, ("code ran",))
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"emb.weight": Payload()}))
-    with pytest.raises(ModelLoadError, match="cannot read"):
+    with pytest.raises(ModelLoadError, match="cannot read") as refused:
         load_model(tmp_path / "evil.pth")
+    assert "not a plain file of tensors" in str(refused.value) and "weights_only=True" in str(refused.value)
+    assert "weights_only` set to `False` will likely succeed" not in str(refused.value)  # torch's advice: never
     with pytest.raises(ModelLoadError, match="cannot load 'no such thing'"):
         load_model("no such thing")
+
+
+def test_broken_files_say_what_is_wrong_with_them(tmp_path, make_checkpoint):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty.pth: the file is empty \\(0 bytes\\)"):
+        load_model(tmp_path / "empty.pth")
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ModelLoadError, match="cannot read .*noise.pth as a PyTorch checkpoint: .+"):
+        load_model(tmp_path / "noise.pth")
+    whole = (make_checkpoint("5.2").path).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ModelLoadError, match="cannot read .*cut.pth as a PyTorch checkpoint: .+"):
+        load_model(tmp_path / "cut.pth")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(bytes(range(256)))
+    with pytest.raises(ModelLoadError, match="cannot read .*model.safetensors as a safetensors file"):
+        load_model(tmp_path / "hf")
 
 
 def test_a_checkpoint_between_architectures_is_named_and_refused(tiny_pth):

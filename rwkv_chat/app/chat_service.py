@@ -33,6 +33,7 @@ from ..serving.session import ChatSession
 from .model_choices import ModelKey
 
 NO_SEED = -1
+MAX_SEED = 2**63 - 1  # torch.Generator's seeds are 64-bit
 
 
 class Busy(RuntimeError):
@@ -68,6 +69,8 @@ class ChatSettings:
             if getattr(sampling, name) > cap:
                 raise ValueError(f"{name} must be at most {cap}, got {getattr(sampling, name)}")
         seed = _integer("seed", NO_SEED if self.seed is None else self.seed)
+        if not NO_SEED <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be between {NO_SEED} (random) and {MAX_SEED}, got {seed}")
         return GenerationSettings(sampling, _integer("max_new_tokens", self.max_new_tokens),
                                   None if seed < 0 else seed, self.think)
 
@@ -88,6 +91,11 @@ def _number(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def _check_message(message) -> None:
+    if not isinstance(message, str):
+        raise ValueError(f"message must be text, got {'nothing' if message is None else type(message).__name__}")
 
 
 def _integer(name, value) -> int:
@@ -214,6 +222,7 @@ class ChatService:
     # ------------------------------------------------------------------------------------ answers
     def reply(self, conversation: Conversation, message: str, settings: ChatSettings,
               stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
+        _check_message(message)
         generation = settings.generation()
         style = settings.session_style()
         notice = ""
@@ -234,6 +243,7 @@ class ChatService:
 
     def edit(self, conversation: Conversation, turn_index: int, message: str, settings: ChatSettings,
              stop: Optional[threading.Event] = None, progress=None) -> Iterator[ChatUpdate]:
+        _check_message(message)
         turn_index = _integer("turn_index", turn_index)
         if not 0 <= turn_index < len(conversation.session.turns):
             raise ValueError(f"there is no message {turn_index} to edit (the conversation has "

@@ -31,7 +31,7 @@ class ChatApi:
             api_answer = gr.Textbox(label="answer")
             api_stats = gr.Textbox(label="stats")
             api_text = gr.Textbox(label="text")
-            api_turn = gr.Number(label="turn_index", precision=0, value=0)
+            api_turn = gr.Number(label="turn_index", value=0)  # no rounding here: 0.5 is refused, not made 0
             api_json = gr.JSON(label="result")
         state = [page.conversation, page.control]
         answer = [api_answer, api_stats, page.conversation]
@@ -57,7 +57,8 @@ class ChatApi:
                 updates = start(stop)
                 for update in throttled(updates):
                     if update.done:
-                        yield update.answer, update.conversation.stats, update.conversation
+                        notice = f"[{update.notice}] " if update.notice else ""
+                        yield update.answer, notice + update.conversation.stats, update.conversation
                     else:
                         yield update.answer, "", gr.skip()
         except Exception as error:  # noqa: BLE001 - reported to the client; the conversation stays as it was

@@ -297,3 +297,18 @@ def test_a_bad_state_file_stops_the_start_with_its_reason(tiny, tmp_path):
     done = subprocess.run([sys.executable, "app.py", "--model", str(tiny.path), "--device", "cpu", "--state",
                            f"gone={tmp_path / 'gone.pth'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode != 0 and "error: cannot read state file" in done.stderr and "(gone)" in done.stderr
+
+
+def test_refusals_name_the_setting_and_a_new_style_says_it_started_over(server):
+    c = client(server)
+    chat(c, "First")
+    with pytest.raises(AppError, match="message must be text, got nothing"):
+        c.predict(None, **SHORT, api_name="/chat")
+    with pytest.raises(AppError, match="seed must be between -1 \\(random\\) and 9223372036854775807"):
+        chat(c, "Hi", seed=2**70)
+    with pytest.raises(AppError, match="turn_index must be a whole number, got 0.5"):
+        c.predict(0.5, "Edited", **SHORT, api_name="/edit")
+    assert [m for m, _ in c.predict(api_name="/history")] == ["First"]  # nothing changed
+    _, stats = chat(c, "Again", prompt_style="User/Assistant")
+    assert stats.startswith("[new conversation (prompt style, preamble or start state changed)] prefill ")
+    assert [m for m, _ in c.predict(api_name="/history")] == ["Again"]

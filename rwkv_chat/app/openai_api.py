@@ -124,7 +124,7 @@ class OpenAIApi:
         defaults = defaults_for(choice, self.preamble)
         think = _think(body, defaults.think)
         preamble, turns, message = _conversation(body.get("messages"), defaults.prompt_style)
-        session = ChatSession(defaults.prompt_style, preamble)
+        session = ChatSession(defaults.prompt_style, preamble or self.preamble)  # the operator's, without a system
         engine = self._engine(key)
         for user, assistant in turns:
             session = session.with_turn(history_turn(session, engine.tokenizer, user, assistant, think))

@@ -10,8 +10,9 @@ What it promises:
   token read for the turn, the preamble's included when it had to be read. On a cache miss the state is
   rebuilt from the session's tokens, with the same result.
 - Generation streams text as it decodes (never a broken multi-byte character), stops at the turn separator,
-  end-of-text (token 0, never shown), the token limit, or a stop request, and the state it keeps always
-  matches the tokens of the answer it keeps (the stop separator is not fed; text that shares its token is).
+  end-of-text (token 0, never shown), the token limit, a stop string of the settings, or a stop request, and the
+  state it keeps always matches the tokens it keeps (the stop separator is not fed; text that shares its token
+  is). `complete` continues plain text, where only stop strings, end-of-text and the limit end it.
 - Nothing here touches a session in place: each reply hands back a new `ChatSession`.
 - Start states (state files): `add_start_state(name, state)` registers an initial state; a session whose
   `start_state` names it begins there instead of from zeros. The cache keys such a conversation's tokens after

@@ -12,6 +12,8 @@ Promises:
   conversation; when a stop was requested it holds the partial answer, and the state kept matches it.
 - A conversation keeps the prompt style, preamble and start state it started with; a message sent with other
   ones starts a new conversation (the update's `notice` says so).
+- The "messages" (Gradio's chat format) show user text as typed and answers as Markdown without raw HTML or
+  remote images (display.py); stored texts and every API return the texts themselves.
 - The stats line is the engine's (serving/engine.py): `prefill N tok` counts every token read before the
   first new token of the turn, the preamble's included when it had to be read.
 Knows nothing of Gradio.
@@ -30,6 +32,7 @@ from ..prompts import DEFAULT_TEMPLATE, TEMPLATES
 from ..serving.engine import GenerationSettings
 from ..serving.sampling import SamplingParams
 from ..serving.session import ChatSession
+from .display import answer_markdown, user_markdown
 from .model_choices import ModelKey
 
 NO_SEED = -1
@@ -134,11 +137,13 @@ class Conversation:
 
 
 def user_message(text: str) -> dict:
-    return {"role": "user", "content": text}
+    """A user's message for the page: shown exactly as typed (display.user_markdown)."""
+    return {"role": "user", "content": user_markdown(text)}
 
 
 def assistant_message(text: str) -> dict:
-    return {"role": "assistant", "content": text}
+    """An answer for the page: Markdown without raw HTML or remote images (display.answer_markdown)."""
+    return {"role": "assistant", "content": answer_markdown(text)}
 
 
 def answer_messages(answer: str, reasoning: str = "", thinking: bool = False) -> list[dict]:
@@ -146,7 +151,7 @@ def answer_messages(answer: str, reasoning: str = "", thinking: bool = False) ->
     answer (left out while the model is still thinking and has written none)."""
     shown = []
     if reasoning or thinking:
-        shown.append({"role": "assistant", "content": reasoning,
+        shown.append({"role": "assistant", "content": answer_markdown(reasoning),
                       "metadata": {"title": "Thinking", "status": "pending" if thinking else "done"}})
     if answer or not shown:
         shown.append(assistant_message(answer))

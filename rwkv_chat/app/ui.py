@@ -32,6 +32,7 @@ from ..prompts import TEMPLATES, THINK_MODES
 from .chat_defaults import defaults_for, is_g1, with_think
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
 from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
+from .display import user_text
 from .engine_factory import EngineFactory
 from .model_choices import ModelChoices, ModelKey, describe
 from .model_pool import ModelPool
@@ -328,7 +329,7 @@ class ChatPage:
         if turn is None:  # only user messages are editable
             yield gr.skip(), conversation.messages(), gr.skip(), gr.skip()
             return
-        run = lambda stop: self.service.edit(conversation, turn, _message_text(edit.value),  # noqa: E731
+        run = lambda stop: self.service.edit(conversation, turn, user_text(_message_text(edit.value)),  # noqa: E731
                                              ChatSettings(*settings), stop, _stage_reporter(progress))
         yield from self._ui_stream(run, conversation, control, clear_box=False)
 

@@ -127,3 +127,10 @@ def test_loading_another_precision_starts_a_new_conversation(page):
     assert "ready" in page.inner_text("#model-status")
     assert texts(page, "user") == []
     assert "cpu bf16" in send(page, "After switching")
+
+
+def test_what_a_person_types_is_shown_as_typed(page):
+    typed = "<b>bold?</b> **stars** <img src=http://127.0.0.1:9/x.png> a_b"
+    send(page, typed)
+    assert texts(page, "user")[-1] == typed
+    assert page.query_selector_all('#chat [data-testid="user"] img, #chat [data-testid="user"] b') == []

@@ -1,4 +1,4 @@
-"""rwkv-chat: chat with RWKV-4 World and RWKV-5 World models.
+"""rwkv-chat: chat with RWKV language models: RWKV-7 G1 and RWKV-4, 5, 6 and 7 World.
 
 The stable public surface:
 

@@ -9,5 +9,7 @@ STATE_CACHE_BYTES = 1024 * 2**20  # prefix-state cache shared by all sessions of
 MAX_TOP_K = 1_000
 MAX_TEMPERATURE = 5.0
 MAX_PENALTY = 2.0
+MAX_UPLOAD_BYTES = 1024  # the app takes no files: Gradio's upload route refuses anything bigger
+CACHE_CLEAN_S = 3600  # Gradio's temporary files are deleted this often, once this old (and at every start)
 MAX_STOP_STRINGS = 4  # OpenAI's bound on `stop`
 MAX_STOP_CHARS = 64

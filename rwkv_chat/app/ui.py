@@ -5,6 +5,8 @@ Promises:
   `Conversation` and a `SessionControl` (stop button + one generation at a time). No chat state lives in
   module globals; models are shared through one `ModelPool`, loaded in the handler's own worker thread
   (queue slot "load"), so other sessions keep chatting meanwhile.
+- The page takes no files: Gradio's upload route refuses more than limits.MAX_UPLOAD_BYTES, and its temporary files
+  are cleaned every hour and at every start.
 - Refused input (too long, empty, settings out of bounds, unknown model) is reported with its message
   (a gr.Warning toast on the page; gr.Error, i.e. an AppError, for API clients) and changes nothing: the
   text stays in the box, the conversation is unchanged.
@@ -84,7 +86,7 @@ def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     if config.cors_origins:
         return serve_with_cors(demo, config, routes)
     return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share,
-                       app_kwargs={"routes": routes}, **kwargs)
+                       app_kwargs={"routes": routes}, max_file_size=limits.MAX_UPLOAD_BYTES, **kwargs)
 
 
 def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
@@ -95,7 +97,7 @@ def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
     app = FastAPI(routes=routes)
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
-    app = gr.mount_gradio_app(app, demo, path="/")
+    app = gr.mount_gradio_app(app, demo, path="/", max_file_size=limits.MAX_UPLOAD_BYTES)
     print(f"rwkv-chat: serving on http://{config.server_name}:{config.port}/ (browser origins allowed: "
           f"{', '.join(config.cors_origins)})", flush=True)
     uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning")
@@ -157,7 +159,7 @@ class ChatPage:
 
     # ------------------------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
-        with gr.Blocks(title=TITLE) as demo:
+        with gr.Blocks(title=TITLE, delete_cache=(limits.CACHE_CLEAN_S, limits.CACHE_CLEAN_S)) as demo:
             self.conversation = gr.State(self.service.start(self.default_key, self.default_settings))
             self.control = gr.State(SessionControl())
             gr.Markdown(INTRO)

@@ -312,3 +312,16 @@ def test_refusals_name_the_setting_and_a_new_style_says_it_started_over(server):
     _, stats = chat(c, "Again", prompt_style="User/Assistant")
     assert stats.startswith("[new conversation (prompt style, preamble or start state changed)] prefill ")
     assert [m for m, _ in c.predict(api_name="/history")] == ["Again"]
+
+
+def test_the_upload_route_refuses_files(server):
+    import urllib.error
+    import urllib.request
+    boundary = "rwkvchatboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 20_000 + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(server.url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413

@@ -135,3 +135,20 @@ class Architecture:
 
     def __repr__(self) -> str:
         return f"<{self.family} architecture {self.version}>"
+
+
+class HeadMatrixArchitecture(Architecture):
+    """An architecture whose time-mix memory is one N x N matrix per head of `head_size` (RWKV-5, 6 and 7): the
+    state shapes and sizes they share. Subclasses say how state files lay that matrix out."""
+
+    heads = True
+
+    def n_head(self, config):
+        return config.dim_att // config.head_size
+
+    def empty_wkv(self, config, batch, device):
+        h, n = config.n_head, config.head_size
+        return torch.zeros(batch, config.n_layer, h, n, n, dtype=torch.float32, device=device)
+
+    def state_floats_per_layer(self, n_embd, dim_att, head_size):
+        return 2 * n_embd + dim_att * head_size

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import parallel_wkv
-from .architecture import Architecture, TimeMixPack, UnsupportedCheckpoint
+from .architecture import HeadMatrixArchitecture, TimeMixPack, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, mix, token_shift
 
 
 def wkv5_step(log_w, u, r, k, v, s):
-    """One token of the v5 recurrence. r, k, v: [B, H, S]; log_w, u: [H, S]; s: [B, H, S(key), S(value)]."""
+    """One token of the v5 recurrence. r, k, v: [B, H, S]; u: [H, S]; log_w: [H, S], or [B, H, S] where the decay
+    depends on the token (RWKV-6); s: [B, H, S(key), S(value)]."""
     a = k.unsqueeze(-1) * v.unsqueeze(-2)  # [B, H, S, S]
     out = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * a + s)).squeeze(-2)  # [B, H, S]
     return out, a + torch.exp(log_w).unsqueeze(-1) * s
@@ -99,11 +100,10 @@ class TimeMixV5(nn.Module):
         return self.output(out), wkv, carry
 
 
-class Rwkv5(Architecture):
+class Rwkv5(HeadMatrixArchitecture):
     """5.0 (`gated=False`) or 5.2 (`gated=True`)."""
 
     family = "RWKV-5"
-    heads = True
     cpu_kernel_id = 5
     triton_decode = True
     cpu_wkv_chunk = 16
@@ -136,21 +136,11 @@ class Rwkv5(Architecture):
         return key, tensor
 
     # ------------------------------------------------------------------------------------- shapes and state
-    def n_head(self, config):
-        return config.dim_att // config.head_size
-
-    def empty_wkv(self, config, batch, device):
-        h, s = config.n_head, config.head_size
-        return torch.zeros(batch, config.n_layer, h, s, s, dtype=torch.float32, device=device)
-
     def make_time_mix(self, config, layer_id):
         return TimeMixV5(config, self.gated)
 
     def time_mix_params(self, n_embd, dim_att):
         return (5 if self.gated else 4) * n_embd * dim_att
-
-    def state_floats_per_layer(self, n_embd, dim_att, head_size):
-        return 2 * n_embd + dim_att * head_size
 
     # ------------------------------------------------------------------------------------- fast paths
     def pack_time_mix(self, att, config):

@@ -18,17 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import Architecture
+from .architecture import HeadMatrixArchitecture
 from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, token_shift
+from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
 
 
-def wkv6_step(log_w, u, r, k, v, s):
-    """One token. r, k, v, log_w: [B, H, N]; u: [H, N]; s: [B, H, N(key), N(value)] -> (out [B, H, N], s)."""
-    a = k.unsqueeze(-1) * v.unsqueeze(-2)
-    out = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * a + s)).squeeze(-2)
-    return out, a + torch.exp(log_w).unsqueeze(-1) * s
+wkv6_step = wkv5_step  # one token: RWKV-5.2's step, its decay given per sequence ([B, H, N]) instead of shared
 
 
 def wkv6_chunk(log_w, u, r, k, v, s):
@@ -122,10 +119,9 @@ class ChannelMixV6(nn.Module):
         return torch.sigmoid(self.receptance(xx + sx * self.time_maa_r)) * self.value(k)
 
 
-class Rwkv6(Architecture):
+class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
-    heads = True
     fast_runner = False
     state_file_transposed = True  # state files hold [H, N(value), N(key)]; this memory is [H, N(key), N(value)]
 
@@ -149,13 +145,6 @@ class Rwkv6(Architecture):
             return key, tensor.reshape(tensor.shape[0], -1)  # some files keep a trailing [.., 1]
         return key, tensor
 
-    def n_head(self, config):
-        return config.dim_att // config.head_size
-
-    def empty_wkv(self, config, batch, device):
-        h, n = config.n_head, config.head_size
-        return torch.zeros(batch, config.n_layer, h, n, n, dtype=torch.float32, device=device)
-
     def make_time_mix(self, config, layer_id):
         return TimeMixV6(config, layer_id)
 
@@ -165,9 +154,6 @@ class Rwkv6(Architecture):
     def time_mix_params(self, n_embd, dim_att):
         maa, decay = self.default_lora(n_embd)
         return 5 * n_embd * dim_att + 2 * MAA_PARTS * maa * n_embd + 2 * decay * n_embd
-
-    def state_floats_per_layer(self, n_embd, dim_att, head_size):
-        return 2 * n_embd + dim_att * head_size
 
 
 ARCHITECTURES = (Rwkv6(),)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import Architecture, UnsupportedCheckpoint
+from .architecture import HeadMatrixArchitecture, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
@@ -157,10 +157,9 @@ class ChannelMixV7(nn.Module):
         return self.value(torch.relu(self.key(xx + (shifted - xx) * self.x_k)).square())
 
 
-class Rwkv7(Architecture):
+class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
-    heads = True
     fast_runner = False
     state_file_transposed = False
 
@@ -200,13 +199,6 @@ class Rwkv7(Architecture):
             return key, tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() != 2 else tensor
         return key, tensor
 
-    def n_head(self, config):
-        return config.dim_att // config.head_size
-
-    def empty_wkv(self, config, batch, device):
-        h, n = config.n_head, config.head_size
-        return torch.zeros(batch, config.n_layer, h, n, n, dtype=torch.float32, device=device)
-
     def make_time_mix(self, config, layer_id):
         return TimeMixV7(config, layer_id)
 
@@ -218,9 +210,6 @@ class Rwkv7(Architecture):
 
     def channel_mix_params(self, n_embd, dim_ffn):
         return 2 * n_embd * dim_ffn  # no receptance
-
-    def state_floats_per_layer(self, n_embd, dim_att, head_size):
-        return 2 * n_embd + dim_att * head_size
 
 
 ARCHITECTURES = (Rwkv7(),)

@@ -109,20 +109,7 @@ def test_greedy_generate_equals_the_greedy_continuation_of_load_model(version, c
     assert output[0, ids.shape[1]:].tolist() == greedy(original, ids[0].tolist(), 8)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_new_prompt_on_top_of_a_returned_cache(version, converted):
-    _, _, model, tokenizer, _ = converted
-    first = prompt_ids(tokenizer)
-    out = model.generate(first, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    cache = out[CACHE_NAME]
-    assert isinstance(cache, RwkvCache) and cache.get_seq_length() == out.sequences.shape[1] - 1
-    before = cache.state.clone()
-    more = prompt_ids(tokenizer, "\n\nQuestion: And of Italy?\n\nAnswer:")
-    whole = torch.cat([out.sequences, more], dim=1)
-    continued = model.generate(whole, **{CACHE_NAME: cache}, max_new_tokens=6, do_sample=False)
-    from_scratch = model.generate(whole, max_new_tokens=6, do_sample=False)
-    assert torch.equal(continued, from_scratch)
-    assert cache.state.equal(before)  # the cache handed in is not changed
+# a new prompt on top of a returned cache: tests/hf/test_hf_model.py, parametrized over these versions too
 
 
 @pytest.mark.parametrize("version", VERSIONS)

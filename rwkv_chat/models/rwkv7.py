@@ -11,8 +11,10 @@
   `kk = normalize(k * k_k)` per head, `k *= 1 + (a - 1) * k_a`; after layer 0 the value is pulled towards layer
   0's (`v_first`, which flows across the layers of one token: the `carry` of the time mix). Per head:
   `S = S diag(w) + (S (-kk)) (kk a)^T + v k^T; y = S r`, then GroupNorm of the heads plus `(r . k r_k) v`,
-  times g. `wkv7_step` runs one token; `wkv7_chunk` L tokens at once through the WY form of that
-  diagonal-plus-rank-one recurrence (one triangular solve per chunk; every exponent stays within the chunk).
+  times g. `wkv7_step` runs one token; `wkv7_chunks` T tokens at once through the WY form of that
+  diagonal-plus-rank-one recurrence: every chunk becomes an affine map of its start state, all chunks in one
+  batched pass (one triangular solve), and only one small matrix product per chunk runs in sequence; every
+  exponent stays within a chunk.
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
 - Fast paths: none yet beyond the plain PyTorch path (`fast_runner = False`).
 """
@@ -41,32 +43,54 @@ def wkv7_step(log_w, r, k, v, kk, a, s):
     return (s @ r.unsqueeze(-1)).squeeze(-1), s
 
 
-def wkv7_chunk(log_w, r, k, v, kk, a, s):
-    """L tokens at once. Every input [B, H, L, N]; s: [B, H, N(value), N(key)] -> (y [B, H, L, N], s).
+def wkv7_chunks(log_w, r, k, v, kk, a, s, chunk: int):
+    """T tokens at once, in chunks of `chunk`. Every input [B, H, T, N]; s: [B, H, N(value), N(key)]
+    -> (y [B, H, T, N], s).
 
     With alpha = -kk, beta = kk * a, D_t = diag(e^log_w_t): S_t = S_{t-1} D_t + u_t beta_t^T + v_t k_t^T, where
-    u_t = S_{t-1} alpha_t. Unrolled with G_t = D_1 ... D_t, u depends linearly on the earlier u's (a unit lower
-    triangular system, solved exactly) and y_t = S_t r_t on the u's, the v's and S_0.
+    u_t = S_{t-1} alpha_t. Within a chunk, with G_t = D_1 ... D_t and S_0 its start state, the u's solve a unit
+    lower triangular system T u = alpha' S_0^T + M_k v, so u = P S_0^T + Q with P = T^-1 alpha' and
+    Q = T^-1 M_k v independent of S_0. Hence every chunk is an affine map of its start state, S_c = S_{c-1} M_c
+    + N_c, and its outputs are y = S_{c-1} R'^T + Y_0: all of M, N, R', Y_0 come from one batched pass over
+    every chunk (one triangular solve), and only the chunk-to-chunk products run in sequence. Every exponent
+    stays within one chunk (a factor of at most e^(chunk * DECAY_SCALE)). A ragged last chunk is padded with
+    tokens that leave the state as it is (decay 1, zero keys, values and learning rate).
     """
-    length = r.shape[2]
-    c = torch.cumsum(log_w, dim=2)
+    batch, heads, length, size = r.shape
+    chunk = min(chunk, length)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+
+    def chunked(t):  # [B, H, T, N] -> [B, H, C, L, N]
+        return F.pad(t, (0, 0, 0, pad)).reshape(batch, heads, n_chunks, chunk, size)
+
+    log_w, r, k, v, kk, a = (chunked(t) for t in (log_w, r, k, v, kk, a))
+    c = torch.cumsum(log_w, dim=-2)
     grow, shrink = torch.exp(-c), torch.exp(c)
     alpha = -kk * torch.exp(c - log_w)  # alpha_t G_{t-1}
     beta, k_in = kk * a * grow, k * grow  # beta_j / G_j, k_j / G_j
     r_out = r * shrink  # r_t G_t
-    strict = torch.ones(length, length, dtype=torch.bool, device=r.device).tril(-1)
-    inclusive = strict | torch.eye(length, dtype=torch.bool, device=r.device)
-    s_t = s.transpose(-1, -2)  # [B, H, K, V]
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).tril(-1)
+    inclusive = strict | torch.eye(chunk, dtype=torch.bool, device=r.device)
     beta_t, k_t = beta.transpose(-1, -2), k_in.transpose(-1, -2)
-    m_beta_alpha = (alpha @ beta_t) * strict
-    m_k_alpha = (alpha @ k_t) * strict
-    eye = torch.eye(length, dtype=r.dtype, device=r.device)
-    u = torch.linalg.solve_triangular(eye - m_beta_alpha, alpha @ s_t + m_k_alpha @ v, upper=False,
-                                      unitriangular=True)  # [B, H, L, V]
-    y = r_out @ s_t + ((r_out @ beta_t) * inclusive) @ u + ((r_out @ k_t) * inclusive) @ v
-    end = shrink[:, :, -1:]  # G_L [B, H, 1, K]
-    s = s * end + u.transpose(-1, -2) @ (beta * end) + v.transpose(-1, -2) @ (k_in * end)
-    return y, s
+    eye = torch.eye(chunk, dtype=r.dtype, device=r.device)
+    right = torch.cat([alpha, ((alpha @ k_t) * strict) @ v], dim=-1)  # [B, H, C, L, K + V]
+    pq = torch.linalg.solve_triangular(eye - (alpha @ beta_t) * strict, right, upper=False, unitriangular=True)
+    p, q = pq[..., :size], pq[..., size:]  # [B, H, C, L, K], [B, H, C, L, V]
+    end = shrink[..., -1:, :]  # G_L [B, H, C, 1, K]
+    beta_end = beta * end
+    m = torch.diag_embed(end.squeeze(-2)) + p.transpose(-1, -2) @ beta_end  # [B, H, C, K, K]
+    n = q.transpose(-1, -2) @ beta_end + v.transpose(-1, -2) @ (k_in * end)  # [B, H, C, V, K]
+    r_beta = (r_out @ beta_t) * inclusive
+    r_start = r_out + r_beta @ p  # y = r_start @ S_{c-1}^T + y_own
+    y_own = r_beta @ q + ((r_out @ k_t) * inclusive) @ v  # [B, H, C, L, V]
+    starts = []
+    for i in range(n_chunks):
+        starts.append(s)
+        s = torch.baddbmm(n[:, :, i].reshape(-1, size, size), s.reshape(-1, size, size),
+                          m[:, :, i].reshape(-1, size, size)).view(batch, heads, size, size)
+    y = r_start @ torch.stack(starts, dim=2).transpose(-1, -2) + y_own
+    return y.view(batch, heads, n_chunks * chunk, size)[:, :, :length], s
 
 
 class TimeMixV7(nn.Module):
@@ -129,14 +153,8 @@ class TimeMixV7(nn.Module):
                                a_h[:, :, 0], wkv)
             y = y.unsqueeze(2)
         else:
-            pieces = []
             chunk = WKV7_GPU_CHUNK if xx.is_cuda else WKV7_CHUNK
-            for start in range(0, length, chunk):
-                part = slice(start, start + chunk)
-                piece, wkv = wkv7_chunk(log_w_h[:, :, part], r_h[:, :, part], k_h[:, :, part],
-                                        v_h[:, :, part], kk[:, :, part], a_h[:, :, part], wkv)
-                pieces.append(piece)
-            y = torch.cat(pieces, dim=2)
+            y, wkv = wkv7_chunks(log_w_h, r_h, k_h, v_h, kk, a_h, wkv, chunk)
         y = y.transpose(1, 2).reshape(batch * length, h * n)
         y = group_norm(y, h, self.ln_x.weight, self.ln_x.bias).view(heads)
         bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(-1, keepdim=True) * v.view(heads)

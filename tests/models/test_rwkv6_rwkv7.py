@@ -98,9 +98,8 @@ def test_state_contract_and_batched_decoding(checkpoint):
     assert state.clone().equal(state)
 
 
-@pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
-def test_chunked_recurrences_equal_their_one_token_steps(chunk):
-    """The parallel forms against a token-by-token loop of the step (float64, strong decays included)."""
+def test_rwkv6_chunked_recurrence_equals_its_one_token_steps():
+    """The parallel form against a token-by-token loop of the step (float64, strong decays included)."""
     gen = torch.Generator().manual_seed(0)
     batch, heads, length, size = 2, 3, 150, 16
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -116,37 +115,50 @@ def test_chunked_recurrences_equal_their_one_token_steps(chunk):
     assert torch.allclose(chunk_out, torch.stack(steps, 2), atol=1e-9)
     assert torch.allclose(chunk_state, state, atol=1e-9)
 
-    log_w7 = -rwkv7.DECAY_SCALE * torch.sigmoid(rand(batch, heads, length, size) * 3)
-    kk = torch.nn.functional.normalize(rand(batch, heads, length, size), dim=-1)
-    a = torch.sigmoid(rand(batch, heads, length, size))
+
+def wkv7_inputs(batch, length, seed, heads=3, size=16, strongest=False):
+    """Random RWKV-7 recurrence inputs [B, H, T, N] (float64) and a start state."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    shape = (batch, heads, length, size)
+    log_w = -rwkv7.DECAY_SCALE * torch.sigmoid(rand(*shape) * 3)
+    if strongest:  # every decay at its strongest: the largest in-chunk factors
+        log_w = torch.full_like(log_w, -rwkv7.DECAY_SCALE)
+    kk = torch.nn.functional.normalize(rand(*shape), dim=-1)
+    a = torch.sigmoid(rand(*shape))
+    return (log_w, rand(*shape), rand(*shape), rand(*shape), kk, a), rand(batch, heads, size, size)
+
+
+def wkv7_token_loop(inputs, s0):
     state, steps = s0, []
-    for t in range(length):
-        out, state = rwkv7.wkv7_step(log_w7[:, :, t], r[:, :, t], k[:, :, t], v[:, :, t], kk[:, :, t],
-                                     a[:, :, t], state)
+    for t in range(inputs[0].shape[2]):
+        out, state = rwkv7.wkv7_step(*(x[:, :, t] for x in inputs), state)
         steps.append(out)
-    outs, carried = [], s0
-    for start in range(0, length, chunk):
-        part = slice(start, start + chunk)
-        out, carried = rwkv7.wkv7_chunk(log_w7[:, :, part], r[:, :, part], k[:, :, part], v[:, :, part],
-                                        kk[:, :, part], a[:, :, part], carried)
-        outs.append(out)
-    assert torch.allclose(torch.cat(outs, 2), torch.stack(steps, 2), atol=1e-9)
-    assert torch.allclose(carried, state, atol=1e-9)
-    # fp32, as the models run it, with every decay at its strongest (the largest in-chunk factors)
-    strongest = torch.full_like(log_w7, -rwkv7.DECAY_SCALE).float()
-    state32, steps32 = s0, []
-    for t in range(length):
-        out, state32 = rwkv7.wkv7_step(strongest[:, :, t].double(), r[:, :, t], k[:, :, t], v[:, :, t], kk[:, :, t],
-                                       a[:, :, t], state32)
-        steps32.append(out)
-    outs, carried = [], s0.float()
-    for start in range(0, length, chunk):
-        part = slice(start, start + chunk)
-        out, carried = rwkv7.wkv7_chunk(*(t[:, :, part].float() for t in (strongest, r, k, v, kk, a)), carried)
-        outs.append(out)
-    expected = torch.stack(steps32, 2)
-    assert ((torch.cat(outs, 2) - expected).abs().max() / expected.abs().max()).item() < 1e-5
-    assert ((carried - state32).abs().max() / state32.abs().max()).item() < 1e-5
+    return torch.stack(steps, 2), state
+
+
+@pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
+@pytest.mark.parametrize("batch,length", [(2, 150), (1, 128), (3, 1), (1, 2), (2, 63), (1, 65)])
+def test_rwkv7_chunked_recurrence_equals_its_one_token_steps(chunk, batch, length):
+    """All chunks at once (whole chunks, a ragged last one, fewer tokens than a chunk) against a float64
+    token-by-token loop of the step."""
+    inputs, s0 = wkv7_inputs(batch, length, seed=length)
+    expected, expected_state = wkv7_token_loop(inputs, s0)
+    out, state = rwkv7.wkv7_chunks(*inputs, s0, chunk)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-9)
+    assert torch.allclose(state, expected_state, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
+def test_rwkv7_chunked_recurrence_in_fp32_with_the_strongest_decays_stays_within_1e_5(chunk):
+    """fp32, as the models run it, with every decay at its strongest (the largest in-chunk factors)."""
+    inputs, s0 = wkv7_inputs(2, 150, seed=1, strongest=True)
+    expected, expected_state = wkv7_token_loop(inputs, s0)
+    out, state = rwkv7.wkv7_chunks(*(x.float() for x in inputs), s0.float(), chunk)
+    assert out.dtype == torch.float32
+    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert ((state - expected_state).abs().max() / expected_state.abs().max()).item() < 1e-5
 
 
 def test_rwkv7_first_layer_value_residual_weights_are_ignored_as_the_reference_does(tmp_path):

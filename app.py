@@ -8,10 +8,10 @@ Flags and their environment variables are listed in rwkv_chat/app/config.py; the
 """
 
 from rwkv_chat.app.config import parse_config
-from rwkv_chat.app.ui import build_app_or_exit, launch
+from rwkv_chat.app.ui import build_app_or_exit, serve
 
 config = parse_config()
 demo = build_app_or_exit(config)
 
 if __name__ == "__main__":
-    launch(demo, config)
+    serve(demo, config)

@@ -2,7 +2,8 @@
 
 `running_app(args, env, log_path)` is a context manager yielding an `AppProcess` (`.url`, `.log()`); the server
 gets a free port, listens on loopback only, runs with no network (HF_HUB_OFFLINE, an empty HF_HOME, no
-analytics), and is terminated (then killed) on exit. `chat_stats(text)` parses the stats line.
+analytics), keeps its conversations in `tmp_dir/data` unless `env` names an RWKV_DATA_DIR, and is terminated
+(SIGTERM, then killed) on exit. `chat_stats(text)` parses the stats line.
 """
 
 from __future__ import annotations
@@ -64,14 +65,16 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_app(args: list[str], tmp_dir: Path, env: dict | None = None):
-    port = free_port()
+def running_app(args: list[str], tmp_dir: Path, env: dict | None = None, port: int | None = None):
+    port = port or free_port()
     hf_home = tmp_dir / "hf_home"
     hf_home.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "GRADIO_ANALYTICS_ENABLED": "False",
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RWKV_DATA_DIR": str(tmp_dir / "data"),
+                **(env or {})}
     for name in ("RWKV_MODEL", "RWKV_DEVICE", "RWKV_DTYPE", "RWKV_PREAMBLE", "RWKV_STATES", "RWKV_API_KEY",
-                 "RWKV_CORS_ORIGINS", "GRADIO_SHARE", "SPACE_ID"):
+                 "RWKV_CORS_ORIGINS", "GRADIO_SHARE", "SPACE_ID", "RWKV_KEEP_DAYS", "RWKV_DRAIN_SECONDS",
+                 "RWKV_MODELS", "RWKV_LOAD_COOLDOWN"):
         if env is None or name not in env:
             full_env.pop(name, None)
     log_path = tmp_dir / f"app-{port}.log"

@@ -5,6 +5,12 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
 
     flag             environment                         default
     --model          RWKV_MODEL                          RWKV-5 World 0.1B (a catalog name, hub id or local path)
+    --models         RWKV_MODELS (comma-separated)       all; small on a Space: the models visitors may pick
+                                                         (catalog names, `all`, `small` = downloads of at most 2 GB
+                                                         taking at most half the device's memory, `none`) + always
+                                                         --model
+    --load-cooldown  RWKV_LOAD_COOLDOWN                  0 s; 300 s on a Space: after a visitor's request loads a
+                                                         model, other new loads wait this long (loaded ones don't)
     --device         RWKV_DEVICE                         auto (CUDA when present, else CPU)
     --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU); fp32, bf16, fp16, int8
     --preamble       RWKV_PREAMBLE                       none (system text read before every conversation)
@@ -13,6 +19,10 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --share          GRADIO_SHARE (1/true/yes)           off
     --concurrency    RWKV_CONCURRENCY                    32 chats generating at once (one decode batch)
     --max-queue      RWKV_MAX_QUEUE                      64 waiting requests
+    --data-dir       RWKV_DATA_DIR                       a Space's /data/rwkv-chat when mounted, else
+                                                         ~/.cache/rwkv-chat (the conversation store lives there)
+    --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
+    --drain-seconds  RWKV_DRAIN_SECONDS                  8 (on SIGTERM, how long running answers may go on)
 
 Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it.
 Knows nothing of Gradio or models.
@@ -23,12 +33,14 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..loading.catalog import DEFAULT_MODEL, suggested_model
 from ..serving.batching import DEFAULT_MAX_BATCH
+from .model_choices import ALL_MODELS, SMALL_MODELS
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -36,6 +48,11 @@ DEFAULT_PORT = 7860
 DEFAULT_CONCURRENCY = DEFAULT_MAX_BATCH  # every generating chat fits one batched step
 DEFAULT_MAX_QUEUE = 64
 TRUE_WORDS = ("1", "true", "yes", "on")
+SPACE_LOAD_COOLDOWN_S = 300.0  # a Space: visitors start at most one new model load every 5 minutes
+MAX_LOAD_COOLDOWN_S = 86_400.0
+DEFAULT_KEEP_DAYS = 30.0
+DEFAULT_DRAIN_SECONDS = 8.0  # Docker (and so a Space) sends SIGKILL 10 s after SIGTERM
+SPACE_STORAGE = Path("/data")  # a Hugging Face Space's persistent storage, when the Space has it
 
 
 @dataclass(frozen=True)
@@ -49,9 +66,14 @@ class AppConfig:
     share: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
     max_queue: int = DEFAULT_MAX_QUEUE
+    models: tuple[str, ...] = (ALL_MODELS,)  # what visitors may pick: catalog names, "all", "small" (model_choices)
+    load_cooldown: float = 0.0  # seconds between loads visitors start (model_pool.LoadCooldown); 0: no limit
     states: tuple[str, ...] = ()  # state files offered to chats, as NAME=PATH (loading/state_files.py)
     api_key: Optional[str] = None  # bearer key the OpenAI-compatible /v1 routes require (None: open, like the page)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the server ("*": any); () = Gradio's rules
+    data_dir: Optional[str] = None  # where conversations are saved; None: in memory only (parse_config always sets one)
+    keep_days: float = DEFAULT_KEEP_DAYS  # saved conversations unchanged for longer are deleted; 0: kept forever
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -60,8 +82,15 @@ class AppConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not 1 <= self.concurrency <= 256:
             raise ValueError(f"concurrency must be between 1 and 256, got {self.concurrency}")
+        if not 0 <= self.load_cooldown <= MAX_LOAD_COOLDOWN_S:  # NaN fails too
+            raise ValueError(f"--load-cooldown must be between 0 and {MAX_LOAD_COOLDOWN_S:g} seconds, "
+                             f"got {self.load_cooldown}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if not 0 <= self.keep_days <= 36_500:
+            raise ValueError(f"keep_days must be between 0 (forever) and 36500, got {self.keep_days}")
+        if not 0 <= self.drain_seconds <= 600:
+            raise ValueError(f"drain_seconds must be between 0 and 600, got {self.drain_seconds}")
         if self.cors_origins and self.share:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
                              "whose CORS rules cannot be changed")
@@ -90,6 +119,15 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="how many chats may generate at the same time")
     parser.add_argument("--max-queue", dest="max_queue", type=int,
                         default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
+    parser.add_argument("--models", default=env.get("RWKV_MODELS") or (SMALL_MODELS if on_space else ALL_MODELS),
+                        help="comma-separated models visitors may pick: catalog names and/or 'all', 'small' "
+                             "(downloads of at most 2 GB that fit in half the device's memory), 'none' (only "
+                             "--model); --model always "
+                             "(default: all; small on a Space)")
+    parser.add_argument("--load-cooldown", dest="load_cooldown", type=float,
+                        default=float(env.get("RWKV_LOAD_COOLDOWN") or (SPACE_LOAD_COOLDOWN_S if on_space else 0)),
+                        help="after a visitor's request loads a model, refuse other new loads for this many "
+                             "seconds (models already loaded stay usable; default: 0, 300 on a Space)")
     parser.add_argument("--api-key", dest="api_key", default=env.get("RWKV_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 routes")
     parser.add_argument("--cors-origins", dest="cors_origins", default=env.get("RWKV_CORS_ORIGINS", ""),
@@ -98,7 +136,28 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--state", dest="states", action="append", metavar="NAME=PATH",
                         help="offer a state file (state tuning, a persona) to chats with the models it fits; "
                              "repeatable; also RWKV_STATES='NAME=PATH;NAME2=PATH2'")
+    parser.add_argument("--data-dir", dest="data_dir", default=env.get("RWKV_DATA_DIR") or str(default_data_dir(env)),
+                        help="directory of the conversation store (conversations survive reloads and restarts)")
+    parser.add_argument("--keep-days", dest="keep_days", type=float,
+                        default=float(env.get("RWKV_KEEP_DAYS", DEFAULT_KEEP_DAYS)),
+                        help="delete saved conversations unchanged for this many days (0: keep them forever)")
+    parser.add_argument("--drain-seconds", dest="drain_seconds", type=float,
+                        default=float(env.get("RWKV_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)),
+                        help="on SIGTERM, how long answers being written may go on before they are stopped")
     return parser
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """A Space's persistent storage when it is mounted and writable, else the user's cache directory."""
+    if env.get("SPACE_ID") and SPACE_STORAGE.is_dir() and os.access(SPACE_STORAGE, os.W_OK):
+        return SPACE_STORAGE / "rwkv-chat"
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv-chat"
+
+
+def _models(value: str, on_space: bool) -> tuple[str, ...]:
+    """--models as a tuple of entries; an empty value means the default."""
+    entries = tuple(entry.strip() for entry in value.split(",") if entry.strip())
+    return entries or ((SMALL_MODELS,) if on_space else (ALL_MODELS,))
 
 
 def gpu_memory(device: str) -> Optional[int]:
@@ -118,5 +177,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
         item.strip() for item in env.get("RWKV_STATES", "").split(";") if item.strip())
     return AppConfig(model=model, device=args.device, dtype=args.dtype, preamble=preamble, port=args.port,
                      server_name=args.server_name, share=args.share, concurrency=args.concurrency,
-                     max_queue=args.max_queue, states=states, api_key=args.api_key or None,
-                     cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()))
+                     max_queue=args.max_queue, models=_models(args.models, on_space=bool(env.get("SPACE_ID"))),
+                     load_cooldown=args.load_cooldown, states=states, api_key=args.api_key or None,
+                     cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                     data_dir=args.data_dir, keep_days=args.keep_days, drain_seconds=args.drain_seconds)

@@ -1,10 +1,14 @@
 """What the model picker may offer, what each choice needs, and whether it fits this machine.
 
 Promises:
-- `ModelChoices` holds exactly the catalog entries plus the operator's own `--model` (a local path or hub id
-  given on the command line). `resolve(name, device, dtype)` is the only way from user input to a
-  `ModelKey`, and it refuses any name not on that list, so neither the page nor the API can make the
-  server read an arbitrary path.
+- `ModelChoices` holds exactly the operator's own `--model` (a catalog name, or a local path or hub id given on
+  the command line) plus the catalog entries the operator offers (`--models`: catalog names and/or the words
+  `all`, `small` and `none` (only --model); `small` = the catalog models whose download is at most SMALL_DOWNLOAD_BYTES and whose
+  memory in the chosen precision is at most SMALL_MEMORY_SHARE of the device's). An entry of `--models` that
+  names nothing is a `ModelListError` naming it and listing the valid names. `resolve(name, device, dtype)` is
+  the only way from user input to a `ModelKey`, and it refuses any name not on that list (a catalog model left
+  out by `--models` with a message saying the operator does not offer it, and what is offered), so neither the
+  page nor the API can make the server read an arbitrary path or load a model the operator did not offer.
 - `ModelKey` names one loaded model: (choice, device, dtype) with "auto" already resolved.
 - Memory: catalog entries use `CatalogEntry.memory_bytes(dtype)`; the operator's file is estimated from its
   size (BlinkDL files hold bf16/fp16 weights: 2 bytes per parameter). `free_memory` reads free GPU memory
@@ -17,13 +21,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..loading.catalog import CATALOG, CatalogEntry, find_entry
 from ..loading.loader import ModelLoadError, dtype_name, resolve_device_dtype
 
+ALL_MODELS, SMALL_MODELS, NO_MODELS = "all", "small", "none"  # the words --models takes beside catalog names
+SMALL_DOWNLOAD_BYTES = 2 * 10**9  # `small`: downloads of at most ~2 GB (every 0.1B and 0.4B model)
+SMALL_MEMORY_SHARE = 0.5  # `small`: at most half the device's memory in the chosen precision
 FILE_BYTES_PER_PARAM = 2  # published RWKV checkpoints store bf16/fp16 weights
 WORKING_ROOM = 1.15  # activations and a few states on top of the weights, for files of unknown shape
 WEIGHT_SUFFIXES = (".pth", ".safetensors", ".bin")
@@ -81,13 +88,56 @@ def catalog_choice(entry: CatalogEntry) -> ModelChoice:
     return ModelChoice(entry.name, entry.name, entry.name, entry.file_bytes, entry)
 
 
-class ModelChoices:
-    """The catalog plus the operator's model; the default choice is the operator's."""
+class ModelListError(ValueError):
+    """An entry of --models is neither a catalog name nor `all` / `small` (a start-up error)."""
 
-    def __init__(self, operator_model: str):
+
+def small_entries(device: str, dtype: str, memory: Optional[Callable] = None) -> tuple[CatalogEntry, ...]:
+    """The catalog entries `small` means on this machine: a download of at most SMALL_DOWNLOAD_BYTES and memory in
+    `dtype` of at most SMALL_MEMORY_SHARE of the device's total (none when the device is not available here)."""
+    try:
+        placed_on, placed_as = resolve_device_dtype(device, dtype)
+    except ModelLoadError:
+        return ()
+    _free, total = (memory or free_memory)(placed_on)
+    return tuple(entry for entry in CATALOG if entry.file_bytes <= SMALL_DOWNLOAD_BYTES
+                 and entry.memory_bytes(placed_as) <= total * SMALL_MEMORY_SHARE)
+
+
+def offered_entries(words: Sequence[str], operator_model: str = "", device: str = "auto", dtype: str = "auto",
+                    memory: Optional[Callable] = None) -> tuple[CatalogEntry, ...]:
+    """The catalog entries --models `words` offer, in catalog order (the operator's own --model may be named too,
+    and adds nothing); ModelListError for an entry that names nothing."""
+    wanted: set[str] = set()
+    for word in (word.strip() for word in words):
+        named = find_entry(word)
+        if word.lower() == ALL_MODELS:
+            wanted.update(entry.name for entry in CATALOG)
+        elif word.lower() == SMALL_MODELS:
+            wanted.update(entry.name for entry in small_entries(device, dtype, memory))
+        elif word.lower() == NO_MODELS:  # only the operator's --model
+            continue
+        elif named is not None:
+            wanted.add(named.name)
+        elif word not in (operator_model, operator_choice(operator_model).value):
+            names = ", ".join(entry.name for entry in CATALOG)
+            raise ModelListError(f"--models names {word!r}, which is not a catalog model; use "
+                                 f"{ALL_MODELS!r}, {SMALL_MODELS!r}, {NO_MODELS!r} (only --model) or catalog names "
+                                 f"(--model is always offered): "
+                                 f"{names}")
+    return tuple(entry for entry in CATALOG if entry.name in wanted)
+
+
+class ModelChoices:
+    """The operator's model plus the catalog models offered (every one unless `offered` says otherwise); the
+    default choice is the operator's. `device`/`dtype`/`memory` size `small` (the operator's placement)."""
+
+    def __init__(self, operator_model: str, offered: Sequence[str] = (ALL_MODELS,), device: str = "auto",
+                 dtype: str = "auto", memory: Optional[Callable] = None):
         self.default = operator_choice(operator_model)
-        catalog = [catalog_choice(entry) for entry in CATALOG]
-        extra = [] if self.default.entry is not None else [self.default]
+        entries = offered_entries(offered, operator_model, device, dtype, memory)
+        catalog = [catalog_choice(entry) for entry in entries]
+        extra = [] if self.default.value in {choice.value for choice in catalog} else [self.default]
         self.choices: tuple[ModelChoice, ...] = tuple(extra + catalog)
         self._by_value = {choice.value: choice for choice in self.choices}
 
@@ -102,6 +152,9 @@ class ModelChoices:
             choice = self._by_value.get(entry.name) if entry is not None else None
         if choice is None:
             names = ", ".join(c.value for c in self.choices)
+            if entry is not None:
+                raise ValueError(f"this server does not offer {entry.name!r}: its operator chose the models it "
+                                 f"loads (--models); choose one of: {names}")
             raise ValueError(f"unknown model {value!r}; choose one of: {names}")
         return choice
 

@@ -11,13 +11,21 @@ Promises:
   when that answer ends.
 - The last load error of each key is kept for status lines (e.g. the hub was unreachable), and cleared by a
   later successful load.
+- Loads by visitors are rate-limited by a `LoadCooldown` (--load-cooldown): once a visitor's request has
+  started loading a model that was neither loaded nor loading, another such load is refused with `LoadRefused`
+  (a ModelLoadError naming the setting, its bound and the seconds left) until the cooldown has passed. Models
+  already loaded or loading are always served; the operator's preload (`preload(key, by_visitor=False)`) does
+  not count, and neither do later reloads of that key. A refused load evicts nothing and is not kept as the
+  key's load error; a load refused because the model could never fit does not start the cooldown.
 Knows nothing of Gradio or of sessions.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -37,16 +45,55 @@ class _Slot:
     nbytes: int
 
 
+class LoadRefused(ModelLoadError):
+    """A visitor's load came too soon after the last one (--load-cooldown); `retry_after` is in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LoadCooldown:
+    """At most one visitor-started load every `seconds` (0: no limit). Thread-safe; `clock` is injectable."""
+
+    def __init__(self, seconds: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self._clock = seconds, clock
+        self._last: Optional[float] = None  # when the last counted load started
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """LoadRefused if a load started now would be refused; records nothing."""
+        with self._lock:
+            self._refuse_if_early(self._clock())
+
+    def claim(self) -> None:
+        """Count a load starting now, or refuse it (LoadRefused): one atomic step."""
+        with self._lock:
+            now = self._clock()
+            self._refuse_if_early(now)
+            self._last = now
+
+    def _refuse_if_early(self, now: float) -> None:
+        if self._last is None or now - self._last >= self.seconds:
+            return
+        ago, left = now - self._last, self.seconds - (now - self._last)
+        raise LoadRefused(f"another model was loaded {int(ago)} s ago; this server loads a new model at most once "
+                          f"every {self.seconds:g} s (--load-cooldown); try again in {math.ceil(left)} s, or use "
+                          "a model that is already loaded", math.ceil(left))
+
+
 def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 class ModelPool:
     def __init__(self, choices: ModelChoices, factory: EngineFactory,
-                 memory: Callable[[str], tuple[int, int]] = free_memory):
+                 memory: Callable[[str], tuple[int, int]] = free_memory, cooldown: Optional[LoadCooldown] = None):
         self.choices = choices
         self._factory = factory
         self._memory = memory
+        self._cooldown = cooldown or LoadCooldown()
+        self._operator_keys: set[ModelKey] = set()  # preloaded by the operator: their loads never count
         self._loaded: OrderedDict[ModelKey, _Slot] = OrderedDict()
         self._errors: dict[ModelKey, str] = {}
         self._loading: set[ModelKey] = set()
@@ -81,7 +128,8 @@ class ModelPool:
             return sum(slot.nbytes for key, slot in self._loaded.items() if torch.device(key.device).type == kind)
 
     # ------------------------------------------------------------------------------------ loading
-    def get(self, key: ModelKey, progress: Optional[Progress] = None):
+    def get(self, key: ModelKey, progress: Optional[Progress] = None, by_visitor: bool = True):
+        """The engine for `key`, loaded first if needed; a load a visitor starts counts for the cooldown."""
         engine = self.peek(key)
         if engine is not None:
             return engine
@@ -91,14 +139,23 @@ class ModelPool:
             engine = self.peek(key)
             if engine is not None:
                 return engine
-            return self._load(key, progress or (lambda stage: None))
+            return self._load(key, progress or (lambda stage: None), by_visitor)
 
-    def _load(self, key: ModelKey, progress: Progress):
+    def _counts(self, key: ModelKey, by_visitor: bool) -> bool:
+        with self._lock:
+            return by_visitor and key not in self._operator_keys
+
+    def _load(self, key: ModelKey, progress: Progress, by_visitor: bool):
         with self._lock:
             self._loading.add(key)
         try:
-            self._make_room(key)
+            need = self._check_fits(key)
+            if self._counts(key, by_visitor):
+                self._cooldown.claim()
+            self._make_room(key, need)
             engine = self._factory(key, progress)
+        except LoadRefused:  # not the key's fault: the next visitor may load it once the cooldown has passed
+            raise
         except Exception as error:  # kept for status lines, then raised to the caller
             with self._lock:
                 self._errors[key] = str(error) or type(error).__name__
@@ -114,17 +171,25 @@ class ModelPool:
     def _need(self, key: ModelKey) -> Optional[int]:
         return self.choices.get(key.choice).memory_bytes(DTYPES[key.dtype])
 
-    def _make_room(self, key: ModelKey) -> None:
-        """Evict least recently used models until `key` fits; refuse (evicting nothing) if it never could."""
+    def _check_fits(self, key: ModelKey) -> Optional[int]:
+        """`key`'s estimated bytes (None: unknown); ModelLoadError if it could not fit even with every other model
+        on its kind of device evicted."""
         need = self._need(key)
         if need is None:
-            return
+            return None
         free, _total = self._memory(key.device)
         if need > free + self.reclaimable_bytes(key.device):
             raise ModelLoadError(
                 f"{self.choices.get(key.choice).name} needs about {gigabytes(need)} in {key.dtype} but only "
                 f"{gigabytes(free)} is free on {key.device} (other loaded models included); pick a smaller "
                 "model, another precision (bf16/fp16 halve fp32) or another device")
+        return need
+
+    def _make_room(self, key: ModelKey, need: Optional[int]) -> None:
+        """Evict least recently used models until `key` (`need` bytes) fits."""
+        if need is None:
+            return
+        free, _total = self._memory(key.device)
         while need > free and self._evict_one(key):
             free, _total = self._memory(key.device)
 
@@ -142,11 +207,19 @@ class ModelPool:
             torch.cuda.empty_cache()
         return True
 
-    def preload(self, key: ModelKey) -> threading.Thread:
-        """Start loading `key` in the background (errors are kept for `error(key)`)."""
+    def preload(self, key: ModelKey, by_visitor: bool = True) -> threading.Thread:
+        """Start loading `key` in the background (errors are kept for `error(key)`). A visitor's preload is
+        refused at once (LoadRefused) while the cooldown runs; the operator's (by_visitor=False) marks `key` as
+        the operator's, whose loads never count."""
+        if not by_visitor:
+            with self._lock:
+                self._operator_keys.add(key)
+        elif self._counts(key, by_visitor) and self.peek(key) is None and not self.is_loading(key):
+            self._cooldown.check()
+
         def run():
             try:
-                self.get(key)
+                self.get(key, by_visitor=by_visitor)
             except Exception:  # noqa: BLE001 - recorded in self._errors for the page to show
                 pass
         thread = threading.Thread(target=run, name=f"preload {key.choice}", daemon=True)

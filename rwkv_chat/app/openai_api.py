@@ -8,12 +8,14 @@ Promises:
   conversation each turn reads only its new tokens: after an answer the engine also caches the state after the
   answer as the next request will spell it. `usage.prompt_tokens_details.cached_tokens` says how many prompt
   tokens came from the cache.
-- The models are the picker's (`/v1/models`); nothing else can be named. A model that is not loaded starts
-  loading and the request gets 503 with Retry-After; requests decode through the model's batcher, beside the
-  page's chats, and `n` choices run as concurrent rows of it.
+- The models are the picker's (`/v1/models`, as --models restricts them); nothing else can be named (404
+  model_not_found). A model that is not loaded starts loading and the request gets 503 with Retry-After (429
+  with the seconds left while --load-cooldown refuses new loads); requests decode through the model's
+  batcher, beside the page's chats, and `n` choices run as concurrent rows of it.
 - Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad parameter or a
   prompt over the limits, 401 for a missing or wrong key, 404 for an unknown model, 429 when `max_waiting`
-  requests already wait, 503 while the model loads or could not be loaded.
+  requests already wait, 503 while the model loads or could not be loaded, or while the server shuts down (running
+  requests are let finish: draining.py).
 - `api_key` (the --api-key flag or RWKV_API_KEY) turns on bearer checks for every /v1 route, compared in constant
   time. A client that disconnects stops its generation. CORS is the server's (ui.launch: Gradio's rules, or the
   operator's --cors-origins).
@@ -43,7 +45,9 @@ from ..serving.engine import GenerationSettings
 from ..serving.session import ChatSession, Turn
 from .chat_defaults import defaults_for
 from .chat_service import ChatSettings
+from .draining import SHUTTING_DOWN, Admission
 from .model_choices import ModelChoices, ModelKey
+from .model_pool import LoadRefused
 
 MAX_CHOICES = 8
 OWNER = "rwkv-chat"
@@ -78,8 +82,10 @@ class Job:
 
 class OpenAIApi:
     def __init__(self, pool, choices: ModelChoices, device: str = "auto", dtype: str = "auto",
-                 api_key: Optional[str] = None, max_waiting: int = 64, preamble: Optional[str] = None):
+                 api_key: Optional[str] = None, max_waiting: int = 64, preamble: Optional[str] = None,
+                 admission: Optional[Admission] = None):
         self.pool, self.choices = pool, choices
+        self.admission = admission if admission is not None else Admission()
         self.device, self.dtype, self.api_key = device, dtype, api_key
         self.preamble = preamble
         self.max_waiting = max_waiting
@@ -169,7 +175,11 @@ class OpenAIApi:
         if failure:
             raise ApiError(503, f"the model could not be loaded: {failure}", "model", "model_not_loaded")
         if not self.pool.is_loading(key):
-            self.pool.preload(key)
+            try:
+                self.pool.preload(key)
+            except LoadRefused as error:  # --load-cooldown: models already loaded stay usable
+                raise ApiError(429, str(error), "model", "model_load_cooldown",
+                               headers={"Retry-After": str(error.retry_after)}) from None
         raise ApiError(503, f"{key.choice} is loading; try again shortly", "model", "model_loading",
                        headers={"Retry-After": "5"})
 
@@ -180,16 +190,14 @@ class OpenAIApi:
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "stop must be a string or a list of strings", "stop")
+        def given(name: str):  # OpenAI's parameters are nullable: null means "the default", as when left out
+            return getattr(defaults, name) if body.get(name) is None else body[name]
+
         fields = dict(max_new_tokens=limits.DEFAULT_NEW_TOKENS if limit is None else limit,
-                      temperature=body.get("temperature", defaults.temperature),
-                      top_p=body.get("top_p", defaults.top_p), top_k=body.get("top_k", defaults.top_k),
-                      presence_penalty=body.get("presence_penalty", defaults.presence_penalty),
-                      frequency_penalty=body.get("frequency_penalty", defaults.frequency_penalty),
-                      penalty_decay=body.get("penalty_decay", defaults.penalty_decay),
+                      temperature=given("temperature"), top_p=given("top_p"), top_k=given("top_k"),
+                      presence_penalty=given("presence_penalty"), frequency_penalty=given("frequency_penalty"),
+                      penalty_decay=given("penalty_decay"),
                       seed=-1 if body.get("seed") is None else body.get("seed"), think=think)
-        for name, value in fields.items():
-            if value is None:
-                raise ApiError(400, f"{name} must not be null", name)
         try:
             settings = replace(defaults, **fields).generation()
             return replace(settings, stop=tuple(stop))
@@ -198,6 +206,8 @@ class OpenAIApi:
             raise ApiError(400, str(error), param) from None
 
     async def _run(self, job: Job, engine, chat: bool):
+        if not self.admission.open:
+            raise ApiError(503, SHUTTING_DOWN, code="shutting_down", headers={"Retry-After": "10"})
         with self._lock:
             if self._waiting >= self.max_waiting:
                 raise ApiError(429, f"{self._waiting} requests are already being served; try again shortly",
@@ -229,11 +239,12 @@ class OpenAIApi:
         with self._lock:
             self._waiting -= 1
 
-    @staticmethod
-    def _start(job: Job, engine, stop: threading.Event) -> Iterator:
+    def _start(self, job: Job, engine, stop: threading.Event) -> Iterator:
         if job.message is not None:
-            return engine.reply(job.session, job.message, job.settings, stop)
-        return engine.complete(job.prompt_ids, job.settings, stop)
+            run = engine.reply(job.session, job.message, job.settings, stop)
+        else:
+            run = engine.complete(job.prompt_ids, job.settings, stop)
+        return self.admission.guarded(stop, run)
 
     def _pump(self, runs, queue: asyncio.Queue, loop) -> None:
         """Run each choice's generation in a thread of its own, its chunks into `queue` as (index, chunk,

@@ -12,8 +12,14 @@ Promises:
   text stays in the box, the conversation is unchanged.
 - A stop request keeps the partial answer; the state kept matches it. A client that goes away closes the
   generator, which ends the generation.
-- The picker offers only `ModelChoices` (catalog + the operator's --model); every API argument naming a
-  model is checked against it.
+- The picker offers only `ModelChoices` (the operator's --model + the catalog models --models offers); every
+  API argument naming a model is checked against it. Loads visitors start are rate-limited (--load-cooldown).
+- Conversations persist (conversation_store, in --data-dir): each is saved when a turn ends; the tab keeps its
+  conversation id in the browser (gr.BrowserState, encrypted with the store's own secret), so a reload or a server
+  restart shows the chat again with its settings and the next turn continues it (the state is rebuilt from the
+  saved tokens). The "Conversation" panel exports it as JSON, imports a pasted export, and deletes it.
+- `serve` (the command line) drains on SIGTERM (draining.py): no new answers, running ones end within
+  --drain-seconds or are stopped (kept), the store is flushed, and each step is logged.
 - Loading a model presets its family's chat settings (chat_defaults: template, thinking, sampling) and the start
   states that fit it; a G1 model's reasoning shows as a folded "Thinking" message above its answer.
 Named API endpoints (gradio_client) are wired by ui_api.ChatApi, plus `stop` (the Stop button); all other
@@ -23,6 +29,9 @@ events are private to the page. `launch` also serves the OpenAI-compatible route
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from dataclasses import fields, replace
 from pathlib import Path
 
 import gradio as gr
@@ -34,11 +43,15 @@ from ..prompts import TEMPLATES, THINK_MODES
 from .chat_defaults import defaults_for, is_g1, with_think
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
 from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
+from .conversation_codec import from_json, to_json
+from .conversation_store import STORE_FILE, ConversationStore, StoreError
+from .draining import Admission, on_sigterm
 from .display import user_text
 from .engine_factory import EngineFactory
-from .model_choices import ModelChoices, ModelKey, describe
-from .model_pool import ModelPool
+from .model_choices import ModelChoices, ModelKey, ModelListError, describe
+from .model_pool import LoadCooldown, LoadRefused, ModelPool
 from .openai_api import OpenAIApi
+from .setting_inputs import setting_number, setting_slider
 from .ui_api import ChatApi
 from .ui_stream import reason, throttled
 
@@ -54,24 +67,42 @@ EXAMPLES = [[DRAGON], ["请介绍一下北京的旅游景点"], ["What are the t
 # the settings a model family presets (chat_defaults), as ChatSettings names; the page sets them on Load
 FAMILY_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay",
                  "prompt_style", "think")
+BROWSER_KEY = "rwkv-chat-conversation"  # the browser's local storage entry that keeps the tab's conversation id
 LOCAL_FILE_HINT = ("To use a file you already have, start the app with `python app.py --model "
                    "/path/to/RWKV-5-World-0.1B-v1-20230803-ctx4096.pth` (or set `RWKV_MODEL`).")
 
 
 def build_app(config: AppConfig) -> gr.Blocks:
-    """The whole app: model pool, chat service, page; the default model starts loading in the background."""
-    choices = ModelChoices(config.model)
+    """The whole app: model pool, conversation store, chat service, page; the default model starts loading in the
+    background."""
+    choices = ModelChoices(config.model, config.models, config.device, config.dtype)  # ModelListError: at start-up
     state_files = tuple(parse_state_specs(config.states))  # StateFileError: a clear message at start-up
     pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency,
-                                            state_files=state_files))
-    page = ChatPage(ChatService(pool), choices, config, tuple(f.name for f in state_files))
+                                            state_files=state_files), cooldown=LoadCooldown(config.load_cooldown))
+    store = open_store(config)
+    service = ChatService(pool, store, Admission())
+    page = ChatPage(service, choices, config, tuple(f.name for f in state_files))
     page.preload_default()
     demo = page.build()
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
     demo.rwkv_pool = pool  # for tests and for tools that embed the app
+    demo.rwkv_service = service
     demo.rwkv_openai = OpenAIApi(pool, choices, config.device, config.dtype, config.api_key, config.max_queue,
-                                 config.preamble)
+                                 config.preamble, service.admission)
     return demo
+
+
+def open_store(config: AppConfig) -> ConversationStore:
+    """The conversation store in config.data_dir (in memory when None); a directory that cannot be used is a
+    start-up error (StoreError) that names it."""
+    max_age = config.keep_days * 86_400 if config.keep_days else None
+    if config.data_dir is None:
+        return ConversationStore(None, max_age)
+    path = Path(config.data_dir).expanduser() / STORE_FILE
+    try:
+        return ConversationStore(path, max_age)
+    except (OSError, sqlite3.Error) as error:
+        raise StoreError(f"cannot keep conversations in {path} (--data-dir): {error}") from None
 
 
 def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
@@ -100,16 +131,36 @@ def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
     app = gr.mount_gradio_app(app, demo, path="/", max_file_size=limits.MAX_UPLOAD_BYTES)
     print(f"rwkv-chat: serving on http://{config.server_name}:{config.port}/ (browser origins allowed: "
           f"{', '.join(config.cors_origins)})", flush=True)
-    uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning")
+    # uvicorn handles SIGTERM itself (no new connections, open ones get drain_seconds), then raises it again for
+    # serve()'s handler, which stops what still runs and flushes the store.
+    uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=config.drain_seconds)
+
+
+def serve(demo: gr.Blocks, config: AppConfig) -> None:
+    """`launch` for the command line (`python app.py`, `rwkv-chat`): SIGTERM first drains (running answers end or
+    are stopped within --drain-seconds, nothing new starts), then flushes the conversation store, logging each
+    step, then closes the server."""
+    service = demo.rwkv_service
+    on_sigterm(service.admission, config.drain_seconds, lambda: close_store(service.store),
+               lambda line: print(line, flush=True))
+    launch(demo, config)
+
+
+def close_store(store: ConversationStore) -> str:
+    """Flush and close the store; what it did, for the log."""
+    count = len(store)
+    store.close()
+    return f"{count} conversations saved in {store.path or 'memory (not kept)'}"
 
 
 def build_app_or_exit(config: AppConfig) -> gr.Blocks:
-    """`build_app` for the command line: a setting that cannot work (a state file, a local --model file that cannot
-    be read as an RWKV checkpoint) ends the start with its reason on the console."""
+    """`build_app` for the command line: a setting that cannot work (a state file, a --models entry, a local
+    --model file that cannot be read as an RWKV checkpoint) ends the start with its reason on the console."""
     try:
         check_local_model(config.model)
         return build_app(config)
-    except (StateFileError, ModelLoadError) as error:
+    except (StateFileError, ModelLoadError, StoreError, ModelListError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
@@ -124,7 +175,7 @@ def check_local_model(source: str) -> None:
 def main() -> None:
     """The installed `rwkv-chat` command: what `python app.py` does, with the same flags."""
     config = parse_config()
-    launch(build_app_or_exit(config), config)
+    serve(build_app_or_exit(config), config)
 
 
 def _message_text(value) -> str:
@@ -155,13 +206,16 @@ class ChatPage:
 
     def preload_default(self) -> None:
         if self.default_key is not None:
-            self.pool.preload(self.default_key)
+            self.pool.preload(self.default_key, by_visitor=False)
 
     # ------------------------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
         with gr.Blocks(title=TITLE, delete_cache=(limits.CACHE_CLEAN_S, limits.CACHE_CLEAN_S)) as demo:
             self.conversation = gr.State(self.service.start(self.default_key, self.default_settings))
             self.control = gr.State(SessionControl())
+            store = self.service.store
+            self.browser_id = gr.BrowserState("", storage_key=BROWSER_KEY,
+                                              secret=store.secret() if store is not None else None)
             gr.Markdown(INTRO)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3, min_width=420):
@@ -169,8 +223,10 @@ class ChatPage:
                 with gr.Column(scale=2, min_width=320):
                     self._model_panel()
                     self._settings_panel()
+                    self._conversation_panel()
             self._wire_chat()
             self._wire_models(demo)
+            self._wire_conversations(demo)
             ChatApi(self).wire()
         return demo
 
@@ -204,20 +260,22 @@ class ChatPage:
     def _settings_panel(self) -> None:
         defaults = self.default_settings
         with gr.Accordion("Generation", open=False):
-            max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=limits.DEFAULT_NEW_TOKENS, step=1,
-                                label="Max new tokens", elem_id="max-new-tokens")
-            temperature = gr.Slider(0, limits.MAX_TEMPERATURE, value=defaults.temperature, step=0.05,
-                                    label="Temperature", info="0 = always the most likely token")
-            top_p = gr.Slider(0.01, 1, value=defaults.top_p, step=0.01, label="Top-p")
-            top_k = gr.Slider(0, limits.MAX_TOP_K, value=defaults.top_k, step=1, label="Top-k", info="0 = off")
-            presence = gr.Slider(0, limits.MAX_PENALTY, value=defaults.presence_penalty, step=0.05,
-                                 label="Presence penalty")
-            frequency = gr.Slider(0, limits.MAX_PENALTY, value=defaults.frequency_penalty, step=0.05,
-                                  label="Frequency penalty")
-            decay = gr.Slider(0.9, 1.0, value=defaults.penalty_decay, step=0.001, label="Penalty decay",
-                              info="how fast past tokens are forgiven (per token)")
-            seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random; fixed = repeatable",
-                             elem_id="seed")
+            max_new = setting_slider(1, limits.MAX_NEW_TOKENS, value=limits.DEFAULT_NEW_TOKENS, step=1,
+                                    label="Max new tokens", elem_id="max-new-tokens", setting="max_new_tokens")
+            temperature = setting_slider(0, limits.MAX_TEMPERATURE, value=defaults.temperature, step=0.05,
+                                        label="Temperature", info="0 = always the most likely token",
+                                        setting="temperature")
+            top_p = setting_slider(0.01, 1, value=defaults.top_p, step=0.01, label="Top-p", setting="top_p")
+            top_k = setting_slider(0, limits.MAX_TOP_K, value=defaults.top_k, step=1, label="Top-k", info="0 = off",
+                                  setting="top_k")
+            presence = setting_slider(0, limits.MAX_PENALTY, value=defaults.presence_penalty, step=0.05,
+                                     label="Presence penalty", setting="presence_penalty")
+            frequency = setting_slider(0, limits.MAX_PENALTY, value=defaults.frequency_penalty, step=0.05,
+                                      label="Frequency penalty", setting="frequency_penalty")
+            decay = setting_slider(0.9, 1.0, value=defaults.penalty_decay, step=0.001, label="Penalty decay",
+                                  info="how fast past tokens are forgiven (per token)", setting="penalty_decay")
+            seed = setting_number(value=-1, precision=0, label="Seed", info="-1 = random; fixed = repeatable",
+                                 elem_id="seed", setting="seed", empty_allowed=True)
         with gr.Accordion("Prompt", open=False):
             think = gr.Radio(list(THINK_MODES), value=defaults.think, label="Think", elem_id="think",
                              info="RWKV-7 G1: 'think' reasons first (shown folded above the answer); "
@@ -236,6 +294,24 @@ class ChatPage:
         components = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
                           frequency_penalty=frequency, penalty_decay=decay, prompt_style=style, think=think)
         self.family_settings = [components[name] for name in FAMILY_FIELDS]
+
+    def _conversation_panel(self) -> None:
+        with gr.Accordion("Conversation", open=False):
+            self.conversation_info = gr.Markdown(elem_id="conversation-info")
+            self.transfer = gr.Code(language="json", label="Export / import (JSON)", lines=4, max_lines=12,
+                                    interactive=True, elem_id="conversation-json")
+            with gr.Row():
+                self.export_button = gr.Button("Export", size="sm", elem_id="export")
+                self.import_button = gr.Button("Import", size="sm", elem_id="import")
+                self.delete_button = gr.Button("Delete conversation", size="sm", variant="stop", elem_id="delete")
+
+    def conversation_line(self, conversation: Conversation) -> str:
+        keep = self.config.keep_days
+        kept = (f"kept {keep:g} days after its last change" if keep else "kept until deleted") \
+            if self.config.data_dir is not None else "kept while the server runs"
+        return (f"Conversation id `{conversation.id}` ({kept}). This tab finds it again after a reload; "
+                f"gradio_client callers can resume it by id. Export copies it as JSON; Import continues a pasted "
+                f"export with the model loaded here.")
 
     def status(self, conversation: Conversation) -> str:
         key = conversation.model
@@ -387,7 +463,8 @@ class ChatPage:
         except Exception as error:  # noqa: BLE001 - reported; the session keeps its model
             why = reason(error)
             gr.Warning(why, title="Model not loaded")
-            status = (f"⚠️ Could not load **{choice}**: {why}\n\n{LOCAL_FILE_HINT}\n\n"
+            hint = "" if isinstance(error, (ValueError, LoadRefused, Busy)) else f"{LOCAL_FILE_HINT}\n\n"  # refusals
+            status = (f"⚠️ Could not load **{choice}**: {why}\n\n{hint}"
                       f"Still chatting with: {self.status(conversation)}")
             outputs = gr.skip(), gr.skip(), gr.skip(), status
             family = [gr.skip()] * (len(FAMILY_FIELDS) + 1)
@@ -408,9 +485,75 @@ class ChatPage:
             raise Busy("press Stop before switching models: an answer is still being written")
         key = self.choices.resolve(choice, device, dtype)
         self.pool.get(key, progress)
-        return Conversation(key, conversation.session.truncated(0))
+        return self.service.switched(conversation, key)
 
-    # ------------------------------------------------------------------------------------ API
+    # ------------------------------------------------------------------------------------ conversation events
+    def _wire_conversations(self, demo: gr.Blocks) -> None:
+        quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        shown = [self.chatbot, self.stats, self.conversation, self.browser_id, self.conversation_info,
+                 self.model_status, self.model_pick]
+        demo.load(self.ui_restore, [self.browser_id, self.conversation], shown + self.settings, **quick)
+        self.export_button.click(self.ui_export, [self.conversation], [self.transfer], **quick)
+        self.import_button.click(self.ui_import, [self.transfer, self.conversation, self.control],
+                                 shown + self.settings, **quick)
+        self.delete_button.click(self.ui_delete, [self.conversation, self.control], shown + self.settings, **quick)
+
+    def _shown(self, conversation: Conversation) -> list:
+        """What the page shows of a conversation it switches to: chat, stats, state, browser id, id line, model
+        status, picker, and its settings (those of its last answer, else the style it started with)."""
+        if conversation.model is None:
+            conversation = replace(conversation, model=self.default_key)
+        settings = conversation.settings or replace(
+            self.default_settings, prompt_style=conversation.session.template,
+            preamble=conversation.session.preamble or "", start_state=conversation.session.start_state or "")
+        values = [getattr(settings, f.name) for f in fields(ChatSettings)]
+        values[[f.name for f in fields(ChatSettings)].index("preamble")] = settings.preamble or ""
+        picked = conversation.model.choice if conversation.model is not None else gr.skip()
+        return [conversation.messages(), conversation.stats, conversation, conversation.id,
+                self.conversation_line(conversation), self.status(conversation), picked] + values
+
+    def ui_restore(self, browser_id: str, conversation: Conversation):
+        """On page load: the conversation this browser kept (after a reload or a server restart), else the new one
+        with an id the browser keeps."""
+        if browser_id:
+            try:
+                return self._shown(self.service.resume(browser_id))
+            except ValueError:  # deleted or expired: the id is reused for the new conversation
+                conversation = replace(conversation, id=browser_id)
+        conversation = self.service.identified(conversation)
+        return [gr.skip(), gr.skip(), conversation, conversation.id, self.conversation_line(conversation),
+                gr.skip(), gr.skip()] + [gr.skip()] * len(self.settings)
+
+    def ui_export(self, conversation: Conversation):
+        return json.dumps(to_json(self.service.identified(conversation)), ensure_ascii=False, indent=1)
+
+    def ui_import(self, text: str, conversation: Conversation, control: SessionControl):
+        if control.busy:
+            gr.Warning("Press Stop before importing: an answer is still being written.")
+            return [gr.skip()] * (7 + len(self.settings))
+        try:
+            imported = self.service.imported(from_json(_json_or_error(text)), conversation.model)
+        except ValueError as error:
+            gr.Warning(f"Not imported: {error}", title="Not done")
+            return [gr.skip()] * (7 + len(self.settings))
+        return self._shown(imported)
+
+    def ui_delete(self, conversation: Conversation, control: SessionControl):
+        if control.busy:
+            gr.Warning("Press Stop before deleting: an answer is still being written.")
+            return [gr.skip()] * (7 + len(self.settings))
+        return self._shown(self.service.identified(self.service.delete(conversation)))
+
+def _json_or_error(text):
+    """Parsed JSON text; ValueError with the position of the first mistake."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("paste an exported conversation (JSON) first")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the text is not JSON ({error})") from None
+
+
 def _stage_reporter(progress):
     """load_model's stage strings -> the Gradio progress bar (indeterminate: the stages have no fraction)."""
     def report(stage: str) -> None:

@@ -1,19 +1,27 @@
 """The chat app's named API endpoints for gradio_client: chat, retry, edit (streaming), undo, reset, history,
-list_models, select_model; `stop` is the page's stop button itself (see ui.py).
+conversation_id, resume, export_conversation, import_conversation, delete_conversation, list_models,
+select_model; `stop` is the page's stop button itself (see ui.py).
 
 Promises: the endpoints share the page's per-session gr.State, so one gradio_client `Client` is one
 conversation, apart from every other client and browser tab; their settings arguments are the page's own
 setting components (same bounds, same defaults). Every model name is checked against the server's choices.
 Refusals raise gr.Error (an AppError for the client) with the reason, and change nothing.
+Each turn's end saves the conversation (chat_service, conversation_store): `conversation_id` tells a client its id,
+`resume` continues a saved one in this client (also after a server restart), export/import move one as JSON.
 Documented for users in the README's API section.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import gradio as gr
 
 from ..loading.loader import ModelLoadError, resolve_device_dtype
 from .chat_service import ChatSettings, Conversation, SessionControl
+from .conversation_codec import from_json, to_json
+from .setting_inputs import setting_number
 from .model_choices import describe, free_memory
 from .ui_stream import reason, throttled
 
@@ -31,8 +39,11 @@ class ChatApi:
             api_answer = gr.Textbox(label="answer")
             api_stats = gr.Textbox(label="stats")
             api_text = gr.Textbox(label="text")
-            api_turn = gr.Number(label="turn_index", value=0)  # no rounding here: 0.5 is refused, not made 0
+            api_turn = setting_number(label="turn_index", value=0, setting="turn_index")  # 0.5 is refused, not made 0
             api_json = gr.JSON(label="result")
+            api_model = gr.Textbox(label="model")  # not the picker: its own check would hide why a name is refused
+            api_id = gr.Textbox(label="conversation_id")
+            api_import = gr.JSON(label="conversation")
         state = [page.conversation, page.control]
         answer = [api_answer, api_stats, page.conversation]
         generating = dict(concurrency_id="generate", concurrency_limit=page.config.concurrency)
@@ -45,7 +56,15 @@ class ChatApi:
         click(self.reset, state, [api_text, page.conversation], api_name="reset", **quick)
         click(self.history, [page.conversation], [api_json], api_name="history", **quick)
         click(self.list_models, [page.device, page.dtype], [api_json], api_name="list_models", **quick)
-        click(self.select_model, [page.model_pick, page.device, page.dtype] + state, [api_text, page.conversation],
+        click(self.conversation_id, [page.conversation], [api_text, page.conversation], api_name="conversation_id",
+              **quick)
+        click(self.resume, [api_id] + state, [api_json, page.conversation], api_name="resume", **quick)
+        click(self.export_conversation, [page.conversation], [api_json], api_name="export_conversation", **quick)
+        click(self.import_conversation, [api_import] + state, [api_json, page.conversation],
+              api_name="import_conversation", **quick)
+        click(self.delete_conversation, state, [api_text, page.conversation], api_name="delete_conversation",
+              **quick)
+        click(self.select_model, [api_model, page.device, page.dtype] + state, [api_text, page.conversation],
               api_name="select_model", concurrency_id="load", concurrency_limit=2)
 
     def _stream(self, start, control: SessionControl):
@@ -113,6 +132,48 @@ class ChatApi:
     def history(conversation: Conversation):
         """The conversation as [[message, answer], ...]; a turn with thinking adds its reasoning as a third item."""
         return conversation.history()
+
+    def conversation_id(self, conversation: Conversation):
+        """This client's conversation id (to resume it later, from this or another client, even after a restart)."""
+        conversation = self.service.identified(conversation)
+        return conversation.id, conversation
+
+    def resume(self, conversation_id: str, conversation: Conversation, control: SessionControl):
+        """Continue the saved conversation `conversation_id` in this client; returns its history."""
+        self._idle(control, "resuming")
+        try:
+            resumed = self.service.resume(conversation_id)
+        except ValueError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        if resumed.model is None:  # its model is no longer offered here: the server's default continues it
+            resumed = replace(resumed, model=self.page.default_key)
+        return resumed.history(), resumed
+
+    def export_conversation(self, conversation: Conversation):
+        """This client's conversation as JSON (messages, settings, model and the exact token ids)."""
+        return to_json(self.service.identified(conversation))
+
+    def import_conversation(self, exported, conversation: Conversation, control: SessionControl):
+        """Continue an exported conversation (export_conversation's JSON) as a new one, with this client's model;
+        returns its history."""
+        self._idle(control, "importing")
+        try:
+            data = json.loads(exported) if isinstance(exported, str) else exported
+            imported = self.service.imported(from_json(data), conversation.model)
+        except ValueError as error:  # json.JSONDecodeError included
+            raise gr.Error(f"not imported: {error}", print_exception=False) from None
+        return imported.history(), imported
+
+    def delete_conversation(self, conversation: Conversation, control: SessionControl):
+        """Delete this client's conversation (the saved copy too) and start a new one; returns the new id."""
+        self._idle(control, "deleting")
+        conversation = self.service.identified(self.service.delete(conversation))
+        return conversation.id, conversation
+
+    @staticmethod
+    def _idle(control: SessionControl, doing: str) -> None:
+        if control.busy:
+            raise gr.Error(f"press Stop before {doing}: an answer is still being written", print_exception=False)
 
     def list_models(self, device: str, dtype: str):
         """Every model the server offers, with sizes and whether it fits the chosen device and precision."""

@@ -14,9 +14,10 @@ from typing import Iterator
 
 from ..loading.loader import ModelLoadError
 from .chat_service import Busy, ChatUpdate
+from .draining import ShuttingDown
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 screen updates a second; the last one always goes out
-USER_ERRORS = (ValueError, ModelLoadError, Busy)
+USER_ERRORS = (ValueError, ModelLoadError, Busy, ShuttingDown)
 log = logging.getLogger(__name__)
 
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from app_harness import chat_stats, running_app
+from app_harness import chat_stats, free_port, running_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -41,22 +41,28 @@ def server(make_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url, wait_until="domcontentloaded")
-            page.wait_for_selector("#message textarea")
-            page.wait_for_function("document.querySelector('#model-status').innerText.includes('ready')")
-            page.click("text=Generation")  # shorter answers keep the test quick (still a dozen updates or more)
-            page.fill("#max-new-tokens input[type=number]", str(MAX_NEW_TOKENS))
-            page.keyboard.press("Tab")
-            yield page
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#message textarea")
+    page.wait_for_function("document.querySelector('#model-status').innerText.includes('ready')")
+    page.click("text=Generation")  # shorter answers keep the test quick (still a dozen updates or more)
+    page.fill("#max-new-tokens input[type=number]", str(MAX_NEW_TOKENS))
+    page.keyboard.press("Tab")
+    yield page
+    page.close()
 
 
 def send(page, text: str) -> str:
@@ -134,3 +140,56 @@ def test_what_a_person_types_is_shown_as_typed(page):
     send(page, typed)
     assert texts(page, "user")[-1] == typed
     assert page.query_selector_all('#chat [data-testid="user"] img, #chat [data-testid="user"] b') == []
+
+
+def test_a_tab_finds_its_chat_again_after_a_reload_and_after_a_server_restart(browser, make_checkpoint, tmp_path):
+    """The tab keeps its conversation id (encrypted, in local storage); a restart on the same port and data
+    directory shows the chat with its settings, and the next turn continues it."""
+    tiny = make_checkpoint("5.2", n_layer=2, n_embd=128)
+    args = ["--model", str(tiny.path), "--device", "cpu"]
+    data, port = {"RWKV_DATA_DIR": str(tmp_path / "data")}, free_port()
+
+    def opened(page, url):
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#message textarea")
+        page.wait_for_function("document.querySelector('#model-status').innerText.includes('ready')")
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})  # its own local storage
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        with running_app(args, tmp_path / "first", data, port=port) as first:
+            opened(page, first.url)
+            page.click("text=Generation")
+            page.fill("#max-new-tokens input[type=number]", "8")
+            page.keyboard.press("Tab")
+            send(page, "Remember the word <b>kettle</b>")
+            answers = texts(page, "bot")
+            page.reload(wait_until="domcontentloaded")
+            page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"user\"]').length == 1")
+            assert texts(page, "user") == ["Remember the word <b>kettle</b>"] and texts(page, "bot") == answers
+            page.click("text=Generation")
+            assert page.input_value("#max-new-tokens input[type=number]") == "8"  # its settings came back
+        with running_app(args, tmp_path / "second", data, port=port) as second:
+            opened(page, second.url)
+            page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"user\"]').length == 1")
+            assert texts(page, "bot") == answers
+            before = page.inner_text("#stats")
+            page.fill("#message textarea", "What was it?")
+            page.keyboard.press("Enter")
+            page.wait_for_function(  # the new answer's stats line (the restored one had a prefill count too)
+                "document.querySelectorAll('#chat [data-testid=\"user\"]').length == 2 && "
+                "document.querySelector('#stats').innerText.includes('prefill') && "
+                f"document.querySelector('#stats').innerText != {before!r}")
+            stats = page.inner_text("#stats")
+            page.get_by_text("Conversation", exact=True).click()
+            assert "Conversation id" in page.inner_text("#conversation-info")
+            assert texts(page, "user") == ["Remember the word <b>kettle</b>", "What was it?"]
+            assert chat_stats(stats) > 0  # a new process: the saved tokens were read again
+            page.click("#delete")
+            page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"user\"]').length == 0")
+            opened(page, second.url)
+            page.wait_for_timeout(1000)  # time for the page's restore step, which finds nothing now
+            assert texts(page, "user") == []
+    finally:
+        context.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ from rwkv_chat.app.model_pool import ModelPool
 
 def test_defaults_serve_the_default_model_on_loopback():
     expected = DEFAULT_MODEL if not torch.cuda.is_available() else parse_config([], {}).model
-    assert parse_config([], {}) == AppConfig(model=expected, server_name="127.0.0.1", port=7860)
+    assert parse_config([], {}) == AppConfig(model=expected, server_name="127.0.0.1", port=7860,
+                                             data_dir=str(Path.home() / ".cache" / "rwkv-chat"))
     assert parse_config(["--device", "cpu"], {}).model == DEFAULT_MODEL
 
 

@@ -5,6 +5,7 @@ reasoning kept apart, concurrency, and every error code."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 import time
@@ -243,3 +244,36 @@ def test_cors_origins_are_the_operators_and_the_page_still_works(tmp_path):
             assert page.status == 200
         answer, stats = Client(app.url, verbose=False).predict("Hello", max_new_tokens=4, api_name="/chat")
         assert "prefill" in stats
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("temperature", "abc", "temperature must be a number, got 'abc'"),
+    ("top_p", True, "top_p must be a number, got True"),
+    ("temperature", 9, "temperature must be at most 5.0, got 9"),
+    ("top_k", 2.5, "top_k must be a whole number, got 2.5"),
+    ("penalty_decay", 1.5, "penalty_decay"),
+])
+def test_the_page_api_and_openai_refuse_a_setting_in_the_same_words(server, name, value, words):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match=re.escape(words)):
+        Client(server.url, verbose=False).predict("x", **{name: value, "max_new_tokens": 4}, api_name="/chat")
+    request = urllib.request.Request(
+        server.url + "v1/chat/completions", method="POST",
+        data=json.dumps({"model": "tiny.pth", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                         name: value}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    error = json.loads(refused.value.read())["error"]
+    assert refused.value.code == 400 and words in error["message"] and error["param"] == name
+
+
+def test_null_settings_mean_the_default_in_openai_and_are_refused_by_name_in_gradio_client(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="top_p must be a number, got nothing"):
+        Client(server.url, verbose=False).predict("x", top_p=None, max_new_tokens=4, api_name="/chat")
+    answer = client(server).chat.completions.create(model="tiny.pth", messages=[{"role": "user", "content": "x"}],
+                                                    max_tokens=4, temperature=None, top_p=None)
+    assert answer.choices[0].finish_reason in ("length", "stop")

@@ -44,53 +44,57 @@ def wkv7_step(log_w, r, k, v, kk, a, s):
 
 
 def wkv7_chunks(log_w, r, k, v, kk, a, s, chunk: int):
-    """T tokens at once, in chunks of `chunk`. Every input [B, H, T, N]; s: [B, H, N(value), N(key)]
-    -> (y [B, H, T, N], s).
+    """T tokens at once, in chunks of `chunk`. Every input [B, T, H, N]; s: [B, H, N(value), N(key)]
+    -> (y [B, T, H, N], s).
 
     With alpha = -kk, beta = kk * a, D_t = diag(e^log_w_t): S_t = S_{t-1} D_t + u_t beta_t^T + v_t k_t^T, where
     u_t = S_{t-1} alpha_t. Within a chunk, with G_t = D_1 ... D_t and S_0 its start state, the u's solve a unit
     lower triangular system T u = alpha' S_0^T + M_k v, so u = P S_0^T + Q with P = T^-1 alpha' and
     Q = T^-1 M_k v independent of S_0. Hence every chunk is an affine map of its start state, S_c = S_{c-1} M_c
     + N_c, and its outputs are y = S_{c-1} R'^T + Y_0: all of M, N, R', Y_0 come from one batched pass over
-    every chunk (one triangular solve), and only the chunk-to-chunk products run in sequence. Every exponent
+    every chunk (one triangular inverse), and only the chunk-to-chunk products run in sequence. Every exponent
     stays within one chunk (a factor of at most e^(chunk * DECAY_SCALE)). A ragged last chunk is padded with
     tokens that leave the state as it is (decay 1, zero keys, values and learning rate).
     """
-    batch, heads, length, size = r.shape
+    batch, length, heads, size = r.shape
     chunk = min(chunk, length)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
+    rows = n_chunks * batch * heads  # one matrix per (chunk, sequence, head), the chunk outermost
 
-    def chunked(t):  # [B, H, T, N] -> [B, H, C, L, N]
-        return F.pad(t, (0, 0, 0, pad)).reshape(batch, heads, n_chunks, chunk, size)
+    def chunked(t):  # [B, T, H, N] -> [C * B * H, L, N]
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        return t.reshape(batch, n_chunks, chunk, heads, size).permute(1, 0, 3, 2, 4).reshape(rows, chunk, size)
 
     log_w, r, k, v, kk, a = (chunked(t) for t in (log_w, r, k, v, kk, a))
-    c = torch.cumsum(log_w, dim=-2)
-    grow, shrink = torch.exp(-c), torch.exp(c)
-    alpha = -kk * torch.exp(c - log_w)  # alpha_t G_{t-1}
+    c = torch.cumsum(log_w, dim=1)
+    shrink = torch.exp(c)  # G_t
+    grow = torch.reciprocal(shrink)
+    kk_in = kk * torch.exp(c - log_w)  # -alpha_t G_{t-1}
     beta, k_in = kk * a * grow, k * grow  # beta_j / G_j, k_j / G_j
     r_out = r * shrink  # r_t G_t
-    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).tril(-1)
-    inclusive = strict | torch.eye(chunk, dtype=torch.bool, device=r.device)
-    beta_t, k_t = beta.transpose(-1, -2), k_in.transpose(-1, -2)
-    eye = torch.eye(chunk, dtype=r.dtype, device=r.device)
-    right = torch.cat([alpha, ((alpha @ k_t) * strict) @ v], dim=-1)  # [B, H, C, L, K + V]
-    pq = torch.linalg.solve_triangular(eye - (alpha @ beta_t) * strict, right, upper=False, unitriangular=True)
-    p, q = pq[..., :size], pq[..., size:]  # [B, H, C, L, K], [B, H, C, L, V]
-    end = shrink[..., -1:, :]  # G_L [B, H, C, 1, K]
+    beta_t, k_t = beta.mT, k_in.mT
+    # T = I + strict(kk_in beta^T) (the solve reads the strict lower triangle alone); with T^-1:
+    # P' = T^-1 kk_in = -P, Q' = T^-1 strict(kk_in k^T) v = -Q
+    eye = torch.eye(chunk, dtype=r.dtype, device=r.device).expand(rows, chunk, chunk)
+    inverse = torch.linalg.solve_triangular(kk_in @ beta_t, eye, upper=False, unitriangular=True)
+    p, q = inverse @ kk_in, inverse @ (torch.tril(kk_in @ k_t, -1) @ v)  # -P [X, L, K], -Q [X, L, V]
+    end = shrink[:, -1:]  # G_L [X, 1, K]
     beta_end = beta * end
-    m = torch.diag_embed(end.squeeze(-2)) + p.transpose(-1, -2) @ beta_end  # [B, H, C, K, K]
-    n = q.transpose(-1, -2) @ beta_end + v.transpose(-1, -2) @ (k_in * end)  # [B, H, C, V, K]
-    r_beta = (r_out @ beta_t) * inclusive
-    r_start = r_out + r_beta @ p  # y = r_start @ S_{c-1}^T + y_own
-    y_own = r_beta @ q + ((r_out @ k_t) * inclusive) @ v  # [B, H, C, L, V]
+    m = torch.baddbmm(torch.diag_embed(end.squeeze(1)), p.mT, beta_end, alpha=-1)  # [X, K, K]
+    n = torch.baddbmm(v.mT @ (k_in * end), q.mT, beta_end, alpha=-1)  # [X, V, K]
+    r_beta = torch.tril(r_out @ beta_t)
+    r_start = torch.baddbmm(r_out, r_beta, p, alpha=-1)  # y = r_start @ S_{c-1}^T + y_own
+    y_own = torch.baddbmm(torch.tril(r_out @ k_t) @ v, r_beta, q, alpha=-1)  # [X, L, V]
+    m, n = m.view(n_chunks, batch * heads, size, size), n.view(n_chunks, batch * heads, size, size)
+    s = s.reshape(batch * heads, size, size)
     starts = []
     for i in range(n_chunks):
         starts.append(s)
-        s = torch.baddbmm(n[:, :, i].reshape(-1, size, size), s.reshape(-1, size, size),
-                          m[:, :, i].reshape(-1, size, size)).view(batch, heads, size, size)
-    y = r_start @ torch.stack(starts, dim=2).transpose(-1, -2) + y_own
-    return y.view(batch, heads, n_chunks * chunk, size)[:, :, :length], s
+        s = torch.baddbmm(n[i], s, m[i])
+    y = torch.baddbmm(y_own, r_start, torch.stack(starts).view(rows, size, size).mT)
+    y = y.view(n_chunks, batch, heads, chunk, size).permute(1, 0, 3, 2, 4).reshape(batch, -1, heads, size)
+    return y[:, :length], s.view(batch, heads, size, size)
 
 
 class TimeMixV7(nn.Module):
@@ -128,37 +132,38 @@ class TimeMixV7(nn.Module):
     def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, v_first=None):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first)."""
         batch, length, _ = xx.shape
-        h, n = self.n_head, self.head_size
+        heads = (batch, length, self.n_head, self.head_size)
         sx = token_shift(xx, prev) - xx
-        xr, xw, xk = xx + sx * self.x_r, xx + sx * self.x_w, xx + sx * self.x_k
-        xv, xa, xg = xx + sx * self.x_v, xx + sx * self.x_a, xx + sx * self.x_g
+        mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).unsqueeze(1)  # [6, 1, 1, C]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(xx, sx, mixes).unbind(0)  # xx + (prev - xx) * x_*
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        log_w = -DECAY_SCALE * torch.sigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-        heads = (batch, length, h, n)
+        log_w = torch.sigmoid(_lora(xw, self.w1, self.w2, self.w0, torch.tanh)).mul_(-DECAY_SCALE)
+        a = torch.sigmoid(_lora(xa, self.a1, self.a2, self.a0))
+        g = _lora(xg, self.g1, self.g2, None, torch.sigmoid)
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k * (1 + (a - 1) * k_a)
         if self.first_layer:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        per_head = [t.view(heads).transpose(1, 2) for t in (log_w, r, k, v, a)]  # [B, H, T, N]
-        kk = kk.transpose(1, 2)
-        log_w_h, r_h, k_h, v_h, a_h = per_head
+            v = torch.lerp(v, v_first, torch.sigmoid(_lora(xv, self.v1, self.v2, self.v0)))
+        log_w, r, k, v, a = (t.view(heads) for t in (log_w, r, k, v, a))  # [B, T, H, N]
         if length == 1:
-            y, wkv = wkv7_step(log_w_h[:, :, 0], r_h[:, :, 0], k_h[:, :, 0], v_h[:, :, 0], kk[:, :, 0],
-                               a_h[:, :, 0], wkv)
-            y = y.unsqueeze(2)
+            y, wkv = wkv7_step(log_w[:, 0], r[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0], wkv)
         else:
             chunk = WKV7_GPU_CHUNK if xx.is_cuda else WKV7_CHUNK
-            y, wkv = wkv7_chunks(log_w_h, r_h, k_h, v_h, kk, a_h, wkv, chunk)
-        y = y.transpose(1, 2).reshape(batch * length, h * n)
-        y = group_norm(y, h, self.ln_x.weight, self.ln_x.bias).view(heads)
-        bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(-1, keepdim=True) * v.view(heads)
-        return self.output((y + bonus).view(batch, length, h * n) * g), wkv, v_first
+            y, wkv = wkv7_chunks(log_w, r, k, v, kk, a, wkv, chunk)
+        y = group_norm(y.reshape(batch * length, -1), self.n_head, self.ln_x.weight, self.ln_x.bias).view(heads)
+        y = torch.addcmul(y, (r * k * self.r_k).sum(-1, keepdim=True), v)  # + (r . k r_k) v per head
+        return self.output(y.view(batch, length, -1) * g), wkv, v_first
+
+
+def _lora(x, first, second, bias=None, activation=None):
+    """activation(x @ first) @ second (+ bias [1, 1, A]): a LoRA of the time mix, in fp32."""
+    hidden = x @ first
+    hidden = activation(hidden) if activation is not None else hidden
+    return F.linear(hidden, second.t(), None if bias is None else bias.view(-1))
 
 
 class ChannelMixV7(nn.Module):
@@ -171,8 +176,7 @@ class ChannelMixV7(nn.Module):
         self.value = Projection(dim_ffn, n_embd)
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        shifted = token_shift(xx, prev)
-        return self.value(torch.relu(self.key(xx + (shifted - xx) * self.x_k)).square())
+        return self.value(torch.relu(self.key(torch.lerp(xx, token_shift(xx, prev), self.x_k))).square())
 
 
 class Rwkv7(HeadMatrixArchitecture):

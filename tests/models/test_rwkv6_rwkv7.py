@@ -18,6 +18,7 @@ FP32_TOLERANCE = 1e-3
 # (version, n_layer, n_embd, head_size): head sizes 64 (every published model) and 32; 3 heads of 64
 SHAPES = [("6", 2, 128, 64), ("6", 3, 192, 32), ("7", 2, 128, 64), ("7", 3, 192, 64), ("7", 2, 128, 32)]
 PROMPT, DECODE = random_tokens(300, seed=11), random_tokens(16, seed=12)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 def reference_logits(version: str, pth, prompt, decode) -> torch.Tensor:
@@ -137,25 +138,33 @@ def wkv7_token_loop(inputs, s0):
     return torch.stack(steps, 2), state
 
 
+def wkv7_chunks(inputs, s0, chunk, device="cpu"):
+    """rwkv7.wkv7_chunks on [B, H, T, N] inputs (it reads and writes [B, T, H, N]), on `device`."""
+    out, state = rwkv7.wkv7_chunks(*(x.transpose(1, 2).to(device) for x in inputs), s0.to(device), chunk)
+    return out.transpose(1, 2).cpu(), state.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
 @pytest.mark.parametrize("batch,length", [(2, 150), (1, 128), (3, 1), (1, 2), (2, 63), (1, 65)])
-def test_rwkv7_chunked_recurrence_equals_its_one_token_steps(chunk, batch, length):
+def test_rwkv7_chunked_recurrence_equals_its_one_token_steps(chunk, batch, length, device):
     """All chunks at once (whole chunks, a ragged last one, fewer tokens than a chunk) against a float64
     token-by-token loop of the step."""
     inputs, s0 = wkv7_inputs(batch, length, seed=length)
     expected, expected_state = wkv7_token_loop(inputs, s0)
-    out, state = rwkv7.wkv7_chunks(*inputs, s0, chunk)
+    out, state = wkv7_chunks(inputs, s0, chunk, device)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-9)
     assert torch.allclose(state, expected_state, atol=1e-9)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [rwkv7.WKV7_CHUNK, rwkv7.WKV7_GPU_CHUNK])
-def test_rwkv7_chunked_recurrence_in_fp32_with_the_strongest_decays_stays_within_1e_5(chunk):
+def test_rwkv7_chunked_recurrence_in_fp32_with_the_strongest_decays_stays_within_1e_5(chunk, device):
     """fp32, as the models run it, with every decay at its strongest (the largest in-chunk factors)."""
     inputs, s0 = wkv7_inputs(2, 150, seed=1, strongest=True)
     expected, expected_state = wkv7_token_loop(inputs, s0)
-    out, state = rwkv7.wkv7_chunks(*(x.float() for x in inputs), s0.float(), chunk)
+    out, state = wkv7_chunks([x.float() for x in inputs], s0.float(), chunk, device)
     assert out.dtype == torch.float32
     assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-5
     assert ((state - expected_state).abs().max() / expected_state.abs().max()).item() < 1e-5

@@ -7,8 +7,9 @@
 - Math (the reference's `att_one_v6_0`): a data-dependent token shift (`xx + sx * (maa + lora(xx + sx*maa_x))`,
   sx = previous - current) feeds r, k, v, g and a per-token, per-channel decay
   `log_w = -exp(time_decay + tanh(wx @ w1) @ w2)`; then RWKV-5.2's per-head recurrence with that decay,
-  GroupNorm of the heads and a SiLU gate. `wkv6_step` runs one token, `wkv6_chunk` L tokens at once (every
-  exponent <= 0). The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
+  GroupNorm of the heads and a SiLU gate. `wkv6_step` runs one token, `wkv6_chunks` T tokens at once: every
+  chunk's own terms in one batched pass, only the state carried from chunk to chunk in sequence (every exponent
+  <= 0). The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
 - Fast paths: none yet beyond the plain PyTorch path (`fast_runner = False`).
 """
 
@@ -23,29 +24,57 @@ from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm,
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
+CHUNK_GROUP_FLOATS = 1 << 26  # the chunked prefill's [L, L, N] decays are made for this many numbers at a time
 
 
 wkv6_step = wkv5_step  # one token: RWKV-5.2's step, its decay given per sequence ([B, H, N]) instead of shared
 
 
-def wkv6_chunk(log_w, u, r, k, v, s):
-    """L tokens at once. r, k, v, log_w: [B, H, L, N]; u: [H, N]; s: [B, H, N, N].
+def wkv6_chunks(log_w, u, r, k, v, s, chunk: int):
+    """T tokens at once, in chunks of `chunk`. r, k, v, log_w: [B, T, H, N]; u: [H, N]; s: [B, H, N, N]
+    -> (out [B, T, H, N], s).
 
-    With c_t = sum_{i<=t} log_w_i: out_t = sum_{j<t} (r_t * e^(c_{t-1}-c_j) . k_j) v_j + (r_t * u . k_t) v_t
-    + (r_t * e^(c_{t-1})) @ s; every exponent is a sum of log decays and so <= 0.
+    Within a chunk, with c_t = sum_{i<=t} log_w_i and S_0 its start state: out_t = sum_{j<t} (r_t *
+    e^(c_{t-1}-c_j) . k_j) v_j + (r_t * u . k_t) v_t + (r_t * e^(c_{t-1})) @ S_0, and the end state is
+    e^(c_L) * S_0 + (k * e^(c_L - c))^T @ v; every exponent is a sum of log decays and so <= 0. All chunks'
+    own terms are computed at once (the [L, L, N] decays in groups of chunks, CHUNK_GROUP_FLOATS at most), and
+    only the state's diagonal decay and addition run chunk after chunk. A ragged last chunk is padded with
+    tokens that leave the state as it is (decay 1, zero keys and values).
     """
-    length = r.shape[2]
-    c = torch.cumsum(log_w, dim=2)  # [B, H, L, N]
+    batch, length, heads, size = r.shape
+    chunk = min(chunk, length)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    rows = batch * heads
+
+    def chunked(t):  # [B, T, H, N] -> [C, B * H, L, N]
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        t = t.reshape(batch, n_chunks, chunk, heads, size).permute(1, 0, 3, 2, 4)
+        return t.reshape(n_chunks, rows, chunk, size)
+
+    log_w, r, k, v = (chunked(t) for t in (log_w, r, k, v))
+    c = torch.cumsum(log_w, dim=2)
     c_prev = c - log_w
-    before = torch.ones(length, length, dtype=torch.bool, device=r.device).tril(-1)  # j < t
-    gap = c_prev.unsqueeze(3) - c.unsqueeze(2)  # [B, H, L(t), L(j), N]
-    decay = torch.exp(torch.where(before[:, :, None], gap, torch.full_like(gap, -torch.inf)))
-    scores = torch.einsum("bhtn,bhtjn,bhjn->bhtj", r, decay, k)
-    scores = scores + torch.diag_embed((r * u[:, None, :] * k).sum(-1))
-    out = scores @ v + (r * torch.exp(c_prev)) @ s
-    c_end = c[:, :, -1:]  # [B, H, 1, N]
-    s = torch.exp(c_end).transpose(-1, -2) * s + (k * torch.exp(c_end - c)).transpose(-1, -2) @ v
-    return out, s
+    c_end = c[:, :, -1:]  # [C, B*H, 1, N]
+    later = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).triu()[:, :, None]  # j >= t: no decay term
+    own = torch.diag_embed((r * u.repeat(batch, 1)[:, None] * k).sum(-1))  # [C, B*H, L, L]: the bonus u
+    group = max(1, CHUNK_GROUP_FLOATS // (rows * chunk * chunk * size))
+    for first in range(0, n_chunks, group):
+        part = slice(first, first + group)
+        decay = (c_prev[part].unsqueeze(3) - c[part].unsqueeze(2)).masked_fill_(later, -torch.inf).exp_()
+        own[part] += decay.mul_(r[part].unsqueeze(3)).mul_(k[part].unsqueeze(2)).sum(-1)  # [g, B*H, L(t), L(j)]
+    y = own @ v
+    add = (k * torch.exp(c_end - c)).mT @ v  # [C, B*H, K, V]
+    keep = torch.exp(c_end).mT  # [C, B*H, K, 1]
+    s = s.reshape(rows, size, size)
+    starts = []
+    for i in range(n_chunks):
+        starts.append(s)
+        s = torch.addcmul(add[i], keep[i], s)
+    y = y.view(-1, chunk, size).baddbmm_((r * torch.exp(c_prev)).reshape(-1, chunk, size),
+                                         torch.stack(starts).view(-1, size, size))
+    y = y.view(n_chunks, batch, heads, chunk, size).permute(1, 0, 3, 2, 4).reshape(batch, -1, heads, size)
+    return y[:, :length], s.view(batch, heads, size, size)
 
 
 class TimeMixV6(nn.Module):
@@ -76,29 +105,24 @@ class TimeMixV6(nn.Module):
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
         sx = token_shift(xx, prev) - xx
-        lora = torch.tanh((xx + sx * self.time_maa_x) @ self.time_maa_w1).view(batch, length, MAA_PARTS, -1)
-        mw, mk, mv, mr, mg = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2).unbind(0)
-        wx = xx + sx * (self.time_maa_w + mw)
+        lora = torch.tanh(torch.addcmul(xx, sx, self.time_maa_x) @ self.time_maa_w1).view(batch, length, MAA_PARTS, -1)
+        maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
+        maa = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2) + maa.unsqueeze(1)  # [5, B, T, C]
+        wx, kx, vx, rx, gx = torch.addcmul(xx, sx, maa).unbind(0)  # xx + sx * (time_maa_* + lora_*)
         heads = (batch, length, h, n)
-        r = self.receptance(xx + sx * (self.time_maa_r + mr)).view(heads).transpose(1, 2)  # [B, H, T, N]
-        k = self.key(xx + sx * (self.time_maa_k + mk)).view(heads).transpose(1, 2)
-        v = self.value(xx + sx * (self.time_maa_v + mv)).view(heads).transpose(1, 2)
-        g = F.silu(self.gate(xx + sx * (self.time_maa_g + mg)))
+        r = self.receptance(rx).view(heads)  # [B, T, H, N]
+        k = self.key(kx).view(heads)
+        v = self.value(vx).view(heads)
+        g = F.silu(self.gate(gx))
         w = self.time_decay.view(-1) + torch.tanh(wx @ self.time_decay_w1) @ self.time_decay_w2
-        log_w = -torch.exp(w).view(heads).transpose(1, 2)
+        log_w = -torch.exp(w).view(heads)
         u = self.time_faaaa.float()
         if length == 1:
-            out, wkv = wkv6_step(log_w[:, :, 0], u, r[:, :, 0], k[:, :, 0], v[:, :, 0], wkv)
-            out = out.unsqueeze(2)
+            out, wkv = wkv6_step(log_w[:, 0], u, r[:, 0], k[:, 0], v[:, 0], wkv)
         else:
-            pieces = []
-            for start in range(0, length, WKV_CHUNK):
-                part = slice(start, start + WKV_CHUNK)
-                piece, wkv = wkv6_chunk(log_w[:, :, part], u, r[:, :, part], k[:, :, part], v[:, :, part], wkv)
-                pieces.append(piece)
-            out = torch.cat(pieces, dim=2)
-        out = out.transpose(1, 2).reshape(batch * length, h * n)
-        out = group_norm(out, h, self.ln_x.weight, self.ln_x.bias).view(batch, length, h * n)
+            out, wkv = wkv6_chunks(log_w, u, r, k, v, wkv, WKV_CHUNK)
+        out = group_norm(out.reshape(batch * length, h * n), h, self.ln_x.weight, self.ln_x.bias)
+        out = out.view(batch, length, h * n)
         return self.output(out * g), wkv, carry
 
 

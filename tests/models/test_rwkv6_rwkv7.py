@@ -99,22 +99,30 @@ def test_state_contract_and_batched_decoding(checkpoint):
     assert state.clone().equal(state)
 
 
-def test_rwkv6_chunked_recurrence_equals_its_one_token_steps():
-    """The parallel form against a token-by-token loop of the step (float64, strong decays included)."""
-    gen = torch.Generator().manual_seed(0)
-    batch, heads, length, size = 2, 3, 150, 16
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("batch,length,group", [(2, 150, 1 << 26), (1, 128, 1), (3, 1, 1 << 26), (2, 33, 1),
+                                                (1, 65, 2 * 3 * 32 * 32 * 16)])
+def test_rwkv6_chunked_recurrence_equals_its_one_token_steps(chunk, batch, length, group, device, monkeypatch):
+    """All chunks at once (whole chunks, a ragged last one, fewer tokens than a chunk; the [L, L, N] decays made
+    in one go, chunk by chunk, or in groups) against a float64 token-by-token loop, strong decays included."""
+    monkeypatch.setattr(rwkv6, "CHUNK_GROUP_FLOATS", group)
+    gen = torch.Generator().manual_seed(length)
+    heads, size = 3, 16
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    r, k, v = rand(batch, heads, length, size), rand(batch, heads, length, size), rand(batch, heads, length, size)
+    r, k, v = (rand(batch, heads, length, size) for _ in range(3))
     s0 = rand(batch, heads, size, size)
-    log_w6 = -torch.exp(rand(batch, heads, length, size) * 2)  # decays down to e^-e^6 per token
+    log_w = -torch.exp(rand(batch, heads, length, size) * 2)  # decays down to e^-e^6 per token
     u = rand(heads, size)
     state, steps = s0, []
     for t in range(length):
-        out, state = rwkv6.wkv6_step(log_w6[:, :, t], u, r[:, :, t], k[:, :, t], v[:, :, t], state)
+        out, state = rwkv6.wkv6_step(log_w[:, :, t], u, r[:, :, t], k[:, :, t], v[:, :, t], state)
         steps.append(out)
-    chunk_out, chunk_state = rwkv6.wkv6_chunk(log_w6, u, r, k, v, s0)
-    assert torch.allclose(chunk_out, torch.stack(steps, 2), atol=1e-9)
-    assert torch.allclose(chunk_state, state, atol=1e-9)
+    chunk_out, chunk_state = rwkv6.wkv6_chunks(*(x.transpose(1, 2).to(device) for x in (log_w,)), u.to(device),
+                                               *(x.transpose(1, 2).to(device) for x in (r, k, v)), s0.to(device),
+                                               chunk)
+    assert torch.allclose(chunk_out.transpose(1, 2).cpu(), torch.stack(steps, 2), atol=1e-9)
+    assert torch.allclose(chunk_state.cpu(), state, atol=1e-9)
 
 
 def wkv7_inputs(batch, length, seed, heads=3, size=16, strongest=False):

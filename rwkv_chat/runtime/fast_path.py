@@ -6,9 +6,9 @@ What this module promises:
 - `FastRunner(model)` computes the same function as the model's plain path (`RwkvModel._read`), within the
   rounding of the model's weight dtype: `prefill(ids, state)` for one sequence and `decode(ids, state)` for
   one token of each of B sequences. States passed in are never changed; new ones are returned.
-- Packing shares memory with the model: each layer's r/k/v(/g) projections become one [P*A, C] matrix and
-  the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed to views
-  of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way, with scales.
+- Packing shares memory with the model (packing.py): each layer's r/k/v(/g) projections become one [P*A, C]
+  matrix and the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed
+  to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
   graphed; on CPU each layer's step is one call into the C++ kernels (cpu_kernels.py), whose products read
@@ -16,8 +16,9 @@ What this module promises:
   is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton (CUDA) or
   in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py.
 
-It is the same for every architecture: what differs (how a time mix is packed, its recurrence on each backend)
-it asks the model's architecture (models/rwkv4.py, rwkv5.py). It knows nothing of text, files or sessions.
+It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
+backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
+prefill and a graphed decode step (plain_graphs.py). It knows nothing of text, files or sessions.
 """
 
 from __future__ import annotations
@@ -28,86 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_kernels, quant, triton_kernels
+from ..kernels import cpu_kernels, triton_kernels
 from ..models.layers import LAYER_NORM_EPS
 from ..state import RwkvState
 from .cuda_graphs import GraphedDecoder
+from .packing import PackedLinear, half_on_cpu, pack_projections, project
 from .plain_graphs import GraphedPlainRunner
 
 CUDA_WKV_CHUNK = 32
 CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
 CUDA_SEGMENT = 4096
-EXPAND_MIN_ROWS = 16  # from this many tokens at once, int8 (and, on CPUs, bf16/fp16) weights are expanded to a
-# wider dtype once per product, so the product is one fast GEMM
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------- packing
-
-@dataclass(frozen=True)
-class PackedLinear:
-    """One weight [N, K] (float or int8 with per-row scale) whose rows are split into named segments."""
-
-    weight: torch.Tensor
-    scale: torch.Tensor | None
-    bounds: tuple[int, ...]  # row offsets: segment i is rows bounds[i]:bounds[i+1]
-
-    @property
-    def n_segments(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def equal_segments(self) -> bool:
-        sizes = {self.bounds[i + 1] - self.bounds[i] for i in range(self.n_segments)}
-        return len(sizes) == 1
-
-    def segment(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, b = self.bounds[i], self.bounds[i + 1]
-        return self.weight[a:b], None if self.scale is None else self.scale[a:b]
-
-    def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
-        """x [..., K] @ segment i ᵀ -> fp32."""
-        weight, scale = self.segment(i)
-        many_rows = x.numel() >= EXPAND_MIN_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
-        on_cuda = x.device.type == "cuda"
-        if not many_rows and cpu_kernels.handles(x, weight):
-            return cpu_kernels.linear(x, weight, scale)
-        if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
-            if on_cuda:
-                return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
-            return F.linear(x.float(), quant.dequantize(weight, scale))
-        if many_rows and _half_on_cpu(x, weight):
-            return F.linear(x.float(), weight.float())
-        return quant.linear(x, weight, scale)
-
-
-def _half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bf16/fp16 weights on a CPU: their products of many rows run as fp32 GEMMs. CPUs without bf16/fp16
-    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one. The product of the
-    stored weights with the fp32 inputs (or inputs already rounded to the weight dtype, without the CPU
-    kernels) is the same product the decode step takes, or a more exact one."""
-    return x.device.type != "cuda" and weight.dtype in HALF_DTYPES
-
-
-def pack_projections(projections: list[nn.Module]) -> PackedLinear:
-    """Concatenate the rows of several `Projection`s and re-point their weights to views of the result."""
-    weights = [p.weight.data for p in projections]
-    int8 = weights[0].dtype == torch.int8
-    packed = torch.cat(weights).contiguous() if len(weights) > 1 else weights[0].contiguous()
-    scale = None
-    if int8:
-        scales = [p.weight_scale for p in projections]
-        scale = torch.cat(scales).contiguous() if len(scales) > 1 else scales[0].contiguous()
-    bounds, offset = [0], 0
-    for p, w in zip(projections, weights):
-        rows = w.shape[0]
-        p.weight = nn.Parameter(packed[offset:offset + rows], requires_grad=False)
-        if int8:
-            p.weight_scale = scale[offset:offset + rows]
-        offset += rows
-        bounds.append(offset)
-    return PackedLinear(packed, scale, tuple(bounds))
-
 
 @dataclass
 class LayerPack:
@@ -278,22 +212,6 @@ class FastRunner:
 
     # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) -> act ->
     # project(value); the residual adds happen inside the next ln_mix.
-    def _project(self, x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
-        """x [P, M, K] -> one partials view [S, M, N_i] per segment."""
-        one_row = x.shape[1] == 1
-        attention_inputs = lin.n_segments > 2 and lin.equal_segments
-        # float weights: cuBLAS, except one row through out/ffn/value/head, where our kernel measured faster
-        if lin.scale is None and not (one_row and not attention_inputs):
-            if lin.n_segments > 1 and lin.equal_segments:
-                n = lin.bounds[1]
-                out = torch.bmm(x, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))  # [P, M, n]
-                return [out[i:i + 1] for i in range(lin.n_segments)]
-            return [F.linear(x[min(i, x.shape[0] - 1)], lin.segment(i)[0]).unsqueeze(0)
-                    for i in range(lin.n_segments)]
-        seg = lin.bounds[1] if lin.n_segments > 1 else None
-        parts = triton_kernels.project(x, lin.weight, lin.scale, seg)
-        return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(lin.n_segments)]
-
     def _decode_triton(self, x, shift, wkv):
         tk = triton_kernels
         batch, c = x.shape
@@ -307,14 +225,14 @@ class FastRunner:
         tk.ln_mix(x, layers[0].ln1_w, layers[0].ln1_b, mixed, prev=shift[:, 0, 0], mix=layers[0].att_mix,
                   xx_out=new_shift[:, 0, 0])
         for i, layer in enumerate(layers):
-            proj = self._project(mixed, layer.att)
+            proj = project(mixed, layer.att)
             y = self.architecture.triton_decode_wkv(tk, layer, proj, wkv[:, i], new_wkv[:, i], self.act_dtype)
-            (att_out,) = self._project(y.unsqueeze(0), layer.out)
+            (att_out,) = project(y.unsqueeze(0), layer.out)
             tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
                       xx_out=new_shift[:, i, 1], delta=att_out)
-            k_parts, r_parts = self._project(mixed2, layer.ffn)
+            k_parts, r_parts = project(mixed2, layer.ffn)
             hidden = tk.ffn_act(k_parts, self.act_dtype)
-            (value,) = self._project(hidden.unsqueeze(0), layer.value)
+            (value,) = project(hidden.unsqueeze(0), layer.value)
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
@@ -322,7 +240,7 @@ class FastRunner:
                           xx_out=new_shift[:, i + 1, 0], delta=value, gate=r_parts, halve=halve)
             else:
                 tk.ln_mix(x, self.ln_out[0], self.ln_out[1], mixed[:1], delta=value, gate=r_parts, halve=halve)
-        (logits,) = self._project(mixed[:1], self.head)
+        (logits,) = project(mixed[:1], self.head)
         logits = logits[0] if logits.shape[0] == 1 else logits.sum(0)
         return logits.float(), RwkvState(new_shift, new_wkv)
 
@@ -351,7 +269,7 @@ class FastRunner:
     def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
         one_product = lin.scale is None and lin.equal_segments and lin.n_segments > 1
-        if one_product and not _half_on_cpu(mixed, lin.weight):
+        if one_product and not half_on_cpu(mixed, lin.weight):
             n = lin.bounds[1]
             out = torch.bmm(mixed, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
             return list(out.float().unbind(0))

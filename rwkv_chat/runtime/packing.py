@@ -1,0 +1,112 @@
+"""Packed projections: the weights of several `Projection`s as one matrix, and the products the fast paths take
+with it.
+
+What this module promises:
+- `pack_projections(projections)` concatenates the rows of several `Projection`s (float, or int8 with per-row
+  scales) into one `PackedLinear` and re-points the modules' weights to views of it: the weights are held once.
+- `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32, as the plain path computes it (expanding int8, and
+  bf16/fp16 on CPUs, to one wide GEMM for many rows; the C++ kernels for few rows on CPUs).
+- `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
+  when P is smaller), and comes back as a split-K partials view [S, M, N_i] (S = 1 from cuBLAS), which the
+  Triton kernels add while loading.
+
+It knows matrices and where they run best, not RWKV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu_kernels, quant, triton_kernels
+
+EXPAND_MIN_ROWS = 16  # from this many tokens at once, int8 (and, on CPUs, bf16/fp16) weights are expanded to a
+# wider dtype once per product, so the product is one fast GEMM
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """One weight [N, K] (float or int8 with per-row scale) whose rows are split into named segments."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    bounds: tuple[int, ...]  # row offsets: segment i is rows bounds[i]:bounds[i+1]
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def equal_segments(self) -> bool:
+        sizes = {self.bounds[i + 1] - self.bounds[i] for i in range(self.n_segments)}
+        return len(sizes) == 1
+
+    def segment(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return self.weight[a:b], None if self.scale is None else self.scale[a:b]
+
+    def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """x [..., K] @ segment i ᵀ -> fp32."""
+        weight, scale = self.segment(i)
+        many_rows = x.numel() >= EXPAND_MIN_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
+        on_cuda = x.device.type == "cuda"
+        if not many_rows and cpu_kernels.handles(x, weight):
+            return cpu_kernels.linear(x, weight, scale)
+        if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
+            if on_cuda:
+                return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
+            return F.linear(x.float(), quant.dequantize(weight, scale))
+        if many_rows and half_on_cpu(x, weight):
+            return F.linear(x.float(), weight.float())
+        return quant.linear(x, weight, scale)
+
+
+def half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16/fp16 weights on a CPU: their products of many rows run as fp32 GEMMs. CPUs without bf16/fp16
+    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one. The product of the
+    stored weights with the fp32 inputs (or inputs already rounded to the weight dtype, without the CPU
+    kernels) is the same product the decode step takes, or a more exact one."""
+    return x.device.type != "cuda" and weight.dtype in HALF_DTYPES
+
+
+def pack_projections(projections: list[nn.Module]) -> PackedLinear:
+    """Concatenate the rows of several `Projection`s and re-point their weights to views of the result."""
+    weights = [p.weight.data for p in projections]
+    int8 = weights[0].dtype == torch.int8
+    packed = torch.cat(weights).contiguous() if len(weights) > 1 else weights[0].contiguous()
+    scale = None
+    if int8:
+        scales = [p.weight_scale for p in projections]
+        scale = torch.cat(scales).contiguous() if len(scales) > 1 else scales[0].contiguous()
+    bounds, offset = [0], 0
+    for p, w in zip(projections, weights):
+        rows = w.shape[0]
+        p.weight = nn.Parameter(packed[offset:offset + rows], requires_grad=False)
+        if int8:
+            p.weight_scale = scale[offset:offset + rows]
+        offset += rows
+        bounds.append(offset)
+    return PackedLinear(packed, scale, tuple(bounds))
+
+
+def project(x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
+    """x [P, M, K] -> one partials view [S, M, N_i] per segment."""
+    one_row = x.shape[1] == 1
+    attention_inputs = lin.n_segments > 2 and lin.equal_segments
+    # float weights: cuBLAS, except one row through out/ffn/value/head, where our kernel measured faster
+    if lin.scale is None and not (one_row and not attention_inputs):
+        if lin.n_segments > 1 and lin.equal_segments:
+            n = lin.bounds[1]
+            out = torch.bmm(x, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))  # [P, M, n]
+            return [out[i:i + 1] for i in range(lin.n_segments)]
+        return [F.linear(x[min(i, x.shape[0] - 1)], lin.segment(i)[0]).unsqueeze(0)
+                for i in range(lin.n_segments)]
+    seg = lin.bounds[1] if lin.n_segments > 1 else None
+    parts = triton_kernels.project(x, lin.weight, lin.scale, seg)
+    return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(lin.n_segments)]

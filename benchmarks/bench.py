@@ -644,20 +644,19 @@ def profile_decode(args, version: str, size: str, dtype: str, device: torch.devi
             logits, s = model.forward([1], s)
             int(logits.argmax())
         info["forward_wall_us"] = (time.perf_counter() - t0) * 1e6 / steps
-        runner.use_graphs = False
+        step = runner._graphs.step  # the step the graphs replay, run eagerly (either runner)
         ids = torch.ones(1, dtype=torch.long, device=device)
-        runner._decode_step(ids, state.shift, state.wkv)
+        step(ids, state.shift, state.wkv)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                runner._decode_step(ids, state.shift, state.wkv)
+                step(ids, state.shift, state.wkv)
             torch.cuda.synchronize()
-        runner.use_graphs = True
-        decode_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        decode_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.forward(prompt)
             torch.cuda.synchronize()
-        prefill_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        prefill_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
     print(f"\n### Profile RWKV-{version} {size} {dtype}: graph replay {info['graph_replay_us']:.0f} µs/step (GPU), "
           f"model.forward {info['forward_wall_us']:.0f} µs/step (wall)\n3 eager decode steps:\n{decode_table}\n"
           f"one prefill of {len(prompt)} tokens:\n{prefill_table}", flush=True)

@@ -5,7 +5,9 @@ What this module promises:
 - `AVAILABLE` says whether Triton imported; without it nothing here may be called (callers fall back to
   PyTorch), and importing this module never fails.
 - Each wrapper computes the same function as the PyTorch code of runtime/fast_path.py and the architectures it replaces (fp32 arithmetic; only
-  the matrix operands are in the weight dtype), allocates its outputs, and returns them.
+  the matrix operands are in the weight dtype), allocates its outputs, and returns them. `ln_mix`, `ffn_act`,
+  `project` and the RWKV-5 decode kernel (whose decay may also come per token, RWKV-6's) serve the fused decode
+  step of RWKV-6/7 as well (runtime/fused_decode.py).
 - `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into
   segments (r|k|v|g, or ffn key|receptance): row block n uses input `seg(n)`. The weight is read once.
   It serves int8 weights (per-row scale), for which no library kernel exists; float weights go to cuBLAS,
@@ -40,6 +42,12 @@ def usable(device: torch.device | str) -> bool:
     """Triton kernels can run on tensors of this device."""
     device = torch.device(device)
     return AVAILABLE and (device.type == "cuda" or INTERPRET)
+
+
+def supports_head_size(head_size: int) -> bool:
+    """Whether kernels sized by the head (RWKV-6/7) run heads of this size: a power of two, as Triton's ranges
+    need."""
+    return AVAILABLE and head_size >= 2 and head_size & (head_size - 1) == 0
 
 
 def _sm_count(device: torch.device) -> int:
@@ -122,10 +130,11 @@ if AVAILABLE:
 
     @triton.jit
     def _ln_mix_kernel(X, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV, stride_prev,
-                       MIX, OUT, stride_op, stride_om, XX, stride_xx, C, P, eps,
-                       HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr, HAS_MIX: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-        """x += sigmoid(g) * d (or d); x /= 2 if HALVE; xx = LayerNorm(x); OUT[p] = xx*mix_p + prev*(1-mix_p)."""
+                       MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C, P, P_OUT,
+                       FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
+                       HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr):
+        """x += sigmoid(g) * d (or d); x /= 2 if HALVE; xx = LayerNorm(x); mix p = xx*mix_p + prev*(1-mix_p) goes
+        to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32 (fp32)."""
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
@@ -150,14 +159,20 @@ if AVAILABLE:
             for p in range(P):
                 m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
                 mixed = xx * m + prev * (1.0 - m)
-                tl.store(OUT + p * stride_op + b * stride_om + offs, mixed.to(OUT.dtype.element_ty), mask=ok)
+                if p < P_OUT:
+                    tl.store(OUT + p * stride_op + b * stride_om + offs, mixed.to(OUT.dtype.element_ty), mask=ok)
+                if HAS_OUT32:
+                    if p >= FIRST32:
+                        tl.store(OUT32 + (p - FIRST32) * stride_o32p + b * stride_o32m + offs, mixed, mask=ok)
         else:
             tl.store(OUT + b * stride_om + offs, xx.to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _wkv5_decode_kernel(R, K, V, G, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, LNW, LNB, Y,
-                            A, eps, GATED: tl.constexpr, SIZE: tl.constexpr):
-        """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate."""
+                            A, eps, W_LORA, stride_wl, GATED: tl.constexpr, SIZE: tl.constexpr,
+                            TOKEN_DECAY: tl.constexpr):
+        """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate. W is the
+        decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence."""
         h = tl.program_id(0)
         b = tl.program_id(1)
         i = tl.arange(0, SIZE)  # key index
@@ -169,6 +184,8 @@ if AVAILABLE:
         v = _sum_splits(V + base, stride_s, n_split, j, mask)
         u = tl.load(U + h * SIZE + i)
         w = tl.load(W + h * SIZE + i)
+        if TOKEN_DECAY:
+            w = tl.exp(-tl.exp(w + tl.load(W_LORA + b * stride_wl + h * SIZE + i)))
         cell = b * stride_state + h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
         s = tl.load(S_IN + cell)
         a = k[:, None] * v[None, :]
@@ -385,25 +402,30 @@ def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:
     return parts.stride(0), parts.stride(1), parts.shape[0]
 
 
-def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None,
            prev: torch.Tensor | None = None, mix: torch.Tensor | None = None, xx_out: torch.Tensor | None = None,
            delta: torch.Tensor | None = None, gate: torch.Tensor | None = None, halve: bool = False,
-           eps: float = 1e-5) -> None:
+           eps: float = 1e-5, out32: torch.Tensor | None = None, first32: int = 0) -> None:
     """In place on x [M, C] fp32: x += sigmoid(gate)*delta (delta/gate: partials [S, M, C] views); x /= 2 if
-    halve; xx = LayerNorm(x). With mix [P, C]: out[p] = xx*mix[p] + prev*(1-mix[p]) (out [P, M, C]), and xx is
-    written to xx_out [M, C]; without: out[0] = xx."""
+    halve; xx = LayerNorm(x). With mix [P, C]: mix p = xx*mix[p] + prev*(1-mix[p]) goes to out[p] for the first
+    out.shape[0] mixes (out [P', M, C]; None: none) and, with out32 (fp32), to out32[p - first32] for p >= first32;
+    xx is written to xx_out [M, C]. Without mix: out[0] = xx."""
     m, c = x.shape
-    has_d, has_g, has_mix = delta is not None, gate is not None, mix is not None
+    has_d, has_g, has_mix, has_out32 = delta is not None, gate is not None, mix is not None, out32 is not None
     d = delta if has_d else x.unsqueeze(0)
     g = gate if has_g else d
     prev = prev if prev is not None else x
     xx_out = xx_out if xx_out is not None else x
     mix_arg = mix if has_mix else weight
+    o32 = out32 if has_out32 else x.unsqueeze(0)
+    o = out if out is not None else o32
+    p_out = 0 if out is None else out.shape[0]
     _ln_mix_kernel[(m,)](x, d, d.stride(0), d.stride(1), d.shape[0], g, g.stride(0), g.stride(1), g.shape[0],
-                         weight, bias, prev, prev.stride(0), mix_arg, out, out.stride(0), out.stride(1),
-                         xx_out, xx_out.stride(0), c, mix.shape[0] if has_mix else 1, eps,
-                         HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, BLOCK_C=_pow2(c),
-                         num_warps=4 if c <= 1024 else 8)
+                         weight, bias, prev, prev.stride(0), mix_arg, o, o.stride(0), o.stride(1),
+                         o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
+                         mix.shape[0] if has_mix else 1, p_out, first32, eps,
+                         HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
+                         BLOCK_C=_pow2(c), num_warps=4 if c <= 1024 else 8)
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):
@@ -416,8 +438,8 @@ def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, ep
     for t in (k, v) + ((g,) if g is not None else ()):
         assert _split_view(t) == (stride_s, stride_b, n_split)
     _wkv5_decode_kernel[(heads, m)](r, k, v, g if g is not None else r, stride_s, stride_b, n_split,
-                                    state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps,
-                                    GATED=g is not None, SIZE=HEAD_SIZE, num_warps=4)
+                                    state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps, w, 0,
+                                    GATED=g is not None, SIZE=HEAD_SIZE, TOKEN_DECAY=False, num_warps=4)
     return y
 
 

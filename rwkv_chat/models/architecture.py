@@ -9,7 +9,9 @@ ask it:
   (`make_time_mix`, `make_channel_mix`);
 - its size (`time_mix_params`, `channel_mix_params`, `state_floats_per_layer`) for memory estimates;
 - for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
-  `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`).
+  `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`); or, for an architecture the fast
+  runner does not pack, the core of the fused decode step (`pack_fused_time_mix`, `fused_time_mix`,
+  `fused_channel_mix`: runtime/fused_decode.py).
 
 It holds no weights and no state: the methods take the tensors they work on, and `config` is always a
 `RwkvConfig` (config.py; not imported here, which would close a loop through the registry).
@@ -18,6 +20,7 @@ It holds no weights and no state: the methods take the tensors they work on, and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +42,19 @@ class TimeMixPack:
     decay: torch.Tensor  # fp32, as the architecture's kernels read it
     first: torch.Tensor  # fp32 bonus of the current token (u)
     ln_x: tuple[torch.Tensor, torch.Tensor] | None = None  # GroupNorm of the heads (weight, bias), if any
+
+
+@dataclass
+class FusedTimeMixPack:
+    """A time mix as the fused decode step (runtime/fused_decode.py) reads it. The step writes the token-shift
+    mixes `xx * m + prev * (1 - m)` of every row of `mixes`: the first `matrix_mixes` in the weight dtype (they
+    feed `projections`, which it packs into one matrix), and those from `fp32_from` on also in fp32."""
+
+    mixes: torch.Tensor  # [P, C] fp32
+    projections: list[nn.Module]  # equal-shaped `Projection`s
+    matrix_mixes: int
+    fp32_from: int
+    core: Any  # what the architecture's `fused_time_mix` reads besides (packed LoRAs, per-channel constants)
 
 
 class Architecture:
@@ -127,6 +143,25 @@ class Architecture:
         """T tokens of one sequence: projections fp32 [T or 2, A] -> (the output projection's input for the
         `kept` rows, new memory). `scans` is a module with the token-by-token scans (Triton or C++), or None
         for the chunked PyTorch forms."""
+        raise NotImplementedError
+
+    def pack_fused_time_mix(self, att: nn.Module, config) -> FusedTimeMixPack | None:
+        """One layer's time mix for the fused decode step, packed once (sharing memory with the model); None
+        where this architecture (or this shape) has no fused core: its decode then runs the plain step."""
+        return None
+
+    def fused_time_mix(self, pack: FusedTimeMixPack, projection, project, mixed: torch.Tensor,
+                       mixed32: torch.Tensor, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor,
+                       wkv_out: torch.Tensor, carry, act_dtype: torch.dtype):
+        """One token of B sequences in the Triton kernels: the mixes (`mixed` [matrix_mixes, B, C] in the weight
+        dtype, `mixed32` fp32), the LayerNorm output `xx` and the previous token's `prev` ([B, C] fp32), this
+        layer's memory -> (the output projection's input [B, A] in act_dtype, carry); the new memory goes to
+        wkv_out. `projection` is `pack.projections` packed; `project(x, projection)` its products (partials)."""
+        raise NotImplementedError
+
+    def fused_channel_mix(self, ffn: nn.Module) -> tuple[torch.Tensor, list[nn.Module]]:
+        """The channel mix for the fused decode step: its token-shift mixes [Q, C] fp32 (as `xx * m + prev * (1 -
+        m)`) and the projections they feed: the key, then the receptance that gates the value, if any."""
         raise NotImplementedError
 
     def cpu_decay(self, layer) -> torch.Tensor:

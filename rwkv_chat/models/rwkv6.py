@@ -10,16 +10,23 @@
   GroupNorm of the heads and a SiLU gate. `wkv6_step` runs one token, `wkv6_chunks` T tokens at once: every
   chunk's own terms in one batched pass, only the state carried from chunk to chunk in sequence (every exponent
   <= 0). The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
-- Fast paths: none yet beyond the plain PyTorch path (`fast_runner = False`).
+- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
+  CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
+  `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
+  product for k/v/r/g, the decay's LoRA (two) and the recurrence with GroupNorm and gate (one;
+  kernels/rwkv6_triton.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import HeadMatrixArchitecture
+from ..kernels import lora_triton, rwkv6_triton, triton_kernels
+from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
 from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, token_shift
 from .rwkv5 import wkv5_step
 
@@ -143,6 +150,47 @@ class ChannelMixV6(nn.Module):
         return torch.sigmoid(self.receptance(xx + sx * self.time_maa_r)) * self.value(k)
 
 
+@dataclass
+class FusedCoreV6:
+    """What the fused decode step reads of one RWKV-6 time mix besides its projections (k, v, r, g)."""
+
+    maa_lora: lora_triton.LowRank  # the token shift's LoRA: 5 parts (w, k, v, r, g)
+    maa: torch.Tensor  # [5, C] fp32: time_maa_w, _k, _v, _r, _g
+    decay_lora: lora_triton.LowRank
+    time_decay: torch.Tensor  # [A]
+    u: torch.Tensor  # [H, N]
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+
+
+def pack_fused_time_mix(att: TimeMixV6) -> FusedTimeMixPack:
+    flat = lambda t: t.detach().float().reshape(-1)  # noqa: E731  (views of the fp32 parameters)
+    tanh = lora_triton.TANH
+    maa_rank, decay_rank = att.time_maa_w2.shape[1], att.time_decay_w1.shape[1]
+    maa_lora = lora_triton.LowRank.pack([att.time_maa_w1], [att.time_maa_w2],
+                                        [lora_triton.LoraPart(maa_rank, 0, tanh)] * MAA_PARTS)
+    decay_lora = lora_triton.LowRank.pack([att.time_decay_w1], [att.time_decay_w2],
+                                          [lora_triton.LoraPart(decay_rank, 0, tanh)])
+    maa = torch.stack([flat(getattr(att, f"time_maa_{name}")) for name in ("w", "k", "v", "r", "g")])
+    core = FusedCoreV6(maa_lora, maa, decay_lora, flat(att.time_decay), att.time_faaaa.detach().float(),
+                       flat(att.ln_x.weight), flat(att.ln_x.bias))
+    return FusedTimeMixPack(torch.stack([1 - flat(att.time_maa_x)]), [att.key, att.value, att.receptance, att.gate],
+                            matrix_mixes=0, fp32_from=0, core=core)
+
+
+def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype):
+    """The fused decode step's RWKV-6 time mix (see Architecture.fused_time_mix): the token shift's LoRA (two
+    launches), the five mixes (one), one product for k, v, r, g, the decay's LoRA (two), the recurrence with
+    GroupNorm and gate (one) (kernels/rwkv6_triton.py)."""
+    batch, width = xx.shape
+    wx = torch.empty((1, batch, width), dtype=torch.float32, device=xx.device)
+    mixed = torch.empty((4, batch, width), dtype=act_dtype, device=xx.device)
+    rwkv6_triton.dynamic_mixes(xx, prev, core.maa_lora(mixed32), core.maa, wx[0], mixed)
+    k, v, r, g = project(mixed, projection)
+    return rwkv6_triton.wkv6_decode(r, k, v, g, core.decay_lora(wx)[0], wkv, wkv_out, core.time_decay, core.u,
+                                    core.ln_w, core.ln_b, act_dtype, GROUP_NORM_EPS)
+
+
 class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
@@ -174,6 +222,16 @@ class Rwkv6(HeadMatrixArchitecture):
 
     def make_channel_mix(self, config):
         return ChannelMixV6(config.n_embd, config.dim_ffn)
+
+    def pack_fused_time_mix(self, att, config):
+        return pack_fused_time_mix(att) if triton_kernels.supports_head_size(config.head_size) else None
+
+    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype):
+        return fused_time_mix(pack.core, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype), carry
+
+    def fused_channel_mix(self, ffn):
+        mixes = [1 - ffn.time_maa_k.detach().float().reshape(-1), 1 - ffn.time_maa_r.detach().float().reshape(-1)]
+        return torch.stack(mixes), [ffn.key, ffn.receptance]
 
     def time_mix_params(self, n_embd, dim_att):
         maa, decay = self.default_lora(n_embd)

@@ -13,27 +13,33 @@
   `S = S diag(w) + (S (-kk)) (kk a)^T + v k^T; y = S r`, then GroupNorm of the heads plus `(r . k r_k) v`,
   times g. `wkv7_step` runs one token; `wkv7_chunks` T tokens at once through the WY form of that
   diagonal-plus-rank-one recurrence: every chunk becomes an affine map of its start state, all chunks in one
-  batched pass (one triangular solve), and only one small matrix product per chunk runs in sequence; every
+  batched pass (one triangular inverse), and only one small matrix product per chunk runs in sequence; every
   exponent stays within a chunk.
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
-- Fast paths: none yet beyond the plain PyTorch path (`fast_runner = False`).
+- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
+  CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
+  `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py) and one
+  kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import HeadMatrixArchitecture, UnsupportedCheckpoint
+from ..kernels import lora_triton, rwkv7_triton, triton_kernels
+from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
 WKV7_CHUNK = 16  # tokens per chunk on CPUs: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
 WKV7_GPU_CHUNK = 64  # on GPUs, fewer and larger chunks (factors within e^(64 * 0.607) ~ 7e16, far from fp32's limit)
 _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
+MIX_ORDER = ("r", "k", "v", "w", "a", "g")  # the fused step's mixes: r, k, v feed the projections; v, w, a, g the LoRAs
 
 
 def wkv7_step(log_w, r, k, v, kk, a, s):
@@ -179,6 +185,55 @@ class ChannelMixV7(nn.Module):
         return self.value(torch.relu(self.key(torch.lerp(xx, token_shift(xx, prev), self.x_k))).square())
 
 
+@dataclass
+class FusedCoreV7:
+    """What the fused decode step reads of one RWKV-7 time mix besides its projections (fp32 [A] constants)."""
+
+    lora: lora_triton.LowRank  # parts v (after layer 0), w, a, g, fed by the fp32 mixes v, w, a, g
+    first: bool
+    w0: torch.Tensor
+    a0: torch.Tensor
+    v0: torch.Tensor | None
+    k_k: torch.Tensor
+    k_a: torch.Tensor
+    r_k: torch.Tensor
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+
+
+def pack_fused_time_mix(att: TimeMixV7) -> FusedTimeMixPack:
+    flat = lambda t: t.detach().float().reshape(-1)  # noqa: E731  (views of the fp32 parameters)
+    part = lora_triton.LoraPart
+    names = ("w", "a", "g") if att.first_layer else ("v", "w", "a", "g")
+    inputs = {"v": 0, "w": 1, "a": 2, "g": 3}  # rows of the fp32 mixes (MIX_ORDER from v on)
+    activations = {"w": lora_triton.TANH, "g": lora_triton.SIGMOID}
+    lora = lora_triton.LowRank.pack(
+        [getattr(att, f"{name}1") for name in names], [getattr(att, f"{name}2") for name in names],
+        [part(getattr(att, f"{name}1").shape[1], inputs[name], activations.get(name, lora_triton.IDENTITY))
+         for name in names])
+    core = FusedCoreV7(lora, att.first_layer, flat(att.w0), flat(att.a0),
+                       None if att.first_layer else flat(att.v0), flat(att.k_k), flat(att.k_a), flat(att.r_k),
+                       flat(att.ln_x.weight), flat(att.ln_x.bias))
+    mixes = torch.stack([1 - flat(getattr(att, f"x_{name}")) for name in MIX_ORDER])
+    return FusedTimeMixPack(mixes, [att.receptance, att.key, att.value], matrix_mixes=3, fp32_from=2, core=core)
+
+
+def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_first, wkv, wkv_out, act_dtype):
+    """The fused decode step's RWKV-7 time mix (see Architecture.fused_time_mix): one product for r, k, v, two
+    launches for the LoRAs, one kernel for the rest (kernels/rwkv7_triton.py)."""
+    r, k, v = project(mixed, projection)
+    lora = core.lora(mixed32)  # [P, B, A]
+    if core.first:
+        (w_l, a_l, g), v_l = lora, None
+        v_first = torch.empty(lora.shape[1:], dtype=torch.float32, device=lora.device)
+    else:
+        v_l, w_l, a_l, g = lora
+    y = rwkv7_triton.wkv7_decode(r, k, v, w_l, a_l, v_l, g, v_first, core.first, core.w0, core.a0, core.v0,
+                                 core.k_k, core.k_a, core.r_k, core.ln_w, core.ln_b, wkv, wkv_out, act_dtype,
+                                 GROUP_NORM_EPS, DECAY_SCALE)
+    return y, v_first
+
+
 class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
@@ -226,6 +281,15 @@ class Rwkv7(HeadMatrixArchitecture):
 
     def make_channel_mix(self, config):
         return ChannelMixV7(config.n_embd, config.dim_ffn)
+
+    def pack_fused_time_mix(self, att, config):
+        return pack_fused_time_mix(att) if triton_kernels.supports_head_size(config.head_size) else None
+
+    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype):
+        return fused_time_mix(pack.core, projection, project, mixed, mixed32, carry, wkv, wkv_out, act_dtype)
+
+    def fused_channel_mix(self, ffn):
+        return torch.stack([1 - ffn.x_k.detach().float().reshape(-1)]), [ffn.key]
 
     def time_mix_params(self, n_embd, dim_att):
         return 4 * n_embd * dim_att + 2 * n_embd * sum(self.default_lora(n_embd))

@@ -302,12 +302,13 @@ def attach_fast_path(model: nn.Module, **options) -> nn.Module:
     """Route `model`'s forward/decode_batch through a `FastRunner` (packed projections, fused kernels, CUDA
     graphs; the same function within the weight dtype's rounding). Call after the weights are final (loading,
     fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model.
-    An architecture the runner cannot pack yet (`Architecture.fast_runner` False) keeps the plain path, with its
-    decode step in CUDA graphs on a GPU (runtime.plain_graphs) unless use_graphs=False."""
+    An architecture the runner does not pack (`Architecture.fast_runner` False) keeps the plain prefill, with its
+    decode step (the fused one where it runs, unless use_triton=False) in CUDA graphs on a GPU
+    (runtime.plain_graphs) unless use_graphs=False."""
     if model.config.architecture.fast_runner:
         model.runner = FastRunner(model, **options)
     elif model.device.type == "cuda" and options.get("use_graphs", True):
-        model.runner = GraphedPlainRunner(model)
+        model.runner = GraphedPlainRunner(model, use_triton=options.get("use_triton"))
     return model
 
 

@@ -1,10 +1,13 @@
-"""The runner for architectures without packed kernels yet (`Architecture.fast_runner` False) on CUDA: the
-model's own plain decode step, captured in CUDA graphs.
+"""The runner for architectures the fast runner does not pack (`Architecture.fast_runner` False: RWKV-6/7) on
+CUDA: the plain prefill, and a decode step captured in CUDA graphs.
 
-Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits [B, vocab], new state), exactly
-`model.decode_plain` but replayed from one graph per batch bucket (runtime/cuda_graphs.py; a plain decode step
-is thousands of small kernels, and launching them one by one is most of its time), and `prefill` = the plain
-path. The state passed in is never changed. Knows nothing of any architecture's math.
+Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits [B, vocab], new state) replayed
+from one graph per batch bucket (runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
+and launching them one by one is most of its time), and `prefill` = the plain path. The step is the fused one
+(runtime/fused_decode.py: a few Triton kernels and packed products per layer) where it runs, unless
+`use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s function (the fused
+one within the weight dtype's rounding). The state passed in is never changed. Knows nothing of any
+architecture's math.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ from torch import nn
 
 from ..state import RwkvState
 from .cuda_graphs import GraphedDecoder
+from .fused_decode import fused_decoder
 
 
 class GraphedPlainRunner:
     use_graphs = True
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, use_triton: bool | None = None):
         self.model = model
         self.device = model.device
-        self._graphs = GraphedDecoder(self._step, model.zero_state, self.device)
+        self.fused = fused_decoder(model) if use_triton is not False else None
+        self._graphs = GraphedDecoder(self.fused.step if self.fused else self._plain_step, model.zero_state,
+                                      self.device)
 
-    def _step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
+    def _plain_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
         return self.model.decode_plain(ids, RwkvState(shift, wkv))
 
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:

@@ -7,11 +7,6 @@ CUDA graphs + Triton path when a GPU is present. Speed is the benchmark's busine
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +18,7 @@ from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
 from reference import assert_states_passed_in_stay_unchanged, logits_after, random_tokens
+from triton_interpreter import run_interpreted
 
 VERSIONS = ["4", "5.0", "5.2"]
 SHAPE = dict(n_layer=2, n_embd=128)
@@ -261,19 +257,9 @@ def test_the_first_cpu_fast_load_of_a_process_says_it_prepares_the_kernels(ckpt,
 
 # ------------------------------------------------------------------------------------- Triton (interpreter)
 
-INTERPRETER_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    import numpy as np
-    import triton.runtime.interpreter as interpreter
-    if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
-        # triton-lang/triton#9171: the interpreter's range() over a kernel's scalar argument calls int() on a
-        # one-element array, which NumPy 2.4 refuses; upstream's fix, applied here until Triton ships it
-        patch_tensor = interpreter._patch_lang_tensor
-
-        def patched(tensor, scope):
-            patch_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-        interpreter._patch_lang_tensor = patched
+INTERPRETER_SCRIPT = """
+    import sys
+    import torch
     from rwkv_chat import load_model
     from rwkv_chat.runtime.fast_path import attach_fast_path
     from rwkv_chat.state import RwkvState
@@ -293,7 +279,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         worst = max(worst, (la - lb).abs().max().item(), (na.wkv - nb.wkv).abs().max().item(),
                     (na.shift - nb.shift).abs().max().item())
     print(worst)
-""")
+"""
 
 
 @pytest.mark.parametrize("version,dtype,tolerance", [("4", "fp32", 1e-4), ("5.2", "fp32", 1e-4),
@@ -302,13 +288,8 @@ def test_triton_kernels_equal_plain_path_under_the_interpreter(version, dtype, t
     """fp32: the fused kernels exactly; int8: our int8 products against PyTorch's (bf16 activations there)."""
     pytest.importorskip("triton")
     ckpt = make_checkpoint(version, n_layer=2, n_embd=128, seed=7)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(ckpt.path), dtype], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) <= tolerance
+    out = run_interpreted(INTERPRETER_SCRIPT, str(ckpt.path), dtype)
+    assert float(out.strip().splitlines()[-1]) <= tolerance
 
 
 # ------------------------------------------------------------------------------------- CUDA

@@ -1,4 +1,5 @@
-"""RWKV-6/7 on a GPU: the plain decode step replayed from CUDA graphs equals the plain path (needs CUDA)."""
+"""RWKV-6/7 on a GPU: the decode step replayed from CUDA graphs (the fused one where Triton runs, and the plain
+one) equals the plain path (needs CUDA)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from rwkv_chat import load_model
+from rwkv_chat.kernels import triton_kernels
+from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.runtime.plain_graphs import GraphedPlainRunner
 from rwkv_chat.state import RwkvState
 from reference import assert_states_passed_in_stay_unchanged, random_tokens
@@ -15,12 +18,15 @@ CUDA = torch.cuda.is_available()
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("version", ["6", "7"])
-@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-3), ("bf16", 1.0)])
-def test_graphed_decode_equals_the_plain_path(make_checkpoint, version, dtype, tolerance):
-    path = make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-3), ("bf16", 1.0), ("fp16", 1.0), ("int8", 1.0)])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain-step"])
+def test_graphed_decode_equals_the_plain_path(make_checkpoint, version, dtype, tolerance, fused):
+    path = make_checkpoint(version, n_layer=7, n_embd=128, seed=3).path  # 7 layers: fp16 halves after the 6th
     plain = load_model(path, device="cuda", dtype=dtype, fast=False)
-    graphed = load_model(path, device="cuda", dtype=dtype)
+    graphed = attach_fast_path(load_model(path, device="cuda", dtype=dtype, fast=False), use_triton=fused)
     assert plain.runner is None and isinstance(graphed.runner, GraphedPlainRunner)
+    # int8 weights keep the plain step; float ones get the fused step where Triton runs
+    assert (graphed.runner.fused is not None) == (fused and dtype != "int8" and triton_kernels.AVAILABLE)
     tokens = random_tokens(200, seed=1)
     a, _ = plain.forward(tokens)
     b, _ = graphed.forward(tokens)

@@ -1,0 +1,157 @@
+"""Triton kernels for the low-rank (LoRA) products of the RWKV-6/7 time mix in a decode step, in fp32.
+
+What this module promises:
+- `LowRank.pack(firsts, seconds, parts)` stacks several LoRAs `act(x_i @ A_i) @ B_i` of one layer, each fed by
+  its own input row, into two matrices: `down` [R, C] (the A_i transposed, rows concatenated) and `up` [R, N]
+  (the B_i, rows concatenated). The caller's A and B parameters are re-pointed to views of them, so the weights
+  are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product).
+- `LowRank.__call__(x [I, M, C] fp32)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`, with
+  act one of identity, tanh, sigmoid, in two kernel launches whatever the number of parts (the first writes
+  split-K partial sums, which the second adds while loading). fp32 arithmetic throughout: the same function as
+  the PyTorch products of the plain path, up to the order of the additions.
+- Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (the tests compare them there).
+
+It knows matrices and the three activations, not which LoRA of which architecture it serves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .triton_kernels import AVAILABLE, _sm_count, tl, triton
+
+IDENTITY, TANH, SIGMOID = 0, 1, 2
+MAX_BLOCK_R = 32  # rows of the down product per program
+MAX_UP_BLOCK_R = 512  # rows of a part the up product loads at once (the widest published LoRA, 480, in one tile)
+
+if AVAILABLE:
+    from .triton_kernels import _sum_splits
+
+    TANH_CODE = tl.constexpr(TANH)
+    SIGMOID_CODE = tl.constexpr(SIGMOID)
+
+    @triton.jit
+    def _lora_down_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, R, K, K_PER_SPLIT,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Y[s, m, r] = sum over split s's k of X[input(r), m, k] * W[r, k]; the rows of one block share an input."""
+        pid_r = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        m = tl.program_id(2)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        x_base = X + tl.load(INPUT_OF_BLOCK + pid_r) * stride_xi + m * stride_xm
+        k_begin = pid_s * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w = tl.load(W + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_base + offs_k, mask=k_ok, other=0.0)
+            acc += w * x[None, :]
+        tl.store(Y + pid_s * stride_ys + m * stride_ym + offs_r, tl.sum(acc, axis=1), mask=r_ok)
+
+    @triton.jit
+    def _lora_up_kernel(H, stride_hs, stride_hm, n_split, PARTS, W, Y, stride_yp, stride_ym, N,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n]; H as split partials [S, M, R].
+        BLOCK_R covers a whole part in one tile where it can: the loads are issued at once, not in a chain."""
+        pid_n = tl.program_id(0)
+        p = tl.program_id(1)
+        m = tl.program_id(2)
+        start = tl.load(PARTS + p * 3)
+        length = tl.load(PARTS + p * 3 + 1)
+        act = tl.load(PARTS + p * 3 + 2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, length, BLOCK_R):
+            r_ok = r0 + rows < length
+            offs_r = start + r0 + rows
+            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            h = _sum_splits(H + m * stride_hm, stride_hs, n_split, offs_r, r_ok)
+            h = tl.where(act == TANH_CODE, 2.0 / (1.0 + tl.exp(-2.0 * h)) - 1.0,
+                         tl.where(act == SIGMOID_CODE, 1.0 / (1.0 + tl.exp(-h)), h))
+            acc += tl.sum(w * h[:, None], axis=0)
+        tl.store(Y + p * stride_yp + m * stride_ym + offs_n, acc, mask=n_ok)
+
+
+@dataclass
+class LoraPart:
+    """One LoRA `act(x[input_row] @ A) @ B` of width `width` (rows of the concatenated matrices, in order)."""
+
+    width: int
+    input_row: int
+    activation: int = IDENTITY
+
+
+def _block_rows(parts: list[LoraPart]) -> int:
+    """The largest power of two (<= MAX_BLOCK_R) that divides every part's width: a block never straddles two."""
+    widths = math.gcd(*(p.width for p in parts))
+    return min(MAX_BLOCK_R, widths & -widths)
+
+
+class LowRank:
+    """Several LoRAs of one layer, packed (see the module docstring)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, input_of_block: torch.Tensor, parts: torch.Tensor,
+                 block_r: int, up_block_r: int):
+        self.down, self.up, self.input_of_block, self.parts = down, up, input_of_block, parts
+        self.block_r, self.up_block_r = block_r, up_block_r
+
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, firsts: list[nn.Parameter], seconds: list[nn.Parameter], parts: list[LoraPart]) -> LowRank:
+        """firsts: the A matrices [C, r_i]; seconds: the B matrices [r_i, N] (or [k, r, N]: k parts' stacked),
+        whose rows, concatenated, are the parts' in order."""
+        down = torch.cat([a.data.float().t() for a in firsts]).contiguous()  # [R, C]
+        up = torch.cat([b.data.float().reshape(-1, b.shape[-1]) for b in seconds]).contiguous()  # [R, N]
+        if sum(p.width for p in parts) != down.shape[0] or up.shape[0] != down.shape[0]:
+            raise ValueError("the parts' widths do not add up to the matrices' rows")
+        for weights, packed, view in ((firsts, down, lambda rows, a: rows.t()),
+                                      (seconds, up, lambda rows, b: rows.view(b.shape))):
+            start = 0
+            for weight in weights:
+                rows = weight.numel() // packed.shape[1]
+                weight.data = view(packed[start:start + rows], weight)
+                start += rows
+        block_r = _block_rows(parts)
+        table, inputs, start = [], [], 0
+        for p in parts:
+            table.append((start, p.width, p.activation))
+            inputs += [p.input_row] * (p.width // block_r)
+            start += p.width
+        device = down.device
+        widest = 1 << (max(p.width for p in parts) - 1).bit_length()
+        return cls(down, up, torch.tensor(inputs, dtype=torch.int32, device=device),
+                   torch.tensor(table, dtype=torch.int32, device=device), block_r, min(widest, MAX_UP_BLOCK_R))
+
+    @property
+    def n_parts(self) -> int:
+        return self.parts.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [I, M, C] fp32 (row stride any, unit column stride) -> [P, M, N] fp32."""
+        _, m, k = x.shape
+        r, n = self.up.shape
+        block_k = 256
+        n_blocks = r // self.block_r
+        want = 4 * _sm_count(x.device)
+        splits = max(1, min(want // max(1, n_blocks * m), k // (2 * block_k)))
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        splits = triton.cdiv(k, k_per_split)
+        hidden = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
+        _lora_down_kernel[(n_blocks, splits, m)](x, x.stride(0), x.stride(1), self.down, self.input_of_block,
+                                                  hidden, hidden.stride(0), hidden.stride(1), r, k, k_per_split,
+                                                  BLOCK_R=self.block_r, BLOCK_K=block_k, num_warps=4)
+        out = torch.empty((self.n_parts, m, n), device=x.device, dtype=torch.float32)
+        block_n = 32
+        _lora_up_kernel[(triton.cdiv(n, block_n), self.n_parts, m)](hidden, hidden.stride(0), hidden.stride(1),
+                                                                     splits, self.parts, self.up, out, out.stride(0),
+                                                                     out.stride(1), n, BLOCK_R=self.up_block_r,
+                                                                     BLOCK_N=block_n, num_warps=8)
+        return out

@@ -1,0 +1,123 @@
+"""A decode step in fused Triton kernels and weight-streaming products, for the architectures whose time mix the
+fast runner does not pack (`Architecture.fast_runner` False: RWKV-6 and RWKV-7).
+
+What this module promises:
+- `fused_decoder(model)` is a `FusedDecoder` when Triton runs on the model's device, its projections are float
+  (fp32, bf16, fp16; int8 keeps the plain step) and its architecture has a fused time-mix core for its shape
+  (`Architecture.pack_fused_time_mix`); else None.
+- `FusedDecoder.step(ids [B], shift, wkv)` -> (logits fp32 [B, V], RwkvState) is `model.decode_plain`'s function
+  within the rounding of the weight dtype (fp32 arithmetic; only the matrix operands in the weight dtype). It
+  changes none of its inputs, synchronises nothing with the host, and is captured in CUDA graphs by its runner.
+- Per layer: one kernel for the residual add, LayerNorm and every token-shift mix (triton_kernels.ln_mix); the
+  architecture's time-mix core (RWKV-7: one product for r/k/v, two LoRA launches, one kernel for everything
+  else); the output product; one kernel for the channel mix's add, LayerNorm and mixes; its key (and
+  receptance) product, relu² and the value product. The time-mix projections are packed into one matrix and
+  the LoRAs into two, sharing memory with the model (packing.py, kernels/lora_triton.py).
+
+It knows the block around the time mix (LayerNorms, residual stream, channel mix, fp16 halving), not any
+architecture's time mix: that is the architecture's `fused_time_mix`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import triton_kernels
+from ..models.architecture import FusedTimeMixPack
+from ..models.layers import LAYER_NORM_EPS
+from ..state import RwkvState
+from .packing import PackedLinear, pack_projections, project
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class FusedLayer:
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    time_mix: FusedTimeMixPack
+    att: PackedLinear  # the time mix's packed projections
+    out: PackedLinear
+    ffn_mix: torch.Tensor  # [Q, C]
+    ffn: PackedLinear  # key (, receptance)
+    value: PackedLinear
+
+
+def fused_decoder(model: nn.Module) -> FusedDecoder | None:
+    """The model's fused decode step, or None where it cannot run (see the module docstring)."""
+    config = model.config
+    if model.dtype not in FLOAT_DTYPES or not triton_kernels.usable(model.device):
+        return None
+    packs = [config.architecture.pack_fused_time_mix(block.att, config) for block in model.blocks]
+    return None if any(pack is None for pack in packs) else FusedDecoder(model, packs)
+
+
+def _norm(layer_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer_norm.weight.detach().float(), layer_norm.bias.detach().float()
+
+
+class FusedDecoder:
+    """See the module docstring. Build it through `fused_decoder`."""
+
+    def __init__(self, model: nn.Module, packs: list[FusedTimeMixPack]):
+        self.architecture = model.config.architecture
+        self.act_dtype = model.dtype
+        self.rescale_every = model.rescale_every
+        self.emb = model.emb.weight
+        self.ln0, self.ln_out = _norm(model.ln0), _norm(model.ln_out)
+        self.layers = [self._pack_layer(block, pack) for block, pack in zip(model.blocks, packs)]
+        self.head = pack_projections([model.head])
+
+    def _pack_layer(self, block: nn.Module, pack: FusedTimeMixPack) -> FusedLayer:
+        ffn_mix, ffn_projections = self.architecture.fused_channel_mix(block.ffn)
+        return FusedLayer(_norm(block.ln1), _norm(block.ln2), pack, pack_projections(pack.projections),
+                          pack_projections([block.att.output]), ffn_mix, pack_projections(ffn_projections),
+                          pack_projections([block.ffn.value]))
+
+    def _mix_buffers(self, batch: int, width: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        pack = self.layers[0].time_mix
+        n_matrix, n_fp32 = pack.matrix_mixes, pack.mixes.shape[0] - pack.fp32_from
+        mixed = torch.empty((n_matrix, batch, width), device=device, dtype=self.act_dtype) if n_matrix else None
+        return mixed, torch.empty((n_fp32, batch, width), device=device, dtype=torch.float32)
+
+    def _ln_time_mix(self, x, layer: FusedLayer, shift, new_shift, mixed, mixed32, **residual) -> None:
+        """x (+ the residual's delta) -> LayerNorm -> the time mix's mixes, into mixed / mixed32."""
+        pack = layer.time_mix
+        triton_kernels.ln_mix(x, *layer.ln1, mixed, prev=shift, mix=pack.mixes, xx_out=new_shift, out32=mixed32,
+                              first32=pack.fp32_from, **residual)
+
+    def step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
+        """ids [B] on the model's device; shift [B, L, 2, C], wkv [B, L, ...] -> (logits fp32 [B, V], RwkvState)."""
+        x = F.layer_norm(F.embedding(ids, self.emb).float(), self.ln0[0].shape, *self.ln0, LAYER_NORM_EPS)
+        x = x.contiguous()
+        batch, width = x.shape
+        new_shift, new_wkv = torch.empty_like(shift), torch.empty_like(wkv)
+        mixed, mixed32 = self._mix_buffers(batch, width, x.device)
+        ffn_mixed = torch.empty((self.layers[0].ffn_mix.shape[0], batch, width), device=x.device,
+                                dtype=self.act_dtype)
+        carry = None
+        self._ln_time_mix(x, self.layers[0], shift[:, 0, 0], new_shift[:, 0, 0], mixed, mixed32)
+        for i, layer in enumerate(self.layers):
+            y, carry = self.architecture.fused_time_mix(layer.time_mix, layer.att, project, mixed, mixed32,
+                                                        new_shift[:, i, 0], shift[:, i, 0], wkv[:, i],
+                                                        new_wkv[:, i], carry, self.act_dtype)
+            (att_out,) = project(y.unsqueeze(0), layer.out)
+            triton_kernels.ln_mix(x, *layer.ln2, ffn_mixed, prev=shift[:, i, 1], mix=layer.ffn_mix,
+                                  xx_out=new_shift[:, i, 1], delta=att_out)
+            key, *receptance = project(ffn_mixed, layer.ffn)
+            (value,) = project(triton_kernels.ffn_act(key, self.act_dtype).unsqueeze(0), layer.value)
+            residual = dict(delta=value, gate=receptance[0] if receptance else None,
+                            halve=bool(self.rescale_every) and (i + 1) % self.rescale_every == 0)
+            if i + 1 < len(self.layers):
+                self._ln_time_mix(x, self.layers[i + 1], shift[:, i + 1, 0], new_shift[:, i + 1, 0], mixed,
+                                  mixed32, **residual)
+            else:
+                final = torch.empty((1, batch, width), device=x.device, dtype=self.act_dtype)
+                triton_kernels.ln_mix(x, *self.ln_out, final, **residual)
+        (logits,) = project(final, self.head)
+        logits = logits[0] if logits.shape[0] == 1 else logits.sum(0)
+        return logits.float(), RwkvState(new_shift, new_wkv)

@@ -547,6 +547,7 @@ class ChatPage:
             return [gr.skip()] * (7 + len(self.settings))
         return self._shown(self.service.identified(self.service.delete(conversation)))
 
+
 def _json_or_error(text):
     """Parsed JSON text; ValueError with the position of the first mistake."""
     if not isinstance(text, str) or not text.strip():

@@ -266,16 +266,16 @@ class ChatService:
                 self._log(f"rwkv-chat: could not save conversation {conversation.id}: {error}")
         return conversation
 
-    def resume(self, conversation_id) -> Conversation:
+    def resume(self, conversation_id, fallback: Optional[ModelKey] = None) -> Conversation:
         """The saved conversation with this id; ValueError when there is none. Its model is kept when this server
-        still offers it (else None: the caller picks one)."""
+        still offers it, else `fallback` continues it."""
         if not isinstance(conversation_id, str) or not conversation_id.strip():
             raise ValueError("conversation_id must be the id of a saved conversation (text)")
         found = self.store.load(conversation_id.strip()) if self.store is not None else None
         if found is None:
             raise ValueError(f"no saved conversation has the id {conversation_id.strip()!r}: it was deleted, or "
                              f"expired, or never existed on this server")
-        return replace(found, model=found.model if self._offered(found.model) else None)
+        return replace(found, model=found.model if self._offered(found.model) else fallback)
 
     def imported(self, conversation: Conversation, model: Optional[ModelKey]) -> Conversation:
         """An exported conversation (conversation_codec.from_json) continued here as a new one, with `model`."""

@@ -4,7 +4,7 @@ Promises:
 - `to_json(conversation)` gives a plain dict (format FORMAT, version VERSION): the id, the model key, the last
   settings used, the stats line, and the session: template, preamble, start state and every turn with the exact
   token ids the model read (prompt and answer), so the RNN state can be rebuilt exactly from it.
-- `from_json(data)` checks everything it reads (it may come from a visitor's import): unknown formats or
+- `from_json(data)` (or `parsed(text or data)`) checks everything it reads (it may come from a visitor's import): unknown formats or
   versions, missing or mistyped fields, token ids that are not whole numbers in [0, MAX_TOKEN_ID], more turns or
   text than limits.py allows; ValueError names the field. It never evaluates anything it reads.
 Knows nothing of storage, Gradio or models (which model may be used is the caller's decision).
@@ -13,6 +13,7 @@ Knows nothing of storage, Gradio or models (which model may be used is the calle
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional
 
 from .. import limits
@@ -64,6 +65,18 @@ def from_json(data: Any) -> Conversation:
                        _optional_text(session, "start_state", 200))
     return Conversation(_model(data.get("model")), chat, _text(data, "stats", limit=1000, default=""),
                         _text(data, "id", limit=100, default=""), _settings(data.get("settings")))
+
+
+def parsed(value: Any) -> Conversation:
+    """`from_json` of an export given as JSON text (the page's box, an API string) or as decoded JSON."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("paste an exported conversation (JSON) first")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the text is not JSON ({error})") from None
+    return from_json(value)
 
 
 def _turn(turn: Any, index: int) -> Turn:

@@ -44,7 +44,7 @@ from ..prompts import TEMPLATES, THINK_MODES
 from .chat_defaults import defaults_for, is_g1, with_think
 from .chat_service import Busy, ChatService, ChatSettings, Conversation, SessionControl
 from .config import DEVICE_CHOICES, DTYPE_CHOICES, AppConfig, parse_config
-from .conversation_codec import from_json, to_json
+from .conversation_codec import parsed, to_json
 from .conversation_store import STORE_FILE, ConversationStore, StoreError
 from .draining import Admission, on_sigterm
 from .display import user_text
@@ -507,20 +507,24 @@ class ChatPage:
         if conversation.model is None:
             conversation = replace(conversation, model=self.default_key)
         settings = conversation.settings or replace(
-            self.default_settings, prompt_style=conversation.session.template,
-            preamble=conversation.session.preamble or "", start_state=conversation.session.start_state or "")
-        values = [getattr(settings, f.name) for f in fields(ChatSettings)]
-        values[[f.name for f in fields(ChatSettings)].index("preamble")] = settings.preamble or ""
+            self.default_settings, prompt_style=conversation.session.template, preamble=conversation.session.preamble,
+            start_state=conversation.session.start_state or "")
+        settings = replace(settings, preamble=settings.preamble or "")  # the box shows no preamble as ""
         picked = conversation.model.choice if conversation.model is not None else gr.skip()
         return [conversation.messages(), conversation.stats, conversation, conversation.id,
-                self.conversation_line(conversation), self.status(conversation), picked] + values
+                self.conversation_line(conversation), self.status(conversation), picked] + \
+            [getattr(settings, f.name) for f in fields(ChatSettings)]
+
+    def _unchanged(self) -> list:
+        """The page as it is (a refused import or delete)."""
+        return [gr.skip()] * (7 + len(self.settings))
 
     def ui_restore(self, browser_id: str, conversation: Conversation):
         """On page load: the conversation this browser kept (after a reload or a server restart), else the new one
         with an id the browser keeps."""
         if browser_id:
             try:
-                return self._shown(self.service.resume(browser_id))
+                return self._shown(self.service.resume(browser_id, self.default_key))
             except ValueError:  # deleted or expired: the id is reused for the new conversation
                 conversation = replace(conversation, id=browser_id)
         conversation = self.service.identified(conversation)
@@ -533,29 +537,19 @@ class ChatPage:
     def ui_import(self, text: str, conversation: Conversation, control: SessionControl):
         if control.busy:
             gr.Warning("Press Stop before importing: an answer is still being written.")
-            return [gr.skip()] * (7 + len(self.settings))
+            return self._unchanged()
         try:
-            imported = self.service.imported(from_json(_json_or_error(text)), conversation.model)
+            imported = self.service.imported(parsed(text), conversation.model)
         except ValueError as error:
             gr.Warning(f"Not imported: {error}", title="Not done")
-            return [gr.skip()] * (7 + len(self.settings))
+            return self._unchanged()
         return self._shown(imported)
 
     def ui_delete(self, conversation: Conversation, control: SessionControl):
         if control.busy:
             gr.Warning("Press Stop before deleting: an answer is still being written.")
-            return [gr.skip()] * (7 + len(self.settings))
+            return self._unchanged()
         return self._shown(self.service.identified(self.service.delete(conversation)))
-
-
-def _json_or_error(text):
-    """Parsed JSON text; ValueError with the position of the first mistake."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("paste an exported conversation (JSON) first")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"the text is not JSON ({error})") from None
 
 
 def _stage_reporter(progress):

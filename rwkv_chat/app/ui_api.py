@@ -13,14 +13,11 @@ Documented for users in the README's API section.
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
-
 import gradio as gr
 
 from ..loading.loader import ModelLoadError, resolve_device_dtype
 from .chat_service import ChatSettings, Conversation, SessionControl
-from .conversation_codec import from_json, to_json
+from .conversation_codec import parsed, to_json
 from .setting_inputs import setting_number
 from .model_choices import describe, free_memory
 from .ui_stream import reason, throttled
@@ -142,11 +139,9 @@ class ChatApi:
         """Continue the saved conversation `conversation_id` in this client; returns its history."""
         self._idle(control, "resuming")
         try:
-            resumed = self.service.resume(conversation_id)
+            resumed = self.service.resume(conversation_id, self.page.default_key)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        if resumed.model is None:  # its model is no longer offered here: the server's default continues it
-            resumed = replace(resumed, model=self.page.default_key)
         return resumed.history(), resumed
 
     def export_conversation(self, conversation: Conversation):
@@ -158,9 +153,8 @@ class ChatApi:
         returns its history."""
         self._idle(control, "importing")
         try:
-            data = json.loads(exported) if isinstance(exported, str) else exported
-            imported = self.service.imported(from_json(data), conversation.model)
-        except ValueError as error:  # json.JSONDecodeError included
+            imported = self.service.imported(parsed(exported), conversation.model)
+        except ValueError as error:
             raise gr.Error(f"not imported: {error}", print_exception=False) from None
         return imported.history(), imported
 

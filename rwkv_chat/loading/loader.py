@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels import cpu_kernels, quant
+from ..kernels import cpu_features, cpu_kernels, quant
 from ..models import RwkvConfig, RwkvModel, UnsupportedCheckpoint
 from ..runtime.fast_path import attach_fast_path
 from .catalog import CatalogEntry, find_entry
@@ -62,6 +62,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     config = config_from_state_dict(state_dict)
     report(f"placing RWKV-{config.version} L{config.n_layer} D{config.n_embd} on {device} ({dtype_name(dtype)})")
     fast = fast_by_default(device, dtype) if fast is None else fast
+    if device.type == "cpu":
+        report(cpu_features.describe())  # the path its products take (a bad RWKV_CPU_ISA is refused here)
     if device.type == "cpu" and (fast or dtype != torch.float32) and not cpu_kernels.tried():
         report("preparing the CPU kernels (compiled on the first run only, about a minute)")
     return build_model(config, state_dict, device, dtype, fast)

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_kernels, triton_kernels
+from ..kernels import cpu_kernels, quant, triton_kernels
 from ..models.layers import LAYER_NORM_EPS
 from ..state import RwkvState
 from .cuda_graphs import GraphedDecoder
-from .packing import PackedLinear, half_on_cpu, pack_projections, project
+from .packing import PackedLinear, pack_projections, project
 from .plain_graphs import GraphedPlainRunner
 
 CUDA_WKV_CHUNK = 32
@@ -269,9 +269,9 @@ class FastRunner:
     def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
         one_product = lin.scale is None and lin.equal_segments and lin.n_segments > 1
-        if one_product and not half_on_cpu(mixed, lin.weight):
+        if one_product and not quant.widened_on_cpu(lin.weight):
             n = lin.bounds[1]
-            out = torch.bmm(mixed, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
+            out = torch.bmm(mixed.to(lin.weight.dtype), lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
             return list(out.float().unbind(0))
         return [lin(mixed[i], i) for i in range(lin.n_segments)]
 

@@ -4,8 +4,9 @@ with it.
 What this module promises:
 - `pack_projections(projections)` concatenates the rows of several `Projection`s (float, or int8 with per-row
   scales) into one `PackedLinear` and re-points the modules' weights to views of it: the weights are held once.
-- `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32, as the plain path computes it (expanding int8, and
-  bf16/fp16 on CPUs, to one wide GEMM for many rows; the C++ kernels for few rows on CPUs).
+- `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32, as the plain path computes it (kernels/quant.py
+  chooses the CPU's product; fp32 weights too take the C++ kernels for few rows there; on CUDA, int8 is
+  expanded to bf16 for one wide GEMM of many rows).
 - `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
   when P is smaller), and comes back as a split-K partials view [S, M, N_i] (S = 1 from cuBLAS), which the
   Triton kernels add while loading.
@@ -23,9 +24,6 @@ from torch import nn
 
 from ..kernels import cpu_kernels, quant, triton_kernels
 
-EXPAND_MIN_ROWS = 16  # from this many tokens at once, int8 (and, on CPUs, bf16/fp16) weights are expanded to a
-# wider dtype once per product, so the product is one fast GEMM
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------- packing
@@ -54,25 +52,14 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         """x [..., K] @ segment i ᵀ -> fp32."""
         weight, scale = self.segment(i)
-        many_rows = x.numel() >= EXPAND_MIN_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
-        on_cuda = x.device.type == "cuda"
-        if not many_rows and cpu_kernels.handles(x, weight):
-            return cpu_kernels.linear(x, weight, scale)
-        if many_rows and scale is not None:  # large products: expand the int8 weight once, then one GEMM
-            if on_cuda:
-                return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
-            return F.linear(x.float(), quant.dequantize(weight, scale))
-        if many_rows and half_on_cpu(x, weight):
-            return F.linear(x.float(), weight.float())
+        if x.device.type != "cuda":
+            few_rows = x.numel() < quant.MANY_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
+            if few_rows and weight.dtype == torch.float32 and cpu_kernels.handles(x, weight):
+                return cpu_kernels.linear(x, weight)  # a decode step's packed fp32 products stream here too
+            return quant.linear(x, weight, scale)
+        if scale is not None and x.numel() >= quant.MANY_ROWS * x.shape[-1]:  # expand the int8 weight once
+            return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
         return quant.linear(x, weight, scale)
-
-
-def half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bf16/fp16 weights on a CPU: their products of many rows run as fp32 GEMMs. CPUs without bf16/fp16
-    matrix units (AVX2) run a half-precision GEMM many times slower than an fp32 one. The product of the
-    stored weights with the fp32 inputs (or inputs already rounded to the weight dtype, without the CPU
-    kernels) is the same product the decode step takes, or a more exact one."""
-    return x.device.type != "cuda" and weight.dtype in HALF_DTYPES
 
 
 def pack_projections(projections: list[nn.Module]) -> PackedLinear:

@@ -13,6 +13,7 @@ import torch
 
 from rwkv_chat import load_model
 from rwkv_chat.kernels import cpu_kernels, parallel_wkv, quant
+from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, describe, detected
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
@@ -203,10 +204,13 @@ def greedy_agreement(model, ckpt, steps=60) -> float:
     return sum(hits) / len(hits)
 
 
+@pytest.mark.parametrize("isa", sorted({"avx2", detected().path}))  # fp32 GEMMs; the CPU's own best
 @pytest.mark.parametrize("version", ["4", "5.2"])
-def test_bf16_and_int8_fast_paths_track_fp32(version, make_checkpoint):
+def test_bf16_and_int8_fast_paths_track_fp32(version, isa, make_checkpoint, monkeypatch):
     """Random tiny models are chaotic (the plain bf16 path itself agrees ~95% here), so the fast bf16 path
-    is held to the plain bf16 path's agreement, and int8 to 90%; the benchmark measures the real shapes."""
+    is held to the plain bf16 path's agreement, and int8 to 90%; the benchmark measures the real shapes.
+    Every CPU path this machine runs (kernels/cpu_features.py) is held to it."""
+    monkeypatch.setenv(ISA_VARIABLE, isa)
     ckpt = make_checkpoint(version, n_layer=2, n_embd=256, seed=3)
     plain = greedy_agreement(load_model(ckpt.path, device="cpu", dtype="bf16", fast=False), ckpt)
     assert greedy_agreement(load_model(ckpt.path, device="cpu", dtype="bf16"), ckpt) >= plain - 0.02
@@ -248,11 +252,19 @@ def test_the_first_cpu_fast_load_of_a_process_says_it_prepares_the_kernels(ckpt,
     preparing = "preparing the CPU kernels"
     stages = []
     load_model(ckpt.path, device="cpu", progress=stages.append)  # fp32 on the CPU: the plain path, no kernels
-    assert stages[-1].startswith("placing") and not cpu_kernels.tried()
+    assert stages[-1].startswith("CPU path ") and not cpu_kernels.tried()  # each CPU load names its path
     load_model(ckpt.path, device="cpu", dtype="bf16", progress=stages.append)
     assert stages[-1].startswith(preparing) and cpu_kernels.tried()
     load_model(ckpt.path, device="cpu", fast=True, progress=stages.append)  # once tried, loads say nothing of it
-    assert stages[-1].startswith("placing") and sum(s.startswith(preparing) for s in stages) == 1
+    assert stages[-1].startswith("CPU path ") and sum(s.startswith(preparing) for s in stages) == 1
+    assert stages[0].startswith("placing") and stages[1] == describe() == f"CPU path {detected().path}: " + \
+        describe().split(": ", 1)[1]
+
+
+def test_a_cpu_path_the_variable_does_not_name_is_refused_at_load(ckpt, monkeypatch):
+    monkeypatch.setenv(ISA_VARIABLE, "avx1024")
+    with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of"):
+        load_model(ckpt.path, device="cpu", dtype="bf16")
 
 
 # ------------------------------------------------------------------------------------- Triton (interpreter)

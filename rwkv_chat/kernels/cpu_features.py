@@ -1,0 +1,101 @@
+"""What this x86 CPU can do, and so which product each CPU path takes.
+
+What this module promises:
+- `cpu_features()` is the `CpuFeatures` of this machine: AVX2, AVX-512, AVX512-BF16, AMX (bf16 and fp16 tiles),
+  as PyTorch's own CPU checks report them (the instruction sets its oneDNN kernels use). Detected once per
+  process; the environment variable RWKV_CPU_ISA (one of PATHS) caps them for this call, so the paths below a
+  CPU's best can be run and compared on it (the tests do). A value outside PATHS raises ValueError naming the
+  variable and the values it takes; asking for more than the CPU has gives what it has.
+- `CpuFeatures.path` names the best path (amx > avx512_bf16 > avx512 > avx2 > baseline);
+  `native_matmul(dtype)` says whether PyTorch's matrix product of that dtype runs on matrix units or dot-product
+  instructions for it (bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16; fp32 always). Where it does not, a bf16
+  or fp16 product of many rows is many times slower than the fp32 one (measured: 3.5× on AVX2 Zen 3 the other
+  way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
+- `describe()` is the one line the app prints at start-up.
+
+It knows instruction sets, not models; the products that use it live in kernels/quant.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass, replace
+
+import torch
+
+ISA_VARIABLE = "RWKV_CPU_ISA"
+PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    avx2: bool = False
+    avx512: bool = False  # AVX-512 F/BW/VL/DQ, as PyTorch's AVX512 kernels need
+    avx512_bf16: bool = False
+    amx_bf16: bool = False  # AMX tiles with bf16 (Sapphire Rapids and later)
+    amx_fp16: bool = False  # AMX tiles with fp16 (Granite Rapids)
+
+    @property
+    def path(self) -> str:
+        if self.amx_bf16:
+            return "amx"
+        if self.avx512_bf16:
+            return "avx512_bf16"
+        if self.avx512:
+            return "avx512"
+        return "avx2" if self.avx2 else "baseline"
+
+    def native_matmul(self, dtype: torch.dtype) -> bool:
+        """PyTorch's CPU product in `dtype` runs at least as fast as the fp32 one here."""
+        if dtype == torch.bfloat16:
+            return self.avx512_bf16 or self.amx_bf16
+        if dtype == torch.float16:
+            return self.amx_fp16
+        return True
+
+    def capped(self, path: str) -> "CpuFeatures":
+        """These features without those above `path` (PATHS order)."""
+        rank = PATHS.index(path)
+        return replace(self, avx2=self.avx2 and rank >= 1, avx512=self.avx512 and rank >= 2,
+                       avx512_bf16=self.avx512_bf16 and rank >= 3, amx_bf16=self.amx_bf16 and rank >= 4,
+                       amx_fp16=self.amx_fp16 and rank >= 4)
+
+
+def _check(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)  # PyTorch's cpuinfo checks; older releases lack some
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def detected() -> CpuFeatures:
+    """What the CPU has (not capped by the environment). Non-x86 CPUs have none of these."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return CpuFeatures()
+    return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=_check("_is_avx512_supported"),
+                       avx512_bf16=_check("_is_avx512_bf16_supported"), amx_bf16=_check("_is_amx_tile_supported"),
+                       amx_fp16=_check("_is_amx_fp16_supported"))
+
+
+def cpu_features() -> CpuFeatures:
+    """The features the CPU paths use now: the detected ones, capped by RWKV_CPU_ISA when it is set."""
+    wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if not wanted:
+        return detected()
+    if wanted not in PATHS:
+        raise ValueError(f"{ISA_VARIABLE} must be one of {', '.join(PATHS)} (or unset for the CPU's best), "
+                         f"got {wanted!r}")
+    return detected().capped(wanted)
+
+
+def describe() -> str:
+    features = cpu_features()
+    have = [name for name in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "amx_fp16") if getattr(features, name)]
+    matmul = "bf16 products on the CPU's bf16 units" if features.native_matmul(torch.bfloat16) else \
+        "bf16/fp16 products as fp32 (no bf16 units)"
+    capped = f" (capped by {ISA_VARIABLE})" if os.environ.get(ISA_VARIABLE, "").strip() else ""
+    return f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}"

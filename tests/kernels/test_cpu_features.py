@@ -1,0 +1,79 @@
+"""The CPU path chosen by what the CPU has (kernels/cpu_features.py), and every path this machine can run held to
+the product it promises (kernels/quant.py's cpu_linear), against float64 products of the stored weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
+from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, PATHS, cpu_features, detected
+
+RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
+
+
+def runnable(path: str):
+    return pytest.param(path, marks=pytest.mark.skipif(path not in RUNNABLE, reason=f"this CPU has no {path}"))
+
+
+def test_the_variable_caps_the_features_and_refuses_unknown_values(monkeypatch):
+    best = detected()
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    assert cpu_features() == best
+    for path in RUNNABLE:
+        monkeypatch.setenv(ISA_VARIABLE, path)
+        assert cpu_features().path == path
+    monkeypatch.setenv(ISA_VARIABLE, "amx")  # more than a CPU has gives what it has
+    assert cpu_features() == best
+    monkeypatch.setenv(ISA_VARIABLE, "avx2")
+    assert not cpu_features().native_matmul(torch.bfloat16) and cpu_features().native_matmul(torch.float32)
+    assert "capped" in features_module.describe()
+    monkeypatch.setenv(ISA_VARIABLE, "sse9")
+    with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of baseline, avx2, avx512, avx512_bf16, amx"):
+        cpu_features()
+
+
+def test_bf16_units_are_what_torch_reports():
+    best = detected()
+    assert best.native_matmul(torch.bfloat16) == (torch.cpu._is_avx512_bf16_supported()
+                                                  or torch.cpu._is_amx_tile_supported())
+
+
+@pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx512", "avx512_bf16", "amx")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("rows", [3, 40])  # a decode step's few rows (C++ kernels), a prefill's many (GEMM)
+def test_each_path_computes_the_product_it_promises(monkeypatch, path, dtype, rows):
+    monkeypatch.setenv(ISA_VARIABLE, path)
+    cpu_kernels.kernels()  # built, as loading a model on a CPU does (else few rows stay with PyTorch)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 512, generator=gen)
+    w32 = torch.randn(384, 512, generator=gen) / 20
+    if dtype == torch.int8:
+        weight, scale = quant.quantize_rows(w32)
+        exact_w = weight.double() * scale.double()[:, None]
+    else:
+        weight, scale = w32.to(dtype), None
+        exact_w = weight.double()
+    out = quant.cpu_linear(x, weight, scale)
+    features = cpu_features()
+    many = rows >= quant.MANY_ROWS
+    few_in_kernels = not many and cpu_kernels.handles(x, weight)
+    on_units = many and ((dtype in (torch.bfloat16, torch.int8) and features.native_matmul(torch.bfloat16))
+                         or (dtype == torch.float16 and features.native_matmul(torch.float16)))
+    if on_units:  # the GEMM on the CPU's bf16 (fp16) units reads and writes that dtype, and sums in fp32
+        inputs = x.to(torch.float16 if dtype == torch.float16 else torch.bfloat16).double()
+    elif many or few_in_kernels:
+        inputs = x.double()  # widened to an fp32 GEMM, or streamed by the C++ kernels with fp32 inputs
+    else:
+        inputs = x.to(torch.bfloat16 if dtype == torch.int8 else dtype).double()  # PyTorch's few-row products
+    expected = inputs @ exact_w.T
+    bound = inputs.abs() @ exact_w.abs().T  # an accumulation in fp32 is off by a few ulps of this at most
+    rounding = 2.0 ** -8 if on_units or not (many or few_in_kernels) else 0.0  # a half-precision result
+    assert out.dtype == torch.float32 and out.shape == (rows, 384)
+    error = (out.double() - expected).abs()
+    assert (error <= rounding * expected.abs() + 1e-5 * bound + 1e-6).all(), \
+        f"{path} {dtype} {rows} rows: max error {error.max().item():.3g}"
+    unscaled = out if scale is None else out / scale  # int8: the row scales multiply the GEMM's result
+    half = unscaled.to(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()
+    is_half = torch.allclose(half, unscaled, rtol=1e-6, atol=0)  # (int8: up to the division's rounding)
+    assert is_half == on_units  # which path ran: only the units' products are half-precision values

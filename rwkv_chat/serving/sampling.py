@@ -15,12 +15,17 @@ Promises:
   batched path for one row too). Off the CPU it is a fixed number of device kernels, one host-to-device
   copy and one host sync (the final ``.tolist()``) whatever B is; on the CPU it runs ``sample_token`` row
   by row, which avoids sorting whole vocabularies (milliseconds each there).
+- ``SamplingRows`` keeps a batch's sampling on the device across steps (parameters, dense penalty counts,
+  banned ids, uniforms drawn ahead), so a step's draw and its penalty update are a fixed set of kernels
+  with no host sync and no per-row host work; rows change only when chats join or leave. It draws what
+  ``sample_token`` draws (tested against it over many steps, rows joining and leaving).
 - Repetition penalties (``PenaltyState``) follow ChatRWKV's chat loop: before sampling,
   ``logit[t] -= presence + count[t] * frequency`` for every token sampled so far; after each sampled
   token every count decays (``count *= decay``) and the new token's count grows by 1, or by 0 for
   "exempt" tokens (ChatRWKV: a token whose text is a substring of ``" \\t0123456789"``). An exempt token
-  still pays the presence penalty once it has been sampled, exactly as in ChatRWKV. The counts live on
-  the host, sparse: ``update`` is O(1) and touches no device.
+  still pays the presence penalty once it has been sampled, exactly as in ChatRWKV. ``PenaltyState``'s
+  counts live on the host, sparse (``update`` is numpy work over the tokens seen, no device work);
+  ``SamplingRows`` keeps the same float64 arithmetic on the device, dense.
 - Randomness comes only from the CPU ``torch.Generator`` the caller passes (torch's default CPU generator
   when none is given): the same seed and the same logits give the same tokens on every device. Each
   non-greedy draw takes exactly one uniform float64 number from it (inverse CDF over the kept tokens, in
@@ -43,6 +48,7 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -118,17 +124,16 @@ def penalty_exempt_mask(token_bytes: Iterable[tuple[int, bytes]], vocab_size: in
     return mask
 
 
-_RESCALE_BELOW = 1e-150  # PenaltyState folds its running decay factor into the raw counts below this
-
-
 class PenaltyState:
     """Decaying per-token occurrence counts of one generated sequence, and the penalty they imply.
 
-    Kept on the host and sparse: the count of token t is ``raw[t] * scale``; ``update`` multiplies
-    ``scale`` by the decay and adds ``1 / scale`` to one raw count (O(1), no device work), folding the
-    scale back into the raw counts when it gets tiny. ``sparse()`` gives the nonzero penalties;
-    ``penalty()`` / ``counts`` / ``seen`` give dense [V] tensors on ``device`` (for tests and callers that
-    want them); ``apply`` returns penalised logits (a new fp32 tensor).
+    Kept on the host and sparse: the counts of the tokens seen so far, in order of first sampling (float64).
+    ``update`` multiplies them by the decay and adds 1 to the new token's (numpy work over the distinct
+    tokens seen, no device work): ``count = count * decay + 1``, the same float64 operations, in the same
+    order, as ChatRWKV's loop and as ``SamplingRows``' dense device counts, so both give the same penalties
+    bit for bit. ``sparse()`` gives the nonzero penalties; ``penalty()`` / ``counts`` / ``seen`` give dense
+    [V] tensors on ``device`` (for tests and callers that want them); ``apply`` returns penalised logits (a
+    new fp32 tensor).
     """
 
     def __init__(
@@ -153,10 +158,9 @@ class PenaltyState:
         self.exempt = exempt  # [V] bool on CPU, or None; never mutated, shared by clones
         self._exempt = exempt.numpy() if exempt is not None else None  # a view of it, for O(1) lookups
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._slots: dict[int, int] = {}  # token id -> its index in _ids / _raw (order of first sampling)
+        self._slots: dict[int, int] = {}  # token id -> its index in _ids / _counts (order of first sampling)
         self._ids = np.zeros(16, dtype=np.int64)  # [capacity] token ids seen
-        self._raw = np.zeros(16, dtype=np.float64)  # [capacity] count / scale
-        self._scale = 1.0
+        self._counts = np.zeros(16, dtype=np.float64)  # [capacity] their decayed counts
 
     @classmethod
     def from_params(cls, params: SamplingParams, vocab_size: int, exempt: Optional[torch.Tensor] = None,
@@ -168,21 +172,20 @@ class PenaltyState:
         """Record one sampled token: decay every count, then count the token (+0 if exempt)."""
         token = int(token)
         _check(0 <= token < self.vocab_size, f"token id {token} is outside the vocabulary (size {self.vocab_size})")
-        self._scale *= self.decay
+        n = len(self._slots)
+        if self.decay != 1.0:
+            self._counts[:n] *= self.decay
         slot = self._slots.get(token)
         if slot is None:
             slot = self._add(token)
         if self._exempt is None or not self._exempt[token]:
-            self._raw[slot] += 1.0 / self._scale
-        if self._scale < _RESCALE_BELOW:
-            self._raw[: len(self._slots)] *= self._scale
-            self._scale = 1.0
+            self._counts[slot] += 1.0
 
     def _add(self, token: int) -> int:
         slot = len(self._slots)
         if slot == self._ids.size:  # grow by doubling: amortised O(1)
             self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
-            self._raw = np.concatenate([self._raw, np.zeros_like(self._raw)])
+            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
         self._ids[slot] = token
         self._slots[token] = slot
         return slot
@@ -192,15 +195,19 @@ class PenaltyState:
         other.__dict__.update(self.__dict__)
         other._slots = dict(self._slots)
         other._ids = self._ids.copy()
-        other._raw = self._raw.copy()
+        other._counts = self._counts.copy()
         return other
 
     # ------------------------------------------------------------------------------------ reading
+    def _seen_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], counts float64 [n]) of every token sampled so far (views of internal storage)."""
+        n = len(self._slots)
+        return self._ids[:n], self._counts[:n]
+
     def _sparse_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], amounts fp32 [n]) of the nonzero penalties; ids may be views of internal storage."""
-        n = len(self._slots)
-        ids = self._ids[:n]
-        amounts = self.presence + (self._raw[:n] * self._scale) * self.frequency  # [n] float64
+        ids, counts = self._seen_arrays()
+        amounts = self.presence + counts * self.frequency  # [n] float64
         if self.presence == 0.0:
             keep = amounts != 0.0
             ids, amounts = ids[keep], amounts[keep]
@@ -222,14 +229,13 @@ class PenaltyState:
     @property
     def counts(self) -> torch.Tensor:
         """The decayed counts: [V] fp32 on ``device``."""
-        n = len(self._slots)
-        values = torch.from_numpy((self._raw[:n] * self._scale).astype(np.float32))
-        return self._dense(torch.from_numpy(self._ids[:n].copy()), values)
+        ids, counts = self._seen_arrays()
+        return self._dense(torch.from_numpy(ids.copy()), torch.from_numpy(counts.astype(np.float32)))
 
     @property
     def seen(self) -> torch.Tensor:
         """Which tokens were sampled at least once: [V] bool on ``device``."""
-        ids = torch.from_numpy(self._ids[: len(self._slots)].copy())
+        ids = torch.from_numpy(self._seen_arrays()[0].copy())
         return self._dense(ids, torch.ones(ids.numel(), dtype=torch.bool))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -475,10 +481,38 @@ def _row_problem(row: Sampler, vocab: int) -> Optional[str]:
     return None
 
 
+def _pack(parts: list[tuple[np.ndarray, torch.dtype]]) -> tuple[np.ndarray, list]:
+    """Host arrays as one byte buffer (one copy to the device) and each one's (byte offset, shape, dtype),
+    8-byte aligned, so the device reads them back as typed views with no conversion kernels."""
+    chunks, layout, offset = [], [], 0
+    for part, dtype in parts:
+        raw = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+        pad = -raw.size % 8
+        chunks.append(np.concatenate([raw, np.zeros(pad, np.uint8)]) if pad else raw)
+        layout.append((offset, part.shape, dtype))
+        offset += raw.size + pad
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)), layout
+
+
+def _unpack(buffer: np.ndarray, layout: list, device: torch.device) -> list[torch.Tensor]:
+    """_pack's parts on ``device``, in order (one copy; on CUDA from pinned memory, so it does not wait for
+    the work already queued there)."""
+    host = torch.from_numpy(buffer)
+    if device.type == "cuda":
+        data = host.pin_memory().to(device, non_blocking=True)
+    else:
+        data = host.to(device)
+    parts = []
+    for offset, shape, dtype in layout:
+        count = int(np.prod(shape)) if len(shape) else 1
+        parts.append(data[offset: offset + count * dtype.itemsize].view(dtype).view(shape))
+    return parts
+
+
 class _Inputs:
-    """Everything sample_batch needs from the host, packed into one byte buffer (one copy to the device)
-    and read back there as typed views (no conversion kernels). Built before any device work, so it
-    overlaps whatever the device is still doing; the uniforms are drawn here."""
+    """Everything one sample_batch call needs from the host, packed into one byte buffer (one copy to the
+    device; sparse penalties and bans, no [B, V] tables). Built before any device work, so it overlaps
+    whatever the device is still doing; the uniforms are drawn here."""
 
     def __init__(self, rows: list[Sampler], vocab: int) -> None:
         batch = len(rows)
@@ -512,7 +546,6 @@ class _Inputs:
                 top_p[b] = params.top_p  # rounded to fp32 here, as sample_token's comparison rounds it
             if params.top_k > 0:
                 top_k[b], has_top_k[b] = min(params.top_k, vocab), True
-        self.batch = batch
         self.any_greedy = bool(greedy.any())
         self.any_sampled = not bool(greedy.all())
         self.any_filtered = bool(((top_p <= 1.0) | has_top_k)[~greedy].any())
@@ -520,35 +553,17 @@ class _Inputs:
         negated = -np.concatenate(amounts) if amounts else np.zeros(0, np.float32)
         ban_ids = np.concatenate(bans) if bans else np.zeros(0, np.int64)
         self.n_penalties, self.n_bans = penalty_ids.size, ban_ids.size
-        parts = [(uniform, torch.float64), (top_k, torch.int64), (penalty_ids, torch.int64), (ban_ids, torch.int64),
-                 (temperature, torch.float32), (top_p, torch.float32), (negated, torch.float32),
-                 (greedy, torch.bool), (has_top_k, torch.bool)]
-        self._layout = []  # (byte offset, count, torch dtype) of each part, 8-byte aligned
-        chunks, offset = [], 0
-        for part, dtype in parts:
-            raw = part.view(np.uint8)
-            pad = -raw.size % 8
-            chunks.append(np.concatenate([raw, np.zeros(pad, np.uint8)]) if pad else raw)
-            self._layout.append((offset, part.size, dtype))
-            offset += raw.size + pad
-        self.buffer = np.concatenate(chunks)
-
-    def to(self, device: torch.device) -> list[Optional[torch.Tensor]]:
-        """The parts on ``device`` (None for empty ones), in the order of __init__'s ``parts``."""
-        host = torch.from_numpy(self.buffer)
-        if device.type == "cuda":  # pinned (cached by torch) so the copy does not wait for the queued model step
-            data = host.pin_memory().to(device, non_blocking=True)
-        else:
-            data = host.to(device)
-        return [data[offset: offset + count * dtype.itemsize].view(dtype) if count else None
-                for offset, count, dtype in self._layout]
+        self.packed = _pack([(uniform, torch.float64), (top_k, torch.int64), (penalty_ids, torch.int64),
+                             (ban_ids, torch.int64), (temperature, torch.float32), (top_p, torch.float32),
+                             (negated, torch.float32), (greedy, torch.bool), (has_top_k, torch.bool)])
 
 
 def _sample_vectorised(logits: torch.Tensor, rows: list[Sampler]) -> list:
     """sample_batch with a fixed set of batched kernels and a single host sync (the final ``.tolist()``)."""
     batch, vocab = logits.shape
     inputs = _Inputs(rows, vocab)  # host work first: it overlaps the device's queued work
-    uniform, top_k, penalty_ids, ban_ids, temperature, top_p, negated, greedy, has_top_k = inputs.to(logits.device)
+    uniform, top_k, penalty_ids, ban_ids, temperature, top_p, negated, greedy, has_top_k = _unpack(
+        *inputs.packed, logits.device)
     x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
     flat = x.view(-1)  # [B*V]
     if inputs.n_penalties:  # x + (-a) at every (row, seen token): one scatter for the whole batch
@@ -570,6 +585,323 @@ def _sample_vectorised(logits: torch.Tensor, rows: list[Sampler]) -> list:
             results[b] = ValueError(f"row {b}: logits must have no NaN or +inf and at least one finite entry "
                                     "(not all banned)")
     return results
+
+
+UNIFORM_BLOCK = 64  # SamplingRows draws a row's uniforms ahead in blocks of this many (refilled when used up)
+
+_ROW_FIELDS = ("temperature", "top_p", "top_k", "has_top_k", "greedy", "presence", "frequency", "decay",
+               "uniforms", "cursor", "counts", "seen", "exempt", "banned")
+_HOST_FLAGS = ("_greedy", "_filtered", "_penalised", "_banning", "_drawn")
+
+
+class SamplingRows:
+    """The sampling of a batch whose rows change only when chats join or leave, kept on the logits' device.
+
+    Each row is a ``Sampler``; its parameters are [rows] device tensors, its penalties dense [rows, V]
+    device tensors (float64 counts, seen / exempt / banned masks), and its uniforms a block drawn ahead from
+    its generator, all built when the row joins (``add`` / ``put``: one host-to-device copy).
+    ``step(logits)`` (= ``draw`` then ``count``) is then a fixed set of kernels with no host sync and no
+    per-row host work: ``draw`` picks every row's token, ``count`` records the tokens in the penalties
+    (every count decays by one multiply, the drawn ones grow by one scatter) and moves each sampled row to
+    its next uniform (a row that has used its block gets the next one from its generator: per-row host
+    work once every ``block`` draws). On CUDA, ``step`` replays a CUDA graph of both (one per capacity:
+    the tables are allocated for a power-of-two number of rows, so rows joining and leaving reuse it; a
+    graph that cannot be captured falls back to launching the kernels). Rows never move unless asked:
+    ``put`` fills given slots (or appends), ``release`` retires rows in place (they draw junk and take no
+    uniforms), ``truncate`` drops the last ones.
+
+    A row draws exactly what ``sample_token`` draws with its Sampler after the same tokens were
+    ``PenaltyState.update``d (the same uniforms in the same order; the same float64 count arithmetic), up
+    to the device's reduction rounding (see the module docstring). The Sampler's own PenaltyState is read
+    when the row joins, never written. A greedy row takes no uniform; a sampled row takes one per draw,
+    invalid logits included; a row's generator runs up to ``block`` uniforms ahead of its draws.
+    """
+
+    def __init__(self, vocab: int, device: torch.device | str, block: int = UNIFORM_BLOCK,
+                 graphs: Optional[bool] = None) -> None:
+        _check(block >= 1, f"block must be at least 1, got {block}")
+        self.vocab, self.device, self.block = vocab, torch.device(device), block
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
+        self.samplers: list[Optional[Sampler]] = []  # None: a row no chat holds (released)
+        self._store: dict[str, torch.Tensor] = {}  # _ROW_FIELDS -> device tensors of `capacity` rows
+        self.capacity = 0
+        self._greedy = np.zeros(0, np.bool_)  # [rows] host copies of what decides which kernels run
+        self._filtered = np.zeros(0, np.bool_)  # [rows] top_p < 1 or top_k set (and not greedy)
+        self._penalised = np.zeros(0, np.bool_)  # [rows] nonzero presence or frequency
+        self._banning = np.zeros(0, np.bool_)  # [rows] some banned ids
+        self._drawn = np.zeros(0, np.int64)  # [rows] uniforms used from the current block
+        self._captured: dict[int, tuple] = {}  # capacity -> (graph, static logits, static tokens)
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.samplers)
+
+    @property
+    def _rows(self) -> dict[str, torch.Tensor]:
+        """The rows in use (views of the tables)."""
+        size = len(self)
+        return {name: tensor[:size] for name, tensor in self._store.items()}
+
+    # ------------------------------------------------------------------------------------ membership
+    def add(self, samplers: Sequence[Sampler]) -> list[Optional[str]]:
+        """Append a row for each sampler, in order, except those whose penalties or bans do not fit the
+        vocabulary: for each sampler None (added) or the problem that kept it out."""
+        problems = self.problems(samplers)
+        joining = [row for row, problem in zip(samplers, problems) if problem is None]
+        if joining:
+            self.put(range(len(self), len(self) + len(joining)), joining)
+        return problems
+
+    def problems(self, samplers: Sequence[Sampler]) -> list[Optional[str]]:
+        """For each sampler None, or why it cannot be a row here (penalties or bans that do not fit V)."""
+        return [_row_problem(row, self.vocab) for row in samplers]
+
+    def put(self, slots: Sequence[int], samplers: Sequence[Sampler]) -> None:
+        """Make ``samplers[i]`` the row at ``slots[i]``, in place (no other row moves); slots past the last
+        row add rows (any between stay released). Samplers must fit (``problems``)."""
+        slots = [int(slot) for slot in slots]
+        _check(len(slots) == len(samplers) and len(set(slots)) == len(slots) and min(slots, default=0) >= 0,
+               "put needs one distinct slot per sampler")
+        if not slots:
+            return
+        size = max(len(self), max(slots) + 1)
+        if size > self.capacity:
+            self._reserve(_bucket(size))
+        grow = size - len(self)
+        if grow:
+            self.samplers += [None] * grow
+            released = {"_greedy": True, "_filtered": False, "_penalised": False, "_banning": False, "_drawn": 0}
+            for name in _HOST_FLAGS:
+                values = getattr(self, name)
+                setattr(self, name, np.concatenate([values, np.full(grow, released[name], values.dtype)]))
+        fresh, host = self._build(list(samplers))
+        where = _unpack(*_pack([(np.asarray(slots, np.int64), torch.int64)]), self.device)[0]
+        for name in _ROW_FIELDS:
+            self._store[name].index_copy_(0, where, fresh[name])
+        for name, values in host.items():
+            getattr(self, name)[slots] = values
+        for slot, sampler in zip(slots, samplers):
+            self.samplers[slot] = sampler
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Retire the rows at ``slots`` without moving any row: they draw as greedy, unpenalised rows (their
+        tokens are junk to be ignored) and never take another uniform, until ``put`` reuses them."""
+        slots = list(slots)
+        if not slots:
+            return
+        index = _unpack(*_pack([(np.asarray(slots, np.int64), torch.int64)]), self.device)[0]
+        self._store["greedy"].index_fill_(0, index, True)
+        for name, value in (("_greedy", True), ("_filtered", False), ("_penalised", False), ("_banning", False),
+                            ("_drawn", 0)):
+            getattr(self, name)[slots] = value
+        for slot in slots:
+            self.samplers[slot] = None
+
+    def truncate(self, size: int) -> None:
+        """Keep only the first ``size`` rows (the others are released; the tables shrink, copying the rows
+        kept, only once they are four times larger than needed)."""
+        if size >= len(self):
+            return
+        self._store["greedy"][size:len(self)].fill_(True)
+        self.samplers = self.samplers[:size]
+        for name in _HOST_FLAGS:
+            setattr(self, name, getattr(self, name)[:size])
+        if self.capacity > 1 and 4 * size <= self.capacity:
+            self._reserve(_bucket(size))
+
+    def _reserve(self, capacity: int) -> None:
+        """New tables of `capacity` rows (released ones past the rows in use), the rows in use copied over."""
+        keep = min(len(self), capacity)
+        store = self._blank(capacity)
+        for name, tensor in self._store.items():
+            store[name][:keep].copy_(tensor[:keep])
+        self._store, self.capacity = store, capacity
+        self._captured.clear()  # the graphs read the old tables
+
+    def _blank(self, rows: int) -> dict[str, torch.Tensor]:
+        """Tables of `rows` released rows (greedy, unpenalised, nothing banned)."""
+        device, vocab = self.device, self.vocab
+
+        def full(value, dtype, *shape):
+            return torch.full((rows,) + shape, value, dtype=dtype, device=device)
+        return {"temperature": full(1.0, torch.float32), "top_p": full(2.0, torch.float32),
+                "top_k": full(vocab, torch.int64), "has_top_k": full(False, torch.bool),
+                "greedy": full(True, torch.bool), "presence": full(0.0, torch.float64),
+                "frequency": full(0.0, torch.float64), "decay": full(1.0, torch.float64),
+                "uniforms": full(0.0, torch.float64, self.block), "cursor": full(0, torch.int64),
+                "counts": full(0.0, torch.float64, vocab), "seen": full(False, torch.bool, vocab),
+                "exempt": full(False, torch.bool, vocab), "banned": full(False, torch.bool, vocab)}
+
+    def _build(self, rows: list[Sampler]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """The device rows and the host flags of ``rows`` (one host-to-device copy)."""
+        batch, vocab, block = len(rows), self.vocab, self.block
+        temperature = np.ones(batch, np.float32)  # 1 for greedy rows (unused)
+        top_p = np.full(batch, 2.0, np.float32)  # 2 = never reached (top_p 1 keeps every token)
+        top_k = np.full(batch, vocab, np.int64)  # V when off
+        has_top_k, greedy = np.zeros(batch, np.bool_), np.zeros(batch, np.bool_)
+        presence, frequency, decay = np.zeros(batch), np.zeros(batch), np.ones(batch)  # float64
+        uniforms = np.zeros((batch, block), np.float64)
+        count_ids, counts, exempt_ids, ban_ids = [], [], [], []  # flat indices into [batch * V]
+        for b, row in enumerate(rows):
+            params = row.params
+            greedy[b] = params.greedy
+            if not params.greedy:
+                uniforms[b] = _uniforms(row.generator, block)
+                temperature[b] = params.temperature
+                if params.top_p < 1.0:
+                    top_p[b] = params.top_p  # rounded to fp32 here, as sample_token's comparison rounds it
+                if params.top_k > 0:
+                    top_k[b], has_top_k[b] = min(params.top_k, vocab), True
+            penalties = row.penalties
+            if penalties is not None:
+                presence[b], frequency[b], decay[b] = penalties.presence, penalties.frequency, penalties.decay
+                ids, values = penalties._seen_arrays()
+                count_ids.append(ids + b * vocab)
+                counts.append(values)
+                if penalties._exempt is not None:
+                    exempt_ids.append(np.flatnonzero(penalties._exempt) + b * vocab)
+            if row._bans.size:
+                ban_ids.append(row._bans + b * vocab)
+        flat = [np.concatenate(parts) if parts else np.zeros(0, dtype)
+                for parts, dtype in ((count_ids, np.int64), (counts, np.float64), (exempt_ids, np.int64),
+                                     (ban_ids, np.int64))]
+        buffer, layout = _pack([(temperature, torch.float32), (top_p, torch.float32), (top_k, torch.int64),
+                                (has_top_k, torch.bool), (greedy, torch.bool), (presence, torch.float64),
+                                (frequency, torch.float64), (decay, torch.float64), (uniforms, torch.float64),
+                                (flat[0], torch.int64), (flat[1], torch.float64), (flat[2], torch.int64),
+                                (flat[3], torch.int64)])
+        (temperature_d, top_p_d, top_k_d, has_top_k_d, greedy_d, presence_d, frequency_d, decay_d, uniforms_d,
+         count_ids_d, counts_d, exempt_ids_d, ban_ids_d) = _unpack(buffer, layout, self.device)
+
+        def dense(ids, values, dtype):  # [batch, V]: values at the flat ids, zero / False elsewhere
+            out = torch.zeros(batch * vocab, dtype=dtype, device=self.device)
+            if ids.numel():
+                out.index_put_((ids,), values if values is not None else torch.ones_like(ids, dtype=dtype))
+            return out.view(batch, vocab)
+        fresh = {"temperature": temperature_d, "top_p": top_p_d, "top_k": top_k_d, "has_top_k": has_top_k_d,
+                 "greedy": greedy_d, "presence": presence_d, "frequency": frequency_d, "decay": decay_d,
+                 "uniforms": uniforms_d, "cursor": torch.zeros(batch, dtype=torch.long, device=self.device),
+                 "counts": dense(count_ids_d, counts_d, torch.float64),
+                 "seen": dense(count_ids_d, None, torch.bool), "exempt": dense(exempt_ids_d, None, torch.bool),
+                 "banned": dense(ban_ids_d, None, torch.bool)}
+        host = {"_greedy": greedy, "_filtered": ~greedy & ((top_p <= 1.0) | has_top_k),
+                "_penalised": (presence != 0) | (frequency != 0),
+                "_banning": np.array([row._bans.size > 0 for row in rows], np.bool_),
+                "_drawn": np.zeros(batch, np.int64)}
+        return fresh, host
+
+    # ------------------------------------------------------------------------------------ steps
+    def step(self, logits: torch.Tensor) -> torch.Tensor:
+        """``draw`` then ``count``: the next token of every row ([rows] long on the device, -1 where a row
+        cannot be sampled), already counted. On CUDA one graph replay (see the class docstring)."""
+        self._check_logits(logits)
+        if self.graphs and len(self):
+            captured = self._graph()
+            if captured is not None:
+                graph, static_logits, static_tokens = captured
+                static_logits[:len(self)].copy_(logits)
+                graph.replay()
+                self._advance()
+                return static_tokens[:len(self)]
+        tokens = self.draw(logits)
+        self.count(tokens)
+        return tokens
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row from ``logits`` [rows, V] (left untouched): [rows] long on the
+        device, -1 where the row's logits cannot be sampled (NaN or +inf, every token banned). No host sync."""
+        self._check_logits(logits)
+        return self._draw(logits, self._rows, self._penalised.any(), self._banning.any(), self._greedy.all(),
+                          self._greedy.any(), self._filtered.any())
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """Record ``tokens`` [rows] (draw's answer, on the device) as every row's latest: penalties decay and
+        count them, sampled rows move to their next uniform. No host sync."""
+        self._count(tokens, self._rows, self._penalised.any())
+        self._advance()
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        _check(logits.dim() == 2 and tuple(logits.shape) == (len(self), self.vocab),
+               f"logits must be [{len(self)}, {self.vocab}], got {tuple(logits.shape)}")
+
+    @staticmethod
+    def _draw(logits, rows, penalised, banning, all_greedy, any_greedy, filtered) -> torch.Tensor:
+        """draw over the tables `rows`; the flags leave out work no row needs (all True is always right)."""
+        x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
+        if penalised:  # x + (-a) at every seen token, a = presence + count * frequency in float64
+            amount = torch.where(rows["seen"], rows["counts"] * rows["frequency"].unsqueeze(1)
+                                 + rows["presence"].unsqueeze(1), 0.0)  # [B, V] float64
+            x.sub_(amount.to(torch.float32))
+        if banning:
+            x.masked_fill_(rows["banned"], -math.inf)
+        valid = torch.isfinite(x.amax(dim=1))  # [B] no NaN / +inf, not all banned
+        if all_greedy:
+            token = x.argmax(dim=1)  # [B] the first (lowest id) maximum
+        else:
+            uniform = rows["uniforms"].gather(1, rows["cursor"].unsqueeze(1)).squeeze(1)  # [B]
+            token = _draw_rows(x, uniform, rows["temperature"], rows["top_p"], rows["top_k"], rows["has_top_k"],
+                               bool(filtered))
+            if any_greedy:
+                token = torch.where(rows["greedy"], x.argmax(dim=1), token)
+        return torch.where(valid, token, -1)
+
+    @staticmethod
+    def _count(tokens, rows, penalised) -> None:
+        if penalised:
+            drawn = tokens.clamp(min=0).unsqueeze(1)  # [B, 1] (an invalid row's count is never read again)
+            rows["counts"].mul_(rows["decay"].unsqueeze(1))
+            rows["counts"].scatter_add_(1, drawn, (~rows["exempt"].gather(1, drawn)).to(torch.float64))
+            rows["seen"].scatter_(1, drawn, True)
+        rows["cursor"].add_((~rows["greedy"]).long())
+
+    def _advance(self) -> None:
+        """The host's side of a count: each sampled row used one more uniform; new blocks where used up."""
+        self._drawn += ~self._greedy
+        used = np.flatnonzero(self._drawn >= self.block)
+        if used.size:  # the next block of each row that has used its own
+            fresh = np.stack([_uniforms(self.samplers[i].generator, self.block) for i in used])
+            index, values = _unpack(*_pack([(used, torch.int64), (fresh, torch.float64)]), self.device)
+            self._store["uniforms"].index_copy_(0, index, values)
+            self._store["cursor"].index_fill_(0, index, 0)
+            self._drawn[used] = 0
+
+    def _graph(self) -> Optional[tuple]:
+        """(graph, static logits, static tokens) of draw + count over every row of the tables, all work in
+        (so one graph serves any mix of rows); captured on first use of a capacity. None (and no more
+        tries) if capturing fails: the kernels are then launched one by one."""
+        captured = self._captured.get(self.capacity)
+        if captured is not None:
+            return captured
+        try:
+            rows, device = self._store, self.device
+            static_logits = torch.zeros(self.capacity, self.vocab, dtype=torch.float32, device=device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # settle lazy initialisation; the draw alone changes no table
+                self._draw(static_logits, rows, True, True, False, True, True)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                static_tokens = self._draw(static_logits, rows, True, True, False, True, True)
+                self._count(static_tokens, rows, True)
+        except Exception as error:  # pragma: no cover - depends on the device and the torch build
+            warnings.warn(f"sampling: no CUDA graph ({type(error).__name__}: {error}); launching kernels instead")
+            self.graphs = False
+            return None
+        captured = self._captured[self.capacity] = (graph, static_logits, static_tokens)
+        return captured
+
+
+def _bucket(rows: int) -> int:
+    """The power of two at least `rows` (the tables' capacity)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def _uniforms(generator: Optional[torch.Generator], count: int) -> np.ndarray:
+    """The next ``count`` uniforms of ``generator``: the numbers ``count`` calls of ``_uniform`` give."""
+    return torch.rand(count, generator=generator, dtype=torch.float64).numpy()
 
 
 def _draw_rows(x, uniform, temperature, top_p, top_k, has_top_k, filtered: bool) -> torch.Tensor:

@@ -14,6 +14,7 @@ from rwkv_chat.serving.sampling import (
     SamplingParams,
     is_penalty_exempt,
     penalty_exempt_mask,
+    SamplingRows,
     sample_batch,
     sample_token,
     sampling_distribution,
@@ -526,6 +527,87 @@ def test_sampler_sample_equals_sample_token():
     sampler = Sampler(SamplingParams(top_p=0.5), torch.Generator().manual_seed(3), penalties, (0,))
     want = sample_token(logits, SamplingParams(top_p=0.5), torch.Generator().manual_seed(3), penalties, (0,))
     assert sampler.sample(logits) == want
+
+
+ROW_CHATS = [  # (params, presence, frequency, decay, bans) of the chats SamplingRows serves below
+    (SamplingParams(), 0.4, 0.4, 0.996, (0,)),
+    (SamplingParams(temperature=0.0), 1.0, 0.2, 0.9, ()),
+    (SamplingParams(temperature=1.3, top_p=0.9, top_k=40), 0.0, 2.0, 0.5, (5, 6)),
+    (SamplingParams(temperature=0.6, top_p=1.0, top_k=0), 0.3, 0.0, 1.0, ()),
+    (SamplingParams(temperature=1.0, top_p=0.6, top_k=5), 0.4, 0.4, 0.996, (1, 2, 3)),
+    (SamplingParams(temperature=2.0, top_p=0.95), 0.0, 0.0, 1.0, ()),
+    (SamplingParams(temperature=0.8, top_p=0.999, top_k=3), 3.0, 0.4, 0.9, ()),
+    (SamplingParams(temperature=0.0, top_p=0.3), 0.0, 0.0, 1.0, (0,)),
+    (SamplingParams(temperature=1.0, top_p=0.3), 0.4, 0.4, 0.996, ()),
+]
+
+
+def rows_and_oracles(device: str):
+    """Drive SamplingRows as the batcher does (rows put into freed slots or appended, released in place, the
+    tail dropped) for 40 steps, and check every live row's draw against sample_token with its own generator
+    (same seed) and a PenaltyState updated with the same tokens (the exempt ones included)."""
+    vocab = 300
+    exempt = torch.zeros(vocab, dtype=torch.bool)
+    exempt[[7, 8, 9, 40]] = True
+    table = SamplingRows(vocab, device, block=3)  # small blocks: rows refill their uniforms often
+    live: dict[int, tuple] = {}  # slot -> (params, bans, oracle generator, oracle penalties)
+    joined = [0]
+
+    def chat():
+        i = joined[0]
+        joined[0] += 1
+        params, presence, frequency, decay, bans = ROW_CHATS[i % len(ROW_CHATS)]
+        penalties = PenaltyState(vocab, presence, frequency, decay, exempt=exempt)
+        for token in (7, 11, 11, 12 + i):  # a history before joining: read when the row joins
+            penalties.update(token)
+        sampler = Sampler(params, torch.Generator().manual_seed(50 + i), penalties.clone(), bans)
+        return sampler, (params, bans, torch.Generator().manual_seed(50 + i), penalties)
+
+    def put(slots):
+        made = [chat() for _ in slots]
+        table.put(slots, [sampler for sampler, _ in made])
+        live.update((slot, oracle) for slot, (_, oracle) in zip(slots, made))
+
+    def release(slots):
+        table.release(slots)
+        for slot in slots:
+            del live[slot]
+        size = max(live) + 1 if live else 0
+        table.truncate(size)
+    schedule = {0: lambda: put(range(5)), 6: lambda: release([1, 3]), 9: lambda: put([1, 3, 5]),
+                15: lambda: release([4, 5]), 20: lambda: release([0, 2]), 22: lambda: put([0, 2, 4, 5]),
+                30: lambda: release([1, 2, 3, 4, 5]), 31: lambda: put([1])}
+    generator = torch.Generator().manual_seed(9)
+    drawn, capacities = 0, []
+    for step in range(40):
+        if step in schedule:
+            schedule[step]()
+            capacities.append(table.capacity)
+        logits = torch.randn(len(table), vocab, generator=generator) * 2
+        logits[:, 100:110] = logits.max()  # ties at the top
+        if step % 2:  # draw and count as two calls, or as one step (a CUDA graph replay on CUDA)
+            drawn_tokens = table.draw(logits.to(device))
+            tokens = drawn_tokens.tolist()
+            table.count(drawn_tokens)
+        else:
+            tokens = table.step(logits.to(device)).tolist()
+        for slot, (params, bans, oracle_generator, penalties) in live.items():
+            want = sample_token(logits[slot], params, oracle_generator, penalties, bans)
+            assert tokens[slot] == want, f"step {step}, slot {slot}"
+            penalties.update(want)
+            drawn += 1
+    # tables of a power-of-two number of rows, kept while rows come and go, shrunk when mostly empty
+    assert capacities == [8, 8, 8, 8, 8, 8, 1, 2]
+    return drawn
+
+
+def test_sampling_rows_kept_across_steps_draw_what_sample_token_draws():
+    assert rows_and_oracles("cpu") > 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_rows_on_cuda_draw_what_sample_token_draws():
+    assert rows_and_oracles("cuda") > 100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,8 +5,9 @@ What this module promises:
   state.wkv)` returns, as fresh tensors the caller owns (the graph's static buffers are copied out), without
   the per-kernel launch cost: a decode step is hundreds of small kernels, and replaying them as one graph is
   what lets batch-1 decoding reach the memory bandwidth.
-- Batch sizes are rounded up to a bucket (1, 2, 4, 8, 16, 32); padding rows compute garbage that is never
-  returned. Larger batches run the step directly, ungraphed. Graphs are captured lazily, on first use of a
+- Batch sizes are rounded up to a bucket (1, 2, 4, ..., 256: so a batch that changes size by a few rows
+  reuses its graph); padding rows compute garbage that is never returned. Larger batches run the step
+  directly, ungraphed. Graphs are captured lazily, on first use of a
   bucket, and share one memory pool.
 - Thread-safe: one replay at a time (the static buffers are shared).
 
@@ -21,7 +22,7 @@ import torch
 
 from ..state import RwkvState
 
-BUCKETS = (1, 2, 4, 8, 16, 32)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 WARMUP_RUNS = 2
 
 

@@ -5,27 +5,38 @@ What this module promises:
 - `DecodeBatcher(model).generate(logits, state, sampler, judge)` returns a `generation.Generation`, the
   interface `generation.DirectDecoder` has, so a reply runs the same way with or without batching. Each
   chat gets the tokens, logits and states it gets alone, up to the batched kernels' rounding (rows never
-  mix; bit for bit in fp32 on the CPU, tested).
+  mix; bit for bit in fp32 on the CPU, tested in both modes below).
 - The worker runs every chat still generating (up to `max_batch`; later ones wait for a free row) in
-  lockstep: one `sampling.sample_batch` over all their logits rows, then one batched model step
-  (`model.decode_batch`) feeding every token drawn, then each chat's judge on its token while the device
-  runs that step (a refused token wastes its row of the step). Chats join and leave between steps; a chat
-  never waits for company. A chat's own thread only waits for progress: the per-token work of a reply
-  (its judge: stop rules, detokenising, penalties) runs in the worker, so no thread round trip sits
-  between two steps. Readers are woken after the step is launched, at most every WAKE_INTERVAL_S while
-  their chat generates (each wake costs the worker a thread switch; the page shows 20 updates a second at
-  most anyway), and sampling builds its host-side inputs while that step runs on the device.
-- The batch's states stay stacked in the worker between steps (rows are gathered again only when chats
-  join or leave); a chat's state and logits are copied out when it ends.
+  lockstep, one batched model step (`model.decode_batch`) per token for all of them. Chats join and leave
+  between steps; a chat never waits for company. A chat's own thread only waits for progress: the
+  per-token work of a reply (its judge: stop rules, detokenising, penalties) runs in the worker, so no
+  thread round trip sits between two steps. Readers are woken after the step is launched, at most every
+  WAKE_INTERVAL_S while their chat generates (longer in batches whose readers together would be woken more
+  than MAX_WAKES_PER_S times a second: each wake costs the worker a thread switch; the page shows 20 updates
+  a second at most anyway).
+- Two modes, the same results. Pipelined (the default off the CPU): sampling lives on the device
+  (`sampling.SamplingRows`: per-row parameters, dense penalty counts and uniforms drawn ahead, built when a
+  chat joins), chats keep fixed rows (a joining chat takes a freed row in place, or a new one at the end;
+  rows are never gathered), and the worker launches step t+1 (draw every row's token on the device, count
+  it in the penalties, feed it) before it judges step t's tokens, so the host work between two steps does
+  not grow with the number of chats: it is the judges' (which overlap the device's steps) and a fixed
+  number of kernel launches. A chat that ended at step t wastes its row of step t+1; each chat's
+  generator runs up to `sampling.UNIFORM_BLOCK` uniforms ahead of its draws, and its penalties are counted
+  on the device from the tokens drawn (the caller's PenaltyState is read when the chat joins; the judge
+  keeps updating it as before). On the CPU (where sorting whole vocabularies is slow and there is no
+  queue to overlap): `sampling.sample_batch` row by row, then the step, then the judges while it runs.
+- A refused token's row of the step that fed it is wasted: its chat ends with the state and logits it had
+  before that token (the step leaves them untouched); a chat whose judge says LAST ends with the ones after.
+  A chat's state and logits are copied out when it ends.
 - Errors: a bad call (a state of another shape or batch size, logits that are not [vocab], no Sampler, no
-  judge) raises at once in its caller; a row that cannot be sampled (e.g. NaN logits) or a judge that
-  raises ends only its own chat, with that error; a failed step (the model's or the sampling's) ends
-  every chat of that step with its error, and the batcher goes on serving. `close()` ends every chat in
-  flight with BatcherClosed and stops the worker; later calls raise it at once. The states and logits
-  passed in are never changed.
+  judge) raises at once in its caller; a row that cannot be sampled (e.g. NaN logits, penalties or bans
+  that do not fit the vocabulary) or a judge that raises ends only its own chat, with that error; a failed
+  step (the model's or the sampling's) ends every chat of that step with its error, and the batcher goes
+  on serving. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls
+  raise it at once. The states and logits passed in are never changed.
 
-It knows the model's decode_batch contract, RwkvState, the sampling module's batch interface and the
-generation protocol; nothing of text or sessions.
+It knows the model's decode_batch contract (and its runner, to feed ids already on the device), RwkvState,
+the sampling module's batch interfaces and the generation protocol; nothing of text or sessions.
 """
 
 from __future__ import annotations
@@ -38,10 +49,11 @@ import torch
 
 from ..state import RwkvState
 from .generation import Generation, Verdict
-from .sampling import Sampler, sample_batch
+from .sampling import Sampler, SamplingRows, sample_batch
 
 DEFAULT_MAX_BATCH = 32
 WAKE_INTERVAL_S = 0.02  # a reader is woken at most this often while its chat generates (always when it ends)
+MAX_WAKES_PER_S = 4000  # ... and less often in large batches: all readers together, at most this many a second
 
 
 class BatcherClosed(RuntimeError):
@@ -95,11 +107,13 @@ class _Chat(Generation):
 class DecodeBatcher:
     """Runs the token loops of concurrent chats as batched steps (see the module docstring)."""
 
-    def __init__(self, model, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, model, max_batch: int = DEFAULT_MAX_BATCH, pipelined: Optional[bool] = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
         self.max_batch = max_batch
+        # off the CPU the sampling lives on the device and steps overlap the judging (see the docstring)
+        self.pipelined = torch.device(model.device).type != "cpu" if pipelined is None else bool(pipelined)
         self._incoming: list[_Chat] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -153,7 +167,10 @@ class DecodeBatcher:
     # ------------------------------------------------------------------------------------------- worker
     def _serve(self) -> None:
         with torch.inference_mode():  # the worker's tensors never need autograd: each op costs less host time
-            self._serve_chats()
+            if self.pipelined:
+                self._serve_pipelined()
+            else:
+                self._serve_chats()
 
     def _serve_chats(self) -> None:
         rows: list[_Chat] = []  # the chats generating, in the order of the batch's rows
@@ -175,27 +192,19 @@ class DecodeBatcher:
                     try:
                         rows, logits, state = self._step(rows, logits, state)
                     except Exception as error:  # a failed step (the model's, or the sampling's) ends its chats
-                        for chat in rows:
-                            if not chat.finished:
-                                chat.end(error=error)
-                                chat.progress.set()
+                        _end_all(rows, error)
                         rows, logits, state = [], None, None
         except BaseException as error:  # a bug in the worker: every chat learns it, and the batcher closes
             failure = error
             raise
         finally:
-            with self._wake:
-                self._closed = True
-                rows, self._incoming = rows + self._incoming, []
-            for chat in rows:
-                if not chat.finished:
-                    chat.end(error=failure)
-                    chat.progress.set()
+            _end_all(rows + self._shut(), failure)
 
-    def _take(self, busy: int) -> Optional[list[_Chat]]:
-        """The chats that join before the next step (waits while there is nothing to do); None once closed."""
+    def _take(self, busy: int, waiting: bool = False) -> Optional[list[_Chat]]:
+        """The chats that join before the next step, at most max_batch - busy (waits while there is nothing
+        to do: no chat busy, none incoming, nothing `waiting` to be judged); None once closed."""
         with self._wake:
-            while not self._closed and not self._incoming and not busy:
+            while not self._closed and not self._incoming and not busy and not waiting:
                 self._wake.wait()
             if self._closed:
                 return None
@@ -216,25 +225,232 @@ class DecodeBatcher:
             if isinstance(token, ValueError):
                 chat.end(error=token)
                 continue
-            try:
-                verdict = chat.judge.accept(token, logits[i])
-                if not isinstance(verdict, Verdict):
-                    raise TypeError(f"a judge must return a Verdict, got {verdict!r}")
-            except Exception as error:
-                chat.end(error=error)
-                continue
-            if verdict is Verdict.STOP:
-                chat.end(logits[i], state[i])
-                continue
-            chat.accepted += 1
-            if verdict is Verdict.LAST:
-                chat.end(new_logits[i], new_state[i])
-        now = time.monotonic()
-        for chat in rows:  # after the launch: the readers' threads would slow it down
-            if chat.finished or now - chat.woken >= WAKE_INTERVAL_S:
-                chat.woken = now
-                chat.progress.set()
+            _judge(chat, token, i, logits[i], (logits, state), (new_logits, new_state))
+        _wake_readers(rows, len(rows))  # after the launch: the readers' threads would slow it down
         return _keep(rows, new_logits, new_state, [not chat.finished for chat in rows])
+
+    # ------------------------------------------------------------------------------- the pipelined worker
+    def _serve_pipelined(self) -> None:
+        batch = _Slots(self.model)
+        pending: Optional[_Launch] = None  # the launched step whose tokens are not judged yet
+        failure: BaseException = BatcherClosed("the decode batcher was closed")
+        try:
+            while True:
+                batch.retire()
+                joining = self._take(batch.live, waiting=pending is not None)
+                if joining is None:
+                    break
+                launch = None
+                try:
+                    batch.join(joining)
+                    if batch.live:
+                        launch = batch.launch(self._decode)
+                        self.steps += 1
+                        self.served += batch.live
+                    if pending is not None:
+                        pending.judge()
+                except Exception as error:  # a failed step (the model's, the sampling's) ends its chats
+                    _end_all(batch.chats() + joining + (pending.chats() if pending is not None else []), error)
+                    batch, launch = _Slots(self.model), None
+                pending = launch
+        except BaseException as error:  # a bug in the worker: every chat learns it, and the batcher closes
+            failure = error
+            raise
+        finally:
+            _end_all(batch.chats() + (pending.chats() if pending is not None else []) + self._shut(), failure)
+
+    def _shut(self) -> list[_Chat]:
+        """Mark the batcher closed (later calls are refused) and take the chats still waiting to join."""
+        with self._wake:
+            self._closed = True
+            left, self._incoming = self._incoming, []
+        return left
+
+    def _decode(self, ids: torch.Tensor, state: RwkvState):
+        return decode_on_device(self.model, ids, state)
+
+
+def decode_on_device(model, ids: torch.Tensor, state: RwkvState):
+    """The model's batched step on token ids that are already on its device (drawn there, always in range):
+    the model's runner directly where it has one, which skips decode_batch's host-side range check (a
+    host sync); else decode_batch."""
+    if ids.device.type != "cpu" and hasattr(model, "decode_plain") and hasattr(model, "runner"):
+        runner = model.runner
+        return runner.decode(ids, state) if runner is not None else model.decode_plain(ids, state)
+    return model.decode_batch(ids, state)
+
+
+def _end_all(chats, error: BaseException) -> None:
+    """End every chat of `chats` not yet finished with `error`, and wake its reader."""
+    for chat in chats:
+        if not chat.finished:
+            chat.end(error=error)
+            chat.progress.set()
+
+
+def _judge(chat: _Chat, token: int, i: int, row: torch.Tensor, before: tuple, after: tuple) -> None:
+    """Chat `chat`'s judge on `token`, drawn from `row` (row i of the step's logits): STOP ends the chat with
+    row i of `before` (the logits and states the step started from: the token is not fed), LAST with row i
+    of `after` (those the step made); a judge that raises, or answers no Verdict, ends it with that error."""
+    try:
+        verdict = chat.judge.accept(token, row)
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"a judge must return a Verdict, got {verdict!r}")
+    except Exception as error:
+        chat.end(error=error)
+        return
+    if verdict is Verdict.STOP:
+        chat.end(before[0][i], before[1][i])
+        return
+    chat.accepted += 1
+    if verdict is Verdict.LAST:
+        chat.end(after[0][i], after[1][i])
+
+
+def _wake_readers(chats, batch: int) -> None:
+    """Wake each reader whose chat ended, or that was last woken long enough ago: WAKE_INTERVAL_S, or longer
+    in batches so large that their readers together would be woken more than MAX_WAKES_PER_S times a second
+    (each wake costs the worker the interpreter lock for a while)."""
+    now = time.monotonic()
+    interval = max(WAKE_INTERVAL_S, batch / MAX_WAKES_PER_S)
+    for chat in chats:
+        if chat.finished or now - chat.woken >= interval:
+            chat.woken = now
+            chat.progress.set()
+
+
+def _index(index: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices as a long tensor on `device`, copied without waiting for the device's queued work."""
+    host = torch.tensor(index, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _Slots:
+    """The pipelined worker's batch: chats in fixed rows (None = a free row), the logits [n, V] and states [n]
+    of every row, and their SamplingRows. A chat keeps its row until it ends; a joining chat takes the lowest
+    free row (written in place) or a new one at the end; free rows at the end are dropped (views), free rows
+    inside draw and step as junk (never read) until a chat takes them. So rows are never gathered: a chat
+    joining or leaving copies only its own row."""
+
+    def __init__(self, model):
+        self.model = model
+        self.rows: list[Optional[_Chat]] = []
+        self.logits: Optional[torch.Tensor] = None  # [n, V]
+        self.state: Optional[RwkvState] = None  # [n]
+        self.sampling = SamplingRows(model.config.vocab_size, model.device)
+        self.live = 0
+
+    def chats(self) -> list[_Chat]:
+        return [chat for chat in self.rows if chat is not None]
+
+    def retire(self) -> None:
+        """Free the rows of chats that ended or whose reader left; drop free rows at the end."""
+        gone = [i for i, chat in enumerate(self.rows) if chat is not None and (chat.finished or chat.cancelled)]
+        for i in gone:
+            self.rows[i] = None
+        self.live -= len(gone)
+        size = len(self.rows)
+        while size and self.rows[size - 1] is None:
+            size -= 1
+        self.sampling.release([i for i in gone if i < size])
+        if size < len(self.rows):
+            self.rows = self.rows[:size]
+            self.sampling.truncate(size)
+            if size:
+                self.logits = self.logits[:size]
+                self.state = RwkvState(self.state.shift[:size], self.state.wkv[:size])
+            else:
+                self.logits = self.state = None
+
+    def join(self, joining: list[_Chat]) -> None:
+        """Give each joining chat a row (a chat whose sampler does not fit the vocabulary ends at once)."""
+        problems = self.sampling.problems([chat.sampler for chat in joining])
+        fit = []
+        for chat, problem in zip(joining, problems):
+            if problem is None:
+                fit.append(chat)
+            else:
+                chat.end(error=ValueError(problem))
+                chat.progress.set()
+        if not fit:
+            return
+        free = [i for i, chat in enumerate(self.rows) if chat is None][:len(fit)]
+        slots = free + list(range(len(self.rows), len(self.rows) + len(fit) - len(free)))
+        self.sampling.put(slots, [chat.sampler for chat in fit])
+        logits = torch.stack([chat.logits for chat in fit])  # [m, V]
+        state = RwkvState.stack([chat.state for chat in fit])  # [m]
+        if free:  # written into free rows, in place (their old contents belong to no one)
+            inside = len(free)
+            where = _index(free, self.logits.device)
+            self.logits.index_copy_(0, where, logits[:inside])
+            self.state.shift.index_copy_(0, where, state.shift[:inside])
+            self.state.wkv.index_copy_(0, where, state.wkv[:inside])
+            logits, state = logits[inside:], RwkvState(state.shift[inside:], state.wkv[inside:])
+        if logits.shape[0]:
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            self.state = state if self.state is None else RwkvState.stack([self.state, state])
+        for chat in fit:  # the rows hold them now
+            chat.logits = chat.state = None
+        for slot, chat in zip(slots, fit):
+            if slot < len(self.rows):
+                self.rows[slot] = chat
+            else:
+                self.rows.append(chat)
+        self.live += len(fit)
+
+    def launch(self, decode) -> "_Launch":
+        """Draw every row's token and launch the step that feeds them, without waiting for either; the
+        batch moves on to that step's logits and states."""
+        launch = _Launch(list(self.rows), self.logits, self.state)
+        tokens = self.sampling.step(self.logits)  # [n] drawn and counted, -1 where a row cannot be sampled
+        launch.fetch(tokens)
+        self.logits, self.state = decode(tokens.clamp(min=0), self.state)  # a refused row's step is wasted
+        launch.new_logits, launch.new_state = self.logits, self.state
+        return launch
+
+
+class _Launch:
+    """One launched step: its rows, the logits and states it started from and the ones it makes, and its
+    tokens on their way to the host."""
+
+    def __init__(self, rows: list[Optional[_Chat]], logits: torch.Tensor, state: RwkvState):
+        self.rows, self.logits, self.state = rows, logits, state
+        self.new_logits: Optional[torch.Tensor] = None
+        self.new_state: Optional[RwkvState] = None
+        self.tokens: Optional[torch.Tensor] = None
+        self.copied = None
+
+    def chats(self) -> list[_Chat]:
+        return [chat for chat in self.rows if chat is not None]
+
+    def fetch(self, tokens: torch.Tensor) -> None:
+        """Start copying the tokens to the host (pinned, asynchronous on CUDA)."""
+        if tokens.device.type == "cuda":
+            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.tokens.copy_(tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.tokens = tokens.to("cpu")
+
+    def judge(self) -> None:
+        """Each chat's judge on its token (waiting only for the draw, not for the step), then the readers."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        rows = self.logits.unbind(0)  # every row's view in one call
+        for i, token in enumerate(self.tokens.tolist()):
+            chat = self.rows[i]
+            if chat is None or chat.finished or chat.cancelled:  # a free row, or a chat that already ended
+                continue
+            if token < 0:
+                chat.end(error=ValueError(f"row {i}: logits must have no NaN or +inf and at least one finite "
+                                          "entry (not all banned)"))
+                continue
+            _judge(chat, token, i, rows[i], (self.logits, self.state), (self.new_logits, self.new_state))
+        chats = self.chats()
+        _wake_readers(chats, len(chats))
 
 
 def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[RwkvState], keep: list[bool]):
@@ -244,5 +460,5 @@ def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[Rwk
     if not any(keep):
         return [], None, None
     index = [i for i, k in enumerate(keep) if k]
-    on = torch.tensor(index, device=state.device)
+    on = _index(index, state.device)
     return [rows[i] for i in index], logits.index_select(0, on) if logits is not None else None, state.select(on)

@@ -84,10 +84,11 @@ CHAT_PARAMS = [
 ]
 
 
-def test_concurrent_chats_get_what_they_get_alone(model):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
+def test_concurrent_chats_get_what_they_get_alone(model, pipelined):
     """Six chats with their own sampling settings, seeds and lengths (two end on a refused token), more
-    than the batch holds: they join and leave between steps, and each draws the same tokens from the same
-    logits, and ends in the same state, as alone."""
+    than the batch holds: they join and leave between steps (pipelined: into freed rows), and each draws
+    the same tokens from the same logits, and ends in the same state, as alone."""
     vocab = model.config.vocab_size
     prompts = [random_tokens(5 + i, seed=i) for i in range(6)]
     starts = [model.forward(p) for p in prompts]
@@ -102,7 +103,7 @@ def test_concurrent_chats_get_what_they_get_alone(model):
 
     alone = [chat(DirectDecoder(model), i, "alone") for i in range(6)]
     got = [None] * 6
-    with DecodeBatcher(model, max_batch=4) as batcher:
+    with DecodeBatcher(model, max_batch=4, pipelined=pipelined) as batcher:
         run_threads([lambda i=i: got.__setitem__(i, chat(batcher, i, "batched")) for i in range(6)])
         assert batcher.served > batcher.steps  # chats shared steps
     batched = sorted(judges["batched"], key=lambda j: j.count)  # judges in chat order (counts differ)
@@ -229,14 +230,15 @@ def test_bad_calls_fail_at_once_and_the_batcher_still_serves(model):
     assert judge.tokens and final.shape == (model.config.vocab_size,)
 
 
-def test_a_row_that_cannot_be_sampled_or_a_failing_judge_ends_only_its_own_chat():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
+def test_a_row_that_cannot_be_sampled_or_a_failing_judge_ends_only_its_own_chat(pipelined):
     model = SlowModel()
     model.release.set()
     outcome = {}
     rows = {"ok": (Sampler(GREEDY), Recorder(4)),
             "all banned": (Sampler(GREEDY, ban_tokens=range(100)), Recorder(4)),
             "judge fails": (Sampler(GREEDY), Recorder(4, fail_at=2))}
-    with DecodeBatcher(model) as batcher:
+    with DecodeBatcher(model, pipelined=pipelined) as batcher:
         def chat(name):
             try:
                 outcome[name] = run_chat(batcher, one_hot(7), tiny_state(), *rows[name])[1:]
@@ -249,9 +251,10 @@ def test_a_row_that_cannot_be_sampled_or_a_failing_judge_ends_only_its_own_chat(
     assert outcome["judge fails"] == "the judge failed" and rows["judge fails"][1].tokens == [7, 7]
 
 
-def test_close_ends_the_chats_in_flight_then_refuses():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
+def test_close_ends_the_chats_in_flight_then_refuses(pipelined):
     model = SlowModel()
-    batcher = DecodeBatcher(model)
+    batcher = DecodeBatcher(model, pipelined=pipelined)
     errors = []
 
     def chat():
@@ -274,10 +277,11 @@ def test_close_ends_the_chats_in_flight_then_refuses():
         batcher.generate(one_hot(1), tiny_state(), Sampler(GREEDY), Recorder(1))
 
 
-def test_a_reader_that_leaves_stops_its_chat():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
+def test_a_reader_that_leaves_stops_its_chat(pipelined):
     model = SlowModel()
     model.release.set()
-    with DecodeBatcher(model) as batcher:
+    with DecodeBatcher(model, pipelined=pipelined) as batcher:
         endless = Recorder(10**9)
         run = batcher.generate(one_hot(3), tiny_state(), Sampler(GREEDY), endless)
         for n, _ in enumerate(run):
@@ -333,11 +337,13 @@ class GatedModel:
         return self.model._prepare_state(state, batch)
 
 
-@pytest.mark.parametrize("vectorised", [False, True], ids=["auto", "vectorised"])
-def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch, vectorised):
+@pytest.mark.parametrize("mode", ["auto", "vectorised", "pipelined"])
+def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch, mode):
     """Six chats with different sampling settings and seeds, answered concurrently through one batcher (the
-    second step holds all of them), give exactly the tokens each gets from the engine alone."""
-    if vectorised:  # on the CPU the batched kernels are otherwise used only off the CPU; check them here too
+    second step holds all of them), give exactly the tokens each gets from the engine alone: on the CPU's
+    own path, with the batched sampling kernels, and pipelined (sampling rows and penalty counts on the
+    device, each step launched before the last one's tokens are judged), as it runs off the CPU."""
+    if mode == "vectorised":  # on the CPU the batched kernels are otherwise used only off the CPU; check them too
         monkeypatch.setattr(batching, "sample_batch", functools.partial(sample_batch, vectorised=True))
     chats = [(f"Tell me story number {i}.", GenerationSettings(params, max_new_tokens=14, seed=100 + i))
              for i, params in enumerate(CHAT_PARAMS)]
@@ -350,7 +356,7 @@ def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch
     assert sum(len(ids) for ids, _ in alone) > 3 * len(chats)  # the chats really generate
     gated = GatedModel(model)
     got = [None] * len(chats)
-    with DecodeBatcher(gated, max_batch=8) as batcher:
+    with DecodeBatcher(gated, max_batch=8, pipelined=mode == "pipelined") as batcher:
         engine = ChatEngine(gated, tokenizer, decoder=batcher)
         threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, answer(engine, *chats[i])))
                    for i in range(len(chats))]

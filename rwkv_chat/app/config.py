@@ -17,14 +17,18 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --port           GRADIO_SERVER_PORT, PORT            7860
     --server-name    GRADIO_SERVER_NAME                  0.0.0.0 on a Space (SPACE_ID set), else 127.0.0.1
     --share          GRADIO_SHARE (1/true/yes)           off
-    --concurrency    RWKV_CONCURRENCY                    32 chats generating at once (one decode batch)
-    --max-queue      RWKV_MAX_QUEUE                      64 waiting requests
+    --concurrency    RWKV_CONCURRENCY                    auto: chats generating at once (one decode batch), as many
+                                                         as the device holds states for beside --model (up to
+                                                         256 on a GPU; 8 on a CPU); a number from 1 to 256 wins
+    --max-queue      RWKV_MAX_QUEUE                      auto: twice the concurrency, at least 64 waiting requests
     --data-dir       RWKV_DATA_DIR                       a Space's /data/rwkv-chat when mounted, else
                                                          ~/.cache/rwkv-chat (the conversation store lives there)
     --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
     --drain-seconds  RWKV_DRAIN_SECONDS                  8 (on SIGTERM, how long running answers may go on)
 
-Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it.
+Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it. "auto" stays
+None in the parsed config until `AppConfig.sized(capacity)` settles it at start-up from what the operator's
+model and the device hold (`model_pool.chat_capacity`), before the page and its queue are built.
 Knows nothing of Gradio or models.
 """
 
@@ -32,21 +36,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..loading.catalog import DEFAULT_MODEL, suggested_model
-from ..serving.batching import DEFAULT_MAX_BATCH
 from .model_choices import ALL_MODELS, SMALL_MODELS
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
 DEFAULT_PORT = 7860
-DEFAULT_CONCURRENCY = DEFAULT_MAX_BATCH  # every generating chat fits one batched step
-DEFAULT_MAX_QUEUE = 64
+MAX_CONCURRENCY = 256  # chats generating at once: the largest decode batch (runtime/cuda_graphs.BUCKETS)
+AUTO = "auto"
+DEFAULT_MAX_QUEUE = 64  # the least --max-queue "auto" gives
+QUEUE_PER_CHAT = 2  # --max-queue "auto": this many waiting requests per chat generating
 TRUE_WORDS = ("1", "true", "yes", "on")
 SPACE_LOAD_COOLDOWN_S = 300.0  # a Space: visitors start at most one new model load every 5 minutes
 MAX_LOAD_COOLDOWN_S = 86_400.0
@@ -64,8 +69,8 @@ class AppConfig:
     port: int = DEFAULT_PORT
     server_name: str = "127.0.0.1"
     share: bool = False
-    concurrency: int = DEFAULT_CONCURRENCY
-    max_queue: int = DEFAULT_MAX_QUEUE
+    concurrency: Optional[int] = None  # None: auto, settled by `sized` at start-up
+    max_queue: Optional[int] = None  # None: auto (QUEUE_PER_CHAT per chat, at least DEFAULT_MAX_QUEUE)
     models: tuple[str, ...] = (ALL_MODELS,)  # what visitors may pick: catalog names, "all", "small" (model_choices)
     load_cooldown: float = 0.0  # seconds between loads visitors start (model_pool.LoadCooldown); 0: no limit
     states: tuple[str, ...] = ()  # state files offered to chats, as NAME=PATH (loading/state_files.py)
@@ -80,8 +85,11 @@ class AppConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if not 1 <= self.concurrency <= 256:
-            raise ValueError(f"concurrency must be between 1 and 256, got {self.concurrency}")
+        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"--concurrency must be between 1 and {MAX_CONCURRENCY} chats generating at once (the "
+                             f"largest decode batch), or auto (what the device holds); got {self.concurrency}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1 waiting request, or auto; got {self.max_queue}")
         if not 0 <= self.load_cooldown <= MAX_LOAD_COOLDOWN_S:  # NaN fails too
             raise ValueError(f"--load-cooldown must be between 0 and {MAX_LOAD_COOLDOWN_S:g} seconds, "
                              f"got {self.load_cooldown}")
@@ -94,6 +102,33 @@ class AppConfig:
         if self.cors_origins and self.share:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
                              "whose CORS rules cannot be changed")
+
+
+    def sized(self, capacity: int) -> "AppConfig":
+        """This config with "auto" settled: concurrency = `capacity` (clamped to 1..MAX_CONCURRENCY) unless
+        set, the queue QUEUE_PER_CHAT waiting requests per chat (at least DEFAULT_MAX_QUEUE) unless set."""
+        concurrency = self.concurrency or max(1, min(MAX_CONCURRENCY, int(capacity)))
+        max_queue = self.max_queue or max(DEFAULT_MAX_QUEUE, QUEUE_PER_CHAT * concurrency)
+        return replace(self, concurrency=concurrency, max_queue=max_queue)
+
+
+def _count_or_auto(name: str):
+    """A parser of a count that may be "auto" (-> None); argparse reports its error with the flag's name."""
+    def parse(value: str) -> Optional[int]:
+        if str(value).strip().lower() == AUTO:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number or 'auto', not {value!r}") from None
+    return parse
+
+
+def _env_count(env: Mapping[str, str], name: str) -> Optional[int]:
+    try:
+        return _count_or_auto(name)(env.get(name) or AUTO)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -114,11 +149,15 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true",
                         default=env.get("GRADIO_SHARE", "").lower() in TRUE_WORDS,
                         help="also serve through a temporary public *.gradio.live link")
-    parser.add_argument("--concurrency", type=int,
-                        default=int(env.get("RWKV_CONCURRENCY", DEFAULT_CONCURRENCY)),
-                        help="how many chats may generate at the same time")
-    parser.add_argument("--max-queue", dest="max_queue", type=int,
-                        default=int(env.get("RWKV_MAX_QUEUE", DEFAULT_MAX_QUEUE)))
+    parser.add_argument("--concurrency", type=_count_or_auto("--concurrency"),
+                        default=_env_count(env, "RWKV_CONCURRENCY"),
+                        help=f"how many chats may generate at the same time, 1 to {MAX_CONCURRENCY} (default: auto, "
+                             "as many as the device has memory for beside the model, up to "
+                             f"{MAX_CONCURRENCY} on a GPU, a few on a CPU)")
+    parser.add_argument("--max-queue", dest="max_queue", type=_count_or_auto("--max-queue"),
+                        default=_env_count(env, "RWKV_MAX_QUEUE"),
+                        help=f"how many requests may wait for a free chat (default: auto, {QUEUE_PER_CHAT} per "
+                             f"chat, at least {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--models", default=env.get("RWKV_MODELS") or (SMALL_MODELS if on_space else ALL_MODELS),
                         help="comma-separated models visitors may pick: catalog names and/or 'all', 'small' "
                              "(downloads of at most 2 GB that fit in half the device's memory), 'none' (only "

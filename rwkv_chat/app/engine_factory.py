@@ -2,9 +2,10 @@
 
 Promises:
 - One `WorldTokenizer` for every engine of the app (it is read once, on first use).
-- The decoder is `batching.DecodeBatcher(model, max_batch)` (32 rows unless told; the app passes its
-  --concurrency), so concurrent chats with one model decode and sample together (or
-  `generation.DirectDecoder`, one chat at a time, when batching is turned off).
+- The decoder is `batching.DecodeBatcher(model, max_batch)` (DEFAULT_MAX_BATCH rows unless told; the app
+  passes its --concurrency, which by default follows what the device holds), so concurrent chats with one
+  model decode and sample together (or `generation.DirectDecoder`, one chat at a time, when batching is
+  turned off).
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - The operator's state files that fit the model (loading/state_files.py) become the engine's start states.
 - Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.

@@ -17,6 +17,12 @@ Promises:
   already loaded or loading are always served; the operator's preload (`preload(key, by_visitor=False)`) does
   not count, and neither do later reloads of that key. A refused load evicts nothing and is not kept as the
   key's load error; a load refused because the model could never fit does not start the cooldown.
+- `chat_capacity(choice, device, dtype)`: how many chats can generate at once with that model there (the
+  app's default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the
+  batch in flight, the CUDA graphs' buffers, the prefix cache) fit in CAPACITY_SHARE of the memory left
+  beside the model, as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU (a
+  CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the
+  model's shape is unknown before it loads (a hub id, a directory).
 Knows nothing of Gradio or of sessions.
 """
 
@@ -32,11 +38,37 @@ from typing import Callable, Optional
 
 import torch
 
-from ..loading.loader import DTYPES, ModelLoadError
+from ..loading.loader import DTYPES, ModelLoadError, resolve_device_dtype
+from .config import MAX_CONCURRENCY
 from .model_choices import ModelChoices, ModelKey, free_memory, gigabytes
+
+CPU_CHATS = 8
+GPU_CHATS_UNKNOWN = 32
+STATE_COPIES_PER_CHAT = 8  # ~3 in the pipelined batch, ~4 in the graphs' static buffers (all buckets), 1 cached
+CAPACITY_SHARE = 0.5  # of the memory free beside the model: the rest for prefill activations, other models
 
 Progress = Callable[[str], None]
 EngineFactory = Callable[[ModelKey, Progress], object]
+
+
+def chat_capacity(choice, device: str, dtype: str,
+                  memory: Callable[[str], tuple[int, int]] = free_memory) -> int:
+    """How many chats can generate at once with `choice` on `device` in `dtype` (see the module docstring)."""
+    try:
+        placed_on, placed_as = resolve_device_dtype(device, dtype)
+    except ModelLoadError:
+        return CPU_CHATS
+    if placed_on.type != "cuda":
+        return CPU_CHATS
+    entry = getattr(choice, "entry", None)
+    need = choice.memory_bytes(placed_as)
+    if entry is None or need is None:
+        return GPU_CHATS_UNKNOWN
+    free, _total = memory(str(placed_on))
+    room = (free - need) * CAPACITY_SHARE
+    chats = int(room // (STATE_COPIES_PER_CHAT * entry.state_bytes())) if room > 0 else 1
+    chats = max(1, min(MAX_CONCURRENCY, chats))
+    return 1 << (chats.bit_length() - 1)  # a power of two: every row of the largest graph bucket is used
 
 
 @dataclass

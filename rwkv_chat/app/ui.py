@@ -50,7 +50,7 @@ from .draining import Admission, on_sigterm
 from .display import user_text
 from .engine_factory import EngineFactory
 from .model_choices import ModelChoices, ModelKey, ModelListError, describe
-from .model_pool import LoadCooldown, LoadRefused, ModelPool
+from .model_pool import LoadCooldown, LoadRefused, ModelPool, chat_capacity
 from .openai_api import OpenAIApi
 from .process_memory import return_freed_memory
 from .setting_inputs import setting_number, setting_slider
@@ -78,6 +78,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
     """The whole app: model pool, conversation store, chat service, page; the default model starts loading in the
     background."""
     choices = ModelChoices(config.model, config.models, config.device, config.dtype)  # ModelListError: at start-up
+    config = sized_config(config, choices)
     state_files = tuple(parse_state_specs(config.states))  # StateFileError: a clear message at start-up
     pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency,
                                             state_files=state_files), cooldown=LoadCooldown(config.load_cooldown))
@@ -92,6 +93,14 @@ def build_app(config: AppConfig) -> gr.Blocks:
     demo.rwkv_openai = OpenAIApi(pool, choices, config.device, config.dtype, config.api_key, config.max_queue,
                                  config.preamble, service.admission)
     return demo
+
+
+def sized_config(config: AppConfig, choices: ModelChoices) -> AppConfig:
+    """--concurrency / --max-queue "auto" settled from what the operator's model and the device hold
+    (model_pool.chat_capacity), before the batcher and the queue are built; explicit values stay."""
+    if config.concurrency is not None and config.max_queue is not None:
+        return config
+    return config.sized(chat_capacity(choices.default, config.device, config.dtype))
 
 
 def open_store(config: AppConfig) -> ConversationStore:
@@ -199,7 +208,7 @@ class ChatPage:
         self.state_names = state_names  # every state file the operator offers; each model gets those that fit
         self.pool: ModelPool = service.pool
         self.choices = choices
-        self.config = config
+        self.config = sized_config(config, choices)
         self.default_settings = defaults_for(choices.default, config.preamble)
         try:
             self.default_key = choices.resolve(choices.default.value, config.device, config.dtype)

@@ -54,6 +54,47 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     assert parse_config([], {"GRADIO_SERVER_PORT": "7000", "PORT": "9000"}).port == 7000
 
 
+def test_concurrency_and_queue_default_to_auto_and_an_explicit_value_wins_or_is_refused_clearly():
+    assert (parse_config([], {}).concurrency, parse_config([], {}).max_queue) == (None, None)  # auto
+    assert parse_config(["--concurrency", "auto"], {"RWKV_CONCURRENCY": "7"}).concurrency is None
+    assert parse_config([], {"RWKV_CONCURRENCY": "auto"}).concurrency is None
+    sized = parse_config([], {}).sized(100)
+    assert (sized.concurrency, sized.max_queue) == (100, 200)  # the queue holds two waiting requests per chat
+    assert parse_config([], {}).sized(4).max_queue == 64  # and never fewer than 64
+    assert parse_config([], {}).sized(10_000).concurrency == 256
+    explicit = parse_config(["--concurrency", "12", "--max-queue", "5"], {}).sized(256)
+    assert (explicit.concurrency, explicit.max_queue) == (12, 5)
+    for value in ("0", "257"):
+        with pytest.raises(ValueError, match=f"--concurrency must be between 1 and 256 .*got {value}"):
+            parse_config(["--concurrency", value], {})
+    with pytest.raises(ValueError, match="RWKV_CONCURRENCY takes a whole number or 'auto'"):
+        parse_config([], {"RWKV_CONCURRENCY": "many"})
+    with pytest.raises(SystemExit):
+        parse_config(["--concurrency", "many"], {})
+
+
+def test_auto_concurrency_follows_the_states_the_device_holds_beside_the_model():
+    """On a GPU (device probe and placement faked) the chats' states, STATE_COPIES_PER_CHAT copies of the
+    RwkvState each, fit in the share of free memory left beside the model; a CPU gets a few."""
+    from rwkv_chat.app import model_pool
+    from rwkv_chat.app.model_pool import CAPACITY_SHARE, CPU_CHATS, STATE_COPIES_PER_CHAT, chat_capacity
+    gb = 10**9
+    choice = ModelChoices("RWKV-5 World 7B", ("none",)).default
+    assert chat_capacity(choice, "cpu", "fp32") == CPU_CHATS
+    state = choice.entry.state_bytes()
+    need = choice.memory_bytes(torch.bfloat16)
+
+    def on_gpu(free):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(model_pool, "resolve_device_dtype", lambda d, t: (torch.device("cuda"), torch.bfloat16))
+            return chat_capacity(choice, "cuda", "bf16", memory=lambda device: (free, 143 * gb))
+    counts = [on_gpu(free) for free in (need // 2, need + 2 * gb, 60 * gb, 140 * gb, 10**15)]
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == 256
+    for free, chats in zip((need + 2 * gb, 60 * gb, 140 * gb), counts[1:4]):
+        assert chats * STATE_COPIES_PER_CHAT * state <= (free - need) * CAPACITY_SHARE  # they fit
+        assert chats == 256 or 2 * chats * STATE_COPIES_PER_CHAT * state > (free - need) * CAPACITY_SHARE
+
+
 def test_a_space_listens_on_all_interfaces_and_unknown_flags_are_ignored():
     assert parse_config(["--reload"], {"SPACE_ID": "user/space"}).server_name == "0.0.0.0"
     with pytest.raises(SystemExit):

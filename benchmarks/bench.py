@@ -17,7 +17,9 @@ What it promises:
 - `--batch N`: N concurrent chats through `batching.DecodeBatcher` (a reading thread each), aggregate tok/s
   against one chat alone, all running the engine's per-token judge (stop rules, detokenising, penalties)
   and sampling with the default chat settings; each chat's logits (teacher-forced along its batched
-  tokens) and sampled tokens against its unbatched run.
+  tokens) and sampled tokens against its unbatched run. Beside it, the ceilings without threads or judges:
+  the batched model step alone, the step fed by the batcher's device sampling (`SamplingRows.step`), and
+  that sampling alone (ms per step).
 - int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them).
@@ -402,10 +404,10 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     logits row a token was drawn from: those rows against the same tokens fed alone (teacher-forced), and
     each free-running chat's tokens against its run alone up to the first difference (they drift apart at
     the first draw a logit difference moves)."""
-    from rwkv_chat.serving.batching import DecodeBatcher
+    from rwkv_chat.serving.batching import DecodeBatcher, decode_on_device
     from rwkv_chat.serving.engine import AnswerJudge
     from rwkv_chat.serving.generation import DirectDecoder, Verdict
-    from rwkv_chat.serving.sampling import PenaltyState, Sampler, SamplingParams, sample_batch
+    from rwkv_chat.serving.sampling import PenaltyState, Sampler, SamplingParams, SamplingRows
     from rwkv_chat.state import RwkvState
     from rwkv_chat.tokenizer import WorldTokenizer
     device = model.device
@@ -479,16 +481,32 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
         for t in prompts[0]:
             row.penalties.update(t)
     raw = {}
+    table = SamplingRows(vocab, device)
+    table.add(rows)
+    first_logits = torch.stack([logits for logits, _ in starts])
     for with_sampling in (False, True):
-        sample_batch(model.decode_batch(ids, batch_state)[0], rows)
+        # the model alone (the same tokens every step), then the batcher's pipelined step without threads or
+        # judges: the device draws and counts each step's tokens (SamplingRows.step) and feeds them to the next
+        for _ in range(2):
+            if with_sampling:
+                decode_on_device(model, table.step(first_logits).clamp(min=0), batch_state)
+            else:
+                model.decode_batch(ids, batch_state)
         sync(device)
         start = time.perf_counter()
+        logits, state = first_logits, batch_state
         for _ in range(steps):
-            logits = model.decode_batch(ids, batch_state)[0]
             if with_sampling:
-                sample_batch(logits, rows)
+                logits, state = decode_on_device(model, table.step(logits).clamp(min=0), state)
+            else:
+                model.decode_batch(ids, batch_state)
         sync(device)
         raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):  # the device sampling alone
+        table.step(first_logits)
+    sync(device)
+    sampling_ms = (time.perf_counter() - start) / steps * 1e3
     with DecodeBatcher(model, max_batch=n_chats) as batcher:
         lone_tps, _ = alone_tps(batcher)
         in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
@@ -515,6 +533,7 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     reasons = sorted({j.reason for j in judges})
     return {"chats": n_chats, "steps": steps, "direct_tps": direct_tps, "lone_batcher_tps": lone_tps,
             "single_tps": single_tps, "raw_batch_tps": raw[False], "raw_batch_sampled_tps": raw[True],
+            "sampling_ms": sampling_ms,
             "batcher_tps": batched_tps, "speedup": batched_tps / single_tps, "mean_batch": mean_batch,
             "tokens_per_chat": generated / n_chats, "stop_reasons": reasons, "max_dlogit_vs_alone": dmax,
             "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens}
@@ -822,7 +841,8 @@ def main(argv=None) -> int:
                     cleanup()
                     line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['direct_tps']:,.1f} | "
                             f"{info['lone_batcher_tps']:,.1f} | {info['raw_batch_tps']:,.0f} | "
-                            f"{info['raw_batch_sampled_tps']:,.0f} | {info['batcher_tps']:,.0f} | "
+                            f"{info['raw_batch_sampled_tps']:,.0f} | {info['sampling_ms']:.2f} | "
+                            f"{info['batcher_tps']:,.0f} | "
                             f"{info['speedup']:.1f}× | {info['mean_batch']:.1f} | {info['tokens_per_chat']:.0f} "
                             f"({', '.join(info['stop_reasons'])}) | {info['max_dlogit_vs_alone']:.2e} | "
                             f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
@@ -831,10 +851,11 @@ def main(argv=None) -> int:
         header = ("\n### Concurrent chats (DecodeBatcher: a reading thread per chat, the engine's judge, sampling "
                   "with penalties)\n\n"
                   "| model | dtype | chats | one chat tok/s (DirectDecoder) | one chat tok/s (batcher) | decode_batch "
-                  "tok/s (no threads) | decode_batch + sample_batch tok/s (no threads) | batcher aggregate tok/s | "
+                  "tok/s (no threads) | decode + SamplingRows.step tok/s (no threads) | sampling alone ms/step | "
+                  "batcher aggregate tok/s | "
                   "× one chat (the faster) | mean batch | tokens per chat (stops) | max abs Δlogit vs alone | "
                   "argmax vs alone | tokens as alone until first difference |\n"
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(header + "\n" + "\n".join(t for t in texts if t.startswith("| RWKV")), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -5,9 +5,11 @@
     python -m benchmarks.load_test --soak 10               # conversations of 20 turns, new sessions, for 10 minutes
     python -m benchmarks.load_test --model /path/to/RWKV-x070-World-0.1B.pth --threads 2
     python -m benchmarks.load_test --url http://127.0.0.1:7860/ --pid 12345   # a server that is already running
+    python -m benchmarks.load_test --device cuda --dtype bf16 --version 5.2 --shape 24x2048 --clients 256 \
+        --turns 2 --max-new-tokens 128                    # a GPU server with a real-shaped (1.5B) random model
 
 What it promises:
-- The server is the real one: `python app.py --model M --device cpu` started on 127.0.0.1 with a free port, no
+- The server is the real one: `python app.py --model M --device D` started on 127.0.0.1 with a free port, no
   network (HF_HUB_OFFLINE, an empty HF_HOME, no analytics, saved conversations in the temporary directory) and
   stopped whatever happens (tests/app_harness.py's `running_app`); or the server at --url (RSS only when --pid
   names its process).
@@ -29,7 +31,9 @@ What it promises:
   cache was (by that estimate) full: the growth that no bound of the cache explains.
 - Latency: TTFT as a client sees it (submit -> first streamed non-empty answer, polled every 10 ms, queueing
   included), the whole turn, and the engine's own TTFT from the stats line; p50/p95 (nearest rank). Throughput:
-  new tokens (from the stats lines) over the wall time. Nothing is asserted about speed: the load generator runs
+  new tokens (from the stats lines) over the wall time (aggregate), and per user: each answered turn's new
+  tokens after its first over the time from its first streamed token to its end, p50 and p5 (the slowest
+  users). Nothing is asserted about speed: the load generator runs
   on the same machine as the server, so on a small CPU the figures are indicative only.
 - --soak MINUTES: each client keeps having conversations of --turns turns until the time is up; each new
   conversation is a new Gradio session (`Client.reset_session`, like a new visitor; the old one is abandoned like
@@ -72,13 +76,13 @@ STATS = re.compile(r"prefill (\d+) tok · TTFT ([\d.]+) s · (\d+) tok at")
 
 # ------------------------------------------------------------------------------------- the server
 
-def random_checkpoint(directory: Path, shape: str, seed: int) -> Path:
-    """A random-weight RWKV-7 with the World vocabulary in the original .pth layout."""
+def random_checkpoint(directory: Path, shape: str, seed: int, version: str = "7") -> Path:
+    """A random-weight RWKV model (RWKV-7 unless told) with the World vocabulary in the original .pth layout."""
     import torch
     from benchmarks.bench import random_state_dict
     n_layer, n_embd = (int(x) for x in shape.lower().split("x"))
-    path = directory / f"rwkv7-random-L{n_layer}-D{n_embd}.pth"
-    torch.save(random_state_dict("7", n_layer, n_embd, seed=seed), path)
+    path = directory / f"rwkv{version}-random-L{n_layer}-D{n_embd}.pth"
+    torch.save(random_state_dict(version, n_layer, n_embd, seed=seed), path)
     return path
 
 
@@ -328,6 +332,10 @@ def mb(value: Optional[float]) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f}"
 
 
+def num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def sec(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -343,8 +351,17 @@ def period_figures(run: Run, sampler: RssSampler, t0: float, t1: float) -> dict:
             "server_ttft_p50": percentile([t.server_ttft_s for t in ok], 50),
             "server_ttft_p95": percentile([t.server_ttft_s for t in ok], 95),
             "new_tokens": tokens, "tok_per_s": tokens / (t1 - t0) if t1 > t0 else 0.0,
+            "user_tps_p50": percentile([user_tps(t) for t in ok], 50),
+            "user_tps_p5": percentile([user_tps(t) for t in ok], 5),
             "rss_min": min(rss) if rss else None, "rss_max": max(rss) if rss else None,
             "rss_end": rss[-1] if rss else None}
+
+
+def user_tps(turn: Turn) -> Optional[float]:
+    """The speed one user sees: new tokens after the first over the time from the first streamed one to the end."""
+    if turn.ttft_s is None or turn.new_tokens < 2 or turn.total_s <= turn.ttft_s:
+        return None
+    return (turn.new_tokens - 1) / (turn.total_s - turn.ttft_s)
 
 
 def summary_table(periods: dict[str, dict]) -> str:
@@ -353,6 +370,7 @@ def summary_table(periods: dict[str, dict]) -> str:
             ("whole turn p50 / p95 (s)", lambda f: f"{sec(f['turn_p50'])} / {sec(f['turn_p95'])}"),
             ("engine TTFT p50 / p95 (s)", lambda f: f"{sec(f['server_ttft_p50'])} / {sec(f['server_ttft_p95'])}"),
             ("new tokens, aggregate tok/s", lambda f: f"{f['new_tokens']:,}, {f['tok_per_s']:.1f}"),
+            ("per-user tok/s p50 / p5", lambda f: f"{num(f['user_tps_p50'])} / {num(f['user_tps_p5'])}"),
             ("server RSS min / max / end (MiB)",
              lambda f: f"{mb(f['rss_min'])} / {mb(f['rss_max'])} / {mb(f['rss_end'])}")]
     names = list(periods)
@@ -491,6 +509,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint for the server (default: a random RWKV-7 of --shape)")
     p.add_argument("--shape", default="12x64", help="LAYERS x WIDTH of the default random checkpoint")
+    p.add_argument("--version", default="7", help="RWKV version of the default random checkpoint (4, 5.2, 6, 7)")
+    p.add_argument("--device", default="cpu", help="the server's --device (cpu, cuda)")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--turns", type=int, default=20, help="turns per conversation")
@@ -514,8 +534,8 @@ def main(argv=None) -> int:
     from app_harness import running_app
     with tempfile.TemporaryDirectory(prefix="rwkv-load-") as tmp:
         tmp_dir = Path(tmp)
-        model = args.model or str(random_checkpoint(tmp_dir, args.shape, args.seed))
-        server_args = ["--model", model, "--device", "cpu", "--dtype", args.dtype]
+        model = args.model or str(random_checkpoint(tmp_dir, args.shape, args.seed, args.version))
+        server_args = ["--model", model, "--device", args.device, "--dtype", args.dtype]
         server_args += ["--concurrency", str(args.concurrency)] if args.concurrency else []
         print(f"server: python app.py {' '.join(server_args)} (OMP_NUM_THREADS={args.threads})", flush=True)
         # RWKV_DATA_DIR: a server that saves conversations keeps them in the temporary directory, not the user's

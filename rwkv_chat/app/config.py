@@ -86,8 +86,7 @@ class AppConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
-            raise ValueError(f"--concurrency must be between 1 and {MAX_CONCURRENCY} chats generating at once (the "
-                             f"largest decode batch), or auto (what the device holds); got {self.concurrency}")
+            raise ValueError(_concurrency_bounds(self.concurrency))
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1 waiting request, or auto; got {self.max_queue}")
         if not 0 <= self.load_cooldown <= MAX_LOAD_COOLDOWN_S:  # NaN fails too
@@ -110,6 +109,11 @@ class AppConfig:
         concurrency = self.concurrency or max(1, min(MAX_CONCURRENCY, int(capacity)))
         max_queue = self.max_queue or max(DEFAULT_MAX_QUEUE, QUEUE_PER_CHAT * concurrency)
         return replace(self, concurrency=concurrency, max_queue=max_queue)
+
+
+def _concurrency_bounds(value: int) -> str:
+    return (f"--concurrency must be between 1 and {MAX_CONCURRENCY} chats generating at once (the largest decode "
+            f"batch), or auto (what the device holds); got {value}")
 
 
 def _count_or_auto(name: str):
@@ -209,7 +213,10 @@ def gpu_memory(device: str) -> Optional[int]:
 def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> AppConfig:
     """Flags from `argv` (default: sys.argv[1:]) over variables from `env` (default: os.environ)."""
     env = os.environ if env is None else env
-    args, _unknown = _parser(env).parse_known_args(argv)
+    parser = _parser(env)
+    args, _unknown = parser.parse_known_args(argv)
+    if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        parser.error(_concurrency_bounds(args.concurrency))  # a usage line and the reason, not a traceback
     preamble = args.preamble if args.preamble and args.preamble.strip() else None
     model = args.model or suggested_model(gpu_memory(args.device))
     states = tuple(args.states) if args.states else tuple(

@@ -54,7 +54,7 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     assert parse_config([], {"GRADIO_SERVER_PORT": "7000", "PORT": "9000"}).port == 7000
 
 
-def test_concurrency_and_queue_default_to_auto_and_an_explicit_value_wins_or_is_refused_clearly():
+def test_concurrency_and_queue_default_to_auto_and_an_explicit_value_wins_or_is_refused_clearly(capsys):
     assert (parse_config([], {}).concurrency, parse_config([], {}).max_queue) == (None, None)  # auto
     assert parse_config(["--concurrency", "auto"], {"RWKV_CONCURRENCY": "7"}).concurrency is None
     assert parse_config([], {"RWKV_CONCURRENCY": "auto"}).concurrency is None
@@ -64,9 +64,12 @@ def test_concurrency_and_queue_default_to_auto_and_an_explicit_value_wins_or_is_
     assert parse_config([], {}).sized(10_000).concurrency == 256
     explicit = parse_config(["--concurrency", "12", "--max-queue", "5"], {}).sized(256)
     assert (explicit.concurrency, explicit.max_queue) == (12, 5)
-    for value in ("0", "257"):
-        with pytest.raises(ValueError, match=f"--concurrency must be between 1 and 256 .*got {value}"):
+    for value in ("0", "257"):  # the command line says why and exits, like any bad flag
+        with pytest.raises(SystemExit):
             parse_config(["--concurrency", value], {})
+        assert "--concurrency must be between 1 and 256 chats" in capsys.readouterr().err
+        with pytest.raises(ValueError, match=f"--concurrency must be between 1 and 256 .*got {value}"):
+            AppConfig(concurrency=int(value))
     with pytest.raises(ValueError, match="RWKV_CONCURRENCY takes a whole number or 'auto'"):
         parse_config([], {"RWKV_CONCURRENCY": "many"})
     with pytest.raises(SystemExit):

@@ -17,7 +17,8 @@ Promises:
   by row, which avoids sorting whole vocabularies (milliseconds each there).
 - ``SamplingRows`` keeps a batch's sampling on the device across steps (parameters, dense penalty counts,
   banned ids, uniforms drawn ahead), so a step's draw and its penalty update are a fixed set of kernels
-  with no host sync and no per-row host work; rows change only when chats join or leave. It draws what
+  (one CUDA graph replay on CUDA) with no host sync and no per-row host work; rows change only when chats
+  join or leave. It draws what
   ``sample_token`` draws (tested against it over many steps, rows joining and leaving).
 - Repetition penalties (``PenaltyState``) follow ChatRWKV's chat loop: before sampling,
   ``logit[t] -= presence + count[t] * frequency`` for every token sampled so far; after each sampled
@@ -30,7 +31,9 @@ Promises:
   when none is given): the same seed and the same logits give the same tokens on every device. Each
   non-greedy draw takes exactly one uniform float64 number from it (inverse CDF over the kept tokens, in
   sorted order when top_p or top_k removed any, else in id order). In ``sample_batch`` a row whose logits
-  turn out invalid has still taken its number (the check needs the device's answer).
+  turn out invalid has still taken its number (the check needs the device's answer). ``SamplingRows``
+  takes a row's numbers in blocks ahead of its draws (the i-th draw still uses the i-th number), so a
+  generator may have run up to a block further when its chat ends.
 - The caller's logits tensor is never modified.
 
 Does not know: tokenizers, models, stop rules. Token 0 (end-of-text) is an ordinary token here; a caller

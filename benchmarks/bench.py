@@ -715,7 +715,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64 CPU, 256 GPU)")
     p.add_argument("--parity-steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=None, help="prefill repetitions (default 2 CPU, 5 GPU)")
-    p.add_argument("--refs", default="rwkv,transformers", help="reference implementations to run ('' for none)")
+    p.add_argument("--refs", default="rwkv,transformers",
+                   help="reference implementations to run ('' for none; rwkv.cpp: see benchmarks/rwkv_cpp.py)")
     p.add_argument("--plain", action="store_true", help="also time our plain (reference) path")
     p.add_argument("--batch", type=int, default=0, help="concurrent chats for the batching section (0 = skip)")
     p.add_argument("--batch-sizes", default=None, help="sizes for the batching section (default: --sizes)")
@@ -766,6 +767,9 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         factories.append(lambda: RwkvPipImpl(sd, device, strategy))
     if "transformers" in refs and version == "4":
         factories.append(lambda: TransformersImpl(sd, device, torch.float16 if on_cuda else torch.float32))
+    if "rwkv.cpp" in refs:  # opt-in: a built rwkv.cpp checkout (benchmarks/rwkv_cpp.py), else a line saying how
+        from benchmarks import rwkv_cpp
+        factories += rwkv_cpp.factories(sd, torch.get_num_threads())
     for factory in factories:
         row = run_impl(factory, device, prompt, steps, timing_tokens, reps)
         row.max_dlogit, row.argmax_agree = compare(row.logits, ref_logits + [None] * 0)
@@ -783,6 +787,8 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
             b = torch.stack(by_dtype["bf16"].logits[:len(a)])
             r.note += (f"vs bf16: argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100:.1f}%, "
                        f"mean |Δ| {(a - b).abs().mean().item():.4f}")
+    if "rwkv.cpp" in refs:  # ours against the fastest rwkv.cpp format, per phase, in the ours rows' notes
+        rwkv_cpp.annotate(rows)
     del sd, factories
     cleanup()
     if on_cuda:

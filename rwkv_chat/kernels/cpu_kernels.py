@@ -7,8 +7,10 @@ What this module promises:
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
 - `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
-  is one RWKV layer's decode step, and its `wkv4_scan` / `wkv5_scan` the wkv of a prefill segment (runtime/fast_path.py
-  calls them). The tests hold them to PyTorch and to the float64 recurrence.
+  (RWKV-4/5) and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` / `wkv5_scan` (RWKV-5/6) /
+  `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py and the RWKV-6/7 modules
+  call them; `scans_for` hands them to the plain path once built). The tests hold them to PyTorch and to the
+  float64 recurrence.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
@@ -70,6 +72,13 @@ def kernels():
 def tried() -> bool:
     """Whether this process has already built (or failed to build) the kernels: the next `kernels()` is quick."""
     return "module" in _built
+
+
+def scans_for(tensor: torch.Tensor):
+    """The extension, for a CPU tensor once this process has built it (every fast or low-precision CPU load
+    does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan),
+    without ever starting a build itself."""
+    return _built.get("module") if tensor.device.type == "cpu" else None
 
 
 def handles_dtype(dtype: torch.dtype) -> bool:

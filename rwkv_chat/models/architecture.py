@@ -11,7 +11,8 @@ ask it:
 - for the fast paths: how its time mix is packed (`pack_time_mix`) and its per-backend cores (`decode_wkv`,
   `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`); or, for an architecture the fast
   runner does not pack, the core of the fused decode step (`pack_fused_time_mix`, `fused_time_mix`,
-  `fused_channel_mix`: runtime/fused_decode.py).
+  `fused_channel_mix`: runtime/fused_decode.py) and its whole-layer C++ decode step on CPUs
+  (`cpu_layer_tensors`, `cpu_decode_layer`: runtime/cpu_decode.py).
 
 It holds no weights and no state: the methods take the tensors they work on, and `config` is always a
 `RwkvConfig` (config.py; not imported here, which would close a loop through the registry).
@@ -162,6 +163,17 @@ class Architecture:
     def fused_channel_mix(self, ffn: nn.Module) -> tuple[torch.Tensor, list[nn.Module]]:
         """The channel mix for the fused decode step: its token-shift mixes [Q, C] fp32 (as `xx * m + prev * (1 -
         m)`) and the projections they feed: the key, then the receptance that gates the value, if any."""
+        raise NotImplementedError
+
+    def cpu_layer_tensors(self, block: nn.Module) -> list[torch.Tensor] | None:
+        """For an architecture the fast runner does not pack: one block's tensors in the order its C++ decode step
+        reads them (views of the model's own, nothing copied), or None where it has no such step."""
+        return None
+
+    def cpu_decode_layer(self, kernels, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor,
+                         shift_out: torch.Tensor, wkv_out: torch.Tensor, tensors: list[torch.Tensor], carry):
+        """One token of B sequences through one block in the C++ kernels: x [B, C] fp32, this layer's state (its
+        new state written to the `_out` views) -> (new x, carry for the next layer)."""
         raise NotImplementedError
 
     def cpu_decay(self, layer) -> torch.Tensor:

@@ -14,12 +14,15 @@
   times g. `wkv7_step` runs one token; `wkv7_chunks` T tokens at once through the WY form of that
   diagonal-plus-rank-one recurrence: every chunk becomes an affine map of its start state, all chunks in one
   batched pass (one triangular inverse), and only one small matrix product per chunk runs in sequence; every
-  exponent stays within a chunk.
+  exponent stays within a chunk. `wkv7_sequence` picks the C++ kernels' token-by-token scan instead on CPUs
+  where they are built.
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py) and one
-  kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py).
+  kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py). On CPUs with the C++
+  kernels, each layer's decode step is one call (`cpu_decode_layer`: cpu_kernels' decode_layer_v7, fed by
+  `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import lora_triton, rwkv7_triton, triton_kernels
+from ..kernels import cpu_kernels, lora_triton, rwkv7_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
 from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
 
@@ -103,6 +106,22 @@ def wkv7_chunks(log_w, r, k, v, kk, a, s, chunk: int):
     return y[:, :length], s.view(batch, heads, size, size)
 
 
+def wkv7_sequence(log_w, r, k, v, kk, a, s):
+    """T tokens [B, T, H, N] -> (y [B, T, H, N], s): on a CPU whose C++ kernels are built, their token-by-token
+    scan for each sequence (the step's own arithmetic; cheaper there than the chunked form's products and
+    copies); else `wkv7_chunks`."""
+    scans = cpu_kernels.scans_for(r)
+    if scans is None:
+        return wkv7_chunks(log_w, r, k, v, kk, a, s, WKV7_GPU_CHUNK if r.is_cuda else WKV7_CHUNK)
+    batch, length, heads, size = r.shape
+    rows = lambda t, b: t[b].reshape(length, heads * size).float().contiguous()  # noqa: E731
+    decay = torch.exp(log_w)
+    pairs = [scans.wkv7_scan(rows(decay, b), rows(r, b), rows(k, b), rows(v, b), rows(kk, b), rows(a, b),
+                             s[b].contiguous()) for b in range(batch)]
+    return (torch.stack([y for y, _ in pairs]).view(batch, length, heads, size),
+            torch.stack([state for _, state in pairs]))
+
+
 class TimeMixV7(nn.Module):
     """RWKV-7 time mix (see the module docstring). `carry` is v_first: None into layer 0, its value after."""
 
@@ -158,8 +177,7 @@ class TimeMixV7(nn.Module):
         if length == 1:
             y, wkv = wkv7_step(log_w[:, 0], r[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0], wkv)
         else:
-            chunk = WKV7_GPU_CHUNK if xx.is_cuda else WKV7_CHUNK
-            y, wkv = wkv7_chunks(log_w, r, k, v, kk, a, wkv, chunk)
+            y, wkv = wkv7_sequence(log_w, r, k, v, kk, a, wkv)
         y = group_norm(y.reshape(batch * length, -1), self.n_head, self.ln_x.weight, self.ln_x.bias).view(heads)
         y = torch.addcmul(y, (r * k * self.r_k).sum(-1, keepdim=True), v)  # + (r . k r_k) v per head
         return self.output(y.view(batch, length, -1) * g), wkv, v_first
@@ -234,6 +252,22 @@ def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_fir
     return y, v_first
 
 
+def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
+    """One block's tensors in the order cpu_kernels' decode_layer_v7 reads them (views: nothing is copied)."""
+    att, ffn = block.att, block.ffn
+    empty = torch.empty(0)
+    flat = lambda t: t.detach().reshape(-1)  # noqa: E731
+    weight = lambda p: [p.weight.detach(), getattr(p, "weight_scale", empty)]  # noqa: E731  (scale: int8 only)
+    residual = [empty] * 3 if att.first_layer else [flat(att.v0), att.v1.detach(), att.v2.detach()]
+    return ([flat(block.ln1.weight), flat(block.ln1.bias), flat(block.ln2.weight), flat(block.ln2.bias)]
+            + [flat(getattr(att, f"x_{name}")) for name in ("r", "w", "k", "v", "a", "g")]
+            + weight(att.receptance) + weight(att.key) + weight(att.value) + weight(att.output)
+            + [flat(att.w0), att.w1.detach(), att.w2.detach(), flat(att.a0), att.a1.detach(), att.a2.detach()]
+            + residual + [att.g1.detach(), att.g2.detach(), flat(att.k_k), flat(att.k_a), flat(att.r_k),
+                          flat(att.ln_x.weight), flat(att.ln_x.bias), flat(ffn.x_k)]
+            + weight(ffn.key) + weight(ffn.value))
+
+
 class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
@@ -290,6 +324,15 @@ class Rwkv7(HeadMatrixArchitecture):
 
     def fused_channel_mix(self, ffn):
         return torch.stack([1 - ffn.x_k.detach().float().reshape(-1)]), [ffn.key]
+
+    def cpu_layer_tensors(self, block):
+        return cpu_layer_tensors(block)
+
+    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
+        first = carry is None
+        if first:  # layer 0 writes its value here; the later layers of this token read it
+            carry = torch.empty(x.shape[0], wkv.shape[-3] * wkv.shape[-1], dtype=torch.float32)
+        return kernels.decode_layer_v7(x, shift, wkv, shift_out, wkv_out, carry, tensors, first), carry
 
     def time_mix_params(self, n_embd, dim_att):
         return 4 * n_embd * dim_att + 2 * n_embd * sum(self.default_lora(n_embd))

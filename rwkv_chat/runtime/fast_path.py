@@ -18,7 +18,8 @@ What this module promises:
 
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
-prefill and a graphed decode step (plain_graphs.py). It knows nothing of text, files or sessions.
+prefill and a graphed decode step (plain_graphs.py) on GPUs, and on CPUs a C++ decode step a layer where their
+architecture has one (cpu_decode.py: RWKV-7). It knows nothing of text, files or sessions.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from ..kernels import cpu_kernels, quant, triton_kernels
 from ..models.layers import LAYER_NORM_EPS
 from ..state import RwkvState
+from .cpu_decode import CpuStepRunner
 from .cuda_graphs import GraphedDecoder
 from .packing import PackedLinear, pack_projections, project
 from .plain_graphs import GraphedPlainRunner
@@ -304,11 +306,14 @@ def attach_fast_path(model: nn.Module, **options) -> nn.Module:
     fp16 rescale, int8 quantisation); `options` go to FastRunner (use_triton, use_graphs). Returns the model.
     An architecture the runner does not pack (`Architecture.fast_runner` False) keeps the plain prefill, with its
     decode step (the fused one where it runs, unless use_triton=False) in CUDA graphs on a GPU
-    (runtime.plain_graphs) unless use_graphs=False."""
+    (runtime.plain_graphs) unless use_graphs=False, and on a CPU its C++ decode step where it has one
+    (runtime.cpu_decode)."""
     if model.config.architecture.fast_runner:
         model.runner = FastRunner(model, **options)
     elif model.device.type == "cuda" and options.get("use_graphs", True):
         model.runner = GraphedPlainRunner(model, use_triton=options.get("use_triton"))
+    elif CpuStepRunner.runs(model):
+        model.runner = CpuStepRunner(model)
     return model
 
 

@@ -14,6 +14,8 @@ from rwkv_chat.kernels import cpu_kernels
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
+from rwkv_chat.models.rwkv6 import wkv6_step
+from rwkv_chat.models.rwkv7 import wkv7_step
 from rwkv_chat.state import RwkvState
 from reference import logits_after, random_tokens
 
@@ -134,6 +136,64 @@ def test_wkv5_scan_equals_the_recurrence_in_float64():
 
 
 @needs_kernels
+def test_wkv5_scan_with_a_decay_per_token_equals_the_rwkv6_recurrence_in_float64():
+    gen = torch.Generator().manual_seed(6)
+    length, heads, size = 19, 2, 32
+    log_w = -torch.exp(torch.rand(length, heads, size, generator=gen) * 6 - 5)
+    u = torch.randn(heads, size, generator=gen)
+    r, k, v = (torch.randn(length, heads * size, generator=gen) for _ in range(3))
+    state = torch.randn(heads, size, size, generator=gen)
+    out, new_state = cpu_kernels.kernels().wkv5_scan(torch.exp(log_w).view(length, -1), u, r, k, v, state)
+    s, rows = state.double()[None], []
+    per_head = lambda t: t.double().view(1, heads, size)  # noqa: E731
+    for t in range(length):
+        y, s = wkv6_step(log_w[t].double()[None], u.double(), per_head(r[t]), per_head(k[t]), per_head(v[t]), s)
+        rows.append(y.reshape(-1))
+    assert torch.allclose(out.double(), torch.stack(rows), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(new_state.double(), s[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [64, 24])
+def test_wkv7_scan_equals_the_recurrence_in_float64(size):
+    gen = torch.Generator().manual_seed(size)
+    length, heads = 29, 3
+    shape = (length, heads, size)
+    log_w = -0.6 * torch.rand(shape, generator=gen)
+    r, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
+    a = torch.rand(shape, generator=gen)
+    state = torch.randn(heads, size, size, generator=gen)
+    before = state.clone()
+    flat = lambda t: t.reshape(length, heads * size).contiguous()  # noqa: E731
+    out, new_state = cpu_kernels.kernels().wkv7_scan(flat(torch.exp(log_w)), flat(r), flat(k), flat(v), flat(kk),
+                                                     flat(a), state)
+    assert torch.equal(state, before)
+    s, rows = state.double()[None], []
+    for t in range(length):
+        y, s = wkv7_step(*(x[t].double()[None] for x in (log_w, r, k, v, kk, a)), s)
+        rows.append(y.reshape(-1))
+    assert torch.allclose(out.double(), torch.stack(rows), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(new_state.double(), s[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_plain_prefill_with_the_scans_equals_the_chunked_form(version, make_checkpoint, monkeypatch):
+    """RWKV-6/7 read a prompt with the C++ scan on a CPU where the kernels are built, else with the chunked form
+    (GPUs without Triton, CPUs without a compiler): the same logits and state, two sequences at once."""
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=2).path, device="cpu", fast=False)
+    cpu_kernels.kernels()
+    ids = torch.tensor([random_tokens(70, seed=1), random_tokens(70, seed=2)])
+    start = model.zero_state(2)
+    scanned, scanned_state = model._read(ids, start)
+    monkeypatch.setattr(cpu_kernels, "scans_for", lambda tensor: None)
+    chunked, chunked_state = model._read(ids, start)
+    assert torch.allclose(scanned, chunked, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(scanned_state.wkv, chunked_state.wkv, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_the_scans_refuse_operands_of_the_wrong_shape_or_kind():
     kernels = cpu_kernels.kernels()
     c = 8
@@ -145,6 +205,12 @@ def test_the_scans_refuse_operands_of_the_wrong_shape_or_kind():
     with pytest.raises(RuntimeError, match=r"\[T, H\*S\]"):
         kernels.wkv5_scan(torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(3, 4), torch.zeros(3, 5),
                           torch.zeros(3, 4), torch.zeros(1, 4, 4))
+    with pytest.raises(RuntimeError, match=r"w \[H, S\] or \[T, H\*S\]"):
+        kernels.wkv5_scan(torch.zeros(2, 4), torch.zeros(1, 4), torch.zeros(3, 4), torch.zeros(3, 4),
+                          torch.zeros(3, 4), torch.zeros(1, 4, 4))
+    with pytest.raises(RuntimeError, match=r"must all be \[T, H\*N\]"):
+        kernels.wkv7_scan(*(torch.zeros(3, 4) for _ in range(4)), torch.zeros(2, 4), torch.zeros(3, 4),
+                          torch.zeros(1, 4, 4))
 
 
 @pytest.fixture

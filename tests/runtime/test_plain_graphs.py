@@ -41,8 +41,3 @@ def test_graphed_decode_equals_the_plain_path(make_checkpoint, version, dtype, t
             if dtype == "fp32":
                 assert torch.allclose(na.wkv, nb.wkv, rtol=1e-3, atol=1e-3)
     assert_states_passed_in_stay_unchanged(graphed)
-
-
-def test_cpu_models_of_these_architectures_keep_the_plain_path(make_checkpoint):
-    for version in ("6", "7"):
-        assert load_model(make_checkpoint(version).path, device="cpu", dtype="bf16").runner is None

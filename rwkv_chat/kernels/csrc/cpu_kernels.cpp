@@ -8,8 +8,10 @@
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
-// - wkv4_scan / wkv5_scan: the wkv of a whole prefill segment of one sequence, token by token with the decode
-//   step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
+// - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
+//   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
+// - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
+//   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -244,6 +246,63 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
 }
 
 
+// out[M, N] = x[M, K] · W[K, N] for a small fp32 matrix stored input-major (a LoRA's factors, x @ W): each
+// input row adds x[m, k] · W[k, :] to the output row, a loop the compiler vectorises over N. One thread: these
+// are a few hundred KiB a layer, and splitting them measured no faster on 2 cores (a barrier per call costs
+// as much, and far more when the cores are shared).
+void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * N;
+    std::fill(o, o + N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = x[m * K + k];
+      const float* wk = w + k * N;
+      for (int64_t n = 0; n < N; ++n) o[n] += xk * wk[n];
+    }
+  }
+}
+
+inline const float* constant(const torch::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n,
+              "cpu_kernels.decode_layer_v7: ", name, " must be a contiguous fp32 tensor of ", n, " values");
+  return t.data_ptr<float>();
+}
+
+// The LoRA activation(x @ W1) @ W2 for B rows: x [B, C] (row stride C), W1 [C, R], W2 [R, A] -> out [B, A].
+// activation: 0 none, 1 tanh, 2 sigmoid.
+void low_rank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, const torch::Tensor& w2,
+              int activation, float* out) {
+  const int64_t R = w1.size(1), A = w2.size(1);
+  TORCH_CHECK(w1.size(0) == C && w2.size(0) == R, "cpu_kernels.decode_layer_v7: LoRA shapes [C, R] and [R, A]");
+  std::vector<float> hidden(B * R);
+  product_kn(x, B, constant(w1, C * R, "a LoRA's first factor"), C, R, hidden.data());
+  if (activation == 1)
+    for (float& v : hidden) v = std::tanh(v);
+  else if (activation == 2)
+    for (float& v : hidden) v = sigmoid(v);
+  product_kn(hidden.data(), B, constant(w2, R * A, "a LoRA's second factor"), R, A, out);
+}
+
+// One token of one RWKV-7 head of size N: s [N(value), N(key)] becomes s diag(w) + (s (-kk)) (kk a)ᵀ + v kᵀ and
+// y = s r. s_out may be s (each row is read, then written).
+inline void wkv7_head_token(const float* r, const float* w, const float* k, const float* v, const float* kk,
+                            const float* a, const float* s, float* s_out, float* y, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float* si = s + i * N;
+    float* so = s_out + i * N;
+    float sa = 0.0f;
+    for (int64_t j = 0; j < N; ++j) sa += si[j] * kk[j];
+    const float vi = v[i];
+    float yi = 0.0f;
+    for (int64_t j = 0; j < N; ++j) {
+      const float value = si[j] * w[j] - sa * (kk[j] * a[j]) + vi * k[j];
+      so[j] = value;
+      yi += value * r[j];
+    }
+    y[i] = yi;
+  }
+}
+
 }  // namespace
 
 // One decode step of one layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one call).
@@ -332,8 +391,9 @@ std::vector<torch::Tensor> wkv4_scan(torch::Tensor decay, torch::Tensor first, t
   return {y, new_state};
 }
 
-// Prefill of one sequence through RWKV-5's wkv, token by token: w (decay factor), u [H, S]; r, k, v [T, H·S];
-// state [H, S, S]. Returns (out [T, H·S] before the group norm, new state). Heads are split over threads.
+// Prefill of one sequence through RWKV-5's wkv, token by token: w (decay factor) [H, S], or one per token
+// [T, H·S] (RWKV-6); u [H, S]; r, k, v [T, H·S]; state [H, S, S]. Returns (out [T, H·S] before the group norm,
+// new state). Heads are split over threads.
 std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Tensor r, torch::Tensor k,
                                      torch::Tensor v, torch::Tensor state) {
   for (auto [t, name] : {std::pair{&w, "w"}, {&u, "u"}, {&r, "r"}, {&k, "k"}, {&v, "v"}, {&state, "state"}})
@@ -342,8 +402,10 @@ std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Te
   const int64_t H = state.size(0), S = state.size(1), A = H * S;
   TORCH_CHECK(r.dim() == 2 && r.size(1) == A && k.sizes() == r.sizes() && v.sizes() == r.sizes(),
               "wkv5_scan: r, k and v must be [T, H*S]");
-  TORCH_CHECK(w.numel() == A && u.numel() == A, "wkv5_scan: w and u must be [H, S]");
   const int64_t T = r.size(0);
+  TORCH_CHECK((w.numel() == A || w.numel() == T * A) && u.numel() == A,
+              "wkv5_scan: u must be [H, S], w [H, S] or [T, H*S]");
+  const int64_t w_step = w.numel() == A ? 0 : A;  // RWKV-6: a decay per token
   torch::Tensor y = torch::empty_like(r), new_state = state.clone();
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -353,7 +415,158 @@ std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Te
       float* sh = s + h * S * S;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t at = t * A + h * S;
-        wkv5_head_token(rp + at, kp + at, vp + at, up + h * S, wp + h * S, sh, sh, yp + at, S);
+        wkv5_head_token(rp + at, kp + at, vp + at, up + h * S, wp + t * w_step + h * S, sh, sh, yp + at, S);
+      }
+    }
+  });
+  return {y, new_state};
+}
+
+// One decode step of one RWKV-7 layer for B sequences (models/rwkv7.py's TimeMixV7 and ChannelMixV7 for one
+// token, in one call). x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out [B, H, N, N] (value by key);
+// v_first [B, A]: layer 0 writes its value there, later layers read it. tensors, in the order
+// models/rwkv7.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, the mixes x_r x_w x_k x_v x_a x_g [C],
+// receptance, key, value, output (each weight then its scale, empty unless int8), w0 w1 w2, a0 a1 a2,
+// v0 v1 v2 (empty in layer 0), g1 g2, k_k, k_a, r_k, ln_x w/b, ffn x_k, ffn key, ffn value (weight, scale).
+// Everything but the eight weights is fp32. Returns the new x [B, C].
+torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
+                              torch::Tensor wkv_out, torch::Tensor v_first, std::vector<torch::Tensor> t,
+                              bool first_layer) {
+  TORCH_CHECK(t.size() == 39, "cpu_kernels.decode_layer_v7: 39 layer tensors expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
+  const int64_t B = x.size(0), C = x.size(1);
+  for (int i : {10, 12, 14, 16, 35, 37}) check_weight(t[i], t[i + 1]);
+  const torch::Tensor &Wr = t[10], &Wr_s = t[11], &Wk = t[12], &Wk_s = t[13], &Wv = t[14], &Wv_s = t[15];
+  const torch::Tensor &Wo = t[16], &Wo_s = t[17], &Fk = t[35], &Fk_s = t[36], &Fv = t[37], &Fv_s = t[38];
+  const int64_t A = Wr.size(0), F = Fk.size(0);
+  TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
+  const int64_t H = wkv.size(1), N = wkv.size(2);
+  TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F, "cpu_kernels.decode_layer_v7: shapes disagree");
+  for (const torch::Tensor* s : {&shift, &wkv, &shift_out, &wkv_out}) {
+    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->size(0) == B, "state: fp32 with the batch first");
+    TORCH_CHECK(s->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
+  }
+  TORCH_CHECK(v_first.scalar_type() == torch::kFloat32 && v_first.is_contiguous() && v_first.numel() == B * A,
+              "v_first: contiguous fp32 [B, A]");
+  const float *ln1_w = constant(t[0], C, "ln1 weight"), *ln1_b = constant(t[1], C, "ln1 bias");
+  const float *ln2_w = constant(t[2], C, "ln2 weight"), *ln2_b = constant(t[3], C, "ln2 bias");
+  const float* mix[6];
+  for (int i = 0; i < 6; ++i) mix[i] = constant(t[4 + i], C, "a token-shift mix");
+  const float *w0 = constant(t[18], A, "w0"), *a0 = constant(t[21], A, "a0");
+  const float* v0 = first_layer ? nullptr : constant(t[24], A, "v0");
+  const float *k_k = constant(t[29], A, "k_k"), *k_a = constant(t[30], A, "k_a"), *r_k = constant(t[31], A, "r_k");
+  const float *lnx_w = constant(t[32], A, "ln_x weight"), *lnx_b = constant(t[33], A, "ln_x bias");
+  const float* ffn_mix = constant(t[34], C, "ffn x_k");
+  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
+  const float* sh = shift.data_ptr<float>();
+  const float* wk = wkv.data_ptr<float>();
+  float* sh_out = shift_out.data_ptr<float>();
+  float* wk_out = wkv_out.data_ptr<float>();
+  float* vf = v_first.data_ptr<float>();
+  torch::Tensor result = x.clone();
+  float* h = result.data_ptr<float>();
+
+  // time mix: layer norm, the six token-shift mixes xx + (prev - xx) * x_*, in the order r w k v a g
+  std::vector<float> xx(B * C), mixed(6 * B * C);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = xx.data() + b * C;
+    normalize(h + b * C, C, ln1_w, ln1_b, 1e-5f, row);
+    std::copy(row, row + C, sh_out + b * sso);
+    const float* prev = sh + b * ss;
+    for (int p = 0; p < 6; ++p)
+      for (int64_t c = 0; c < C; ++c) mixed[(p * B + b) * C + c] = row[c] + (prev[c] - row[c]) * mix[p][c];
+  }
+  const float *xr = mixed.data(), *xw = xr + B * C, *xk = xw + B * C, *xv = xk + B * C, *xa = xv + B * C,
+              *xg = xa + B * C;
+  std::vector<float> r(B * A), k(B * A), v(B * A), w(B * A), a(B * A), g(B * A), vmix(B * A), y(B * A);
+  product(xr, B, Wr, Wr_s, 0, A, r.data());
+  product(xk, B, Wk, Wk_s, 0, A, k.data());
+  product(xv, B, Wv, Wv_s, 0, A, v.data());
+  low_rank(xw, B, C, t[19], t[20], 1, w.data());
+  low_rank(xa, B, C, t[22], t[23], 0, a.data());
+  low_rank(xg, B, C, t[27], t[28], 2, g.data());
+  if (!first_layer) low_rank(xv, B, C, t[25], t[26], 0, vmix.data());
+  const float decay_scale = std::exp(-0.5f);
+  std::vector<float> kk(A);
+  for (int64_t b = 0; b < B; ++b) {
+    float *rb = r.data() + b * A, *kb = k.data() + b * A, *vb = v.data() + b * A, *wb = w.data() + b * A;
+    float *ab = a.data() + b * A, *yb = y.data() + b * A;
+    for (int64_t i = 0; i < A; ++i) {
+      wb[i] = std::exp(-decay_scale * sigmoid(wb[i] + w0[i]));  // the decay factor e^log_w
+      ab[i] = sigmoid(ab[i] + a0[i]);
+      kk[i] = kb[i] * k_k[i];
+    }
+    for (int64_t hd = 0; hd < H; ++hd) {  // kk = k * k_k normalised per head (F.normalize: eps 1e-12)
+      float norm = 0.0f;
+      for (int64_t j = 0; j < N; ++j) norm += kk[hd * N + j] * kk[hd * N + j];
+      const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
+      for (int64_t j = 0; j < N; ++j) kk[hd * N + j] *= inv;
+    }
+    for (int64_t i = 0; i < A; ++i) kb[i] *= 1.0f + (ab[i] - 1.0f) * k_a[i];
+    float* first_v = vf + b * A;
+    if (first_layer) {
+      std::copy(vb, vb + A, first_v);
+    } else {
+      const float* vm = vmix.data() + b * A;
+      for (int64_t i = 0; i < A; ++i) vb[i] += (first_v[i] - vb[i]) * sigmoid(vm[i] + v0[i]);
+    }
+    const float* state = wk + b * ws;
+    float* state_out = wk_out + b * wso;
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const int64_t o = hd * N;
+      wkv7_head_token(rb + o, wb + o, kb + o, vb + o, kk.data() + o, ab + o, state + o * N, state_out + o * N,
+                      yb + o, N);
+      normalize(yb + o, N, lnx_w + o, lnx_b + o, 64e-5f, yb + o);
+      float bonus = 0.0f;
+      for (int64_t j = 0; j < N; ++j) bonus += rb[o + j] * kb[o + j] * r_k[o + j];
+      for (int64_t j = 0; j < N; ++j) yb[o + j] += bonus * vb[o + j];
+    }
+    const float* gb = g.data() + b * A;
+    for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i];
+  }
+  std::vector<float> tmp(B * C);
+  product(y.data(), B, Wo, Wo_s, 0, C, tmp.data());
+  for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+  // channel mix: relu(key(xx + (prev - xx) * x_k))^2 @ value
+  std::vector<float> key(B * F);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = xx.data() + b * C;
+    normalize(h + b * C, C, ln2_w, ln2_b, 1e-5f, row);
+    std::copy(row, row + C, sh_out + b * sso + C);
+    const float* prev = sh + b * ss + C;
+    for (int64_t c = 0; c < C; ++c) mixed[b * C + c] = row[c] + (prev[c] - row[c]) * ffn_mix[c];
+  }
+  product(mixed.data(), B, Fk, Fk_s, 0, F, key.data());
+  for (float& value : key) value = value > 0 ? value * value : 0.0f;
+  product(key.data(), B, Fv, Fv_s, 0, C, tmp.data());
+  for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+  return result;
+}
+
+// Prefill of one sequence through RWKV-7's wkv, token by token (the decode step's recurrence): w (decay factor),
+// r, k (scaled by k_a), v, kk (normalised), a: [T, H·N]; state [H, N, N] (value by key). Returns (y [T, H·N]
+// before the group norm, new state). Heads are split over threads.
+std::vector<torch::Tensor> wkv7_scan(torch::Tensor w, torch::Tensor r, torch::Tensor k, torch::Tensor v,
+                                     torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+  for (auto [t, name] : {std::pair{&w, "w"}, {&r, "r"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"},
+                         {&state, "state"}})
+    check_scan_operand(*t, name);
+  TORCH_CHECK(state.dim() == 3 && state.size(1) == state.size(2), "wkv7_scan: state must be [H, N, N]");
+  const int64_t H = state.size(0), N = state.size(1), A = H * N;
+  TORCH_CHECK(r.dim() == 2 && r.size(1) == A, "wkv7_scan: r must be [T, H*N]");
+  for (const torch::Tensor* t : {&w, &k, &v, &kk, &a})
+    TORCH_CHECK(t->sizes() == r.sizes(), "wkv7_scan: w, r, k, v, kk and a must all be [T, H*N]");
+  const int64_t T = r.size(0);
+  torch::Tensor y = torch::empty_like(r), new_state = state.clone();
+  const float *wp = w.data_ptr<float>(), *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float *vp = v.data_ptr<float>(), *kkp = kk.data_ptr<float>(), *ap = a.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *s = new_state.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      float* sh = s + h * N * N;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = t * A + h * N;
+        wkv7_head_token(rp + at, wp + at, kp + at, vp + at, kkp + at, ap + at, sh, sh, yp + at, N);
       }
     }
   });
@@ -371,7 +584,9 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
+  m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
+  m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");
   m.def("rows_product", &rows_product, "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, or int8 with row scales)");
 }

@@ -1,0 +1,57 @@
+"""Decode steps on CPUs for the architectures the fast runner does not pack (RWKV-7): one C++ call a layer.
+
+What this module promises:
+- `CpuStepRunner.runs(model)` says whether a model can take it: a CPU model whose architecture has a whole-layer
+  C++ step (`Architecture.cpu_layer_tensors`) with weights the C++ kernels read (kernels/cpu_kernels.py built).
+- `CpuStepRunner(model)` is a runner (model.runner): `prefill` is the model's plain path (its parallel chunked
+  form), `decode(ids [B], state)` runs each layer of one token for B sequences in one call of the architecture's
+  C++ step (its LoRAs, recurrence and norms in fp32, its products streaming the weights as stored), the same
+  function as the plain decode step up to fp32 rounding (tested against it). States passed in are never changed.
+  The layers' tensors are views of the model's own parameters: nothing is copied.
+
+It knows the runner interface and the architecture's CPU hooks, not any version's arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import cpu_kernels
+from ..models.layers import layer_norm
+from ..state import RwkvState
+
+
+class CpuStepRunner:
+    """The plain prefill and a C++ decode step a layer (see the module docstring)."""
+
+    @staticmethod
+    def runs(model: nn.Module) -> bool:
+        return (model.device.type == "cpu" and cpu_kernels.handles_dtype(model.dtype)
+                and model.config.architecture.cpu_layer_tensors(model.blocks[0]) is not None)
+
+    def __init__(self, model: nn.Module):
+        if not self.runs(model):
+            raise ValueError("CpuStepRunner needs a CPU model whose architecture has a C++ decode step, with the "
+                             "C++ kernels built")
+        self.model = model
+        self.architecture = model.config.architecture
+        self.kernels = cpu_kernels.kernels()
+        self.layers = [self.architecture.cpu_layer_tensors(block) for block in model.blocks]
+
+    def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
+        return self.model.read_plain(ids, state, all_logits)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, state: RwkvState):
+        """ids [B] -> (logits fp32 [B, V], new state)."""
+        model = self.model
+        x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
+        shift, wkv = torch.empty_like(state.shift), torch.empty_like(state.wkv)
+        carry = None
+        for i, tensors in enumerate(self.layers):
+            x, carry = self.architecture.cpu_decode_layer(self.kernels, x, state.shift[:, i], state.wkv[:, i],
+                                                          shift[:, i], wkv[:, i], tensors, carry)
+            if model.rescale_every and (i + 1) % model.rescale_every == 0:
+                x = x / 2
+        return model._logits(x), RwkvState(shift, wkv)

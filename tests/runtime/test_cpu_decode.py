@@ -1,0 +1,63 @@
+"""RWKV-7 on a CPU: the decode step in one C++ call a layer (runtime/cpu_decode.py, cpu_kernels' decode_layer_v7)
+equals the plain PyTorch step (models/rwkv7.py), whatever the weights' dtype, head size, batch and layer count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat import load_model
+from rwkv_chat.kernels import cpu_kernels
+from rwkv_chat.runtime.cpu_decode import CpuStepRunner
+from rwkv_chat.runtime.fast_path import attach_fast_path
+from rwkv_chat.state import RwkvState
+from reference import assert_states_passed_in_stay_unchanged, random_tokens
+
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ kernels did not build here")
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=3, n_embd=128), dict(n_layer=2, n_embd=192, head_size=32),
+                                   dict(n_layer=7, n_embd=64, head_size=16)], ids=["h64", "h32", "h16-7layers"])
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3)])
+def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, shape, dtype, tolerance):
+    """The same weights (as stored) through both steps: only the order of fp32 sums differs. fp16 halves the
+    residual stream after the 6th layer (7 layers)."""
+    path = make_checkpoint("7", seed=4, **shape).path
+    plain = load_model(path, device="cpu", dtype=dtype, fast=False)
+    fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
+    assert plain.runner is None and isinstance(fast.runner, CpuStepRunner)
+    for batch in (1, 3):
+        states = [plain.forward(random_tokens(4 + 3 * i, seed=i))[1] for i in range(batch)]
+        state = RwkvState.stack(states)
+        ids = torch.randint(1, 65530, (batch,), generator=torch.Generator().manual_seed(batch))
+        for _ in range(3):  # a few tokens: the carried state must stay equal too
+            la, sa = plain.decode_batch(ids, state)
+            lb, sb = fast.decode_batch(ids, state)
+            scale = la.abs().max().item()
+            assert (la - lb).abs().max().item() <= tolerance * max(1.0, scale)
+            assert torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4) and torch.allclose(sa.shift, sb.shift,
+                                                                                          atol=1e-4)
+            state, ids = sa, la.argmax(-1)
+    assert_states_passed_in_stay_unchanged(fast)
+
+
+def test_cpu_loads_take_it_for_rwkv7_and_keep_the_plain_step_for_rwkv6(make_checkpoint):
+    """load_model's default fast path on a CPU (bf16): the C++ step for RWKV-7; RWKV-6 has none (yet), and fp32
+    on a CPU stays on the plain reference path unless asked."""
+    assert isinstance(load_model(make_checkpoint("7").path, device="cpu", dtype="bf16").runner, CpuStepRunner)
+    assert load_model(make_checkpoint("6").path, device="cpu", dtype="bf16").runner is None
+    assert load_model(make_checkpoint("7").path, device="cpu", dtype="fp32").runner is None
+
+
+def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_checkpoint):
+    path = make_checkpoint("7", n_layer=2, n_embd=128, seed=9).path
+    plain = load_model(path, device="cpu", dtype="fp32", fast=False)
+    fast = attach_fast_path(load_model(path, device="cpu", dtype="fp32", fast=False))
+    prompt, steps = random_tokens(40, seed=3), random_tokens(12, seed=4)
+    la, sa = plain.forward(prompt)
+    lb, sb = fast.forward(prompt)
+    assert torch.equal(la, lb)  # the runner's prefill is the plain path itself
+    for token in steps:
+        la, sa = plain.forward([token], sa)
+        lb, sb = fast.forward([token], sb)
+    assert (la - lb).abs().max().item() <= 1e-4 and torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)

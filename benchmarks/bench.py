@@ -21,6 +21,9 @@ What it promises:
   the batched model step alone, the step fed by the batcher's device sampling (`SamplingRows.step`), and
   that sampling alone (ms per step).
 - int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
+- On CPUs, ours rows note their decode speed against the memory ceiling measured in the same run: the bytes a
+  decode step must read (every weight and constant as stored) read plainly (fp32 sums over a buffer that size
+  on the same threads), as a percentage of the tokens a second that read allows.
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them).
 
@@ -249,6 +252,36 @@ class OursImpl(Impl):
     def step(self, token, state):
         return self.model.forward([token], state)
 
+    def decode_bytes(self) -> int:
+        """Bytes a decode step must read: every weight and constant as stored (int8 scales included), but of the
+        embedding only its one row (the packed runners' weights are views of these: each counted once)."""
+        tensors = [t for name, t in self.model.named_parameters() if name != "emb.weight"]
+        tensors += [t for _, t in self.model.named_buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.model.emb.weight[0].nbytes
+
+
+def read_bandwidth(nbytes: int, reps: int = 15) -> float:
+    """Bytes a second of a plain read of `nbytes` (fp32 sums over a buffer that size, on torch's threads): the
+    memory ceiling a decode step that reads those bytes is held to. Best of `reps` after one warm-up (the first
+    sums of a run measured up to a third slower)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    del buffer
+    return nbytes / best
+
+
+def ceiling_note(nbytes: int, decode_tps: float) -> str:
+    """How close a CPU decode comes to reading its bytes at the plain-read bandwidth, measured now."""
+    bandwidth = read_bandwidth(nbytes)
+    ceiling = bandwidth / nbytes
+    return (f"decode {decode_tps / ceiling * 100:.0f}% of the read ceiling ({ceiling:,.1f} tok/s: "
+            f"{nbytes / 2**20:,.0f} MiB a token at {bandwidth / 1e9:.1f} GB/s)")
+
 
 class RwkvPipImpl(Impl):
     """The rwkv package, fed the in-memory checkpoint (its loader only reads the dict)."""
@@ -376,6 +409,8 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
                     if spent > TIME_BUDGET_S:
                         break
                 row.decode_tps = max(rates)
+            if device.type == "cpu" and hasattr(impl, "decode_bytes"):
+                row.note = (row.note + "; " if row.note else "") + ceiling_note(impl.decode_bytes(), row.decode_tps)
         except Exception as error:
             row.note = (row.note + " " if row.note else "") + f"failed: {type(error).__name__}: {str(error)[:160]}"
         row.memory_bytes = meter.used
@@ -785,7 +820,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         if r.name == "ours" and r.dtype == "int8" and "bf16" in by_dtype:
             a = torch.stack(r.logits[:len(by_dtype["bf16"].logits)])
             b = torch.stack(by_dtype["bf16"].logits[:len(a)])
-            r.note += (f"vs bf16: argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100:.1f}%, "
+            r.note += ("; " if r.note else "") + (f"vs bf16: argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100:.1f}%, "
                        f"mean |Δ| {(a - b).abs().mean().item():.4f}")
     if "rwkv.cpp" in refs:  # ours against the fastest rwkv.cpp format, per phase, in the ours rows' notes
         rwkv_cpp.annotate(rows)

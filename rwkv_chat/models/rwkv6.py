@@ -14,7 +14,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
   product for k/v/r/g, the decay's LoRA (two) and the recurrence with GroupNorm and gate (one;
-  kernels/rwkv6_triton.py).
+  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, each layer's decode step is one call
+  (`cpu_decode_layer`: cpu_kernels' decode_layer_v6, fed by `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
 """
 
 from __future__ import annotations
@@ -207,6 +208,22 @@ def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wk
                                     core.ln_w, core.ln_b, act_dtype, GROUP_NORM_EPS)
 
 
+def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
+    """One block's tensors in the order cpu_kernels' decode_layer_v6 reads them (views: nothing is copied)."""
+    att, ffn = block.att, block.ffn
+    empty = torch.empty(0)
+    flat = lambda t: t.detach().reshape(-1)  # noqa: E731
+    weight = lambda p: [p.weight.detach(), getattr(p, "weight_scale", empty)]  # noqa: E731  (scale: int8 only)
+    return ([flat(block.ln1.weight), flat(block.ln1.bias), flat(block.ln2.weight), flat(block.ln2.bias)]
+            + [flat(getattr(att, f"time_maa_{name}")) for name in ("x", "w", "k", "v", "r", "g")]
+            + [att.time_maa_w1.detach(), att.time_maa_w2.detach(), flat(att.time_decay),
+               att.time_decay_w1.detach(), att.time_decay_w2.detach(), flat(att.time_faaaa),
+               flat(att.ln_x.weight), flat(att.ln_x.bias)]
+            + weight(att.receptance) + weight(att.key) + weight(att.value) + weight(att.gate) + weight(att.output)
+            + [flat(ffn.time_maa_k), flat(ffn.time_maa_r)]
+            + weight(ffn.key) + weight(ffn.receptance) + weight(ffn.value))
+
+
 class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
@@ -248,6 +265,12 @@ class Rwkv6(HeadMatrixArchitecture):
     def fused_channel_mix(self, ffn):
         mixes = [1 - ffn.time_maa_k.detach().float().reshape(-1), 1 - ffn.time_maa_r.detach().float().reshape(-1)]
         return torch.stack(mixes), [ffn.key, ffn.receptance]
+
+    def cpu_layer_tensors(self, block):
+        return cpu_layer_tensors(block)
+
+    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
+        return kernels.decode_layer_v6(x, shift, wkv, shift_out, wkv_out, tensors), carry
 
     def time_mix_params(self, n_embd, dim_att):
         maa, decay = self.default_lora(n_embd)

@@ -1,5 +1,6 @@
-"""RWKV-7 on a CPU: the decode step in one C++ call a layer (runtime/cpu_decode.py, cpu_kernels' decode_layer_v7)
-equals the plain PyTorch step (models/rwkv7.py), whatever the weights' dtype, head size, batch and layer count."""
+"""RWKV-6 and RWKV-7 on a CPU: the decode step in one C++ call a layer (runtime/cpu_decode.py, cpu_kernels'
+decode_layer_v6 / decode_layer_v7) equals the plain PyTorch step (models/rwkv6.py, rwkv7.py), whatever the weights'
+dtype, head size, batch and layer count."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ k
 @pytest.mark.parametrize("shape", [dict(n_layer=3, n_embd=128), dict(n_layer=2, n_embd=192, head_size=32),
                                    dict(n_layer=7, n_embd=64, head_size=16)], ids=["h64", "h32", "h16-7layers"])
 @pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3)])
-def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, shape, dtype, tolerance):
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, version, shape, dtype, tolerance):
     """The same weights (as stored) through both steps: only the order of fp32 sums differs. fp16 halves the
     residual stream after the 6th layer (7 layers)."""
-    path = make_checkpoint("7", seed=4, **shape).path
+    path = make_checkpoint(version, seed=4, **shape).path
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
     fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
     assert plain.runner is None and isinstance(fast.runner, CpuStepRunner)
@@ -41,16 +43,19 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, shape, dtype
     assert_states_passed_in_stay_unchanged(fast)
 
 
-def test_cpu_loads_take_it_for_rwkv7_and_keep_the_plain_step_for_rwkv6(make_checkpoint):
-    """load_model's default fast path on a CPU (bf16): the C++ step for RWKV-7; RWKV-6 has none (yet), and fp32
-    on a CPU stays on the plain reference path unless asked."""
-    assert isinstance(load_model(make_checkpoint("7").path, device="cpu", dtype="bf16").runner, CpuStepRunner)
-    assert load_model(make_checkpoint("6").path, device="cpu", dtype="bf16").runner is None
-    assert load_model(make_checkpoint("7").path, device="cpu", dtype="fp32").runner is None
+def test_cpu_loads_take_it_for_rwkv6_and_rwkv7(make_checkpoint):
+    """load_model's default fast path on a CPU (bf16, int8) runs it; fp32 on a CPU stays on the plain reference
+    path unless asked."""
+    for version in ("6", "7"):
+        path = make_checkpoint(version).path
+        assert isinstance(load_model(path, device="cpu", dtype="bf16").runner, CpuStepRunner)
+        assert isinstance(load_model(path, device="cpu", dtype="int8").runner, CpuStepRunner)
+        assert load_model(path, device="cpu", dtype="fp32").runner is None
 
 
-def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_checkpoint):
-    path = make_checkpoint("7", n_layer=2, n_embd=128, seed=9).path
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_checkpoint, version):
+    path = make_checkpoint(version, n_layer=2, n_embd=128, seed=9).path
     plain = load_model(path, device="cpu", dtype="fp32", fast=False)
     fast = attach_fast_path(load_model(path, device="cpu", dtype="fp32", fast=False))
     prompt, steps = random_tokens(40, seed=3), random_tokens(12, seed=4)

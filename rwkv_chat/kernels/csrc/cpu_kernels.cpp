@@ -8,6 +8,7 @@
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
+// - decode_layer_v6(...): the same for RWKV-6 (its token-shift and decay LoRAs in place).
 // - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
 //   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
@@ -264,7 +265,7 @@ void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N,
 
 inline const float* constant(const torch::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n,
-              "cpu_kernels.decode_layer_v7: ", name, " must be a contiguous fp32 tensor of ", n, " values");
+              "cpu_kernels: ", name, " must be a contiguous fp32 tensor of ", n, " values");
   return t.data_ptr<float>();
 }
 
@@ -273,7 +274,7 @@ inline const float* constant(const torch::Tensor& t, int64_t n, const char* name
 void low_rank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, const torch::Tensor& w2,
               int activation, float* out) {
   const int64_t R = w1.size(1), A = w2.size(1);
-  TORCH_CHECK(w1.size(0) == C && w2.size(0) == R, "cpu_kernels.decode_layer_v7: LoRA shapes [C, R] and [R, A]");
+  TORCH_CHECK(w1.size(0) == C && w2.size(0) == R, "cpu_kernels: LoRA shapes [C, R] and [R, A]");
   std::vector<float> hidden(B * R);
   product_kn(x, B, constant(w1, C * R, "a LoRA's first factor"), C, R, hidden.data());
   if (activation == 1)
@@ -366,6 +367,116 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   product(key.data(), B, L.value, L.value_scale, 0, C, tmp.data());
   const float factor = halve ? 0.5f : 1.0f;
   for (int64_t i = 0; i < B * C; ++i) h[i] = (h[i] + sigmoid(rec[i]) * tmp[i]) * factor;
+  return result;
+}
+
+// One decode step of one RWKV-6 layer for B sequences (models/rwkv6.py's TimeMixV6 and ChannelMixV6 for one
+// token, in one call). x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out [B, H, N, N] (key by value). tensors, in
+// the order models/rwkv6.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, time_maa_x, time_maa_w k v r g
+// [C], time_maa_w1 [C, 5D], time_maa_w2 [5, D, C], time_decay [A], time_decay_w1 [C, D2], time_decay_w2 [D2, A],
+// time_faaaa [A], ln_x w/b, receptance, key, value, gate, output (each weight then its scale, empty unless int8),
+// ffn time_maa_k, time_maa_r, ffn key, receptance, value (weight, scale). Everything but the eight weights is
+// fp32. Returns the new x [B, C].
+torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
+                              torch::Tensor wkv_out, std::vector<torch::Tensor> t) {
+  TORCH_CHECK(t.size() == 36, "cpu_kernels.decode_layer_v6: 36 layer tensors expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
+  const int64_t B = x.size(0), C = x.size(1);
+  for (int i : {18, 20, 22, 24, 26, 30, 32, 34}) check_weight(t[i], t[i + 1]);
+  const torch::Tensor &Wr = t[18], &Wr_s = t[19], &Wk = t[20], &Wk_s = t[21], &Wv = t[22], &Wv_s = t[23];
+  const torch::Tensor &Wg = t[24], &Wg_s = t[25], &Wo = t[26], &Wo_s = t[27];
+  const torch::Tensor &Fk = t[30], &Fk_s = t[31], &Fr = t[32], &Fr_s = t[33], &Fv = t[34], &Fv_s = t[35];
+  const int64_t A = Wr.size(0), F = Fk.size(0);
+  TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
+  const int64_t H = wkv.size(1), N = wkv.size(2);
+  TORCH_CHECK(t[11].dim() == 3 && t[11].size(0) == 5 && t[11].size(2) == C, "time_maa_w2: [5, D, C]");
+  const int64_t D = t[11].size(1);
+  TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F && t[10].size(1) == 5 * D,
+              "cpu_kernels.decode_layer_v6: shapes disagree");
+  for (const torch::Tensor* s : {&shift, &wkv, &shift_out, &wkv_out}) {
+    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->size(0) == B, "state: fp32 with the batch first");
+    TORCH_CHECK(s->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
+  }
+  const char* what = "cpu_kernels.decode_layer_v6 constant";
+  const float *ln1_w = constant(t[0], C, what), *ln1_b = constant(t[1], C, what);
+  const float *ln2_w = constant(t[2], C, what), *ln2_b = constant(t[3], C, what);
+  const float* maa_x = constant(t[4], C, what);
+  const float* maa[5];
+  for (int p = 0; p < 5; ++p) maa[p] = constant(t[5 + p], C, what);
+  const float* maa_w2 = constant(t[11], 5 * D * C, what);
+  const float* time_decay = constant(t[12], A, what);
+  const float *u = constant(t[15], A, what), *lnx_w = constant(t[16], A, what), *lnx_b = constant(t[17], A, what);
+  const float *ffn_k = constant(t[28], C, what), *ffn_r = constant(t[29], C, what);
+  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
+  const float* sh = shift.data_ptr<float>();
+  const float* wk = wkv.data_ptr<float>();
+  float* sh_out = shift_out.data_ptr<float>();
+  float* wk_out = wkv_out.data_ptr<float>();
+  torch::Tensor result = x.clone();
+  float* h = result.data_ptr<float>();
+
+  // time mix: the data-dependent token shift xx + sx * (time_maa_* + lora_*), sx = prev - xx, in the order w k v r g
+  std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C), part(C);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = xx.data() + b * C;
+    normalize(h + b * C, C, ln1_w, ln1_b, 1e-5f, row);
+    std::copy(row, row + C, sh_out + b * sso);
+    const float* prev = sh + b * ss;
+    for (int64_t c = 0; c < C; ++c) {
+      sx[b * C + c] = prev[c] - row[c];
+      base[b * C + c] = row[c] + sx[b * C + c] * maa_x[c];
+    }
+  }
+  product_kn(base.data(), B, constant(t[10], C * 5 * D, what), C, 5 * D, hidden.data());
+  for (float& value : hidden) value = std::tanh(value);
+  for (int64_t b = 0; b < B; ++b)
+    for (int p = 0; p < 5; ++p) {
+      product_kn(hidden.data() + b * 5 * D + p * D, 1, maa_w2 + p * D * C, D, C, part.data());
+      float* out = mixed.data() + (p * B + b) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = xx[b * C + c] + sx[b * C + c] * (maa[p][c] + part[c]);
+    }
+  const float *xw = mixed.data(), *xk = xw + B * C, *xv = xk + B * C, *xr = xv + B * C, *xg = xr + B * C;
+  std::vector<float> r(B * A), k(B * A), v(B * A), g(B * A), w(B * A), y(B * A);
+  product(xr, B, Wr, Wr_s, 0, A, r.data());
+  product(xk, B, Wk, Wk_s, 0, A, k.data());
+  product(xv, B, Wv, Wv_s, 0, A, v.data());
+  product(xg, B, Wg, Wg_s, 0, A, g.data());
+  low_rank(xw, B, C, t[13], t[14], 1, w.data());
+  for (int64_t b = 0; b < B; ++b) {
+    float *wb = w.data() + b * A, *yb = y.data() + b * A;
+    const float* gb = g.data() + b * A;
+    for (int64_t i = 0; i < A; ++i) wb[i] = std::exp(-std::exp(time_decay[i] + wb[i]));  // the decay factor
+    const float* state = wk + b * ws;
+    float* state_out = wk_out + b * wso;
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const int64_t o = hd * N;
+      wkv5_head_token(r.data() + b * A + o, k.data() + b * A + o, v.data() + b * A + o, u + o, wb + o,
+                      state + o * N, state_out + o * N, yb + o, N);
+      normalize(yb + o, N, lnx_w + o, lnx_b + o, 64e-5f, yb + o);
+    }
+    for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.0f + std::exp(-gb[i]));  // silu(g)
+  }
+  std::vector<float> tmp(B * C);
+  product(y.data(), B, Wo, Wo_s, 0, C, tmp.data());
+  for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+  // channel mix: sigmoid(r(xx + sx * maa_r)) * value(relu(key(xx + sx * maa_k))^2)
+  std::vector<float> key(B * F), rec(B * C);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = xx.data() + b * C;
+    normalize(h + b * C, C, ln2_w, ln2_b, 1e-5f, row);
+    std::copy(row, row + C, sh_out + b * sso + C);
+    const float* prev = sh + b * ss + C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = prev[c] - row[c];
+      mixed[b * C + c] = row[c] + d * ffn_k[c];
+      mixed[(B + b) * C + c] = row[c] + d * ffn_r[c];
+    }
+  }
+  product(mixed.data(), B, Fk, Fk_s, 0, F, key.data());
+  product(mixed.data() + B * C, B, Fr, Fr_s, 0, C, rec.data());
+  for (float& value : key) value = value > 0 ? value * value : 0.0f;
+  product(key.data(), B, Fv, Fv_s, 0, C, tmp.data());
+  for (int64_t i = 0; i < B * C; ++i) h[i] += sigmoid(rec[i]) * tmp[i];
   return result;
 }
 
@@ -584,6 +695,7 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
+  m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
   m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");

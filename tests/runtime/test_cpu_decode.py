@@ -66,3 +66,17 @@ def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_che
         la, sa = plain.forward([token], sa)
         lb, sb = fast.forward([token], sb)
     assert (la - lb).abs().max().item() <= 1e-4 and torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_cpp_step_refuses_a_state_of_another_batch_or_layout(make_checkpoint, version):
+    model = attach_fast_path(load_model(make_checkpoint(version).path, device="cpu", dtype="bf16", fast=False))
+    runner, state = model.runner, model.zero_state(2)
+    x = torch.zeros(3, model.config.n_embd)  # 3 rows, a state of 2
+    new = state.clone()
+    with pytest.raises(RuntimeError, match="batch first"):
+        runner.architecture.cpu_decode_layer(runner.kernels, x, state.shift[:, 0], state.wkv[:, 0], new.shift[:, 0],
+                                             new.wkv[:, 0], runner.layers[0], None)
+    with pytest.raises(RuntimeError, match="block must be contiguous"):
+        runner.architecture.cpu_decode_layer(runner.kernels, x[:2], state.shift[:, 0].transpose(1, 2),
+                                             state.wkv[:, 0], new.shift[:, 0], new.wkv[:, 0], runner.layers[0], None)

@@ -304,6 +304,26 @@ inline void wkv7_head_token(const float* r, const float* w, const float* k, cons
   }
 }
 
+// A decode step's state: shift and wkv read, shift_out and wkv_out written; the batch first (it may be strided),
+// each sequence's block contiguous.
+struct StepState {
+  const float* sh;
+  const float* wk;
+  float* sh_out;
+  float* wk_out;
+  int64_t ss, ws, sso, wso;  // the batch strides of the four
+};
+
+StepState step_state(torch::Tensor& shift, torch::Tensor& wkv, torch::Tensor& shift_out, torch::Tensor& wkv_out,
+                     int64_t B) {
+  for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->size(0) == B, "state: fp32 with the batch first");
+    TORCH_CHECK(t->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
+  }
+  return {shift.data_ptr<float>(), wkv.data_ptr<float>(), shift_out.data_ptr<float>(), wkv_out.data_ptr<float>(),
+          shift.stride(0), wkv.stride(0), shift_out.stride(0), wkv_out.stride(0)};
+}
+
 }  // namespace
 
 // One decode step of one layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one call).
@@ -316,15 +336,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t A = L.out.size(1), F = L.value.size(1);
-  for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->size(0) == B, "state: fp32 with the batch first");
-    TORCH_CHECK(t->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
-  }
-  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
-  const float* sh = shift.data_ptr<float>();
-  const float* wk = wkv.data_ptr<float>();
-  float* sh_out = shift_out.data_ptr<float>();
-  float* wk_out = wkv_out.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
   torch::Tensor result = x.clone();
   float* h = result.data_ptr<float>();
 
@@ -393,10 +405,6 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const int64_t D = t[11].size(1);
   TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F && t[10].size(1) == 5 * D,
               "cpu_kernels.decode_layer_v6: shapes disagree");
-  for (const torch::Tensor* s : {&shift, &wkv, &shift_out, &wkv_out}) {
-    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->size(0) == B, "state: fp32 with the batch first");
-    TORCH_CHECK(s->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
-  }
   const char* what = "cpu_kernels.decode_layer_v6 constant";
   const float *ln1_w = constant(t[0], C, what), *ln1_b = constant(t[1], C, what);
   const float *ln2_w = constant(t[2], C, what), *ln2_b = constant(t[3], C, what);
@@ -407,11 +415,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float* time_decay = constant(t[12], A, what);
   const float *u = constant(t[15], A, what), *lnx_w = constant(t[16], A, what), *lnx_b = constant(t[17], A, what);
   const float *ffn_k = constant(t[28], C, what), *ffn_r = constant(t[29], C, what);
-  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
-  const float* sh = shift.data_ptr<float>();
-  const float* wk = wkv.data_ptr<float>();
-  float* sh_out = shift_out.data_ptr<float>();
-  float* wk_out = wkv_out.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
   torch::Tensor result = x.clone();
   float* h = result.data_ptr<float>();
 
@@ -553,10 +557,6 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
   const int64_t H = wkv.size(1), N = wkv.size(2);
   TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F, "cpu_kernels.decode_layer_v7: shapes disagree");
-  for (const torch::Tensor* s : {&shift, &wkv, &shift_out, &wkv_out}) {
-    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->size(0) == B, "state: fp32 with the batch first");
-    TORCH_CHECK(s->select(0, 0).is_contiguous(), "state: each sequence's block must be contiguous");
-  }
   TORCH_CHECK(v_first.scalar_type() == torch::kFloat32 && v_first.is_contiguous() && v_first.numel() == B * A,
               "v_first: contiguous fp32 [B, A]");
   const float *ln1_w = constant(t[0], C, "ln1 weight"), *ln1_b = constant(t[1], C, "ln1 bias");
@@ -568,11 +568,7 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float *k_k = constant(t[29], A, "k_k"), *k_a = constant(t[30], A, "k_a"), *r_k = constant(t[31], A, "r_k");
   const float *lnx_w = constant(t[32], A, "ln_x weight"), *lnx_b = constant(t[33], A, "ln_x bias");
   const float* ffn_mix = constant(t[34], C, "ffn x_k");
-  const int64_t ss = shift.stride(0), ws = wkv.stride(0), sso = shift_out.stride(0), wso = wkv_out.stride(0);
-  const float* sh = shift.data_ptr<float>();
-  const float* wk = wkv.data_ptr<float>();
-  float* sh_out = shift_out.data_ptr<float>();
-  float* wk_out = wkv_out.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
   float* vf = v_first.data_ptr<float>();
   torch::Tensor result = x.clone();
   float* h = result.data_ptr<float>();

@@ -1,4 +1,4 @@
-"""Decode steps on CPUs for the architectures the fast runner does not pack (RWKV-7): one C++ call a layer.
+"""Decode steps on CPUs for the architectures the fast runner does not pack (RWKV-6, 7): one C++ call a layer.
 
 What this module promises:
 - `CpuStepRunner.runs(model)` says whether a model can take it: a CPU model whose architecture has a whole-layer

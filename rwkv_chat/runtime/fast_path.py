@@ -19,7 +19,7 @@ What this module promises:
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
 prefill and a graphed decode step (plain_graphs.py) on GPUs, and on CPUs a C++ decode step a layer where their
-architecture has one (cpu_decode.py: RWKV-7). It knows nothing of text, files or sessions.
+architecture has one (cpu_decode.py: RWKV-6, 7). It knows nothing of text, files or sessions.
 """
 
 from __future__ import annotations

@@ -820,8 +820,9 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         if r.name == "ours" and r.dtype == "int8" and "bf16" in by_dtype:
             a = torch.stack(r.logits[:len(by_dtype["bf16"].logits)])
             b = torch.stack(by_dtype["bf16"].logits[:len(a)])
-            r.note += ("; " if r.note else "") + (f"vs bf16: argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100:.1f}%, "
-                       f"mean |Δ| {(a - b).abs().mean().item():.4f}")
+            agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100
+            mean = (a - b).abs().mean().item()
+            r.note += ("; " if r.note else "") + f"vs bf16: argmax {agree:.1f}%, mean |Δ| {mean:.4f}"
     if "rwkv.cpp" in refs:  # ours against the fastest rwkv.cpp format, per phase, in the ours rows' notes
         rwkv_cpp.annotate(rows)
     del sd, factories

@@ -102,7 +102,6 @@ class AppConfig:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
                              "whose CORS rules cannot be changed")
 
-
     def sized(self, capacity: int) -> "AppConfig":
         """This config with "auto" settled: concurrency = `capacity` (clamped to 1..MAX_CONCURRENCY) unless
         set, the queue QUEUE_PER_CHAT waiting requests per chat (at least DEFAULT_MAX_QUEUE) unless set."""

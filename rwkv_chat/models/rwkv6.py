@@ -9,7 +9,8 @@
   `log_w = -exp(time_decay + tanh(wx @ w1) @ w2)`; then RWKV-5.2's per-head recurrence with that decay,
   GroupNorm of the heads and a SiLU gate. `wkv6_step` runs one token, `wkv6_chunks` T tokens at once: every
   chunk's own terms in one batched pass, only the state carried from chunk to chunk in sequence (every exponent
-  <= 0); `wkv6_sequence` picks the C++ kernels' token-by-token scan instead on CPUs where they are built. The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
+  <= 0); `wkv6_sequence` picks the C++ kernels' token-by-token scan instead on CPUs where they are built.
+  The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one

@@ -94,7 +94,8 @@ class SamplingParams:
         t, p, k = self.temperature, self.top_p, self.top_k
         _check(_is_real(t) and t >= 0, f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         _check(_is_real(p) and 0 < p <= 1, f"top_p must be in (0, 1], got {p!r}")
-        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+               f"top_k must be an integer >= 0 (0 = off), got {k!r}")
         _check_penalties(self.presence_penalty, self.frequency_penalty, self.penalty_decay)
 
     @property
@@ -148,7 +149,8 @@ class PenaltyState:
         exempt: Optional[torch.Tensor] = None,
         device: Optional[torch.device | str] = None,
     ) -> None:
-        _check(isinstance(vocab_size, int) and vocab_size > 0, f"vocab_size must be a positive integer, got {vocab_size!r}")
+        _check(isinstance(vocab_size, int) and vocab_size > 0,
+               f"vocab_size must be a positive integer, got {vocab_size!r}")
         _check_penalties(presence, frequency, decay)
         if exempt is not None:
             _check(exempt.dtype == torch.bool and tuple(exempt.shape) == (vocab_size,),

@@ -7,10 +7,10 @@ What this module promises:
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
 - `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
-  (RWKV-4/5) and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` / `wkv5_scan` (RWKV-5/6) /
-  `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py and the RWKV-6/7 modules
-  call them; `scans_for` hands them to the plain path once built). The tests hold them to PyTorch and to the
-  float64 recurrence.
+  (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` /
+  `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py
+  and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built). The tests hold them
+  to PyTorch and to the float64 recurrence.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """

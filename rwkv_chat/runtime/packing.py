@@ -25,7 +25,6 @@ from torch import nn
 from ..kernels import cpu_kernels, quant, triton_kernels
 
 
-
 # ----------------------------------------------------------------------------------------- packing
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ the product it promises (kernels/quant.py's cpu_linear), against float64 product
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,10 +35,20 @@ def test_the_variable_caps_the_features_and_refuses_unknown_values(monkeypatch):
         cpu_features()
 
 
-def test_bf16_units_are_what_torch_reports():
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_what_is_detected_is_what_the_kernel_reports():
+    """An independent oracle: the CPU flags Linux lists (what PyTorch's checks must agree with)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
     best = detected()
-    assert best.native_matmul(torch.bfloat16) == (torch.cpu._is_avx512_bf16_supported()
-                                                  or torch.cpu._is_amx_tile_supported())
+    assert best.avx2 == ("avx2" in flags)
+    assert best.avx512_bf16 == ("avx512_bf16" in flags)
+    # AMX also needs the kernel's permission for its tile state, which a CPU listing the flags may lack
+    assert not best.amx_bf16 or {"amx_bf16", "amx_tile"} <= flags
+    assert best.native_matmul(torch.bfloat16) == (("avx512_bf16" in flags) or best.amx_bf16)
 
 
 @pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx512", "avx512_bf16", "amx")])

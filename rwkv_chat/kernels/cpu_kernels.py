@@ -9,8 +9,8 @@ What this module promises:
 - `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
   (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` /
   `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py
-  and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built). The tests hold them
-  to PyTorch and to the float64 recurrence.
+  and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built, and
+  `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
@@ -79,6 +79,17 @@ def scans_for(tensor: torch.Tensor):
     does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan),
     without ever starting a build itself."""
     return _built.get("module") if tensor.device.type == "cpu" else None
+
+
+def scan_each_sequence(scan, per_token: list[torch.Tensor], state: torch.Tensor):
+    """A token-by-token scan over each sequence of a batch: `per_token` tensors [B, T, H, N] go to
+    `scan(rows, state)` as contiguous fp32 [T, H*N] rows with that sequence's state [H, N, N], which returns
+    (out [T, H*N], new state) -> (out [B, T, H, N], new state [B, H, N, N])."""
+    batch, length, heads, size = per_token[0].shape
+    pairs = [scan([t[b].reshape(length, heads * size).float().contiguous() for t in per_token], state[b].contiguous())
+             for b in range(batch)]
+    return (torch.stack([y for y, _ in pairs]).view(batch, length, heads, size),
+            torch.stack([new for _, new in pairs]))
 
 
 def handles_dtype(dtype: torch.dtype) -> bool:

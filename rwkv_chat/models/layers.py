@@ -30,6 +30,10 @@ class Projection(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant.linear(x, self.weight, getattr(self, "weight_scale", None))
 
+    def stored(self) -> list[torch.Tensor]:
+        """[the weight as stored, its per-row scale (an empty tensor unless int8)]: what the C++ steps read."""
+        return [self.weight.detach(), getattr(self, "weight_scale", torch.empty(0))]
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the last dimension in fp32, with the reference epsilon."""

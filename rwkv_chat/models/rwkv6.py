@@ -93,13 +93,9 @@ def wkv6_sequence(log_w, u, r, k, v, s):
     scans = cpu_kernels.scans_for(r)
     if scans is None:
         return wkv6_chunks(log_w, u, r, k, v, s, WKV_CHUNK)
-    batch, length, heads, size = r.shape
-    rows = lambda t, b: t[b].reshape(length, heads * size).float().contiguous()  # noqa: E731
-    decay, u = torch.exp(log_w), u.reshape(-1).float().contiguous()
-    pairs = [scans.wkv5_scan(rows(decay, b), u, rows(r, b), rows(k, b), rows(v, b), s[b].contiguous())
-             for b in range(batch)]
-    return (torch.stack([y for y, _ in pairs]).view(batch, length, heads, size),
-            torch.stack([state for _, state in pairs]))
+    u = u.reshape(-1).float().contiguous()
+    return cpu_kernels.scan_each_sequence(lambda rows, state: scans.wkv5_scan(rows[0], u, *rows[1:], state),
+                                          [torch.exp(log_w), r, k, v], s)
 
 
 class TimeMixV6(nn.Module):
@@ -212,17 +208,15 @@ def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wk
 def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
     """One block's tensors in the order cpu_kernels' decode_layer_v6 reads them (views: nothing is copied)."""
     att, ffn = block.att, block.ffn
-    empty = torch.empty(0)
     flat = lambda t: t.detach().reshape(-1)  # noqa: E731
-    weight = lambda p: [p.weight.detach(), getattr(p, "weight_scale", empty)]  # noqa: E731  (scale: int8 only)
     return ([flat(block.ln1.weight), flat(block.ln1.bias), flat(block.ln2.weight), flat(block.ln2.bias)]
             + [flat(getattr(att, f"time_maa_{name}")) for name in ("x", "w", "k", "v", "r", "g")]
             + [att.time_maa_w1.detach(), att.time_maa_w2.detach(), flat(att.time_decay),
                att.time_decay_w1.detach(), att.time_decay_w2.detach(), flat(att.time_faaaa),
                flat(att.ln_x.weight), flat(att.ln_x.bias)]
-            + weight(att.receptance) + weight(att.key) + weight(att.value) + weight(att.gate) + weight(att.output)
+            + att.receptance.stored() + att.key.stored() + att.value.stored() + att.gate.stored() + att.output.stored()
             + [flat(ffn.time_maa_k), flat(ffn.time_maa_r)]
-            + weight(ffn.key) + weight(ffn.receptance) + weight(ffn.value))
+            + ffn.key.stored() + ffn.receptance.stored() + ffn.value.stored())
 
 
 class Rwkv6(HeadMatrixArchitecture):

@@ -113,13 +113,8 @@ def wkv7_sequence(log_w, r, k, v, kk, a, s):
     scans = cpu_kernels.scans_for(r)
     if scans is None:
         return wkv7_chunks(log_w, r, k, v, kk, a, s, WKV7_GPU_CHUNK if r.is_cuda else WKV7_CHUNK)
-    batch, length, heads, size = r.shape
-    rows = lambda t, b: t[b].reshape(length, heads * size).float().contiguous()  # noqa: E731
-    decay = torch.exp(log_w)
-    pairs = [scans.wkv7_scan(rows(decay, b), rows(r, b), rows(k, b), rows(v, b), rows(kk, b), rows(a, b),
-                             s[b].contiguous()) for b in range(batch)]
-    return (torch.stack([y for y, _ in pairs]).view(batch, length, heads, size),
-            torch.stack([state for _, state in pairs]))
+    return cpu_kernels.scan_each_sequence(lambda rows, state: scans.wkv7_scan(*rows, state),
+                                          [torch.exp(log_w), r, k, v, kk, a], s)
 
 
 class TimeMixV7(nn.Module):
@@ -255,17 +250,15 @@ def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_fir
 def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
     """One block's tensors in the order cpu_kernels' decode_layer_v7 reads them (views: nothing is copied)."""
     att, ffn = block.att, block.ffn
-    empty = torch.empty(0)
     flat = lambda t: t.detach().reshape(-1)  # noqa: E731
-    weight = lambda p: [p.weight.detach(), getattr(p, "weight_scale", empty)]  # noqa: E731  (scale: int8 only)
-    residual = [empty] * 3 if att.first_layer else [flat(att.v0), att.v1.detach(), att.v2.detach()]
+    residual = [torch.empty(0)] * 3 if att.first_layer else [flat(att.v0), att.v1.detach(), att.v2.detach()]
     return ([flat(block.ln1.weight), flat(block.ln1.bias), flat(block.ln2.weight), flat(block.ln2.bias)]
             + [flat(getattr(att, f"x_{name}")) for name in ("r", "w", "k", "v", "a", "g")]
-            + weight(att.receptance) + weight(att.key) + weight(att.value) + weight(att.output)
+            + att.receptance.stored() + att.key.stored() + att.value.stored() + att.output.stored()
             + [flat(att.w0), att.w1.detach(), att.w2.detach(), flat(att.a0), att.a1.detach(), att.a2.detach()]
             + residual + [att.g1.detach(), att.g2.detach(), flat(att.k_k), flat(att.k_a), flat(att.r_k),
                           flat(att.ln_x.weight), flat(att.ln_x.bias), flat(ffn.x_k)]
-            + weight(ffn.key) + weight(ffn.value))
+            + ffn.key.stored() + ffn.value.stored())
 
 
 class Rwkv7(HeadMatrixArchitecture):

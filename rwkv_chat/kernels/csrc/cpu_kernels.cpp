@@ -324,6 +324,16 @@ StepState step_state(torch::Tensor& shift, torch::Tensor& wkv, torch::Tensor& sh
           shift.stride(0), wkv.stride(0), shift_out.stride(0), wkv_out.stride(0)};
 }
 
+// A prefill's wkv for one sequence: heads split over PyTorch's intra-op threads, each head token by token;
+// token(t, h, sh) runs token t of head h on that head's S x S state sh (updated in place).
+template <typename Token>
+void scan_heads(int64_t H, int64_t T, int64_t S, float* state, Token token) {
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      for (int64_t t = 0; t < T; ++t) token(t, h, state + h * S * S);
+  });
+}
+
 }  // namespace
 
 // One decode step of one layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one call).
@@ -525,14 +535,9 @@ std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Te
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *s = new_state.data_ptr<float>();
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      float* sh = s + h * S * S;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t at = t * A + h * S;
-        wkv5_head_token(rp + at, kp + at, vp + at, up + h * S, wp + t * w_step + h * S, sh, sh, yp + at, S);
-      }
-    }
+  scan_heads(H, T, S, s, [&](int64_t t, int64_t h, float* sh) {
+    const int64_t at = t * A + h * S;
+    wkv5_head_token(rp + at, kp + at, vp + at, up + h * S, wp + t * w_step + h * S, sh, sh, yp + at, S);
   });
   return {y, new_state};
 }
@@ -668,14 +673,9 @@ std::vector<torch::Tensor> wkv7_scan(torch::Tensor w, torch::Tensor r, torch::Te
   const float *wp = w.data_ptr<float>(), *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>();
   const float *vp = v.data_ptr<float>(), *kkp = kk.data_ptr<float>(), *ap = a.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *s = new_state.data_ptr<float>();
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      float* sh = s + h * N * N;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t at = t * A + h * N;
-        wkv7_head_token(rp + at, wp + at, kp + at, vp + at, kkp + at, ap + at, sh, sh, yp + at, N);
-      }
-    }
+  scan_heads(H, T, N, s, [&](int64_t t, int64_t h, float* sh) {
+    const int64_t at = t * A + h * N;
+    wkv7_head_token(rp + at, wp + at, kp + at, vp + at, kkp + at, ap + at, sh, sh, yp + at, N);
   });
   return {y, new_state};
 }

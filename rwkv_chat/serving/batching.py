@@ -49,7 +49,7 @@ import torch
 
 from ..state import RwkvState
 from .generation import Generation, Verdict
-from .sampling import Sampler, SamplingRows, sample_batch
+from .sampling import Sampler, SamplingRows, sample_batch, to_device
 
 DEFAULT_MAX_BATCH = 32
 WAKE_INTERVAL_S = 0.02  # a reader is woken at most this often while its chat generates (always when it ends)
@@ -321,10 +321,7 @@ def _wake_readers(chats, batch: int) -> None:
 
 def _index(index: list[int], device: torch.device) -> torch.Tensor:
     """Row indices as a long tensor on `device`, copied without waiting for the device's queued work."""
-    host = torch.tensor(index, dtype=torch.long)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return to_device(torch.tensor(index, dtype=torch.long), device)
 
 
 class _Slots:

@@ -499,14 +499,17 @@ def _pack(parts: list[tuple[np.ndarray, torch.dtype]]) -> tuple[np.ndarray, list
     return (np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)), layout
 
 
-def _unpack(buffer: np.ndarray, layout: list, device: torch.device) -> list[torch.Tensor]:
-    """_pack's parts on ``device``, in order (one copy; on CUDA from pinned memory, so it does not wait for
-    the work already queued there)."""
-    host = torch.from_numpy(buffer)
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on CUDA copied from pinned memory, so the copy does not wait for the work
+    already queued there."""
     if device.type == "cuda":
-        data = host.pin_memory().to(device, non_blocking=True)
-    else:
-        data = host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _unpack(buffer: np.ndarray, layout: list, device: torch.device) -> list[torch.Tensor]:
+    """_pack's parts on ``device``, in order (one copy, ``to_device``)."""
+    data = to_device(torch.from_numpy(buffer), device)
     parts = []
     for offset, shape, dtype in layout:
         count = int(np.prod(shape)) if len(shape) else 1
@@ -680,7 +683,7 @@ class SamplingRows:
                 values = getattr(self, name)
                 setattr(self, name, np.concatenate([values, np.full(grow, released[name], values.dtype)]))
         fresh, host = self._build(list(samplers))
-        where = _unpack(*_pack([(np.asarray(slots, np.int64), torch.int64)]), self.device)[0]
+        where = to_device(torch.tensor(slots, dtype=torch.long), self.device)
         for name in _ROW_FIELDS:
             self._store[name].index_copy_(0, where, fresh[name])
         for name, values in host.items():
@@ -694,7 +697,7 @@ class SamplingRows:
         slots = list(slots)
         if not slots:
             return
-        index = _unpack(*_pack([(np.asarray(slots, np.int64), torch.int64)]), self.device)[0]
+        index = to_device(torch.tensor(slots, dtype=torch.long), self.device)
         self._store["greedy"].index_fill_(0, index, True)
         for name, value in (("_greedy", True), ("_filtered", False), ("_penalised", False), ("_banning", False),
                             ("_drawn", 0)):

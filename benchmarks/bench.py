@@ -439,7 +439,7 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     logits row a token was drawn from: those rows against the same tokens fed alone (teacher-forced), and
     each free-running chat's tokens against its run alone up to the first difference (they drift apart at
     the first draw a logit difference moves)."""
-    from rwkv_chat.serving.batching import DecodeBatcher, decode_on_device
+    from rwkv_chat.serving.batching import DecodeBatcher, decode_into
     from rwkv_chat.serving.engine import AnswerJudge
     from rwkv_chat.serving.generation import DirectDecoder, Verdict
     from rwkv_chat.serving.sampling import PenaltyState, Sampler, SamplingParams, SamplingRows
@@ -519,22 +519,26 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     table = SamplingRows(vocab, device)
     table.add(rows)
     first_logits = torch.stack([logits for logits, _ in starts])
+    # the step's states in two buffers of a power of two of rows, stepped from one into the other, as the batcher's
+    # ring does (graphs captured on them: no state copied per step)
+    capacity = 1 << (n_chats - 1).bit_length()
+    ring = [model.zero_state(capacity) for _ in range(2)]
+    for buffer in ring:
+        buffer.shift[:n_chats].copy_(batch_state.shift)
+        buffer.wkv[:n_chats].copy_(batch_state.wkv)
+    on_device = ids.to(device)
     for with_sampling in (False, True):
         # the model alone (the same tokens every step), then the batcher's pipelined step without threads or
         # judges: the device draws and counts each step's tokens (SamplingRows.step) and feeds them to the next
-        for _ in range(2):
-            if with_sampling:
-                decode_on_device(model, table.step(first_logits).clamp(min=0), batch_state)
-            else:
-                model.decode_batch(ids, batch_state)
+        for k in range(2):
+            fed = table.step(first_logits).clamp(min=0) if with_sampling else on_device
+            decode_into(model, fed, ring[k % 2], ring[1 - k % 2])
         sync(device)
         start = time.perf_counter()
-        logits, state = first_logits, batch_state
-        for _ in range(steps):
-            if with_sampling:
-                logits, state = decode_on_device(model, table.step(logits).clamp(min=0), state)
-            else:
-                model.decode_batch(ids, batch_state)
+        logits = first_logits
+        for k in range(steps):
+            fed = table.step(logits).clamp(min=0) if with_sampling else on_device
+            logits = decode_into(model, fed, ring[k % 2], ring[1 - k % 2])
         sync(device)
         raw[with_sampling] = n_chats * steps / (time.perf_counter() - start)
     start = time.perf_counter()

@@ -49,3 +49,28 @@ def assert_states_passed_in_stay_unchanged(model) -> None:
     model.forward([42], state)
     model.decode_batch(torch.tensor([1, 2]), RwkvState.stack([state, state]))
     assert state.equal(before)
+
+
+def assert_decode_into_equals_decode(model, tolerance: float) -> None:
+    """`model.runner.decode_into`, from the leading rows of one state buffer into another's (as the batcher steps),
+    gives decode_batch's logits and new states for those rows and leaves the source alone: for batches of several
+    graph buckets, twice on the same buffers with new contents (a replay must read what they hold now), and with
+    buffers too small for the batch's bucket (the step runs unreplayed)."""
+    from rwkv_chat.state import RwkvState
+
+    for batch, capacity in ((1, 64), (3, 64), (8, 64), (40, 64), (3, 3)):
+        source, target = model.zero_state(capacity), model.zero_state(capacity)
+        for turn in range(2):
+            stacked = RwkvState.stack([model.forward(random_tokens(4 + i + turn, seed=10 * turn + i))[1]
+                                       for i in range(batch)])
+            source.shift[:batch].copy_(stacked.shift)
+            source.wkv[:batch].copy_(stacked.wkv)
+            kept = source.clone()
+            ids = torch.randint(1, 65530, (batch,), generator=torch.Generator().manual_seed(turn))
+            logits = model.runner.decode_into(ids.to(model.device), source, target)
+            expected, new = model.decode_batch(ids, stacked)
+            assert logits.shape == expected.shape
+            assert (logits - expected).abs().max().item() <= tolerance
+            assert (target.shift[:batch] - new.shift).abs().max().item() <= tolerance
+            assert (target.wkv[:batch] - new.wkv).abs().max().item() <= tolerance
+            assert source.equal(kept)

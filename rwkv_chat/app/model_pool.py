@@ -19,7 +19,7 @@ Promises:
   key's load error; a load refused because the model could never fit does not start the cooldown.
 - `chat_capacity(choice, device, dtype)`: how many chats can generate at once with that model there (the
   app's default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the
-  batch in flight, the CUDA graphs' buffers, the prefix cache) fit in CAPACITY_SHARE of the memory left
+  batcher's ring of three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left
   beside the model, as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU (a
   CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the
   model's shape is unknown before it loads (a hub id, a directory).
@@ -44,7 +44,7 @@ from .model_choices import ModelChoices, ModelKey, free_memory, gigabytes
 
 CPU_CHATS = 8
 GPU_CHATS_UNKNOWN = 32
-STATE_COPIES_PER_CHAT = 8  # ~3 in the pipelined batch, ~4 in the graphs' static buffers (all buckets), 1 cached
+STATE_COPIES_PER_CHAT = 8  # 3 in the batcher's ring, 1 cached, the rest for prompts read and replies ended meanwhile
 CAPACITY_SHARE = 0.5  # of the memory free beside the model: the rest for prefill activations, other models
 
 Progress = Callable[[str], None]

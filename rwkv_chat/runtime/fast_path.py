@@ -145,6 +145,17 @@ class FastRunner:
             return self._graph_holder()(ids, state)
         return self._decode_step(ids.to(self.device), state.shift, state.wkv)
 
+    def decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
+        """The step of the first B = len(ids) rows of `source` written into the same rows of `target` (states of
+        at least B rows, never the same tensors) -> logits fp32 [B, V]; replayed from graphs captured on these
+        buffers where graphs run (cuda_graphs.GraphedDecoder.into)."""
+        if self.use_graphs:
+            return self._graph_holder().into(ids, source, target)
+        rows = ids.shape[0]
+        logits, _ = self._decode_step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
+                                      out=RwkvState(target.shift[:rows], target.wkv[:rows]))
+        return logits
+
     def _graph_holder(self):
         if self._graphs is None:
             self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device)
@@ -165,20 +176,20 @@ class FastRunner:
         return (logits if all_logits else logits[0]), state
 
     # ------------------------------------------------------------------------------------- decode
-    def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
-        """The whole decode step as a function of tensors (graph-capturable): returns (logits, RwkvState)."""
+    def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
+        """The whole decode step as a function of tensors (graph-capturable): returns (logits, RwkvState), the
+        state written into `out` when given (tensors shaped like shift and wkv, not the same ones)."""
         x = F.embedding(ids, self.emb).float()
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)
+        new_shift, new_wkv = (torch.empty_like(shift), torch.empty_like(wkv)) if out is None else (out.shift, out.wkv)
         if self.use_triton:
-            return self._decode_triton(x, shift, wkv)
+            return self._decode_triton(x, shift, wkv, new_shift, new_wkv)
         if self.cpu_layers is not None:
-            return self._decode_cpu(x, shift, wkv)
-        return self._decode_torch(x, shift, wkv)
+            return self._decode_cpu(x, shift, wkv, new_shift, new_wkv)
+        return self._decode_torch(x, shift, wkv, new_shift, new_wkv)
 
-    def _decode_cpu(self, x, shift, wkv):
+    def _decode_cpu(self, x, shift, wkv, new_shift, new_wkv):
         kernels = cpu_kernels.kernels()
-        new_shift = torch.empty_like(shift)
-        new_wkv = torch.empty_like(wkv)
         for i, (layer, tensors) in enumerate(zip(self.layers, self.cpu_layers)):
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
             x = kernels.decode_layer(x.contiguous(), shift[:, i], wkv[:, i], new_shift[:, i], new_wkv[:, i],
@@ -186,9 +197,7 @@ class FastRunner:
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
         return self.head(x), RwkvState(new_shift, new_wkv)
 
-    def _decode_torch(self, x, shift, wkv):
-        new_shift = torch.empty_like(shift)
-        new_wkv = torch.empty_like(wkv)
+    def _decode_torch(self, x, shift, wkv, new_shift, new_wkv):
         for i, layer in enumerate(self.layers):
             x = self._decode_layer_torch(layer, x, shift[:, i], wkv[:, i], new_shift[:, i], new_wkv[:, i])
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
@@ -214,12 +223,10 @@ class FastRunner:
 
     # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) -> act ->
     # project(value); the residual adds happen inside the next ln_mix.
-    def _decode_triton(self, x, shift, wkv):
+    def _decode_triton(self, x, shift, wkv, new_shift, new_wkv):
         tk = triton_kernels
         batch, c = x.shape
         x = x.contiguous()
-        new_shift = torch.empty_like(shift)
-        new_wkv = torch.empty_like(wkv)
         layers = self.layers
         p_att = layers[0].att.n_segments
         mixed = torch.empty((p_att, batch, c), device=x.device, dtype=self.act_dtype)

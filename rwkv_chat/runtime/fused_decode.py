@@ -5,9 +5,10 @@ What this module promises:
 - `fused_decoder(model)` is a `FusedDecoder` when Triton runs on the model's device, its projections are float
   (fp32, bf16, fp16; int8 keeps the plain step) and its architecture has a fused time-mix core for its shape
   (`Architecture.pack_fused_time_mix`); else None.
-- `FusedDecoder.step(ids [B], shift, wkv)` -> (logits fp32 [B, V], RwkvState) is `model.decode_plain`'s function
-  within the rounding of the weight dtype (fp32 arithmetic; only the matrix operands in the weight dtype). It
-  changes none of its inputs, synchronises nothing with the host, and is captured in CUDA graphs by its runner.
+- `FusedDecoder.step(ids [B], shift, wkv, out=None)` -> (logits fp32 [B, V], RwkvState) is `model.decode_plain`'s
+  function within the rounding of the weight dtype (fp32 arithmetic; only the matrix operands in the weight
+  dtype), the state written into `out` when given. It changes none of its inputs, synchronises nothing with the
+  host, and is captured in CUDA graphs by its runner.
 - Per layer: one kernel for the residual add, LayerNorm and every token-shift mix (triton_kernels.ln_mix); the
   architecture's time-mix core (RWKV-7: one product for r/k/v, two LoRA launches, one kernel for everything
   else); the output product; one kernel for the channel mix's add, LayerNorm and mixes; its key (and
@@ -90,12 +91,13 @@ class FusedDecoder:
         triton_kernels.ln_mix(x, *layer.ln1, mixed, prev=shift, mix=pack.mixes, xx_out=new_shift, out32=mixed32,
                               first32=pack.fp32_from, **residual)
 
-    def step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
-        """ids [B] on the model's device; shift [B, L, 2, C], wkv [B, L, ...] -> (logits fp32 [B, V], RwkvState)."""
+    def step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
+        """ids [B] on the model's device; shift [B, L, 2, C], wkv [B, L, ...] -> (logits fp32 [B, V], RwkvState),
+        the state written into `out` when given (tensors shaped like shift and wkv, not the same ones)."""
         x = F.layer_norm(F.embedding(ids, self.emb).float(), self.ln0[0].shape, *self.ln0, LAYER_NORM_EPS)
         x = x.contiguous()
         batch, width = x.shape
-        new_shift, new_wkv = torch.empty_like(shift), torch.empty_like(wkv)
+        new_shift, new_wkv = (torch.empty_like(shift), torch.empty_like(wkv)) if out is None else (out.shift, out.wkv)
         mixed, mixed32 = self._mix_buffers(batch, width, x.device)
         ffn_mixed = torch.empty((self.layers[0].ffn_mix.shape[0], batch, width), device=x.device,
                                 dtype=self.act_dtype)

@@ -2,7 +2,8 @@
 CUDA: the plain prefill, and a decode step captured in CUDA graphs.
 
 Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits [B, vocab], new state) replayed
-from one graph per batch bucket (runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
+from one graph per batch bucket, and `decode_into`, the same step from and into a batcher's own state buffers
+(runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
 and launching them one by one is most of its time), and `prefill` = the plain path. The step is the fused one
 (runtime/fused_decode.py: a few Triton kernels and packed products per layer) where it runs, unless
 `use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s function (the fused
@@ -30,11 +31,20 @@ class GraphedPlainRunner:
         self._graphs = GraphedDecoder(self.fused.step if self.fused else self._plain_step, model.zero_state,
                                       self.device)
 
-    def _plain_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor):
-        return self.model.decode_plain(ids, RwkvState(shift, wkv))
+    def _plain_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
+        logits, state = self.model.decode_plain(ids, RwkvState(shift, wkv))
+        if out is None:
+            return logits, state
+        out.shift.copy_(state.shift)
+        out.wkv.copy_(state.wkv)
+        return logits, out
 
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
         return self._graphs(ids, state)
+
+    def decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
+        """The step of the first len(ids) rows of `source` into the same rows of `target` (GraphedDecoder.into)."""
+        return self._graphs.into(ids, source, target)
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         return self.model.read_plain(ids, state, all_logits)

@@ -17,7 +17,8 @@ What this module promises:
 - Two modes, the same results. Pipelined (the default off the CPU): sampling lives on the device
   (`sampling.SamplingRows`: per-row parameters, dense penalty counts and uniforms drawn ahead, built when a
   chat joins), chats keep fixed rows (a joining chat takes a freed row in place, or a new one at the end;
-  rows are never gathered), and the worker launches step t+1 (draw every row's token on the device, count
+  rows are never gathered), their states live in three buffers of max_batch rows that each step reads one
+  of and writes the next (in place, graphed on the GPU: no state is copied per step), and the worker launches step t+1 (draw every row's token on the device, count
   it in the penalties, feed it) before it judges step t's tokens, so the host work between two steps does
   not grow with the number of chats: it is the judges' (which overlap the device's steps) and a fixed
   number of kernel launches. A chat that ended at step t wastes its row of step t+1; each chat's
@@ -231,7 +232,7 @@ class DecodeBatcher:
 
     # ------------------------------------------------------------------------------- the pipelined worker
     def _serve_pipelined(self) -> None:
-        batch = _Slots(self.model)
+        batch = _Slots(self.model, self.max_batch)
         pending: Optional[_Launch] = None  # the launched step whose tokens are not judged yet
         failure: BaseException = BatcherClosed("the decode batcher was closed")
         try:
@@ -244,14 +245,14 @@ class DecodeBatcher:
                 try:
                     batch.join(joining)
                     if batch.live:
-                        launch = batch.launch(self._decode)
+                        launch = batch.launch(self._decode_into)
                         self.steps += 1
                         self.served += batch.live
                     if pending is not None:
                         pending.judge()
                 except Exception as error:  # a failed step (the model's, the sampling's) ends its chats
                     _end_all(batch.chats() + joining + (pending.chats() if pending is not None else []), error)
-                    batch, launch = _Slots(self.model), None
+                    batch, launch = _Slots(self.model, self.max_batch), None
                 pending = launch
         except BaseException as error:  # a bug in the worker: every chat learns it, and the batcher closes
             failure = error
@@ -266,8 +267,8 @@ class DecodeBatcher:
             left, self._incoming = self._incoming, []
         return left
 
-    def _decode(self, ids: torch.Tensor, state: RwkvState):
-        return decode_on_device(self.model, ids, state)
+    def _decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
+        return decode_into(self.model, ids, source, target)
 
 
 def decode_on_device(model, ids: torch.Tensor, state: RwkvState):
@@ -278,6 +279,20 @@ def decode_on_device(model, ids: torch.Tensor, state: RwkvState):
         runner = model.runner
         return runner.decode(ids, state) if runner is not None else model.decode_plain(ids, state)
     return model.decode_batch(ids, state)
+
+
+def decode_into(model, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
+    """decode_on_device from the first len(ids) rows of `source` into the same rows of `target` -> logits: in
+    place (and graphed where graphs run) through the runner's decode_into where it has one, else the step's
+    new state copied in."""
+    runner = getattr(model, "runner", None)
+    if runner is not None and hasattr(runner, "decode_into"):
+        return runner.decode_into(ids, source, target)
+    rows = ids.shape[0]
+    logits, new = decode_on_device(model, ids, _rows(source, rows))
+    target.shift[:rows].copy_(new.shift)
+    target.wkv[:rows].copy_(new.wkv)
+    return logits
 
 
 def _end_all(chats, error: BaseException) -> None:
@@ -325,19 +340,30 @@ def _index(index: list[int], device: torch.device) -> torch.Tensor:
 
 
 class _Slots:
-    """The pipelined worker's batch: chats in fixed rows (None = a free row), the logits [n, V] and states [n]
-    of every row, and their SamplingRows. A chat keeps its row until it ends; a joining chat takes the lowest
-    free row (written in place) or a new one at the end; free rows at the end are dropped (views), free rows
-    inside draw and step as junk (never read) until a chat takes them. So rows are never gathered: a chat
-    joining or leaving copies only its own row."""
+    """The pipelined worker's batch: chats in fixed rows (None = a free row), the logits [n, V] of every row, their
+    SamplingRows, and their states in a ring of RING state buffers of max_batch rows (rounded up to a power of
+    two). A chat keeps its row until it ends; a joining chat takes the lowest free row (written in place) or a new
+    one at the end; free rows at the end are dropped, free rows inside draw and step as junk (never read) until a
+    chat takes them. Each step reads the rows of one buffer and writes them into the next (`decode_into`: in
+    place, in graphs captured on these buffers where they run), so no state is gathered or copied per step; the
+    ring keeps the states of the last two steps alive for the judges of the launched step (before and after its
+    token) while the next one runs."""
 
-    def __init__(self, model):
-        self.model = model
+    RING = 3
+
+    def __init__(self, model, max_batch: int):
+        self.model, self.max_batch = model, max_batch
         self.rows: list[Optional[_Chat]] = []
         self.logits: Optional[torch.Tensor] = None  # [n, V]
-        self.state: Optional[RwkvState] = None  # [n]
+        self.ring: list[RwkvState] = []  # RING buffers (allocated on the first join); ring[current]: the rows now
+        self.current = 0
         self.sampling = SamplingRows(model.config.vocab_size, model.device)
         self.live = 0
+
+    @property
+    def state(self) -> RwkvState:
+        """The states of the rows now (views of the ring's current buffer)."""
+        return _rows(self.ring[self.current], len(self.rows))
 
     def chats(self) -> list[_Chat]:
         return [chat for chat in self.rows if chat is not None]
@@ -355,11 +381,7 @@ class _Slots:
         if size < len(self.rows):
             self.rows = self.rows[:size]
             self.sampling.truncate(size)
-            if size:
-                self.logits = self.logits[:size]
-                self.state = RwkvState(self.state.shift[:size], self.state.wkv[:size])
-            else:
-                self.logits = self.state = None
+            self.logits = self.logits[:size] if size else None
 
     def join(self, joining: list[_Chat]) -> None:
         """Give each joining chat a row (a chat whose sampler does not fit the vocabulary ends at once)."""
@@ -374,20 +396,21 @@ class _Slots:
         if not fit:
             return
         free = [i for i, chat in enumerate(self.rows) if chat is None][:len(fit)]
-        slots = free + list(range(len(self.rows), len(self.rows) + len(fit) - len(free)))
+        size = len(self.rows)
+        slots = free + list(range(size, size + len(fit) - len(free)))
+        state = RwkvState.stack([chat.state for chat in fit])  # [m]
+        self._reserve(state)
         self.sampling.put(slots, [chat.sampler for chat in fit])
         logits = torch.stack([chat.logits for chat in fit])  # [m, V]
-        state = RwkvState.stack([chat.state for chat in fit])  # [m]
-        if free:  # written into free rows, in place (their old contents belong to no one)
-            inside = len(free)
-            where = _index(free, self.logits.device)
-            self.logits.index_copy_(0, where, logits[:inside])
-            self.state.shift.index_copy_(0, where, state.shift[:inside])
-            self.state.wkv.index_copy_(0, where, state.wkv[:inside])
-            logits, state = logits[inside:], RwkvState(state.shift[inside:], state.wkv[inside:])
-        if logits.shape[0]:
-            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-            self.state = state if self.state is None else RwkvState.stack([self.state, state])
+        where = _index(slots, logits.device)
+        buffer = self.ring[self.current]  # written in place: free rows' contents belong to no one
+        buffer.shift.index_copy_(0, where, state.shift)
+        buffer.wkv.index_copy_(0, where, state.wkv)
+        if self.logits is not None and free:
+            self.logits.index_copy_(0, where[:len(free)], logits[:len(free)])
+        appended = logits[len(free):]
+        if appended.shape[0]:
+            self.logits = appended if self.logits is None else torch.cat([self.logits, appended])
         for chat in fit:  # the rows hold them now
             chat.logits = chat.state = None
         for slot, chat in zip(slots, fit):
@@ -397,15 +420,32 @@ class _Slots:
                 self.rows.append(chat)
         self.live += len(fit)
 
-    def launch(self, decode) -> "_Launch":
+    def _reserve(self, like: RwkvState) -> None:
+        """The ring, on the first join: RING buffers of the power of two of max_batch rows (rows never outgrow
+        it: a chat takes a free row before a new one), states shaped like `like`'s. Allocated once, so the
+        graphs captured on its buffers serve every later step."""
+        if not self.ring:
+            capacity = 1 << (self.max_batch - 1).bit_length()
+            self.ring = [RwkvState(like.shift.new_zeros((capacity,) + like.shift.shape[1:]),
+                                   like.wkv.new_zeros((capacity,) + like.wkv.shape[1:])) for _ in range(self.RING)]
+
+    def launch(self, decode_into) -> "_Launch":
         """Draw every row's token and launch the step that feeds them, without waiting for either; the
-        batch moves on to that step's logits and states."""
+        batch moves on to that step's logits and states (the next buffer of the ring)."""
+        source, following = self.ring[self.current], (self.current + 1) % self.RING
+        target = self.ring[following]
         launch = _Launch(list(self.rows), self.logits, self.state)
         tokens = self.sampling.step(self.logits)  # [n] drawn and counted, -1 where a row cannot be sampled
         launch.fetch(tokens)
-        self.logits, self.state = decode(tokens.clamp(min=0), self.state)  # a refused row's step is wasted
+        self.logits = decode_into(tokens.clamp(min=0), source, target)  # a refused row's step is wasted
+        self.current = following
         launch.new_logits, launch.new_state = self.logits, self.state
         return launch
+
+
+def _rows(state: RwkvState, rows: int) -> RwkvState:
+    """The first `rows` rows of a state buffer (views)."""
+    return RwkvState(state.shift[:rows], state.wkv[:rows])
 
 
 class _Launch:

@@ -14,7 +14,7 @@ import pytest
 from rwkv_chat.app.chat_service import ChatService, ChatSettings, Conversation
 from rwkv_chat.app.conversation_codec import FORMAT, from_json, to_json
 from rwkv_chat.app.conversation_store import ConversationStore
-from rwkv_chat.app.draining import Admission, ShuttingDown
+from rwkv_chat.app.draining import ShuttingDown
 from rwkv_chat.app.engine_factory import EngineFactory
 from rwkv_chat.app.model_choices import ModelChoices
 from rwkv_chat.app.model_pool import ModelPool

@@ -18,7 +18,8 @@ from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
-from reference import assert_states_passed_in_stay_unchanged, logits_after, random_tokens
+from reference import (assert_decode_into_equals_decode, assert_states_passed_in_stay_unchanged, logits_after,
+                       random_tokens)
 from triton_interpreter import run_interpreted
 
 VERSIONS = ["4", "5.0", "5.2"]
@@ -160,6 +161,11 @@ def test_fast_decode_batch_rows_equal_single_decodes(ckpt):
         assert max_diff(logits[i], single) <= 1e-5
         assert torch.allclose(batched[i].wkv, new.wkv, atol=1e-5)
         assert torch.allclose(batched[i].shift, new.shift, atol=1e-5)
+
+
+def test_fast_decode_into_state_buffers_equals_decode_batch(ckpt):
+    _, fast = plain_and_fast(ckpt.path)
+    assert_decode_into_equals_decode(fast, 1e-5)
 
 
 def test_fast_split_prefill_equals_whole(ckpt):
@@ -327,6 +333,7 @@ def test_cuda_fast_path_matches_plain_path(ckpt, dtype):
             if dtype == "fp32":
                 assert torch.allclose(na.wkv, nb.wkv, rtol=1e-3, atol=1e-3)
             ids = ids.flip(0)
+    assert_decode_into_equals_decode(fast, 1e-3 if dtype == "fp32" else 1.0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

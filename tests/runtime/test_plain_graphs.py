@@ -11,7 +11,7 @@ from rwkv_chat.kernels import triton_kernels
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.runtime.plain_graphs import GraphedPlainRunner
 from rwkv_chat.state import RwkvState
-from reference import assert_states_passed_in_stay_unchanged, random_tokens
+from reference import assert_decode_into_equals_decode, assert_states_passed_in_stay_unchanged, random_tokens
 
 CUDA = torch.cuda.is_available()
 
@@ -41,3 +41,4 @@ def test_graphed_decode_equals_the_plain_path(make_checkpoint, version, dtype, t
             if dtype == "fp32":
                 assert torch.allclose(na.wkv, nb.wkv, rtol=1e-3, atol=1e-3)
     assert_states_passed_in_stay_unchanged(graphed)
+    assert_decode_into_equals_decode(graphed, tolerance)

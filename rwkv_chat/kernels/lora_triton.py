@@ -6,9 +6,12 @@ What this module promises:
   (the B_i, rows concatenated). The caller's A and B parameters are re-pointed to views of them, so the weights
   are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product).
 - `LowRank.__call__(x [I, M, C] fp32)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`, with
-  act one of identity, tanh, sigmoid, in two kernel launches whatever the number of parts (the first writes
-  split-K partial sums, which the second adds while loading). fp32 arithmetic throughout: the same function as
-  the PyTorch products of the plain path, up to the order of the additions.
+  act one of identity, tanh, sigmoid. For fewer than MANY_ROWS rows (a decode step of a few chats) in two
+  kernel launches whatever the number of parts (the first writes split-K partial sums, which the second adds
+  while loading); they read the weights once per row, so for more rows (a batch of many chats) the products
+  are PyTorch's GEMMs instead, one for the down product of the parts that share an input and one per part for
+  the up product, which read them once. fp32 arithmetic throughout: the same function as the PyTorch products
+  of the plain path, up to the order of the additions.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (the tests compare them there).
 
 It knows matrices and the three activations, not which LoRA of which architecture it serves.
@@ -27,6 +30,8 @@ from .triton_kernels import AVAILABLE, _sm_count, tl, triton
 IDENTITY, TANH, SIGMOID = 0, 1, 2
 MAX_BLOCK_R = 32  # rows of the down product per program
 MAX_UP_BLOCK_R = 512  # rows of a part the up product loads at once (the widest published LoRA, 480, in one tile)
+MANY_ROWS = 16  # from this many rows the products are GEMMs (the kernels re-read the weights for every row)
+ACTIVATIONS = {IDENTITY: lambda h: h, TANH: torch.tanh, SIGMOID: torch.sigmoid}
 
 if AVAILABLE:
     from .triton_kernels import _sum_splits
@@ -99,9 +104,10 @@ class LowRank:
     """Several LoRAs of one layer, packed (see the module docstring)."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, input_of_block: torch.Tensor, parts: torch.Tensor,
-                 block_r: int, up_block_r: int):
+                 block_r: int, up_block_r: int, layout: list[LoraPart]):
         self.down, self.up, self.input_of_block, self.parts = down, up, input_of_block, parts
         self.block_r, self.up_block_r = block_r, up_block_r
+        self.groups = _input_groups(layout)
 
     @classmethod
     @torch.no_grad()
@@ -128,7 +134,8 @@ class LowRank:
         device = down.device
         widest = 1 << (max(p.width for p in parts) - 1).bit_length()
         return cls(down, up, torch.tensor(inputs, dtype=torch.int32, device=device),
-                   torch.tensor(table, dtype=torch.int32, device=device), block_r, min(widest, MAX_UP_BLOCK_R))
+                   torch.tensor(table, dtype=torch.int32, device=device), block_r, min(widest, MAX_UP_BLOCK_R),
+                   list(parts))
 
     @property
     def n_parts(self) -> int:
@@ -137,6 +144,8 @@ class LowRank:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [I, M, C] fp32 (row stride any, unit column stride) -> [P, M, N] fp32."""
         _, m, k = x.shape
+        if m >= MANY_ROWS:
+            return self._products(x)
         r, n = self.up.shape
         block_k = 256
         n_blocks = r // self.block_r
@@ -155,3 +164,27 @@ class LowRank:
                                                                      out.stride(1), n, BLOCK_R=self.up_block_r,
                                                                      BLOCK_N=block_n, num_warps=8)
         return out
+
+    def _products(self, x: torch.Tensor) -> torch.Tensor:
+        """__call__ as PyTorch GEMMs: one down product per group of parts sharing an input, one up product a part."""
+        out = torch.empty((self.n_parts, x.shape[1], self.up.shape[1]), device=x.device, dtype=torch.float32)
+        for input_row, start, stop, members in self.groups:
+            hidden = x[input_row] @ self.down[start:stop].t()  # [M, rows of the group]
+            for p, begin, end, activation in members:
+                torch.mm(ACTIVATIONS[activation](hidden[:, begin - start:end - start]), self.up[begin:end], out=out[p])
+        return out
+
+
+def _input_groups(parts: list[LoraPart]) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
+    """Runs of consecutive parts fed by one input: (input row, first row, end row, [(part, its first row, end
+    row, activation)])."""
+    groups, start = [], 0
+    for p, part in enumerate(parts):
+        member = (p, start, start + part.width, part.activation)
+        if groups and groups[-1][0] == part.input_row:
+            row, first, _, members = groups[-1]
+            groups[-1] = (row, first, start + part.width, members + [member])
+        else:
+            groups.append((part.input_row, start, start + part.width, [member]))
+        start += part.width
+    return groups

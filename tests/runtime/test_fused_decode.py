@@ -14,6 +14,7 @@ SCRIPT = """
     import json, sys
     import torch
     from rwkv_chat import load_model
+    from rwkv_chat.kernels import lora_triton
     from rwkv_chat.runtime.fused_decode import fused_decoder
     from rwkv_chat.state import RwkvState
 
@@ -26,7 +27,7 @@ SCRIPT = """
         _, state = model.forward(torch.randint(1, vocab, (12,), generator=gen).tolist())
         decoder = fused_decoder(model)
         worst = 0.0
-        for batch in (1, 3):
+        for batch in (1, 3, lora_triton.MANY_ROWS):  # the LoRAs' kernels, then their GEMMs
             shift = state.shift.repeat(batch, 1, 1, 1)
             wkv = state.wkv.repeat(batch, 1, 1, 1, 1)
             shift = shift + 0.3 * torch.randn(shift.shape, generator=gen)  # rows that differ

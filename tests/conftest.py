@@ -5,6 +5,8 @@ Fixtures (all session-scoped, built lazily under one tmp directory):
   `make_checkpoint("5.2", n_layer=3, n_embd=256, layout="hf", fmt="bin", shards=2, flavor="eagle")`.
 - `tiny_pth`: one .pth per architecture, parametrized over "4", "5.0", "5.2" (L2, C128, H2, vocab 65536).
 - `tiny_pth_v50_time_first`: a 5.0 .pth whose layers carry `att.time_first [H]` instead of `time_faaaa`.
+- `int8_dot`: a function path -> name that runs the C++ kernels' int8 product of an RWKV_CPU_ISA path (e.g. "avx2":
+  fp32 activations, exact to fp32 sums) for the rest of the test, and the CPU's own afterwards.
 - `tiny_hf`: the same weights as `tiny_pth` written in the HF layout of that architecture, parametrized over
   (version, fmt, shards): safetensors unsharded and .bin in 2 shards; rwkv5 ones in the "world" config flavor.
 Each yields a checkpoints.TinyCheckpoint: `.path`, `.oracle_pth` (a .pth of the same weights for the rwkv
@@ -47,6 +49,20 @@ def fp32_means_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+@pytest.fixture
+def int8_dot(monkeypatch):
+    from rwkv_chat.kernels import cpu_kernels
+    from rwkv_chat.kernels.cpu_features import ISA_VARIABLE
+
+    def use(path: str) -> str | None:
+        monkeypatch.setenv(ISA_VARIABLE, path)
+        return cpu_kernels.configure()
+    yield use
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    if cpu_kernels.tried():
+        cpu_kernels.configure()
+
 
 from checkpoints import VERSIONS, CheckpointFactory  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -1,7 +1,8 @@
 """What this x86 CPU can do, and so which product each CPU path takes.
 
 What this module promises:
-- `cpu_features()` is the `CpuFeatures` of this machine: AVX2, AVX-512, AVX512-BF16, AMX (bf16 and fp16 tiles),
+- `cpu_features()` is the `CpuFeatures` of this machine: AVX2, AVX-512, AVX512-VNNI, AVX512-BF16, AMX (bf16 and
+  fp16 tiles),
   as PyTorch's own CPU checks report them (the instruction sets its oneDNN kernels use). Detected once per
   process; the environment variable RWKV_CPU_ISA (one of PATHS) caps them for this call, so the paths below a
   CPU's best can be run and compared on it (the tests do). A value outside PATHS raises ValueError naming the
@@ -11,6 +12,8 @@ What this module promises:
   instructions for it (bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16; fp32 always). Where it does not, a bf16
   or fp16 product of many rows is many times slower than the fp32 one (measured: 3.5× on AVX2 Zen 3 the other
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
+  `int8_dot` names the C++ kernels' int8 product of few rows: "avx512_vnni" (int16 activations, integer dot
+  products; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.
@@ -33,6 +36,7 @@ PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least t
 class CpuFeatures:
     avx2: bool = False
     avx512: bool = False  # AVX-512 F/BW/VL/DQ, as PyTorch's AVX512 kernels need
+    avx512_vnni: bool = False  # AVX512-VNNI's integer dot products (part of the avx512 path)
     avx512_bf16: bool = False
     amx_bf16: bool = False  # AMX tiles with bf16 (Sapphire Rapids and later)
     amx_fp16: bool = False  # AMX tiles with fp16 (Granite Rapids)
@@ -55,10 +59,15 @@ class CpuFeatures:
             return self.amx_fp16
         return True
 
+    @property
+    def int8_dot(self) -> str:
+        return "avx512_vnni" if self.avx512 and self.avx512_vnni else "avx2"
+
     def capped(self, path: str) -> "CpuFeatures":
         """These features without those above `path` (PATHS order)."""
         rank = PATHS.index(path)
         return replace(self, avx2=self.avx2 and rank >= 1, avx512=self.avx512 and rank >= 2,
+                       avx512_vnni=self.avx512_vnni and rank >= 2,
                        avx512_bf16=self.avx512_bf16 and rank >= 3, amx_bf16=self.amx_bf16 and rank >= 4,
                        amx_fp16=self.amx_fp16 and rank >= 4)
 
@@ -77,6 +86,7 @@ def detected() -> CpuFeatures:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return CpuFeatures()
     return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=_check("_is_avx512_supported"),
+                       avx512_vnni=_check("_is_vnni_supported"),
                        avx512_bf16=_check("_is_avx512_bf16_supported"), amx_bf16=_check("_is_amx_tile_supported"),
                        amx_fp16=_check("_is_amx_fp16_supported"))
 
@@ -94,8 +104,10 @@ def cpu_features() -> CpuFeatures:
 
 def describe() -> str:
     features = cpu_features()
-    have = [name for name in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "amx_fp16") if getattr(features, name)]
+    have = [name for name in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_fp16")
+            if getattr(features, name)]
     matmul = "bf16 products on the CPU's bf16 units" if features.native_matmul(torch.bfloat16) else \
         "bf16/fp16 products as fp32 (no bf16 units)"
     capped = f" (capped by {ISA_VARIABLE})" if os.environ.get(ISA_VARIABLE, "").strip() else ""
-    return f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}"
+    return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
+            f"int8 decode products {features.int8_dot}")

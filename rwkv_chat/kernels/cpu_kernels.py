@@ -6,11 +6,16 @@ What this module promises:
   compiler or ninja, a failed build, or `RWKV_CPU_KERNELS=0` in the environment. It builds once per process
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
-- `linear` is a weight-streaming product for few rows with fp32 activations; the extension's `decode_layer`
-  (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` /
+- `linear` is a weight-streaming product for few rows with fp32 activations (int8 weights: on CPUs with
+  AVX512-VNNI the activations are rounded to int16, one step per row, and the products are integer dot
+  products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes); the extension's
+  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` /
   `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py
   and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built, and
   `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
+
+- `configure()` picks the int8 product (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) for the whole process;
+  the build runs it once, and a caller that changes RWKV_CPU_ISA afterwards (the tests) runs it again.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
@@ -23,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .cpu_features import cpu_features
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 EXTENSION_NAME = "rwkv_chat_cpu_kernels"
@@ -63,10 +70,27 @@ def kernels():
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)
             except Exception as error:  # a missing compiler, a failed build: the PyTorch path still works
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+        if module is not None:
+            _configure(module)
         if module is None:
             warnings.warn(f"rwkv_chat: CPU kernels unavailable ({reason}); using PyTorch's products", stacklevel=2)
         _built["module"] = module
         return module
+
+
+INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1}  # cpu_features' int8_dot -> the extension's set_int8_product
+
+
+def _configure(module) -> str:
+    dot = cpu_features().int8_dot
+    module.set_int8_product(INT8_PRODUCTS[dot])
+    return dot
+
+
+def configure() -> str | None:
+    """Picks the int8 product by cpu_features() now (RWKV_CPU_ISA included); its name, or None without kernels."""
+    module = kernels()
+    return _configure(module) if module is not None else None
 
 
 def tried() -> bool:

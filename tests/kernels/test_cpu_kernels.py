@@ -11,6 +11,7 @@ import torch
 
 from rwkv_chat import load_model
 from rwkv_chat.kernels import cpu_kernels
+from rwkv_chat.kernels.cpu_features import detected
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
@@ -44,10 +45,79 @@ def test_rows_product_equals_pytorch(dtype, rows, n, k):
         scale = torch.rand(n, generator=gen) / 50
     else:
         weight, scale = torch.randn(n, k, generator=gen).to(dtype), None
-    expected = x.double() @ dequantised(weight, scale).double().T
+    seen = x.double()
+    if dtype == torch.int8 and cpu_kernels.kernels().int8_product() == cpu_kernels.INT8_PRODUCTS["avx512_vnni"]:
+        q, step = int16_rows(x)  # that product's rounded activations (tested on their own below)
+        seen = q.double() * step.double()[:, None]
+    expected = seen @ dequantised(weight, scale).double().T
     got = cpu_kernels.linear(x, weight, scale)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+VNNI = CAPABLE and detected().int8_dot == "avx512_vnni"
+
+
+def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VNNI product's activations, as its C++ comment defines them: each row rounded (half to even) to
+    int16 multiples of its step max|x| / 32767, the multiplier 32767 / max|x| computed in fp32."""
+    amax = x.abs().amax(dim=1)
+    mult = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    return torch.round(x * mult[:, None]), amax / 32767.0
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k", [(33, 40), (257, 768), (9, 8520)])  # a tail; whole blocks; past one integer block
+def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
+    """Against float64: exactly the integer products of the rounded activations (up to fp32 sums), and within
+    the documented rounding bound of the exact product of the stored weights."""
+    assert int8_dot("avx512") == "avx512_vnni"
+    gen = torch.Generator().manual_seed(rows * 100 + n)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+    x[0, 3] = 0.0
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 50
+    got = cpu_kernels.linear(x, weight, scale).double()
+    q, step = int16_rows(x)
+    factor = step.double()[:, None] * scale.double()[None, :]
+    integer = q.double() @ weight.double().T  # exact in float64 (|sum| < 2^53)
+    magnitude = (q.double().abs() @ weight.double().abs().T) * factor
+    assert (got - integer * factor).abs().max().item() <= 1e-6 * magnitude.max().item() + 1e-30
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
+    bound = factor / 2 * weight.double().abs().sum(1)[None, :] + 1e-6 * magnitude  # step/2 an activation
+    assert ((got - exact).abs() <= bound).all()
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
+    """The worst case: every weight 127, every activation the row's maximum (32767 after rounding), over more
+    weights than one int32 lane could sum (16 lanes × 2 products × 4.16e6 each pass 2³¹ after 8,257 weights)."""
+    assert int8_dot("avx512") == "avx512_vnni"
+    k = 8192 + 320 + 5
+    x = torch.full((2, k), 3.0)
+    x[1] *= -1
+    weight = torch.full((3, k), 127, dtype=torch.int8)
+    scale = torch.ones(3)
+    got = cpu_kernels.linear(x, weight, scale)
+    expected = 127.0 * 3.0 * k
+    assert torch.allclose(got.double(), torch.tensor([[expected] * 3, [-expected] * 3], dtype=torch.float64),
+                          rtol=1e-6)
+
+
+@needs_kernels
+def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
+    """avx2 keeps the fp32 activations (exact to fp32 sums); the CPU's best path names its own product."""
+    assert int8_dot("avx2") == "avx2" and cpu_kernels.kernels().int8_product() == 0
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 768, generator=gen)
+    weight = torch.randint(-127, 128, (64, 768), generator=gen, dtype=torch.int8)
+    scale = torch.rand(64, generator=gen)
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
+    bound = x.double().abs() @ (weight.double().abs() * scale.double()[:, None]).T
+    assert ((cpu_kernels.linear(x, weight, scale).double() - exact).abs() <= 1e-6 * bound).all()
+    assert int8_dot(detected().path) == detected().int8_dot
+    assert cpu_kernels.kernels().int8_product() == cpu_kernels.INT8_PRODUCTS[detected().int8_dot]
 
 
 @needs_kernels
@@ -64,9 +134,12 @@ def test_linear_keeps_leading_dimensions_and_rejects_bad_operands():
 @needs_kernels
 @pytest.mark.parametrize("version", ["4", "5.0", "5.2"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
-def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint):
+def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, int8_dot):
     """The whole C++ decode step against the PyTorch step of the same runner (same weights, same fp32
-    activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three."""
+    activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three. The int8
+    products with fp32 activations (avx2) here; the VNNI one's rounded activations move the logits by a few
+    of their steps, which the last check holds."""
+    int8_dot("avx2")
     ckpt = make_checkpoint(version, n_layer=8, n_embd=128, seed=7)
     model = attach_fast_path(load_model(ckpt.path, device="cpu", dtype=dtype, fast=False))  # CPU fp32 loads without it
     runner = model.runner
@@ -76,12 +149,18 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint):
         ids = torch.tensor([11, 222, 3333][:state.shift.shape[0]])
         x = torch.nn.functional.embedding(ids, runner.emb).float()
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], *runner.ln0, 1e-5)
-        got_logits, got = runner._decode_cpu(x, state.shift, state.wkv)
-        want_logits, want = runner._decode_torch(x, state.shift, state.wkv)
+        buffers = lambda: (torch.empty_like(state.shift), torch.empty_like(state.wkv))  # noqa: E731
+        got_logits, got = runner._decode_cpu(x, state.shift, state.wkv, *buffers())
+        want_logits, want = runner._decode_torch(x, state.shift, state.wkv, *buffers())
         scale = want_logits.abs().max().item()
         assert (got_logits - want_logits).abs().max().item() <= 1e-5 * max(1.0, scale)
         assert torch.allclose(got.shift, want.shift, atol=1e-5)
         assert torch.allclose(got.wkv, want.wkv, rtol=1e-5, atol=1e-5)
+        if dtype == "int8" and VNNI:
+            int8_dot("avx512")
+            vnni_logits, _ = runner._decode_cpu(x, state.shift, state.wkv, *buffers())
+            int8_dot("avx2")
+            assert 0 < (vnni_logits - got_logits).abs().max().item() <= 5e-4 * max(1.0, scale)
 
 
 @needs_kernels

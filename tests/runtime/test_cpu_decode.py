@@ -9,6 +9,7 @@ import torch
 
 from rwkv_chat import load_model
 from rwkv_chat.kernels import cpu_kernels
+from rwkv_chat.kernels.cpu_features import detected
 from rwkv_chat.runtime.cpu_decode import CpuStepRunner
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.state import RwkvState
@@ -21,9 +22,11 @@ pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ k
                                    dict(n_layer=7, n_embd=64, head_size=16)], ids=["h64", "h32", "h16-7layers"])
 @pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3)])
 @pytest.mark.parametrize("version", ["6", "7"])
-def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, version, shape, dtype, tolerance):
-    """The same weights (as stored) through both steps: only the order of fp32 sums differs. fp16 halves the
-    residual stream after the 6th layer (7 layers)."""
+def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, version, shape, dtype, tolerance):
+    """The same weights (as stored) through both steps: only the order of fp32 sums differs (the int8 products
+    with fp32 activations: the VNNI product's int16 rounding of slightly different activations is held by
+    test_cpu_kernels). fp16 halves the residual stream after the 6th layer (7 layers)."""
+    int8_dot("avx2")
     path = make_checkpoint(version, seed=4, **shape).path
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
     fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
@@ -41,6 +44,23 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, version, sha
                                                                                           atol=1e-4)
             state, ids = sa, la.argmax(-1)
     assert_states_passed_in_stay_unchanged(fast)
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None or detected().int8_dot != "avx512_vnni",
+                    reason="needs AVX512-VNNI and the kernels")
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_vnni_int8_step_stays_within_its_activation_rounding(make_checkpoint, int8_dot, version):
+    """The int8 step with the VNNI products (int16 activations) against the same step with fp32 activations: the
+    logits move by a few steps of that rounding (max|x| / 32767 an activation), never more."""
+    fast = attach_fast_path(load_model(make_checkpoint(version, seed=4, n_layer=3, n_embd=128).path, device="cpu",
+                                       dtype="int8", fast=False))
+    state = fast.forward(random_tokens(9, seed=2))[1]
+    ids = torch.tensor([7])
+    int8_dot("avx2")
+    exact, _ = fast.decode_batch(ids, state)
+    int8_dot("avx512")
+    rounded, _ = fast.decode_batch(ids, state)
+    assert 0 < (rounded - exact).abs().max().item() <= 5e-4 * max(1.0, exact.abs().max().item())
 
 
 def test_cpu_loads_take_it_for_rwkv6_and_rwkv7(make_checkpoint):

@@ -1,10 +1,13 @@
 // AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/kernels/cpu_kernels.py on first use).
+// One product has an AVX512-VNNI variant, compiled for that instruction set alone and run only where Python
+// picked it (set_int8_product).
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
 //   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read once per
 //   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
-//   are split over PyTorch's intra-op threads.
+//   are split over PyTorch's intra-op threads. int8 with set_int8_product(1) (AVX512-VNNI): the activations
+//   are rounded to int16 first and the sums are integer dot products (int8_product_vnni's comment: the bound).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
@@ -19,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -111,6 +115,99 @@ void rows_product_impl(const float* x, const typename W::T* w, const float* scal
   });
 }
 
+// Which int8 product rows_product_impl's int8 case runs: set once from Python (cpu_kernels.configure, from what
+// the CPU has and RWKV_CPU_ISA), read by every product.
+enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1 };
+std::atomic<int> g_int8_product{kInt8Avx2};
+
+// The AVX512-VNNI int8 product. Each row of x is first quantised to int16 with one fp32 step per row,
+// xq = round_half_even(x * (32767 / max|x|)) (all zeros when max|x| is 0), so every weight meets its activation
+// in one vpdpwssd (two int8·int16 products added into an int32 lane) instead of being widened to fp32 (three
+// operations per eight weights on AVX2, which bound the AVX2 int8 product below the memory's speed). The integer
+// sums are exact over blocks of kVnniBlock weights an accumulator (each int32 lane then holds at most 2·131
+// products of |127·32767|, below 2³¹); the blocks' sums are converted to fp32 and added in fp32;
+// out = sum · step(x) · scale(w).
+// Its only error beyond the fp32 additions is the activation's rounding: at most step/2 = max|x| / 65534 for
+// each activation, i.e. |out - exact| ≤ scale(w) · Σ|q_w| · max|x| / 65534 (+ fp32 rounding of the sums).
+constexpr int64_t kVnniBlock = 4096;
+constexpr float kInt16Max = 32767.0f;
+
+// x rows [M, K] -> int16 rows and their steps (the fp32 multiplier and its rounding as above).
+void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* xq, float* step) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+    const float mult = amax > 0.0f ? kInt16Max / amax : 0.0f;
+    step[m] = amax / kInt16Max;
+    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(row[k] * mult));
+  }
+}
+
+// out[m, n] for MB rows of int16 activations against one int8 weight row, U independent accumulators a row
+// (vpdpwssd's latency is several cycles). Rows are read one after the other: reading several side by side
+// halved the speed at which the hardware prefetchers streamed them from memory (measured on Zen 4).
+template <int MB, int U>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const float* step, float scale, float* out,
+                         int64_t out_stride) {
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  const int64_t whole = K / 32 * 32;
+  // Each accumulator's lanes take at most 2·(kVnniBlock/32 + U - 1) products of a block this long (the last
+  // steps of a block all go to the first accumulator).
+  for (int64_t begin = 0; begin < whole; begin += kVnniBlock * U) {
+    const int64_t end = std::min(whole, begin + kVnniBlock * U);
+    __m512i acc[MB][U];
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
+    int64_t k = begin;
+    for (; k + 32 * U <= end; k += 32 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * u)));
+        for (int m = 0; m < MB; ++m)
+          acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], wv, _mm512_loadu_si512(xq + m * K + k + 32 * u));
+      }
+    for (; k < end; k += 32) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], wv, _mm512_loadu_si512(xq + m * K + k));
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(acc[m][u]));
+  }
+  for (int m = 0; m < MB; ++m) {
+    int64_t tail = 0;
+    for (int64_t j = whole; j < K; ++j) tail += static_cast<int64_t>(w[j]) * xq[m * K + j];
+    out[m * out_stride] = (_mm512_reduce_add_ps(total[m]) + static_cast<float>(tail)) * step[m] * scale;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
+                    int64_t N, int64_t K, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = w + n * K;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_row_vnni<4, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
+    switch (M - m) {
+      case 3: dot_row_vnni<3, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      case 2: dot_row_vnni<2, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      case 1: dot_row_vnni<1, 4>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+void int8_product_vnni(const float* x, const int8_t* w, const float* scale, float* out, int64_t M, int64_t N,
+                       int64_t K) {
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> step(M);
+  quantize_rows_int16(x, M, K, xq.data(), step.data());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    int8_rows_vnni(w, xq.data(), step.data(), scale, out, M, N, K, begin, end);
+  });
+}
+
 // A weight the products read: a contiguous CPU matrix in fp32, bf16 or fp16, or int8 with its fp32 scales.
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
@@ -136,6 +233,10 @@ void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Ten
   const int64_t K = w.size(1), N = row_end - row_begin;
   switch (w.scalar_type()) {
     case torch::kInt8:
+      if (g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni) {
+        int8_product_vnni(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin, out, M, N, K);
+        break;
+      }
       rows_product_impl<Int8Weights>(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin,
                                      out, M, N, K);
       break;
@@ -689,7 +790,18 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
+// Which int8 product runs (0: AVX2 widening to fp32, 1: AVX512-VNNI on int16 activations); the caller checks that
+// the CPU has what it picks (cpu_kernels.configure).
+void set_int8_product(int64_t which) {
+  TORCH_CHECK(which == kInt8Avx2 || which == kInt8Vnni, "cpu_kernels: int8 product 0 (avx2) or 1 (vnni)");
+  g_int8_product.store(static_cast<int>(which));
+}
+
+int64_t int8_product() { return g_int8_product.load(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_int8_product", &set_int8_product, "which int8 product runs: 0 AVX2, 1 AVX512-VNNI (int16 activations)");
+  m.def("int8_product", &int8_product, "which int8 product runs now");
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
   m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
   m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");

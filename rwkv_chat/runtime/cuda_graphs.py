@@ -14,7 +14,9 @@ What this module promises:
   buffers (one per bucket and buffer pair), so no state is copied in or out. A batcher that keeps its states in a
   few fixed buffers steps without moving them (at 7B and 256 rows the copies were ~9 GB a step). Rows past B up
   to the bucket are computed from and into those buffers too, as junk: the caller keeps them unused.
-- Thread-safe: one replay at a time (the static buffers are shared).
+- Thread-safe: one replay at a time (the static buffers are shared); captures check only their own thread's
+  calls, so other threads keep using the device meanwhile. A capture that fails anyway is reported once (a
+  warning) and the decoder runs its steps unreplayed from then on: slower, never wrong.
 
 It knows nothing of the model beyond the step function and the state's shapes.
 """
@@ -22,6 +24,7 @@ It knows nothing of the model beyond the step function and the state's shapes.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -56,7 +59,8 @@ class _Captured:
                 step(self.ids, self.shift, self.wkv, out=into)  # into: the target's rows are the caller's junk
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: other threads (a chat reading its prompt) go on using the device during the capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits, self.out = step(self.ids, self.shift, self.wkv, out=into)
 
     def run(self, ids: torch.Tensor, state: RwkvState):
@@ -88,9 +92,9 @@ class GraphedDecoder:
         self.device = torch.device(device)
         self.buckets = tuple(sorted(buckets))
         self.template = empty_state(1)
-        self.graphs: dict[int, _Captured] = {}
-        self.into_graphs: dict[tuple, _Captured] = {}  # (bucket, data pointers of source and target)
+        self.graphs: dict = {}  # bucket, or (bucket, data pointers of into's source and target) -> _Captured
         self.pool = None
+        self.failed = False  # a capture failed: steps run unreplayed
         self.lock = threading.Lock()
 
     def bucket(self, batch: int) -> int | None:
@@ -101,12 +105,14 @@ class GraphedDecoder:
 
     def __call__(self, ids: torch.Tensor, state: RwkvState):
         size = self.bucket(ids.shape[0])
-        if size is None:
-            return self.step(ids.to(self.device), state.shift, state.wkv)
-        # static buffers are ordinary tensors whatever mode the caller is in (inference tensors could not be
-        # written by a later caller outside inference mode)
-        with self.lock, torch.inference_mode(False), torch.no_grad():
-            return self._captured(size).run(ids, state)
+        if size is not None:
+            # static buffers are ordinary tensors whatever mode the caller is in (inference tensors could not
+            # be written by a later caller outside inference mode)
+            with self.lock, torch.inference_mode(False), torch.no_grad():
+                captured = self._capture(size, size)
+                if captured is not None:
+                    return captured.run(ids, state)
+        return self.step(ids.to(self.device), state.shift, state.wkv)
 
     def into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
         """The step of source's first len(ids) rows, written into target's (see the module docstring) -> logits
@@ -121,26 +127,27 @@ class GraphedDecoder:
         tensors = (source.shift, source.wkv, target.shift, target.wkv)
         in_place = size is not None and size <= min(source.batch_size, target.batch_size) and all(
             t[:size].is_contiguous() for t in tensors)  # room for the bucket's junk rows, one layout per pointer
-        if not in_place:
-            logits, _ = self.step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
-                                  out=RwkvState(target.shift[:rows], target.wkv[:rows]))
-            return logits
-        key = (size,) + tuple(t.data_ptr() for t in tensors)
-        with self.lock, torch.no_grad():
-            captured = self.into_graphs.get(key)
-            if captured is None:
-                captured = self.into_graphs[key] = _Captured(self.step, size, self.template, self.device,
-                                                             self._pool(), source, target)
-            captured._replay(ids)
-            return captured.logits[:rows].clone()
+        if in_place:
+            with self.lock, torch.no_grad():
+                captured = self._capture((size,) + tuple(t.data_ptr() for t in tensors), size, source, target)
+                if captured is not None:
+                    captured._replay(ids)
+                    return captured.logits[:rows].clone()
+        logits, _ = self.step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
+                              out=RwkvState(target.shift[:rows], target.wkv[:rows]))
+        return logits
 
-    def _pool(self):
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        return self.pool
-
-    def _captured(self, size: int) -> _Captured:
-        captured = self.graphs.get(size)
-        if captured is None:
-            captured = self.graphs[size] = _Captured(self.step, size, self.template, self.device, self._pool())
+    def _capture(self, key, size: int, source: RwkvState | None = None, target: RwkvState | None = None):
+        """The graph for `key` (captured on first use), or None once a capture has failed (under the lock)."""
+        captured = self.graphs.get(key)
+        if captured is None and not self.failed:
+            try:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                captured = self.graphs[key] = _Captured(self.step, size, self.template, self.device, self.pool,
+                                                        source, target)
+            except RuntimeError as error:
+                self.failed = True
+                warnings.warn(f"decode step: a CUDA graph capture failed ({error}); stepping without graphs from "
+                              "now on (slower)", RuntimeWarning)
         return captured

@@ -130,7 +130,7 @@ class FastRunner:
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
-        self._graphs = None
+        self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device) if self.use_graphs else None
         # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
                            if cpu_decode else None)
@@ -142,7 +142,7 @@ class FastRunner:
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
         """ids [B] long on the model's device -> (logits fp32 [B, V], new state)."""
         if self.use_graphs:
-            return self._graph_holder()(ids, state)
+            return self._graphs(ids, state)
         return self._decode_step(ids.to(self.device), state.shift, state.wkv)
 
     def decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
@@ -150,16 +150,11 @@ class FastRunner:
         at least B rows, never the same tensors) -> logits fp32 [B, V]; replayed from graphs captured on these
         buffers where graphs run (cuda_graphs.GraphedDecoder.into)."""
         if self.use_graphs:
-            return self._graph_holder().into(ids, source, target)
+            return self._graphs.into(ids, source, target)
         rows = ids.shape[0]
         logits, _ = self._decode_step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
                                       out=RwkvState(target.shift[:rows], target.wkv[:rows]))
         return logits
-
-    def _graph_holder(self):
-        if self._graphs is None:
-            self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device)
-        return self._graphs
 
     def empty_state(self, batch: int) -> RwkvState:
         shift = torch.zeros(batch, self.config.n_layer, 2, self.config.n_embd, device=self.device)

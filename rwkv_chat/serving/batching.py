@@ -18,10 +18,10 @@ What this module promises:
   (`sampling.SamplingRows`: per-row parameters, dense penalty counts and uniforms drawn ahead, built when a
   chat joins), chats keep fixed rows (a joining chat takes a freed row in place, or a new one at the end;
   rows are never gathered), their states live in three buffers of max_batch rows that each step reads one
-  of and writes the next (in place, graphed on the GPU: no state is copied per step), and the worker launches step t+1 (draw every row's token on the device, count
-  it in the penalties, feed it) before it judges step t's tokens, so the host work between two steps does
-  not grow with the number of chats: it is the judges' (which overlap the device's steps) and a fixed
-  number of kernel launches. A chat that ended at step t wastes its row of step t+1; each chat's
+  of and writes the next (in place, graphed on the GPU: no state is copied per step), and the worker
+  launches step t+1 (draw every row's token on the device, count it in the penalties, feed it) before it
+  judges step t's tokens, so the host work between two steps does not grow with the number of chats: it is
+  the judges' (which overlap the device's steps) and a fixed number of kernel launches. A chat that ended at step t wastes its row of step t+1; each chat's
   generator runs up to `sampling.UNIFORM_BLOCK` uniforms ahead of its draws, and its penalties are counted
   on the device from the tokens drawn (the caller's PenaltyState is read when the chat joins; the judge
   keeps updating it as before). On the CPU (where sorting whole vocabularies is slow and there is no

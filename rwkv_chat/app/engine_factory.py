@@ -6,6 +6,10 @@ Promises:
   passes its --concurrency, which by default follows what the device holds), so concurrent chats with one
   model decode and sample together (or `generation.DirectDecoder`, one chat at a time, when batching is
   turned off).
+- The engine's prefix-state cache holds at least CACHED_STATES_PER_CHAT states for each chat that can generate
+  at once (max_batch), and never less than limits.STATE_CACHE_BYTES: with a fixed budget, a GPU serving a
+  hundred chats of a 1.5B model evicted their states between turns, so every turn read the whole
+  conversation again.
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - The operator's state files that fit the model (loading/state_files.py) become the engine's start states.
 - Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.
@@ -18,12 +22,15 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
+from .. import limits
 from ..loading.loader import load_model
 from ..loading.state_files import StateFile
 from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher
 from ..serving.engine import ChatEngine
 from ..serving.session import ChatSession
 from .model_choices import ModelChoices, ModelKey
+
+CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and after its reply (the next turn)
 
 
 class EngineFactory:
@@ -51,7 +58,10 @@ class EngineFactory:
         model = load_model(choice.source, key.device, key.dtype, progress=progress, fast=True)
         progress("reading the tokenizer")
         decoder = DecodeBatcher(model, max_batch=self.max_batch) if self.batching else None
-        engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}", decoder=decoder)
+        cache_bytes = max(limits.STATE_CACHE_BYTES,
+                          CACHED_STATES_PER_CHAT * self.max_batch * model.zero_state(1).nbytes)
+        engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}",
+                            cache_bytes=cache_bytes, decoder=decoder)
         for state_file in self.state_files:
             if state_file.fits(model.config):
                 engine.add_start_state(state_file.name, state_file.initial_state(model.config, model.device))

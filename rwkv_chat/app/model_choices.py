@@ -12,12 +12,15 @@ Promises:
 - `ModelKey` names one loaded model: (choice, device, dtype) with "auto" already resolved.
 - Memory: catalog entries use `CatalogEntry.memory_bytes(dtype)`; the operator's file is estimated from its
   size (BlinkDL files hold bf16/fp16 weights: 2 bytes per parameter). `free_memory` reads free GPU memory
-  (torch.cuda.mem_get_info) or available RAM (psutil, else os.sysconf).
-Knows nothing of Gradio; never loads or downloads anything.
+  (torch.cuda.mem_get_info) or available RAM (psutil, else os.sysconf). `ModelChoice.state_bytes()` is one
+  chat's RNN state: the catalog entry's, or for the operator's own local .pth file read from its tensor shapes
+  (memory-mapped: no weight is read); None where unknown before a load (a hub id, a directory).
+Knows nothing of Gradio; never loads a model or downloads anything.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..loading.catalog import CATALOG, CatalogEntry, find_entry
-from ..loading.loader import ModelLoadError, dtype_name, resolve_device_dtype
+from ..loading.loader import ModelLoadError, config_from_state_dict, dtype_name, read_pth, resolve_device_dtype
 
 ALL_MODELS, SMALL_MODELS, NO_MODELS = "all", "small", "none"  # the words --models takes beside catalog names
 SMALL_DOWNLOAD_BYTES = 2 * 10**9  # `small`: downloads of at most ~2 GB (every 0.1B and 0.4B model)
@@ -64,6 +67,27 @@ class ModelChoice:
             return None
         params = self.download_bytes / FILE_BYTES_PER_PARAM
         return int(params * dtype.itemsize * WORKING_ROOM)
+
+    def state_bytes(self) -> Optional[int]:
+        """Bytes of one chat's fp32 RNN state, or None when unknown before the model loads."""
+        if self.entry is not None:
+            return self.entry.state_bytes()
+        return _pth_state_bytes(self.source)
+
+
+@functools.lru_cache(maxsize=8)
+def _pth_state_bytes(source: str) -> Optional[int]:
+    """One chat's state bytes of a local .pth checkpoint, from its tensors' shapes (memory-mapped, weights_only:
+    the weights themselves are not read); None for anything else or a file that is not such a checkpoint."""
+    path = Path(source).expanduser()
+    if path.suffix != ".pth" or not path.is_file():
+        return None
+    try:
+        config = config_from_state_dict(read_pth(path))
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the file
+        return None
+    floats = config.architecture.state_floats_per_layer(config.n_embd, config.dim_att, config.head_size)
+    return 4 * config.n_layer * floats
 
 
 def _local_bytes(source: str) -> Optional[int]:

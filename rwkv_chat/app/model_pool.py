@@ -22,7 +22,7 @@ Promises:
   batcher's ring of three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left
   beside the model, as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU (a
   CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the
-  model's shape is unknown before it loads (a hub id, a directory).
+  model's shape is unknown before it loads (a hub id, a directory; an operator's .pth file is read for it).
 Knows nothing of Gradio or of sessions.
 """
 
@@ -60,13 +60,13 @@ def chat_capacity(choice, device: str, dtype: str,
         return CPU_CHATS
     if placed_on.type != "cuda":
         return CPU_CHATS
-    entry = getattr(choice, "entry", None)
     need = choice.memory_bytes(placed_as)
-    if entry is None or need is None:
+    state_bytes = choice.state_bytes()
+    if state_bytes is None or need is None:
         return GPU_CHATS_UNKNOWN
     free, _total = memory(str(placed_on))
     room = (free - need) * CAPACITY_SHARE
-    chats = int(room // (STATE_COPIES_PER_CHAT * entry.state_bytes())) if room > 0 else 1
+    chats = int(room // (STATE_COPIES_PER_CHAT * state_bytes)) if room > 0 else 1
     chats = max(1, min(MAX_CONCURRENCY, chats))
     return 1 << (chats.bit_length() - 1)  # a power of two: every row of the largest graph bucket is used
 

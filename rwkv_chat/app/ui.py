@@ -55,7 +55,7 @@ from .openai_api import OpenAIApi
 from .process_memory import return_freed_memory
 from .setting_inputs import setting_number, setting_slider
 from .ui_api import ChatApi
-from .ui_stream import reason, throttled
+from .ui_stream import StreamPace, reason
 
 TITLE = "RWKV chat"
 INTRO = ("## RWKV chat\nAn RNN that carries its whole conversation in a fixed-size state: each turn reads "
@@ -209,6 +209,7 @@ class ChatPage:
         self.pool: ModelPool = service.pool
         self.choices = choices
         self.config = sized_config(config, choices)
+        self.pace = StreamPace()  # every stream of the page and the API shares one update budget
         self.default_settings = defaults_for(choices.default, config.preamble)
         try:
             self.default_key = choices.resolve(choices.default.value, config.device, config.dtype)
@@ -383,7 +384,7 @@ class ChatPage:
             with control.generating() as stop:
                 updates = start(stop)
                 first = True
-                for update in throttled(updates):
+                for update in self.pace.throttled(updates):
                     if first and update.notice:
                         gr.Info(update.notice)
                     box = "" if clear_box and first else gr.skip()

@@ -20,7 +20,7 @@ from .chat_service import ChatSettings, Conversation, SessionControl
 from .conversation_codec import parsed, to_json
 from .setting_inputs import setting_number
 from .model_choices import describe, free_memory
-from .ui_stream import reason, throttled
+from .ui_stream import reason
 
 
 class ChatApi:
@@ -71,7 +71,7 @@ class ChatApi:
         try:
             with control.generating() as stop:
                 updates = start(stop)
-                for update in throttled(updates):
+                for update in self.page.pace.throttled(updates):
                     if update.done:
                         notice = f"[{update.notice}] " if update.notice else ""
                         yield update.answer, notice + update.conversation.stats, update.conversation

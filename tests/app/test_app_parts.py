@@ -98,6 +98,28 @@ def test_auto_concurrency_follows_the_states_the_device_holds_beside_the_model()
         assert chats == 256 or 2 * chats * STATE_COPIES_PER_CHAT * state > (free - need) * CAPACITY_SHARE
 
 
+@pytest.mark.parametrize("version", ["5.2", "7"])
+def test_an_operators_pth_file_gives_its_chat_state_size_before_it_loads(make_checkpoint, tmp_path, version):
+    """The capacity of a local checkpoint comes from its tensor shapes (the state the loaded model really has),
+    not the fixed guess used for what cannot be read before loading (here a file that is no checkpoint)."""
+    from rwkv_chat import load_model
+    from rwkv_chat.app import model_pool
+    from rwkv_chat.app.model_pool import GPU_CHATS_UNKNOWN, chat_capacity
+    path = make_checkpoint(version, n_layer=3, n_embd=128, seed=5).path
+    choice = ModelChoices(str(path), ("none",)).default
+    assert choice.entry is None
+    assert choice.state_bytes() == load_model(path, device="cpu", dtype="fp32").zero_state(1).nbytes
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"0" * 1000)
+    unknown = ModelChoices(str(junk), ("none",)).default
+    assert unknown.state_bytes() is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_pool, "resolve_device_dtype", lambda d, t: (torch.device("cuda"), torch.bfloat16))
+        free = lambda device: (100 * 10**9, 143 * 10**9)  # noqa: E731
+        assert chat_capacity(unknown, "cuda", "bf16", memory=free) == GPU_CHATS_UNKNOWN
+        assert chat_capacity(choice, "cuda", "bf16", memory=free) == 256  # a tiny state: the most there is
+
+
 def test_a_space_listens_on_all_interfaces_and_unknown_flags_are_ignored():
     assert parse_config(["--reload"], {"SPACE_ID": "user/space"}).server_name == "0.0.0.0"
     with pytest.raises(SystemExit):
@@ -243,6 +265,20 @@ def test_a_slow_load_does_not_hold_up_models_already_loaded():
     release.set()
     loader.join(60)
     assert not pool.is_loading(key("RWKV-5 World 7B")) and pool.peek(key("RWKV-5 World 7B")) is not None
+
+
+def test_the_state_cache_keeps_two_states_for_every_chat_that_can_generate_at_once(make_checkpoint):
+    """A server for many chats gets a prefix cache that holds each one's state after its prompt and after its
+    reply (so a next turn reads only its own tokens), and never less than the fixed budget."""
+    from rwkv_chat.app.engine_factory import CACHED_STATES_PER_CHAT
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
+    choices = ModelChoices(str(path), ("none",))
+    key = choices.resolve(choices.default.value, "cpu", "fp32")
+    for chats in (8, 20_000):
+        engine = EngineFactory(choices, max_batch=chats, batching=False)(key, lambda message: None)
+        states = CACHED_STATES_PER_CHAT * chats * engine.model.zero_state(1).nbytes
+        assert engine.cache.max_bytes == max(limits.STATE_CACHE_BYTES, states)
+    assert states > limits.STATE_CACHE_BYTES  # the larger server's cache grew past the fixed budget
 
 
 # ---------------------------------------------------------------------------------------- service
@@ -404,3 +440,37 @@ def test_cors_origins_come_from_flags_or_the_environment_and_exclude_share():
     assert parse_config([], {}).cors_origins == ()
     with pytest.raises(ValueError, match="--cors-origins and --share cannot be combined"):
         parse_config(["--cors-origins", "*", "--share"], {})
+
+
+# ---------------------------------------------------------------------------------------- stream pacing
+
+def test_streams_share_one_update_budget(monkeypatch):
+    """One stream passes an update every STREAM_INTERVAL_S (its first, its last and empty answers always); with
+    many streams running, each passes fewer, so that together they stay within the pace's updates a second."""
+    from types import SimpleNamespace
+
+    from rwkv_chat.app import ui_stream
+    clock = [0.0]
+    monkeypatch.setattr(ui_stream.time, "monotonic", lambda: clock[0])
+
+    def updates(count, step_s):  # a reply of `count` updates, one every step_s seconds of the fake clock
+        for i in range(count):
+            clock[0] += step_s
+            yield SimpleNamespace(done=i == count - 1, answer="" if i == 0 else "x" * i)
+
+    pace = ui_stream.StreamPace(updates_per_s=100)
+    passed = list(pace.throttled(updates(101, 0.01)))  # 1 s of updates every 10 ms
+    assert passed[0].answer == "" and passed[-1].done
+    times = [0.01 * (len(u.answer) + 1) for u in passed]
+    assert all(b - a >= ui_stream.STREAM_INTERVAL_S - 1e-9 for a, b in zip(times[1:-1], times[2:-1]))
+    assert 19 <= len(passed) <= 23  # ~20 a second, plus the first and the last
+    others = [pace.throttled(updates(10**6, 0.0)) for _ in range(49)]
+    for stream in others:
+        next(stream)  # 49 more streams running: 50 share 100 updates a second
+    assert pace.streams == 49 and pace.interval() == pytest.approx(0.49)  # 0.5 once the 50th starts
+    clock[0] = 0.0
+    passed = list(pace.throttled(updates(101, 0.01)))
+    assert 3 <= len(passed) <= 5  # the first, one every 0.5 s, the last
+    for stream in others:
+        stream.close()
+    assert pace.streams == 0

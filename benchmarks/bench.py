@@ -35,6 +35,7 @@ run whose --versions are all "7" sets it, and in a mixed run the RWKV-7 shapes g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -550,7 +551,10 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
         lone_tps, _ = alone_tps(batcher)
         in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
         served, steps_before = batcher.served, batcher.steps
-        judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
+        with worker_timing() as worker:
+            judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
+        worker_ms = {part: seconds / max(1, batcher.steps - steps_before) * 1e3 for part, seconds in worker.items()}
+        worker_ms["step"] = elapsed / max(1, batcher.steps - steps_before) * 1e3
         mean_batch = (batcher.served - served) / max(1, batcher.steps - steps_before)
         recorded = in_threads(lambda i: chat(batcher, i, Recording), n_chats)[0][:check_chats]
     generated = sum(len(j.ids) for j in judges)
@@ -575,7 +579,63 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
             "sampling_ms": sampling_ms,
             "batcher_tps": batched_tps, "speedup": batched_tps / single_tps, "mean_batch": mean_batch,
             "tokens_per_chat": generated / n_chats, "stop_reasons": reasons, "max_dlogit_vs_alone": dmax,
-            "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens}
+            "argmax_agree_vs_alone": agree, "sampled_agree_vs_alone": same_tokens, "worker_ms": worker_ms}
+
+
+def report_batching(info: dict, texts: list) -> None:
+    """One row of the batching table (into `texts`, and printed at once)."""
+    line = (f"| RWKV-{info['version']} {info['size']} | {info['dtype']} | {info['chats']} "
+            f"(wakes ≤ {info['max_wakes_per_s']:,}/s) | {info['direct_tps']:,.1f} | "
+            f"{info['lone_batcher_tps']:,.1f} | {info['raw_batch_tps']:,.0f} | "
+            f"{info['raw_batch_sampled_tps']:,.0f} | {info['sampling_ms']:.2f} | "
+            f"{info['batcher_tps']:,.0f} | "
+            f"{info['speedup']:.1f}× | {info['mean_batch']:.1f} | {info['tokens_per_chat']:.0f} "
+            f"({', '.join(info['stop_reasons'])}) | {info['max_dlogit_vs_alone']:.2e} | "
+            f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
+    texts.append(line)
+    print(f"[bench] batching {line}", file=sys.stderr, flush=True)
+    print("[bench] batcher worker, ms a step: " + ", ".join(
+        f"{part} {ms:.2f}" for part, ms in info["worker_ms"].items()), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def worker_timing():
+    """Where the pipelined batcher's worker spends its time, in seconds summed over the run (a dict filled on
+    exit): launching steps (sampling and model graphs queued), waiting for a step's tokens, the judges (stop
+    rules, detokenising, penalties) and waking readers, chats joining and leaving. The worker's methods are
+    wrapped for the run only."""
+    from rwkv_chat.serving import batching
+    totals = {"launch": 0.0, "wait": 0.0, "judge": 0.0, "join+retire": 0.0}
+    originals = {}
+
+    def timed(owner, name, part, before=None):
+        original = originals[(owner, name)] = getattr(owner, name)
+
+        def wrapper(self, *args, **kwargs):
+            if before is not None:
+                start = time.perf_counter()
+                before(self)
+                totals["wait"] += time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                totals[part] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    def wait_for_tokens(launch):
+        if launch.copied is not None:
+            launch.copied.synchronize()
+
+    timed(batching._Slots, "launch", "launch")
+    timed(batching._Launch, "judge", "judge", before=wait_for_tokens)
+    timed(batching._Slots, "join", "join+retire")
+    timed(batching._Slots, "retire", "join+retire")
+    try:
+        yield totals
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -760,6 +820,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=0, help="concurrent chats for the batching section (0 = skip)")
     p.add_argument("--batch-sizes", default=None, help="sizes for the batching section (default: --sizes)")
     p.add_argument("--batch-steps", type=int, default=64)
+    p.add_argument("--max-wakes", type=str, default="",
+                   help="batching: the batcher's MAX_WAKES_PER_S values to run, comma-separated (default: its own)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kernels", action="store_true", help="GPU: time the batch-1 matrix products first")
     p.add_argument("--profile", action="store_true", help="GPU: profile one decode step and one prefill per shape")
@@ -871,6 +933,8 @@ def main(argv=None) -> int:
                                       "rows": [{k: v for k, v in asdict(r).items() if k != "logits"} for r in rows]})
     if args.batch:
         from rwkv_chat.loading.loader import build_model, config_from_state_dict, resolve_device_dtype
+        from rwkv_chat.serving import batching
+        wake_rates = [int(rate) for rate in args.max_wakes.split(",") if rate] or [batching.MAX_WAKES_PER_S]
         for size in (args.batch_sizes or args.sizes).split(","):
             for version in args.versions.split(","):
                 for dt in (args.dtypes or "bf16").split(","):
@@ -879,21 +943,15 @@ def main(argv=None) -> int:
                     model = build_model(config_from_state_dict(sd), dict(sd), dev, torch_dtype, fast=True)
                     del sd
                     cleanup()
-                    with torch.inference_mode():
-                        info = bench_batching(model, args.batch, args.batch_steps)
-                    info.update(version=version, size=size, dtype=dt)
-                    results["batching"].append(info)
+                    for rate in wake_rates:
+                        batching.MAX_WAKES_PER_S = rate
+                        with torch.inference_mode():
+                            info = bench_batching(model, args.batch, args.batch_steps)
+                        info.update(version=version, size=size, dtype=dt, max_wakes_per_s=rate)
+                        results["batching"].append(info)
+                        report_batching(info, texts)
                     del model
                     cleanup()
-                    line = (f"| RWKV-{version} {size} | {dt} | {info['chats']} | {info['direct_tps']:,.1f} | "
-                            f"{info['lone_batcher_tps']:,.1f} | {info['raw_batch_tps']:,.0f} | "
-                            f"{info['raw_batch_sampled_tps']:,.0f} | {info['sampling_ms']:.2f} | "
-                            f"{info['batcher_tps']:,.0f} | "
-                            f"{info['speedup']:.1f}× | {info['mean_batch']:.1f} | {info['tokens_per_chat']:.0f} "
-                            f"({', '.join(info['stop_reasons'])}) | {info['max_dlogit_vs_alone']:.2e} | "
-                            f"{info['argmax_agree_vs_alone'] * 100:.0f}% | {info['sampled_agree_vs_alone'] * 100:.0f}% |")
-                    texts.append(line)
-                    print(f"[bench] batching {line}", file=sys.stderr, flush=True)
         header = ("\n### Concurrent chats (DecodeBatcher: a reading thread per chat, the engine's judge, sampling "
                   "with penalties)\n\n"
                   "| model | dtype | chats | one chat tok/s (DirectDecoder) | one chat tok/s (batcher) | decode_batch "

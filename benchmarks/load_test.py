@@ -309,6 +309,10 @@ def user(run: Run, url: str, cid: int, args, counter: TokenCounter, deadline: Op
                 client.predict(api_name="/reset")
             else:
                 client.reset_session()  # a new Gradio session: a new visitor; the old one is abandoned
+    except Exception as error:  # outside a turn (history, reset): the user stops, counted as a failed turn
+        with run.lock:
+            run.turns.append(Turn(cid, conv, 0, "", run.clock(), run.clock(),
+                                  f"client: {type(error).__name__}: {str(error)[:120]}"))
     finally:
         client.close()
 

@@ -21,10 +21,10 @@ What this module promises:
   of and writes the next (in place, graphed on the GPU: no state is copied per step), and the worker
   launches step t+1 (draw every row's token on the device, count it in the penalties, feed it) before it
   judges step t's tokens, so the host work between two steps does not grow with the number of chats: it is
-  the judges' (which overlap the device's steps) and a fixed number of kernel launches. A chat that ended at step t wastes its row of step t+1; each chat's
-  generator runs up to `sampling.UNIFORM_BLOCK` uniforms ahead of its draws, and its penalties are counted
-  on the device from the tokens drawn (the caller's PenaltyState is read when the chat joins; the judge
-  keeps updating it as before). On the CPU (where sorting whole vocabularies is slow and there is no
+  the judges' (which overlap the device's steps) and a fixed number of kernel launches. A chat that ended
+  at step t wastes its row of step t+1; each chat's generator runs up to `sampling.UNIFORM_BLOCK` uniforms
+  ahead of its draws, and its penalties are counted on the device from the tokens drawn (the caller's
+  PenaltyState is read when the chat joins; the judge keeps updating it as before). On the CPU (where sorting whole vocabularies is slow and there is no
   queue to overlap): `sampling.sample_batch` row by row, then the step, then the judges while it runs.
 - A refused token's row of the step that fed it is wasted: its chat ends with the state and logits it had
   before that token (the step leaves them untouched); a chat whose judge says LAST ends with the ones after.

@@ -6,6 +6,8 @@ What this module promises:
 - `FastRunner(model)` computes the same function as the model's plain path (`RwkvModel._read`), within the
   rounding of the model's weight dtype: `prefill(ids, state)` for one sequence and `decode(ids, state)` for
   one token of each of B sequences. States passed in are never changed; new ones are returned.
+  `decode_into(ids, source, target)` is the decode step from the leading rows of a caller's state buffer into
+  another's, in place (graphed on CUDA: the batcher's ring steps so).
 - Packing shares memory with the model (packing.py): each layer's r/k/v(/g) projections become one [P*A, C]
   matrix and the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed
   to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.

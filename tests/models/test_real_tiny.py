@@ -54,3 +54,18 @@ def test_bf16_and_int8_keep_98_percent_of_the_fp32_argmax(name, dtype):
     low = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype=dtype).forward(IDS, all_logits=True)[0]
     agreement = (low.argmax(-1) == fp32.argmax(-1)).float().mean().item()
     assert len(IDS) >= 300 and agreement >= 0.98, f"{name} {dtype}: argmax agreement {agreement:.3f}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_int8_decode_step_keeps_98_percent_of_the_fp32_argmax(name):
+    """Token by token through the decode step: its own products (on CPUs with AVX512-VNNI the int8 ones round
+    the activations to int16, kernels/cpu_kernels.py), against the fp32 prefill's logits at every position."""
+    fp32 = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="fp32").forward(IDS, all_logits=True)[0]
+    model = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="int8")
+    logits, state = model.forward(IDS[:1])
+    rows = [logits]
+    for token in IDS[1:]:
+        logits, state = model.forward([token], state)
+        rows.append(logits)
+    agreement = (torch.stack(rows).argmax(-1) == fp32.argmax(-1)).float().mean().item()
+    assert agreement >= 0.98, f"{name} int8 decode: argmax agreement {agreement:.3f}"

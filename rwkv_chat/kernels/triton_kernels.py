@@ -4,8 +4,9 @@ and the sequential RWKV-4 scan for prefill.
 What this module promises:
 - `AVAILABLE` says whether Triton imported; without it nothing here may be called (callers fall back to
   PyTorch), and importing this module never fails.
-- Each wrapper computes the same function as the PyTorch code of runtime/fast_path.py and the architectures it replaces (fp32 arithmetic; only
-  the matrix operands are in the weight dtype), allocates its outputs, and returns them. `ln_mix`, `ffn_act`,
+- Each wrapper computes the same function as the PyTorch code of runtime/fast_path.py and the architectures it
+  replaces (fp32 arithmetic; only the matrix operands are in the weight dtype), allocates its outputs, and
+  returns them. `ln_mix`, `ffn_act`,
   `project` and the RWKV-5 decode kernel (whose decay may also come per token, RWKV-6's) serve the fused decode
   step of RWKV-6/7 as well (runtime/fused_decode.py).
 - `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into

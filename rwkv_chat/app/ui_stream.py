@@ -5,8 +5,8 @@ every update with an empty answer always pass), so a fast model does not flood b
 STREAM_INTERVAL_S, longer while so many streams of the pace run at once that together they would pass more than
 MAX_UPDATES_PER_S: every update is work for the server's one Python process (Gradio serialises the outputs and
 sends them), and a GPU serving 128 chats at 20 updates a second each would ask it for 2,560 a second. (Its
-effect on the load test's aggregate was not measured apart from the other fixes of that run.) `reason` gives the message of an expected refusal as is, and logs anything
-unexpected with its traceback before naming it.
+effect on the load test's aggregate was not measured apart from the other fixes of that run.) `reason` gives
+the message of an expected refusal as is, and logs anything unexpected with its traceback before naming it.
 Plain Python: knows nothing of Gradio.
 """
 

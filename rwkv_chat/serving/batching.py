@@ -24,8 +24,9 @@ What this module promises:
   the judges' (which overlap the device's steps) and a fixed number of kernel launches. A chat that ended
   at step t wastes its row of step t+1; each chat's generator runs up to `sampling.UNIFORM_BLOCK` uniforms
   ahead of its draws, and its penalties are counted on the device from the tokens drawn (the caller's
-  PenaltyState is read when the chat joins; the judge keeps updating it as before). On the CPU (where sorting whole vocabularies is slow and there is no
-  queue to overlap): `sampling.sample_batch` row by row, then the step, then the judges while it runs.
+  PenaltyState is read when the chat joins; the judge keeps updating it as before). On the CPU (where
+  sorting whole vocabularies is slow and there is no queue to overlap): `sampling.sample_batch` row by row,
+  then the step, then the judges while it runs.
 - A refused token's row of the step that fed it is wasted: its chat ends with the state and logits it had
   before that token (the step leaves them untouched); a chat whose judge says LAST ends with the ones after.
   A chat's state and logits are copied out when it ends.

@@ -54,6 +54,10 @@ class RwkvState:
         index %= self.batch_size
         return RwkvState(self.shift[index:index + 1], self.wkv[index:index + 1])
 
+    def leading(self, rows: int) -> "RwkvState":
+        """The first `rows` sequences of the batch (views: writing them writes this state's tensors)."""
+        return RwkvState(self.shift[:rows], self.wkv[:rows])
+
     def unstack(self) -> list["RwkvState"]:
         """Split a batch into independent batch-1 states (copies)."""
         return [self[i].clone() for i in range(self.batch_size)]

@@ -51,7 +51,7 @@ class _Captured:
             into = None
         else:
             self.shift, self.wkv = source.shift[:batch], source.wkv[:batch]
-            into = RwkvState(target.shift[:batch], target.wkv[:batch])
+            into = target.leading(batch)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # compile kernels and settle the allocator before capture
@@ -68,8 +68,7 @@ class _Captured:
         self.shift[:rows].copy_(state.shift)
         self.wkv[:rows].copy_(state.wkv)
         self._replay(ids)
-        return (self.logits[:rows].clone(),
-                RwkvState(self.out.shift[:rows].clone(), self.out.wkv[:rows].clone()))
+        return self.logits[:rows].clone(), self.out.leading(rows).clone()
 
     def _replay(self, ids: torch.Tensor) -> None:
         rows = ids.shape[0]
@@ -87,7 +86,8 @@ class GraphedDecoder:
     """Replays captured decode steps (see module docstring)."""
 
     def __init__(self, step, empty_state, device: torch.device, buckets=BUCKETS):
-        """step(ids, shift, wkv) -> (logits, RwkvState); empty_state(batch) -> the model's empty RwkvState."""
+        """step(ids, shift, wkv, out=None) -> (logits, RwkvState), the state written into `out` when given;
+        empty_state(batch) -> the model's empty RwkvState."""
         self.step = step
         self.device = torch.device(device)
         self.buckets = tuple(sorted(buckets))
@@ -133,8 +133,7 @@ class GraphedDecoder:
                 if captured is not None:
                     captured._replay(ids)
                     return captured.logits[:rows].clone()
-        logits, _ = self.step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
-                              out=RwkvState(target.shift[:rows], target.wkv[:rows]))
+        logits, _ = self.step(ids.to(self.device), source.shift[:rows], source.wkv[:rows], out=target.leading(rows))
         return logits
 
     def _capture(self, key, size: int, source: RwkvState | None = None, target: RwkvState | None = None):

@@ -155,7 +155,7 @@ class FastRunner:
             return self._graphs.into(ids, source, target)
         rows = ids.shape[0]
         logits, _ = self._decode_step(ids.to(self.device), source.shift[:rows], source.wkv[:rows],
-                                      out=RwkvState(target.shift[:rows], target.wkv[:rows]))
+                                      out=target.leading(rows))
         return logits
 
     def empty_state(self, batch: int) -> RwkvState:

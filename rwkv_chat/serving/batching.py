@@ -272,27 +272,22 @@ class DecodeBatcher:
         return decode_into(self.model, ids, source, target)
 
 
-def decode_on_device(model, ids: torch.Tensor, state: RwkvState):
-    """The model's batched step on token ids that are already on its device (drawn there, always in range):
-    the model's runner directly where it has one, which skips decode_batch's host-side range check (a
-    host sync); else decode_batch."""
-    if ids.device.type != "cpu" and hasattr(model, "decode_plain") and hasattr(model, "runner"):
-        runner = model.runner
-        return runner.decode(ids, state) if runner is not None else model.decode_plain(ids, state)
-    return model.decode_batch(ids, state)
-
-
 def decode_into(model, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
-    """decode_on_device from the first len(ids) rows of `source` into the same rows of `target` -> logits: in
-    place (and graphed where graphs run) through the runner's decode_into where it has one, else the step's
-    new state copied in."""
+    """The model's batched step on token ids drawn on its device (always in range), from the first len(ids) rows
+    of `source` into the same rows of `target` -> logits: in place (and graphed where graphs run) through the
+    runner's decode_into where it has one; else the step (the plain one off the CPU, which skips decode_batch's
+    host-side range check, a host sync) with its new state copied in."""
     runner = getattr(model, "runner", None)
     if runner is not None and hasattr(runner, "decode_into"):
         return runner.decode_into(ids, source, target)
     rows = ids.shape[0]
-    logits, new = decode_on_device(model, ids, _rows(source, rows))
-    target.shift[:rows].copy_(new.shift)
-    target.wkv[:rows].copy_(new.wkv)
+    start, end = source.leading(rows), target.leading(rows)
+    if ids.device.type == "cpu" or not hasattr(model, "decode_plain"):
+        logits, new = model.decode_batch(ids, start)
+    else:
+        logits, new = runner.decode(ids, start) if runner is not None else model.decode_plain(ids, start)
+    end.shift.copy_(new.shift)
+    end.wkv.copy_(new.wkv)
     return logits
 
 
@@ -364,7 +359,7 @@ class _Slots:
     @property
     def state(self) -> RwkvState:
         """The states of the rows now (views of the ring's current buffer)."""
-        return _rows(self.ring[self.current], len(self.rows))
+        return self.ring[self.current].leading(len(self.rows))
 
     def chats(self) -> list[_Chat]:
         return [chat for chat in self.rows if chat is not None]
@@ -442,11 +437,6 @@ class _Slots:
         self.current = following
         launch.new_logits, launch.new_state = self.logits, self.state
         return launch
-
-
-def _rows(state: RwkvState, rows: int) -> RwkvState:
-    """The first `rows` rows of a state buffer (views)."""
-    return RwkvState(state.shift[:rows], state.wkv[:rows])
 
 
 class _Launch:

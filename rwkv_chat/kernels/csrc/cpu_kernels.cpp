@@ -487,9 +487,8 @@ void each_head(int64_t H, Head head) {
 // token(t, h, sh) runs token t of head h on that head's S x S state sh (updated in place).
 template <typename Token>
 void scan_heads(int64_t H, int64_t T, int64_t S, float* state, Token token) {
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h)
-      for (int64_t t = 0; t < T; ++t) token(t, h, state + h * S * S);
+  each_head(H, [&](int64_t h) {
+    for (int64_t t = 0; t < T; ++t) token(t, h, state + h * S * S);
   });
 }
 

@@ -54,6 +54,7 @@ from .model_pool import LoadCooldown, LoadRefused, ModelPool, chat_capacity
 from .openai_api import OpenAIApi
 from .process_memory import return_freed_memory
 from .setting_inputs import setting_number, setting_slider
+from .threaded_stream import threaded
 from .ui_api import ChatApi
 from .ui_stream import StreamPace, reason
 
@@ -378,7 +379,8 @@ class ChatPage:
                                show_progress="hidden")
 
     def _ui_stream(self, start, conversation: Conversation, control: SessionControl, clear_box: bool):
-        """Run one generation for the page: (message box, chat, stats, conversation) per update."""
+        """Run one generation for the page: (message box, chat, stats, conversation) per update. Blocking:
+        the handlers iterate it through `threaded`."""
         updates = None
         try:
             with control.generating() as stop:
@@ -401,19 +403,21 @@ class ChatPage:
             if updates is not None:
                 updates.close()
 
-    def ui_send(self, progress=gr.Progress(), *values):
+    async def ui_send(self, progress=gr.Progress(), *values):
         message, *settings, conversation, control = values
         run = lambda stop: self.service.reply(conversation, message, ChatSettings(*settings), stop,  # noqa: E731
                                               _stage_reporter(progress))
-        yield from self._ui_stream(run, conversation, control, clear_box=True)
+        async for update in threaded(lambda: self._ui_stream(run, conversation, control, clear_box=True)):
+            yield update
 
-    def ui_retry(self, progress=gr.Progress(), *values):
+    async def ui_retry(self, progress=gr.Progress(), *values):
         *settings, conversation, control = values
         run = lambda stop: self.service.retry(conversation, ChatSettings(*settings), stop,  # noqa: E731
                                               _stage_reporter(progress))
-        yield from self._ui_stream(run, conversation, control, clear_box=False)
+        async for update in threaded(lambda: self._ui_stream(run, conversation, control, clear_box=False)):
+            yield update
 
-    def ui_edit(self, edit: gr.EditData, progress=gr.Progress(), *values):
+    async def ui_edit(self, edit: gr.EditData, progress=gr.Progress(), *values):
         *settings, conversation, control = values
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
         turn = conversation.turn_of_message(index)
@@ -422,7 +426,8 @@ class ChatPage:
             return
         run = lambda stop: self.service.edit(conversation, turn, user_text(_message_text(edit.value)),  # noqa: E731
                                              ChatSettings(*settings), stop, _stage_reporter(progress))
-        yield from self._ui_stream(run, conversation, control, clear_box=False)
+        async for update in threaded(lambda: self._ui_stream(run, conversation, control, clear_box=False)):
+            yield update
 
     def ui_undo(self, conversation: Conversation, control: SessionControl):
         if control.busy:

@@ -20,6 +20,7 @@ from .chat_service import ChatSettings, Conversation, SessionControl
 from .conversation_codec import parsed, to_json
 from .setting_inputs import setting_number
 from .model_choices import describe, free_memory
+from .threaded_stream import threaded
 from .ui_stream import reason
 
 
@@ -64,9 +65,14 @@ class ChatApi:
         click(self.select_model, [api_model, page.device, page.dtype] + state, [api_text, page.conversation],
               api_name="select_model", concurrency_id="load", concurrency_limit=2)
 
-    def _stream(self, start, control: SessionControl):
+    async def _stream(self, start, control: SessionControl):
         """(answer so far, stats line, conversation) per update; the stats line comes with the last one. A G1
-        model's reasoning is never part of the answer: `history` returns it, beside the answer."""
+        model's reasoning is never part of the answer: `history` returns it, beside the answer. The generation
+        runs in a thread of its own (threaded_stream), so a waiting stream holds none of Gradio's."""
+        async for update in threaded(lambda: self._updates(start, control)):
+            yield update
+
+    def _updates(self, start, control: SessionControl):
         updates = None
         try:
             with control.generating() as stop:
@@ -83,33 +89,37 @@ class ChatApi:
             if updates is not None:
                 updates.close()
 
-    def chat(self, message: str, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+    async def chat(self, message: str, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
              presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
              preamble: str, seed: float, think: str, start_state: str, conversation: Conversation,
              control: SessionControl):
         """Send `message` as the next turn of this client's conversation; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
                                 penalty_decay, prompt_style, preamble, seed, think, start_state)
-        yield from self._stream(lambda stop: self.service.reply(conversation, message, settings, stop), control)
+        async for update in self._stream(lambda stop: self.service.reply(conversation, message, settings, stop),
+                                         control):
+            yield update
 
-    def retry(self, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+    async def retry(self, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
               presence_penalty: float, frequency_penalty: float, penalty_decay: float, prompt_style: str,
               preamble: str, seed: float, think: str, start_state: str, conversation: Conversation,
              control: SessionControl):
         """Answer the last message again, from the state right after it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
                                 penalty_decay, prompt_style, preamble, seed, think, start_state)
-        yield from self._stream(lambda stop: self.service.retry(conversation, settings, stop), control)
+        async for update in self._stream(lambda stop: self.service.retry(conversation, settings, stop), control):
+            yield update
 
-    def edit(self, turn_index: float, message: str, max_new_tokens: float, temperature: float, top_p: float,
+    async def edit(self, turn_index: float, message: str, max_new_tokens: float, temperature: float, top_p: float,
              top_k: float, presence_penalty: float, frequency_penalty: float, penalty_decay: float,
              prompt_style: str, preamble: str, seed: float, think: str, start_state: str,
              conversation: Conversation, control: SessionControl):
         """Replace user message `turn_index` (0 = first), drop what followed, answer it; streams (answer, stats)."""
         settings = ChatSettings(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
                                 penalty_decay, prompt_style, preamble, seed, think, start_state)
-        yield from self._stream(
-            lambda stop: self.service.edit(conversation, turn_index, message, settings, stop), control)
+        async for update in self._stream(
+                lambda stop: self.service.edit(conversation, turn_index, message, settings, stop), control):
+            yield update
 
     def undo(self, conversation: Conversation, control: SessionControl):
         """Forget the last turn; returns its message."""

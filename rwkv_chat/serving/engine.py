@@ -6,9 +6,9 @@ What it promises:
 - A new turn reads only the tokens the conversation does not already have a state for: the state after the
   previous answer (or after the shared preamble, or after the prompt being retried) comes from the cache, so
   time to first token does not grow with the length of the chat. The state after a preamble is cached on its
-  own, so every conversation with the same preamble reads it once (`warm_preamble` pins the operator's); `prefill N tok` counts every
-  token read for the turn, the preamble's included when it had to be read. On a cache miss the state is
-  rebuilt from the session's tokens, with the same result.
+  own, so every conversation with the same preamble reads it once (`warm_preamble` pins the operator's);
+  `prefill N tok` counts every token read for the turn, the preamble's included when it had to be read. On a
+  cache miss the state is rebuilt from the session's tokens, with the same result.
 - Generation streams text as it decodes (never a broken multi-byte character), stops at the turn separator,
   end-of-text (token 0, never shown), the token limit, a stop string of the settings, or a stop request, and the
   state it keeps always matches the tokens it keeps (the stop separator is not fed; text that shares its token
@@ -23,6 +23,8 @@ What it promises:
   judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
   before the step that feeds it, so the next sample sees them; a reply runs exactly one model step per kept
   token. A reader slower than the decoder gets several tokens per chunk.
+- Prompts are read one at a time (an engine's `model.forward` calls never overlap): concurrent turns queue for
+  the read, then decode together in the decoder. Time to first token counts that wait.
 
 It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
 """
@@ -153,6 +155,7 @@ class ChatEngine:
         # ids the model can score but the tokenizer cannot decode (65530..65535 in World models) are never drawn
         self._unknown_ids = tuple(range(tokenizer.max_token_id + 1, model.config.vocab_size))
         self._start_keys: dict[str, tuple[int]] = {}  # start state name -> its cache key, (negative id,)
+        self._reading = threading.Lock()  # one prompt read at a time (see _read)
 
     # ------------------------------------------------------------------------------------ start states
     def add_start_state(self, name: str, state) -> None:
@@ -196,9 +199,16 @@ class ChatEngine:
                 self.cache.put(ids, hit.state, hit.logits, pinned=True)
             return hit.logits, hit.state, 0
         start, state = (hit.length, hit.state) if hit is not None else (0, None)
-        logits, state = self.model.forward(list(ids[start:]), state)
+        logits, state = self._read(list(ids[start:]), state)
         self.cache.put(ids, state, logits, pinned=pin)
         return logits, state, len(ids) - start
+
+    def _read(self, ids: list[int], state):
+        """model.forward, one call at a time: concurrent prompts are read one after the other (in about the
+        order they came), each at the device's full speed, instead of all at once in threads that share the
+        device and the interpreter, where every one of them would finish as late as the last."""
+        with self._reading:
+            return self.model.forward(ids, state)
 
     def warm_preamble(self, session: ChatSession) -> int:
         """Compute (once, for every session) and pin the state after the session's preamble; returns how many
@@ -297,7 +307,7 @@ class ChatEngine:
         kept = text + piece[:max(0, cut - len(text))]
         extra = self.tokenizer.encode(kept[len(text):]) if cut > len(text) else []
         if extra:
-            logits, state = self.model.forward(extra, state)
+            logits, state = self._read(extra, state)
         return logits, state, answer_ids + list(extra), kept
 
 

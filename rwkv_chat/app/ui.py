@@ -70,6 +70,7 @@ EXAMPLES = [[DRAGON], ["请介绍一下北京的旅游景点"], ["What are the t
 # the settings a model family presets (chat_defaults), as ChatSettings names; the page sets them on Load
 FAMILY_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay",
                  "prompt_style", "think")
+GRADIO_DEFAULT_THREADS = 40  # what Gradio runs at once unless told (starlette's thread pool)
 BROWSER_KEY = "rwkv-chat-conversation"  # the browser's local storage entry that keeps the tab's conversation id
 LOCAL_FILE_HINT = ("To use a file you already have, start the app with `python app.py --model "
                    "/path/to/RWKV-5-World-0.1B-v1-20230803-ctx4096.pth` (or set `RWKV_MODEL`).")
@@ -88,6 +89,11 @@ def build_app(config: AppConfig) -> gr.Blocks:
     page = ChatPage(service, choices, config, tuple(f.name for f in state_files))
     page.preload_default()
     demo = page.build()
+    # Gradio runs at most max_threads events at once whatever their concurrency limits (its queue's active jobs):
+    # 40 unless told, which capped 128 streaming chats at 40 and queued the rest. The streams hold none of its
+    # threads (threaded_stream), so the same number for its thread limiter only serves the events' processing.
+    # queue() reads the attribute; launch() is given it again
+    demo.max_threads = worker_threads(config)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
     demo.rwkv_pool = pool  # for tests and for tools that embed the app
     demo.rwkv_service = service
@@ -129,7 +135,14 @@ def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     if config.cors_origins:
         return serve_with_cors(demo, config, routes)
     return demo.launch(server_name=config.server_name, server_port=config.port, share=config.share,
-                       app_kwargs={"routes": routes}, max_file_size=limits.MAX_UPLOAD_BYTES, **kwargs)
+                       app_kwargs={"routes": routes}, max_file_size=limits.MAX_UPLOAD_BYTES,
+                       max_threads=demo.max_threads, **kwargs)  # launch() sets it again: build_app's value
+
+
+def worker_threads(config: AppConfig) -> int:
+    """Events Gradio runs at once: every chat that can generate, plus Gradio's own default for the rest (history,
+    settings, stop: quick events that must not wait behind the generating ones)."""
+    return config.concurrency + GRADIO_DEFAULT_THREADS
 
 
 def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:

@@ -474,3 +474,20 @@ def test_streams_share_one_update_budget(monkeypatch):
     for stream in others:
         stream.close()
     assert pace.streams == 0
+
+
+def test_gradio_runs_every_chat_the_server_can_generate_at_once(make_checkpoint):
+    """Gradio runs at most max_threads events at once whatever their concurrency limits (its queue's job slots,
+    its thread limiter; 40 unless told): the app asks for a slot for every chat that can generate, plus Gradio's
+    own 40 for the quick events."""
+    from rwkv_chat.app.ui import GRADIO_DEFAULT_THREADS, build_app, worker_threads
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=6).path
+    config = AppConfig(model=str(path), device="cpu", concurrency=128)
+    demo = build_app(config)
+    try:
+        assert worker_threads(config) == 128 + GRADIO_DEFAULT_THREADS
+        assert demo.max_threads == demo._queue.max_thread_count == worker_threads(config)
+    finally:  # the default model's preload ends before the test does
+        choices = ModelChoices(str(path))
+        demo.rwkv_pool.get(choices.resolve(choices.default.value, "cpu", "auto"), by_visitor=False)
+        demo.rwkv_pool.close()

@@ -20,7 +20,8 @@ What it promises:
   tokens) and sampled tokens against its unbatched run. Beside it, the ceilings without threads or judges:
   the batched model step alone, the step fed by the batcher's device sampling (`SamplingRows.step`), and
   that sampling alone (ms per step).
-- int8 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): the int8 quality measure.
+- int8 and int4 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): their quality measure.
+  int4 runs on CPUs only.
 - On CPUs, ours rows note their decode speed against the memory ceiling measured in the same run: the bytes a
   decode step must read (every weight and constant as stored) read plainly (fp32 sums over a buffer that size
   on the same threads), as a percentage of the tokens a second that read allows.
@@ -254,8 +255,9 @@ class OursImpl(Impl):
         return self.model.forward([token], state)
 
     def decode_bytes(self) -> int:
-        """Bytes a decode step must read: every weight and constant as stored (int8 scales included), but of the
-        embedding only its one row (the packed runners' weights are views of these: each counted once)."""
+        """Bytes a decode step must read: every weight and constant as stored (int8 scales, int4's packed bytes and
+        group scales included), but of the embedding only its one row (the packed runners' weights are views of
+        these: each counted once)."""
         tensors = [t for name, t in self.model.named_parameters() if name != "emb.weight"]
         tensors += [t for _, t in self.model.named_buffers()]
         return sum(t.numel() * t.element_size() for t in tensors) + self.model.emb.weight[0].nbytes
@@ -809,7 +811,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", default="0.1B", help="comma list of " + ",".join(SIZES))
     p.add_argument("--versions", default="4,5.2")
-    p.add_argument("--dtypes", default=None, help="ours: comma list of fp32,bf16,fp16,int8 (default bf16,int8)")
+    p.add_argument("--dtypes", default=None, help="ours: comma list of fp32,bf16,fp16,int8,int4 (default bf16,int8)")
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64 CPU, 256 GPU)")
     p.add_argument("--parity-steps", type=int, default=16)
@@ -883,7 +885,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     by_dtype = {r.dtype: r for r in rows if r.name == "ours"}
     for r in rows:
         r.ratio_prefill, r.ratio_decode = r.prefill_tps / best_p, r.decode_tps / best_d
-        if r.name == "ours" and r.dtype == "int8" and "bf16" in by_dtype:
+        if r.name == "ours" and r.dtype in ("int8", "int4") and "bf16" in by_dtype:
             a = torch.stack(r.logits[:len(by_dtype["bf16"].logits)])
             b = torch.stack(by_dtype["bf16"].logits[:len(a)])
             agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item() * 100

@@ -12,7 +12,7 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --load-cooldown  RWKV_LOAD_COOLDOWN                  0 s; 300 s on a Space: after a visitor's request loads a
                                                          model, other new loads wait this long (loaded ones don't)
     --device         RWKV_DEVICE                         auto (CUDA when present, else CPU)
-    --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU); fp32, bf16, fp16, int8
+    --dtype          RWKV_DTYPE                          auto (bf16 on CUDA, fp32 on CPU); fp32, bf16, fp16, int8, int4
     --preamble       RWKV_PREAMBLE                       none (system text read before every conversation)
     --port           GRADIO_SERVER_PORT, PORT            7860
     --server-name    GRADIO_SERVER_NAME                  0.0.0.0 on a Space (SPACE_ID set), else 127.0.0.1
@@ -46,7 +46,7 @@ from ..loading.catalog import DEFAULT_MODEL, suggested_model
 from .model_choices import ALL_MODELS, SMALL_MODELS
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 DEFAULT_PORT = 7860
 MAX_CONCURRENCY = 256  # chats generating at once: the largest decode batch (runtime/cuda_graphs.BUCKETS)
 AUTO = "auto"

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..loading.catalog import CATALOG, CatalogEntry, find_entry
+from ..loading.catalog import BYTES_PER_PARAM, CATALOG, CatalogEntry, find_entry
 from ..loading.loader import ModelLoadError, config_from_state_dict, dtype_name, read_pth, resolve_device_dtype
 
 ALL_MODELS, SMALL_MODELS, NO_MODELS = "all", "small", "none"  # the words --models takes beside catalog names
@@ -45,7 +45,7 @@ class ModelKey:
 
     choice: str  # a ModelChoice.value
     device: str  # "cpu", "cuda", "cuda:1"
-    dtype: str  # "fp32", "bf16", "fp16", "int8"
+    dtype: str  # "fp32", "bf16", "fp16", "int8", "int4"
 
     @property
     def placement(self) -> str:
@@ -66,7 +66,7 @@ class ModelChoice:
         if self.download_bytes is None:
             return None
         params = self.download_bytes / FILE_BYTES_PER_PARAM
-        return int(params * dtype.itemsize * WORKING_ROOM)
+        return int(params * BYTES_PER_PARAM[dtype] * WORKING_ROOM)
 
     def state_bytes(self) -> Optional[int]:
         """Bytes of one chat's fp32 RNN state, or None when unknown before the model loads."""

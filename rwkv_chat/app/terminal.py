@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="catalog name, hub repo id, .pth file or HF directory "
                                                       "(default: as the web app)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 or int8")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16, int8 or int4 (CPU)")
     parser.add_argument("--template", default=None, choices=sorted(TEMPLATES), help="default: the model family's")
     parser.add_argument("--think", default=None, choices=THINK_MODES, help="G1 thinking (default: the family's)")
     parser.add_argument("--preamble", default=None, help="system text placed before the conversation")

@@ -12,8 +12,8 @@ What this module promises:
   instructions for it (bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16; fp32 always). Where it does not, a bf16
   or fp16 product of many rows is many times slower than the fp32 one (measured: 3.5× on AVX2 Zen 3 the other
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
-  `int8_dot` names the C++ kernels' int8 product of few rows: "avx512_vnni" (int16 activations, integer dot
-  products; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
+  `int8_dot` names the C++ kernels' int8 and int4 products of few rows: "avx512_vnni" (integer dot products on
+  int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.
@@ -110,4 +110,4 @@ def describe() -> str:
         "bf16/fp16 products as fp32 (no bf16 units)"
     capped = f" (capped by {ISA_VARIABLE})" if os.environ.get(ISA_VARIABLE, "").strip() else ""
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
-            f"int8 decode products {features.int8_dot}")
+            f"int8/int4 decode products {features.int8_dot}")

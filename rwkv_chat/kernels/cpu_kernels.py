@@ -8,14 +8,16 @@ What this module promises:
   warning and never raised. Callers fall back to PyTorch when it returns None.
 - `linear` is a weight-streaming product for few rows with fp32 activations (int8 weights: on CPUs with
   AVX512-VNNI the activations are rounded to int16, one step per row, and the products are integer dot
-  products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes); the extension's
-  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its `wkv4_scan` /
-  `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py, runtime/cpu_decode.py
-  and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built, and
-  `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
+  products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
+  (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
+  AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM). The extension's
+  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
+  `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
+  runtime/cpu_decode.py and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built,
+  and `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
 
-- `configure()` picks the int8 product (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) for the whole process;
-  the build runs it once, and a caller that changes RWKV_CPU_ISA afterwards (the tests) runs it again.
+- `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) for the whole
+  process; the build runs it once, and a caller that changes RWKV_CPU_ISA afterwards (the tests) runs it again.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
@@ -35,7 +37,8 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 EXTENSION_NAME = "rwkv_chat_cpu_kernels"
 DISABLE_VARIABLE = "RWKV_CPU_KERNELS"
 CAPABLE = ("AVX2", "AVX512")
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8: int4, packed
+INT4 = torch.int4  # the int4 format's dtype token (quant.INT4), as a model names its dtype
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module": the extension or None, once tried (process-wide build cache)
@@ -117,8 +120,9 @@ def scan_each_sequence(scan, per_token: list[torch.Tensor], state: torch.Tensor)
 
 
 def handles_dtype(dtype: torch.dtype) -> bool:
-    """Weights of this dtype get their CPU products here (builds the kernels on the first call)."""
-    return dtype in WEIGHT_DTYPES and kernels() is not None
+    """Weights of this dtype (or the int4 format) get their CPU products here (builds the kernels on the first
+    call)."""
+    return (dtype in WEIGHT_DTYPES or dtype == INT4) and kernels() is not None
 
 
 def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -127,7 +131,8 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ Wᵀ -> fp32 [..., N]; W fp32/bf16/fp16, or int8 with its per-row `scale`. Only where `handles`."""
+    """x [..., K] @ Wᵀ -> fp32 [..., N]; W fp32/bf16/fp16, int8 with its per-row `scale`, or int4 (uint8 [N, K/2])
+    with its (scale, min) groups as `scale`. Only where `handles`."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    out = kernels().rows_product(rows, weight, scale if weight.dtype == torch.int8 else None)
+    out = kernels().rows_product(rows, weight, scale if weight.dtype in (torch.int8, torch.uint8) else None)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,18 +1,27 @@
-"""Int8 weight-only quantisation of the projection matrices, and the matrix products that use it.
+"""Int8 and int4 weight-only quantisation of the projection matrices, and the matrix products that use them.
 
 What this module promises:
 - `quantize_rows(w)` stores a [N, K] matrix as int8 with one fp32 scale per output row (symmetric,
   scale = max|row| / 127): half the bytes of bf16, a quarter of fp32. `dequantize` undoes it.
+- `quantize_int4(w, group)` stores it as 4-bit integers q in 0..15, two a byte (uint8 [N, K/2], in the layout
+  csrc/cpu_kernels.cpp reads: each block of 64 columns is 32 bytes, byte j holding column j in its low nibble and
+  column j + 32 in its high one), with an fp16 scale and min per group of `group` input columns ([N, 2, K/group]:
+  a row's scales, then its mins):
+  w ≈ q * scale + min (asymmetric: the group's min and max are representable up to fp16 rounding). At the default
+  group of 64 that is 4.5 bits a weight. `dequantize_int4` undoes it. `INT4` (torch.int4) is the dtype token a
+  caller asks for; `weight_format` names a stored weight's format (torch.int4 for the uint8 packing).
 - `linear(x, weight, scale)` is `x @ Wᵀ` returning fp32, for float weights (computed in the weight's dtype,
   as `model.Projection` does) and for int8 weights (scale given). On CUDA, int8 products run in Triton
   kernels when Triton is present; anywhere else but CPUs by dequantising, which is slow but exact to the
   stored weights.
-- CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8 weight stream it through the C++ kernels
+- CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
   (cpu_kernels.py) when they are built. Many rows (a prefill) take PyTorch's GEMM in the dtype this CPU
   multiplies fastest (cpu_features.py): bf16 inputs where the CPU has bf16 units (AVX512-BF16, AMX), int8
   weights widened to bf16 there (exact: |q| ≤ 127 is a bf16 integer) with the row scales applied to the fp32
-  result; elsewhere bf16/fp16 weights are widened to fp32 and int8 ones dequantised to fp32, because a
-  half-precision GEMM without such units is several times slower than the fp32 one.
+  result, int4 ones dequantised to bf16 (q * scale + min rounded to bf16: 8 significant bits, far finer than
+  the 4-bit steps); elsewhere bf16/fp16 weights are widened to fp32 and int8/int4 ones dequantised to fp32,
+  because a half-precision GEMM without such units is several times slower than the fp32 one. int4 runs on
+  CPUs only (`linear` refuses it elsewhere; the loader says so first).
 
 It knows nothing of RWKV: which matrices are quantised is the loader's choice.
 """
@@ -29,7 +38,13 @@ MANY_ROWS = 16  # from this many rows a CPU product is one GEMM in the fastest d
 # fewer stream the weight through cpu_kernels
 
 INT8_MAX = 127.0
-QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows (64 MiB of fp32)
+QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows / quantize_int4 (64 MiB of fp32)
+
+INT4 = torch.int4  # the dtype token of the int4 format; its weights are stored as uint8, two a byte
+INT4_STORAGE = torch.uint8
+INT4_MAX = 15.0
+INT4_BLOCK = 64  # columns per packing block (32 bytes); a group is a whole number of blocks
+INT4_GROUP = 64  # input columns per (scale, min): measured on the trained tiny models, 32 was no better
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +65,57 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def weight_format(weight: torch.Tensor) -> torch.dtype:
+    """The format a stored projection weight is in: its dtype, or INT4 for the uint8 packing of quantize_int4."""
+    return INT4 if weight.dtype == INT4_STORAGE else weight.dtype
+
+
+def int4_fits(cols: int, group: int = INT4_GROUP) -> bool:
+    """Whether a matrix of `cols` input columns can be stored in int4 with this group size."""
+    return group % INT4_BLOCK == 0 and cols % group == 0
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (uint8 [N, K/2], fp16 [N, 2, K/group]) with weight ≈ q * scale + min per group (module
+    docstring). q is rounded against the fp16 scale and min as stored. Rows go in blocks of about QUANTIZE_BLOCK
+    weights, as in quantize_rows."""
+    rows, cols = weight.shape
+    if not int4_fits(cols, group):
+        raise ValueError(f"int4 groups of {group} columns need K a multiple of the group and the group a multiple "
+                         f"of {INT4_BLOCK}; K is {cols}")
+    packed = torch.empty((rows, cols // 2), dtype=INT4_STORAGE, device=weight.device)
+    groups = torch.empty((rows, 2, cols // group), dtype=torch.float16, device=weight.device)
+    step = max(1, QUANTIZE_BLOCK // max(1, cols))
+    for start in range(0, rows, step):
+        w = weight[start:start + step].float().reshape(-1, cols // group, group)
+        low = w.amin(dim=2)
+        scale = ((w.amax(dim=2) - low) / INT4_MAX).half()
+        minimum = low.half()
+        inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros(()))  # a constant group: q = 0, w = min
+        q = ((w - minimum.float()[..., None]) * inverse[..., None]).round_().clamp_(0, INT4_MAX).to(INT4_STORAGE)
+        q = q.reshape(len(w), cols // INT4_BLOCK, 2, INT4_BLOCK // 2)  # [rows, blocks, low/high, 32]
+        packed[start:start + step] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(len(w), cols // 2)
+        groups[start:start + step] = torch.stack([scale, minimum], dim=1)
+    return packed, groups
+
+
+def dequantize_int4(packed: torch.Tensor, groups: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """quantize_int4's (packed, groups) -> the [N, K] weights q * scale + min in `dtype` (computed in fp32)."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(rows, cols // INT4_BLOCK, 1, INT4_BLOCK // 2)
+    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(rows, groups.shape[2], -1)  # columns in order
+    w = torch.addcmul(groups[:, 1, :, None].float(), q.float(), groups[:, 0, :, None].float())
+    return w.reshape(rows, cols).to(dtype)
+
+
+def widen_int4(packed: torch.Tensor, groups: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_int4 for a CPU product, in one pass of the C++ kernels when they are built (bf16 or fp32)."""
+    module = cpu_kernels.kernels() if cpu_kernels.tried() else None
+    if module is not None and dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu":
+        return module.int4_widen(packed, groups, dtype == torch.bfloat16)
+    return dequantize_int4(packed, groups, dtype)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -83,6 +149,12 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     many = rows >= MANY_ROWS
+    if weight.dtype == INT4_STORAGE:
+        if scale is None:
+            raise ValueError("an int4 weight needs its (scale, min) groups")
+        wide = torch.bfloat16 if many and cpu_features().native_matmul(torch.bfloat16) else torch.float32
+        out = F.linear(x2.to(wide), widen_int4(weight, scale, wide)).float()
+        return out.reshape(*shape, weight.shape[0])
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")
@@ -101,9 +173,11 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ in fp32 out; int8 weights need their `scale`. CPUs: `cpu_linear`."""
+    """x @ weightᵀ in fp32 out; int8 weights need their `scale`, int4 ones their groups. CPUs: `cpu_linear`."""
     if x.device.type == "cpu":
         return cpu_linear(x, weight, scale)
+    if weight.dtype == INT4_STORAGE:
+        raise ValueError(f"int4 weights run on CPUs only, not on {x.device.type}")
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import quant
 from ..models import Architecture, architecture_for
 from ..tokenizer import VOCAB_SIZE
 
 HEAD_SIZE = 64  # every published World model
-BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
+# int4: half a byte a weight plus an fp16 scale and min a group (loader.py keeps the head int8: HEAD_DTYPE)
+BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1,
+                   quant.INT4: 0.5 + 4 / quant.INT4_GROUP}
+HEAD_DTYPE = {quant.INT4: torch.int8}  # the head's dtype where it is not the model's
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class CatalogEntry:
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of every weight in `dtype`: the size of a checkpoint file stored in that dtype."""
-        return self.n_params * BYTES_PER_PARAM[dtype]
+        return int(self.n_params * BYTES_PER_PARAM[dtype])
 
     def state_bytes(self) -> int:
         """Bytes of one chat's fp32 RNN state."""
@@ -63,8 +67,9 @@ class CatalogEntry:
 
     def loaded_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of the weights once loaded in `dtype`: the embedding stays fp32 in every dtype (as in the
-        reference); small vectors (norms, mixes, int8 scales) are left out."""
-        return self.weight_bytes(dtype) + VOCAB_SIZE * self.n_embd * (4 - BYTES_PER_PARAM[dtype])
+        reference), the head in HEAD_DTYPE where given; small vectors (norms, mixes, int8 scales) are left out."""
+        head = BYTES_PER_PARAM[HEAD_DTYPE.get(dtype, dtype)]
+        return int(self.weight_bytes(dtype) + VOCAB_SIZE * self.n_embd * (4 + head - 2 * BYTES_PER_PARAM[dtype]))
 
     def memory_bytes(self, dtype: torch.dtype) -> int:
         """Weights as loaded plus working room (activations of a 1024-token prefill, a few states)."""

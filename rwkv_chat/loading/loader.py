@@ -32,7 +32,9 @@ from .catalog import CatalogEntry, find_entry
 from .hf_names import original_state_dict
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8}
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": torch.int8,
+          "int4": quant.INT4}
+LOW_BIT = (torch.int8, quant.INT4)  # formats the loader quantises projections into
 FP16_RESCALE_EVERY = 6
 HF_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
 
@@ -51,7 +53,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = No
     """Load `source` (see module docstring) onto `device` in `dtype`.
 
     Defaults: CUDA in bf16 when a GPU is present, else CPU in fp32. dtype "int8" (or torch.int8) stores the
-    projection matrices as int8 with per-row scales (kernels/quant.py): half of bf16's memory. `fast` attaches
+    projection matrices as int8 with per-row scales (kernels/quant.py): half of bf16's memory. dtype "int4" (or
+    torch.int4; CPUs only) stores the layers' projections as 4-bit integers with a scale and min per group of 64
+    columns and the head as int8 (build_model says why): about a third of bf16's memory. `fast` attaches
     the fast runner (runtime.fast_path: fused kernels, CUDA graphs); by default it is on except for fp32 on CPU,
     which keeps the plain reference path. `progress` is called with short human-readable stage descriptions
     ("downloading ...", "placing ...").
@@ -86,16 +90,19 @@ def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, int8, int4")
         dtype = DTYPES[dtype.lower()]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
-        raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16, float16 or int8")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, *LOW_BIT):
+        raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16, float16, int8 or int4")
+    if dtype == quant.INT4 and device.type != "cpu":
+        raise ModelLoadError(f"dtype int4 runs on CPUs only for now, not on {device.type}: set the dtype (--dtype, "
+                             "RWKV_DTYPE) to int8 for the smallest weights on a GPU, or bf16, or use device cpu")
     return device, dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-            torch.int8: "int8"}.get(dtype, str(dtype))
+            torch.int8: "int8", quant.INT4: "int4"}.get(dtype, str(dtype))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -246,8 +253,10 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between).
 
     Projections (the matrices that are multiplied) take `dtype`; everything else stays fp32: the embedding is
-    only looked up, and rounding it perturbs every later layer, as in the reference. int8: projections are
-    placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak)."""
+    only looked up, and rounding it perturbs every later layer, as in the reference. int8 and int4: projections
+    are placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak). int4 keeps the
+    head in int8: on the really trained tiny models an int4 head cost most of int4's argmax agreement (RWKV-4
+    96.6% → 98.2% with it in int8; docs/PERFORMANCE.md), for about 8% more bytes a token at 1.5B."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -266,12 +275,13 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         if tensor.numel() != param.numel():
             raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
         placed = dtype
-        if dtype == torch.int8:
+        if dtype in LOW_BIT:
             placed = torch.bfloat16 if device.type == "cuda" else torch.float32
         target = placed if name in projections else torch.float32
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
-        if dtype == torch.int8 and name in projections:
-            quantize_projection(model.get_submodule(name.rsplit(".", 1)[0]))
+        if dtype in LOW_BIT and name in projections:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            quantize_projection(module, dtype if name != "head.weight" else torch.int8)
     model.eval()
     if device.type == "cpu" and dtype != torch.float32:
         cpu_kernels.kernels()  # every architecture's low-precision products on CPUs use them (kernels/quant.py)
@@ -282,8 +292,13 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     return model
 
 
-def quantize_projection(projection: torch.nn.Module) -> None:
-    """Store a `Projection`'s weight as int8 with a per-row `weight_scale` buffer (in place)."""
-    q, scale = quant.quantize_rows(projection.weight.data)
+def quantize_projection(projection: torch.nn.Module, dtype: torch.dtype = torch.int8) -> None:
+    """Store a `Projection`'s weight as int8 with a per-row `weight_scale` buffer, or as int4 with its groups in
+    `weight_scale` (in place). A matrix whose width int4's groups do not divide (none in published models) stays
+    int8."""
+    if dtype == quant.INT4 and quant.int4_fits(projection.weight.shape[1]):
+        q, scale = quant.quantize_int4(projection.weight.data)
+    else:
+        q, scale = quant.quantize_rows(projection.weight.data)
     projection.weight = torch.nn.Parameter(q, requires_grad=False)
     projection.register_buffer("weight_scale", scale.to(q.device), persistent=True)

@@ -7,7 +7,7 @@ What this module promises:
   part runs in chunks with the exact chunked form of the recurrence (the architecture's time mix) — never a
   Python loop over tokens. Reading a sequence whole or split anywhere gives the same state (up to rounding).
 - Numerics follow the reference implementation: LayerNorms, the recurrence and the residual stream are fp32;
-  only the projections run in the weight dtype (fp32, bf16, fp16, int8), so bf16 stays close to fp32.
+  only the projections run in the weight dtype (fp32, bf16, fp16, int8, int4), so bf16 stays close to fp32.
 - Parameter names are those of the original checkpoints (`blocks.N.att.key.weight`, ...), except that
   `blocks.0.ln0` lives at `ln0`. Shapes come from a `RwkvConfig`, the time mix from its architecture.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import quant
 from ..state import RwkvState
 from .config import RwkvConfig
 from .layers import LAYER_NORM_EPS, Projection, layer_norm
@@ -77,8 +78,10 @@ class RwkvModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the projections are stored in (torch.int8 for int8 weights, which compute in bf16/fp32)."""
-        return self.head.weight.dtype
+        """The dtype the projections are stored in (torch.int8 for int8 weights, which compute in bf16/fp32; torch.int4
+        for int4 ones, stored two a byte, whose model keeps its head in int8): that of the first layer's."""
+        projection = next(module for module in self.blocks[0].modules() if isinstance(module, Projection))
+        return quant.weight_format(projection.weight)
 
     def projection_weight_names(self) -> set[str]:
         """Names of the weights that are multiplied (`Projection`s): the only ones stored in a low-precision

@@ -2,8 +2,9 @@
 with it.
 
 What this module promises:
-- `pack_projections(projections)` concatenates the rows of several `Projection`s (float, or int8 with per-row
-  scales) into one `PackedLinear` and re-points the modules' weights to views of it: the weights are held once.
+- `pack_projections(projections)` concatenates the rows of several `Projection`s (float, int8 with per-row
+  scales, or int4 with its per-row groups) into one `PackedLinear` and re-points the modules' weights to views
+  of it: the weights are held once.
 - `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32, as the plain path computes it (kernels/quant.py
   chooses the CPU's product; fp32 weights too take the C++ kernels for few rows there; on CUDA, int8 is
   expanded to bf16 for one wide GEMM of many rows).
@@ -29,7 +30,8 @@ from ..kernels import cpu_kernels, quant, triton_kernels
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """One weight [N, K] (float or int8 with per-row scale) whose rows are split into named segments."""
+    """One weight [N, K] (float, int8 with per-row scale, or int4 [N, K/2] with per-row groups) whose rows are split
+    into named segments."""
 
     weight: torch.Tensor
     scale: torch.Tensor | None
@@ -64,17 +66,17 @@ class PackedLinear:
 def pack_projections(projections: list[nn.Module]) -> PackedLinear:
     """Concatenate the rows of several `Projection`s and re-point their weights to views of the result."""
     weights = [p.weight.data for p in projections]
-    int8 = weights[0].dtype == torch.int8
+    scaled = hasattr(projections[0], "weight_scale")  # int8 and int4: a scale row (or groups) per weight row
     packed = torch.cat(weights).contiguous() if len(weights) > 1 else weights[0].contiguous()
     scale = None
-    if int8:
+    if scaled:
         scales = [p.weight_scale for p in projections]
         scale = torch.cat(scales).contiguous() if len(scales) > 1 else scales[0].contiguous()
     bounds, offset = [0], 0
     for p, w in zip(projections, weights):
         rows = w.shape[0]
         p.weight = nn.Parameter(packed[offset:offset + rows], requires_grad=False)
-        if int8:
+        if scaled:
             p.weight_scale = scale[offset:offset + rows]
         offset += rows
         bounds.append(offset)

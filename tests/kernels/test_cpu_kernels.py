@@ -133,13 +133,16 @@ def test_linear_keeps_leading_dimensions_and_rejects_bad_operands():
 
 @needs_kernels
 @pytest.mark.parametrize("version", ["4", "5.0", "5.2"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
 def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, int8_dot):
     """The whole C++ decode step against the PyTorch step of the same runner (same weights, same fp32
     activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three. The int8
     products with fp32 activations (avx2) here; the VNNI one's rounded activations move the logits by a few
-    of their steps, which the last check holds."""
+    of their steps, which the last check holds. int4 (its products are held to float64 in test_int4): its
+    products round the activations to int8 on every path and the two steps' activations differ in their fp32
+    sums, so one may round the other way now and then (test_cpu_decode's docstring): logits only, to 5e-2."""
     int8_dot("avx2")
+    tolerance = 5e-2 if dtype == "int4" else 1e-5
     ckpt = make_checkpoint(version, n_layer=8, n_embd=128, seed=7)
     model = attach_fast_path(load_model(ckpt.path, device="cpu", dtype=dtype, fast=False))  # CPU fp32 loads without it
     runner = model.runner
@@ -153,9 +156,10 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, i
         got_logits, got = runner._decode_cpu(x, state.shift, state.wkv, *buffers())
         want_logits, want = runner._decode_torch(x, state.shift, state.wkv, *buffers())
         scale = want_logits.abs().max().item()
-        assert (got_logits - want_logits).abs().max().item() <= 1e-5 * max(1.0, scale)
-        assert torch.allclose(got.shift, want.shift, atol=1e-5)
-        assert torch.allclose(got.wkv, want.wkv, rtol=1e-5, atol=1e-5)
+        assert (got_logits - want_logits).abs().max().item() <= tolerance * max(1.0, scale)
+        if dtype != "int4":
+            assert torch.allclose(got.shift, want.shift, atol=1e-5)
+            assert torch.allclose(got.wkv, want.wkv, rtol=1e-5, atol=1e-5)
         if dtype == "int8" and VNNI:
             int8_dot("avx512")
             vnni_logits, _ = runner._decode_cpu(x, state.shift, state.wkv, *buffers())

@@ -147,7 +147,7 @@ def test_catalog_covers_every_published_size():
         get_entry("RWKV-9 World 1T")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int4])
 @pytest.mark.parametrize("version", ["5.2", "6", "7"])
 def test_catalog_memory_estimate_matches_a_loaded_model(make_checkpoint, dtype, version):
     """The picker's memory figure counts what loading really holds (the fp32 embedding included)."""

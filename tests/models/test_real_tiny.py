@@ -69,3 +69,30 @@ def test_the_int8_decode_step_keeps_98_percent_of_the_fp32_argmax(name):
         rows.append(logits)
     agreement = (torch.stack(rows).argmax(-1) == fp32.argmax(-1)).float().mean().item()
     assert agreement >= 0.98, f"{name} int8 decode: argmax agreement {agreement:.3f}"
+
+
+# int4 (4.5 bits a weight, the head in int8) measured on these models (2026-11-30, Zen 4, VNNI products): argmax
+# agreement with fp32 decode / prefill and mean |Δlogit| RWKV-4 0.977 / 0.977, 0.016; RWKV-5.2 0.862 / 0.859, 0.246;
+# RWKV-7 0.997 / 0.997, 0.0035. RWKV-5.2 (12 layers of width 64, heads of 8) misses the 98% that int8 keeps at any
+# group size or scheme tried (symmetric or asymmetric, groups of 32 or 64, a clipped scale, the head in int8:
+# 83-87%); its loss is spread over every matrix of every layer. The bounds below are what was measured, rounded down.
+INT4_BOUNDS = {"rwkv4-tiny-660K": (0.97, 0.03), "rwkv5.2-tiny-730K": (0.85, 0.3), "rwkv7-tiny-834K": (0.98, 0.01)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int4_keeps_the_measured_share_of_the_fp32_argmax(name):
+    """Prefill (the weights widened per call) and token by token through the decode step (the int4 products on
+    int16 activations, kernels/cpu_kernels.py), against the fp32 prefill's logits at every position."""
+    agreement_bound, delta_bound = INT4_BOUNDS[name]
+    fp32 = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="fp32").forward(IDS, all_logits=True)[0]
+    model = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="int4")
+    prefill = model.forward(IDS, all_logits=True)[0]
+    logits, state = model.forward(IDS[:1])
+    rows = [logits]
+    for token in IDS[1:]:
+        logits, state = model.forward([token], state)
+        rows.append(logits)
+    for how, low in (("prefill", prefill), ("decode", torch.stack(rows))):
+        agreement = (low.argmax(-1) == fp32.argmax(-1)).float().mean().item()
+        delta = (low - fp32).abs().mean().item()
+        assert agreement >= agreement_bound and delta <= delta_bound, f"{name} int4 {how}: {agreement:.3f}, {delta:.4f}"

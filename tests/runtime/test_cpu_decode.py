@@ -20,12 +20,18 @@ pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ k
 
 @pytest.mark.parametrize("shape", [dict(n_layer=3, n_embd=128), dict(n_layer=2, n_embd=192, head_size=32),
                                    dict(n_layer=7, n_embd=64, head_size=16)], ids=["h64", "h32", "h16-7layers"])
-@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3)])
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3),
+                                             ("int4", 5e-2)])
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, version, shape, dtype, tolerance):
     """The same weights (as stored) through both steps: only the order of fp32 sums differs (the int8 products
     with fp32 activations: the VNNI product's int16 rounding of slightly different activations is held by
-    test_cpu_kernels). fp16 halves the residual stream after the 6th layer (7 layers)."""
+    test_cpu_kernels). fp16 halves the residual stream after the 6th layer (7 layers). int4: its products round
+    the activations to int8 (a step per 64 columns) on every path, and the two steps' activations differ in their
+    fp32 sums, so now and then one rounds the other way and these random weights amplify it (measured: logits
+    up to 1.2e-2 of their scale, states 0.15, in 2 of 36 steps): the logits are held to 5e-2 (wrong weights or
+    groups move them by their whole size), the states, computed alike for every dtype, are left to the others.
+    The h32 shape's channel-mix value (672 columns) is no whole number of groups, so it stays int8 there."""
     int8_dot("avx2")
     path = make_checkpoint(version, seed=4, **shape).path
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
@@ -40,8 +46,9 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
             lb, sb = fast.decode_batch(ids, state)
             scale = la.abs().max().item()
             assert (la - lb).abs().max().item() <= tolerance * max(1.0, scale)
-            assert torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4) and torch.allclose(sa.shift, sb.shift,
-                                                                                          atol=1e-4)
+            if dtype != "int4":
+                assert torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)
+                assert torch.allclose(sa.shift, sb.shift, atol=1e-4)
             state, ids = sa, la.argmax(-1)
     assert_states_passed_in_stay_unchanged(fast)
 

@@ -1,6 +1,6 @@
 // AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/kernels/cpu_kernels.py on first use).
-// One product has an AVX512-VNNI variant, compiled for that instruction set alone and run only where Python
-// picked it (set_int8_product).
+// The integer products (int8, int4) have AVX512-VNNI variants, compiled for that instruction set alone and run
+// only where Python picked them (set_int8_product).
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
@@ -8,12 +8,17 @@
 //   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
 //   are split over PyTorch's intra-op threads. int8 with set_int8_product(1) (AVX512-VNNI): the activations
 //   are rounded to int16 first and the sums are integer dot products (int8_product_vnni's comment: the bound).
+//   W may also be int4: uint8 [N, K/2] (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group
+//   of G input columns (int4_product's comment: the layout, the arithmetic and its bound); its products are
+//   integer sums on int8 activations (a step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under
+//   set_int8_product(1).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
 // - decode_layer_v6(...): the same for RWKV-6 (its token-shift and decay LoRAs in place).
 // - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
 //   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
+// - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
@@ -115,8 +120,9 @@ void rows_product_impl(const float* x, const typename W::T* w, const float* scal
   });
 }
 
-// Which int8 product rows_product_impl's int8 case runs: set once from Python (cpu_kernels.configure, from what
-// the CPU has and RWKV_CPU_ISA), read by every product.
+// Which integer products run (the int8 case of rows_product_impl or int8_product_vnni, and int4_product's AVX2 or
+// VNNI dot): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA), read by every
+// product.
 enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1 };
 std::atomic<int> g_int8_product{kInt8Avx2};
 
@@ -208,21 +214,211 @@ void int8_product_vnni(const float* x, const int8_t* w, const float* scale, floa
   });
 }
 
-// A weight the products read: a contiguous CPU matrix in fp32, bf16 or fp16, or int8 with its fp32 scales.
+// The int4 product. A weight row of K columns is K/2 bytes: each block of 64 columns is 32 bytes, byte j holding
+// column j in its low nibble and column j + 32 in its high one (so that one 32-byte load, masked or shifted, gives
+// two runs of 32 columns in order); q is 0..15. Each group of G columns (G a multiple of 64) has an fp16 scale and
+// min, a row's K/G scales then its K/G mins ([N, 2, K/G]): w = q * scale + min (kernels/quant.py's quantize_int4
+// writes them). The activations are rounded to int8 in blocks of 64 columns, each with its own step
+// max|x_block| / 127 (round half to even of x * (127 / max|x_block|), the multiplier in fp32; all zeros when the
+// block is), so each block's Σ q·xq is an exact integer sum of unsigned-by-signed byte products (vpdpbusd, or
+// pmaddubsw: a 16-bit pair sum at most 2·15·127, no saturation), and
+// out = Σ_b step_b · (scale_g(b) · Σ q·xq + min_g(b) · Σ xq) with the block sums in fp32.
+// Its only error beyond the fp32 additions is the activations' rounding, at most step_b / 2 = max|x_block| / 254
+// each: |out - exact| ≤ Σ_b Σ_{k in b} |w_k| · max|x_b| / 254 (+ fp32 rounding), w the dequantised weights. That
+// is ~4% of a 4-bit step's own error, which it adds to in quadrature (llama.cpp's and rwkv.cpp's quantised products
+// round activations the same way). AVX2 (pmaddubsw, pmaddwd) serves every x86 CPU; the AVX512-VNNI variant
+// (256-bit vpdpbusd) runs where Python picked the VNNI int8 product: the integer sums are the same, so the two
+// differ by the order of fp32 additions only.
+constexpr int64_t kInt4Block = 64;
+constexpr int64_t kInt4MaxBlocks = 1024;  // 64-column blocks a row (K ≤ 65,536): a row's factors fit on the stack
+
+struct Int4Rows {  // a call's activations, as every int4 row product reads them
+  const int8_t* xq;  // [M, K]
+  const float* step;  // [M, K/64]: each block's step
+  const float* gsum;  // [M, K/G]: Σ over each group's blocks of step · Σ xq
+  int64_t K, G;
+};
+
+// x rows [M, K] -> int8 blocks of 64 (xq), their steps, and their step · Σ xq (bsum) (K a multiple of 64).
+void quantize_blocks_int8(const float* x, int64_t M, int64_t K, int8_t* xq, float* step, float* bsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / kInt4Block; ++b) {
+      const float* in = x + m * K + b * kInt4Block;
+      int8_t* out = xq + m * K + b * kInt4Block;
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t k = 0; k < kInt4Block; k += 8)
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(in + k)));
+      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+      const float top = std::max(_mm_cvtss_f32(a), _mm_cvtss_f32(_mm_movehdup_ps(a)));
+      const __m256 mult = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = 0; k < kInt4Block; k += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(in + k), mult));  // half to even
+        sum = _mm256_add_epi32(sum, q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
+      }
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+      const int64_t at = m * (K / kInt4Block) + b;
+      step[at] = top / 127.0f;
+      bsum[at] = step[at] * static_cast<float>(_mm_cvtsi128_si32(s));
+    }
+}
+
+// A weight row's groups (fp16 bits: K/G scales, then K/G mins) -> its scales in fp32 (scale[K/G]) and, for each of
+// MB activation rows from m0, the min terms Σ_g min_g · gsum[m, g] (offset[MB]).
+template <int MB>
+inline void int4_row_groups(const uint16_t* groups, const Int4Rows& a, int64_t m0, float* scale, float* offset) {
+  const int64_t n_groups = a.K / a.G;
+  const uint16_t* mins = groups + n_groups;
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= n_groups; g += 8) {
+    _mm256_storeu_ps(scale + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(groups + g))));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g)));
+    for (int m = 0; m < MB; ++m)
+      acc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(a.gsum + (m0 + m) * n_groups + g), acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) offset[m] = horizontal_sum(acc[m]);
+  for (; g < n_groups; ++g) {
+    scale[g] = _cvtsh_ss(groups[g]);
+    const float mn = _cvtsh_ss(mins[g]);
+    for (int m = 0; m < MB; ++m) offset[m] += mn * a.gsum[(m0 + m) * n_groups + g];
+  }
+}
+
+// out[m, n] for MB activation rows against one int4 weight row (w: K/2 bytes, groups: 2·K/G fp16 values);
+// BlockSum(q_low, q_high, x) is a 64-column block's integer sums in 8 int32 lanes. Always inlined, so that it is
+// compiled for its caller's instruction set (the VNNI one's included). Even and odd blocks add into two totals:
+// one chain of fmadds a block was the bound on one activation row.
+template <int MB, typename BlockSum>
+__attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint16_t* groups, const Int4Rows& a,
+                                                    int64_t m0, float* out, int64_t out_stride, BlockSum block_sum) {
+  const int64_t K = a.K, blocks = K / kInt4Block, per_group = a.G / kInt4Block;
+  float scale[kInt4MaxBlocks], offset[MB];  // scale: a group's, then spread over its blocks
+  int4_row_groups<MB>(groups, a, m0, scale, offset);
+  if (per_group > 1)
+    for (int64_t g = blocks / per_group - 1; g >= 0; --g)  // from the last: scale[g] is read before it is written
+      std::fill(scale + g * per_group, scale + (g + 1) * per_group, scale[g]);
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  __m256 even[MB], odd[MB];
+  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm256_setzero_ps();
+  auto add_block = [&](int64_t b, __m256* total) __attribute__((always_inline)) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
+    const __m256i low = _mm256_and_si256(packed, low_nibble);  // columns 0..31 of the block
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble);  // columns 32..63
+    for (int m = 0; m < MB; ++m) {
+      const __m256i sum = block_sum(low, high, a.xq + (m0 + m) * K + b * kInt4Block);
+      const __m256 factor = _mm256_set1_ps(scale[b] * a.step[(m0 + m) * blocks + b]);
+      total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, total[m]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    add_block(b, even);
+    add_block(b + 1, odd);
+  }
+  if (b < blocks) add_block(b, even);
+  for (int m = 0; m < MB; ++m) out[m * out_stride] = horizontal_sum(_mm256_add_ps(even[m], odd[m])) + offset[m];
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <int MB>
+struct Int4DotAvx2 {
+  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int4_dot<MB>(w, g, a, m, out, stride, [&](__m256i low, __m256i high, const int8_t* x) {
+      const __m256i pairs =
+          _mm256_add_epi16(_mm256_maddubs_epi16(low, load32(x)), _mm256_maddubs_epi16(high, load32(x + 32)));
+      return _mm256_madd_epi16(pairs, ones);  // |pairs| ≤ 4·15·127: no 16-bit overflow
+    });
+  }
+};
+
+template <int MB>
+struct Int4DotVnni {
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride) {
+    int4_dot<MB>(w, g, a, m, out, stride, [&](__m256i low, __m256i high, const int8_t* x)
+                 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+      return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, load32(x)), high, load32(x + 32));
+    });
+  }
+};
+
+// Rows [begin, end) of the output for every activation row, four at a time, with the row product Dot.
+template <template <int> class Dot>
+void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, float* out, int64_t M, int64_t N,
+               int64_t begin, int64_t end) {
+  const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    const uint16_t* g = groups + n * row_groups;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) Dot<4>::run(row, g, a, m, out + m * N + n, N);
+    switch (M - m) {
+      case 3: Dot<3>::run(row, g, a, m, out + m * N + n, N); break;
+      case 2: Dot<2>::run(row, g, a, m, out + m * N + n, N); break;
+      case 1: Dot<1>::run(row, g, a, m, out + m * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+void int4_product(const float* x, const uint8_t* w, const uint16_t* groups, float* out, int64_t M, int64_t N,
+                  int64_t K, int64_t G, bool vnni) {
+  const int64_t blocks = K / kInt4Block, n_groups = K / G;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> step(M * blocks), bsum(M * blocks), gsum(M * n_groups, 0.0f);
+  quantize_blocks_int8(x, M, K, xq.data(), step.data(), bsum.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) gsum[m * n_groups + b / (G / kInt4Block)] += bsum[m * blocks + b];
+  const Int4Rows a{xq.data(), step.data(), gsum.data(), K, G};
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    if (vnni)
+      int4_rows<Int4DotVnni>(w, groups, a, out, M, N, begin, end);
+    else
+      int4_rows<Int4DotAvx2>(w, groups, a, out, M, N, begin, end);
+  });
+}
+
+// The input width of a weight matrix: int4 ones hold two columns a byte.
+inline int64_t in_features(const torch::Tensor& w) {
+  return w.scalar_type() == torch::kByte ? 2 * w.size(1) : w.size(1);
+}
+
+// A weight the products read: a contiguous CPU matrix in fp32, bf16 or fp16, int8 with its fp32 scales, or int4 with
+// its fp16 (scale, min) groups.
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "cpu_kernels: weights must be contiguous CPU matrices");
   const auto dtype = w.scalar_type();
-  TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kBFloat16 || dtype == torch::kHalf ||
-                  dtype == torch::kFloat32, "cpu_kernels: weights must be fp32, bf16, fp16 or int8");
+  TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kByte || dtype == torch::kBFloat16 || dtype == torch::kHalf ||
+                  dtype == torch::kFloat32, "cpu_kernels: weights must be fp32, bf16, fp16, int8 or int4 (uint8)");
   TORCH_CHECK(dtype != torch::kInt8 || (scale.defined() && scale.numel() == w.size(0) &&
                                         scale.scalar_type() == torch::kFloat32 && scale.is_contiguous()),
               "cpu_kernels: int8 weights need a contiguous fp32 scale per row");
+  if (dtype == torch::kByte) {
+    const int64_t K = in_features(w);
+    TORCH_CHECK(scale.defined() && scale.dim() == 3 && scale.size(0) == w.size(0) && scale.size(1) == 2 &&
+                    scale.scalar_type() == torch::kHalf && scale.is_contiguous(),
+                "cpu_kernels: int4 weights need contiguous fp16 groups [N, 2, K/G] (scales, then mins)");
+    const int64_t groups = scale.size(2);
+    TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % kInt4Block == 0 && K / kInt4Block <= kInt4MaxBlocks,
+                "cpu_kernels: int4 groups must be a multiple of 64 columns that divides K, K at most ",
+                kInt4MaxBlocks * kInt4Block);
+  }
 }
 
 void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu(), "cpu_kernels: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cpu_kernels: x [M, K] and w [N, K]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == in_features(w), "cpu_kernels: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cpu_kernels: x must be contiguous fp32");
   check_weight(w, scale);
 }
@@ -230,8 +426,15 @@ void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch:
 // out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype.
 void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
              int64_t row_end, float* out) {
-  const int64_t K = w.size(1), N = row_end - row_begin;
+  const int64_t K = in_features(w), N = row_end - row_begin;
   switch (w.scalar_type()) {
+    case torch::kByte: {
+      const int64_t G = K / scale.size(2);
+      int4_product(x, w.data_ptr<uint8_t>() + row_begin * (K / 2),
+                   reinterpret_cast<const uint16_t*>(scale.data_ptr()) + row_begin * 2 * (K / G), out, M, N, K, G,
+                   g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni);
+      break;
+    }
     case torch::kInt8:
       if (g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni) {
         int8_product_vnni(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin, out, M, N, K);
@@ -503,7 +706,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   const LayerWeights L = unpack(tensors);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
   const int64_t B = x.size(0), C = x.size(1);
-  const int64_t A = L.out.size(1), F = L.value.size(1);
+  const int64_t A = in_features(L.out), F = in_features(L.value);
   const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
   torch::Tensor result = x.clone();
   float* h = result.data_ptr<float>();
@@ -571,7 +774,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const int64_t H = wkv.size(1), N = wkv.size(2);
   TORCH_CHECK(t[11].dim() == 3 && t[11].size(0) == 5 && t[11].size(2) == C, "time_maa_w2: [5, D, C]");
   const int64_t D = t[11].size(1);
-  TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F && t[10].size(1) == 5 * D,
+  TORCH_CHECK(H * N == A && in_features(Wo) == A && in_features(Fv) == F && t[10].size(1) == 5 * D,
               "cpu_kernels.decode_layer_v6: shapes disagree");
   const char* what = "cpu_kernels.decode_layer_v6 constant";
   const float *ln1_w = constant(t[0], C, what), *ln1_b = constant(t[1], C, what);
@@ -719,7 +922,8 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const int64_t A = Wr.size(0), F = Fk.size(0);
   TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
   const int64_t H = wkv.size(1), N = wkv.size(2);
-  TORCH_CHECK(H * N == A && Wo.size(1) == A && Fv.size(1) == F, "cpu_kernels.decode_layer_v7: shapes disagree");
+  TORCH_CHECK(H * N == A && in_features(Wo) == A && in_features(Fv) == F,
+              "cpu_kernels.decode_layer_v7: shapes disagree");
   TORCH_CHECK(v_first.scalar_type() == torch::kFloat32 && v_first.is_contiguous() && v_first.numel() == B * A,
               "v_first: contiguous fp32 [B, A]");
   const float *ln1_w = constant(t[0], C, "ln1 weight"), *ln1_b = constant(t[1], C, "ln1 bias");
@@ -838,6 +1042,52 @@ std::vector<torch::Tensor> wkv7_scan(torch::Tensor w, torch::Tensor r, torch::Te
   return {y, new_state};
 }
 
+// 8 floats -> 8 bf16 (round to nearest even; the weights are finite).
+inline __m128i to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+// int4 weights (w, groups as rows_product reads them) widened for a prefill's GEMM: [N, K] of q * scale + min, in
+// bf16 (rounded to nearest even) or fp32. Rows are split over PyTorch's intra-op threads.
+torch::Tensor int4_widen(torch::Tensor w, torch::Tensor groups, bool bf16) {
+  TORCH_CHECK(w.scalar_type() == torch::kByte, "cpu_kernels.int4_widen: int4 (uint8) weights");
+  check_weight(w, groups);
+  const int64_t N = w.size(0), K = in_features(w), n_groups = groups.size(2), G = K / n_groups;
+  torch::Tensor out = torch::empty({N, K}, w.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* packed = w.data_ptr<uint8_t>();
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(groups.data_ptr());
+  const __m256i low_nibble = _mm256_set1_epi32(0x0F);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* src = packed + n * (K / 2);
+      const uint16_t* g = scales + n * 2 * n_groups;
+      for (int64_t k = 0; k < K; k += kInt4Block) {
+        const __m256 scale = _mm256_set1_ps(_cvtsh_ss(g[k / G])), min = _mm256_set1_ps(_cvtsh_ss(g[n_groups + k / G]));
+        for (int64_t j = 0; j < 32; j += 8) {  // bytes j..j+7 of the block: columns k+j.. and k+32+j..
+          const __m256i bytes =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k / 2 + j)));
+          const __m256 low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble)), scale, min);
+          const __m256 high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), scale, min);
+          const int64_t at = n * K + k + j;
+          if (bf16) {
+            uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr()) + at;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), to_bf16(low));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), to_bf16(high));
+          } else {
+            _mm256_storeu_ps(out.data_ptr<float>() + at, low);
+            _mm256_storeu_ps(out.data_ptr<float>() + at + 32, high);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale_opt) {
   torch::Tensor scale = scale_opt.has_value() ? *scale_opt : torch::Tensor();
   check_operands(x, w, scale);
@@ -847,8 +1097,9 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
-// Which int8 product runs (0: AVX2 widening to fp32, 1: AVX512-VNNI on int16 activations); the caller checks that
-// the CPU has what it picks (cpu_kernels.configure).
+// Which integer products run (0: AVX2, int8 widened to fp32 and int4 through pmaddubsw; 1: AVX512-VNNI, int8 on
+// int16 activations through vpdpwssd, int4 through vpdpbusd); the caller checks that the CPU has what it picks
+// (cpu_kernels.configure).
 void set_int8_product(int64_t which) {
   TORCH_CHECK(which == kInt8Avx2 || which == kInt8Vnni, "cpu_kernels: int8 product 0 (avx2) or 1 (vnni)");
   g_int8_product.store(static_cast<int>(which));
@@ -857,7 +1108,7 @@ void set_int8_product(int64_t which) {
 int64_t int8_product() { return g_int8_product.load(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_int8_product", &set_int8_product, "which int8 product runs: 0 AVX2, 1 AVX512-VNNI (int16 activations)");
+  m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
   m.def("int8_product", &int8_product, "which int8 product runs now");
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
   m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
@@ -865,5 +1116,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");
-  m.def("rows_product", &rows_product, "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, or int8 with row scales)");
+  m.def("int4_widen", &int4_widen, "int4 weights -> [N, K] bf16 (bf16=True) or fp32, for a prefill's GEMM");
+  m.def("rows_product", &rows_product,
+        "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, int8 with row scales, int4 with group scale/min)");
 }

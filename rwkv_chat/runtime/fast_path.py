@@ -12,11 +12,12 @@ What this module promises:
   matrix and the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed
   to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
-  layer, captured in CUDA graphs per batch size (cuda_graphs.py); on CUDA without Triton the PyTorch step is
-  graphed; on CPU each layer's step is one call into the C++ kernels (cpu_kernels.py), whose products read
-  the weights as stored with fp32 activations, and the PyTorch step runs where they did not build. Prefill
-  is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton (CUDA) or
-  in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py.
+  layer, captured in CUDA graphs per batch size (cuda_graphs.py), and short prompts are read in CUDA graphs too
+  (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU each layer's step is one
+  call into the C++ kernels (cpu_kernels.py), whose products read the weights as stored with fp32 activations,
+  and the PyTorch step runs where they did not build. Prefill is a few large matrix products per layer plus
+  the wkv recurrence: scans token by token in Triton (CUDA) or in the C++ kernels (CPU), else the
+  chunked-parallel PyTorch forms of parallel_wkv.py.
 
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
@@ -39,6 +40,7 @@ from .cpu_decode import CpuStepRunner
 from .cuda_graphs import GraphedDecoder
 from .packing import PackedLinear, pack_projections, project
 from .plain_graphs import GraphedPlainRunner
+from .prefill_graphs import GraphedPrefill
 
 CUDA_WKV_CHUNK = 32
 CPU_SEGMENT = 1024  # prefill tokens read through all layers at once (bounds activation memory)
@@ -133,6 +135,8 @@ class FastRunner:
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
         self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device) if self.use_graphs else None
+        self._prompt_graphs = (GraphedPrefill(self._prefill_last, self.empty_state, self.device)
+                               if self.use_graphs else None)
         # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
                            if cpu_decode else None)
@@ -163,7 +167,16 @@ class FastRunner:
         return RwkvState(shift, self.architecture.empty_wkv(self.config, batch, self.device))
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
-        """ids [T] long -> (logits fp32 [V] or [T, V], new state)."""
+        """ids [T] long -> (logits fp32 [V] or [T, V], new state). Short prompts replay CUDA graphs where graphs
+        run (prefill_graphs.GraphedPrefill)."""
+        if self._prompt_graphs is not None and not all_logits:
+            return self._prompt_graphs(ids, state)
+        return self._prefill(ids, state, all_logits)
+
+    def _prefill_last(self, ids: torch.Tensor, state: RwkvState):
+        return self._prefill(ids, state)
+
+    def _prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         outputs = []
         for start in range(0, ids.numel(), self.segment):
             hidden, state = self._prefill_segment(ids[start:start + self.segment], state, all_rows=all_logits)

@@ -4,7 +4,8 @@ CUDA: the plain prefill, and a decode step captured in CUDA graphs.
 Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits [B, vocab], new state) replayed
 from one graph per batch bucket, and `decode_into`, the same step from and into a batcher's own state buffers
 (runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
-and launching them one by one is most of its time), and `prefill` = the plain path. The step is the fused one
+and launching them one by one is most of its time), and `prefill` = the plain path, short prompts replayed from
+CUDA graphs of it (runtime/prefill_graphs.py). The step is the fused one
 (runtime/fused_decode.py: a few Triton kernels and packed products per layer) where it runs, unless
 `use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s function (the fused
 one within the weight dtype's rounding). The state passed in is never changed. Knows nothing of any
@@ -19,6 +20,7 @@ from torch import nn
 from ..state import RwkvState
 from .cuda_graphs import GraphedDecoder
 from .fused_decode import fused_decoder
+from .prefill_graphs import GraphedPrefill
 
 
 class GraphedPlainRunner:
@@ -30,6 +32,7 @@ class GraphedPlainRunner:
         self.fused = fused_decoder(model) if use_triton is not False else None
         self._graphs = GraphedDecoder(self.fused.step if self.fused else self._plain_step, model.zero_state,
                                       self.device)
+        self._prompt_graphs = GraphedPrefill(self._prefill_last, model.zero_state, self.device)
 
     def _plain_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
         logits, state = self.model.decode_plain(ids, RwkvState(shift, wkv))
@@ -47,4 +50,9 @@ class GraphedPlainRunner:
         return self._graphs.into(ids, source, target)
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
-        return self.model.read_plain(ids, state, all_logits)
+        if all_logits:
+            return self.model.read_plain(ids, state, all_logits)
+        return self._prompt_graphs(ids, state)
+
+    def _prefill_last(self, ids: torch.Tensor, state: RwkvState):
+        return self.model.read_plain(ids, state)

@@ -1,0 +1,77 @@
+"""Short prompts read from CUDA graphs (runtime/prefill_graphs.py) equal the direct prefill, for every
+architecture's runner; the piece arithmetic runs anywhere, the rest needs CUDA."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from rwkv_chat import load_model
+from rwkv_chat.runtime.prefill_graphs import MAX_GRAPHED_TOKENS, PIECES, GraphedPrefill, pieces_of
+from reference import random_tokens
+
+CUDA = torch.cuda.is_available()
+
+
+def test_pieces_cover_every_short_prompt_once_largest_first():
+    for length in range(1, MAX_GRAPHED_TOKENS + 1):
+        pieces = pieces_of(length)
+        assert sum(pieces) == length
+        assert pieces == sorted(set(pieces), reverse=True) and set(pieces) <= set(PIECES)
+    for bad in (0, MAX_GRAPHED_TOKENS + 1):
+        with pytest.raises(ValueError, match="graphed prompt"):
+            pieces_of(bad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("version,dtype,tolerance", [("4", "fp32", 1e-3), ("5.2", "fp32", 1e-3), ("6", "fp32", 1e-3),
+                                                     ("7", "fp32", 1e-3), ("5.2", "bf16", 0.5), ("7", "bf16", 0.5)])
+def test_graphed_prompts_equal_the_direct_prefill(make_checkpoint, version, dtype, tolerance):
+    path = make_checkpoint(version, n_layer=3, n_embd=128, seed=4).path
+    model = load_model(path, device="cuda", dtype=dtype, fast=True)
+    runner = model.runner
+    graphs = runner._prompt_graphs
+    assert isinstance(graphs, GraphedPrefill)
+    start = model.forward(random_tokens(30, seed=2))[1]  # a state that is not empty
+    before = start.clone()
+    for length in (1, 2, 3, 20, 64, 127, MAX_GRAPHED_TOKENS, MAX_GRAPHED_TOKENS + 1):
+        ids = torch.tensor(random_tokens(length, seed=length), device="cuda")
+        for state in (None, start):
+            state = model.zero_state(1) if state is None else state
+            direct_logits, direct = graphs.prefill(ids, state)
+            logits, new = runner.prefill(ids, state)
+            assert (logits - direct_logits).abs().max().item() <= tolerance, length
+            assert (new.wkv - direct.wkv).abs().max().item() <= tolerance, length
+            assert (new.shift - direct.shift).abs().max().item() <= tolerance, length
+    assert not graphs.failed and set(graphs.pieces) == set(PIECES)
+    assert torch.equal(start.wkv, before.wkv) and torch.equal(start.shift, before.shift)  # never changed
+    # the results are the caller's: a later prompt does not overwrite them
+    first = runner.prefill(torch.tensor(random_tokens(5, seed=9), device="cuda"), model.zero_state(1))
+    kept = first[0].clone(), first[1].clone()
+    runner.prefill(torch.tensor(random_tokens(7, seed=10), device="cuda"), model.zero_state(1))
+    assert torch.equal(first[0], kept[0]) and torch.equal(first[1].wkv, kept[1].wkv)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_prefill_that_cannot_be_captured_runs_directly_with_one_warning(make_checkpoint):
+    path = make_checkpoint("5.2", n_layer=2, n_embd=64, seed=5).path
+    model = load_model(path, device="cuda", dtype="fp32", fast=True)
+    direct = model.runner._prefill_last
+
+    def syncing(ids, state):  # a host sync: not capturable
+        if ids.sum().item() < 0:
+            raise AssertionError
+        return direct(ids, state)
+
+    graphs = GraphedPrefill(syncing, model.zero_state, torch.device("cuda"))
+    ids = torch.tensor(random_tokens(6, seed=1), device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits, state = graphs(ids, model.zero_state(1))
+        again, _ = graphs(ids, model.zero_state(1))
+    assert graphs.failed
+    assert [str(w.message) for w in caught if "prefill: a CUDA graph capture failed" in str(w.message)].__len__() == 1
+    expected, _ = direct(ids, model.zero_state(1))
+    assert torch.allclose(logits, expected) and torch.allclose(again, expected)

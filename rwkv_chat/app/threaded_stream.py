@@ -40,8 +40,8 @@ class _Handover:
         self.loop = loop
         self.ready = asyncio.Event()  # set (from the loop) when there is something to take
         self.lock = threading.Lock()
-        self.items: deque = deque()  # items not yet taken, with whether the newest may still be replaced
-        self.newest_replaceable = False
+        self.items: deque = deque()  # items not yet taken
+        self.newest_replaceable = False  # the last of them may still be replaced by a newer one
         self.finished = False
         self.error: Optional[BaseException] = None
         self.signalled = False  # a wake-up of the consumer is already on its way

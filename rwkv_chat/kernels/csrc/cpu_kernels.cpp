@@ -224,11 +224,11 @@ void int8_product_vnni(const float* x, const int8_t* w, const float* scale, floa
 // pmaddubsw: a 16-bit pair sum at most 2·15·127, no saturation), and
 // out = Σ_b step_b · (scale_g(b) · Σ q·xq + min_g(b) · Σ xq) with the block sums in fp32.
 // Its only error beyond the fp32 additions is the activations' rounding, at most step_b / 2 = max|x_block| / 254
-// each: |out - exact| ≤ Σ_b Σ_{k in b} |w_k| · max|x_b| / 254 (+ fp32 rounding), w the dequantised weights. That
-// is ~4% of a 4-bit step's own error, which it adds to in quadrature (llama.cpp's and rwkv.cpp's quantised products
-// round activations the same way). AVX2 (pmaddubsw, pmaddwd) serves every x86 CPU; the AVX512-VNNI variant
-// (256-bit vpdpbusd) runs where Python picked the VNNI int8 product: the integer sums are the same, so the two
-// differ by the order of fp32 additions only.
+// each: |out - exact| ≤ Σ_b Σ_{k in b} |w_k| · max|x_b| / 254 (+ fp32 rounding), w the dequantised weights: small
+// beside the weights' own rounding (steps of 1/127 of a block's largest activation against 1/15 of a group's
+// range; llama.cpp's and rwkv.cpp's quantised products round activations the same way). AVX2 (pmaddubsw,
+// pmaddwd) serves every x86 CPU; the AVX512-VNNI variant (256-bit vpdpbusd) runs where Python picked the VNNI int8
+// product: the integer sums are the same, so the two differ by the order of fp32 additions only.
 constexpr int64_t kInt4Block = 64;
 constexpr int64_t kInt4MaxBlocks = 1024;  // 64-column blocks a row (K ≤ 65,536): a row's factors fit on the stack
 

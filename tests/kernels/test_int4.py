@@ -176,3 +176,26 @@ def layer_bytes(model) -> int:
     """Bytes of the layers' projections as stored (weights and their scales)."""
     return sum(t.numel() * t.element_size() for module in model.blocks.modules() if isinstance(module, Projection)
                for t in (module.weight, module.weight_scale))
+
+
+def test_without_the_kernels_int4_runs_on_pytorch(monkeypatch, make_checkpoint):
+    """No C++ kernels (RWKV_CPU_KERNELS=0): the products dequantise the weights in PyTorch (exact to fp32 sums), and
+    an int4 model decodes through the PyTorch step to the logits of the kernels' step (whose int8 activations
+    move them by a little)."""
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=5).path
+    with_kernels = load_model(path, device="cpu", dtype="int4")
+    state = with_kernels.forward([1, 2, 3])[1]
+    expected, _ = with_kernels.forward([4], state)
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
+    with pytest.warns(UserWarning, match="RWKV_CPU_KERNELS=0"):
+        assert cpu_kernels.kernels() is None
+    packed, groups = random_int4(20, 192, 64, seed=4)
+    x = torch.randn(3, 192)
+    weight = quant.dequantize_int4(packed, groups, torch.float64)
+    magnitude = (x.double().abs() @ weight.abs().T).max().item()
+    assert (quant.linear(x, packed, groups).double() - x.double() @ weight.T).abs().max().item() <= 1e-5 * magnitude
+    plain = load_model(path, device="cpu", dtype="int4")
+    assert plain.runner.cpu_layers is None
+    got, _ = plain.forward([4], plain.forward([1, 2, 3])[1])
+    assert (got - expected).abs().max().item() <= 5e-2 * expected.abs().max().item()

@@ -417,8 +417,9 @@ def test_launch_serves_v1_on_the_same_server_and_warns_when_v1_is_open_beyond_lo
     from rwkv_chat.app.openai_api import OpenAIApi
     from rwkv_chat.app.ui import launch
 
-    class Demo:
+    class Demo:  # what launch() reads of a gr.Blocks that build_app made
         rwkv_openai = OpenAIApi(None, ModelChoices(DEFAULT_MODEL))
+        max_threads = 40
 
         def launch(self, **kwargs):
             self.kwargs = kwargs

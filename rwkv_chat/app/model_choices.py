@@ -216,7 +216,8 @@ def describe(choice: ModelChoice, device: str, dtype: str, reclaimable: int = 0,
     try:
         placed_on, placed_as = resolve_device_dtype(device, dtype)
     except ModelLoadError:
-        return f"{choice.name} · {gigabytes(choice.download_bytes)} download · {device} not available here"
+        why = "int4 runs on CPUs only" if str(dtype).lower() == "int4" else f"{device} not available here"
+        return f"{choice.name} · {gigabytes(choice.download_bytes)} download · {why}"
     need = choice.memory_bytes(placed_as)
     where = "GPU" if placed_on.type == "cuda" else "RAM"
     if loaded:

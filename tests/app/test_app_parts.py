@@ -164,6 +164,8 @@ def test_picker_lines_show_download_memory_and_fit(monkeypatch):
     assert describe(big, "cpu", "bf16", reclaimable=10 * 10**9).endswith("fits")
     assert describe(small, "cpu", "fp32", loaded=True).endswith("loaded on cpu fp32")
     assert f"{get_entry('RWKV-5 World 7B').memory_bytes(torch.bfloat16) / 1e9:.0f} GB" in describe(big, "cpu", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: int4 is refused there, not cuda
+    assert describe(small, "cuda", "int4").endswith("download · int4 runs on CPUs only")
 
 
 # ---------------------------------------------------------------------------------------- pool

@@ -23,8 +23,8 @@ What it promises:
   judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
   before the step that feeds it, so the next sample sees them; a reply runs exactly one model step per kept
   token. A reader slower than the decoder gets several tokens per chunk.
-- Prompts are read one at a time (an engine's `model.forward` calls never overlap): concurrent turns queue for
-  the read, then decode together in the decoder. Time to first token counts that wait.
+- Prompts are read one at a time (no two of an engine's prompt reads overlap): concurrent turns queue for the
+  read, then decode in the decoder (together, in a batcher). Time to first token counts that wait.
 
 It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
 """

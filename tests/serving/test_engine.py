@@ -244,3 +244,42 @@ def test_bad_requests_get_clear_errors_and_change_nothing(engine):
     with pytest.raises(ValueError, match="no answer to regenerate"):
         engine.regenerate(session, GenerationSettings())
     assert session.turns == ()
+
+
+def test_concurrent_turns_read_their_prompts_one_at_a_time(tokenizer):
+    """Prompts of concurrent turns are read one after the other (no two prompt reads overlap; the direct
+    decoder's one-token steps run in each turn's own thread), and each turn still gets its own answer."""
+
+    class CountingModel(ScriptedModel):
+        def __init__(self, script):
+            super().__init__(script)
+            self.inside, self.most = 0, 0
+            self.lock = threading.Lock()
+
+        def forward(self, tokens, state=None):
+            if len(tokens) == 1:  # a decode step
+                return super().forward(tokens, state)
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            try:
+                threading.Event().wait(0.02)  # long enough for the other threads to arrive meanwhile
+                return super().forward(tokens, state)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+
+    model = CountingModel(chain(3880, 261))
+    engine = ChatEngine(model, tokenizer)
+    answers = {}
+
+    def turn(i):
+        answers[i] = run(engine.reply(ChatSession(), f"Hello {i}", GenerationSettings(GREEDY, 20)))[-1].text
+
+    threads = [threading.Thread(target=turn, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == {i: "Hi" for i in range(6)}
+    assert model.most == 1 and len(model.reads) >= 6

@@ -1,5 +1,5 @@
 """Triton kernels for the GPU fast path: fused decode-step pieces, weight-streaming matrix-vector products,
-and the sequential RWKV-4 scan for prefill.
+and the RWKV-4 scan for prefill (chunks of a prompt side by side).
 
 What this module promises:
 - `AVAILABLE` says whether Triton imported; without it nothing here may be called (callers fall back to
@@ -251,38 +251,50 @@ if AVAILABLE:
         return tl.sum(tl.where(rows[:, None] == q, tile, 0.0), axis=0)
 
     @triton.jit
-    def _wkv4_scan_kernel(K, V, Y, S_IN, S_OUT, W, U, T, C, UNROLL: tl.constexpr, BLOCK: tl.constexpr):
-        """The v4 recurrence over T tokens of one sequence, BLOCK channels per program. Tokens come in tiles of
-        UNROLL, the next tile loaded before the current one is used, so memory latency hides behind the math
-        (a load cannot move above the previous step's store on its own: the pointers might alias)."""
+    def _wkv4_scan_kernel(K, V, Y, S_IN, S_OUT, W, U, T, C, L, FROM_EMPTY: tl.constexpr, WRITE_Y: tl.constexpr,
+                          UNROLL: tl.constexpr, BLOCK: tl.constexpr):
+        """The v4 recurrence over chunk j (program_id 1) of T tokens of one sequence: tokens j*L .. j*L+L-1 (fewer
+        in the last chunk), BLOCK channels per program, from the state S_IN[j] (or the empty state) into
+        S_OUT[j]; the outputs written to Y when WRITE_Y. Tokens come in tiles of UNROLL, the next tile loaded
+        before the current one is used, so memory latency hides behind the math (a load cannot move above the
+        previous step's store on its own: the pointers might alias)."""
         pid = tl.program_id(0)
+        j = tl.program_id(1)
+        first = j * L
+        n = tl.minimum(L, T - first)  # this chunk's tokens
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < C
         rows = tl.arange(0, UNROLL)
-        aa = tl.load(S_IN + offs, mask=ok, other=0.0)
-        bb = tl.load(S_IN + C + offs, mask=ok, other=0.0)
-        pp = tl.load(S_IN + 2 * C + offs, mask=ok, other=0.0)
+        if FROM_EMPTY:
+            aa = tl.zeros((BLOCK,), dtype=tl.float32)
+            bb = tl.zeros((BLOCK,), dtype=tl.float32)
+            pp = tl.full((BLOCK,), -1e30, dtype=tl.float32)
+        else:
+            aa = tl.load(S_IN + j * 3 * C + offs, mask=ok, other=0.0)
+            bb = tl.load(S_IN + j * 3 * C + C + offs, mask=ok, other=0.0)
+            pp = tl.load(S_IN + j * 3 * C + 2 * C + offs, mask=ok, other=0.0)
         w = tl.load(W + offs, mask=ok, other=0.0)
         u = tl.load(U + offs, mask=ok, other=0.0)
-        cell = rows[:, None] * C + offs[None, :]
-        m = (rows[:, None] < T) & ok[None, :]
+        cell = (first + rows)[:, None] * C + offs[None, :]
+        m = (rows[:, None] < n) & ok[None, :]
         k_tile = tl.load(K + cell, mask=m, other=0.0)
         v_tile = tl.load(V + cell, mask=m, other=0.0)
-        for t0 in range(0, T, UNROLL):
-            m_next = ((t0 + UNROLL + rows)[:, None] < T) & ok[None, :]
+        for t0 in range(0, n, UNROLL):
+            m_next = ((t0 + UNROLL + rows)[:, None] < n) & ok[None, :]
             k_next = tl.load(K + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
             v_next = tl.load(V + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
             y_tile = tl.zeros((UNROLL, BLOCK), dtype=tl.float32)
             for q in tl.static_range(UNROLL):
-                live = t0 + q < T
+                live = t0 + q < n
                 k = _row(k_tile, rows, q)
                 v = _row(v_tile, rows, q)
-                ww = u + k
-                p = tl.maximum(pp, ww)
-                e1 = tl.exp(pp - p)
-                e2 = tl.exp(ww - p)
-                y = (e1 * aa + e2 * v) / (e1 * bb + e2)
-                y_tile = tl.where(rows[:, None] == q, y[None, :], y_tile)
+                if WRITE_Y:
+                    ww = u + k
+                    p = tl.maximum(pp, ww)
+                    e1 = tl.exp(pp - p)
+                    e2 = tl.exp(ww - p)
+                    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+                    y_tile = tl.where(rows[:, None] == q, y[None, :], y_tile)
                 ww = w + pp
                 p = tl.maximum(ww, k)
                 e1 = tl.exp(ww - p)
@@ -290,10 +302,46 @@ if AVAILABLE:
                 aa = tl.where(live, e1 * aa + e2 * v, aa)
                 bb = tl.where(live, e1 * bb + e2, bb)
                 pp = tl.where(live, p, pp)
-            m_now = ((t0 + rows)[:, None] < T) & ok[None, :]
-            tl.store(Y + t0 * C + cell, y_tile, mask=m_now)
+            if WRITE_Y:
+                m_now = ((t0 + rows)[:, None] < n) & ok[None, :]
+                tl.store(Y + t0 * C + cell, y_tile, mask=m_now)
             k_tile = k_next
             v_tile = v_next
+        tl.store(S_OUT + j * 3 * C + offs, aa, mask=ok)
+        tl.store(S_OUT + j * 3 * C + C + offs, bb, mask=ok)
+        tl.store(S_OUT + j * 3 * C + 2 * C + offs, pp, mask=ok)
+
+    @triton.jit
+    def _wkv4_carry_kernel(ENDS, S_IN, STARTS, S_OUT, W, T, C, L, N, BLOCK: tl.constexpr):
+        """The state entering each of N chunks: STARTS[j] = the state S_IN carried through chunks 0..j-1, where a
+        chunk of n tokens decays a carried state by n*w and adds ENDS[j] (what its own tokens leave from the empty
+        state), merged in log space; S_OUT = the state after the last chunk."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < C
+        w = tl.load(W + offs, mask=ok, other=0.0)
+        aa = tl.load(S_IN + offs, mask=ok, other=0.0)
+        bb = tl.load(S_IN + C + offs, mask=ok, other=0.0)
+        pp = tl.load(S_IN + 2 * C + offs, mask=ok, other=0.0)
+        ea = tl.load(ENDS + offs, mask=ok, other=0.0)
+        eb = tl.load(ENDS + C + offs, mask=ok, other=0.0)
+        ep = tl.load(ENDS + 2 * C + offs, mask=ok, other=0.0)
+        for j in range(0, N):
+            more = ok & (j + 1 < N)  # the next chunk's end state, loaded before this one is used
+            na = tl.load(ENDS + (j + 1) * 3 * C + offs, mask=more, other=0.0)
+            nb = tl.load(ENDS + (j + 1) * 3 * C + C + offs, mask=more, other=0.0)
+            npp = tl.load(ENDS + (j + 1) * 3 * C + 2 * C + offs, mask=more, other=0.0)
+            tl.store(STARTS + j * 3 * C + offs, aa, mask=ok)
+            tl.store(STARTS + j * 3 * C + C + offs, bb, mask=ok)
+            tl.store(STARTS + j * 3 * C + 2 * C + offs, pp, mask=ok)
+            n = tl.minimum(L, T - j * L)
+            decayed = pp + n.to(tl.float32) * w
+            p = tl.maximum(decayed, ep)
+            e1 = tl.exp(decayed - p)
+            e2 = tl.exp(ep - p)
+            aa = e1 * aa + e2 * ea
+            bb = e1 * bb + e2 * eb
+            pp = p
+            ea, eb, ep = na, nb, npp
         tl.store(S_OUT + offs, aa, mask=ok)
         tl.store(S_OUT + C + offs, bb, mask=ok)
         tl.store(S_OUT + 2 * C + offs, pp, mask=ok)
@@ -467,18 +515,53 @@ def ffn_act(k_parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 SCAN_UNROLL = 16
+SCAN_BLOCK = 32  # channels per program of the RWKV-4 scan (one warp)
+SCAN_PROGRAMS = 4096  # the RWKV-4 scan cuts a prompt into chunks until about this many programs run at once
+SCAN_MIN_CHUNK = 16
 
 
-def wkv4_scan(w, u, k, v, state):
+def wkv4_scan_chunk(t: int, c: int) -> int:
+    """Tokens per chunk of the RWKV-4 scan for T tokens of C channels: the smallest power of two from
+    SCAN_MIN_CHUNK up that keeps the programs within SCAN_PROGRAMS, or T itself (one pass) when T is at most
+    two such chunks (three passes over two chunks take longer than one pass)."""
+    blocks = -(-c // SCAN_BLOCK)
+    chunk = SCAN_MIN_CHUNK
+    while -(-t // chunk) * blocks > SCAN_PROGRAMS:
+        chunk *= 2
+    return t if t <= 2 * chunk else chunk
+
+
+def wkv4_scan(w, u, k, v, state, chunk: int | None = None):
     """Prefill of one sequence: k, v [T, C] fp32 contiguous; state [3, C] (aa, bb, pp).
+
+    A token-by-token recurrence has only C lanes of parallel work (2,048 at 1.5B: a few warps per SM, each
+    waiting on its own chain of exps), so the T tokens are cut into chunks (`chunk` tokens, by default
+    `wkv4_scan_chunk`) scanned side by side in three passes: each chunk's own end state from the empty state,
+    then the state entering every chunk (one short sequential pass over the chunks, merging in log space),
+    then each chunk again from its entering state, writing the outputs. The same function as one pass up to
+    fp32 rounding (the carried state is decayed by n*w at once instead of w n times).
 
     Returns (wkv [T, C] fp32, new state [3, C])."""
     t, c = k.shape
     y = torch.empty_like(k)
     new_state = torch.empty_like(state)
-    block = 32
-    _wkv4_scan_kernel[(triton.cdiv(c, block),)](k, v, y, state.contiguous(), new_state, w, u, t, c,
-                                               UNROLL=SCAN_UNROLL, BLOCK=block, num_warps=1)
+    state = state.contiguous()
+    chunk = wkv4_scan_chunk(t, c) if chunk is None else max(1, min(int(chunk), t))
+    blocks = triton.cdiv(c, SCAN_BLOCK)
+    n = triton.cdiv(t, chunk)
+    options = dict(UNROLL=SCAN_UNROLL, BLOCK=SCAN_BLOCK, num_warps=1)
+    if n == 1:
+        _wkv4_scan_kernel[(blocks, 1)](k, v, y, state, new_state, w, u, t, c, t, FROM_EMPTY=False, WRITE_Y=True,
+                                       **options)
+        return y, new_state
+    ends = torch.empty((n, 3, c), device=k.device, dtype=torch.float32)
+    starts = torch.empty_like(ends)
+    _wkv4_scan_kernel[(blocks, n)](k, v, y, ends, ends, w, u, t, c, chunk, FROM_EMPTY=True, WRITE_Y=False,
+                                   **options)
+    _wkv4_carry_kernel[(triton.cdiv(c, 128),)](ends, state, starts, new_state, w, t, c, chunk, n, BLOCK=128,
+                                               num_warps=4)
+    _wkv4_scan_kernel[(blocks, n)](k, v, y, starts, ends, w, u, t, c, chunk, FROM_EMPTY=False, WRITE_Y=True,
+                                   **options)
     return y, new_state
 
 

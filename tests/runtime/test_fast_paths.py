@@ -300,6 +300,63 @@ INTERPRETER_SCRIPT = """
 """
 
 
+WKV4_SCAN_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import triton_kernels
+    from rwkv_chat.models.rwkv4 import wkv4_step
+    gen = torch.Generator().manual_seed(3)
+    channels = 40  # a partial program of 32 channels too
+    w = -torch.exp(torch.rand(channels, generator=gen) * 9 - 6)
+    u = torch.rand(channels, generator=gen) * 2 - 1
+    for length, chunk in ((1, None), (37, 37), (37, None), (37, 5), (70, 70), (70, 16), (70, 64), (3, 2)):
+        for empty in (True, False):
+            for k_scale in (3.0, 40.0):
+                k = torch.randn(length, channels, generator=gen) * k_scale
+                v = torch.randn(length, channels, generator=gen)
+                if empty:
+                    state = torch.stack([torch.zeros(channels), torch.zeros(channels), torch.full((channels,), -1e30)])
+                else:
+                    state = torch.stack([torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.1,
+                                         torch.randn(channels, generator=gen)])
+                a, b, p = (x.double() for x in state)
+                rows = []
+                for t in range(length):  # the oracle: token by token in float64
+                    out, a, b, p = wkv4_step(w.double(), u.double(), k[t].double(), v[t].double(), a, b, p)
+                    rows.append(out)
+                y, new = triton_kernels.wkv4_scan(w, u, k, v, state, chunk)
+                want = torch.stack(rows)
+                out_err = ((y.double() - want).abs() / (want.abs() + 1)).max().item()
+                # the states may differ in their common log-scale: compare the values they stand for
+                scale = torch.exp(new[2].double() - p)
+                state_err = max(((new[0].double() * scale - a).abs() / (a.abs() + 1e-5)).max().item(),
+                                ((new[1].double() * scale - b).abs() / (b.abs() + 1e-5)).max().item())
+                print(length, chunk, empty, k_scale, out_err, state_err)
+"""
+
+
+def test_triton_wkv4_scan_in_chunks_equals_the_recurrence_under_the_interpreter():
+    """The RWKV-4 prefill scan, in one pass and cut into chunks (a short last chunk, chunks shorter than the
+    kernel's tile, keys spread far beyond fp32's exp range), against the token-by-token recurrence in float64."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(WKV4_SCAN_SCRIPT).strip().splitlines()
+    assert len(lines) == 32
+    for line in lines:
+        length, chunk, empty, k_scale, out_err, state_err = line.split()
+        # fp32 rounding, as large in one pass (chunk = length): keys of scale 40 put the log-scale near 100,
+        # whose rounding becomes a relative error of the exps
+        assert float(out_err) < (1e-5 if float(k_scale) < 10 else 1e-4), line
+        assert float(state_err) < 1e-3, line
+
+
+def test_wkv4_scan_chunks_fill_the_gpu_without_cutting_short_prompts():
+    pytest.importorskip("triton")
+    from rwkv_chat.kernels import triton_kernels
+    assert triton_kernels.wkv4_scan_chunk(20, 2048) == 20  # at most two chunks: one pass
+    assert triton_kernels.wkv4_scan_chunk(1024, 2048) == 16  # 64 chunks x 64 channel blocks
+    assert triton_kernels.wkv4_scan_chunk(4096, 2048) == 64
+    assert triton_kernels.wkv4_scan_chunk(1024, 4096) == 32
+
+
 @pytest.mark.parametrize("version,dtype,tolerance", [("4", "fp32", 1e-4), ("5.2", "fp32", 1e-4),
                                                      ("4", "int8", 0.3), ("5.2", "int8", 0.3)])
 def test_triton_kernels_equal_plain_path_under_the_interpreter(version, dtype, tolerance, make_checkpoint):

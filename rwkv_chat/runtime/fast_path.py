@@ -12,7 +12,7 @@ What this module promises:
   matrix and the channel-mix key/receptance one [F+C, C] matrix, and the model's own parameters are re-pointed
   to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
-  layer, captured in CUDA graphs per batch size (cuda_graphs.py), and short prompts are read in CUDA graphs too
+  layer, captured in CUDA graphs per batch size (cuda_graphs.py), and prompts are read in CUDA graphs too
   (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU each layer's step is one
   call into the C++ kernels (cpu_kernels.py), whose products read the weights as stored with fp32 activations,
   and the PyTorch step runs where they did not build. Prefill is a few large matrix products per layer plus

@@ -4,7 +4,7 @@ CUDA: the plain prefill, and a decode step captured in CUDA graphs.
 Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits [B, vocab], new state) replayed
 from one graph per batch bucket, and `decode_into`, the same step from and into a batcher's own state buffers
 (runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
-and launching them one by one is most of its time), and `prefill` = the plain path, short prompts replayed from
+and launching them one by one is most of its time), and `prefill` = the plain path, prompts replayed from
 CUDA graphs of it (runtime/prefill_graphs.py). The step is the fused one
 (runtime/fused_decode.py: a few Triton kernels and packed products per layer) where it runs, unless
 `use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s function (the fused

@@ -316,7 +316,8 @@ WKV4_SCAN_SCRIPT = """
                 if empty:
                     state = torch.stack([torch.zeros(channels), torch.zeros(channels), torch.full((channels,), -1e30)])
                 else:
-                    state = torch.stack([torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.1,
+                    state = torch.stack([torch.randn(channels, generator=gen),
+                                         torch.rand(channels, generator=gen) + 0.1,
                                          torch.randn(channels, generator=gen)])
                 a, b, p = (x.double() for x in state)
                 rows = []

@@ -1,4 +1,4 @@
-"""Short prompts read from CUDA graphs (runtime/prefill_graphs.py) equal the direct prefill, for every
+"""Prompts read from CUDA graphs (runtime/prefill_graphs.py) equal the direct prefill, for every
 architecture's runner; the piece arithmetic runs anywhere, the rest needs CUDA."""
 
 from __future__ import annotations
@@ -9,20 +9,22 @@ import pytest
 import torch
 
 from rwkv_chat import load_model
-from rwkv_chat.runtime.prefill_graphs import MAX_GRAPHED_TOKENS, PIECES, GraphedPrefill, pieces_of
+from rwkv_chat.runtime.prefill_graphs import LONG_PIECE, PIECES, GraphedPrefill, pieces_of
 from reference import random_tokens
 
 CUDA = torch.cuda.is_available()
 
 
-def test_pieces_cover_every_short_prompt_once_largest_first():
-    for length in range(1, MAX_GRAPHED_TOKENS + 1):
+def test_pieces_cover_every_prompt_whole_long_pieces_first_then_each_length_once():
+    for length in list(range(1, 3 * LONG_PIECE + 2)) + [100_000]:
         pieces = pieces_of(length)
         assert sum(pieces) == length
-        assert pieces == sorted(set(pieces), reverse=True) and set(pieces) <= set(PIECES)
-    for bad in (0, MAX_GRAPHED_TOKENS + 1):
-        with pytest.raises(ValueError, match="graphed prompt"):
-            pieces_of(bad)
+        long, rest = pieces[:length // LONG_PIECE], pieces[length // LONG_PIECE:]
+        assert long == [LONG_PIECE] * len(long)
+        assert rest == sorted(set(rest), reverse=True) and set(rest) <= set(PIECES) - {LONG_PIECE}
+    assert pieces_of(2100) == [1024, 1024, 32, 16, 4]
+    with pytest.raises(ValueError, match="graphed prompt"):
+        pieces_of(0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -36,7 +38,7 @@ def test_graphed_prompts_equal_the_direct_prefill(make_checkpoint, version, dtyp
     assert isinstance(graphs, GraphedPrefill)
     start = model.forward(random_tokens(30, seed=2))[1]  # a state that is not empty
     before = start.clone()
-    for length in (1, 2, 3, 20, 64, 127, MAX_GRAPHED_TOKENS, MAX_GRAPHED_TOKENS + 1):
+    for length in (1, 2, 3, 20, 64, 127, 255, 256, LONG_PIECE, 2 * LONG_PIECE + 519):
         ids = torch.tensor(random_tokens(length, seed=length), device="cuda")
         for state in (None, start):
             state = model.zero_state(1) if state is None else state

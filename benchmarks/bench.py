@@ -36,7 +36,6 @@ run whose --versions are all "7" sets it, and in a mixed run the RWKV-7 shapes g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -552,12 +551,14 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     with DecodeBatcher(model, max_batch=n_chats) as batcher:
         lone_tps, _ = alone_tps(batcher)
         in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
-        served, steps_before = batcher.served, batcher.steps
-        with worker_timing() as worker:
-            judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
-        worker_ms = {part: seconds / max(1, batcher.steps - steps_before) * 1e3 for part, seconds in worker.items()}
-        worker_ms["step"] = elapsed / max(1, batcher.steps - steps_before) * 1e3
-        mean_batch = (batcher.served - served) / max(1, batcher.steps - steps_before)
+        before = batcher.times()
+        judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
+        worker = batcher.times() - before  # where the worker's time went (batching.WorkerTimes)
+        steps = max(1, worker.steps)
+        worker_ms = {"launch": worker.launch / steps * 1e3, "wait": worker.wait / steps * 1e3,
+                     "judge": worker.judge / steps * 1e3, "join+retire": worker.join / steps * 1e3,
+                     "step": elapsed / steps * 1e3}
+        mean_batch = worker.rows / steps
         recorded = in_threads(lambda i: chat(batcher, i, Recording), n_chats)[0][:check_chats]
     generated = sum(len(j.ids) for j in judges)
     batched_tps = generated / elapsed
@@ -598,46 +599,6 @@ def report_batching(info: dict, texts: list) -> None:
     print(f"[bench] batching {line}", file=sys.stderr, flush=True)
     print("[bench] batcher worker, ms a step: " + ", ".join(
         f"{part} {ms:.2f}" for part, ms in info["worker_ms"].items()), file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def worker_timing():
-    """Where the pipelined batcher's worker spends its time, in seconds summed over the run (a dict filled on
-    exit): launching steps (sampling and model graphs queued), waiting for a step's tokens, the judges (stop
-    rules, detokenising, penalties) and waking readers, chats joining and leaving. The worker's methods are
-    wrapped for the run only."""
-    from rwkv_chat.serving import batching
-    totals = {"launch": 0.0, "wait": 0.0, "judge": 0.0, "join+retire": 0.0}
-    originals = {}
-
-    def timed(owner, name, part, before=None):
-        original = originals[(owner, name)] = getattr(owner, name)
-
-        def wrapper(self, *args, **kwargs):
-            if before is not None:
-                start = time.perf_counter()
-                before(self)
-                totals["wait"] += time.perf_counter() - start
-            start = time.perf_counter()
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                totals[part] += time.perf_counter() - start
-        setattr(owner, name, wrapper)
-
-    def wait_for_tokens(launch):
-        if launch.copied is not None:
-            launch.copied.synchronize()
-
-    timed(batching._Slots, "launch", "launch")
-    timed(batching._Launch, "judge", "judge", before=wait_for_tokens)
-    timed(batching._Slots, "join", "join+retire")
-    timed(batching._Slots, "retire", "join+retire")
-    try:
-        yield totals
-    finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
 
 
 # ------------------------------------------------------------------------------------- kernels

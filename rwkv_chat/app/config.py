@@ -57,6 +57,8 @@ SPACE_LOAD_COOLDOWN_S = 300.0  # a Space: visitors start at most one new model l
 MAX_LOAD_COOLDOWN_S = 86_400.0
 DEFAULT_KEEP_DAYS = 30.0
 DEFAULT_DRAIN_SECONDS = 8.0  # Docker (and so a Space) sends SIGKILL 10 s after SIGTERM
+DEFAULT_STATS_EVERY = 60.0  # seconds between the decode batcher's lines in the server's output, while it works
+MAX_STATS_EVERY = 86_400.0
 SPACE_STORAGE = Path("/data")  # a Hugging Face Space's persistent storage, when the Space has it
 
 
@@ -79,6 +81,7 @@ class AppConfig:
     data_dir: Optional[str] = None  # where conversations are saved; None: in memory only (parse_config always sets one)
     keep_days: float = DEFAULT_KEEP_DAYS  # saved conversations unchanged for longer are deleted; 0: kept forever
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    stats_every: float = DEFAULT_STATS_EVERY  # 0: no decode statistics in the output
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -98,6 +101,9 @@ class AppConfig:
             raise ValueError(f"keep_days must be between 0 (forever) and 36500, got {self.keep_days}")
         if not 0 <= self.drain_seconds <= 600:
             raise ValueError(f"drain_seconds must be between 0 and 600, got {self.drain_seconds}")
+        if not 0 <= self.stats_every <= MAX_STATS_EVERY:  # NaN fails too
+            raise ValueError(f"--stats-every must be between 0 (off) and {MAX_STATS_EVERY:g} seconds, "
+                             f"got {self.stats_every}")
         if self.cors_origins and self.share:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
                              "whose CORS rules cannot be changed")
@@ -186,6 +192,10 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--drain-seconds", dest="drain_seconds", type=float,
                         default=float(env.get("RWKV_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)),
                         help="on SIGTERM, how long answers being written may go on before they are stopped")
+    parser.add_argument("--stats-every", dest="stats_every", type=float,
+                        default=float(env.get("RWKV_STATS_EVERY", DEFAULT_STATS_EVERY)),
+                        help="print a line on the batched decoding (tokens/s, mean batch, where a step's time goes) "
+                             "this often in seconds while chats generate (0: never)")
     return parser
 
 
@@ -225,4 +235,5 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
                      max_queue=args.max_queue, models=_models(args.models, on_space=bool(env.get("SPACE_ID"))),
                      load_cooldown=args.load_cooldown, states=states, api_key=args.api_key or None,
                      cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                     data_dir=args.data_dir, keep_days=args.keep_days, drain_seconds=args.drain_seconds)
+                     data_dir=args.data_dir, keep_days=args.keep_days, drain_seconds=args.drain_seconds,
+                     stats_every=args.stats_every)

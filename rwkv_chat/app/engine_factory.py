@@ -5,7 +5,8 @@ Promises:
 - The decoder is `batching.DecodeBatcher(model, max_batch)` (DEFAULT_MAX_BATCH rows unless told; the app
   passes its --concurrency, which by default follows what the device holds), so concurrent chats with one
   model decode and sample together (or `generation.DirectDecoder`, one chat at a time, when batching is
-  turned off).
+  turned off). With `stats_every` > 0 the batcher's work is printed that often while chats generate
+  ("rwkv-chat: MODEL · PLACE: decode N steps in …": tokens/s, mean batch, where a step's time goes).
 - The engine's prefix-state cache holds at least CACHED_STATES_PER_CHAT states for each chat that can generate
   at once (max_batch), and never less than limits.STATE_CACHE_BYTES: with a fixed budget, a GPU serving a
   hundred chats of a 1.5B model evicted their states between turns, so every turn read the whole
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 from .. import limits
 from ..loading.loader import load_model
 from ..loading.state_files import StateFile
-from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher
+from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher, WorkerTimes
 from ..serving.engine import ChatEngine
 from ..serving.session import ChatSession
 from .model_choices import ModelChoices, ModelKey
@@ -35,12 +36,13 @@ CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and 
 
 class EngineFactory:
     def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 batching: bool = True, state_files: tuple[StateFile, ...] = ()):
+                 batching: bool = True, state_files: tuple[StateFile, ...] = (), stats_every: float = 0.0):
         self.choices = choices
         self.preamble = preamble
         self.state_files = state_files
         self.max_batch = max_batch
         self.batching = batching
+        self.stats_every = stats_every
         self._tokenizer = None
         self._lock = threading.Lock()
 
@@ -57,11 +59,14 @@ class EngineFactory:
         # hold the two together), with the decode step in the C++ kernels, about twice as fast
         model = load_model(choice.source, key.device, key.dtype, progress=progress, fast=True)
         progress("reading the tokenizer")
-        decoder = DecodeBatcher(model, max_batch=self.max_batch) if self.batching else None
+        label = f"{choice.name} · {key.placement}"
+        decoder = None
+        if self.batching:
+            report = _printer(label) if self.stats_every > 0 else None
+            decoder = DecodeBatcher(model, max_batch=self.max_batch, report=report, report_every=self.stats_every)
         cache_bytes = max(limits.STATE_CACHE_BYTES,
                           CACHED_STATES_PER_CHAT * self.max_batch * model.zero_state(1).nbytes)
-        engine = ChatEngine(model, self.tokenizer(), label=f"{choice.name} · {key.placement}",
-                            cache_bytes=cache_bytes, decoder=decoder)
+        engine = ChatEngine(model, self.tokenizer(), label=label, cache_bytes=cache_bytes, decoder=decoder)
         for state_file in self.state_files:
             if state_file.fits(model.config):
                 engine.add_start_state(state_file.name, state_file.initial_state(model.config, model.device))
@@ -69,3 +74,10 @@ class EngineFactory:
             progress("reading the preamble")
             engine.warm_preamble(ChatSession(preamble=self.preamble))
         return engine
+
+
+def _printer(label: str) -> Callable[[WorkerTimes, float], None]:
+    """A batcher report as one line of the server's output."""
+    def report(times: WorkerTimes, seconds: float) -> None:
+        print(f"rwkv-chat: {label}: decode {times.describe(seconds)}", flush=True)
+    return report

@@ -83,7 +83,8 @@ def build_app(config: AppConfig) -> gr.Blocks:
     config = sized_config(config, choices)
     state_files = tuple(parse_state_specs(config.states))  # StateFileError: a clear message at start-up
     pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency,
-                                            state_files=state_files), cooldown=LoadCooldown(config.load_cooldown))
+                                            state_files=state_files, stats_every=config.stats_every),
+                     cooldown=LoadCooldown(config.load_cooldown))
     store = open_store(config)
     service = ChatService(pool, store, Admission())
     page = ChatPage(service, choices, config, tuple(f.name for f in state_files))

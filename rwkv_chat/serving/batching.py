@@ -37,15 +37,22 @@ What this module promises:
   on serving. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls
   raise it at once. The states and logits passed in are never changed.
 
+- `times()` says what the worker did and where its time went since it started (`WorkerTimes`: steps, rows fed,
+  seconds launching, waiting for the device, judging, letting chats join and leave); with `report` given, the
+  worker hands it a `WorkerTimes` window and its wall time every `report_every` seconds while it has work (a
+  window starts again when work resumes after the batcher was idle), e.g. for a server's log.
+
 It knows the model's decode_batch contract (and its runner, to feed ids already on the device), RwkvState,
 the sampling module's batch interfaces and the generation protocol; nothing of text or sessions.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Iterator, Optional
+from dataclasses import astuple, dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -55,7 +62,61 @@ from .sampling import Sampler, SamplingRows, sample_batch, to_device
 
 DEFAULT_MAX_BATCH = 32
 WAKE_INTERVAL_S = 0.02  # a reader is woken at most this often while its chat generates (always when it ends)
+log = logging.getLogger(__name__)
 MAX_WAKES_PER_S = 4000  # ... and less often in large batches: all readers together, at most this many a second
+
+
+@dataclass(frozen=True)
+class WorkerTimes:
+    """What the batcher's worker did, summed since it started: batched steps, the rows fed in them (tokens drawn,
+    a refused one's included), and seconds spent launching steps (drawing the tokens and queueing the model step;
+    on the CPU also running it), waiting for a launched step's tokens (the device behind the host), judging them
+    (stop rules, detokenising, penalties; waking readers), and letting chats join and leave. The rest of its time
+    is idle (no chat) or between these parts (waiting for the interpreter lock among them). `later - earlier` is a
+    window."""
+
+    steps: int = 0
+    rows: int = 0
+    launch: float = 0.0
+    wait: float = 0.0
+    judge: float = 0.0
+    join: float = 0.0
+
+    def __sub__(self, other: "WorkerTimes") -> "WorkerTimes":
+        return WorkerTimes(*(a - b for a, b in zip(astuple(self), astuple(other))))
+
+    def describe(self, seconds: float) -> str:
+        """One line for an operator about a window of `seconds` of wall time."""
+        steps = max(1, self.steps)
+
+        def ms(part: float) -> str:
+            return f"{part / steps * 1e3:.1f}"
+        rest = max(0.0, seconds - self.launch - self.wait - self.judge - self.join)
+        return (f"{self.steps:,} steps in {seconds:.1f} s, {self.rows / max(seconds, 1e-9):,.0f} tokens/s, mean batch "
+                f"{self.rows / steps:.1f}; ms a step {ms(seconds)}: launching {ms(self.launch)}, waiting for the "
+                f"device {ms(self.wait)}, judges {ms(self.judge)}, joins {ms(self.join)}, other {ms(rest)}")
+
+
+class _Clock:
+    """The worker's running WorkerTimes (written by the worker only; a snapshot is read by anyone)."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(WorkerTimes.__dataclass_fields__, 0)
+        self.mark = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Add the time since the last lap to `part` ("" = count it nowhere)."""
+        now = time.perf_counter()
+        if part:
+            self.totals[part] += now - self.mark
+        self.mark = now
+
+    def count(self, rows: int) -> None:
+        self.totals["steps"] += 1
+        self.totals["rows"] += rows
+
+    def snapshot(self) -> WorkerTimes:
+        return WorkerTimes(**self.totals)
 
 
 class BatcherClosed(RuntimeError):
@@ -109,9 +170,12 @@ class _Chat(Generation):
 class DecodeBatcher:
     """Runs the token loops of concurrent chats as batched steps (see the module docstring)."""
 
-    def __init__(self, model, max_batch: int = DEFAULT_MAX_BATCH, pipelined: Optional[bool] = None):
+    def __init__(self, model, max_batch: int = DEFAULT_MAX_BATCH, pipelined: Optional[bool] = None,
+                 report: Optional[Callable[[WorkerTimes, float], None]] = None, report_every: float = 60.0):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if report is not None and not report_every > 0:
+            raise ValueError(f"report_every must be more than 0 seconds, got {report_every}")
         self.model = model
         self.max_batch = max_batch
         # off the CPU the sampling lives on the device and steps overlap the judging (see the docstring)
@@ -119,10 +183,39 @@ class DecodeBatcher:
         self._incoming: list[_Chat] = []
         self._wake = threading.Condition()
         self._closed = False
-        self.steps = 0  # batched model steps run
-        self.served = 0  # rows fed in them (served / steps = the mean batch)
+        self._clock = _Clock()
+        self._stopped = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="rwkv-decode-batcher", daemon=True)
         self._worker.start()
+        if report is not None:
+            threading.Thread(target=self._reports, args=(report, report_every), name="rwkv-decode-report",
+                             daemon=True).start()
+
+    @property
+    def steps(self) -> int:
+        """Batched model steps run so far."""
+        return self._clock.totals["steps"]
+
+    @property
+    def served(self) -> int:
+        """Rows fed in those steps (served / steps = the mean batch)."""
+        return self._clock.totals["rows"]
+
+    def times(self) -> WorkerTimes:
+        """What the worker did and where its time went since it started (see WorkerTimes)."""
+        return self._clock.snapshot()
+
+    def _reports(self, report, every: float) -> None:
+        """Every `every` seconds until closed: report(the window's WorkerTimes, its wall time) if it had steps."""
+        start, before = time.perf_counter(), self._clock.snapshot()
+        while not self._stopped.wait(every):
+            now, times = time.perf_counter(), self._clock.snapshot()
+            if times.steps > before.steps:
+                try:
+                    report(times - before, now - start)
+                except Exception:  # a report that fails must not stop the next ones, nor the batcher
+                    log.exception("decode batcher: the report failed")
+            start, before = now, times
 
     # ------------------------------------------------------------------------------------------- callers
     def generate(self, logits: torch.Tensor, state: RwkvState, sampler: Sampler, judge) -> Generation:
@@ -144,6 +237,7 @@ class DecodeBatcher:
         with self._wake:
             self._closed = True
             self._wake.notify_all()
+        self._stopped.set()
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
 
@@ -168,6 +262,7 @@ class DecodeBatcher:
 
     # ------------------------------------------------------------------------------------------- worker
     def _serve(self) -> None:
+        self._clock.lap("")  # the clock starts with the worker
         with torch.inference_mode():  # the worker's tensors never need autograd: each op costs less host time
             if self.pipelined:
                 self._serve_pipelined()
@@ -182,6 +277,7 @@ class DecodeBatcher:
         try:
             while True:
                 rows, logits, state = _keep(rows, logits, state, [not chat.cancelled for chat in rows])
+                self._clock.lap("join")
                 joining = self._take(len(rows))
                 if joining is None:
                     break
@@ -190,6 +286,7 @@ class DecodeBatcher:
                     logits = fresh if logits is None else torch.cat([logits, fresh])
                     state = RwkvState.stack(([] if state is None else [state]) + [chat.state for chat in joining])
                     rows = rows + joining
+                self._clock.lap("join")
                 if rows:
                     try:
                         rows, logits, state = self._step(rows, logits, state)
@@ -212,6 +309,7 @@ class DecodeBatcher:
                 return None
             room = self.max_batch - busy
             joining, self._incoming = self._incoming[:room], self._incoming[room:]
+        self._clock.lap("")  # idle, or the lock: neither is a part of the work
         return [chat for chat in joining if not chat.cancelled]
 
     def _step(self, rows: list[_Chat], logits: torch.Tensor, state: RwkvState):
@@ -221,14 +319,15 @@ class DecodeBatcher:
         tokens = sample_batch(logits, [chat.sampler for chat in rows], errors="return")
         feeding = [0 if isinstance(token, ValueError) else token for token in tokens]  # 0: a row wasted
         new_logits, new_state = self.model.decode_batch(torch.tensor(feeding, dtype=torch.long), state)
-        self.steps += 1
-        self.served += len(rows)
+        self._clock.count(len(rows))
+        self._clock.lap("launch")
         for i, (chat, token) in enumerate(zip(rows, tokens)):
             if isinstance(token, ValueError):
                 chat.end(error=token)
                 continue
             _judge(chat, token, i, logits[i], (logits, state), (new_logits, new_state))
         _wake_readers(rows, len(rows))  # after the launch: the readers' threads would slow it down
+        self._clock.lap("judge")
         return _keep(rows, new_logits, new_state, [not chat.finished for chat in rows])
 
     # ------------------------------------------------------------------------------- the pipelined worker
@@ -239,18 +338,20 @@ class DecodeBatcher:
         try:
             while True:
                 batch.retire()
+                self._clock.lap("join")
                 joining = self._take(batch.live, waiting=pending is not None)
                 if joining is None:
                     break
                 launch = None
                 try:
                     batch.join(joining)
+                    self._clock.lap("join")
                     if batch.live:
                         launch = batch.launch(self._decode_into)
-                        self.steps += 1
-                        self.served += batch.live
+                        self._clock.count(batch.live)
+                        self._clock.lap("launch")
                     if pending is not None:
-                        pending.judge()
+                        pending.judge(self._clock)
                 except Exception as error:  # a failed step (the model's, the sampling's) ends its chats
                     _end_all(batch.chats() + joining + (pending.chats() if pending is not None else []), error)
                     batch, launch = _Slots(self.model, self.max_batch), None
@@ -463,10 +564,13 @@ class _Launch:
         else:
             self.tokens = tokens.to("cpu")
 
-    def judge(self) -> None:
-        """Each chat's judge on its token (waiting only for the draw, not for the step), then the readers."""
+    def judge(self, clock: Optional[_Clock] = None) -> None:
+        """Each chat's judge on its token (waiting only for the draw, not for the step), then the readers; the
+        wait and the judging are timed on `clock`."""
         if self.copied is not None:
             self.copied.synchronize()
+        if clock is not None:
+            clock.lap("wait")
         rows = self.logits.unbind(0)  # every row's view in one call
         for i, token in enumerate(self.tokens.tolist()):
             chat = self.rows[i]
@@ -479,6 +583,8 @@ class _Launch:
             _judge(chat, token, i, rows[i], (self.logits, self.state), (self.new_logits, self.new_state))
         chats = self.chats()
         _wake_readers(chats, len(chats))
+        if clock is not None:
+            clock.lap("judge")
 
 
 def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[RwkvState], keep: list[bool]):

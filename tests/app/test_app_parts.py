@@ -283,6 +283,42 @@ def test_the_state_cache_keeps_two_states_for_every_chat_that_can_generate_at_on
     assert states > limits.STATE_CACHE_BYTES  # the larger server's cache grew past the fixed budget
 
 
+def test_a_batching_engine_prints_its_decoding_while_chats_generate(make_checkpoint, capsys):
+    """With stats_every the batcher's work comes out as lines of the server's output (tokens/s, the mean batch,
+    where a step's time goes), only while something generates; without it, nothing."""
+    import time
+    from rwkv_chat.serving.batching import DecodeBatcher
+    from rwkv_chat.serving.engine import GenerationSettings
+    from rwkv_chat.serving.sampling import SamplingParams
+    from rwkv_chat.serving.session import ChatSession
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
+    choices = ModelChoices(str(path), ("none",))
+    key = choices.resolve(choices.default.value, "cpu", "fp32")
+    greedy = GenerationSettings(SamplingParams(temperature=0.0), 40)
+    for every in (0.05, 0.0):
+        engine = EngineFactory(choices, max_batch=4, stats_every=every)(key, lambda message: None)
+        assert isinstance(engine.decoder, DecodeBatcher)
+        try:
+            list(engine.reply(ChatSession(), "Hello", greedy))
+            time.sleep(0.2)  # the last window is reported
+            out = capsys.readouterr().out
+            time.sleep(0.2)  # idle: nothing more
+            assert capsys.readouterr().out == ""
+        finally:
+            engine.decoder.close()
+        lines = [line for line in out.splitlines() if " decode " in line]
+        if every:
+            assert lines and all(line.startswith(f"rwkv-chat: {engine.label}: decode ") for line in lines)
+            assert all("tokens/s, mean batch 1.0; ms a step" in line for line in lines)
+        else:
+            assert not lines
+    with pytest.raises(ValueError, match="--stats-every must be between 0 .off. and 86400 seconds, got -1"):
+        AppConfig(stats_every=-1)
+    assert parse_config(["--stats-every", "5"], {}).stats_every == 5
+    assert parse_config([], {"RWKV_STATS_EVERY": "0"}).stats_every == 0
+    assert parse_config([], {}).stats_every == 60
+
+
 # ---------------------------------------------------------------------------------------- service
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import pytest
 import torch
@@ -393,3 +394,60 @@ def test_cuda_graphed_batches_equal_single_decodes(make_checkpoint):
             assert (a - b).abs().max().item() <= 1e-3
         assert (logits - ref_logits).abs().max().item() <= 1e-3
         assert torch.allclose(state.wkv, ref_state.wkv, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- where the worker's time goes
+
+def test_worker_times_describe_a_window():
+    earlier = batching.WorkerTimes(steps=5, rows=20, launch=0.5, wait=0.1, judge=0.2, join=0.1)
+    later = batching.WorkerTimes(steps=15, rows=60, launch=0.51, wait=0.12, judge=0.23, join=0.14)
+    window = later - earlier
+    assert (window.steps, window.rows) == (10, 40)
+    assert window.describe(1.0) == ("10 steps in 1.0 s, 40 tokens/s, mean batch 4.0; ms a step 100.0: launching 1.0, "
+                                    "waiting for the device 2.0, judges 3.0, joins 4.0, other 90.0")
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
+def test_the_worker_counts_its_steps_and_times_its_parts(model, pipelined):
+    logits, state = model.forward(random_tokens(5, seed=1))
+    vocab = model.config.vocab_size
+    reports = []
+    start = threading.Event()
+    begin = time.perf_counter()
+    with DecodeBatcher(model, max_batch=4, pipelined=pipelined,
+                       report=lambda times, seconds: reports.append((times, seconds)), report_every=0.05) as batcher:
+        assert (batcher.times().steps, batcher.times().rows) == (0, 0)
+
+        def chat(i):
+            start.wait()
+            sampler = Sampler(SamplingParams(temperature=0.0), None, None, range(vocab - 6, vocab))
+            run_chat(batcher, logits, state, sampler, Recorder(count=12))
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        start.set()
+        for t in threads:
+            t.join(timeout=300)
+        wall = time.perf_counter() - begin
+        times = batcher.times()
+        assert (times.steps, times.rows) == (batcher.steps, batcher.served)
+        # a row for each token drawn; pipelined, a chat's row of the step launched after its last token is wasted
+        assert 36 <= times.rows <= (39 if pipelined else 36)
+        parts = (times.launch, times.wait, times.judge, times.join)
+        assert all(part >= 0 for part in parts) and times.launch > 0 and times.judge > 0
+        assert sum(parts) <= wall
+        if not pipelined:
+            assert times.wait == 0  # nothing is launched ahead on the host loop
+        wait_until(lambda: reports)  # a window with steps was reported
+        threading.Event().wait(0.15)  # the window holding the last steps is reported by now
+        seen = len(reports)
+        threading.Event().wait(0.3)  # six report periods with no work: nothing more is reported
+        assert len(reports) == seen
+    for window, seconds in reports:
+        assert window.steps > 0 and seconds >= 0.05
+    assert sum(window.steps for window, _ in reports) <= times.steps
+
+
+def test_a_report_needs_a_positive_period(model):
+    with pytest.raises(ValueError, match="report_every must be more than 0 seconds, got 0"):
+        DecodeBatcher(model, report=lambda times, seconds: None, report_every=0)

@@ -38,9 +38,9 @@ What this module promises:
   raise it at once. The states and logits passed in are never changed.
 
 - `times()` says what the worker did and where its time went since it started (`WorkerTimes`: steps, rows fed,
-  seconds launching, waiting for the device, judging, letting chats join and leave); with `report` given, the
-  worker hands it a `WorkerTimes` window and its wall time every `report_every` seconds while it has work (a
-  window starts again when work resumes after the batcher was idle), e.g. for a server's log.
+  seconds launching, waiting for the device, judging, letting chats join and leave); with `report` given, a
+  thread of the batcher hands it the window of the last `report_every` seconds (a `WorkerTimes` and its wall
+  time) whenever that window had steps, e.g. for a server's log; a report that raises is logged and skipped.
 
 It knows the model's decode_batch contract (and its runner, to feed ids already on the device), RwkvState,
 the sampling module's batch interfaces and the generation protocol; nothing of text or sessions.
@@ -60,9 +60,9 @@ from ..state import RwkvState
 from .generation import Generation, Verdict
 from .sampling import Sampler, SamplingRows, sample_batch, to_device
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 32
 WAKE_INTERVAL_S = 0.02  # a reader is woken at most this often while its chat generates (always when it ends)
-log = logging.getLogger(__name__)
 MAX_WAKES_PER_S = 4000  # ... and less often in large batches: all readers together, at most this many a second
 
 
@@ -564,13 +564,12 @@ class _Launch:
         else:
             self.tokens = tokens.to("cpu")
 
-    def judge(self, clock: Optional[_Clock] = None) -> None:
+    def judge(self, clock: _Clock) -> None:
         """Each chat's judge on its token (waiting only for the draw, not for the step), then the readers; the
         wait and the judging are timed on `clock`."""
         if self.copied is not None:
             self.copied.synchronize()
-        if clock is not None:
-            clock.lap("wait")
+        clock.lap("wait")
         rows = self.logits.unbind(0)  # every row's view in one call
         for i, token in enumerate(self.tokens.tolist()):
             chat = self.rows[i]
@@ -583,8 +582,7 @@ class _Launch:
             _judge(chat, token, i, rows[i], (self.logits, self.state), (self.new_logits, self.new_state))
         chats = self.chats()
         _wake_readers(chats, len(chats))
-        if clock is not None:
-            clock.lap("judge")
+        clock.lap("judge")
 
 
 def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[RwkvState], keep: list[bool]):

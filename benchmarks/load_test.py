@@ -11,8 +11,9 @@
 What it promises:
 - The server is the real one: `python app.py --model M --device D` started on 127.0.0.1 with a free port, no
   network (HF_HUB_OFFLINE, an empty HF_HOME, no analytics, saved conversations in the temporary directory) and
-  stopped whatever happens (tests/app_harness.py's `running_app`); or the server at --url (RSS only when --pid
-  names its process).
+  stopped whatever happens (tests/app_harness.py's `running_app`), with `--stats-every` (5 s unless told), whose
+  decode lines (the batcher's tokens/s, mean batch and where a step's time goes) are printed after the run;
+  or the server at --url (RSS only when --pid names its process).
 - Each simulated user is one `gradio_client.Client`, i.e. one Gradio session, i.e. one conversation. Every turn
   is streamed from /chat with temperature 0 and a small --max-new-tokens; its message names the client, the
   conversation and the turn ("client 17 conv 1 turn 3: ..."). One warm-up turn (which loads the model) runs
@@ -525,6 +526,9 @@ def main(argv=None) -> int:
                    help="soak: a new conversation is a new Gradio session, or /reset in the same one")
     p.add_argument("--concurrency", type=int, default=None, help="the server's --concurrency (default: its own)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--stats-every", type=float, default=5.0,
+                   help="the server's --stats-every: its decode lines (tokens/s, mean batch, where a step's time "
+                        "goes) are printed after the run")
     p.add_argument("--turn-timeout", type=float, default=600.0, help="seconds before a turn counts as failed")
     p.add_argument("--plateau-pct", type=float, default=5.0)
     p.add_argument("--url", default=None, help="drive a running server instead of starting one")
@@ -541,6 +545,7 @@ def main(argv=None) -> int:
         model = args.model or str(random_checkpoint(tmp_dir, args.shape, args.seed, args.version))
         server_args = ["--model", model, "--device", args.device, "--dtype", args.dtype]
         server_args += ["--concurrency", str(args.concurrency)] if args.concurrency else []
+        server_args += ["--stats-every", f"{args.stats_every:g}"]
         print(f"server: python app.py {' '.join(server_args)} (OMP_NUM_THREADS={args.threads})", flush=True)
         # RWKV_DATA_DIR: a server that saves conversations keeps them in the temporary directory, not the user's
         env = {"OMP_NUM_THREADS": str(args.threads), "RWKV_DATA_DIR": str(tmp_dir / "data")}
@@ -549,6 +554,9 @@ def main(argv=None) -> int:
                 return drive(app.url, app.process.pid, args)
             finally:
                 log = app.log()
+                decode = [line for line in log.splitlines() if ": decode " in line and line.startswith("rwkv-chat: ")]
+                if decode:
+                    print(f"\nthe server's batched decoding, every {args.stats_every:g} s:\n" + "\n".join(decode))
                 if "Traceback" in log:
                     print("\nthe server log holds a traceback; its end:\n" + log[-3000:], file=sys.stderr)
 

@@ -237,7 +237,7 @@ def test_wkv5_scan_with_a_decay_per_token_equals_the_rwkv6_recurrence_in_float64
 
 
 @needs_kernels
-@pytest.mark.parametrize("size", [64, 24])
+@pytest.mark.parametrize("size", [64, 24, 8, 12, 264])  # vector: 64, 24 (an odd 8), 8; key by key: 12, 264
 def test_wkv7_scan_equals_the_recurrence_in_float64(size):
     gen = torch.Generator().manual_seed(size)
     length, heads = 29, 3

@@ -638,9 +638,14 @@ void low_rank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, con
 }
 
 // One token of one RWKV-7 head of size N: s [N(value), N(key)] becomes s diag(w) + (s (-kk)) (kk a)ᵀ + v kᵀ and
-// y = s r. s_out may be s (each row is read, then written).
-inline void wkv7_head_token(const float* r, const float* w, const float* k, const float* v, const float* kk,
-                            const float* a, const float* s, float* s_out, float* y, int64_t N) {
+// y = s r. s_out may be s (each row is read, then written). Both sums of a row run over the keys, its contiguous
+// dimension: eight keys a lane (two chains each, added at the end) where N is a multiple of 8 and at most
+// WKV7_VECTOR_MAX, which the compiler does not vectorise by itself (a float sum in order); any other N goes key by
+// key. Measured on a Zen 4 (2 threads, 256 tokens, 12 heads of 64): 9.1-9.4 ms a layer key by key, 1.6-1.9 vectorised.
+constexpr int64_t WKV7_VECTOR_MAX = 256;
+
+inline void wkv7_head_token_scalar(const float* r, const float* w, const float* k, const float* v, const float* kk,
+                                   const float* a, const float* s, float* s_out, float* y, int64_t N) {
   for (int64_t i = 0; i < N; ++i) {
     const float* si = s + i * N;
     float* so = s_out + i * N;
@@ -654,6 +659,48 @@ inline void wkv7_head_token(const float* r, const float* w, const float* k, cons
       yi += value * r[j];
     }
     y[i] = yi;
+  }
+}
+
+// The sum of 8·n floats of x times y, in two chains of 8 lanes.
+inline float dot8(const float* x, const float* y, int64_t n8) {
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n8; j += 16) {
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8), odd);
+  }
+  if (j < n8) even = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), even);
+  return horizontal_sum(_mm256_add_ps(even, odd));
+}
+
+inline void wkv7_head_token(const float* r, const float* w, const float* k, const float* v, const float* kk,
+                            const float* a, const float* s, float* s_out, float* y, int64_t N) {
+  if (N % 8 != 0 || N > WKV7_VECTOR_MAX) {
+    wkv7_head_token_scalar(r, w, k, v, kk, a, s, s_out, y, N);
+    return;
+  }
+  alignas(32) float kka[WKV7_VECTOR_MAX];  // kk * a, the rank-one update's key side
+  for (int64_t j = 0; j < N; j += 8)
+    _mm256_store_ps(kka + j, _mm256_mul_ps(_mm256_loadu_ps(kk + j), _mm256_loadu_ps(a + j)));
+  for (int64_t i = 0; i < N; ++i) {
+    const float* si = s + i * N;
+    float* so = s_out + i * N;
+    const __m256 sa = _mm256_set1_ps(dot8(si, kk, N));  // (s kk)_i, from the row before it is written
+    const __m256 vi = _mm256_set1_ps(v[i]);
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (int64_t j = 0; j < N; j += 8) {
+      // s_ij w_j - sa kka_j + v_i k_j, then y_i += s_ij r_j
+      const __m256 decayed = _mm256_mul_ps(_mm256_loadu_ps(si + j), _mm256_loadu_ps(w + j));
+      const __m256 value =
+          _mm256_fmadd_ps(vi, _mm256_loadu_ps(k + j), _mm256_fnmadd_ps(sa, _mm256_load_ps(kka + j), decayed));
+      _mm256_storeu_ps(so + j, value);
+      if ((j / 8) % 2 == 0)
+        even = _mm256_fmadd_ps(value, _mm256_loadu_ps(r + j), even);
+      else
+        odd = _mm256_fmadd_ps(value, _mm256_loadu_ps(r + j), odd);
+    }
+    y[i] = horizontal_sum(_mm256_add_ps(even, odd));
   }
 }
 

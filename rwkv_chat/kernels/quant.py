@@ -140,6 +140,15 @@ def widened_on_cpu(weight: torch.Tensor) -> bool:
             and not cpu_features().native_matmul(weight.dtype))
 
 
+def many_rows_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype `cpu_linear` computes a product of many rows (MANY_ROWS or more: a prefill) in, for a weight
+    stored as `weight`: bf16 for int8/int4 weights where this CPU has bf16 units, else fp32; fp32 for bf16/fp16
+    weights on a CPU without units for them; the weight's own dtype otherwise."""
+    if weight.dtype in (INT4_STORAGE, torch.int8):
+        return torch.bfloat16 if cpu_features().native_matmul(torch.bfloat16) else torch.float32
+    return torch.float32 if widened_on_cpu(weight) else weight.dtype
+
+
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring)."""
     rows = x.numel() // x.shape[-1]
@@ -152,13 +161,13 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     if weight.dtype == INT4_STORAGE:
         if scale is None:
             raise ValueError("an int4 weight needs its (scale, min) groups")
-        wide = torch.bfloat16 if many and cpu_features().native_matmul(torch.bfloat16) else torch.float32
+        wide = many_rows_dtype(weight) if many else torch.float32
         out = F.linear(x2.to(wide), widen_int4(weight, scale, wide)).float()
         return out.reshape(*shape, weight.shape[0])
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")
-        if many and cpu_features().native_matmul(torch.bfloat16):
+        if many and many_rows_dtype(weight) == torch.bfloat16:
             out = F.linear(x2.to(torch.bfloat16), weight.to(torch.bfloat16)).float().mul_(scale)
         elif many:
             out = F.linear(x2.float(), dequantize(weight, scale))

@@ -3,7 +3,10 @@
 Promises: `Projection` takes and returns fp32 and computes in its weight's dtype (int8 weights through the
 kernels' int8 product); `token_shift`/`mix` are the reference token-shift formulas; `ChannelMix` is the
 feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`); `layer_norm`/`group_norm` run in
-fp32 with the reference epsilons. It knows no version: what differs between versions lives in their modules.
+fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes' low-rank products (fp32
+parameters) in bf16 where the projections beside them run in bf16 on a CPU's bf16 units (a prefill in a
+bf16/int8/int4 model), in fp32 everywhere else. It knows no version: what differs between versions lives in their
+modules.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ class Projection(nn.Linear):
     def stored(self) -> list[torch.Tensor]:
         """[the weight as stored, its per-row scale (an empty tensor unless int8)]: what the C++ steps read."""
         return [self.weight.detach(), getattr(self, "weight_scale", torch.empty(0))]
+
+
+def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a time mix's LoRA products of `x` run in, beside projections stored as `weight`: bf16 where the
+    projections' own products of these rows run in bf16 on a CPU (quant.many_rows_dtype: a prefill of at least
+    quant.MANY_ROWS rows on a CPU with bf16 units, the projections bf16, int8 or int4), where bf16 products are
+    2-5x faster than fp32 at the LoRAs' shapes; fp32 otherwise (decode steps, fp32 models, GPUs)."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows < quant.MANY_ROWS:
+        return torch.float32
+    return torch.bfloat16 if quant.many_rows_dtype(weight) == torch.bfloat16 else torch.float32
+
+
+def lora_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ weight with both in `dtype` (lora_dtype); the result in `dtype` (callers widen it where they need)."""
+    return x @ weight if dtype == weight.dtype == x.dtype else x.to(dtype) @ weight.to(dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

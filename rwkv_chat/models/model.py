@@ -6,6 +6,7 @@ What this module promises:
 - A sequence is read in parallel: every projection runs over the whole segment at once and the recurrent
   part runs in chunks with the exact chunked form of the recurrence (the architecture's time mix) — never a
   Python loop over tokens. Reading a sequence whole or split anywhere gives the same state (up to rounding).
+  A read that returns only its last token's logits runs the last layer's channel mix for that token alone.
 - Numerics follow the reference implementation: LayerNorms, the recurrence and the residual stream are fp32;
   only the projections run in the weight dtype (fp32, bf16, fp16, int8, int4), so bf16 stays close to fp32.
 - Parameter names are those of the original checkpoints (`blocks.N.att.key.weight`, ...), except that
@@ -43,14 +44,21 @@ class Block(nn.Module):
         self.att = config.architecture.make_time_mix(config, layer_id)
         self.ffn = config.architecture.make_channel_mix(config)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, carry=None):
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, carry=None, last_only: bool = False):
         """x: residual stream [B, T, C] fp32; shift: [B, 2, C]; wkv: this layer's memory; carry: what the
-        previous layer's time mix hands on (RWKV-7's first-layer value, else None)."""
+        previous layer's time mix hands on (RWKV-7's first-layer value, else None). last_only: return the
+        stream of the last token alone [B, 1, C] (the last layer of a read whose only output is its last token):
+        the channel mix then runs for that token only, its token shift read from the token before (same state)."""
         xx = layer_norm(x, self.ln1.weight, self.ln1.bias)
         att, wkv, carry = self.att(xx, shift[:, 0], wkv, carry)
         x = x + att
-        xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
-        x = x + self.ffn(xx2, shift[:, 1])
+        if last_only and x.shape[1] > 1:
+            x = x[:, -2:]  # the token before the last feeds the last one's shift
+            xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
+            x = x[:, -1:] + self.ffn(xx2[:, -1:], xx2[:, -2])
+        else:
+            xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
+            x = x + self.ffn(xx2, shift[:, 1])
         return x, torch.stack([xx[:, -1], xx2[:, -1]], dim=1), wkv, carry
 
 
@@ -130,7 +138,7 @@ class RwkvModel(nn.Module):
         outputs = []
         for start in range(0, ids.numel(), SEGMENT_TOKENS):
             segment = ids[start:start + SEGMENT_TOKENS].unsqueeze(0)  # [1, T]
-            hidden, state = self._read(segment, state)
+            hidden, state = self._read(segment, state, last_only=not all_logits)
             outputs.append(hidden[0] if all_logits else hidden[0, -1:])
         hidden = torch.cat(outputs) if all_logits else outputs[-1][0]
         return self._logits(hidden), state
@@ -150,12 +158,14 @@ class RwkvModel(nn.Module):
         hidden, state = self._read(ids.to(self.device).reshape(-1, 1), state)
         return self._logits(hidden[:, -1]), state
 
-    def _read(self, ids: torch.Tensor, state: RwkvState):
-        """Run [B, T] ids through every layer; returns (final hidden [B, T, C], new state)."""
+    def _read(self, ids: torch.Tensor, state: RwkvState, last_only: bool = False):
+        """Run [B, T] ids through every layer; returns (final hidden [B, T, C], or [B, 1, C] of the last token
+        with last_only (the last layer's channel mix then runs for that token alone), new state)."""
         x = layer_norm(self.emb(ids).float(), self.ln0.weight, self.ln0.bias)
         shifts, wkvs, carry = [], [], None
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, shift, wkv, carry = block(x, state.shift[:, i], state.wkv[:, i], carry)
+            x, shift, wkv, carry = block(x, state.shift[:, i], state.wkv[:, i], carry, last_only and i == last)
             shifts.append(shift)
             wkvs.append(wkv)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv6_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
-from .layers import GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, token_shift
+from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, lora_dtype, lora_product,
+                     token_shift)
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
@@ -126,16 +127,19 @@ class TimeMixV6(nn.Module):
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
         sx = token_shift(xx, prev) - xx
-        lora = torch.tanh(torch.addcmul(xx, sx, self.time_maa_x) @ self.time_maa_w1).view(batch, length, MAA_PARTS, -1)
+        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
+        lora = torch.tanh(lora_product(torch.addcmul(xx, sx, self.time_maa_x), self.time_maa_w1, low))
+        lora = lora.view(batch, length, MAA_PARTS, -1)
         maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
-        maa = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2) + maa.unsqueeze(1)  # [5, B, T, C]
+        maa = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2.to(low)) + maa.unsqueeze(1)  # [5, B, T, C] fp32
         wx, kx, vx, rx, gx = torch.addcmul(xx, sx, maa).unbind(0)  # xx + sx * (time_maa_* + lora_*)
         heads = (batch, length, h, n)
         r = self.receptance(rx).view(heads)  # [B, T, H, N]
         k = self.key(kx).view(heads)
         v = self.value(vx).view(heads)
         g = F.silu(self.gate(gx))
-        w = self.time_decay.view(-1) + torch.tanh(wx @ self.time_decay_w1) @ self.time_decay_w2
+        w = self.time_decay.view(-1) + lora_product(torch.tanh(lora_product(wx, self.time_decay_w1, low)),
+                                                    self.time_decay_w2, low)  # fp32
         log_w = -torch.exp(w).view(heads)
         u = self.time_faaaa.float()
         if length == 1:

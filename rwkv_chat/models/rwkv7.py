@@ -36,7 +36,7 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv7_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
-from .layers import GROUP_NORM_EPS, Projection, group_norm, token_shift
+from .layers import GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
 WKV7_CHUNK = 16  # tokens per chunk on CPUs: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
@@ -159,15 +159,16 @@ class TimeMixV7(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        log_w = torch.sigmoid(_lora(xw, self.w1, self.w2, self.w0, torch.tanh)).mul_(-DECAY_SCALE)
-        a = torch.sigmoid(_lora(xa, self.a1, self.a2, self.a0))
-        g = _lora(xg, self.g1, self.g2, None, torch.sigmoid)
+        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
+        log_w = torch.sigmoid(_lora(xw, self.w1, self.w2, self.w0, torch.tanh, low)).mul_(-DECAY_SCALE)
+        a = torch.sigmoid(_lora(xa, self.a1, self.a2, self.a0, dtype=low))
+        g = _lora(xg, self.g1, self.g2, None, torch.sigmoid, low)
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)
         k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k * (1 + (a - 1) * k_a)
         if self.first_layer:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(_lora(xv, self.v1, self.v2, self.v0)))
+            v = torch.lerp(v, v_first, torch.sigmoid(_lora(xv, self.v1, self.v2, self.v0, dtype=low)))
         log_w, r, k, v, a = (t.view(heads) for t in (log_w, r, k, v, a))  # [B, T, H, N]
         if length == 1:
             y, wkv = wkv7_step(log_w[:, 0], r[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0], wkv)
@@ -178,11 +179,17 @@ class TimeMixV7(nn.Module):
         return self.output(y.view(batch, length, -1) * g), wkv, v_first
 
 
-def _lora(x, first, second, bias=None, activation=None):
-    """activation(x @ first) @ second (+ bias [1, 1, A]): a LoRA of the time mix, in fp32."""
-    hidden = x @ first
+def _lora(x, first, second, bias=None, activation=None, dtype=torch.float32):
+    """activation(x @ first) @ second (+ bias [1, 1, A]): a LoRA of the time mix, its products in `dtype`
+    (layers.lora_dtype), the bias added and the result returned in fp32."""
+    if dtype == torch.float32:
+        hidden = x @ first
+        hidden = activation(hidden) if activation is not None else hidden
+        return F.linear(hidden, second.t(), None if bias is None else bias.view(-1))
+    hidden = lora_product(x, first, dtype)
     hidden = activation(hidden) if activation is not None else hidden
-    return F.linear(hidden, second.t(), None if bias is None else bias.view(-1))
+    out = lora_product(hidden, second, dtype).float()
+    return out if bias is None else out.add_(bias.view(-1))
 
 
 class ChannelMixV7(nn.Module):

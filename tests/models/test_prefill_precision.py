@@ -1,0 +1,98 @@
+"""What a CPU prefill of RWKV-6/7 computes in which precision, and the read that returns only its last token:
+the time mixes' LoRA products in bf16 only where the projections beside them run in bf16 (layers.lora_dtype),
+those products held to bf16's rounding bound against float64, the models' bf16 prefills with them held to fp32
+within a bound of what fp32 LoRAs give, and a last-token read equal to the last row of an every-token read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat import load_model
+from rwkv_chat.kernels import quant
+from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, detected
+from rwkv_chat.models import layers, rwkv6, rwkv7
+from checkpoints import make_state_dict, save_pth
+from reference import random_tokens
+
+BF16_UNITS = detected().native_matmul(torch.bfloat16)
+needs_bf16_units = pytest.mark.skipif(not BF16_UNITS, reason="this CPU has no bf16 units (AVX512-BF16 or AMX)")
+UNIT_ROUNDOFF = 2.0 ** -8  # bf16: 8 significant bits, round to nearest
+
+
+@pytest.fixture(scope="module", params=["6", "7"], ids=lambda v: f"v{v}")
+def checkpoint(request, tmp_path_factory):
+    version = request.param
+    weights = make_state_dict(version, 2, 128, head_size=32, seed=5)
+    return version, save_pth(weights, tmp_path_factory.mktemp("prec") / f"v{version}.pth")
+
+
+def test_lora_products_run_in_bf16_only_for_a_prefill_beside_bf16_projections(monkeypatch):
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    many, few = torch.zeros(1, quant.MANY_ROWS, 8), torch.zeros(1, quant.MANY_ROWS - 1, 8)
+    low = torch.bfloat16 if BF16_UNITS else torch.float32
+    for stored in (torch.zeros(8, 8, dtype=torch.bfloat16), torch.zeros(8, 8, dtype=torch.int8),
+                   torch.zeros(8, 4, dtype=quant.INT4_STORAGE)):
+        assert layers.lora_dtype(many, stored) == low
+        assert layers.lora_dtype(few, stored) == torch.float32  # a decode step's rows
+    assert layers.lora_dtype(many, torch.zeros(8, 8)) == torch.float32  # an fp32 model stays fp32
+    assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=torch.float16)) == torch.float32
+    monkeypatch.setenv(ISA_VARIABLE, "avx512")  # a CPU without bf16 units: its GEMMs, and so the LoRAs, in fp32
+    assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=torch.bfloat16)) == torch.float32
+
+
+def test_a_bf16_lora_product_is_within_bf16_rounding_of_the_exact_one():
+    """|x W - exact| <= (2u + u^2) sum|x||W| (the inputs rounded to bf16, the sums in fp32) + u |result| (the
+    result rounded to bf16), against a float64 product of the fp32 operands."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(64, 768, generator=gen), torch.randn(768, 32, generator=gen) * 0.1
+    got = layers.lora_product(x, w, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    exact = x.double() @ w.double()
+    bound = (2 * UNIT_ROUNDOFF + UNIT_ROUNDOFF ** 2) * (x.double().abs() @ w.double().abs()) + \
+        UNIT_ROUNDOFF * exact.abs() + 1e-6 * (x.double().abs() @ w.double().abs())  # + fp32 sums
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(layers.lora_product(x, w, torch.float32), x @ w)  # fp32: the plain product
+
+
+def _logits_deviation(path, tokens) -> tuple[float, float]:
+    """(max, mean) |logits of a bf16 model - fp32 model| over every position of a prefill."""
+    exact = load_model(path, device="cpu", dtype="fp32").forward(tokens, all_logits=True)[0]
+    got = load_model(path, device="cpu", dtype="bf16").forward(tokens, all_logits=True)[0]
+    return (got - exact).abs().max().item(), (got - exact).abs().mean().item()
+
+
+@needs_bf16_units
+def test_bf16_prefill_with_bf16_loras_tracks_fp32_about_as_closely_as_with_fp32_loras(checkpoint, monkeypatch):
+    """The bf16 model's deviation from fp32 grows by at most 60% when its LoRAs run in bf16. Random weights
+    overstate it: their LoRAs are large enough to saturate the tanh and outweigh the biases they are added to
+    (measured at 2026-11-30: mean |Δ| +40-47% for RWKV-6, +10-14% for RWKV-7); on the trained tiny RWKV-7, whose
+    LoRAs are small beside the biases, bf16 LoRAs left argmax (99.2%) and mean |Δ| unchanged
+    (tests/models/test_real_tiny.py holds it to >= 98%)."""
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    version, path = checkpoint
+    module = rwkv6 if version == "6" else rwkv7
+    tokens = random_tokens(120, seed=9)
+    calls = []
+    chosen = module.lora_dtype
+    monkeypatch.setattr(module, "lora_dtype", lambda x, w: calls.append(chosen(x, w)) or calls[-1])
+    with_bf16 = _logits_deviation(path, tokens)
+    assert torch.bfloat16 in calls  # the bf16 model's prefill did take them
+    monkeypatch.setattr(module, "lora_dtype", lambda x, w: torch.float32)
+    with_fp32 = _logits_deviation(path, tokens)
+    assert with_bf16[0] <= 1.6 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
+    assert with_bf16[1] <= 1.6 * with_fp32[1] + 0.002, (with_bf16, with_fp32)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-5), ("bf16", 0.05)])
+def test_a_read_of_the_last_logits_equals_the_last_row_of_an_every_token_read(checkpoint, dtype, tolerance):
+    """The last-token read runs the last layer's channel mix for that token alone (its shift from the token
+    before): the same logits and the same state as the read that computes every token's."""
+    _, path = checkpoint
+    model = load_model(path, device="cpu", dtype=dtype)
+    tokens = random_tokens(40, seed=4)
+    last, state = model.forward(tokens)
+    every, every_state = model.forward(tokens, all_logits=True)
+    assert (last - every[-1]).abs().max().item() <= tolerance * max(1.0, every[-1].abs().max().item())
+    assert torch.allclose(state.shift, every_state.shift, atol=1e-5, rtol=0)
+    assert torch.allclose(state.wkv, every_state.wkv, atol=1e-5, rtol=0)

@@ -18,14 +18,15 @@ from checkpoints import VERSIONS, make_state_dict
 CAPABLE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("c++") is not None
 
 
-def products_run(model, tokens: int) -> dict[str, int]:
-    """Multiply-accumulates of every Projection the plain model calls while reading `tokens` tokens."""
-    macs: dict[str, int] = {}
+def products_run(model, tokens: int) -> dict[str, tuple[int, int]]:
+    """(rows, weights) of every Projection the plain model calls while reading `tokens` tokens: the rows it
+    multiplies and its weight's size (their product: its multiply-accumulates)."""
+    macs: dict[str, tuple[int, int]] = {}
     names = {module: name for name, module in model.named_modules() if isinstance(module, Projection)}
 
     def record(module, inputs, output):
         rows = inputs[0].numel() // inputs[0].shape[-1]
-        macs[names[module]] = macs.get(names[module], 0) + rows * module.weight.numel()
+        macs[names[module]] = (macs.get(names[module], (0, 0))[0] + rows, module.weight.numel())
 
     hooks = [module.register_forward_hook(record) for module in names]
     try:
@@ -44,13 +45,15 @@ def test_the_prefill_count_is_what_the_model_multiplies_less_the_last_layers_unu
     model = build_model(config_from_state_dict(sd), dict(sd), torch.device("cpu"), torch.float32, fast=False)
     run = products_run(model, tokens)
     assert "head" in run and any(".att.key" in name for name in run)
-    # the plain model runs every projection on every token (the head on the last). In the last layer only
-    # the wkv state needs every token (att.key, att.value); the last token's channel mix needs the
-    # attention output of the token before it (token shift), and nothing else needs more than the last token
+    # the plain model runs every projection on every token (the head on the last), but for the last layer's
+    # channel mix, which it runs for the last token alone. In the last layer only the wkv state needs every
+    # token (att.key, att.value); the last token's channel mix needs the attention output of the token before
+    # it (token shift), and nothing else needs more than the last token
     last = f"blocks.{n_layer - 1}."
+    assert all(run[name][0] == (1 if name.startswith(last + "ffn.") else tokens) for name in run if "blocks." in name)
     rows = {"att.key": tokens, "att.value": tokens, "att.receptance": 2, "att.gate": 2, "att.output": 2}
-    needed = sum(macs // tokens * rows.get(name[len(last):], 1) if name.startswith(last) else macs
-                 for name, macs in run.items())
+    needed = sum(weights * (rows.get(name[len(last):], 1) if name.startswith(last) else ran)
+                 for name, (ran, weights) in run.items())
     assert bench_cpu_bound.prefill_macs(sd, n_layer, tokens) == needed
 
 

@@ -64,9 +64,11 @@ def _logits_deviation(path, tokens) -> tuple[float, float]:
 
 @needs_bf16_units
 def test_bf16_prefill_with_bf16_loras_tracks_fp32_about_as_closely_as_with_fp32_loras(checkpoint, monkeypatch):
-    """The bf16 model's deviation from fp32 grows by at most 60% when its LoRAs run in bf16. Random weights
-    overstate it: their LoRAs are large enough to saturate the tanh and outweigh the biases they are added to
-    (measured at 2026-11-30: mean |Δ| +40-47% for RWKV-6, +10-14% for RWKV-7); on the trained tiny RWKV-7, whose
+    """The bf16 model's deviation from fp32 at most doubles (max) or grows by 75% (mean) when its LoRAs run in
+    bf16; a wrong product (a transposed or misplaced factor) costs far more. Random weights overstate the real
+    cost: their LoRAs are large enough to saturate the tanh and outweigh the biases they are added to (measured
+    on the Zen 4 at 2026-11-30, this checkpoint: max |Δ| ×1.49 / ×1.46, mean ×1.39 / ×1.13 for RWKV-6 / 7;
+    other shapes: mean ×1.40-1.47 for RWKV-6, ×1.10-1.14 for RWKV-7); on the trained tiny RWKV-7, whose
     LoRAs are small beside the biases, bf16 LoRAs left argmax (99.2%) and mean |Δ| unchanged
     (tests/models/test_real_tiny.py holds it to >= 98%)."""
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
@@ -80,8 +82,8 @@ def test_bf16_prefill_with_bf16_loras_tracks_fp32_about_as_closely_as_with_fp32_
     assert torch.bfloat16 in calls  # the bf16 model's prefill did take them
     monkeypatch.setattr(module, "lora_dtype", lambda x, w: torch.float32)
     with_fp32 = _logits_deviation(path, tokens)
-    assert with_bf16[0] <= 1.6 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
-    assert with_bf16[1] <= 1.6 * with_fp32[1] + 0.002, (with_bf16, with_fp32)
+    assert with_bf16[0] <= 2.0 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
+    assert with_bf16[1] <= 1.75 * with_fp32[1] + 0.002, (with_bf16, with_fp32)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-5), ("bf16", 0.05)])

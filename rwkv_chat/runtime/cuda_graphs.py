@@ -34,6 +34,23 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 WARMUP_RUNS = 2
 
 
+def captured(run, device: torch.device, pool):
+    """`run()` WARMUP_RUNS times on a side stream (kernels compiled, the allocator settled), then once more inside
+    the capture of a CUDA graph on memory pool `pool` -> (the graph, what the captured run returned: its static
+    outputs). The capture checks only this thread's calls (thread_local), so other threads (a chat reading its
+    prompt, a batcher stepping) go on using the device meanwhile."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_RUNS):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = run()
+    return graph, out
+
+
 class _Captured:
     """One graph of the step for `batch` rows: from and into its own static buffers, or (source and target
     given) from and into those."""
@@ -52,16 +69,9 @@ class _Captured:
         else:
             self.shift, self.wkv = source.shift[:batch], source.wkv[:batch]
             into = target.leading(batch)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # compile kernels and settle the allocator before capture
-            for _ in range(WARMUP_RUNS):
-                step(self.ids, self.shift, self.wkv, out=into)  # into: the target's rows are the caller's junk
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a chat reading its prompt) go on using the device during the capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits, self.out = step(self.ids, self.shift, self.wkv, out=into)
+        # into: the target's rows are the caller's junk, so the warm-up runs may write them
+        self.graph, (self.logits, self.out) = captured(lambda: step(self.ids, self.shift, self.wkv, out=into),
+                                                       device, pool)
 
     def run(self, ids: torch.Tensor, state: RwkvState):
         rows = ids.shape[0]

@@ -167,8 +167,8 @@ class FastRunner:
         return RwkvState(shift, self.architecture.empty_wkv(self.config, batch, self.device))
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
-        """ids [T] long -> (logits fp32 [V] or [T, V], new state). Short prompts replay CUDA graphs where graphs
-        run (prefill_graphs.GraphedPrefill)."""
+        """ids [T] long -> (logits fp32 [V] or [T, V], new state). Prompts replay CUDA graphs where graphs run
+        (prefill_graphs.GraphedPrefill)."""
         if self._prompt_graphs is not None and not all_logits:
             return self._prompt_graphs(ids, state)
         return self._prefill(ids, state, all_logits)

@@ -31,10 +31,10 @@ import warnings
 import torch
 
 from ..state import RwkvState
+from .cuda_graphs import captured
 
 LONG_PIECE = 1024  # the largest piece: its intermediates (kept by the graphs' pool) stay a few hundred MB at 7B
 PIECES = tuple(LONG_PIECE >> i for i in range(LONG_PIECE.bit_length()))  # 1024, 512, ..., 1
-WARMUP_RUNS = 2
 
 
 def pieces_of(length: int) -> list[int]:
@@ -53,17 +53,13 @@ class _Piece:
     def __init__(self, prefill, length: int, state: RwkvState, device: torch.device, pool):
         with torch.inference_mode(False):
             self.ids = torch.zeros(length, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # compile kernels and settle the allocator; the state is left as it is
-            for _ in range(WARMUP_RUNS):
-                prefill(self.ids, state)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits, new = prefill(self.ids, state)
+
+        def run():  # the warm-up runs may overwrite the buffer too: every prompt writes its state in first
+            logits, new = prefill(self.ids, state)
             state.shift.copy_(new.shift)
             state.wkv.copy_(new.wkv)
+            return logits
+        self.graph, self.logits = captured(run, device, pool)
 
 
 class GraphedPrefill:

@@ -31,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
@@ -393,6 +395,11 @@ inline int64_t in_features(const torch::Tensor& w) {
   return w.scalar_type() == torch::kByte ? 2 * w.size(1) : w.size(1);
 }
 
+// Every refusal's message is a literal (TORCH_CHECK with one string argument) or built here: a TORCH_CHECK that streams
+// values into its message (c10::str) crashed the process instead of raising on one machine (torch 2.11+cu130, GCC
+// 13.3; the literal ones raised there). std::runtime_error reaches Python as a RuntimeError all the same.
+[[noreturn]] void refuse(const std::string& message) { throw std::runtime_error(message); }
+
 // A weight the products read: a contiguous CPU matrix in fp32, bf16 or fp16, int8 with its fp32 scales, or int4 with
 // its fp16 (scale, min) groups.
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
@@ -410,9 +417,9 @@ void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
                     scale.scalar_type() == torch::kHalf && scale.is_contiguous(),
                 "cpu_kernels: int4 weights need contiguous fp16 groups [N, 2, K/G] (scales, then mins)");
     const int64_t groups = scale.size(2);
+    static_assert(kInt4Block == 64 && kInt4MaxBlocks * kInt4Block == 65536, "the message below names these");
     TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % kInt4Block == 0 && K / kInt4Block <= kInt4MaxBlocks,
-                "cpu_kernels: int4 groups must be a multiple of 64 columns that divides K, K at most ",
-                kInt4MaxBlocks * kInt4Block);
+                "cpu_kernels: int4 groups must be a multiple of 64 columns that divides K, K at most 65536");
   }
 }
 
@@ -558,8 +565,8 @@ inline void wkv5_head_token(const float* r, const float* k, const float* v, cons
 }
 
 void check_scan_operand(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
-              "cpu_kernels scan: ", name, " must be a contiguous fp32 CPU tensor");
+  if (!(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous()))
+    refuse(std::string("cpu_kernels scan: ") + name + " must be a contiguous fp32 CPU tensor");
 }
 
 // For each of B rows of h [B, C]: xx = layer_norm(h) (also written to the shift state out, at shift_out +
@@ -617,8 +624,9 @@ void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N,
 }
 
 inline const float* constant(const torch::Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n,
-              "cpu_kernels: ", name, " must be a contiguous fp32 tensor of ", n, " values");
+  if (!(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n))
+    refuse(std::string("cpu_kernels: ") + name + " must be a contiguous fp32 tensor of " + std::to_string(n) +
+           " values");
   return t.data_ptr<float>();
 }
 

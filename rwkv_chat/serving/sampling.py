@@ -58,6 +58,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..kernels import sampling_triton
+
 PENALTY_EXEMPT_TEXT = " \t0123456789"  # ChatRWKV: tokens whose text is a substring of this add 0 to their count
 
 
@@ -834,7 +836,13 @@ class SamplingRows:
 
     @staticmethod
     def _draw(logits, rows, penalised, banning, all_greedy, any_greedy, filtered) -> torch.Tensor:
-        """draw over the tables `rows`; the flags leave out work no row needs (all True is always right)."""
+        """draw over the tables `rows`; the flags leave out work no row needs (all True is always right).
+        Where Triton runs (CUDA), one fused program per row (kernels/sampling_triton.py: no sort)."""
+        if sampling_triton.usable(logits.device):
+            return sampling_triton.draw(logits, rows["counts"], rows["seen"], rows["banned"], rows["presence"],
+                                        rows["frequency"], rows["temperature"], rows["top_p"], rows["top_k"],
+                                        rows["has_top_k"], rows["greedy"], rows["uniforms"], rows["cursor"],
+                                        bool(penalised), bool(banning))
         x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
         if penalised:  # x + (-a) at every seen token, a = presence + count * frequency in float64
             amount = torch.where(rows["seen"], rows["counts"] * rows["frequency"].unsqueeze(1)

@@ -1,8 +1,8 @@
 """Scripts under Triton's interpreter (TRITON_INTERPRET=1: the kernels run on CPU tensors), for the kernels' tests.
 
-Triton reads the variable when it is imported, so each script runs in a subprocess of its own, after a prelude
-that mends the interpreter where the installed NumPy needs it. `run_interpreted(script, *args)` returns the
-script's stdout and fails the test with its stderr when it fails.
+Triton reads the variable when it is imported, so each script runs in a subprocess of its own (the repository
+and tests/ on its path), after a prelude that mends the interpreter where the installed NumPy needs it.
+`run_interpreted(script, *args)` returns the script's stdout and fails the test with its stderr when it fails.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PRELUDE = textwrap.dedent("""
 
 def run_interpreted(script: str, *args: str, timeout: float = 1800) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,0 +1,272 @@
+"""One Triton program per row that draws a batch's next tokens without sorting the vocabulary.
+
+What this module promises:
+- `draw(...)` returns, for every row of logits [B, V], the token that serving/sampling.py's `_draw_rows`
+  (and `sample_token`) draws from the same inputs: penalties (x - (presence + count * frequency) at every seen
+  token, float64 arithmetic, subtracted in fp32) and bans (-inf) applied first; -1 where the prepared row is
+  invalid (a NaN or +inf, or every token banned); greedy rows the lowest id among the maxima; the others keep
+  the smallest head of the distribution sorted by probability (most likely first, equal probabilities in id
+  order) whose mass reaches top_p (every token as likely as the last one kept survives), then at most top_k of
+  them, and draw by inverse CDF on the row's uniform over softmax(x / T) of the kept tokens in that order (in
+  id order when neither filter removed a token).
+- It equals the sorted computation up to the rounding of its sums, which run in another order (fp32 for the
+  probability mass, float64 for the draw's CDF, as there). Instead of sorting, each row searches the levels
+  of its probabilities: the top-p cut is the largest probability v with mass(p >= v) >= top_p, the top-k cut
+  the largest v with count(p >= v) >= k (then the first ids at that level), the drawn token's level the
+  largest v whose kept weight at or above it exceeds u * total (then the first id at that level where it
+  does). Each search fixes two bits of v's fp32 pattern per pass over the row (15 passes: probabilities are
+  at most 1.0, below 2**30 as bit patterns), so a row is read a few dozen times and nothing is sorted.
+- Two [B, V] fp32 scratch rows per call (probabilities, then the weights over the logits).
+- `usable(device)`: Triton present and the tensors on CUDA (or under TRITON_INTERPRET=1, on any device, for
+  the tests).
+
+It knows the sampling arithmetic, not the tables or the chats that feed it (serving/sampling.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels import AVAILABLE, INTERPRET, usable
+
+__all__ = ["AVAILABLE", "usable", "draw"]
+
+BLOCK = 4096  # logits a program handles at once: a row is read a few dozen times, each read this many at once
+# (the passes are latency-bound; measured on an H200 at 65,536 logits: 1,024 a block took twice as long)
+
+
+def warps(rows: int) -> int:
+    """Warps a row's program runs on: 16 for a few rows, 32 from 64 (H200, 32 / 128 / 256 rows: 0.36 / 0.52 /
+    1.0 ms a draw; 16 warps at 128 rows 0.59, 8 warps 1.06)."""
+    return 16 if rows < 64 else 32
+LEVEL_BITS = 30  # probabilities are in [0, 1]: their fp32 bit patterns are below 2**30
+
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    _INTERPRET = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _exp(x):
+        """exp as accurate as the CUDA expf of PyTorch's softmax (tl.exp is the faster ex2.approx); the
+        interpreter has tl.exp only (NumPy's, accurate)."""
+        if _INTERPRET:
+            return tl.exp(x)
+        else:
+            return libdevice.exp(x)
+
+    @triton.jit
+    def _level(P, W, base, V, goal, MODE: tl.constexpr, BLOCK: tl.constexpr):
+        """The largest level t (an fp32 bit pattern of a probability in P) whose tokens at or above it meet
+        `goal`: MODE 0 their probability mass >= goal, MODE 1 their count >= goal, MODE 2 their weight in W
+        (float64 sums) > goal. Two bits a pass, from the top."""
+        offs = tl.arange(0, BLOCK)
+        lo = 0
+        for step in range(15):
+            shift = 28 - 2 * step
+            t1 = lo + (1 << shift)
+            t2 = lo + (2 << shift)
+            t3 = lo + (3 << shift)
+            if MODE == 0:
+                a1 = tl.zeros([BLOCK], tl.float32)
+            elif MODE == 1:
+                a1 = tl.zeros([BLOCK], tl.int32)
+            else:
+                a1 = tl.zeros([BLOCK], tl.float64)
+            a2 = a1
+            a3 = a1
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                p = tl.load(P + base + idx, mask=ok, other=0.0)
+                bits = p.to(tl.int32, bitcast=True)
+                if MODE == 0:
+                    v = p
+                elif MODE == 1:
+                    v = ok.to(tl.int32)
+                else:
+                    v = tl.load(W + base + idx, mask=ok, other=0.0).to(tl.float64)
+                a1 += tl.where(bits >= t1, v, 0)
+                a2 += tl.where(bits >= t2, v, 0)
+                a3 += tl.where(bits >= t3, v, 0)
+            s1 = tl.sum(a1, 0)
+            s2 = tl.sum(a2, 0)
+            s3 = tl.sum(a3, 0)
+            if MODE == 2:
+                m1 = s1 > goal
+                m2 = s2 > goal
+                m3 = s3 > goal
+            else:
+                m1 = s1 >= goal
+                m2 = s2 >= goal
+                m3 = s3 >= goal
+            lo = tl.where(m3, t3, tl.where(m2, t2, tl.where(m1, t1, lo)))
+        return lo
+
+    @triton.jit
+    def _draw_kernel(LOGITS, X, P, COUNTS, SEEN, BANNED, PRESENCE, FREQUENCY, TEMPERATURE, TOP_P, TOP_K, HAS_TOP_K,
+                     GREEDY, UNIFORMS, CURSOR, TOKENS, V, stride_l, stride_u,
+                     PENALISED: tl.constexpr, BANNING: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * V
+        offs = tl.arange(0, BLOCK)
+        # the prepared logits, their first maximum, and whether the row is valid
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        top_id = tl.full([BLOCK], V, tl.int32)
+        bad = tl.zeros([BLOCK], tl.int32)
+        if PENALISED:
+            presence = tl.load(PRESENCE + row)
+            frequency = tl.load(FREQUENCY + row)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            ok = idx < V
+            x = tl.load(LOGITS + row * stride_l + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            if PENALISED:
+                seen = tl.load(SEEN + base + idx, mask=ok, other=0)
+                count = tl.load(COUNTS + base + idx, mask=ok, other=0.0)
+                product = count * frequency
+                amount = tl.where(seen != 0, product + presence, 0.0)
+                x = x - amount.to(tl.float32)
+            if BANNING:
+                banned = tl.load(BANNED + base + idx, mask=ok, other=0)
+                x = tl.where(banned != 0, float("-inf"), x)
+            tl.store(X + base + idx, x, mask=ok)
+            bad += ((x != x) | (x == float("inf"))).to(tl.int32)
+            better = x > top  # strict: a lane keeps its first (lowest id) maximum
+            top = tl.where(better, x, top)
+            top_id = tl.where(better, idx, top_id)
+        best = tl.max(top, 0)
+        best_id = tl.min(tl.where(top == best, top_id, V), 0)
+        valid = (tl.sum(bad, 0) == 0) & (best > float("-inf"))
+        greedy = tl.load(GREEDY + row) != 0
+        if greedy | (valid == 0):
+            tl.store(TOKENS + row, tl.where(valid, best_id, -1).to(tl.int64))
+        else:
+            temperature = tl.load(TEMPERATURE + row)
+            top_p = tl.load(TOP_P + row)
+            top_k = tl.load(TOP_K + row).to(tl.int32)
+            has_top_k = tl.load(HAS_TOP_K + row) != 0
+            uniform = tl.load(UNIFORMS + row * stride_u + tl.load(CURSOR + row))
+            # probabilities softmax(x), and their total
+            mass = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                x = tl.load(X + base + idx, mask=idx < V, other=float("-inf"))
+                mass += _exp(x - best)
+            norm = tl.sum(mass, 0)
+            total = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                x = tl.load(X + base + idx, mask=ok, other=float("-inf"))
+                p = _exp(x - best) / norm
+                tl.store(P + base + idx, p, mask=ok)
+                total += p
+            reached = tl.sum(total, 0) >= top_p  # top_p applies (never for its off value 2)
+            # the kept tokens: every level above `cut`, and the ids up to `cut_id` at `cut`
+            cut = 0
+            size = V
+            if reached:
+                cut = _level(P, P, base, V, top_p, 0, BLOCK)
+            if reached & has_top_k:  # how many top_p keeps (top_k needs it)
+                above = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    bits = tl.load(P + base + idx, mask=idx < V, other=0.0).to(tl.int32, bitcast=True)
+                    above += ((idx < V) & (bits >= cut)).to(tl.int32)
+                size = tl.sum(above, 0)
+            kept = tl.minimum(size, top_k)
+            cut_id = V
+            if kept < size:  # top_k binds: its level, then the first ids there
+                cut = _level(P, P, base, V, kept, 1, BLOCK)
+                higher = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    bits = tl.load(P + base + idx, mask=idx < V, other=0.0).to(tl.int32, bitcast=True)
+                    higher += ((idx < V) & (bits > cut)).to(tl.int32)
+                wanted = kept - tl.sum(higher, 0)
+                seen_at = 0
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    bits = tl.load(P + base + idx, mask=idx < V, other=0.0).to(tl.int32, bitcast=True)
+                    at = ((idx < V) & (bits == cut)).to(tl.int32)
+                    running = tl.cumsum(at, 0) + seen_at
+                    cut_id = tl.minimum(cut_id, tl.min(tl.where((at != 0) & (running >= wanted), idx, V), 0))
+                    seen_at += tl.sum(at, 0)
+            in_sorted = reached | has_top_k
+            # the weights softmax(x / T) over the kept tokens (zero elsewhere), written over X
+            peak = best / temperature
+            mass = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                x = tl.load(X + base + idx, mask=ok, other=float("-inf"))
+                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+                keep = ok & ((in_sorted == 0) | (bits > cut) | ((bits == cut) & (idx <= cut_id)))
+                mass += tl.where(keep, _exp(x / temperature - peak), 0.0)
+            norm = tl.sum(mass, 0)
+            weight = tl.zeros([BLOCK], tl.float64)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                x = tl.load(X + base + idx, mask=ok, other=float("-inf"))
+                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+                keep = ok & ((in_sorted == 0) | (bits > cut) | ((bits == cut) & (idx <= cut_id)))
+                w = tl.where(keep, _exp(x / temperature - peak) / norm, 0.0)
+                tl.store(X + base + idx, w, mask=ok)
+                weight += w.to(tl.float64)
+            target = uniform * tl.sum(weight, 0)
+            # the draw: in id order, or at the level (then the id) where the sorted order's CDF passes target
+            level = -1
+            before = tl.sum(tl.zeros([BLOCK], tl.float64), 0)
+            if in_sorted:
+                level = _level(P, X, base, V, target, 2, BLOCK)
+                higher_weight = tl.zeros([BLOCK], tl.float64)
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    ok = idx < V
+                    bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+                    w = tl.load(X + base + idx, mask=ok, other=0.0).to(tl.float64)
+                    higher_weight += tl.where(bits > level, w, 0.0)
+                before = tl.sum(higher_weight, 0)
+            token = V
+            last = -1  # the last token with weight there, for a target that rounding left unpassed
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+                here = ok & ((level < 0) | (bits == level))
+                w = tl.where(here, tl.load(X + base + idx, mask=ok, other=0.0).to(tl.float64), 0.0)
+                running = tl.cumsum(w, 0) + before
+                token = tl.minimum(token, tl.min(tl.where(here & (running > target), idx, V), 0))
+                last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), 0))
+                before += tl.sum(w, 0)
+            token = tl.where(token < V, token, last)
+            tl.store(TOKENS + row, token.to(tl.int64))
+
+
+def draw(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, banned: torch.Tensor,
+         presence: torch.Tensor, frequency: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+         top_k: torch.Tensor, has_top_k: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
+         cursor: torch.Tensor, penalised: bool, banning: bool, block: int = BLOCK) -> torch.Tensor:
+    """Every row's next token ([B] long, -1 for an invalid row) from logits [B, V] (any float dtype, rows
+    contiguous) and the rows' tables in SamplingRows' layout: counts float64 [B, V], seen / banned bool
+    [B, V], presence / frequency float64 [B], temperature / top_p fp32 [B] (top_p 2 = off), top_k long [B]
+    (V = off), has_top_k / greedy bool [B], uniforms float64 [B, n] read at cursor long [B]. `penalised` /
+    `banning` False skip reading the penalty / ban tables (True is always right). `block`: logits a program
+    handles at once (a power of two; the tests make rows of several blocks with small ones)."""
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
+    if rows == 0:
+        return tokens
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    scratch = torch.empty((2, rows, vocab), dtype=torch.float32, device=logits.device)
+    _draw_kernel[(rows,)](logits, scratch[0], scratch[1], counts, seen, banned, presence, frequency, temperature,
+                          top_p, top_k, has_top_k, greedy, uniforms, cursor, tokens, vocab, logits.stride(0),
+                          uniforms.stride(0), PENALISED=bool(penalised), BANNING=bool(banning), BLOCK=block,
+                          num_warps=warps(rows))
+    return tokens

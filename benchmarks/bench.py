@@ -550,7 +550,9 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
     sampling_ms = (time.perf_counter() - start) / steps * 1e3
     with DecodeBatcher(model, max_batch=n_chats) as batcher:
         lone_tps, _ = alone_tps(batcher)
-        in_threads(lambda i: chat(batcher, i, max_new=4), n_chats)  # warm-up (captures the batch graphs)
+        # warm-up: the timed chats once untimed. Chats of a few tokens never filled the batch (the first ended
+        # before the last joined), so the timed run captured the full batch's graphs (7B x 256: ~250 ms of a ~1 s run)
+        in_threads(lambda i: chat(batcher, i), n_chats)
         before = batcher.times()
         judges, elapsed = in_threads(lambda i: chat(batcher, i), n_chats)
         worker = batcher.times() - before  # where the worker's time went (batching.WorkerTimes)

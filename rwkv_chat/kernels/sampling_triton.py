@@ -15,8 +15,11 @@ What this module promises:
   the largest v with count(p >= v) >= k (then the first ids at that level), the drawn token's level the
   largest v whose kept weight at or above it exceeds u * total (then the first id at that level where it
   does). Each search fixes two bits of v's fp32 pattern per pass over the row (15 passes: probabilities are
-  at most 1.0, below 2**30 as bit patterns), so a row is read a few dozen times and nothing is sorted.
-- Two [B, V] fp32 scratch rows per call (probabilities, then the weights over the logits).
+  at most 1.0, below 2**30 as bit patterns). Once the filters' cuts are known the kept tokens are compacted
+  (in id order), and the weights and the draw's search read only them: the whole vocabulary is read about
+  20 times (for the top-p search, mostly), the nucleus a further 20, and nothing is sorted.
+- Scratch per call: four [B, V] fp32 rows and one int32 (logits, probabilities, the kept ids, logits turned
+  weights, and probabilities).
 - `usable(device)`: Triton present and the tensors on CUDA (or under TRITON_INTERPRET=1, on any device, for
   the tests).
 
@@ -24,6 +27,8 @@ It knows the sampling arithmetic, not the tables or the chats that feed it (serv
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -107,8 +112,8 @@ if AVAILABLE:
         return lo
 
     @triton.jit
-    def _draw_kernel(LOGITS, X, P, COUNTS, SEEN, BANNED, PRESENCE, FREQUENCY, TEMPERATURE, TOP_P, TOP_K, HAS_TOP_K,
-                     GREEDY, UNIFORMS, CURSOR, TOKENS, V, stride_l, stride_u,
+    def _draw_kernel(LOGITS, X, P, KEPT_ID, KEPT_X, KEPT_P, COUNTS, SEEN, BANNED, PRESENCE, FREQUENCY, TEMPERATURE,
+                     TOP_P, TOP_K, HAS_TOP_K, GREEDY, UNIFORMS, CURSOR, TOKENS, V, stride_l, stride_u,
                      PENALISED: tl.constexpr, BANNING: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * V
@@ -197,76 +202,87 @@ if AVAILABLE:
                     cut_id = tl.minimum(cut_id, tl.min(tl.where((at != 0) & (running >= wanted), idx, V), 0))
                     seen_at += tl.sum(at, 0)
             in_sorted = reached | has_top_k
-            # the weights softmax(x / T) over the kept tokens (zero elsewhere), written over X
+            # the kept tokens (all of them when neither filter applies), compacted in id order: their ids,
+            # logits and probabilities; every later pass reads only these
+            size = 0
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                ok = idx < V
+                p = tl.load(P + base + idx, mask=ok, other=0.0)
+                bits = p.to(tl.int32, bitcast=True)
+                keep = ok & ((in_sorted == 0) | (bits > cut) | ((bits == cut) & (idx <= cut_id)))
+                flag = keep.to(tl.int32)
+                at = base + size + tl.cumsum(flag, 0) - flag
+                tl.store(KEPT_ID + at, idx, mask=keep)
+                tl.store(KEPT_X + at, tl.load(X + base + idx, mask=ok, other=0.0), mask=keep)
+                tl.store(KEPT_P + at, p, mask=keep)
+                size += tl.sum(flag, 0)
+            # their weights softmax(x / T), written over their logits
             peak = best / temperature
             mass = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                idx = start + offs
-                ok = idx < V
-                x = tl.load(X + base + idx, mask=ok, other=float("-inf"))
-                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-                keep = ok & ((in_sorted == 0) | (bits > cut) | ((bits == cut) & (idx <= cut_id)))
-                mass += tl.where(keep, _exp(x / temperature - peak), 0.0)
+            for start in range(0, size, BLOCK):
+                j = start + offs
+                x = tl.load(KEPT_X + base + j, mask=j < size, other=float("-inf"))
+                mass += _exp(x / temperature - peak)
             norm = tl.sum(mass, 0)
             weight = tl.zeros([BLOCK], tl.float64)
-            for start in range(0, V, BLOCK):
-                idx = start + offs
-                ok = idx < V
-                x = tl.load(X + base + idx, mask=ok, other=float("-inf"))
-                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-                keep = ok & ((in_sorted == 0) | (bits > cut) | ((bits == cut) & (idx <= cut_id)))
-                w = tl.where(keep, _exp(x / temperature - peak) / norm, 0.0)
-                tl.store(X + base + idx, w, mask=ok)
+            for start in range(0, size, BLOCK):
+                j = start + offs
+                x = tl.load(KEPT_X + base + j, mask=j < size, other=float("-inf"))
+                w = _exp(x / temperature - peak) / norm
+                tl.store(KEPT_X + base + j, w, mask=j < size)
                 weight += w.to(tl.float64)
             target = uniform * tl.sum(weight, 0)
             # the draw: in id order, or at the level (then the id) where the sorted order's CDF passes target
             level = -1
             before = tl.sum(tl.zeros([BLOCK], tl.float64), 0)
             if in_sorted:
-                level = _level(P, X, base, V, target, 2, BLOCK)
+                level = _level(KEPT_P, KEPT_X, base, size, target, 2, BLOCK)
                 higher_weight = tl.zeros([BLOCK], tl.float64)
-                for start in range(0, V, BLOCK):
-                    idx = start + offs
-                    ok = idx < V
-                    bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-                    w = tl.load(X + base + idx, mask=ok, other=0.0).to(tl.float64)
+                for start in range(0, size, BLOCK):
+                    j = start + offs
+                    bits = tl.load(KEPT_P + base + j, mask=j < size, other=0.0).to(tl.int32, bitcast=True)
+                    w = tl.load(KEPT_X + base + j, mask=j < size, other=0.0).to(tl.float64)
                     higher_weight += tl.where(bits > level, w, 0.0)
                 before = tl.sum(higher_weight, 0)
-            token = V
-            last = -1  # the last token with weight there, for a target that rounding left unpassed
-            for start in range(0, V, BLOCK):
-                idx = start + offs
-                ok = idx < V
-                bits = tl.load(P + base + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+            drawn = size
+            last = -1  # the last one with weight there, for a target that rounding left unpassed
+            for start in range(0, size, BLOCK):
+                j = start + offs
+                ok = j < size
+                bits = tl.load(KEPT_P + base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
                 here = ok & ((level < 0) | (bits == level))
-                w = tl.where(here, tl.load(X + base + idx, mask=ok, other=0.0).to(tl.float64), 0.0)
+                w = tl.where(here, tl.load(KEPT_X + base + j, mask=ok, other=0.0).to(tl.float64), 0.0)
                 running = tl.cumsum(w, 0) + before
-                token = tl.minimum(token, tl.min(tl.where(here & (running > target), idx, V), 0))
-                last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), 0))
+                drawn = tl.minimum(drawn, tl.min(tl.where(here & (running > target), j, size), 0))
+                last = tl.maximum(last, tl.max(tl.where(w > 0, j, -1), 0))
                 before += tl.sum(w, 0)
-            token = tl.where(token < V, token, last)
+            token = tl.load(KEPT_ID + base + tl.where(drawn < size, drawn, tl.maximum(last, 0)))
             tl.store(TOKENS + row, token.to(tl.int64))
 
 
-def draw(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, banned: torch.Tensor,
-         presence: torch.Tensor, frequency: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-         top_k: torch.Tensor, has_top_k: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
-         cursor: torch.Tensor, penalised: bool, banning: bool, block: int = BLOCK) -> torch.Tensor:
+def draw(logits: torch.Tensor, counts: Optional[torch.Tensor], seen: Optional[torch.Tensor],
+         banned: Optional[torch.Tensor], presence: Optional[torch.Tensor], frequency: Optional[torch.Tensor],
+         temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, has_top_k: torch.Tensor,
+         greedy: torch.Tensor, uniforms: torch.Tensor, cursor: torch.Tensor, penalised: bool, banning: bool,
+         block: int = BLOCK) -> torch.Tensor:
     """Every row's next token ([B] long, -1 for an invalid row) from logits [B, V] (any float dtype, rows
     contiguous) and the rows' tables in SamplingRows' layout: counts float64 [B, V], seen / banned bool
     [B, V], presence / frequency float64 [B], temperature / top_p fp32 [B] (top_p 2 = off), top_k long [B]
     (V = off), has_top_k / greedy bool [B], uniforms float64 [B, n] read at cursor long [B]. `penalised` /
-    `banning` False skip reading the penalty / ban tables (True is always right). `block`: logits a program
-    handles at once (a power of two; the tests make rows of several blocks with small ones)."""
+    `banning` False skip reading the penalty / ban tables (True is always right; with False they may be
+    None). `block`: logits a program handles at once (a power of two; the tests make rows of several blocks
+    with small ones)."""
     rows, vocab = logits.shape
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows == 0:
         return tokens
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    scratch = torch.empty((2, rows, vocab), dtype=torch.float32, device=logits.device)
-    _draw_kernel[(rows,)](logits, scratch[0], scratch[1], counts, seen, banned, presence, frequency, temperature,
-                          top_p, top_k, has_top_k, greedy, uniforms, cursor, tokens, vocab, logits.stride(0),
-                          uniforms.stride(0), PENALISED=bool(penalised), BANNING=bool(banning), BLOCK=block,
-                          num_warps=warps(rows))
+    scratch = torch.empty((4, rows, vocab), dtype=torch.float32, device=logits.device)
+    kept_ids = torch.empty((rows, vocab), dtype=torch.int32, device=logits.device)
+    _draw_kernel[(rows,)](logits, scratch[0], scratch[1], kept_ids, scratch[2], scratch[3], counts, seen, banned,
+                          presence, frequency, temperature, top_p, top_k, has_top_k, greedy, uniforms, cursor,
+                          tokens, vocab, logits.stride(0), uniforms.stride(0), PENALISED=bool(penalised),
+                          BANNING=bool(banning), BLOCK=block, num_warps=warps(rows))
     return tokens

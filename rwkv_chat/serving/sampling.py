@@ -11,14 +11,17 @@ Promises:
 - ``sample_batch`` does the same for B rows of logits [B, V] at once, each row with its own ``Sampler``
   (params, penalties, generator, banned ids), and returns for every row the token ``sample_token`` returns
   for that row: bit for bit on the CPU (tested), and on accelerators up to the last-bit rounding of their
-  reduction kernels, whose order of operations may depend on the shapes (there ``Sampler.sample`` uses the
-  batched path for one row too). Off the CPU it is a fixed number of device kernels, one host-to-device
-  copy and one host sync (the final ``.tolist()``) whatever B is; on the CPU it runs ``sample_token`` row
-  by row, which avoids sorting whole vocabularies (milliseconds each there).
+  reduction kernels, whose order of operations may depend on the shapes, and of their exp (which decides
+  whether two logits one ulp apart get the same probability; exact ties are equal everywhere). There
+  ``Sampler.sample`` uses the batched path for one row too. Off the CPU it is a fixed number of device
+  kernels, one host-to-device copy and one host sync (the final ``.tolist()``) whatever B is; where Triton
+  runs (CUDA) the draw itself is one fused kernel that sorts nothing (kernels/sampling_triton.py), elsewhere
+  a stable sort of every row; on the CPU it runs ``sample_token`` row by row, which avoids sorting whole
+  vocabularies (milliseconds each there).
 - ``SamplingRows`` keeps a batch's sampling on the device across steps (parameters, dense penalty counts,
   banned ids, uniforms drawn ahead), so a step's draw and its penalty update are a fixed set of kernels
-  (one CUDA graph replay on CUDA) with no host sync and no per-row host work; rows change only when chats
-  join or leave. It draws what
+  (one CUDA graph replay on CUDA, the draw the fused kernel with penalties and bans in it) with no host sync
+  and no per-row host work; rows change only when chats join or leave. It draws what
   ``sample_token`` draws (tested against it over many steps, rows joining and leaving).
 - Repetition penalties (``PenaltyState``) follow ChatRWKV's chat loop: before sampling,
   ``logit[t] -= presence + count[t] * frequency`` for every token sampled so far; after each sampled
@@ -580,14 +583,19 @@ def _sample_vectorised(logits: torch.Tensor, rows: list[Sampler]) -> list:
         flat.scatter_add_(0, penalty_ids, negated)
     if inputs.n_bans:
         flat.index_fill_(0, ban_ids, -math.inf)
-    valid = torch.isfinite(x.amax(dim=1))  # [B] no NaN / +inf, not all banned
-    if not inputs.any_sampled:
-        token = x.argmax(dim=1)  # [B] the first (lowest id) maximum
+    if sampling_triton.usable(x.device):  # the fused draw (no sort), on the prepared logits
+        cursor = torch.zeros(batch, dtype=torch.long, device=x.device)
+        results = sampling_triton.draw(x, None, None, None, None, None, temperature, top_p, top_k, has_top_k, greedy,
+                                       uniform.unsqueeze(1), cursor, False, False).tolist()  # the one host sync
     else:
-        token = _draw_rows(x, uniform, temperature, top_p, top_k, has_top_k, inputs.any_filtered)
-        if inputs.any_greedy:
-            token = torch.where(greedy, x.argmax(dim=1), token)
-    results = torch.where(valid, token, -1).tolist()  # the one host sync
+        valid = torch.isfinite(x.amax(dim=1))  # [B] no NaN / +inf, not all banned
+        if not inputs.any_sampled:
+            token = x.argmax(dim=1)  # [B] the first (lowest id) maximum
+        else:
+            token = _draw_rows(x, uniform, temperature, top_p, top_k, has_top_k, inputs.any_filtered)
+            if inputs.any_greedy:
+                token = torch.where(greedy, x.argmax(dim=1), token)
+        results = torch.where(valid, token, -1).tolist()  # the one host sync
     for b, problem in inputs.problems.items():
         results[b] = ValueError(f"row {b}: {problem}")
     for b, result in enumerate(results):

@@ -118,3 +118,23 @@ def test_the_kernel_on_a_world_sized_vocabulary():
         print(mismatches)
     """))
     assert int(out.split()[-1]) == 0
+
+
+def test_sample_batch_draws_what_sample_token_draws_through_the_kernel():
+    """test_sampling.py's checks of sample_batch's batched path (the one Sampler.sample takes on CUDA) with the
+    kernel drawing: full vocabularies with a hundred-way tie at the top, every filter, penalties and bans; a bad
+    row failing alone; greedy rows taking no uniform. (Not its hypothesis rows with one-ulp near ties: whether
+    two such logits get the same probability depends on the exp implementation, the interpreter's NumPy or
+    PyTorch's, so their sorted order, and a draw, can differ there; exact ties are equal everywhere.)"""
+    out = run_interpreted("""
+        from rwkv_chat.kernels import sampling_triton
+        calls = []
+        original = sampling_triton.draw
+        sampling_triton.draw = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+        from serving import test_sampling as checks
+        checks.test_sample_batch_equals_sample_token_on_full_vocabularies()
+        checks.test_a_bad_row_fails_alone(True)
+        checks.test_greedy_rows_take_no_uniform_and_sampled_rows_take_one()
+        print(len(calls))
+    """)
+    assert int(out.split()[-1]) >= 5

@@ -10,16 +10,17 @@ What this module promises:
   them, and draw by inverse CDF on the row's uniform over softmax(x / T) of the kept tokens in that order (in
   id order when neither filter removed a token).
 - It equals the sorted computation up to the rounding of its sums, which run in another order (fp32 for the
-  probability mass, float64 for the draw's CDF, as there). Instead of sorting, each row searches the levels
-  of its probabilities: the top-p cut is the largest probability v with mass(p >= v) >= top_p, the top-k cut
-  the largest v with count(p >= v) >= k (then the first ids at that level), the drawn token's level the
-  largest v whose kept weight at or above it exceeds u * total (then the first id at that level where it
-  does). Each search fixes two bits of v's fp32 pattern per pass over the row (15 passes: probabilities are
-  at most 1.0, below 2**30 as bit patterns). Once the filters' cuts are known the kept tokens are compacted
-  (in id order), and the weights and the draw's search read only them: the whole vocabulary is read about
-  20 times (for the top-p search, mostly), the nucleus a further 20, and nothing is sorted.
-- Scratch per call: four [B, V] fp32 rows and one int32 (logits, probabilities, the kept ids, logits turned
-  weights, and probabilities).
+  probability mass, float64 for the draw's CDF, as there), and of exp (libdevice's, as accurate as PyTorch's CUDA
+  softmax; it decides whether two logits one ulp apart share a probability). Instead of sorting, each row searches the
+  levels of its probabilities: the top-p cut is the largest probability v with mass(p >= v) >= top_p, the top-k cut
+  the largest v with count(p >= v) >= k (then the first ids at that level), the drawn token's level the largest v
+  whose kept weight at or above it exceeds u * total (then the first id at that level where it does). Each search
+  fixes two bits of v's fp32 pattern per pass over the row (15 passes: probabilities are at most 1.0, below 2**30 as
+  bit patterns). Once the filters' cuts are known the kept tokens are compacted (in id order), and the weights and the
+  draw's search read only them: the whole vocabulary is read about 20 times (for the top-p search, mostly), the
+  nucleus a further 20, and nothing is sorted.
+- Scratch per call: [B, V] each, the prepared logits and the probabilities (fp32), and the kept tokens
+  compacted: their ids (int32), logits then weights, and probabilities (fp32).
 - `usable(device)`: Triton present and the tensors on CUDA (or under TRITON_INTERPRET=1, on any device, for
   the tests).
 
@@ -41,10 +42,9 @@ BLOCK = 4096  # logits a program handles at once: a row is read a few dozen time
 
 
 def warps(rows: int) -> int:
-    """Warps a row's program runs on: 16 for a few rows, 32 from 64 (H200, 32 / 128 / 256 rows: 0.36 / 0.52 /
-    1.0 ms a draw; 16 warps at 128 rows 0.59, 8 warps 1.06)."""
+    """Warps a row's program runs on: 16 for a few rows, 32 from 64 (H200, before the compaction, 32 / 128 /
+    256 rows: 0.36 / 0.52 / 1.0 ms a draw with these; 16 warps at 128 rows 0.59, 8 warps 1.06)."""
     return 16 if rows < 64 else 32
-LEVEL_BITS = 30  # probabilities are in [0, 1]: their fp32 bit patterns are below 2**30
 
 
 if AVAILABLE:

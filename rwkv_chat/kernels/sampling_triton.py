@@ -21,30 +21,54 @@ What this module promises:
   nucleus a further 20, and nothing is sorted.
 - Scratch per call: [B, V] each, the prepared logits and the probabilities (fp32), and the kept tokens
   compacted: their ids (int32), logits then weights, and probabilities (fp32).
-- `usable(device)`: Triton present and the tensors on CUDA (or under TRITON_INTERPRET=1, on any device, for
-  the tests).
+- `usable(device)`: Triton present, the tensors on CUDA (or under TRITON_INTERPRET=1, on any device, for the
+  tests), and the kernel has not failed there. A kernel that fails to compile or launch (a GPU or Triton build
+  it does not suit) raises `KernelFailed` once, with a warning, and `usable` says False for that device from
+  then on, so callers fall back to the sorted path and stay there.
 
 It knows the sampling arithmetic, not the tables or the chats that feed it (serving/sampling.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from .triton_kernels import AVAILABLE, INTERPRET, usable
+import warnings
 
-__all__ = ["AVAILABLE", "usable", "draw"]
+from . import triton_kernels
+from .triton_kernels import AVAILABLE, INTERPRET
+
+__all__ = ["AVAILABLE", "KernelFailed", "usable", "draw"]
+
+_failed: set[str] = set()  # devices the kernel failed on (a capability found out, like cpu_kernels' build)
+
+
+class KernelFailed(RuntimeError):
+    """The kernel could not compile or launch on this device; the caller draws another way."""
+
+
+def usable(device: torch.device | str) -> bool:
+    """The kernel can draw on tensors of this device (see the module docstring)."""
+    return triton_kernels.usable(device) and str(torch.device(device)) not in _failed
 
 BLOCK = 4096  # logits a program handles at once: a row is read a few dozen times, each read this many at once
 # (the passes are latency-bound; measured on an H200 at 65,536 logits: 1,024 a block took twice as long)
 
 
-def warps(rows: int) -> int:
+def warps(rows: int, device: torch.device) -> int:
     """Warps a row's program runs on: 16 for a few rows, 32 from 64 (H200, before the compaction, 32 / 128 /
-    256 rows: 0.36 / 0.52 / 1.0 ms a draw with these; 16 warps at 128 rows 0.59, 8 warps 1.06)."""
-    return 16 if rows < 64 else 32
+    256 rows: 0.36 / 0.52 / 1.0 ms a draw with these; 16 warps at 128 rows 0.59, 8 warps 1.06), at most 1,024
+    threads (GPUs whose warps are 64 wide get half as many)."""
+    wanted = 16 if rows < 64 else 32
+    return max(1, min(wanted, 1024 // _warp_width(str(device)))) if device.type == "cuda" else wanted
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_width(device: str) -> int:
+    return getattr(torch.cuda.get_device_properties(torch.device(device)), "warp_size", 32) or 32
 
 
 if AVAILABLE:
@@ -281,8 +305,14 @@ def draw(logits: torch.Tensor, counts: Optional[torch.Tensor], seen: Optional[to
         logits = logits.contiguous()
     scratch = torch.empty((4, rows, vocab), dtype=torch.float32, device=logits.device)
     kept_ids = torch.empty((rows, vocab), dtype=torch.int32, device=logits.device)
-    _draw_kernel[(rows,)](logits, scratch[0], scratch[1], kept_ids, scratch[2], scratch[3], counts, seen, banned,
-                          presence, frequency, temperature, top_p, top_k, has_top_k, greedy, uniforms, cursor,
-                          tokens, vocab, logits.stride(0), uniforms.stride(0), PENALISED=bool(penalised),
-                          BANNING=bool(banning), BLOCK=block, num_warps=warps(rows))
+    try:
+        _draw_kernel[(rows,)](logits, scratch[0], scratch[1], kept_ids, scratch[2], scratch[3], counts, seen,
+                              banned, presence, frequency, temperature, top_p, top_k, has_top_k, greedy, uniforms,
+                              cursor, tokens, vocab, logits.stride(0), uniforms.stride(0), PENALISED=bool(penalised),
+                              BANNING=bool(banning), BLOCK=block, num_warps=warps(rows, logits.device))
+    except Exception as error:
+        _failed.add(str(logits.device))
+        warnings.warn(f"sampling: the fused draw failed on {logits.device} ({type(error).__name__}: {error}); "
+                      "drawing by sorting instead", stacklevel=2)
+        raise KernelFailed(str(error)) from error
     return tokens

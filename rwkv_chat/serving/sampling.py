@@ -583,11 +583,15 @@ def _sample_vectorised(logits: torch.Tensor, rows: list[Sampler]) -> list:
         flat.scatter_add_(0, penalty_ids, negated)
     if inputs.n_bans:
         flat.index_fill_(0, ban_ids, -math.inf)
+    results = None
     if sampling_triton.usable(x.device):  # the fused draw (no sort), on the prepared logits
         cursor = torch.zeros(batch, dtype=torch.long, device=x.device)
-        results = sampling_triton.draw(x, None, None, None, None, None, temperature, top_p, top_k, has_top_k, greedy,
-                                       uniform.unsqueeze(1), cursor, False, False).tolist()  # the one host sync
-    else:
+        try:
+            results = sampling_triton.draw(x, None, None, None, None, None, temperature, top_p, top_k, has_top_k,
+                                           greedy, uniform.unsqueeze(1), cursor, False, False).tolist()  # one sync
+        except sampling_triton.KernelFailed:  # warned once; the sorted path from now on
+            pass
+    if results is None:
         valid = torch.isfinite(x.amax(dim=1))  # [B] no NaN / +inf, not all banned
         if not inputs.any_sampled:
             token = x.argmax(dim=1)  # [B] the first (lowest id) maximum
@@ -847,10 +851,13 @@ class SamplingRows:
         """draw over the tables `rows`; the flags leave out work no row needs (all True is always right).
         Where Triton runs (CUDA), one fused program per row (kernels/sampling_triton.py: no sort)."""
         if sampling_triton.usable(logits.device):
-            return sampling_triton.draw(logits, rows["counts"], rows["seen"], rows["banned"], rows["presence"],
-                                        rows["frequency"], rows["temperature"], rows["top_p"], rows["top_k"],
-                                        rows["has_top_k"], rows["greedy"], rows["uniforms"], rows["cursor"],
-                                        bool(penalised), bool(banning))
+            try:
+                return sampling_triton.draw(logits, rows["counts"], rows["seen"], rows["banned"], rows["presence"],
+                                            rows["frequency"], rows["temperature"], rows["top_p"], rows["top_k"],
+                                            rows["has_top_k"], rows["greedy"], rows["uniforms"], rows["cursor"],
+                                            bool(penalised), bool(banning))
+            except sampling_triton.KernelFailed:  # warned once; the sorted path below from now on
+                pass
         x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
         if penalised:  # x + (-a) at every seen token, a = presence + count * frequency in float64
             amount = torch.where(rows["seen"], rows["counts"] * rows["frequency"].unsqueeze(1)

@@ -138,3 +138,41 @@ def test_sample_batch_draws_what_sample_token_draws_through_the_kernel():
         print(len(calls))
     """)
     assert int(out.split()[-1]) >= 5
+
+
+def test_a_kernel_that_fails_leaves_the_sorted_path_drawing_the_same_tokens():
+    """A kernel that cannot compile or launch on a device (a GPU or Triton build it does not suit): one warning,
+    the sorted path from then on, for the tables and for sample_batch, with the tokens sample_token draws."""
+    out = run_interpreted("""
+        import warnings
+        import torch
+        from rwkv_chat.kernels import sampling_triton
+        from rwkv_chat.serving.sampling import (PenaltyState, Sampler, SamplingParams, SamplingRows, sample_batch,
+                                                sample_token)
+
+        class Refusing:
+            launches = 0
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    Refusing.launches += 1
+                    raise RuntimeError("out of resources: shared memory")
+                return launch
+        sampling_triton._draw_kernel = Refusing()
+        vocab, params = 300, SamplingParams(temperature=0.9, top_p=0.8, top_k=20)
+        logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(5)) * 2
+        rows = lambda: [Sampler(params, torch.Generator().manual_seed(i), PenaltyState(vocab)) for i in range(4)]
+        want = [sample_token(logits[i], params, torch.Generator().manual_seed(i), PenaltyState(vocab))
+                for i in range(4)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = SamplingRows(vocab, "cpu")
+            table.add(rows())
+            got = table.step(logits).tolist()
+            again = sample_batch(logits, rows(), vectorised=True)
+        assert got == want and again == want, (got, again, want)
+        assert not sampling_triton.usable("cpu")
+        print(Refusing.launches, sum("the fused draw failed" in str(w.message) for w in caught))
+    """)
+    launches, warned = map(int, out.split()[-2:])
+    assert launches == 1 and warned == 1

@@ -32,11 +32,10 @@ It knows the sampling arithmetic, not the tables or the chats that feed it (serv
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
-
-import warnings
 
 from . import triton_kernels
 from .triton_kernels import AVAILABLE, INTERPRET
@@ -52,7 +51,16 @@ class KernelFailed(RuntimeError):
 
 def usable(device: torch.device | str) -> bool:
     """The kernel can draw on tensors of this device (see the module docstring)."""
-    return triton_kernels.usable(device) and str(torch.device(device)) not in _failed
+    return triton_kernels.usable(device) and _key(device) not in _failed
+
+
+def _key(device: torch.device | str) -> str:
+    """The device's name with its index ("cuda" is the current CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
 
 BLOCK = 4096  # logits a program handles at once: a row is read a few dozen times, each read this many at once
 # (the passes are latency-bound; measured on an H200 at 65,536 logits: 1,024 a block took twice as long)
@@ -311,7 +319,7 @@ def draw(logits: torch.Tensor, counts: Optional[torch.Tensor], seen: Optional[to
                               cursor, tokens, vocab, logits.stride(0), uniforms.stride(0), PENALISED=bool(penalised),
                               BANNING=bool(banning), BLOCK=block, num_warps=warps(rows, logits.device))
     except Exception as error:
-        _failed.add(str(logits.device))
+        _failed.add(_key(logits.device))
         warnings.warn(f"sampling: the fused draw failed on {logits.device} ({type(error).__name__}: {error}); "
                       "drawing by sorting instead", stacklevel=2)
         raise KernelFailed(str(error)) from error

@@ -20,7 +20,6 @@ def test_the_tables_draw_what_sample_token_draws_through_the_kernel():
     the kernel doing SamplingRows' draws."""
     out = run_interpreted("""
         from rwkv_chat.kernels import sampling_triton
-        from rwkv_chat.serving import sampling
         assert sampling_triton.usable("cpu")
         calls = []
         original = sampling_triton.draw

@@ -39,6 +39,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import statistics
 import sys
 import threading
@@ -750,6 +751,18 @@ def profile_decode(args, version: str, size: str, dtype: str, device: torch.devi
 
 # ------------------------------------------------------------------------------------- driver
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux lists it (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -882,6 +895,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"device": str(device), "args": vars(args), "shapes": [], "batching": [], "kernels": []}
+    if device.type == "cpu":  # which machine and which CPU path every row below came from
+        from rwkv_chat.kernels import cpu_features
+        results["cpu"] = f"{cpu_model()}; {cpu_features.describe()}"
+        print(f"[bench] {results['cpu']}", flush=True)
     texts = []
     if args.kernels and device.type == "cuda":
         print("\n### Batch-1 products: µs (TB/s of weight read)\n\n| size | matrix | shape | MB bf16 | cuBLAS bf16 | "

@@ -53,13 +53,14 @@ def fp32_means_fp32():
 @pytest.fixture
 def int8_dot(monkeypatch):
     from rwkv_chat.kernels import cpu_kernels
-    from rwkv_chat.kernels.cpu_features import ISA_VARIABLE
+    from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, PREFETCH_VARIABLE
 
     def use(path: str) -> str | None:
         monkeypatch.setenv(ISA_VARIABLE, path)
         return cpu_kernels.configure()
     yield use
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    monkeypatch.delenv(PREFETCH_VARIABLE, raising=False)  # a test that set a distance leaves the default behind
     if cpu_kernels.tried():
         cpu_kernels.configure()
 

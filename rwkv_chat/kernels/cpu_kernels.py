@@ -16,8 +16,9 @@ What this module promises:
   runtime/cpu_decode.py and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built,
   and `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
 
-- `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) for the whole
-  process; the build runs it once, and a caller that changes RWKV_CPU_ISA afterwards (the tests) runs it again.
+- `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the
+  products' prefetch distance (cpu_features' `prefetch_bytes`, RWKV_CPU_PREFETCH) for the whole process; the build
+  runs it once, and a caller that changes either variable afterwards (the tests, the benchmark) runs it again.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """
@@ -85,13 +86,15 @@ INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1}  # cpu_features' int8_dot -> the e
 
 
 def _configure(module) -> str:
-    dot = cpu_features().int8_dot
-    module.set_int8_product(INT8_PRODUCTS[dot])
-    return dot
+    features = cpu_features()
+    module.set_int8_product(INT8_PRODUCTS[features.int8_dot])
+    module.set_prefetch_bytes(features.prefetch_bytes)
+    return features.int8_dot
 
 
 def configure() -> str | None:
-    """Picks the int8 product by cpu_features() now (RWKV_CPU_ISA included); its name, or None without kernels."""
+    """Picks the int8 product and the prefetch distance by cpu_features() now (RWKV_CPU_ISA and RWKV_CPU_PREFETCH
+    included); the int8 product's name, or None without kernels."""
     module = kernels()
     return _configure(module) if module is not None else None
 

@@ -49,9 +49,10 @@ class CpuStepRunner:
         x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
         shift, wkv = torch.empty_like(state.shift), torch.empty_like(state.wkv)
         carry = None
-        for i, tensors in enumerate(self.layers):
-            x, carry = self.architecture.cpu_decode_layer(self.kernels, x, state.shift[:, i], state.wkv[:, i],
-                                                          shift[:, i], wkv[:, i], tensors, carry)
+        per_layer = zip(state.shift.unbind(1), state.wkv.unbind(1), shift.unbind(1), wkv.unbind(1))  # views
+        for i, (tensors, (shift_in, wkv_in, shift_out, wkv_out)) in enumerate(zip(self.layers, per_layer)):
+            x, carry = self.architecture.cpu_decode_layer(self.kernels, x, shift_in, wkv_in, shift_out, wkv_out,
+                                                          tensors, carry)
             if model.rescale_every and (i + 1) % model.rescale_every == 0:
                 x = x / 2
         return model._logits(x), RwkvState(shift, wkv)

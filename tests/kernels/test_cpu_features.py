@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
-from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, PATHS, cpu_features, detected
+from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, PREFETCH_INTEL, PREFETCH_VARIABLE,
+                                            cpu_features, detected)
 
 RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
 
@@ -51,6 +52,27 @@ def test_what_is_detected_is_what_the_kernel_reports():
     # AMX also needs the kernel's permission for its tile state, which a CPU listing the flags may lack
     assert not best.amx_bf16 or {"amx_bf16", "amx_tile"} <= flags
     assert best.native_matmul(torch.bfloat16) == (("avx512_bf16" in flags) or best.amx_bf16)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
+    """Intel CPUs prefetch by default (the vendor as Linux names it is the oracle), others do not; the variable
+    sets any distance in its bound, keeps the instruction-set cap, and refuses the rest by name."""
+    vendor_ids = {line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("vendor_id")}
+    monkeypatch.delenv(PREFETCH_VARIABLE, raising=False)
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    assert cpu_features().prefetch_bytes == (PREFETCH_INTEL if vendor_ids == {"GenuineIntel"} else 0)
+    assert ("prefetched" in features_module.describe()) == (vendor_ids == {"GenuineIntel"})
+    monkeypatch.setenv(ISA_VARIABLE, "avx2")
+    for value in ("0", "2048", f"{MAX_PREFETCH}"):
+        monkeypatch.setenv(PREFETCH_VARIABLE, value)
+        assert cpu_features().prefetch_bytes == int(value) and cpu_features().path == "avx2"
+    for bad in ("-64", f"{MAX_PREFETCH + 1}", "4k"):
+        monkeypatch.setenv(PREFETCH_VARIABLE, bad)
+        with pytest.raises(ValueError, match=f"{PREFETCH_VARIABLE} must be a whole number of bytes from 0 "
+                                             f"\\(no prefetch\\) to {MAX_PREFETCH:,}.*got '{bad}'"):
+            cpu_features()
 
 
 @pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx512", "avx512_bf16", "amx")])

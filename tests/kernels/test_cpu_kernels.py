@@ -121,6 +121,31 @@ def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
 
 
 @needs_kernels
+@pytest.mark.parametrize("path", ["avx2", detected().path])
+def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
+    """Software prefetch only moves weights into the cache sooner: every product of few rows, in every weight
+    format and on each int8/int4 product this CPU runs, is bit for bit the one without it, also where the prefetch
+    runs past the end of the matrix (the distance beyond the last rows); configure() hands the distance of
+    RWKV_CPU_PREFETCH to the kernels."""
+    from rwkv_chat.kernels import quant
+    from rwkv_chat.kernels.cpu_features import PREFETCH_VARIABLE
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 768, generator=gen) / 20
+    weights = [(w, None), (w.bfloat16(), None), (w.half(), None), quant.quantize_rows(w), quant.quantize_int4(w)]
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 768, generator=gen)
+        results = {}
+        for distance in (0, 1024, 65536):
+            monkeypatch.setenv(PREFETCH_VARIABLE, str(distance))
+            int8_dot(path)
+            assert cpu_kernels.kernels().prefetch_bytes() == distance
+            results[distance] = [cpu_kernels.linear(x, weight, scale) for weight, scale in weights]
+        for distance in (1024, 65536):
+            for plain, prefetched in zip(results[0], results[distance]):
+                assert torch.equal(plain, prefetched)
+
+
+@needs_kernels
 def test_linear_keeps_leading_dimensions_and_rejects_bad_operands():
     weight = torch.randn(8, 32).bfloat16()
     x = torch.randn(2, 3, 32)

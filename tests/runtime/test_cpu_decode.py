@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ k
 
 
 @pytest.mark.parametrize("shape", [dict(n_layer=3, n_embd=128), dict(n_layer=2, n_embd=192, head_size=32),
-                                   dict(n_layer=7, n_embd=64, head_size=16)], ids=["h64", "h32", "h16-7layers"])
+                                   dict(n_layer=7, n_embd=64, head_size=16), dict(n_layer=2, n_embd=512)],
+                         ids=["h64", "h32", "h16-7layers", "wide"])  # wide: LoRAs split over the threads
 @pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 1e-3), ("fp16", 1e-3), ("int8", 1e-3),
                                              ("int4", 5e-2)])
 @pytest.mark.parametrize("version", ["6", "7"])
@@ -51,6 +52,26 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
                 assert torch.allclose(sa.shift, sb.shift, atol=1e-4)
             state, ids = sa, la.argmax(-1)
     assert_states_passed_in_stay_unchanged(fast)
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_cpp_step_is_the_same_on_any_thread_count(make_checkpoint, version):
+    """The LoRA products split over the threads (by output columns, or by chunks of input rows whose sums are
+    added in chunk order): the step is bit for bit the same on one thread as on four."""
+    path = make_checkpoint(version, seed=5, n_layer=2, n_embd=512).path
+    fast = attach_fast_path(load_model(path, device="cpu", dtype="fp32", fast=False))
+    state = RwkvState.stack([fast.forward(random_tokens(6 + i, seed=i))[1] for i in range(2)])
+    ids = torch.tensor([17, 4242])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            results.append(fast.decode_batch(ids, state))
+    finally:
+        torch.set_num_threads(threads)
+    (l1, s1), (l4, s4) = results
+    assert torch.equal(l1, l4) and torch.equal(s1.shift, s4.shift) and torch.equal(s1.wkv, s4.wkv)
 
 
 @pytest.mark.skipif(cpu_kernels.kernels() is None or detected().int8_dot != "avx512_vnni",

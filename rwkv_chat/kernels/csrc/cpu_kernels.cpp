@@ -11,7 +11,8 @@
 //   W may also be int4: uint8 [N, K/2] (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group
 //   of G input columns (int4_product's comment: the layout, the arithmetic and its bound); its products are
 //   integer sums on int8 activations (a step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under
-//   set_int8_product(1).
+//   set_int8_product(1). Where Python set a distance (set_prefetch_bytes), every product of few rows asks for the
+//   weights that many bytes ahead of the row it reads (software prefetch: no change to any result).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
@@ -82,6 +83,17 @@ struct Int8Weights {
   static inline float load1(const T* p) { return static_cast<float>(*p); }
 };
 
+// How far ahead of the row being read the products ask for weights (software prefetch), in bytes; 0: not at all.
+// Set once from Python (cpu_kernels.configure, from cpu_features' prefetch_bytes), read by every product of few rows.
+// A thread's rows are contiguous, so the bytes `ahead` past a row's start are the rows it reads next.
+std::atomic<int64_t> g_prefetch_bytes{0};
+
+inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
+  if (ahead <= 0) return;
+  const char* p = static_cast<const char*>(row) + ahead;
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
+}
+
 // out[m, n] for MB rows of x (MB <= 4) against one weight row.
 template <typename W, int MB>
 inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float scale, float* out,
@@ -106,9 +118,11 @@ inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float sc
 template <typename W>
 void rows_product_impl(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M,
                        int64_t N, int64_t K) {
+  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const typename W::T* row = w + n * K;
+      prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
       float s = scale ? scale[n] : 1.0f;
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) dot_rows<W, 4>(row, x + m * K, K, s, out + m * N + n, N);
@@ -193,8 +207,10 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t begin, int64_t end) {
+  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
+    prefetch_ahead(row, K, ahead);
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) dot_row_vnni<4, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
     switch (M - m) {
@@ -359,9 +375,12 @@ template <template <int> class Dot>
 void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, float* out, int64_t M, int64_t N,
                int64_t begin, int64_t end) {
   const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
+  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = w + n * row_bytes;
     const uint16_t* g = groups + n * row_groups;
+    prefetch_ahead(row, row_bytes, ahead);
+    prefetch_ahead(g, 2 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) Dot<4>::run(row, g, a, m, out + m * N + n, N);
     switch (M - m) {
@@ -608,19 +627,51 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
 
 
 // out[M, N] = x[M, K] · W[K, N] for a small fp32 matrix stored input-major (a LoRA's factors, x @ W): each
-// input row adds x[m, k] · W[k, :] to the output row, a loop the compiler vectorises over N. One thread: these
-// are a few hundred KiB a layer, and splitting them measured no faster on 2 cores (a barrier per call costs
-// as much, and far more when the cores are shared).
-void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out) {
+// input row adds x[m, k] · W[k, :] to the output row, a loop the compiler vectorises over N.
+// Over the threads: a wide W (N of at least two column blocks) by blocks of output columns, which changes no
+// sum; a narrow one by chunks of kKnChunk input rows, whose partial sums are added in chunk order, so the result
+// depends on K alone, never on the thread count. One thread read these at ~half the memory's speed on the Intel
+// Xeon measured (1.8 MB a layer at RWKV-7 0.1B: 15% of an int8 decode step).
+constexpr int64_t kKnChunk = 128, kKnColumns = 128;
+
+void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* w, int64_t N, int64_t k0,
+                      int64_t k1, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   for (int64_t m = 0; m < M; ++m) {
-    float* o = out + m * N;
-    std::fill(o, o + N, 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const float xk = x[m * K + k];
+    float* o = out + m * out_stride;
+    std::fill(o + n0, o + n1, 0.0f);
+    for (int64_t k = k0; k < k1; ++k) {
+      const float xk = x[m * x_stride + k];
       const float* wk = w + k * N;
-      for (int64_t n = 0; n < N; ++n) o[n] += xk * wk[n];
+      for (int64_t n = n0; n < n1; ++n) o[n] += xk * wk[n];
     }
   }
+}
+
+// x's rows are x_stride apart (K when 0).
+void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0) {
+  if (x_stride == 0) x_stride = K;
+  if (N >= 2 * kKnColumns) {
+    at::parallel_for(0, (N + kKnColumns - 1) / kKnColumns, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block)
+        product_kn_range(x, x_stride, M, w, N, 0, K, block * kKnColumns, std::min(N, (block + 1) * kKnColumns),
+                         out, N);
+    });
+    return;
+  }
+  const int64_t chunks = (K + kKnChunk - 1) / kKnChunk;
+  if (chunks <= 1) {
+    product_kn_range(x, x_stride, M, w, N, 0, K, 0, N, out, N);
+    return;
+  }
+  std::vector<float> partial(chunks * M * N);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      product_kn_range(x, x_stride, M, w, N, c * kKnChunk, std::min(K, (c + 1) * kKnChunk), 0, N,
+                       partial.data() + c * M * N, N);
+  });
+  std::copy(partial.begin(), partial.begin() + M * N, out);
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int64_t i = 0; i < M * N; ++i) out[i] += partial[c * M * N + i];
 }
 
 inline const float* constant(const torch::Tensor& t, int64_t n, const char* name) {
@@ -846,7 +897,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   float* h = result.data_ptr<float>();
 
   // time mix: the data-dependent token shift xx + sx * (time_maa_* + lora_*), sx = prev - xx, in the order w k v r g
-  std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C), part(C);
+  std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C), part(B * C);
   for (int64_t b = 0; b < B; ++b) {
     float* row = xx.data() + b * C;
     normalize(h + b * C, C, ln1_w, ln1_b, 1e-5f, row);
@@ -859,12 +910,13 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   }
   product_kn(base.data(), B, constant(t[10], C * 5 * D, what), C, 5 * D, hidden.data());
   for (float& value : hidden) value = std::tanh(value);
-  for (int64_t b = 0; b < B; ++b)
-    for (int p = 0; p < 5; ++p) {
-      product_kn(hidden.data() + b * 5 * D + p * D, 1, maa_w2 + p * D * C, D, C, part.data());
+  for (int p = 0; p < 5; ++p) {  // each second factor read once for all B rows
+    product_kn(hidden.data() + p * D, B, maa_w2 + p * D * C, D, C, part.data(), 5 * D);
+    for (int64_t b = 0; b < B; ++b) {
       float* out = mixed.data() + (p * B + b) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = xx[b * C + c] + sx[b * C + c] * (maa[p][c] + part[c]);
+      for (int64_t c = 0; c < C; ++c) out[c] = xx[b * C + c] + sx[b * C + c] * (maa[p][c] + part[b * C + c]);
     }
+  }
   const float *xw = mixed.data(), *xk = xw + B * C, *xv = xk + B * C, *xr = xv + B * C, *xg = xr + B * C;
   std::vector<float> r(B * A), k(B * A), v(B * A), g(B * A), w(B * A), y(B * A);
   product(xr, B, Wr, Wr_s, 0, A, r.data());
@@ -1162,9 +1214,18 @@ void set_int8_product(int64_t which) {
 
 int64_t int8_product() { return g_int8_product.load(); }
 
+void set_prefetch_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20), "cpu_kernels: the prefetch distance is 0..1 MiB");
+  g_prefetch_bytes.store(bytes);
+}
+
+int64_t prefetch_bytes() { return g_prefetch_bytes.load(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
   m.def("int8_product", &int8_product, "which int8 product runs now");
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, "how far ahead the products of few rows prefetch weights (0: off)");
+  m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
   m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
   m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");

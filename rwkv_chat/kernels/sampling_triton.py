@@ -249,19 +249,19 @@ if AVAILABLE:
                 tl.store(KEPT_X + at, tl.load(X + base + idx, mask=ok, other=0.0), mask=keep)
                 tl.store(KEPT_P + at, p, mask=keep)
                 size += tl.sum(flag, 0)
-            # their weights softmax(x / T), written over their logits
+            # their weights softmax(x / T), written over their logits: exp(x / T - peak) once, then normalised
             peak = best / temperature
             mass = tl.zeros([BLOCK], tl.float32)
             for start in range(0, size, BLOCK):
                 j = start + offs
-                x = tl.load(KEPT_X + base + j, mask=j < size, other=float("-inf"))
-                mass += _exp(x / temperature - peak)
+                e = _exp(tl.load(KEPT_X + base + j, mask=j < size, other=float("-inf")) / temperature - peak)
+                tl.store(KEPT_X + base + j, e, mask=j < size)
+                mass += e
             norm = tl.sum(mass, 0)
             weight = tl.zeros([BLOCK], tl.float64)
             for start in range(0, size, BLOCK):
                 j = start + offs
-                x = tl.load(KEPT_X + base + j, mask=j < size, other=float("-inf"))
-                w = _exp(x / temperature - peak) / norm
+                w = tl.load(KEPT_X + base + j, mask=j < size, other=0.0) / norm
                 tl.store(KEPT_X + base + j, w, mask=j < size)
                 weight += w.to(tl.float64)
             target = uniform * tl.sum(weight, 0)

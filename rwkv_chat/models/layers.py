@@ -33,6 +33,10 @@ class Projection(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant.linear(x, self.weight, getattr(self, "weight_scale", None))
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """As forward, for a decode step's rows (one per chat): quant.decode_linear."""
+        return quant.decode_linear(x, self.weight, getattr(self, "weight_scale", None))
+
     def stored(self) -> list[torch.Tensor]:
         """[the weight as stored, its per-row scale (an empty tensor unless int8)]: what the C++ steps read."""
         return [self.weight.detach(), getattr(self, "weight_scale", torch.empty(0))]

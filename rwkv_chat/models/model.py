@@ -172,8 +172,10 @@ class RwkvModel(nn.Module):
                 x = x / 2
         return x, RwkvState(torch.stack(shifts, dim=1), torch.stack(wkvs, dim=1))
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(layer_norm(hidden, self.ln_out.weight, self.ln_out.bias))
+    def _logits(self, hidden: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """The head's logits of `hidden`; `step`: its rows are a decode step's (Projection.decode)."""
+        hidden = layer_norm(hidden, self.ln_out.weight, self.ln_out.bias)
+        return self.head.decode(hidden) if step else self.head(hidden)
 
     def _token_ids(self, tokens) -> torch.Tensor:
         """Tokens -> a checked LongTensor. Lists are checked on the CPU, so a decode step costs no GPU sync."""

@@ -55,4 +55,4 @@ class CpuStepRunner:
                                                           tensors, carry)
             if model.rescale_every and (i + 1) % model.rescale_every == 0:
                 x = x / 2
-        return model._logits(x), RwkvState(shift, wkv)
+        return model._logits(x, step=True), RwkvState(shift, wkv)

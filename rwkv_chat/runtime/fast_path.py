@@ -206,7 +206,7 @@ class FastRunner:
             x = kernels.decode_layer(x.contiguous(), *states, tensors, self.architecture.cpu_kernel_id,
                                      layer.att.n_segments, halve)
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
-        return self.head(x), RwkvState(new_shift, new_wkv)
+        return self.head.decode(x), RwkvState(new_shift, new_wkv)
 
     def _decode_torch(self, x, shift, wkv, new_shift, new_wkv):
         for i, layer in enumerate(self.layers):

@@ -63,6 +63,12 @@ class PackedLinear:
         return quant.linear(x, weight, scale)
 
 
+    def decode(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """As a call, for a decode step's rows (one per chat): streamed as quant.decode_linear streams them."""
+        weight, scale = self.segment(i)
+        return cpu_kernels.linear(x, weight, scale) if quant.decode_streams(x, weight) else self(x, i)
+
+
 def pack_projections(projections: list[nn.Module]) -> PackedLinear:
     """Concatenate the rows of several `Projection`s and re-point their weights to views of the result."""
     weights = [p.weight.data for p in projections]

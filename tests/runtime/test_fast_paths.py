@@ -400,3 +400,25 @@ def test_cuda_bf16_greedy_agreement_is_the_plain_paths(version, make_checkpoint)
     ckpt = make_checkpoint(version, n_layer=2, n_embd=256, seed=3)
     plain = greedy_agreement(load_model(ckpt.path, device="cuda", dtype="bf16", fast=False), ckpt)
     assert greedy_agreement(load_model(ckpt.path, device="cuda", dtype="bf16"), ckpt) >= plain - 0.04
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ kernels did not build")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_a_step_of_many_chats_streams_its_narrow_head_like_a_single_decode(make_checkpoint, version, dtype):
+    """A batched decode step of MANY_ROWS to STREAM_ROWS - 1 rows (a server's chats) keeps streaming int8 / int4
+    weights through the C++ kernels instead of widening them for a GEMM: each row's logits and state are the bits
+    of that chat decoded alone."""
+    model = load_model(make_checkpoint(version, **SHAPE, seed=6).path, device="cpu", dtype=dtype, fast=True)
+    rows = quant.MANY_ROWS + 4
+    head = model.head.weight
+    assert quant.decode_streams(torch.zeros(rows, SHAPE["n_embd"]), head)
+    assert not quant.decode_streams(torch.zeros(quant.STREAM_ROWS, SHAPE["n_embd"]), head)
+    assert not quant.decode_streams(torch.zeros(rows, 8), torch.zeros(4, 8))  # fp32 weights: PyTorch's GEMM
+    states = [model.forward(random_tokens(3 + i % 5, seed=i))[1] for i in range(rows)]
+    tokens = torch.tensor([(97 * i + 5) % model.config.vocab_size for i in range(rows)])
+    logits, batched = model.decode_batch(tokens, RwkvState.stack(states))
+    for i, state in enumerate(states):
+        single, new = model.forward([int(tokens[i])], state)
+        assert torch.equal(logits[i], single)
+        assert torch.equal(batched[i].wkv, new.wkv) and torch.equal(batched[i].shift, new.shift)

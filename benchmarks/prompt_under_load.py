@@ -11,7 +11,9 @@ What it promises:
   when one ends) while this thread times `model.forward` over a prompt of each --tokens length from an empty
   state: the median, min and max of --reps reads in ms (logits copied to the host, device work synchronised
   before the clock starts), through the runner's prefill (graphed where graphs run) and its direct prefill
-  (`runner._prefill_last`, the same function unreplayed). Graphs are captured before the clock starts.
+  (`runner._prefill_last`, the same function unreplayed), both in this thread beside the batcher's worker, and
+  through the batcher's own `read` (the engine's read: on the CPU by the worker, between its steps, in pieces of
+  batching.READ_CHUNK tokens). Graphs are captured before the clock starts.
 - Nothing is asserted; it prints a table (and --json writes it). The chats' own speed is not measured here
   (bench.py --batch and load_test.py do that).
 
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     ways = {"graphed" if getattr(runner, "_prompt_graphs", None) is not None else "runner": model.forward}
     if direct is not None and "graphed" in ways:
         ways["direct"] = lambda ids: direct(torch.tensor(ids, device=device), model.zero_state(1))
+    ways["batcher's read"] = engine.decoder.read
     lengths = [int(n) for n in args.tokens.split(",")]
     for read in ways.values():  # compile kernels, capture graphs
         for n in lengths:

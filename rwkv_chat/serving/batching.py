@@ -37,8 +37,18 @@ What this module promises:
   on serving. `close()` ends every chat in flight with BatcherClosed and stops the worker; later calls
   raise it at once. The states and logits passed in are never changed.
 
+- `read(ids, state)` is the decoder's prompt read (model.forward: the logits [vocab] and state after `ids`), one
+  read at a time in the order they came. Pipelined, in the caller's thread. On the CPU the worker reads them
+  between its steps, so a prompt never runs beside a step on the same cores (two products of 2 threads each on 2
+  cores slowed both 4-5x: measured in docs/PERFORMANCE.md): the oldest read goes on by READ_CHUNK tokens between
+  two steps while chats generate (so they keep streaming while a long prompt is read), or to its end when none
+  does; a prompt of fewer than 2 * READ_CHUNK tokens is read in one call, and no piece is shorter than
+  READ_CHUNK, so the pieces fall on the boundaries of the model's own chunked prefill and a read gives the bits a
+  whole read gives (tested on every architecture). Its errors (bad ids, a failing model) raise in its caller
+  only; close() ends the reads still queued with BatcherClosed.
 - `times()` says what the worker did and where its time went since it started (`WorkerTimes`: steps, rows fed,
-  seconds launching, waiting for the device, judging, letting chats join and leave); with `report` given, a
+  seconds launching, waiting for the device, judging, letting chats join and leave, reading prompts and the
+  tokens read); with `report` given, a
   thread of the batcher hands it the window of the last `report_every` seconds (a `WorkerTimes` and its wall
   time) whenever that window had steps, e.g. for a server's log; a report that raises is logged and skipped.
 
@@ -62,6 +72,9 @@ from .sampling import Sampler, SamplingRows, sample_batch, to_device
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 32
+READ_CHUNK = 128  # prompt tokens the CPU worker reads between two steps while chats generate: 0.1B int8 on a Zen 4
+# (2 threads) reads 128 tokens in ~100-115 ms at 75-85% of its speed on 512 (64: ~60-75 ms at ~60%); a multiple of
+# every architecture's CPU wkv chunk (16 or 32), so that the pieces fall on the whole read's chunk boundaries
 WAKE_INTERVAL_S = 0.02  # a reader is woken at most this often while its chat generates (always when it ends)
 MAX_WAKES_PER_S = 4000  # ... and less often in large batches: all readers together, at most this many a second
 
@@ -71,9 +84,9 @@ class WorkerTimes:
     """What the batcher's worker did, summed since it started: batched steps, the rows fed in them (tokens drawn,
     a refused one's included), and seconds spent launching steps (drawing the tokens and queueing the model step;
     on the CPU also running it), waiting for a launched step's tokens (the device behind the host), judging them
-    (stop rules, detokenising, penalties; waking readers), and letting chats join and leave. The rest of its time
-    is idle (no chat) or between these parts (waiting for the interpreter lock among them). `later - earlier` is a
-    window."""
+    (stop rules, detokenising, penalties; waking readers), letting chats join and leave, and reading prompts (the
+    CPU worker's reads: `read_tokens` tokens). The rest of its time is idle (no chat) or between these parts
+    (waiting for the interpreter lock among them). `later - earlier` is a window."""
 
     steps: int = 0
     rows: int = 0
@@ -81,6 +94,8 @@ class WorkerTimes:
     wait: float = 0.0
     judge: float = 0.0
     join: float = 0.0
+    read: float = 0.0
+    read_tokens: int = 0
 
     def __sub__(self, other: "WorkerTimes") -> "WorkerTimes":
         return WorkerTimes(*(a - b for a, b in zip(astuple(self), astuple(other))))
@@ -91,10 +106,12 @@ class WorkerTimes:
 
         def ms(part: float) -> str:
             return f"{part / steps * 1e3:.1f}"
-        rest = max(0.0, seconds - self.launch - self.wait - self.judge - self.join)
+        rest = max(0.0, seconds - self.launch - self.wait - self.judge - self.join - self.read)
+        reads = (f"; prompts read {self.read_tokens:,} tokens in {self.read:.1f} s" if self.read_tokens else "")
         return (f"{self.steps:,} steps in {seconds:.1f} s, {self.rows / max(seconds, 1e-9):,.0f} tokens/s, mean batch "
                 f"{self.rows / steps:.1f}; ms a step {ms(seconds)}: launching {ms(self.launch)}, waiting for the "
-                f"device {ms(self.wait)}, judges {ms(self.judge)}, joins {ms(self.join)}, other {ms(rest)}")
+                f"device {ms(self.wait)}, judges {ms(self.judge)}, joins {ms(self.join)}, reading prompts "
+                f"{ms(self.read)}, other {ms(rest)}{reads}")
 
 
 class _Clock:
@@ -114,6 +131,9 @@ class _Clock:
     def count(self, rows: int) -> None:
         self.totals["steps"] += 1
         self.totals["rows"] += rows
+
+    def count_read(self, tokens: int) -> None:
+        self.totals["read_tokens"] += tokens
 
     def snapshot(self) -> WorkerTimes:
         return WorkerTimes(**self.totals)
@@ -167,6 +187,27 @@ class _Chat(Generation):
         self.finished = True
 
 
+class _Read:
+    """One prompt read queued for the CPU worker: written by the worker, read by its caller once `done` is set."""
+
+    def __init__(self, ids: list[int], state: Optional[RwkvState]):
+        self.ids, self.state = ids, state  # the state after the tokens read so far (None: an empty state)
+        self.position = 0  # tokens read so far
+        self.logits: Optional[torch.Tensor] = None
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+
+    def piece(self, whole: bool) -> list[int]:
+        """The next tokens to read: all that are left (`whole`, or fewer than 2 * READ_CHUNK), else READ_CHUNK."""
+        left = len(self.ids) - self.position
+        size = left if whole or left < 2 * READ_CHUNK else READ_CHUNK
+        return self.ids[self.position:self.position + size]
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        self.error = error
+        self.done.set()
+
+
 class DecodeBatcher:
     """Runs the token loops of concurrent chats as batched steps (see the module docstring)."""
 
@@ -181,6 +222,8 @@ class DecodeBatcher:
         # off the CPU the sampling lives on the device and steps overlap the judging (see the docstring)
         self.pipelined = torch.device(model.device).type != "cpu" if pipelined is None else bool(pipelined)
         self._incoming: list[_Chat] = []
+        self._reads: list[_Read] = []  # prompt reads the CPU worker has to do, oldest first
+        self._reading = threading.Lock()  # pipelined: one prompt read at a time, in the callers' threads
         self._wake = threading.Condition()
         self._closed = False
         self._clock = _Clock()
@@ -231,6 +274,26 @@ class DecodeBatcher:
             self._incoming.append(chat)
             self._wake.notify()
         return chat
+
+    def read(self, ids, state: Optional[RwkvState] = None) -> tuple[torch.Tensor, RwkvState]:
+        """The logits [vocab] and state after reading `ids` from `state` (None: an empty state), as model.forward
+        gives them; one read at a time (see the module docstring)."""
+        ids = [int(token) for token in ids]
+        if not ids:
+            raise ValueError("a prompt read needs at least one token")
+        if self.pipelined:
+            with self._reading:
+                return self.model.forward(ids, state)
+        job = _Read(ids, state)
+        with self._wake:
+            if self._closed:
+                raise BatcherClosed("the decode batcher is closed")
+            self._reads.append(job)
+            self._wake.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.logits, job.state
 
     def close(self, timeout: float | None = None) -> None:
         """End every chat in flight (BatcherClosed) and stop the worker thread. Idempotent."""
@@ -287,6 +350,7 @@ class DecodeBatcher:
                     state = RwkvState.stack(([] if state is None else [state]) + [chat.state for chat in joining])
                     rows = rows + joining
                 self._clock.lap("join")
+                self._read_piece(whole=not rows)
                 if rows:
                     try:
                         rows, logits, state = self._step(rows, logits, state)
@@ -299,11 +363,33 @@ class DecodeBatcher:
         finally:
             _end_all(rows + self._shut(), failure)
 
+    def _read_piece(self, whole: bool) -> None:
+        """Go on with the oldest queued prompt read: one piece of it, or all of it when `whole` (no chat is
+        generating); a read that fails ends with its error, and the worker goes on."""
+        with self._wake:
+            job = self._reads[0] if self._reads else None
+        if job is None:
+            return
+        piece = job.piece(whole)
+        try:
+            job.logits, job.state = self.model.forward(piece, job.state)
+            job.position += len(piece)
+            error = None
+        except Exception as failed:  # bad ids, a failing model: only this read's caller learns it
+            error = failed
+        self._clock.count_read(len(piece))
+        if error is not None or job.position == len(job.ids):
+            with self._wake:
+                self._reads.remove(job)
+            job.finish(error)
+        self._clock.lap("read")
+
     def _take(self, busy: int, waiting: bool = False) -> Optional[list[_Chat]]:
         """The chats that join before the next step, at most max_batch - busy (waits while there is nothing
-        to do: no chat busy, none incoming, nothing `waiting` to be judged); None once closed."""
+        to do: no chat busy, none incoming, nothing `waiting` to be judged, no prompt to read); None once
+        closed."""
         with self._wake:
-            while not self._closed and not self._incoming and not busy and not waiting:
+            while not self._closed and not self._incoming and not busy and not waiting and not self._reads:
                 self._wake.wait()
             if self._closed:
                 return None
@@ -363,10 +449,14 @@ class DecodeBatcher:
             _end_all(batch.chats() + (pending.chats() if pending is not None else []) + self._shut(), failure)
 
     def _shut(self) -> list[_Chat]:
-        """Mark the batcher closed (later calls are refused) and take the chats still waiting to join."""
+        """Mark the batcher closed (later calls are refused), end the prompt reads still queued with
+        BatcherClosed, and take the chats still waiting to join."""
         with self._wake:
             self._closed = True
             left, self._incoming = self._incoming, []
+            reads, self._reads = self._reads, []
+        for job in reads:
+            job.finish(BatcherClosed("the decode batcher was closed"))
         return left
 
     def _decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:

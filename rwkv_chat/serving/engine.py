@@ -23,8 +23,9 @@ What it promises:
   judge (`AnswerJudge`), which decides every token in whatever thread runs the loop. Penalties count a token
   before the step that feeds it, so the next sample sees them; a reply runs exactly one model step per kept
   token. A reader slower than the decoder gets several tokens per chunk.
-- Prompts are read one at a time (no two of an engine's prompt reads overlap): concurrent turns queue for the
-  read, then decode in the decoder (together, in a batcher). Time to first token counts that wait.
+- Prompts are read by the decoder (`read`), one at a time: concurrent turns queue for the read (a batcher on the
+  CPU reads them in its worker, between the decode steps of the chats already answering), then decode in the
+  decoder (together, in a batcher). Time to first token counts that wait.
 
 It knows tokens, a tokenizer and a model; it knows nothing of Gradio or of other sessions.
 """
@@ -155,7 +156,6 @@ class ChatEngine:
         # ids the model can score but the tokenizer cannot decode (65530..65535 in World models) are never drawn
         self._unknown_ids = tuple(range(tokenizer.max_token_id + 1, model.config.vocab_size))
         self._start_keys: dict[str, tuple[int]] = {}  # start state name -> its cache key, (negative id,)
-        self._reading = threading.Lock()  # one prompt read at a time (see _read)
 
     # ------------------------------------------------------------------------------------ start states
     def add_start_state(self, name: str, state) -> None:
@@ -199,16 +199,9 @@ class ChatEngine:
                 self.cache.put(ids, hit.state, hit.logits, pinned=True)
             return hit.logits, hit.state, 0
         start, state = (hit.length, hit.state) if hit is not None else (0, None)
-        logits, state = self._read(list(ids[start:]), state)
+        logits, state = self.decoder.read(list(ids[start:]), state)
         self.cache.put(ids, state, logits, pinned=pin)
         return logits, state, len(ids) - start
-
-    def _read(self, ids: list[int], state):
-        """model.forward, one call at a time: concurrent prompts are read one after the other (in about the
-        order they came), each at the device's full speed, instead of all at once in threads that share the
-        device and the interpreter, where every one of them would finish as late as the last."""
-        with self._reading:
-            return self.model.forward(ids, state)
 
     def warm_preamble(self, session: ChatSession) -> int:
         """Compute (once, for every session) and pin the state after the session's preamble; returns how many
@@ -307,7 +300,7 @@ class ChatEngine:
         kept = text + piece[:max(0, cut - len(text))]
         extra = self.tokenizer.encode(kept[len(text):]) if cut > len(text) else []
         if extra:
-            logits, state = self._read(extra, state)
+            logits, state = self.decoder.read(extra, state)
         return logits, state, answer_ids + list(extra), kept
 
 

@@ -14,6 +14,10 @@ What this module promises:
   then undefined. Errors of the model, the sampling or the judge are raised by the iteration.
 - `DirectDecoder` runs the loop in the reader's own thread: sample, judge, hand the token to the reader,
   one model step. `batching.DecodeBatcher` runs it in a worker, batched with other chats.
+- A decoder also reads prompts: `read(ids, state)` -> (logits [vocab], state after `ids`), model.forward's
+  result, one read at a time (concurrent callers wait their turn, each read then runs at the device's full speed
+  instead of all of them sharing it and finishing as late as the last). `DirectDecoder` reads in the caller's
+  thread; the batcher says where it reads.
 
 It knows the sampling `Sampler`, `RwkvState` and a model's `forward`; nothing of text or sessions.
 """
@@ -21,6 +25,7 @@ It knows the sampling `Sampler`, `RwkvState` and a model's `forward`; nothing of
 from __future__ import annotations
 
 import enum
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -74,6 +79,11 @@ class DirectDecoder:
 
     def __init__(self, model):
         self.model = model
+        self._reading = threading.Lock()
+
+    def read(self, ids, state: Optional[RwkvState] = None) -> tuple[torch.Tensor, RwkvState]:
+        with self._reading:
+            return self.model.forward(ids, state)
 
     def generate(self, logits: torch.Tensor, state: RwkvState, sampler: Sampler, judge) -> Generation:
         return DirectGeneration(self.model, logits, state, sampler, judge)

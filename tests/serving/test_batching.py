@@ -363,8 +363,10 @@ def test_batched_chats_write_what_they_write_alone(model, tokenizer, monkeypatch
                    for i in range(len(chats))]
         for t in threads:
             t.start()
-        # every chat is now finished, in the first step (waiting at the gate) or queued behind it
-        wait_until(lambda: sum(g is not None for g in got) + gated.held + len(batcher._incoming) == len(chats))
+        # every chat is now finished, in the first step (waiting at the gate) or queued behind it (to join, or,
+        # on the CPU, for its prompt read)
+        wait_until(lambda: sum(g is not None for g in got) + gated.held + len(batcher._incoming)
+                   + len(batcher._reads) == len(chats))
         gated.release.set()
         for t in threads:
             t.join(timeout=300)
@@ -404,7 +406,12 @@ def test_worker_times_describe_a_window():
     window = later - earlier
     assert (window.steps, window.rows) == (10, 40)
     assert window.describe(1.0) == ("10 steps in 1.0 s, 40 tokens/s, mean batch 4.0; ms a step 100.0: launching 1.0, "
-                                    "waiting for the device 2.0, judges 3.0, joins 4.0, other 90.0")
+                                    "waiting for the device 2.0, judges 3.0, joins 4.0, reading prompts 0.0, other "
+                                    "90.0")
+    reading = batching.WorkerTimes(steps=10, rows=40, launch=0.01, read=0.25, read_tokens=300) - batching.WorkerTimes()
+    assert reading.describe(1.0) == ("10 steps in 1.0 s, 40 tokens/s, mean batch 4.0; ms a step 100.0: launching "
+                                     "1.0, waiting for the device 0.0, judges 0.0, joins 0.0, reading prompts 25.0, "
+                                     "other 74.0; prompts read 300 tokens in 0.2 s")
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["host", "pipelined"])
@@ -451,3 +458,117 @@ def test_the_worker_counts_its_steps_and_times_its_parts(model, pipelined):
 def test_a_report_needs_a_positive_period(model):
     with pytest.raises(ValueError, match="report_every must be more than 0 seconds, got 0"):
         DecodeBatcher(model, report=lambda times, seconds: None, report_every=0)
+
+
+# ------------------------------------------------------------------------------------- prompt reads
+
+class LoggedModel:
+    """The model, logging its calls in order (("read", tokens) / ("step", rows)); `gate`, when cleared, holds
+    reads until it is set again."""
+
+    def __init__(self, model):
+        self.model, self.config, self.device = model, model.config, model.device
+        self.calls = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reading = threading.Event()  # set when a read has begun
+
+    def forward(self, tokens, state=None):
+        self.calls.append(("read", len(tokens)))
+        self.reading.set()
+        self.gate.wait(timeout=120)
+        return self.model.forward(tokens, state)
+
+    def decode_batch(self, tokens, state):
+        self.calls.append(("step", len(tokens)))
+        return self.model.decode_batch(tokens, state)
+
+    def _prepare_state(self, state, batch):
+        return self.model._prepare_state(state, batch)
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"], ids=lambda v: f"v{v}")
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_the_cpu_worker_reads_prompts_between_steps_with_the_bits_of_a_whole_read(make_checkpoint, version, dtype):
+    """While a chat generates, the CPU batcher's worker reads a long prompt READ_CHUNK tokens at a time with a
+    batched step between two pieces (the chat keeps streaming), no piece shorter than READ_CHUNK; prompts read
+    alone go in one call; every read gives the logits and state of model.forward over the whole prompt, bit for
+    bit, from an empty state or a carried one."""
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path, device="cpu", dtype=dtype,
+                       fast=True)
+    logged = LoggedModel(model)
+    chunk = batching.READ_CHUNK
+    lengths = [1, 5, 2 * chunk - 1, 2 * chunk + 3, 4 * chunk + 17]
+    prompts = [random_tokens(n, seed=n) for n in lengths]
+    carried = model.forward(random_tokens(9, seed=99))[1]
+    expected = [model.forward(ids, state) for ids in prompts for state in (None, carried)]
+    with DecodeBatcher(logged, max_batch=4, pipelined=False) as batcher:
+        alone = [batcher.read(ids, state) for ids in prompts for state in (None, carried)]
+        assert [call for call in logged.calls if call[0] == "read"] == [("read", n) for n in lengths for _ in "ab"]
+        logged.calls.clear()
+        start_logits, start_state = model.forward(random_tokens(4, seed=1))
+        vocab = model.config.vocab_size
+        chat = batcher.generate(start_logits, start_state, Sampler(SamplingParams(temperature=1.0),
+                                                                   torch.Generator().manual_seed(0), None,
+                                                                   range(vocab - 6, vocab)), Recorder(10_000))
+        items = iter(chat)
+        next(items)  # the chat is generating
+        beside = [batcher.read(ids, state) for ids in prompts for state in (None, carried)]
+        items.close()  # the reader leaves: the worker drops the chat
+    for (logits, state), (ref_logits, ref_state) in zip(alone + beside, expected + expected):
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(state.shift, ref_state.shift) and torch.equal(state.wkv, ref_state.wkv)
+    reads = [n for kind, n in logged.calls if kind == "read"]
+    assert all(chunk <= n < 2 * chunk for n in reads if n >= chunk)
+    assert reads.count(chunk) >= 2 * (1 + 3)  # the two longest prompts, each read twice, came in pieces
+    # between two pieces of one prompt the worker ran a step of the chat
+    for earlier, later in zip(logged.calls, logged.calls[1:]):
+        if earlier == ("read", chunk):
+            assert later[0] == "step"
+    assert batcher.times().read_tokens == 4 * sum(lengths)
+
+
+def test_a_bad_read_fails_in_its_caller_and_closing_ends_the_reads_still_queued(model):
+    logged = LoggedModel(model)
+    batcher = DecodeBatcher(logged, pipelined=False)
+    with pytest.raises(ValueError, match="at least one token"):
+        batcher.read([])
+    with pytest.raises(ValueError, match="token ids must be in"):
+        batcher.read([1, model.config.vocab_size])
+    logits, state = batcher.read([1, 2, 3])  # the batcher goes on reading
+    assert torch.equal(logits, model.forward([1, 2, 3])[0])
+    logged.gate.clear()
+    logged.reading.clear()
+    results = {}
+
+    def read(name):
+        try:
+            results[name] = batcher.read([4, 5])
+        except BatcherClosed as error:
+            results[name] = error
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    assert logged.reading.wait(timeout=60)  # the worker is inside the first read
+    second = threading.Thread(target=read, args=("second",))
+    second.start()
+    wait_until(lambda: len(batcher._reads) == 2)
+    closing = threading.Thread(target=batcher.close)
+    closing.start()
+    wait_until(lambda: batcher._closed)
+    logged.gate.set()
+    for t in (first, second, closing):
+        t.join(timeout=60)
+    assert torch.equal(results["first"][0], model.forward([4, 5])[0])  # the read under way finished
+    assert isinstance(results["second"], BatcherClosed)  # the one still queued was ended
+    with pytest.raises(BatcherClosed):
+        batcher.read([1])
+
+
+def test_direct_and_pipelined_reads_are_the_models_forward(model):
+    ids = random_tokens(40, seed=5)
+    expected = model.forward(ids)
+    for decoder in (DirectDecoder(model), DecodeBatcher(model, pipelined=True)):
+        logits, state = decoder.read(ids)
+        assert torch.equal(logits, expected[0]) and torch.equal(state.wkv, expected[1].wkv)
+        if isinstance(decoder, DecodeBatcher):
+            decoder.close()

@@ -7,6 +7,8 @@ What this module promises:
   form), `decode(ids [B], state)` runs each layer of one token for B sequences in one call of the architecture's
   C++ step (its LoRAs, recurrence and norms in fp32, its products streaming the weights as stored), the same
   function as the plain decode step up to fp32 rounding (tested against it). States passed in are never changed.
+  `decode_into(ids, source, target)` writes the new states of the first B rows into `target`'s rows (a
+  batcher's state buffers) instead of new tensors.
   The layers' tensors are views of the model's own parameters: nothing is copied.
 
 It knows the runner interface and the architecture's CPU hooks, not any version's arithmetic.
@@ -42,12 +44,21 @@ class CpuStepRunner:
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         return self.model.read_plain(ids, state, all_logits)
 
-    @torch.no_grad()
     def decode(self, ids: torch.Tensor, state: RwkvState):
         """ids [B] -> (logits fp32 [B, V], new state)."""
+        return self._step(ids, state, RwkvState(torch.empty_like(state.shift), torch.empty_like(state.wkv)))
+
+    def decode_into(self, ids: torch.Tensor, source: RwkvState, target: RwkvState) -> torch.Tensor:
+        """The step of the first B = len(ids) rows of `source` written into the same rows of `target` (never the
+        same tensors) -> logits fp32 [B, V]."""
+        rows = ids.shape[0]
+        return self._step(ids, source.leading(rows), target.leading(rows))[0]
+
+    @torch.no_grad()
+    def _step(self, ids: torch.Tensor, state: RwkvState, out: RwkvState):
         model = self.model
         x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
-        shift, wkv = torch.empty_like(state.shift), torch.empty_like(state.wkv)
+        shift, wkv = out.shift, out.wkv
         carry = None
         per_layer = zip(state.shift.unbind(1), state.wkv.unbind(1), shift.unbind(1), wkv.unbind(1))  # views
         for i, (tensors, (shift_in, wkv_in, shift_out, wkv_out)) in enumerate(zip(self.layers, per_layer)):

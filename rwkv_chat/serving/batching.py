@@ -26,7 +26,9 @@ What this module promises:
   ahead of its draws, and its penalties are counted on the device from the tokens drawn (the caller's
   PenaltyState is read when the chat joins; the judge keeps updating it as before). On the CPU (where
   sorting whole vocabularies is slow and there is no queue to overlap): `sampling.sample_batch` row by row,
-  then the step, then the judges while it runs.
+  then the step, then the judges; the rows' states live in two buffers that the steps write in turn (the
+  runner's decode_into), a chat that ends hands its row to the last one, and joining chats are written after
+  the last row, so no step allocates or gathers the whole batch's states (at 15 chats of a 0.1B RWKV-7, 35 MB).
 - A refused token's row of the step that fed it is wasted: its chat ends with the state and logits it had
   before that token (the step leaves them untouched); a chat whose judge says LAST ends with the ones after.
   A chat's state and logits are copied out when it ends.
@@ -333,35 +335,29 @@ class DecodeBatcher:
                 self._serve_chats()
 
     def _serve_chats(self) -> None:
-        rows: list[_Chat] = []  # the chats generating, in the order of the batch's rows
-        logits: Optional[torch.Tensor] = None  # [n, V] each row's next token is drawn from
-        state: Optional[RwkvState] = None  # [n] each row's state
+        batch = _HostRows(self.model)
         failure: BaseException = BatcherClosed("the decode batcher was closed")
         try:
             while True:
-                rows, logits, state = _keep(rows, logits, state, [not chat.cancelled for chat in rows])
+                batch.retire()
                 self._clock.lap("join")
-                joining = self._take(len(rows))
+                joining = self._take(len(batch.rows))
                 if joining is None:
                     break
-                if joining:
-                    fresh = torch.stack([chat.logits for chat in joining])
-                    logits = fresh if logits is None else torch.cat([logits, fresh])
-                    state = RwkvState.stack(([] if state is None else [state]) + [chat.state for chat in joining])
-                    rows = rows + joining
+                batch.join(joining, self.max_batch)
                 self._clock.lap("join")
-                self._read_piece(whole=not rows)
-                if rows:
+                self._read_piece(whole=not batch.rows)
+                if batch.rows:
                     try:
-                        rows, logits, state = self._step(rows, logits, state)
+                        self._step(batch)
                     except Exception as error:  # a failed step (the model's, or the sampling's) ends its chats
-                        _end_all(rows, error)
-                        rows, logits, state = [], None, None
+                        _end_all(batch.rows, error)
+                        batch.rows, batch.logits = [], None
         except BaseException as error:  # a bug in the worker: every chat learns it, and the batcher closes
             failure = error
             raise
         finally:
-            _end_all(rows + self._shut(), failure)
+            _end_all(batch.rows + self._shut(), failure)
 
     def _read_piece(self, whole: bool) -> None:
         """Go on with the oldest queued prompt read: one piece of it, or all of it when `whole` (no chat is
@@ -398,23 +394,23 @@ class DecodeBatcher:
         self._clock.lap("")  # idle, or the lock: neither is a part of the work
         return [chat for chat in joining if not chat.cancelled]
 
-    def _step(self, rows: list[_Chat], logits: torch.Tensor, state: RwkvState):
-        """Sample every row, feed every token drawn in one model call, then judge the tokens while the
-        device runs that call -> the rows left. A refused token's row of the call is wasted: its chat ends
-        with the state and logits it had before (the call leaves them untouched)."""
+    def _step(self, batch: "_HostRows") -> None:
+        """Sample every row, feed every token drawn in one model step (from the batch's state buffer into the
+        other one), then judge the tokens. A refused token's row of the step is wasted: its chat ends with the
+        state and logits it had before (the step leaves them untouched)."""
+        rows, logits = batch.rows, batch.logits
         tokens = sample_batch(logits, [chat.sampler for chat in rows], errors="return")
         feeding = [0 if isinstance(token, ValueError) else token for token in tokens]  # 0: a row wasted
-        new_logits, new_state = self.model.decode_batch(torch.tensor(feeding, dtype=torch.long), state)
+        before, after = batch.step(torch.tensor(feeding, dtype=torch.long))
         self._clock.count(len(rows))
         self._clock.lap("launch")
         for i, (chat, token) in enumerate(zip(rows, tokens)):
             if isinstance(token, ValueError):
                 chat.end(error=token)
                 continue
-            _judge(chat, token, i, logits[i], (logits, state), (new_logits, new_state))
-        _wake_readers(rows, len(rows))  # after the launch: the readers' threads would slow it down
+            _judge(chat, token, i, logits[i], before, after)
+        _wake_readers(rows, len(rows))
         self._clock.lap("judge")
-        return _keep(rows, new_logits, new_state, [not chat.finished for chat in rows])
 
     # ------------------------------------------------------------------------------- the pipelined worker
     def _serve_pipelined(self) -> None:
@@ -524,6 +520,78 @@ def _wake_readers(chats, batch: int) -> None:
 def _index(index: list[int], device: torch.device) -> torch.Tensor:
     """Row indices as a long tensor on `device`, copied without waiting for the device's queued work."""
     return to_device(torch.tensor(index, dtype=torch.long), device)
+
+
+class _HostRows:
+    """The CPU worker's batch: the chats generating in the order of their rows, the logits [n, V] each row's next
+    token is drawn from, and their states in the first n rows of one of two buffers; each step reads one buffer
+    and writes the other (the runner's decode_into: no state is allocated or gathered per step). A chat that ends
+    leaves its row to the last row's chat (one row copied); joining chats are written after the last row. The
+    buffers grow (by powers of two, up to the batcher's max_batch) only when the rows outgrow them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.rows: list[_Chat] = []
+        self.logits: Optional[torch.Tensor] = None
+        self.buffers: list[RwkvState] = []
+        self.current = 0
+
+    @property
+    def state(self) -> RwkvState:
+        return self.buffers[self.current].leading(len(self.rows))
+
+    def retire(self) -> None:
+        """Drop the chats that ended or whose reader left, moving the last rows into their places."""
+        for i in reversed(range(len(self.rows))):
+            chat = self.rows[i]
+            if not (chat.finished or chat.cancelled):
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                buffer = self.buffers[self.current]
+                buffer.shift[i].copy_(buffer.shift[last])
+                buffer.wkv[i].copy_(buffer.wkv[last])
+                self.logits[i].copy_(self.logits[last])
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        self.logits = self.logits[:len(self.rows)] if self.rows else None
+
+    def join(self, joining: list[_Chat], max_batch: int) -> None:
+        """Write the joining chats' states and logits after the last row."""
+        if not joining:
+            return
+        size, count = len(self.rows), len(joining)
+        self._reserve(joining[0].state, size + count, max_batch)
+        buffer = self.buffers[self.current]
+        for j, chat in enumerate(joining):
+            buffer.shift[size + j].copy_(chat.state.shift[0])
+            buffer.wkv[size + j].copy_(chat.state.wkv[0])
+            chat.state = None  # the row holds it now
+        fresh = torch.stack([chat.logits for chat in joining])
+        self.logits = fresh if self.logits is None else torch.cat([self.logits, fresh])
+        self.rows = self.rows + joining
+
+    def _reserve(self, like: RwkvState, rows: int, max_batch: int) -> None:
+        capacity = self.buffers[0].batch_size if self.buffers else 0
+        if rows <= capacity:
+            return
+        capacity = min(max_batch, 1 << (rows - 1).bit_length())
+        grown = [RwkvState(like.shift.new_zeros((capacity,) + like.shift.shape[1:]),
+                           like.wkv.new_zeros((capacity,) + like.wkv.shape[1:])) for _ in range(2)]
+        if self.rows:  # the rows so far move to the new buffers
+            grown[0].leading(len(self.rows)).shift.copy_(self.state.shift)
+            grown[0].leading(len(self.rows)).wkv.copy_(self.state.wkv)
+        self.buffers, self.current = grown, 0
+
+    def step(self, ids: torch.Tensor) -> tuple[tuple, tuple]:
+        """One model step of every row on `ids` [n] -> ((logits, state) before it, (logits, state) after it); the
+        batch moves on to the latter (views of the buffers: valid until the step after next)."""
+        before = (self.logits, self.state)
+        following = 1 - self.current
+        logits = decode_into(self.model, ids, self.buffers[self.current], self.buffers[following])
+        self.current = following
+        self.logits = logits
+        return before, (logits, self.state)
 
 
 class _Slots:
@@ -673,14 +741,3 @@ class _Launch:
         chats = self.chats()
         _wake_readers(chats, len(chats))
         clock.lap("judge")
-
-
-def _keep(rows: list[_Chat], logits: Optional[torch.Tensor], state: Optional[RwkvState], keep: list[bool]):
-    """The rows marked in `keep`, with their logits and states (gathered only when some go)."""
-    if all(keep):
-        return rows, logits, state
-    if not any(keep):
-        return [], None, None
-    index = [i for i, k in enumerate(keep) if k]
-    on = _index(index, state.device)
-    return [rows[i] for i in index], logits.index_select(0, on) if logits is not None else None, state.select(on)

@@ -13,7 +13,7 @@ from rwkv_chat.kernels.cpu_features import detected
 from rwkv_chat.runtime.cpu_decode import CpuStepRunner
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.state import RwkvState
-from reference import assert_states_passed_in_stay_unchanged, random_tokens
+from reference import assert_decode_into_equals_decode, assert_states_passed_in_stay_unchanged, random_tokens
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ kernels did not build here")
 
@@ -99,6 +99,15 @@ def test_cpu_loads_take_it_for_rwkv6_and_rwkv7(make_checkpoint):
         assert isinstance(load_model(path, device="cpu", dtype="bf16").runner, CpuStepRunner)
         assert isinstance(load_model(path, device="cpu", dtype="int8").runner, CpuStepRunner)
         assert load_model(path, device="cpu", dtype="fp32").runner is None
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_cpp_step_into_state_buffers_equals_decode_batch(make_checkpoint, version):
+    """decode_into (the CPU batcher's step: leading rows of one state buffer into another's) gives decode_batch's
+    logits and states, bit for bit, and leaves the source alone."""
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128).path, device="cpu", dtype="int8")
+    assert isinstance(model.runner, CpuStepRunner)
+    assert_decode_into_equals_decode(model, 0.0)
 
 
 @pytest.mark.parametrize("version", ["6", "7"])

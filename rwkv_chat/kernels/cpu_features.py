@@ -17,8 +17,9 @@ What this module promises:
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all). Intel CPUs get PREFETCH_INTEL: on the Xeon measured (2 cores)
   the products then read their weights at ~85% of a plain read instead of ~65%, because a core's hardware prefetch
-  alone leaves the loads waiting on memory between the rows' arithmetic (decode 18-31% faster). Other vendors get 0
-  until measured there. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets it on any CPU; other values raise
+  alone leaves the loads waiting on memory between the rows' arithmetic (decode 18-31% faster). Other vendors get 0:
+  on an AMD Zen 4 (2 cores) prefetching gave int8 and int4 decode nothing measurable and made bf16 decode 26%
+  slower (docs/PERFORMANCE.md). RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets it on any CPU; other values raise
   ValueError naming the variable and the bound.
 - `describe()` is the one line the app prints at start-up.
 
@@ -37,7 +38,7 @@ import torch
 ISA_VARIABLE = "RWKV_CPU_ISA"
 PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
 PREFETCH_VARIABLE = "RWKV_CPU_PREFETCH"
-PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other on the Xeon
+PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other on the Xeon (AMD: none, measured)
 MAX_PREFETCH = 1 << 20
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 

@@ -62,7 +62,6 @@ class PackedLinear:
             return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
         return quant.linear(x, weight, scale)
 
-
     def decode(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         """As a call, for a decode step's rows (one per chat): streamed as quant.decode_linear streams them."""
         weight, scale = self.segment(i)

@@ -409,7 +409,7 @@ class DecodeBatcher:
                 chat.end(error=token)
                 continue
             _judge(chat, token, i, logits[i], before, after)
-        _wake_readers(rows, len(rows))
+        _wake_readers(rows, len(rows))  # after the step: the readers' threads would slow it down
         self._clock.lap("judge")
 
     # ------------------------------------------------------------------------------- the pipelined worker

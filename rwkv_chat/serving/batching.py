@@ -522,6 +522,12 @@ def _index(index: list[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(index, dtype=torch.long), device)
 
 
+def _zero_states(like: RwkvState, rows: int, count: int) -> list[RwkvState]:
+    """`count` zero state buffers of `rows` sequences each, shaped like `like`'s sequences, on its device."""
+    return [RwkvState(like.shift.new_zeros((rows,) + like.shift.shape[1:]),
+                      like.wkv.new_zeros((rows,) + like.wkv.shape[1:])) for _ in range(count)]
+
+
 class _HostRows:
     """The CPU worker's batch: the chats generating in the order of their rows, the logits [n, V] each row's next
     token is drawn from, and their states in the first n rows of one of two buffers; each step reads one buffer
@@ -576,8 +582,7 @@ class _HostRows:
         if rows <= capacity:
             return
         capacity = min(max_batch, 1 << (rows - 1).bit_length())
-        grown = [RwkvState(like.shift.new_zeros((capacity,) + like.shift.shape[1:]),
-                           like.wkv.new_zeros((capacity,) + like.wkv.shape[1:])) for _ in range(2)]
+        grown = _zero_states(like, capacity, 2)
         if self.rows:  # the rows so far move to the new buffers
             grown[0].leading(len(self.rows)).shift.copy_(self.state.shift)
             grown[0].leading(len(self.rows)).wkv.copy_(self.state.wkv)
@@ -681,8 +686,7 @@ class _Slots:
         graphs captured on its buffers serve every later step."""
         if not self.ring:
             capacity = 1 << (self.max_batch - 1).bit_length()
-            self.ring = [RwkvState(like.shift.new_zeros((capacity,) + like.shift.shape[1:]),
-                                   like.wkv.new_zeros((capacity,) + like.wkv.shape[1:])) for _ in range(self.RING)]
+            self.ring = _zero_states(like, capacity, self.RING)
 
     def launch(self, decode_into) -> "_Launch":
         """Draw every row's token and launch the step that feeds them, without waiting for either; the

@@ -36,7 +36,6 @@ except Exception:  # pragma: no cover - depends on the machine
     AVAILABLE = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HEAD_SIZE = 64
 
 
 def usable(device: torch.device | str) -> bool:
@@ -46,8 +45,8 @@ def usable(device: torch.device | str) -> bool:
 
 
 def supports_head_size(head_size: int) -> bool:
-    """Whether kernels sized by the head (RWKV-6/7) run heads of this size: a power of two, as Triton's ranges
-    need."""
+    """Whether the kernels sized by the head (every architecture with heads) run heads of this size: a power of
+    two, as Triton's ranges need."""
     return AVAILABLE and head_size >= 2 and head_size & (head_size - 1) == 0
 
 
@@ -478,17 +477,18 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):
-    """r, k, v, g: partials [S, M, A] views (g None for 5.0); state_in/out [M, H, 64, 64] (row stride any);
-    w = exp(log_w), u: [H, 64]. Returns y [M, A] in out_dtype; writes state_out."""
+    """r, k, v, g: partials [S, M, A] views (g None for 5.0); state_in/out [M, H, N, N] (row stride any; N, the
+    head size, a power of two); w = exp(log_w), u: [H, N]. Returns y [M, A] in out_dtype; writes state_out."""
     s_count, m, a = r.shape
-    heads = a // HEAD_SIZE
+    size = state_in.shape[-1]
+    heads = a // size
     y = torch.empty((m, a), device=r.device, dtype=out_dtype)
     stride_s, stride_b, n_split = _split_view(r)
     for t in (k, v) + ((g,) if g is not None else ()):
         assert _split_view(t) == (stride_s, stride_b, n_split)
     _wkv5_decode_kernel[(heads, m)](r, k, v, g if g is not None else r, stride_s, stride_b, n_split,
                                     state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps, w, 0,
-                                    GATED=g is not None, SIZE=HEAD_SIZE, TOKEN_DECAY=False, num_warps=4)
+                                    GATED=g is not None, SIZE=size, TOKEN_DECAY=False, num_warps=4)
     return y
 
 
@@ -566,14 +566,16 @@ def wkv4_scan(w, u, k, v, state, chunk: int | None = None):
 
 
 def wkv5_scan(w, u, r, k, v, state):
-    """Prefill of one sequence: r, k, v [T, A] fp32 contiguous; w = exp(log_w), u: [H, 64]; state [H, 64, 64].
+    """Prefill of one sequence: r, k, v [T, A] fp32 contiguous; w = exp(log_w), u: [H, N]; state [H, N, N] (N, the
+    head size, a power of two).
 
-    Returns (out [T, A] fp32 before GroupNorm, new state [H, 64, 64])."""
+    Returns (out [T, A] fp32 before GroupNorm, new state [H, N, N])."""
     t, a = r.shape
-    heads = a // HEAD_SIZE
+    size = state.shape[-1]
+    heads = a // size
     y = torch.empty_like(r)
     new_state = torch.empty_like(state)
-    vb = 16
-    _wkv5_scan_kernel[(heads, HEAD_SIZE // vb)](r, k, v, y, state.contiguous(), new_state, w, u, t, a,
-                                               UNROLL=8, SIZE=HEAD_SIZE, VB=vb, num_warps=1)
+    vb = min(16, size)
+    _wkv5_scan_kernel[(heads, size // vb)](r, k, v, y, state.contiguous(), new_state, w, u, t, a,
+                                          UNROLL=8, SIZE=size, VB=vb, num_warps=1)
     return y, new_state

@@ -130,7 +130,8 @@ class FastRunner:
         self.head = pack_projections([model.head])
         on_cuda = self.device.type == "cuda"
         self.use_triton = ((triton_kernels.usable(self.device) if use_triton is None else use_triton)
-                           and self.architecture.triton_decode)
+                           and self.architecture.triton_decode
+                           and (not self.architecture.heads or triton_kernels.supports_head_size(self.config.head_size)))
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT

@@ -632,16 +632,16 @@ def graph_time(fn, calls: int = 24) -> float:
 
 
 def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
-    """Batch-1 weight-streaming products of each size's matrices: cuBLAS vs our Triton kernel configs.
+    """Batch-1 weight-streaming products of each size's matrices: cuBLAS against our Triton kernel, bf16 and int8,
+    at the launch settings in use (triton_kernels.GEMV_CONFIGS) and at the best of a few alternatives.
 
     Weights are rotated over copies totalling >= 512 MB so every call reads HBM, not L2."""
     from rwkv_chat.kernels import quant, triton_kernels as tk
     configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, target_programs=tp)
-               for bn, bk, nw, ns, tp in [(16, 512, 4, 2, 4), (16, 512, 4, 2, 8), (32, 256, 4, 2, 4),
-                                          (32, 512, 8, 2, 4), (16, 1024, 8, 2, 4), (8, 1024, 4, 2, 8),
-                                          (16, 256, 4, 3, 8), (32, 256, 4, 3, 8), (16, 512, 4, 1, 4),
-                                          (64, 128, 4, 2, 4)]]
-    default = dict(tk.GEMV_CONFIG)
+               for bn, bk, nw, ns, tp in [(8, 1024, 4, 3, 8), (8, 512, 4, 3, 8), (8, 256, 4, 3, 8),
+                                          (16, 512, 4, 3, 8), (16, 256, 4, 3, 8), (16, 1024, 4, 3, 8),
+                                          (32, 256, 4, 3, 8), (16, 512, 8, 3, 8), (16, 512, 4, 2, 4)]]
+    in_use = {fmt: dict(cfg) for fmt, cfg in tk.GEMV_CONFIGS.items()}
     out = []
     for size in sizes:
         n_layer, c = SIZES[size]
@@ -672,24 +672,24 @@ def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
                                (torch.nn.functional.linear(x[0], rotate(ws)[:f]),
                                 torch.nn.functional.linear(x[1], ws[state["i"]][f:])))
             rec["cublas_us"], rec["cublas_TBps"] = t * 1e6, nbytes / t / 1e12
-            best = None
-            for cfg in configs:
-                tk.GEMV_CONFIG.update(cfg)
-                try:
-                    t = graph_time(lambda: tk.project(x, rotate(qs), scale, seg), calls)
-                except Exception as error:  # a config the compiler rejects
-                    print(f"[kernels] {label} {cfg}: {type(error).__name__}", file=sys.stderr)
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, dict(cfg))
-            rec["int8_us"], rec["int8_TBps"], rec["best_config"] = best[0] * 1e6, nbytes / 2 / best[0] / 1e12, best[1]
-            tk.GEMV_CONFIG.update(default)
-            t = graph_time(lambda: tk.project(x, rotate(ws), None, seg), calls)
-            rec["triton_us"], rec["triton_TBps"] = t * 1e6, nbytes / t / 1e12
+            for fmt, weights, scales, fmt_bytes in (("float", ws, None, nbytes), ("int8", qs, scale, nbytes // 2)):
+                timings = []
+                for cfg in [in_use[fmt]] + configs:
+                    tk.GEMV_CONFIGS[fmt].update(cfg)
+                    try:
+                        timings.append((graph_time(lambda: tk.project(x, rotate(weights), scales, seg), calls), cfg))
+                    except Exception as error:  # a config the compiler rejects
+                        print(f"[kernels] {label} {fmt} {cfg}: {type(error).__name__}", file=sys.stderr)
+                tk.GEMV_CONFIGS[fmt].update(in_use[fmt])
+                best = min(timings, key=lambda item: item[0])
+                rec[f"{fmt}_us"], rec[f"{fmt}_TBps"] = timings[0][0] * 1e6, fmt_bytes / timings[0][0] / 1e12
+                rec[f"{fmt}_best_us"], rec[f"{fmt}_best"] = best[0] * 1e6, best[1]
             out.append(rec)
             print(f"| {size} | {label} | {rec['shape']} | {rec['MB']:.1f} | {rec['cublas_us']:.1f} "
-                  f"({rec['cublas_TBps']:.2f}) | {rec['triton_us']:.1f} ({rec['triton_TBps']:.2f}) | "
-                  f"{rec['int8_us']:.1f} ({rec['int8_TBps']:.2f}) | {rec['best_config']} |", flush=True)
+                  f"({rec['cublas_TBps']:.2f}) | {rec['float_us']:.1f} ({rec['float_TBps']:.2f}) | "
+                  f"{rec['float_best_us']:.1f} {tuple(rec['float_best'].values())} | "
+                  f"{rec['int8_us']:.1f} ({rec['int8_TBps']:.2f}) | "
+                  f"{rec['int8_best_us']:.1f} {tuple(rec['int8_best'].values())} |", flush=True)
             del ws, qs
             cleanup()
     return out
@@ -901,8 +901,9 @@ def main(argv=None) -> int:
         print(f"[bench] {results['cpu']}", flush=True)
     texts = []
     if args.kernels and device.type == "cuda":
-        print("\n### Batch-1 products: µs (TB/s of weight read)\n\n| size | matrix | shape | MB bf16 | cuBLAS bf16 | "
-              "Triton bf16 (best) | Triton int8 | best config |\n|---|---|---|---:|---:|---:|---:|---|", flush=True)
+        print("\n### Batch-1 products: µs (TB/s of weight read); settings (block_n, block_k, warps, stages, programs)\n\n"
+              "| size | matrix | shape | MB bf16 | cuBLAS bf16 | Triton bf16 | best setting bf16 | Triton int8 | "
+              "best setting int8 |\n|---|---|---|---:|---:|---:|---|---:|---|", flush=True)
         results["kernels"] = bench_kernels(args.sizes.split(","), device)
     if args.profile and device.type == "cuda":
         results["profile"] = [profile_decode(args, v, size, dt, device) for size in args.sizes.split(",")

@@ -11,8 +11,9 @@ What this module promises:
   step of RWKV-6/7 as well (runtime/fused_decode.py).
 - `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into
   segments (r|k|v|g, or ffn key|receptance): row block n uses input `seg(n)`. The weight is read once.
-  It serves int8 weights (per-row scale), for which no library kernel exists; float weights go to cuBLAS,
-  which measured faster at batch 1 on an H200 (docs/PERFORMANCE.md).
+  It serves int8 weights (per-row scale), for which no library kernel exists, and one row of float weights
+  where it measured faster than cuBLAS on an H200 (runtime/packing.py chooses; docs/PERFORMANCE.md). One
+  row's launch settings come from GEMV_CONFIGS, by weight format.
   Results come back as split-K partial sums [S, M, N] fp32; the consumers (`ln_mix`, `wkv*_decode`,
   `ffn_act`) add the S partials while loading, so no extra reduction pass runs.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests).
@@ -22,6 +23,7 @@ It knows the RWKV layer's arithmetic, not the model's structure.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -34,6 +36,10 @@ try:  # Triton is optional: CPUs and CUDA machines without it use the PyTorch pa
 except Exception:  # pragma: no cover - depends on the machine
     triton = tl = None
     AVAILABLE = False
+try:  # grid dependency control (programmatic dependent launch), in Triton since 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except Exception:  # pragma: no cover - depends on the Triton version
+    gdc_launch_dependents = gdc_wait = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,6 +56,20 @@ def supports_head_size(head_size: int) -> bool:
     return AVAILABLE and head_size >= 2 and head_size & (head_size - 1) == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> dict:
+    """Launch options for a decode-step kernel on `device`: on Hopper and later GPUs, a programmatic dependent
+    launch (the kernel starts while the one before it ends, and waits for it before touching memory, so results
+    are unchanged; 7B decode on an H200 gained 1-2%, docs/PERFORMANCE.md); elsewhere a plain launch."""
+    on = (gdc_wait is not None and device.type == "cuda" and not INTERPRET
+          and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
+    return {"PDL": on, "launch_pdl": on}
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -58,13 +78,22 @@ def _sm_count(device: torch.device) -> int:
 
 if AVAILABLE:
 
+    @triton.jit
+    def _wait_for_producer(PDL: tl.constexpr):
+        """Launched as a programmatic dependent (PDL, see `pdl`): let the next kernel launch, then wait until the
+        kernel before this one has finished and its writes are visible. First in every such kernel."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
     # ------------------------------------------------------------------------------- matrix products
 
     @triton.jit
     def _gemv1_kernel(X, W, SCALE, Y, N, K, SEG, NSEG, stride_xp, stride_ys, K_PER_SPLIT,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
         [BLOCK_N, BLOCK_K] register tile and are reduced once at the end (no reduction inside the loop)."""
+        _wait_for_producer(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -86,12 +115,42 @@ if AVAILABLE:
         tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
 
     @triton.jit
+    def _gemv1_int8_kernel(X, W32, SCALE, Y, N, K4, SEG, NSEG, stride_xp, stride_ys, K4_PER_SPLIT,
+                           BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr, PDL: tl.constexpr = False):
+        """`_gemv1_kernel` for int8 weights read as 32-bit words of four (W32 [N, K4], K = 4 K4), widened
+        without an integer-to-float conversion: byte b of a word, its sign bit flipped and OR-ed under the
+        exponent bits of 2^23, is the float 2^23 + 128 + b, from which 2^23 + 128 is subtracted exactly. On an
+        H200 this read the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3."""
+        _wait_for_producer(PDL)
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        seg = tl.minimum(n0 // SEG, NSEG - 1)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        begin = pid_s * K4_PER_SPLIT
+        acc = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
+        x_base = X + seg * stride_xp
+        for kk in range(0, K4_PER_SPLIT, BLOCK_K4):
+            offs = begin + kk + tl.arange(0, BLOCK_K4)
+            ok = offs < K4
+            words = tl.load(W32 + offs_n[:, None] * K4 + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
+            for byte in tl.static_range(4):
+                x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
+                biased = ((words >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
+                w = (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23 + b + 128) - (2^23 + 128)
+                acc += w * x[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
+        tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
+
+    @triton.jit
     def _matmul_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
                        K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, DOT_FP16: tl.constexpr):
+                       HAS_SCALE: tl.constexpr, DOT_FP16: tl.constexpr, PDL: tl.constexpr = False):
         """Y[s, m, n] = sum over this split's k of X[seg(n), m, k] * W[n, k] (* SCALE[n]) on the tensor cores
         (bf16 operands, fp32 accumulation; fp16 operands only under the interpreter, whose bf16 dot is
         broken). Rows past M are masked: 2 rows cost a 16-row tile, which still streams each weight once."""
+        _wait_for_producer(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -132,9 +191,11 @@ if AVAILABLE:
     def _ln_mix_kernel(X, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV, stride_prev,
                        MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C, P, P_OUT,
                        FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
-                       HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr):
+                       HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PDL: tl.constexpr = False):
         """x += sigmoid(g) * d (or d); x /= 2 if HALVE; xx = LayerNorm(x); mix p = xx*mix_p + prev*(1-mix_p) goes
         to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32 (fp32)."""
+        _wait_for_producer(PDL)
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
@@ -170,9 +231,10 @@ if AVAILABLE:
     @triton.jit
     def _wkv5_decode_kernel(R, K, V, G, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, LNW, LNB, Y,
                             A, eps, W_LORA, stride_wl, GATED: tl.constexpr, SIZE: tl.constexpr,
-                            TOKEN_DECAY: tl.constexpr):
+                            TOKEN_DECAY: tl.constexpr, PDL: tl.constexpr = False):
         """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate. W is the
         decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence."""
+        _wait_for_producer(PDL)
         h = tl.program_id(0)
         b = tl.program_id(1)
         i = tl.arange(0, SIZE)  # key index
@@ -202,8 +264,9 @@ if AVAILABLE:
 
     @triton.jit
     def _wkv4_decode_kernel(R, K, V, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, Y, C,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """One token of the v4 recurrence; state rows (aa, bb, pp) at S + {0, C, 2C}; y = sigmoid(r) * wkv."""
+        _wait_for_producer(PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -234,8 +297,9 @@ if AVAILABLE:
         tl.store(Y + b * C + offs, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _ffn_act_kernel(KP, stride_s, stride_b, n_split, OUT, F, BLOCK: tl.constexpr):
+    def _ffn_act_kernel(KP, stride_s, stride_b, n_split, OUT, F, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """relu(k)^2 of the channel-mix key, summed over splits, in the weight dtype."""
+        _wait_for_producer(PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -400,8 +464,23 @@ def _block_n(seg: int, n: int, preferred: int) -> int:
     return block
 
 
-# Launch settings; benchmarks/bench.py may override these after measuring (see GEMV_CONFIG).
-GEMV_CONFIG = {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0}
+# One row's launch settings by weight format ("float": bf16/fp16/fp32, "int8"), measured on an H200 over the 1.5B and
+# 7B matrices (docs/PERFORMANCE.md); `benchmarks/bench.py --kernels` times alternatives.
+GEMV_CONFIGS = {
+    "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0},
+    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0},
+}
+
+
+def gemv_format(weight: torch.Tensor) -> str:
+    """The GEMV_CONFIGS key of a weight."""
+    return "int8" if weight.dtype == torch.int8 else "float"
+
+
+def _splits(k: int, block_k: int, n_blocks: int, target_programs: float, device: torch.device) -> int:
+    """Split-K count: about target_programs programs per SM, each split at least 4 blocks of K long."""
+    want = int(target_programs * _sm_count(device))
+    return max(1, min(want // max(1, n_blocks), k // (4 * block_k)))
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, seg: int | None = None,
@@ -414,29 +493,44 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     n = weight.shape[0]
     seg = seg or n
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = GEMV_CONFIG
-    one_row = m == 1
-    block_n = _block_n(seg, n, cfg["block_n"] if one_row else 64)
-    block_k = cfg["block_k"] if one_row else 64
+    has_scale = scale is not None
+    if m == 1:
+        cfg = GEMV_CONFIGS[gemv_format(weight)]
+        block_k = cfg["block_k"]
+        block_n = _block_n(seg, n, cfg["block_n"])
+        n_blocks = triton.cdiv(n, block_n)
+        if block_n > 8 and n_blocks * _splits(k, block_k, n_blocks, cfg["target_programs"], x.device) < \
+                4 * _sm_count(x.device):  # a small matrix: narrower blocks, so that every SM streams
+            block_n = _block_n(seg, n, block_n // 2)
+            n_blocks = triton.cdiv(n, block_n)
+        splits = splits or _splits(k, block_k, n_blocks, cfg["target_programs"], x.device)
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        splits = triton.cdiv(k, k_per_split)
+        y = torch.empty((splits, 1, n), device=x.device, dtype=torch.float32)
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x.device))
+        if weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous() and weight.storage_offset() % 4 == 0:
+            _gemv1_int8_kernel[(n_blocks, splits)](x, weight.view(torch.int32), scale, y, n, k // 4, seg, p_count,
+                                                   x.stride(0), y.stride(0), k_per_split // 4, BLOCK_N=block_n,
+                                                   BLOCK_K4=block_k // 4, **options)
+        else:
+            _gemv1_kernel[(n_blocks, splits)](x, weight, scale if has_scale else y, y, n, k, seg, p_count,
+                                              x.stride(0), y.stride(0), k_per_split, BLOCK_N=block_n,
+                                              BLOCK_K=block_k, HAS_SCALE=has_scale, **options)
+        return y
+    block_n = _block_n(seg, n, 64)
+    block_k = 64
     n_blocks = triton.cdiv(n, block_n)
-    if splits is None:
-        want = int(cfg["target_programs"] * _sm_count(x.device))
-        splits = max(1, min(want // max(1, n_blocks), k // (4 * block_k)))
+    splits = splits or _splits(k, block_k, n_blocks, 8.0, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
-    has_scale = scale is not None
     scale_arg = scale if has_scale else y
-    if one_row:
-        _gemv1_kernel[(n_blocks, splits)](x, weight, scale_arg, y, n, k, seg, p_count, x.stride(0), y.stride(0),
-                                          k_per_split, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale,
-                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     grid = (n_blocks, splits, triton.cdiv(m, block_m))
     _matmul_kernel[grid](x, weight, scale_arg, y, m, n, k, seg, p_count, x.stride(0), x.stride(1),
                          y.stride(0), y.stride(1), k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, HAS_SCALE=has_scale, DOT_FP16=INTERPRET, num_warps=4, num_stages=3)
+                         BLOCK_K=block_k, HAS_SCALE=has_scale, DOT_FP16=INTERPRET, num_warps=4, num_stages=3,
+                         **pdl(x.device))
     return y
 
 
@@ -473,7 +567,7 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
                          o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
                          mix.shape[0] if has_mix else 1, p_out, first32, eps,
                          HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
-                         BLOCK_C=_pow2(c), num_warps=4 if c <= 1024 else 8)
+                         BLOCK_C=_pow2(c), num_warps=4 if c <= 1024 else 8, **pdl(x.device))
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):
@@ -488,7 +582,8 @@ def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, ep
         assert _split_view(t) == (stride_s, stride_b, n_split)
     _wkv5_decode_kernel[(heads, m)](r, k, v, g if g is not None else r, stride_s, stride_b, n_split,
                                     state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps, w, 0,
-                                    GATED=g is not None, SIZE=size, TOKEN_DECAY=False, num_warps=4)
+                                    GATED=g is not None, SIZE=size, TOKEN_DECAY=False, num_warps=4,
+                                    **pdl(r.device))
     return y
 
 
@@ -499,7 +594,8 @@ def wkv4_decode(r, k, v, state_in, state_out, w, u, out_dtype):
     stride_s, stride_b, n_split = _split_view(r)
     block = 256
     _wkv4_decode_kernel[(triton.cdiv(c, block), m)](r, k, v, stride_s, stride_b, n_split, state_in, state_out,
-                                                    state_in.stride(0), w, u, y, c, BLOCK=block, num_warps=2)
+                                                    state_in.stride(0), w, u, y, c, BLOCK=block, num_warps=2,
+                                                    **pdl(r.device))
     return y
 
 
@@ -510,7 +606,7 @@ def ffn_act(k_parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     stride_s, stride_b, n_split = _split_view(k_parts)
     block = 1024
     _ffn_act_kernel[(triton.cdiv(f, block), m)](k_parts, stride_s, stride_b, n_split, out, f, BLOCK=block,
-                                               num_warps=4)
+                                               num_warps=4, **pdl(k_parts.device))
     return out
 
 

@@ -358,6 +358,35 @@ def test_wkv4_scan_chunks_fill_the_gpu_without_cutting_short_prompts():
     assert triton_kernels.wkv4_scan_chunk(1024, 4096) == 32
 
 
+GEMV_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import quant, triton_kernels as tk
+    gen = torch.Generator().manual_seed(5)
+    # (N, K, segments): ragged row blocks, K past a multiple of the tile, an odd K (bytes, not words), segments
+    for n, k, segments in ((40, 1000, 1), (64, 2052, 2), (48, 130, 1), (96, 1027, 3), (128, 4096, 4)):
+        weight = torch.randn(n, k, generator=gen) * 0.05
+        q, scale = quant.quantize_rows(weight)
+        x = torch.randn(segments, 1, k, generator=gen).to(torch.bfloat16)
+        seg = n // segments
+        rows = torch.arange(n) // seg
+        want = torch.einsum("nk,nk->n", x[rows.clamp(max=segments - 1), 0].double(),
+                            q.double() * scale.double()[:, None])
+        for splits in (None, 1, 3):
+            got = tk.project(x, q, scale, seg if segments > 1 else None, splits).sum(0)[0].double()
+            print(n, k, segments, splits, ((got - want).abs().max() / want.abs().max()).item())
+"""
+
+
+def test_int8_one_row_product_equals_the_dequantised_product_under_the_interpreter():
+    """One row against int8 weights: the kernel that reads them as 32-bit words (K a multiple of 4) and the byte
+    kernel (an odd K) against the float64 product of the dequantised weights, over segments and split counts."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(GEMV_SCRIPT).strip().splitlines()
+    assert len(lines) == 15
+    for line in lines:
+        assert float(line.split()[-1]) < 1e-6, line
+
+
 @pytest.mark.parametrize("version,dtype,tolerance,head_size", [("4", "fp32", 1e-4, 64), ("5.2", "fp32", 1e-4, 64),
                                                                ("5.2", "fp32", 1e-4, 8), ("4", "int8", 0.3, 64),
                                                                ("5.2", "int8", 0.3, 64)])

@@ -3,8 +3,9 @@ fast runner does not pack (`Architecture.fast_runner` False: RWKV-6 and RWKV-7).
 
 What this module promises:
 - `fused_decoder(model)` is a `FusedDecoder` when Triton runs on the model's device, its projections are float
-  (fp32, bf16, fp16; int8 keeps the plain step) and its architecture has a fused time-mix core for its shape
-  (`Architecture.pack_fused_time_mix`); else None.
+  (fp32, bf16, fp16) or int8 (per-row scales; the products' inputs then in bf16, as the fast runner's) and its
+  architecture has a fused time-mix core for its shape (`Architecture.pack_fused_time_mix`); else None (int4
+  keeps the plain step).
 - `FusedDecoder.step(ids [B], shift, wkv, out=None)` -> (logits fp32 [B, V], RwkvState) is `model.decode_plain`'s
   function within the rounding of the weight dtype (fp32 arithmetic; only the matrix operands in the weight
   dtype), the state written into `out` when given. It changes none of its inputs, synchronises nothing with the
@@ -34,6 +35,7 @@ from ..state import RwkvState
 from .packing import PackedLinear, pack_projections, project
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_DTYPES = {dtype: dtype for dtype in FLOAT_DTYPES} | {torch.int8: torch.bfloat16}  # products' inputs
 
 
 @dataclass
@@ -51,7 +53,7 @@ class FusedLayer:
 def fused_decoder(model: nn.Module) -> FusedDecoder | None:
     """The model's fused decode step, or None where it cannot run (see the module docstring)."""
     config = model.config
-    if model.dtype not in FLOAT_DTYPES or not triton_kernels.usable(model.device):
+    if model.dtype not in ACTIVATION_DTYPES or not triton_kernels.usable(model.device):
         return None
     packs = [config.architecture.pack_fused_time_mix(block.att, config) for block in model.blocks]
     return None if any(pack is None for pack in packs) else FusedDecoder(model, packs)
@@ -66,7 +68,7 @@ class FusedDecoder:
 
     def __init__(self, model: nn.Module, packs: list[FusedTimeMixPack]):
         self.architecture = model.config.architecture
-        self.act_dtype = model.dtype
+        self.act_dtype = ACTIVATION_DTYPES[model.dtype]
         self.rescale_every = model.rescale_every
         self.emb = model.emb.weight
         self.ln0, self.ln_out = _norm(model.ln0), _norm(model.ln_out)

@@ -38,8 +38,9 @@ except Exception:  # pragma: no cover - depends on the machine
     AVAILABLE = False
 try:  # grid dependency control (programmatic dependent launch), in Triton since 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = True
 except Exception:  # pragma: no cover - depends on the Triton version
-    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -65,7 +66,7 @@ def pdl(device: torch.device) -> dict:
     """Launch options for a decode-step kernel on `device`: on Hopper and later GPUs, a programmatic dependent
     launch (the kernel starts while the one before it ends, and waits for it before touching memory, so results
     are unchanged; 7B decode on an H200 gained 1-2%, docs/PERFORMANCE.md); elsewhere a plain launch."""
-    on = (gdc_wait is not None and device.type == "cuda" and not INTERPRET
+    on = (HAS_GDC and device.type == "cuda" and not INTERPRET
           and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": on, "launch_pdl": on}
 
@@ -77,6 +78,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 if AVAILABLE:
+
+    if not HAS_GDC:  # pragma: no cover - an older Triton: `pdl` never sets PDL, these only let the kernels compile
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+        @triton.jit
+        def gdc_wait():
+            pass
 
     @triton.jit
     def _wait_for_producer(PDL: tl.constexpr):

@@ -30,7 +30,7 @@ from torch import nn
 from ..kernels import cpu_kernels, lora_triton, rwkv6_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
 from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, lora_dtype, lora_product,
-                     token_shift)
+                     relu_square_, token_shift)
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
@@ -164,7 +164,7 @@ class ChannelMixV6(nn.Module):
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         sx = token_shift(xx, prev) - xx
-        k = torch.relu(self.key(xx + sx * self.time_maa_k)).square()
+        k = relu_square_(self.key(xx + sx * self.time_maa_k))
         return torch.sigmoid(self.receptance(xx + sx * self.time_maa_r)) * self.value(k)
 
 

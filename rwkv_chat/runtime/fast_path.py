@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_kernels, quant, triton_kernels
-from ..models.layers import LAYER_NORM_EPS
+from ..models.layers import LAYER_NORM_EPS, relu_square_
 from ..state import RwkvState
 from .cpu_decode import CpuStepRunner
 from .cuda_graphs import GraphedDecoder
@@ -129,9 +129,9 @@ class FastRunner:
         self.layers = [pack_layer(block, self.config) for block in model.blocks]
         self.head = pack_projections([model.head])
         on_cuda = self.device.type == "cuda"
+        heads_fit = not self.architecture.heads or triton_kernels.supports_head_size(self.config.head_size)
         self.use_triton = ((triton_kernels.usable(self.device) if use_triton is None else use_triton)
-                           and self.architecture.triton_decode
-                           and (not self.architecture.heads or triton_kernels.supports_head_size(self.config.head_size)))
+                           and self.architecture.triton_decode and heads_fit)
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
@@ -229,7 +229,7 @@ class FastRunner:
         shift_out[:, 1] = xx
         prev = shift[:, 1]
         mixed = (xx * layer.ffn_mix[:, None] + prev * (1 - layer.ffn_mix[:, None])).to(self.act_dtype)  # [2, B, C]
-        k = torch.relu(layer.ffn(mixed[0], 0)).square()
+        k = relu_square_(layer.ffn(mixed[0], 0))
         r = torch.sigmoid(layer.ffn(mixed[1], 1))
         return x + r * layer.value(k.to(self.act_dtype))
 
@@ -312,7 +312,7 @@ class FastRunner:
         x = x[kept] + layer.out(out.to(self.act_dtype))
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
-        k = torch.relu(layer.ffn(mixed[0], 0)).square()
+        k = relu_square_(layer.ffn(mixed[0], 0))
         r = torch.sigmoid(layer.ffn(mixed[1], 1))
         x = x + r * layer.value(k.to(self.act_dtype))
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv

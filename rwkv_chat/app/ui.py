@@ -19,8 +19,9 @@ Promises:
   restart shows the chat again with its settings and the next turn continues it (the state is rebuilt from the
   saved tokens). The "Conversation" panel exports it as JSON, imports a pasted export, and deletes it.
 - `serve` (the command line) drains on SIGTERM (draining.py): no new answers, running ones end within
-  --drain-seconds or are stopped (kept), the store is flushed, and each step is logged. It also makes glibc give
-  freed blocks back (process_memory.py), so RSS levels off once the state cache is full.
+  --drain-seconds or are stopped (kept), the store is flushed, and each step is logged. It also hands the
+  heap's free pages back to the system every 30 s (process_memory.py), so RSS levels off once the state cache is
+  full.
 - Loading a model presets its family's chat settings (chat_defaults: template, thinking, sampling) and the start
   states that fit it; a G1 model's reasoning shows as a folded "Thinking" message above its answer.
 Named API endpoints (gradio_client) are wired by ui_api.ChatApi, plus `stop` (the Stop button); all other
@@ -52,7 +53,7 @@ from .engine_factory import EngineFactory
 from .model_choices import ModelChoices, ModelKey, ModelListError, describe
 from .model_pool import LoadCooldown, LoadRefused, ModelPool, chat_capacity
 from .openai_api import OpenAIApi
-from .process_memory import return_freed_memory
+from .process_memory import MemoryTrimmer
 from .setting_inputs import setting_number, setting_slider
 from .threaded_stream import threaded
 from .ui_api import ChatApi
@@ -163,12 +164,15 @@ def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
                 timeout_graceful_shutdown=config.drain_seconds)
 
 
+TRIM_SECONDS = 30.0  # how often serve() hands the heap's free pages back to the system
+
+
 def serve(demo: gr.Blocks, config: AppConfig) -> None:
     """`launch` for the command line (`python app.py`, `rwkv-chat`): SIGTERM first drains (running answers end or
     are stopped within --drain-seconds, nothing new starts), then flushes the conversation store, logging each
     step, then closes the server."""
     service = demo.rwkv_service
-    return_freed_memory()  # a bounded RSS over a long day of traffic (process_memory.py)
+    MemoryTrimmer(TRIM_SECONDS)  # a bounded RSS over a long day of traffic (process_memory.py); a daemon thread
     on_sigterm(service.admission, config.drain_seconds, lambda: close_store(service.store),
                lambda line: print(line, flush=True))
     launch(demo, config)

@@ -9,8 +9,8 @@ What it promises:
   4 bytes each and a fixed cost per tree node); entries are evicted least-recently-used beyond it; pinned entries
   (a preamble shared by every session, a start state) are never evicted.
 - States are kept on the CPU (off the GPU while idle) and handed out as copies on the requested device, so
-  no caller can change what another one gets. On the CPU each kept tensor lies in a memory mapping of its own,
-  unmapped when its entry is evicted: the allocator's heap never holds the cache's blocks, so a long day of
+  no caller can change what another one gets. On the CPU each entry's tensors lie in a memory mapping of their
+  own, unmapped when the entry is evicted: the allocator's heap never holds the cache's blocks, so a long day of
   evictions leaves no holes there (glibc kept them: +174 KiB of RSS a turn, docs/PERFORMANCE.md, "Load and
   soak"), and the process keeps glibc's defaults, under which a prompt's temporaries are reused from the heap
   rather than mapped and faulted in afresh each time.
@@ -35,14 +35,26 @@ from ..state import RwkvState
 NODE_BYTES = 256  # what one tree node costs beyond its tokens (objects, dict slots), counted against the budget
 
 
-def kept_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A copy of `tensor` on `device` for the cache to keep: on the CPU in an anonymous mapping of its own, which
-    goes back to the system when the copy is freed (torch.frombuffer holds the mapping for the tensor's life)."""
-    if torch.device(device).type != "cpu" or tensor.numel() == 0:
-        return tensor.detach().to(device).clone()
-    mapping = mmap.mmap(-1, tensor.numel() * tensor.element_size())
-    kept = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel()).view(tensor.shape)
-    return kept.copy_(tensor.detach())
+ALIGN = 64  # bytes between the tensors of one entry's mapping
+
+
+def kept_copies(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Copies of `tensors` on `device` for the cache to keep. On the CPU they share one anonymous mapping of their
+    own (one map per entry, far below the system's limit on maps), which goes back to the system when the last of
+    them is freed (torch.frombuffer holds the mapping for each tensor's life); where no mapping can be made (the
+    limit reached, no memory), ordinary copies."""
+    if torch.device(device).type != "cpu":
+        return [t.detach().to(device).clone() for t in tensors]
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    try:
+        mapping = mmap.mmap(-1, max(size, 1))
+    except OSError:
+        return [t.detach().clone() for t in tensors]
+    return [torch.frombuffer(mapping, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape).copy_(t.detach())
+            if t.numel() else t.detach().clone() for t, offset in zip(tensors, offsets)]
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,8 @@ class StateCache:
         key = array("i", (int(i) for i in ids))
         if not key:
             raise ValueError("cannot cache the state of an empty sequence")
-        device = self.storage_device
-        entry = _Entry(RwkvState(kept_copy(state.shift, device), kept_copy(state.wkv, device)),
-                       kept_copy(logits, device), pinned)
+        shift, wkv, kept_logits = kept_copies([state.shift, state.wkv, logits], self.storage_device)
+        entry = _Entry(RwkvState(shift, wkv), kept_logits, pinned)
         with self._lock:
             node = self._insert(key)
             if node.entry is not None:

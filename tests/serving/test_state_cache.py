@@ -182,3 +182,37 @@ def test_evicted_entries_go_back_to_the_system_under_the_default_allocator():
     _, heap_early, heap_late = churn("heap")
     assert late <= early * 1.03
     assert late < heap_late
+
+
+def _entry(seed: int) -> tuple[RwkvState, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (RwkvState(torch.randn(1, 3, 2, 40, generator=gen), torch.randn(1, 3, 4, 64, 64, generator=gen)),
+            torch.randn(65536, generator=gen))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_an_entry_takes_at_most_one_mapping_and_gives_it_back_when_evicted():
+    """The system allows a process ~65k maps: a cache of thousands of entries must not spend three each."""
+    maps = lambda: len(open("/proc/self/maps").read().splitlines())  # noqa: E731
+    state, logits = _entry(0)
+    cache = StateCache(max_bytes=60 * (state.nbytes + logits.nbytes + 2 * NODE_BYTES))
+    before = maps()
+    for i in range(50):
+        cache.put([i, 7], state, logits)
+    assert len(cache) == 50 and maps() - before <= 50
+    cache.clear()
+    assert maps() - before <= 2
+
+
+def test_entries_are_kept_as_ordinary_copies_where_no_mapping_can_be_made(monkeypatch):
+    from rwkv_chat.serving import state_cache
+
+    def refuse(*args):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(state_cache.mmap, "mmap", refuse)
+    state, logits = _entry(1)
+    cache = StateCache()
+    cache.put([1, 2, 3], state, logits)
+    found = cache.longest_prefix([1, 2, 3, 4])
+    assert found.length == 3 and torch.equal(found.state.wkv, state.wkv) and torch.equal(found.logits, logits)

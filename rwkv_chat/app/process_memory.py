@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 import threading
 
 
-def _malloc_trim():
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():  # looked up once, not at every trim
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -99,10 +99,16 @@ if AVAILABLE:
     # ------------------------------------------------------------------------------- matrix products
 
     @triton.jit
-    def _gemv1_kernel(X, W, SCALE, Y, N, K, SEG, NSEG, stride_xp, stride_ys, K_PER_SPLIT,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+    def _gemv1_kernel(X, W, SCALE, Y, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT,
+                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      WORDS: tl.constexpr = False, PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
-        [BLOCK_N, BLOCK_K] register tile and are reduced once at the end (no reduction inside the loop)."""
+        [BLOCK_N, BLOCK_KW] register tile and are reduced once at the end (no reduction inside the loop).
+
+        With WORDS, W [N, KW] holds int8 weights as 32-bit words of four (K = 4 KW), widened without an
+        integer-to-float conversion: byte b of a word, its sign bit flipped and OR-ed under the exponent bits of
+        2^23, is the float 2^23 + 128 + b, from which 2^23 + 128 is subtracted exactly. On an H200 this read
+        the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3."""
         _wait_for_producer(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -110,47 +116,25 @@ if AVAILABLE:
         seg = tl.minimum(n0 // SEG, NSEG - 1)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k_begin = pid_s * K_PER_SPLIT
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        begin = pid_s * KW_PER_SPLIT
+        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         x_base = X + seg * stride_xp
-        for kk in range(0, K_PER_SPLIT, BLOCK_K):
-            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            w = tl.load(W + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_base + offs_k, mask=k_ok, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        for kk in range(0, KW_PER_SPLIT, BLOCK_KW):
+            offs = begin + kk + tl.arange(0, BLOCK_KW)
+            ok = offs < KW
+            w = tl.load(W + offs_n[:, None] * KW + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
+            if WORDS:
+                for byte in tl.static_range(4):
+                    x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
+                    biased = ((w >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
+                    wb = (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23+b+128)-(2^23+128)
+                    acc += wb * x[None, :]
+            else:
+                x = tl.load(x_base + offs, mask=ok, other=0.0)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out = out * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
-        tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
-
-    @triton.jit
-    def _gemv1_int8_kernel(X, W32, SCALE, Y, N, K4, SEG, NSEG, stride_xp, stride_ys, K4_PER_SPLIT,
-                           BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr, PDL: tl.constexpr = False):
-        """`_gemv1_kernel` for int8 weights read as 32-bit words of four (W32 [N, K4], K = 4 K4), widened
-        without an integer-to-float conversion: byte b of a word, its sign bit flipped and OR-ed under the
-        exponent bits of 2^23, is the float 2^23 + 128 + b, from which 2^23 + 128 is subtracted exactly. On an
-        H200 this read the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3."""
-        _wait_for_producer(PDL)
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n0 = pid_n * BLOCK_N
-        seg = tl.minimum(n0 // SEG, NSEG - 1)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        begin = pid_s * K4_PER_SPLIT
-        acc = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
-        x_base = X + seg * stride_xp
-        for kk in range(0, K4_PER_SPLIT, BLOCK_K4):
-            offs = begin + kk + tl.arange(0, BLOCK_K4)
-            ok = offs < K4
-            words = tl.load(W32 + offs_n[:, None] * K4 + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
-            for byte in tl.static_range(4):
-                x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
-                biased = ((words >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
-                w = (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23 + b + 128) - (2^23 + 128)
-                acc += w * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
         tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
 
     @triton.jit
@@ -198,35 +182,53 @@ if AVAILABLE:
         return acc
 
     @triton.jit
-    def _ln_mix_kernel(X, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV, stride_prev,
-                       MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C, P, P_OUT,
-                       FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
-                       HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr,
-                       PDL: tl.constexpr = False):
-        """x += sigmoid(g) * d (or d); x /= 2 if HALVE; xx = LayerNorm(x); mix p = xx*mix_p + prev*(1-mix_p) goes
-        to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32 (fp32)."""
-        _wait_for_producer(PDL)
-        b = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_C)
-        ok = offs < C
-        x = tl.load(X + b * C + offs, mask=ok, other=0.0)
+    def _residual(X, D, stride_ds, n_d, G, stride_gs, n_g, offs, ok, HAS_D: tl.constexpr, HAS_G: tl.constexpr,
+                  HALVE: tl.constexpr):
+        """x + sigmoid(g) * d (or + d), halved if HALVE, at offs of one row (D, G: that row's partials)."""
+        x = tl.load(X + offs, mask=ok, other=0.0)
         if HAS_D:
-            d = _sum_splits(D + b * stride_db, stride_ds, n_d, offs, ok)
+            d = _sum_splits(D, stride_ds, n_d, offs, ok)
             if HAS_G:
-                g = _sum_splits(G + b * stride_gb, stride_gs, n_g, offs, ok)
+                g = _sum_splits(G, stride_gs, n_g, offs, ok)
                 d = d / (1.0 + tl.exp(-g))
             x = x + d
             if HALVE:
                 x = x * 0.5
-            tl.store(X + b * C + offs, x, mask=ok)
+        return x
+
+    @triton.jit
+    def _ln_mix_kernel(X, X_OUT, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV,
+                       stride_prev, MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C,
+                       P, P_OUT, FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
+                       HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr,
+                       CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+        """x' = x + sigmoid(g) * d (or + d), halved if HALVE, to X_OUT; xx = LayerNorm(x'); mix p = xx*mix_p +
+        prev*(1-mix_p) goes to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32
+        (fp32). Program (b, c) writes channels [c CHUNK, (c+1) CHUNK) of row b; each program of a row computes
+        the row's statistics itself (from L2), so one row's work spreads over several SMs. X_OUT may be X only
+        when one program covers the row (CHUNK >= C)."""
+        _wait_for_producer(PDL)
+        b = tl.program_id(0)
+        row = X + b * C
+        d_row = D + b * stride_db
+        g_row = G + b * stride_gb
+        offs = tl.arange(0, BLOCK_C)
+        ok = offs < C
+        x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
         diff = tl.where(ok, x - mean, 0.0)
-        var = tl.sum(diff * diff, axis=0) / C
-        xx = diff / tl.sqrt(var + eps) * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok,
-                                                                                           other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
+        if CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
+            offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+            ok = offs < C
+            x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
+            diff = x - mean
+        if HAS_D:
+            tl.store(X_OUT + b * C + offs, x, mask=ok)
+        xx = diff * rstd * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok, other=0.0)
         if HAS_MIX:
-            tl.store(XX + b * stride_xx + offs, xx, mask=ok)
             prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
+            tl.store(XX + b * stride_xx + offs, xx, mask=ok)
             for p in range(P):
                 m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
                 mixed = xx * m + prev * (1.0 - m)
@@ -518,14 +520,12 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
         splits = triton.cdiv(k, k_per_split)
         y = torch.empty((splits, 1, n), device=x.device, dtype=torch.float32)
         options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x.device))
-        if weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous() and weight.storage_offset() % 4 == 0:
-            _gemv1_int8_kernel[(n_blocks, splits)](x, weight.view(torch.int32), scale, y, n, k // 4, seg, p_count,
-                                                   x.stride(0), y.stride(0), k_per_split // 4, BLOCK_N=block_n,
-                                                   BLOCK_K4=block_k // 4, **options)
-        else:
-            _gemv1_kernel[(n_blocks, splits)](x, weight, scale if has_scale else y, y, n, k, seg, p_count,
-                                              x.stride(0), y.stride(0), k_per_split, BLOCK_N=block_n,
-                                              BLOCK_K=block_k, HAS_SCALE=has_scale, **options)
+        words = (weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous()
+                 and weight.storage_offset() % 4 == 0)
+        w, per = (weight.view(torch.int32), 4) if words else (weight, 1)
+        _gemv1_kernel[(n_blocks, splits)](x, w, scale if has_scale else y, y, n, k // per, seg, p_count,
+                                          x.stride(0), y.stride(0), k_per_split // per, BLOCK_N=block_n,
+                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words, **options)
         return y
     block_n = _block_n(seg, n, 64)
     block_k = 64
@@ -554,16 +554,30 @@ def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:
     return parts.stride(0), parts.stride(1), parts.shape[0]
 
 
+LN_MIX_CHUNK = 512  # channels a program of `ln_mix` writes when rows are few (its statistics read the whole row)
+
+
 def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None,
            prev: torch.Tensor | None = None, mix: torch.Tensor | None = None, xx_out: torch.Tensor | None = None,
            delta: torch.Tensor | None = None, gate: torch.Tensor | None = None, halve: bool = False,
-           eps: float = 1e-5, out32: torch.Tensor | None = None, first32: int = 0) -> None:
-    """In place on x [M, C] fp32: x += sigmoid(gate)*delta (delta/gate: partials [S, M, C] views); x /= 2 if
-    halve; xx = LayerNorm(x). With mix [P, C]: mix p = xx*mix[p] + prev*(1-mix[p]) goes to out[p] for the first
+           eps: float = 1e-5, out32: torch.Tensor | None = None, first32: int = 0,
+           chunk: int | None = None) -> torch.Tensor:
+    """x [M, C] fp32 -> x' = x + sigmoid(gate)*delta (delta/gate: partials [S, M, C] views), halved if halve;
+    xx = LayerNorm(x'). With mix [P, C]: mix p = xx*mix[p] + prev*(1-mix[p]) goes to out[p] for the first
     out.shape[0] mixes (out [P', M, C]; None: none) and, with out32 (fp32), to out32[p - first32] for p >= first32;
-    xx is written to xx_out [M, C]. Without mix: out[0] = xx."""
+    xx is written to xx_out [M, C]. Without mix: out[0] = xx.
+
+    chunk: the channels one program writes (a power of two); None: LN_MIX_CHUNK while the rows are fewer than
+    the SMs, else a whole row. Returns x': x itself (updated in place; untouched without delta) when one program
+    covers a row, else a new tensor (the programs of a row all read x)."""
     m, c = x.shape
     has_d, has_g, has_mix, has_out32 = delta is not None, gate is not None, mix is not None, out32 is not None
+    block_c = _pow2(c)
+    if chunk is None:
+        chunk = LN_MIX_CHUNK if m < _sm_count(x.device) else block_c
+    chunk = min(_pow2(chunk), block_c)
+    chunks = triton.cdiv(c, chunk)
+    x_out = torch.empty_like(x) if has_d and chunks > 1 else x
     d = delta if has_d else x.unsqueeze(0)
     g = gate if has_g else d
     prev = prev if prev is not None else x
@@ -572,12 +586,13 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
     o32 = out32 if has_out32 else x.unsqueeze(0)
     o = out if out is not None else o32
     p_out = 0 if out is None else out.shape[0]
-    _ln_mix_kernel[(m,)](x, d, d.stride(0), d.stride(1), d.shape[0], g, g.stride(0), g.stride(1), g.shape[0],
-                         weight, bias, prev, prev.stride(0), mix_arg, o, o.stride(0), o.stride(1),
-                         o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
-                         mix.shape[0] if has_mix else 1, p_out, first32, eps,
-                         HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
-                         BLOCK_C=_pow2(c), num_warps=4 if c <= 1024 else 8, **pdl(x.device))
+    _ln_mix_kernel[(m, chunks)](x, x_out, d, d.stride(0), d.stride(1), d.shape[0], g, g.stride(0), g.stride(1),
+                                g.shape[0], weight, bias, prev, prev.stride(0), mix_arg, o, o.stride(0), o.stride(1),
+                                o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
+                                mix.shape[0] if has_mix else 1, p_out, first32, eps,
+                                HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
+                                BLOCK_C=block_c, CHUNK=chunk, num_warps=4 if c <= 1024 else 8, **pdl(x.device))
+    return x_out
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):

@@ -234,7 +234,7 @@ class FastRunner:
         return x + r * layer.value(k.to(self.act_dtype))
 
     # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) -> act ->
-    # project(value); the residual adds happen inside the next ln_mix.
+    # project(value); the residual adds happen inside the next ln_mix, which returns the residual.
     def _decode_triton(self, x, shift, wkv, new_shift, new_wkv):
         tk = triton_kernels
         batch, c = x.shape
@@ -243,22 +243,22 @@ class FastRunner:
         p_att = layers[0].att.n_segments
         mixed = torch.empty((p_att, batch, c), device=x.device, dtype=self.act_dtype)
         mixed2 = torch.empty((2, batch, c), device=x.device, dtype=self.act_dtype)
-        tk.ln_mix(x, layers[0].ln1_w, layers[0].ln1_b, mixed, prev=shift[:, 0, 0], mix=layers[0].att_mix,
-                  xx_out=new_shift[:, 0, 0])
+        x = tk.ln_mix(x, layers[0].ln1_w, layers[0].ln1_b, mixed, prev=shift[:, 0, 0], mix=layers[0].att_mix,
+                      xx_out=new_shift[:, 0, 0])
         for i, layer in enumerate(layers):
             proj = project(mixed, layer.att)
             y = self.architecture.triton_decode_wkv(tk, layer, proj, wkv[:, i], new_wkv[:, i], self.act_dtype)
             (att_out,) = project(y.unsqueeze(0), layer.out)
-            tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
-                      xx_out=new_shift[:, i, 1], delta=att_out)
+            x = tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
+                          xx_out=new_shift[:, i, 1], delta=att_out)
             k_parts, r_parts = project(mixed2, layer.ffn)
             hidden = tk.ffn_act(k_parts, self.act_dtype)
             (value,) = project(hidden.unsqueeze(0), layer.value)
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
-                tk.ln_mix(x, nxt.ln1_w, nxt.ln1_b, mixed, prev=shift[:, i + 1, 0], mix=nxt.att_mix,
-                          xx_out=new_shift[:, i + 1, 0], delta=value, gate=r_parts, halve=halve)
+                x = tk.ln_mix(x, nxt.ln1_w, nxt.ln1_b, mixed, prev=shift[:, i + 1, 0], mix=nxt.att_mix,
+                              xx_out=new_shift[:, i + 1, 0], delta=value, gate=r_parts, halve=halve)
             else:
                 tk.ln_mix(x, self.ln_out[0], self.ln_out[1], mixed[:1], delta=value, gate=r_parts, halve=halve)
         (logits,) = project(mixed[:1], self.head)

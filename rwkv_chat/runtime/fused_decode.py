@@ -87,11 +87,12 @@ class FusedDecoder:
         mixed = torch.empty((n_matrix, batch, width), device=device, dtype=self.act_dtype) if n_matrix else None
         return mixed, torch.empty((n_fp32, batch, width), device=device, dtype=torch.float32)
 
-    def _ln_time_mix(self, x, layer: FusedLayer, shift, new_shift, mixed, mixed32, **residual) -> None:
-        """x (+ the residual's delta) -> LayerNorm -> the time mix's mixes, into mixed / mixed32."""
+    def _ln_time_mix(self, x, layer: FusedLayer, shift, new_shift, mixed, mixed32, **residual) -> torch.Tensor:
+        """x (+ the residual's delta) -> LayerNorm -> the time mix's mixes, into mixed / mixed32. Returns the
+        residual (see triton_kernels.ln_mix)."""
         pack = layer.time_mix
-        triton_kernels.ln_mix(x, *layer.ln1, mixed, prev=shift, mix=pack.mixes, xx_out=new_shift, out32=mixed32,
-                              first32=pack.fp32_from, **residual)
+        return triton_kernels.ln_mix(x, *layer.ln1, mixed, prev=shift, mix=pack.mixes, xx_out=new_shift,
+                                     out32=mixed32, first32=pack.fp32_from, **residual)
 
     def step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
         """ids [B] on the model's device; shift [B, L, 2, C], wkv [B, L, ...] -> (logits fp32 [B, V], RwkvState),
@@ -104,21 +105,21 @@ class FusedDecoder:
         ffn_mixed = torch.empty((self.layers[0].ffn_mix.shape[0], batch, width), device=x.device,
                                 dtype=self.act_dtype)
         carry = None
-        self._ln_time_mix(x, self.layers[0], shift[:, 0, 0], new_shift[:, 0, 0], mixed, mixed32)
+        x = self._ln_time_mix(x, self.layers[0], shift[:, 0, 0], new_shift[:, 0, 0], mixed, mixed32)
         for i, layer in enumerate(self.layers):
             y, carry = self.architecture.fused_time_mix(layer.time_mix, layer.att, project, mixed, mixed32,
                                                         new_shift[:, i, 0], shift[:, i, 0], wkv[:, i],
                                                         new_wkv[:, i], carry, self.act_dtype)
             (att_out,) = project(y.unsqueeze(0), layer.out)
-            triton_kernels.ln_mix(x, *layer.ln2, ffn_mixed, prev=shift[:, i, 1], mix=layer.ffn_mix,
-                                  xx_out=new_shift[:, i, 1], delta=att_out)
+            x = triton_kernels.ln_mix(x, *layer.ln2, ffn_mixed, prev=shift[:, i, 1], mix=layer.ffn_mix,
+                                      xx_out=new_shift[:, i, 1], delta=att_out)
             key, *receptance = project(ffn_mixed, layer.ffn)
             (value,) = project(triton_kernels.ffn_act(key, self.act_dtype).unsqueeze(0), layer.value)
             residual = dict(delta=value, gate=receptance[0] if receptance else None,
                             halve=bool(self.rescale_every) and (i + 1) % self.rescale_every == 0)
             if i + 1 < len(self.layers):
-                self._ln_time_mix(x, self.layers[i + 1], shift[:, i + 1, 0], new_shift[:, i + 1, 0], mixed,
-                                  mixed32, **residual)
+                x = self._ln_time_mix(x, self.layers[i + 1], shift[:, i + 1, 0], new_shift[:, i + 1, 0],
+                                      mixed, mixed32, **residual)
             else:
                 final = torch.empty((1, batch, width), device=x.device, dtype=self.act_dtype)
                 triton_kernels.ln_mix(x, *self.ln_out, final, **residual)

@@ -279,9 +279,11 @@ INTERPRETER_SCRIPT = """
     import sys
     import torch
     from rwkv_chat import load_model
+    from rwkv_chat.kernels import triton_kernels
     from rwkv_chat.runtime.fast_path import attach_fast_path
     from rwkv_chat.state import RwkvState
     path, dtype = sys.argv[1:]
+    triton_kernels.LN_MIX_CHUNK = 32  # the residual's LayerNorm spread over programs a row (C = 128)
     torch.manual_seed(0)
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
     fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False), use_triton=True)
@@ -385,6 +387,53 @@ def test_int8_one_row_product_equals_the_dequantised_product_under_the_interpret
     assert len(lines) == 15
     for line in lines:
         assert float(line.split()[-1]) < 1e-6, line
+
+
+LN_MIX_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import triton_kernels as tk
+    gen = torch.Generator().manual_seed(6)
+    for c in (100, 128):  # a row that is not a power of two: masked tails in every chunk
+        for rows in (1, 3):
+            for chunk in (16, 32, 256):  # 256 >= C: one program a row, x updated in place
+                x = torch.randn(rows, c, generator=gen) * 3 + 1
+                delta = torch.randn(2, rows, c, generator=gen)  # split-K partials of the residual's delta
+                gate = torch.randn(3, rows, c, generator=gen)
+                prev = torch.randn(rows, c, generator=gen)
+                mix = torch.rand(4, c, generator=gen)
+                weight, bias = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+                out, out32, xx = torch.zeros(3, rows, c), torch.zeros(2, rows, c), torch.zeros(rows, c)
+                x64 = x.double() + torch.sigmoid(gate.double().sum(0)) * delta.double().sum(0)
+                x64 = x64 / 2
+                want = torch.nn.functional.layer_norm(x64, (c,), weight.double(), bias.double(), 1e-5)
+                mixes = want[None] * mix.double()[:, None] + prev.double()[None] * (1 - mix.double()[:, None])
+                before = x.clone()
+                got = tk.ln_mix(x, weight, bias, out, prev=prev, mix=mix, xx_out=xx, delta=delta, gate=gate,
+                                halve=True, out32=out32, first32=2, chunk=chunk)
+                in_place = got is x
+                untouched = torch.equal(x, before)
+                err = max((got.double() - x64).abs().max().item(), (xx.double() - want).abs().max().item(),
+                          (out.double() - mixes[:3]).abs().max().item(),
+                          (out32.double() - mixes[2:]).abs().max().item())
+                final = torch.zeros(1, rows, c)  # no delta, no mix: the LayerNorm alone (the head's input)
+                same = tk.ln_mix(got, weight, bias, final, chunk=chunk)
+                err = max(err, (final[0].double() - want).abs().max().item())
+                print(c, rows, chunk, in_place, untouched, same is got, err)
+"""
+
+
+def test_ln_mix_spread_over_programs_equals_layer_norm_under_the_interpreter():
+    """The residual add, LayerNorm and mixes with a row's channels spread over several programs (each reading
+    the row's statistics itself) and with one program a row, against float64; spread, x is left for the caller
+    and a new residual comes back (another program may still be reading x), one program updates x in place."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(LN_MIX_SCRIPT).strip().splitlines()
+    assert len(lines) == 12
+    for line in lines:
+        c, rows, chunk, in_place, untouched, same, err = line.split()
+        whole = int(chunk) >= int(c)
+        assert (in_place, untouched, same) == (str(whole), str(not whole), "True"), line
+        assert float(err) < 1e-4, line
 
 
 @pytest.mark.parametrize("version,dtype,tolerance,head_size", [("4", "fp32", 1e-4, 64), ("5.2", "fp32", 1e-4, 64),

@@ -14,9 +14,11 @@ SCRIPT = """
     import json, sys
     import torch
     from rwkv_chat import load_model
-    from rwkv_chat.kernels import lora_triton
+    from rwkv_chat.kernels import lora_triton, triton_kernels
     from rwkv_chat.runtime.fused_decode import fused_decoder
     from rwkv_chat.state import RwkvState
+
+    triton_kernels.LN_MIX_CHUNK = 32  # rows fewer than the (interpreter's 8) SMs spread over programs; more: whole
 
     def worst_difference(path, dtype, rescale_every):
         model = load_model(path, device="cpu", dtype=dtype, fast=False)

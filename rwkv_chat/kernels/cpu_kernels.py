@@ -13,8 +13,10 @@ What this module promises:
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM). The extension's
   `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
   `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
-  runtime/cpu_decode.py and the RWKV-6/7 modules call them; `scans_for` hands them to the plain path once built,
-  and `scan_each_sequence` runs one over a batch). The tests hold them to PyTorch and to the float64 recurrence.
+  runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
+  and `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
+  (RWKV-6/7) in bf16 in one pass (models/layers.py's `shift_mixes`). The tests hold them to PyTorch and to the
+  float64 recurrence.
 
 - `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the
   products' prefetch distance (cpu_features' `prefetch_bytes`, RWKV_CPU_PREFETCH) for the whole process; the build
@@ -104,10 +106,10 @@ def tried() -> bool:
     return "module" in _built
 
 
-def scans_for(tensor: torch.Tensor):
+def built_for(tensor: torch.Tensor):
     """The extension, for a CPU tensor once this process has built it (every fast or low-precision CPU load
-    does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan),
-    without ever starting a build itself."""
+    does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan) and
+    its bf16 token-shift mixes (shift_mixes_bf16), without ever starting a build itself."""
     return _built.get("module") if tensor.device.type == "cpu" else None
 
 

@@ -1,13 +1,13 @@
 """The pieces every RWKV architecture shares: projections, token shift, the channel mix and the norm constants.
 
-Promises: `Projection` takes and returns fp32 and computes in its weight's dtype (int8 weights through the
-kernels' int8 product); `token_shift`/`mix` are the reference token-shift formulas; `ChannelMix` is the
-feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`); `layer_norm`/`group_norm` run in
-fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes' low-rank products (fp32
-parameters) in bf16 where the projections beside them run in bf16 on a CPU's bf16 units (a prefill in a
-bf16/int8/int4 model), in fp32 everywhere else. It knows no version: what differs between versions lives in their
-modules.
-"""
+Promises: `Projection` returns fp32 and computes in its weight's dtype (int8 weights through the kernels' int8
+product; it takes fp32 rows, or bf16 ones that a bf16 product reads as they are); `token_shift`/`mix` are the
+reference token-shift formulas and `shift_mixes` RWKV-6/7's (the bf16 mixes of a CPU prefill in one C++ pass);
+`ChannelMix` is the feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`);
+`layer_norm`/`group_norm` run in fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes'
+low-rank products (fp32 parameters) in bf16 where the projections beside them run in bf16 on a CPU's bf16 units (a
+prefill in a bf16/int8/int4 model), in fp32 everywhere else. It knows no version: what differs between versions
+lives in their modules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import quant
+from ..kernels import cpu_kernels, quant
 
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5  # ln_x: GroupNorm of the head outputs (equals GN(out / 8, eps=1e-5) for head size 64)
@@ -71,6 +71,21 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
 def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """Each position's previous token: [B, T, C] from xx [B, T, C] and the state's last token prev [B, C]."""
     return torch.cat([prev.unsqueeze(1), xx[:, :-1]], dim=1)
+
+
+def shift_mixes(xx: torch.Tensor, prev: torch.Tensor, mixes: torch.Tensor, lora: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RWKV-6/7's token-shift mixes xx + (shifted - xx) * (mixes[p] + lora[p]) -> [P, B, T, C] in `dtype`,
+    computed in fp32 and rounded once: xx [B, T, C] fp32, prev [B, C], mixes [P, C] fp32, lora [P, B, T, C] or
+    None. bf16 mixes of CPU tensors come from the C++ kernels in one pass once the process has built them (a
+    prefill whose products run in bf16 converts its inputs anyway); PyTorch otherwise."""
+    kernels = cpu_kernels.built_for(xx) if dtype == torch.bfloat16 else None
+    if kernels is not None:
+        lora = None if lora is None else lora.to(torch.bfloat16).contiguous()
+        return kernels.shift_mixes_bf16(xx.contiguous(), prev.float(), mixes.float().contiguous(), lora)
+    weights = mixes.view(mixes.shape[0], 1, 1, -1).float()
+    weights = weights if lora is None else lora + weights
+    return torch.addcmul(xx, token_shift(xx, prev) - xx, weights).to(dtype)
 
 
 def mix(xx: torch.Tensor, shifted: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:

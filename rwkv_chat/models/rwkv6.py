@@ -30,7 +30,7 @@ from torch import nn
 from ..kernels import cpu_kernels, lora_triton, rwkv6_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
 from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, lora_dtype, lora_product,
-                     relu_square_, token_shift)
+                     relu_square_, shift_mixes)
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
@@ -91,7 +91,7 @@ def wkv6_sequence(log_w, u, r, k, v, s):
     """T tokens [B, T, H, N] -> (out [B, T, H, N], s): on a CPU whose C++ kernels are built, their token-by-token
     scan for each sequence (the step's own arithmetic, a few times faster there than the chunked form's decay
     tables); else `wkv6_chunks`."""
-    scans = cpu_kernels.scans_for(r)
+    scans = cpu_kernels.built_for(r)
     if scans is None:
         return wkv6_chunks(log_w, u, r, k, v, s, WKV_CHUNK)
     u = u.reshape(-1).float().contiguous()
@@ -126,13 +126,13 @@ class TimeMixV6(nn.Module):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out [B, T, C], new wkv, carry)."""
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
-        sx = token_shift(xx, prev) - xx
         low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
-        lora = torch.tanh(lora_product(torch.addcmul(xx, sx, self.time_maa_x), self.time_maa_w1, low))
-        lora = lora.view(batch, length, MAA_PARTS, -1)
+        (xxx,) = shift_mixes(xx, prev, self.time_maa_x.view(1, -1), dtype=low)  # xx + sx * time_maa_x
+        lora = torch.tanh(lora_product(xxx, self.time_maa_w1, low)).view(batch, length, MAA_PARTS, -1)
+        lora = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2.to(low))  # [5, B, T, C] in low
         maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
-        maa = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2.to(low)) + maa.unsqueeze(1)  # [5, B, T, C] fp32
-        wx, kx, vx, rx, gx = torch.addcmul(xx, sx, maa).unbind(0)  # xx + sx * (time_maa_* + lora_*)
+        # xx + sx * (time_maa_* + lora_*), in low: the products below read them in their own dtype
+        wx, kx, vx, rx, gx = shift_mixes(xx, prev, maa.view(MAA_PARTS, -1), lora, dtype=low).unbind(0)
         heads = (batch, length, h, n)
         r = self.receptance(rx).view(heads)  # [B, T, H, N]
         k = self.key(kx).view(heads)
@@ -163,9 +163,9 @@ class ChannelMixV6(nn.Module):
         self.value = Projection(dim_ffn, n_embd)
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        sx = token_shift(xx, prev) - xx
-        k = relu_square_(self.key(xx + sx * self.time_maa_k))
-        return torch.sigmoid(self.receptance(xx + sx * self.time_maa_r)) * self.value(k)
+        mixes = torch.cat([self.time_maa_k, self.time_maa_r]).view(2, -1)
+        kx, rx = shift_mixes(xx, prev, mixes, dtype=lora_dtype(xx, self.key.weight)).unbind(0)  # xx + sx * maa
+        return torch.sigmoid(self.receptance(rx)) * self.value(relu_square_(self.key(kx)))
 
 
 @dataclass

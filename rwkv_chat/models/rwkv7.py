@@ -36,7 +36,8 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv7_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
-from .layers import GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, relu_square_, token_shift
+from .layers import (GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, relu_square_, shift_mixes,
+                     token_shift)
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
 WKV7_CHUNK = 16  # tokens per chunk on CPUs: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
@@ -110,7 +111,7 @@ def wkv7_sequence(log_w, r, k, v, kk, a, s):
     """T tokens [B, T, H, N] -> (y [B, T, H, N], s): on a CPU whose C++ kernels are built, their token-by-token
     scan for each sequence (the step's own arithmetic; cheaper there than the chunked form's products and
     copies); else `wkv7_chunks`."""
-    scans = cpu_kernels.scans_for(r)
+    scans = cpu_kernels.built_for(r)
     if scans is None:
         return wkv7_chunks(log_w, r, k, v, kk, a, s, WKV7_GPU_CHUNK if r.is_cuda else WKV7_CHUNK)
     return cpu_kernels.scan_each_sequence(lambda rows, state: scans.wkv7_scan(*rows, state),
@@ -153,13 +154,12 @@ class TimeMixV7(nn.Module):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first)."""
         batch, length, _ = xx.shape
         heads = (batch, length, self.n_head, self.head_size)
-        sx = token_shift(xx, prev) - xx
-        mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).unsqueeze(1)  # [6, 1, 1, C]
-        xr, xw, xk, xv, xa, xg = torch.addcmul(xx, sx, mixes).unbind(0)  # xx + (prev - xx) * x_*
+        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
+        mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
+        xr, xw, xk, xv, xa, xg = shift_mixes(xx, prev, mixes, dtype=low).unbind(0)  # xx + (prev - xx) * x_*
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
         log_w = torch.sigmoid(_lora(xw, self.w1, self.w2, self.w0, torch.tanh, low)).mul_(-DECAY_SCALE)
         a = torch.sigmoid(_lora(xa, self.a1, self.a2, self.a0, dtype=low))
         g = _lora(xg, self.g1, self.g2, None, torch.sigmoid, low)

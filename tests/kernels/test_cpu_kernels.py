@@ -295,10 +295,72 @@ def test_the_plain_prefill_with_the_scans_equals_the_chunked_form(version, make_
     ids = torch.tensor([random_tokens(70, seed=1), random_tokens(70, seed=2)])
     start = model.zero_state(2)
     scanned, scanned_state = model._read(ids, start)
-    monkeypatch.setattr(cpu_kernels, "scans_for", lambda tensor: None)
+    monkeypatch.setattr(cpu_kernels, "built_for", lambda tensor: None)
     chunked, chunked_state = model._read(ids, start)
     assert torch.allclose(scanned, chunked, rtol=1e-4, atol=1e-4)
     assert torch.allclose(scanned_state.wkv, chunked_state.wkv, rtol=1e-4, atol=1e-4)
+
+
+def bf16_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 values lie between a and b (same signs; bf16 tensors)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,length,channels,parts,with_lora", [(1, 40, 768, 5, True), (2, 7, 100, 2, False),
+                                                                 (3, 1, 13, 6, True), (1, 20, 8, 1, False)])
+def test_shift_mixes_bf16_equal_pytorchs_fp32_mixes_rounded_to_bf16(batch, length, channels, parts, with_lora):
+    """xx + (shift - xx) * (mix + lora) in fp32, rounded once to bf16: PyTorch's addcmul and conversion give the
+    same bf16 values, up to one step where an FMA rounds the product and sum once (a compiler's choice); the
+    shift takes the state's token for each sequence's first position. Channel tails of 8 and sequences of 1."""
+    gen = torch.Generator().manual_seed(channels)
+    xx = torch.randn(batch, length, channels, generator=gen) * 3
+    prev = torch.randn(batch, channels, generator=gen)
+    mix = torch.rand(parts, channels, generator=gen)
+    lora = (torch.randn(parts, batch, length, channels, generator=gen) * 0.5).bfloat16() if with_lora else None
+    got = cpu_kernels.kernels().shift_mixes_bf16(xx, prev, mix, lora)
+    shifted = torch.cat([prev.unsqueeze(1), xx[:, :-1]], dim=1)
+    weights = mix.view(parts, 1, 1, channels) + (lora.float() if with_lora else 0)
+    want = torch.addcmul(xx, shifted - xx, weights).to(torch.bfloat16)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    steps = bf16_steps_apart(got, want)
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, make_checkpoint, monkeypatch):
+    """A bf16 prefill's token-shift mixes come from the C++ kernel once the process has built it, from PyTorch
+    otherwise (no compiler, GPUs): the same logits and state."""
+    from types import SimpleNamespace
+    from rwkv_chat.models import layers
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype="bf16",
+                       fast=False)
+    ids = torch.tensor([random_tokens(40, seed=5), random_tokens(40, seed=6)])
+    if layers.lora_dtype(torch.zeros(80, 128), model.blocks[0].att.receptance.weight) != torch.bfloat16:
+        pytest.skip("this CPU computes the prefill's products in fp32: its mixes stay fp32")
+    cpu_kernels.kernels()
+    start = model.zero_state(2)
+    fused, fused_state = model._read(ids, start)
+    monkeypatch.setattr(layers, "cpu_kernels", SimpleNamespace(built_for=lambda tensor: None))
+    plain, plain_state = model._read(ids, start)
+    assert torch.allclose(fused, plain, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+def test_shift_mixes_refuse_operands_of_the_wrong_shape_or_kind():
+    kernels = cpu_kernels.kernels()
+    xx, prev, mix = torch.zeros(1, 4, 8), torch.zeros(1, 8), torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="xx contiguous fp32"):
+        kernels.shift_mixes_bf16(xx.double(), prev, mix, None)
+    with pytest.raises(RuntimeError, match="prev fp32"):
+        kernels.shift_mixes_bf16(xx, torch.zeros(2, 8), mix, None)
+    with pytest.raises(RuntimeError, match="mix contiguous fp32"):
+        kernels.shift_mixes_bf16(xx, prev, torch.zeros(2, 7), None)
+    with pytest.raises(RuntimeError, match="lora contiguous bf16"):
+        kernels.shift_mixes_bf16(xx, prev, mix, torch.zeros(2, 1, 4, 8))
 
 
 @needs_kernels

@@ -20,6 +20,7 @@
 // - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
 //   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
+// - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
@@ -1195,6 +1196,76 @@ torch::Tensor int4_widen(torch::Tensor w, torch::Tensor groups, bool bf16) {
   return out;
 }
 
+// The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
+// bf16(xx + (s - xx) * (mix[p, c] + lora[p, b, t, c])), s the token before (prev[b] for t = 0), lora bf16 or
+// absent (0). fp32 arithmetic, one rounding at the end (to nearest even): what PyTorch's addcmul in fp32 and a
+// conversion give, up to an FMA's rounding, in one pass instead of six. Rows (b, t) over the threads.
+torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tensor mix,
+                               c10::optional<torch::Tensor> lora_opt) {
+  TORCH_CHECK(xx.dim() == 3 && xx.scalar_type() == torch::kFloat32 && xx.is_contiguous(),
+              "cpu_kernels.shift_mixes_bf16: xx contiguous fp32 [B, T, C]");
+  const int64_t B = xx.size(0), T = xx.size(1), C = xx.size(2);
+  TORCH_CHECK(prev.scalar_type() == torch::kFloat32 && prev.dim() == 2 && prev.size(0) == B && prev.size(1) == C &&
+                  prev.stride(1) == 1,
+              "cpu_kernels.shift_mixes_bf16: prev fp32 [B, C], channels contiguous");
+  TORCH_CHECK(mix.scalar_type() == torch::kFloat32 && mix.dim() == 2 && mix.size(1) == C && mix.is_contiguous(),
+              "cpu_kernels.shift_mixes_bf16: mix contiguous fp32 [P, C]");
+  const int64_t P = mix.size(0);
+  const bool has_lora = lora_opt.has_value();
+  const uint16_t* lora = nullptr;
+  if (has_lora) {
+    const torch::Tensor& l = *lora_opt;
+    TORCH_CHECK(l.scalar_type() == torch::kBFloat16 && l.is_contiguous() && l.dim() == 4 && l.size(0) == P &&
+                    l.size(1) == B && l.size(2) == T && l.size(3) == C,
+                "cpu_kernels.shift_mixes_bf16: lora contiguous bf16 [P, B, T, C]");
+    lora = reinterpret_cast<const uint16_t*>(l.data_ptr());
+  }
+  torch::Tensor out = torch::empty({P, B, T, C}, xx.options().dtype(torch::kBFloat16));
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* x = xx.data_ptr<float>();
+  const float* m = mix.data_ptr<float>();
+  const float* before = prev.data_ptr<float>();
+  const int64_t rows = B * T, plane = rows * C, prev_stride = prev.stride(0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / T, t = row % T;
+      const float* cur = x + row * C;
+      const float* last = t == 0 ? before + b * prev_stride : cur - C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        const __m256 now = _mm256_loadu_ps(cur + c);
+        const __m256 shift = _mm256_sub_ps(_mm256_loadu_ps(last + c), now);
+        for (int64_t p = 0; p < P; ++p) {
+          __m256 weight = _mm256_loadu_ps(m + p * C + c);
+          if (has_lora) {
+            const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lora + p * plane + row * C + c));
+            weight = _mm256_add_ps(weight, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)));
+          }
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + p * plane + row * C + c),
+                           to_bf16(_mm256_add_ps(now, _mm256_mul_ps(shift, weight))));
+        }
+      }
+      for (; c < C; ++c) {
+        const float now = cur[c], shift = last[c] - now;
+        for (int64_t p = 0; p < P; ++p) {
+          float weight = m[p * C + c];
+          if (has_lora) {
+            uint32_t bits = static_cast<uint32_t>(lora[p * plane + row * C + c]) << 16;
+            float l;
+            std::memcpy(&l, &bits, 4);
+            weight += l;
+          }
+          const float value = now + shift * weight;
+          uint32_t v;
+          std::memcpy(&v, &value, 4);
+          dst[p * plane + row * C + c] = static_cast<uint16_t>((v + 0x7FFF + ((v >> 16) & 1)) >> 16);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale_opt) {
   torch::Tensor scale = scale_opt.has_value() ? *scale_opt : torch::Tensor();
   check_operands(x, w, scale);
@@ -1233,6 +1304,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");
   m.def("int4_widen", &int4_widen, "int4 weights -> [N, K] bf16 (bf16=True) or fp32, for a prefill's GEMM");
+  m.def("shift_mixes_bf16", &shift_mixes_bf16,
+        "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
   m.def("rows_product", &rows_product,
         "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, int8 with row scales, int4 with group scale/min)");
 }

@@ -11,7 +11,8 @@ What this module promises:
   group of 64 that is 4.5 bits a weight. `dequantize_int4` undoes it. `INT4` (torch.int4) is the dtype token a
   caller asks for; `weight_format` names a stored weight's format (torch.int4 for the uint8 packing).
 - `linear(x, weight, scale)` is `x @ Wᵀ` returning fp32, for float weights (computed in the weight's dtype,
-  as `model.Projection` does) and for int8 weights (scale given). On CUDA, int8 products run in Triton
+  as `model.Projection` does) and for int8 weights (scale given); with widen=False a float product that ran in
+  bf16/fp16 comes back unwidened. On CUDA, int8 products run in Triton
   kernels when Triton is present; anywhere else but CPUs by dequantising, which is slow but exact to the
   stored weights.
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
@@ -155,8 +156,10 @@ def many_rows_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if widened_on_cpu(weight) else weight.dtype
 
 
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring)."""
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+               widen: bool = True) -> torch.Tensor:
+    """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring);
+    widen=False: see `linear`."""
     rows = x.numel() // x.shape[-1]
     if (weight.dtype != torch.float32 and rows < MANY_ROWS and cpu_kernels.tried()
             and cpu_kernels.handles(x, weight)):
@@ -183,7 +186,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     elif many and widened_on_cpu(weight):
         out = F.linear(x2.float(), weight.float())
     else:
-        out = F.linear(x2.to(weight.dtype), weight).float()
+        out = F.linear(x2.to(weight.dtype), weight)
+        out = out.float() if widen else out
     return out.reshape(*shape, weight.shape[0])
 
 
@@ -199,14 +203,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return cpu_kernels.linear(x, weight, scale) if decode_streams(x, weight) else linear(x, weight, scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ in fp32 out; int8 weights need their `scale`, int4 ones their groups. CPUs: `cpu_linear`."""
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           widen: bool = True) -> torch.Tensor:
+    """x @ weightᵀ in fp32 out; int8 weights need their `scale`, int4 ones their groups. CPUs: `cpu_linear`.
+    widen=False: a GEMM that ran in bf16/fp16 returns its result in that dtype, not widened to fp32 (for a
+    consumer that reads it in that dtype anyway); every other product returns fp32 as always."""
     if x.device.type == "cpu":
-        return cpu_linear(x, weight, scale)
+        return cpu_linear(x, weight, scale, widen)
     if weight.dtype == INT4_STORAGE:
         raise ValueError(f"int4 weights run on CPUs only, not on {x.device.type}")
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")
         return int8_linear(x, weight, scale)
-    return F.linear(x.to(weight.dtype), weight).float()
+    out = F.linear(x.to(weight.dtype), weight)
+    return out.float() if widen else out

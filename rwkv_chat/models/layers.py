@@ -33,6 +33,12 @@ class Projection(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant.linear(x, self.weight, getattr(self, "weight_scale", None))
 
+    def squared_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(forward(x))² for the next projection to read: a product that ran in bf16 (a CPU prefill's GEMM,
+        a GPU's) stays bf16, squared in place. The same values the next projection reads after an fp32 square
+        (a bf16 number's square is exact in fp32, so either way it is rounded to bf16 once), two passes less."""
+        return relu_square_(quant.linear(x, self.weight, getattr(self, "weight_scale", None), widen=False))
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """As forward, for a decode step's rows (one per chat): quant.decode_linear."""
         return quant.decode_linear(x, self.weight, getattr(self, "weight_scale", None))
@@ -118,5 +124,5 @@ class ChannelMix(nn.Module):
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         shifted = token_shift(xx, prev)
-        k = relu_square_(self.key(mix(xx, shifted, self.time_mix_k)))
+        k = self.key.squared_relu(mix(xx, shifted, self.time_mix_k))
         return torch.sigmoid(self.receptance(mix(xx, shifted, self.time_mix_r))) * self.value(k)

@@ -30,7 +30,7 @@ from torch import nn
 from ..kernels import cpu_kernels, lora_triton, rwkv6_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
 from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, lora_dtype, lora_product,
-                     relu_square_, shift_mixes)
+                     shift_mixes)
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
@@ -165,7 +165,7 @@ class ChannelMixV6(nn.Module):
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         mixes = torch.cat([self.time_maa_k, self.time_maa_r]).view(2, -1)
         kx, rx = shift_mixes(xx, prev, mixes, dtype=lora_dtype(xx, self.key.weight)).unbind(0)  # xx + sx * maa
-        return torch.sigmoid(self.receptance(rx)) * self.value(relu_square_(self.key(kx)))
+        return torch.sigmoid(self.receptance(rx)) * self.value(self.key.squared_relu(kx))
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv7_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
-from .layers import (GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, relu_square_, shift_mixes,
+from .layers import (GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, shift_mixes,
                      token_shift)
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
@@ -202,7 +202,7 @@ class ChannelMixV7(nn.Module):
         self.value = Projection(dim_ffn, n_embd)
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        return self.value(relu_square_(self.key(torch.lerp(xx, token_shift(xx, prev), self.x_k))))
+        return self.value(self.key.squared_relu(torch.lerp(xx, token_shift(xx, prev), self.x_k)))
 
 
 @dataclass

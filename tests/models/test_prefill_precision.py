@@ -98,3 +98,26 @@ def test_a_read_of_the_last_logits_equals_the_last_row_of_an_every_token_read(ch
     assert (last - every[-1]).abs().max().item() <= tolerance * max(1.0, every[-1].abs().max().item())
     assert torch.allclose(state.shift, every_state.shift, atol=1e-5, rtol=0)
     assert torch.allclose(state.wkv, every_state.wkv, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [3, 40])  # a decode step's rows (fp32 out of the C++ products), a prefill's GEMM
+def test_a_squared_relu_kept_in_bf16_feeds_the_next_product_the_same_values(dtype, rows):
+    """Projection.squared_relu leaves a bf16 product's output in bf16 and squares it there: the next projection
+    reads exactly what it read when the output was widened to fp32, squared and rounded back (a bf16 square is
+    exact in fp32); products that return fp32 (int8's scales, fp32 weights, few rows) are unchanged."""
+    gen = torch.Generator().manual_seed(rows)
+    key = layers.Projection(64, 96).requires_grad_(False)
+    weight = torch.randn(96, 64, generator=gen) * 0.2
+    if dtype == torch.int8:
+        weight, scale = quant.quantize_rows(weight)
+        key.register_buffer("weight_scale", scale)
+    key.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    x = torch.randn(rows, 64, generator=gen)
+    kept = key.squared_relu(x)
+    widened = layers.relu_square_(key(x))
+    assert widened.dtype == torch.float32
+    read_as = torch.bfloat16 if kept.dtype == torch.bfloat16 else torch.float32
+    assert torch.equal(kept.to(read_as), widened.to(read_as))
+    assert (kept.dtype == torch.bfloat16) == (dtype == torch.bfloat16 and rows >= quant.MANY_ROWS
+                                              and quant.many_rows_dtype(key.weight) == torch.bfloat16)

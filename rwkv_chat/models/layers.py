@@ -30,14 +30,15 @@ class Projection(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant.linear(x, self.weight, getattr(self, "weight_scale", None))
+    def forward(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """x @ Wᵀ in fp32; widen=False: a product that ran in bf16/fp16 stays so (quant.linear)."""
+        return quant.linear(x, self.weight, getattr(self, "weight_scale", None), widen=widen)
 
     def squared_relu(self, x: torch.Tensor) -> torch.Tensor:
         """relu(forward(x))² for the next projection to read: a product that ran in bf16 (a CPU prefill's GEMM,
         a GPU's) stays bf16, squared in place. The same values the next projection reads after an fp32 square
         (a bf16 number's square is exact in fp32, so either way it is rounded to bf16 once), two passes less."""
-        return relu_square_(quant.linear(x, self.weight, getattr(self, "weight_scale", None), widen=False))
+        return relu_square_(self(x, widen=False))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """As forward, for a decode step's rows (one per chat): quant.decode_linear."""

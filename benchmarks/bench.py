@@ -26,7 +26,10 @@ What it promises:
   decode step must read (every weight and constant as stored) read plainly (fp32 sums over a buffer that size
   on the same threads), as a percentage of the tokens a second that read allows.
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
-  this prints tables (and --json writes them).
+  this prints tables (and --json writes them). `--rounds N` (N > 1) keeps every implementation of a shape
+  loaded after its first pass and times them in turn, N rounds: figures are medians over those rounds, ratios
+  the median of each round's ratio (the note gives their range), so a machine that slows down mid-run moves
+  ours and the reference alike.
 
 It imports the reference packages only when they are asked for and present; a missing one gives a note. The
 `rwkv` package runs RWKV-7 only with RWKV_V7_ON=1 set before its import, which then serves no other version: a
@@ -222,6 +225,11 @@ class Row:
     ratio_decode: float = float("nan")
     note: str = ""
     logits: list = field(default_factory=list, repr=False)  # per position, for cross-row comparisons
+    prefill_rounds: list = field(default_factory=list, repr=False)  # tok/s of each interleaved round (--rounds)
+    decode_rounds: list = field(default_factory=list, repr=False)
+    decode_bytes: int = 0  # CPU: what a decode step reads (for the read-ceiling note)
+    impl: object = field(default=None, repr=False)  # kept loaded between interleaved rounds
+    state: object = field(default=None, repr=False)
 
 
 class Impl:
@@ -356,8 +364,33 @@ def compare(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[
     return (a - b).abs().max().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
-def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="") -> Row:
-    """Build, time prefill and decode, and collect logits for parity. Returns the row (the impl is freed)."""
+def timed_prefill(impl, prompt, device) -> tuple[float, torch.Tensor, object]:
+    """(seconds, logits, state) of one prefill of the prompt, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    logits, state = impl.prefill(prompt)
+    sync(device)
+    return time.perf_counter() - start, logits, state
+
+
+def decode_rate(impl, state, timing_tokens, device) -> tuple[float, float]:
+    """(tok/s, seconds) of one batch-1 decode pass over timing_tokens from state, cut short past TIME_BUDGET_S."""
+    s, done = state, 0
+    sync(device)
+    start = time.perf_counter()
+    for token in timing_tokens:
+        out, s = impl.step(token, s)
+        done += 1
+        if done % 16 == 0 and time.perf_counter() - start > TIME_BUDGET_S:
+            break
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return done / elapsed, elapsed
+
+
+def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="", keep=False) -> Row:
+    """Build, time prefill and decode, and collect logits for parity. Returns the row; the impl is freed, or with
+    keep=True left loaded on the row (row.impl, row.state after the prompt) for interleaved rounds."""
     device = torch.device(device)
     meter = MemoryMeter(device)
     with meter:
@@ -378,10 +411,8 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
                 times = []
                 for _ in range(reps):  # slow implementations get fewer repetitions (>= 1)
                     meter.sample()
-                    start = time.perf_counter()
-                    logits, state = impl.prefill(prompt)
-                    sync(device)
-                    times.append(time.perf_counter() - start)
+                    elapsed, logits, state = timed_prefill(impl, prompt, device)
+                    times.append(elapsed)
                     if sum(times) > TIME_BUDGET_S:
                         break
                 row.prefill_tps = len(prompt) / statistics.median(times)
@@ -393,34 +424,56 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
                     collected.append(out.float().clone())
                 sync(device)
                 row.logits = [t.cpu() for t in collected]
-                # speed: batch-1 decode over timing_tokens steps, twice, best of two halves' medians
+                # speed: batch-1 decode over timing_tokens steps, best of two passes (one when slow)
                 rates, spent = [], 0.0
-                for _ in range(2):  # best of two passes; one pass (possibly cut short) when slow
-                    s, done = state, 0
-                    sync(device)
-                    start = time.perf_counter()
-                    for token in timing_tokens:
-                        out, s = impl.step(token, s)
-                        done += 1
-                        if done % 16 == 0 and time.perf_counter() - start > TIME_BUDGET_S:
-                            break
-                    sync(device)
-                    elapsed = time.perf_counter() - start
-                    rates.append(done / elapsed)
+                for _ in range(2):
+                    rate, elapsed = decode_rate(impl, state, timing_tokens, device)
+                    rates.append(rate)
                     spent += elapsed
                     meter.sample()
                     if spent > TIME_BUDGET_S:
                         break
                 row.decode_tps = max(rates)
             if device.type == "cpu" and hasattr(impl, "decode_bytes"):
-                row.note = (row.note + "; " if row.note else "") + ceiling_note(impl.decode_bytes(), row.decode_tps)
+                row.decode_bytes = impl.decode_bytes()
         except Exception as error:
             row.note = (row.note + " " if row.note else "") + f"failed: {type(error).__name__}: {str(error)[:160]}"
+            keep = False
         row.memory_bytes = meter.used
+    if keep:
+        row.impl, row.state = impl, state
+        return row
     impl.close()
     del impl
     cleanup()
     return row
+
+
+def interleaved_rounds(rows: list[Row], prompt, timing_tokens, device, rounds: int) -> None:
+    """Timing rounds with every implementation loaded, each round timing each one in turn (one prefill, one
+    decode pass): a machine whose speed drifts over minutes moves all rows of a round alike. Each row's figures
+    become the medians over these rounds (the first pass, one implementation after another, only warms up and
+    collects parity), then the impls are freed."""
+    live = [r for r in rows if r.impl is not None]
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for r in live:
+                elapsed, _, state = timed_prefill(r.impl, prompt, device)
+                r.prefill_rounds.append(len(prompt) / elapsed)
+                r.decode_rounds.append(decode_rate(r.impl, state, timing_tokens, device)[0])
+    for r in live:
+        r.prefill_tps, r.decode_tps = statistics.median(r.prefill_rounds), statistics.median(r.decode_rounds)
+        r.impl.close()
+        r.impl = r.state = None
+    cleanup()
+
+
+def round_ratios(row: Row, refs: list[Row]) -> tuple[list[float], list[float]]:
+    """Per round: row's prefill and decode tok/s over the best reference's in the same round."""
+    count = min(len(r.prefill_rounds) for r in [row] + refs)
+    prefill = [row.prefill_rounds[i] / max(r.prefill_rounds[i] for r in refs) for i in range(count)]
+    decode = [row.decode_rounds[i] / max(r.decode_rounds[i] for r in refs) for i in range(count)]
+    return prefill, decode
 
 
 def cleanup() -> None:
@@ -792,6 +845,10 @@ def parse_args(argv=None):
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64 CPU, 256 GPU)")
     p.add_argument("--parity-steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=None, help="prefill repetitions (default 2 CPU, 5 GPU)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="N > 1: after the first pass, N timing rounds with every implementation loaded at once, "
+                        "each timed in turn per round: figures and ratios are medians over the rounds (for "
+                        "machines whose speed drifts)")
     p.add_argument("--refs", default="rwkv,transformers",
                    help="reference implementations to run ('' for none; rwkv.cpp: see benchmarks/rwkv_cpp.py)")
     p.add_argument("--plain", action="store_true", help="also time our plain (reference) path")
@@ -850,17 +907,27 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         from benchmarks import rwkv_cpp
         factories += rwkv_cpp.factories(sd, torch.get_num_threads())
     for factory in factories:
-        row = run_impl(factory, device, prompt, steps, timing_tokens, reps)
+        row = run_impl(factory, device, prompt, steps, timing_tokens, reps, keep=args.rounds > 1)
         row.max_dlogit, row.argmax_agree = compare(row.logits, ref_logits + [None] * 0)
         rows.append(row)
         print(f"[bench]   {row.name} {row.dtype}: prefill {row.prefill_tps:,.0f} tok/s, decode "
               f"{row.decode_tps:,.1f} tok/s {row.note}", file=sys.stderr, flush=True)
+    if args.rounds > 1:
+        interleaved_rounds(rows, prompt, timing_tokens, device, args.rounds)
+    for row in rows:
+        if row.decode_bytes:
+            row.note = (row.note + "; " if row.note else "") + ceiling_note(row.decode_bytes, row.decode_tps)
     refs_rows = [r for r in rows if r.name in ("rwkv pip", "transformers") and r.prefill_tps == r.prefill_tps]
     best_p = max((r.prefill_tps for r in refs_rows), default=float("nan"))
     best_d = max((r.decode_tps for r in refs_rows), default=float("nan"))
     by_dtype = {r.dtype: r for r in rows if r.name == "ours"}
     for r in rows:
         r.ratio_prefill, r.ratio_decode = r.prefill_tps / best_p, r.decode_tps / best_d
+        if args.rounds > 1 and refs_rows and r not in refs_rows and r.prefill_tps == r.prefill_tps:
+            prefill, decode = round_ratios(r, refs_rows)
+            r.ratio_prefill, r.ratio_decode = statistics.median(prefill), statistics.median(decode)
+            r.note += (("; " if r.note else "") + f"{len(prefill)} interleaved rounds, × ref per round: prefill "
+                       f"{min(prefill):.2f}-{max(prefill):.2f}, decode {min(decode):.2f}-{max(decode):.2f}")
         if r.name == "ours" and r.dtype in ("int8", "int4") and "bf16" in by_dtype:
             a = torch.stack(r.logits[:len(by_dtype["bf16"].logits)])
             b = torch.stack(by_dtype["bf16"].logits[:len(a)])

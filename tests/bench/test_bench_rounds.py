@@ -1,0 +1,70 @@
+"""benchmarks/bench.py's interleaved rounds: on a machine that slows down during the run, each round's ratio
+between two implementations stays their true ratio, where timing one after the other would not."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from benchmarks import bench
+
+
+class Clock:
+    """A fake perf_counter: the implementations advance it by their cost times the machine's slowness, which
+    doubles over the run."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, cost: float) -> None:
+        self.now += cost * (1.0 + self.now / 10.0)
+
+
+class FakeImpl(bench.Impl):
+    def __init__(self, name, clock, prefill_cost, step_cost):
+        self.name, self.dtype = name, "fp32"
+        self.clock, self.prefill_cost, self.step_cost = clock, prefill_cost, step_cost
+        self.closed = False
+
+    def prefill(self, tokens):
+        self.clock.spend(self.prefill_cost * len(tokens))
+        return torch.zeros(4), None
+
+    def step(self, token, state):
+        self.clock.spend(self.step_cost)
+        return torch.zeros(4), None
+
+    def close(self):
+        self.closed = True
+
+
+def test_interleaved_rounds_give_each_round_the_true_ratio_on_a_drifting_machine(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    ours = FakeImpl("ours", clock, prefill_cost=0.001, step_cost=0.01)
+    ref = FakeImpl("rwkv pip", clock, prefill_cost=0.003, step_cost=0.04)  # 3x slower prefill, 4x decode
+    prompt, tokens = list(range(100)), list(range(8))
+    rows = [bench.run_impl(lambda: impl, "cpu", prompt, [1, 2], tokens, reps=2, keep=True) for impl in (ours, ref)]
+    sequential = rows[0].prefill_tps / rows[1].prefill_tps  # the first pass: one implementation after another
+    assert abs(sequential - 3.0) > 0.1  # the drift distorts it
+    bench.interleaved_rounds(rows, prompt, tokens, torch.device("cpu"), rounds=4)
+    prefill, decode = bench.round_ratios(rows[0], [rows[1]])
+    assert len(prefill) == len(decode) == 4
+    # within a round the machine slows a little between the two: each ratio is close to the truth
+    assert all(abs(r - 3.0) < 0.15 for r in prefill), prefill
+    assert all(abs(r - 4.0) < 0.2 for r in decode), decode
+    for row in rows:  # the figures are the rounds' medians, not the first pass's
+        assert row.prefill_tps == statistics.median(row.prefill_rounds)
+        assert row.decode_tps == statistics.median(row.decode_rounds)
+    assert ours.closed and ref.closed and rows[0].impl is None and rows[1].impl is None
+
+
+def test_without_keep_the_implementation_is_closed_after_its_pass():
+    clock = Clock()
+    impl = FakeImpl("ours", clock, 0.001, 0.01)
+    row = bench.run_impl(lambda: impl, "cpu", list(range(10)), [1], [1, 2], reps=1)
+    assert impl.closed and row.impl is None and row.prefill_rounds == []

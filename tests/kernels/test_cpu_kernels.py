@@ -68,7 +68,8 @@ def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("n,k", [(33, 40), (257, 768), (9, 8520)])  # a tail; whole blocks; past one integer block
+# a tail; whole blocks; past one integer block; one row's longest single sum (16-row groups and a rest row)
+@pytest.mark.parametrize("n,k", [(33, 40), (257, 768), (9, 8520), (17, 8192)])
 def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
     """Against float64: exactly the integer products of the rounded activations (up to fp32 sums), and within
     the documented rounding bound of the exact product of the stored weights."""
@@ -103,6 +104,13 @@ def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
     expected = 127.0 * 3.0 * k
     assert torch.allclose(got.double(), torch.tensor([[expected] * 3, [-expected] * 3], dtype=torch.float64),
                           rtol=1e-6)
+    # one activation row sums a whole weight row in int32 lanes up to 8,192 weights (2 x 256 products a lane):
+    # at that length, and past it (the blocked sums), 16 rows and a rest
+    for k in (8192, 8192 + 320):  # 8,512: 532 products a lane would pass 2³¹
+        x = torch.full((1, k), -3.0)
+        weight = torch.full((17, k), 127, dtype=torch.int8)
+        got = cpu_kernels.linear(x, weight, torch.ones(17))
+        assert torch.allclose(got.double(), torch.full((1, 17), -127.0 * 3.0 * k, dtype=torch.float64), rtol=1e-6)
 
 
 @needs_kernels

@@ -90,6 +90,22 @@ def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
     assert ((got - exact).abs() <= bound).all()
 
 
+@needs_kernels
+@pytest.mark.parametrize("path", ["avx2", detected().path])
+@pytest.mark.parametrize("n,k", [(1000, 128), (4099, 768), (770, 2688)])  # 16-row groups, rests, thread splits
+def test_each_row_of_a_batched_int8_product_has_the_bits_of_that_row_alone(int8_dot, path, n, k):
+    """A chat's logits must not depend on how many chats share its decode step: the one-row product (its own
+    loop on AVX512-VNNI) adds in the same order as the batched rows' (same bits, not only close)."""
+    int8_dot(path)
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 50
+    x = torch.randn(7, k, generator=gen)
+    batched = cpu_kernels.linear(x, weight, scale)
+    for row in range(7):
+        assert torch.equal(cpu_kernels.linear(x[row:row + 1], weight, scale)[0], batched[row])
+
+
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
 def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
     """The worst case: every weight 127, every activation the row's maximum (32767 after rounding), over more

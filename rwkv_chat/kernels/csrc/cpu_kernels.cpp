@@ -147,12 +147,15 @@ std::atomic<int> g_int8_product{kInt8Avx2};
 // xq = round_half_even(x * (32767 / max|x|)) (all zeros when max|x| is 0), so every weight meets its activation
 // in one vpdpwssd (two int8·int16 products added into an int32 lane) instead of being widened to fp32 (three
 // operations per eight weights on AVX2, which bound the AVX2 int8 product below the memory's speed). The integer
-// sums are exact over blocks of kVnniBlock weights an accumulator (each int32 lane then holds at most 2·131
-// products of |127·32767|, below 2³¹); the blocks' sums are converted to fp32 and added in fp32;
-// out = sum · step(x) · scale(w).
+// sums are exact over blocks of kVnniBlock columns: lane j of every accumulator takes columns 2j and 2j + 1 of
+// each 32, and the accumulators' lanes, added as integers at the block's end, hold at most 2·256 products of
+// |127·32767| (below 2³¹); each block's 16 lane sums are converted to fp32 once and added in fp32, then the lanes
+// are added in _mm512_reduce_add_ps's order; out = sum · step(x) · scale(w). Every path (any number of rows, any
+// unrolling, the one-row loop) does exactly these operations in this order, so a row's result has the same bits
+// whatever else shares the call (a chat's logits do not depend on the batch it decodes in).
 // Its only error beyond the fp32 additions is the activation's rounding: at most step/2 = max|x| / 65534 for
 // each activation, i.e. |out - exact| ≤ scale(w) · Σ|q_w| · max|x| / 65534 (+ fp32 rounding of the sums).
-constexpr int64_t kVnniBlock = 4096;
+constexpr int64_t kVnniBlock = 8192;
 constexpr float kInt16Max = 32767.0f;
 
 // x rows [M, K] -> int16 rows and their steps (the fp32 multiplier and its rounding as above).
@@ -177,10 +180,8 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
   __m512 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
   const int64_t whole = K / 32 * 32;
-  // Each accumulator's lanes take at most 2·(kVnniBlock/32 + U - 1) products of a block this long (the last
-  // steps of a block all go to the first accumulator).
-  for (int64_t begin = 0; begin < whole; begin += kVnniBlock * U) {
-    const int64_t end = std::min(whole, begin + kVnniBlock * U);
+  for (int64_t begin = 0; begin < whole; begin += kVnniBlock) {
+    const int64_t end = std::min(whole, begin + kVnniBlock);
     __m512i acc[MB][U];
     for (int m = 0; m < MB; ++m)
       for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
@@ -195,8 +196,11 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
       const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
       for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], wv, _mm512_loadu_si512(xq + m * K + k));
     }
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(acc[m][u]));
+    for (int m = 0; m < MB; ++m) {
+      __m512i lanes = acc[m][0];
+      for (int u = 1; u < U; ++u) lanes = _mm512_add_epi32(lanes, acc[m][u]);
+      total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(lanes));
+    }
   }
   for (int m = 0; m < MB; ++m) {
     int64_t tail = 0;
@@ -205,9 +209,8 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
   }
 }
 
-// One row of one activation row (M = 1): four accumulators added as integers, converted once. Exact while a lane's
-// 2·K/32 products of at most 127·32767 stay below 2³¹: K ≤ kVnniRowMax.
-constexpr int64_t kVnniRowMax = 8192;
+// One weight row against one activation row (M = 1) of at most one block (K ≤ kVnniBlock): four accumulators
+// added as integers and converted once, dot_row_vnni's arithmetic.
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 inline __m512i widened32(const int8_t* w) {  // 32 int8 weights -> int16
@@ -230,27 +233,31 @@ inline __m512 row_sum_vnni(const int8_t* w, const int16_t* xq, int64_t K) {
 }
 
 // The sums of 16 vectors' lanes, lane r holding v[r]'s: a transposing tree of 15 additions instead of 16
-// horizontal reductions.
+// horizontal reductions, which adds each vector's lanes in the same order as _mm512_reduce_add_ps (lanes i and
+// i + 8, then + 4, + 2, + 1), so a row's result has the same bits as in the other paths of this product.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 inline __m512 lane_sums16(const __m512* v) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i)  // each 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // each 128-bit lane: [v4i, v4i+1, v4i+2, v4i+3]
-    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
-  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
-                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
-                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+  // the tree leaves its input p's sum in lane 4 (p % 4) + p / 4: input p is v[4 (p % 4) + p / 4]
+  __m512 eights[8], fours[4], twos[2];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lanes [a(c0 + c2), a(c1 + c3), b(c0 + c2), b(c1 + c3)]
+    const int p = 2 * i, q = 2 * i + 1;
+    const __m512 a = v[4 * (p % 4) + p / 4], b = v[4 * (q % 4) + q / 4];
+    eights[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // 128-bit lane t: vector 4i + t's lanes i + (i + 4)
+    fours[i] = _mm512_add_ps(_mm512_shuffle_f32x4(eights[2 * i], eights[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(eights[2 * i], eights[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane t: [8i + t: 0 + 2, 1 + 3; 8i + 4 + t: 0 + 2, 1 + 3]
+    twos[i] = _mm512_add_ps(_mm512_shuffle_ps(fours[2 * i], fours[2 * i + 1], 0x44),
+                            _mm512_shuffle_ps(fours[2 * i], fours[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(twos[0], twos[1], 0x88), _mm512_shuffle_ps(twos[0], twos[1], 0xDD));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t begin, int64_t end) {
   const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
-  if (M == 1 && K % 32 == 0 && K <= kVnniRowMax) {  // a decode step of one chat: 16 rows, then one reduction
+  if (M == 1 && K % 32 == 0 && K <= kVnniBlock) {  // a decode step of one chat: 16 rows, then one reduction
     const __m512 x_step = _mm512_set1_ps(step[0]);
     for (; begin + 16 <= end; begin += 16) {
       __m512 sums[16];

@@ -229,7 +229,6 @@ class Row:
     decode_rounds: list = field(default_factory=list, repr=False)
     decode_bytes: int = 0  # CPU: what a decode step reads (for the read-ceiling note)
     impl: object = field(default=None, repr=False)  # kept loaded between interleaved rounds
-    state: object = field(default=None, repr=False)
 
 
 class Impl:
@@ -390,7 +389,7 @@ def decode_rate(impl, state, timing_tokens, device) -> tuple[float, float]:
 
 def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="", keep=False) -> Row:
     """Build, time prefill and decode, and collect logits for parity. Returns the row; the impl is freed, or with
-    keep=True left loaded on the row (row.impl, row.state after the prompt) for interleaved rounds."""
+    keep=True left loaded on the row (row.impl) for interleaved rounds."""
     device = torch.device(device)
     meter = MemoryMeter(device)
     with meter:
@@ -441,7 +440,7 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
             keep = False
         row.memory_bytes = meter.used
     if keep:
-        row.impl, row.state = impl, state
+        row.impl = impl
         return row
     impl.close()
     del impl
@@ -464,7 +463,7 @@ def interleaved_rounds(rows: list[Row], prompt, timing_tokens, device, rounds: i
     for r in live:
         r.prefill_tps, r.decode_tps = statistics.median(r.prefill_rounds), statistics.median(r.decode_rounds)
         r.impl.close()
-        r.impl = r.state = None
+        r.impl = None
     cleanup()
 
 
@@ -923,7 +922,8 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     by_dtype = {r.dtype: r for r in rows if r.name == "ours"}
     for r in rows:
         r.ratio_prefill, r.ratio_decode = r.prefill_tps / best_p, r.decode_tps / best_d
-        if args.rounds > 1 and refs_rows and r not in refs_rows and r.prefill_tps == r.prefill_tps:
+        is_ref = any(r is ref for ref in refs_rows)
+        if args.rounds > 1 and refs_rows and not is_ref and r.prefill_tps == r.prefill_tps:
             prefill, decode = round_ratios(r, refs_rows)
             r.ratio_prefill, r.ratio_decode = statistics.median(prefill), statistics.median(decode)
             r.note += (("; " if r.note else "") + f"{len(prefill)} interleaved rounds, × ref per round: prefill "

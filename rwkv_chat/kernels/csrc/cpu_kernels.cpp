@@ -170,14 +170,18 @@ void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* xq, floa
   }
 }
 
-// out[m, n] for MB rows of int16 activations against one int8 weight row, U independent accumulators a row
-// (vpdpwssd's latency is several cycles). Rows are read one after the other: reading several side by side
-// halved the speed at which the hardware prefetchers streamed them from memory (measured on Zen 4).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline __m512i widened32(const int8_t* w) {  // 32 int8 weights -> int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+// total[m] = the 16 fp32 lane sums of MB rows of int16 activations against one int8 weight row over its first
+// K / 32 * 32 columns, U independent accumulators a row (vpdpwssd's latency is several cycles), in the blocks
+// and order described above. Rows are read one after the other: reading several side by side halved the speed at
+// which the hardware prefetchers streamed them from memory (measured on Zen 4).
 template <int MB, int U>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const float* step, float scale, float* out,
-                         int64_t out_stride) {
-  __m512 total[MB];
+inline void lane_totals_vnni(const int8_t* w, const int16_t* xq, int64_t K, __m512* total) {
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
   const int64_t whole = K / 32 * 32;
   for (int64_t begin = 0; begin < whole; begin += kVnniBlock) {
@@ -188,12 +192,12 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
     int64_t k = begin;
     for (; k + 32 * U <= end; k += 32 * U)
       for (int u = 0; u < U; ++u) {
-        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * u)));
+        const __m512i wv = widened32(w + k + 32 * u);
         for (int m = 0; m < MB; ++m)
           acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], wv, _mm512_loadu_si512(xq + m * K + k + 32 * u));
       }
     for (; k < end; k += 32) {
-      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      const __m512i wv = widened32(w + k);
       for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], wv, _mm512_loadu_si512(xq + m * K + k));
     }
     for (int m = 0; m < MB; ++m) {
@@ -202,34 +206,20 @@ inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const fl
       total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(lanes));
     }
   }
+}
+
+// out[m, n] for MB rows against one weight row: lane_totals_vnni, the lanes reduced, the last K % 32 columns.
+template <int MB, int U>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void dot_row_vnni(const int8_t* w, const int16_t* xq, int64_t K, const float* step, float scale, float* out,
+                         int64_t out_stride) {
+  __m512 total[MB];
+  lane_totals_vnni<MB, U>(w, xq, K, total);
   for (int m = 0; m < MB; ++m) {
     int64_t tail = 0;
-    for (int64_t j = whole; j < K; ++j) tail += static_cast<int64_t>(w[j]) * xq[m * K + j];
+    for (int64_t j = K / 32 * 32; j < K; ++j) tail += static_cast<int64_t>(w[j]) * xq[m * K + j];
     out[m * out_stride] = (_mm512_reduce_add_ps(total[m]) + static_cast<float>(tail)) * step[m] * scale;
   }
-}
-
-// One weight row against one activation row (M = 1) of at most one block (K ≤ kVnniBlock): four accumulators
-// added as integers and converted once, dot_row_vnni's arithmetic.
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-inline __m512i widened32(const int8_t* w) {  // 32 int8 weights -> int16
-  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-inline __m512 row_sum_vnni(const int8_t* w, const int16_t* xq, int64_t K) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(),
-          a3 = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 128 <= K; k += 128) {
-    a0 = _mm512_dpwssd_epi32(a0, widened32(w + k), _mm512_loadu_si512(xq + k));
-    a1 = _mm512_dpwssd_epi32(a1, widened32(w + k + 32), _mm512_loadu_si512(xq + k + 32));
-    a2 = _mm512_dpwssd_epi32(a2, widened32(w + k + 64), _mm512_loadu_si512(xq + k + 64));
-    a3 = _mm512_dpwssd_epi32(a3, widened32(w + k + 96), _mm512_loadu_si512(xq + k + 96));
-  }
-  for (; k < K; k += 32) a0 = _mm512_dpwssd_epi32(a0, widened32(w + k), _mm512_loadu_si512(xq + k));
-  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
 }
 
 // The sums of 16 vectors' lanes, lane r holding v[r]'s: a transposing tree of 15 additions instead of 16
@@ -257,14 +247,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t begin, int64_t end) {
   const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
-  if (M == 1 && K % 32 == 0 && K <= kVnniBlock) {  // a decode step of one chat: 16 rows, then one reduction
+  if (M == 1 && K % 32 == 0) {  // a decode step of one chat: 16 rows' lane totals, then one reduction
     const __m512 x_step = _mm512_set1_ps(step[0]);
     for (; begin + 16 <= end; begin += 16) {
       __m512 sums[16];
       for (int r = 0; r < 16; ++r) {
         const int8_t* row = w + (begin + r) * K;
         prefetch_ahead(row, K, ahead);
-        sums[r] = row_sum_vnni(row, xq, K);
+        lane_totals_vnni<1, 4>(row, xq, K, &sums[r]);
       }
       _mm512_storeu_ps(out + begin, _mm512_mul_ps(_mm512_mul_ps(lane_sums16(sums), x_step),
                                                   _mm512_loadu_ps(scale + begin)));

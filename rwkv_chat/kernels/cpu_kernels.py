@@ -15,7 +15,7 @@ What this module promises:
   `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
   runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
   and `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
-  (RWKV-6/7) in bf16 in one pass (models/layers.py's `shift_mixes`). The tests hold them to PyTorch and to the
+  (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.
 
 - `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the

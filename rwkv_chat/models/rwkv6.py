@@ -29,8 +29,8 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv6_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture
-from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ffn_size, group_norm, lora_dtype, lora_product,
-                     shift_mixes)
+from .layers import (GROUP_NORM_EPS, WKV_CHUNK, Projection, ShiftMixes, ffn_size, group_norm, lora_dtype,
+                     lora_product)
 from .rwkv5 import wkv5_step
 
 MAA_PARTS = 5  # the LoRA of the token shift feeds w, k, v, r, g (in that order)
@@ -127,12 +127,13 @@ class TimeMixV6(nn.Module):
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
         low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
-        (xxx,) = shift_mixes(xx, prev, self.time_maa_x.view(1, -1), dtype=low)  # xx + sx * time_maa_x
+        shift_mixes = ShiftMixes(xx, prev, low)
+        (xxx,) = shift_mixes(self.time_maa_x.view(1, -1))  # xx + sx * time_maa_x
         lora = torch.tanh(lora_product(xxx, self.time_maa_w1, low)).view(batch, length, MAA_PARTS, -1)
         lora = torch.einsum("btpd,pdc->pbtc", lora, self.time_maa_w2.to(low))  # [5, B, T, C] in low
         maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
         # xx + sx * (time_maa_* + lora_*), in low: the products below read them in their own dtype
-        wx, kx, vx, rx, gx = shift_mixes(xx, prev, maa.view(MAA_PARTS, -1), lora, dtype=low).unbind(0)
+        wx, kx, vx, rx, gx = shift_mixes(maa.view(MAA_PARTS, -1), lora).unbind(0)
         heads = (batch, length, h, n)
         r = self.receptance(rx).view(heads)  # [B, T, H, N]
         k = self.key(kx).view(heads)
@@ -164,7 +165,7 @@ class ChannelMixV6(nn.Module):
 
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         mixes = torch.cat([self.time_maa_k, self.time_maa_r]).view(2, -1)
-        kx, rx = shift_mixes(xx, prev, mixes, dtype=lora_dtype(xx, self.key.weight)).unbind(0)  # xx + sx * maa
+        kx, rx = ShiftMixes(xx, prev, lora_dtype(xx, self.key.weight))(mixes).unbind(0)  # xx + sx * maa
         return torch.sigmoid(self.receptance(rx)) * self.value(self.key.squared_relu(kx))
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..kernels import cpu_kernels, lora_triton, rwkv7_triton, triton_kernels
 from .architecture import FusedTimeMixPack, HeadMatrixArchitecture, UnsupportedCheckpoint
-from .layers import (GROUP_NORM_EPS, Projection, group_norm, lora_dtype, lora_product, shift_mixes,
+from .layers import (GROUP_NORM_EPS, Projection, ShiftMixes, group_norm, lora_dtype, lora_product,
                      token_shift)
 
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
@@ -156,7 +156,7 @@ class TimeMixV7(nn.Module):
         heads = (batch, length, self.n_head, self.head_size)
         low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
         mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
-        xr, xw, xk, xv, xa, xg = shift_mixes(xx, prev, mixes, dtype=low).unbind(0)  # xx + (prev - xx) * x_*
+        xr, xw, xk, xv, xa, xg = ShiftMixes(xx, prev, low)(mixes).unbind(0)  # xx + (prev - xx) * x_*
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)

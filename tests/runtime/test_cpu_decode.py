@@ -54,24 +54,27 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
     assert_states_passed_in_stay_unchanged(fast)
 
 
-@pytest.mark.parametrize("version", ["6", "7"])
-def test_the_cpp_step_is_the_same_on_any_thread_count(make_checkpoint, version):
-    """The LoRA products split over the threads (by output columns, or by chunks of input rows whose sums are
-    added in chunk order): the step is bit for bit the same on one thread as on four."""
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_the_cpp_step_is_the_same_on_any_thread_count(make_checkpoint, version, dtype):
+    """A layer's independent products (and the LoRAs' factors) share one parallel region, cut into one run a thread
+    by the bytes they read; each weight row (LoRA column block, or chunk of input rows added in chunk order) is
+    whole on one thread: the step is bit for bit the same on one thread as on three (uneven cuts) or four."""
     path = make_checkpoint(version, seed=5, n_layer=2, n_embd=512).path
-    fast = attach_fast_path(load_model(path, device="cpu", dtype="fp32", fast=False))
+    fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
     state = RwkvState.stack([fast.forward(random_tokens(6 + i, seed=i))[1] for i in range(2)])
     ids = torch.tensor([17, 4242])
     threads = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 4):
+        for count in (1, 3, 4):
             torch.set_num_threads(count)
             results.append(fast.decode_batch(ids, state))
     finally:
         torch.set_num_threads(threads)
-    (l1, s1), (l4, s4) = results
-    assert torch.equal(l1, l4) and torch.equal(s1.shift, s4.shift) and torch.equal(s1.wkv, s4.wkv)
+    (l1, s1), *others = results
+    for logits, state in others:
+        assert torch.equal(l1, logits) and torch.equal(s1.shift, state.shift) and torch.equal(s1.wkv, state.wkv)
 
 
 @pytest.mark.skipif(cpu_kernels.kernels() is None or detected().int8_dot != "avx512_vnni",

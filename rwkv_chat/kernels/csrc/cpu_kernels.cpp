@@ -6,13 +6,14 @@
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
 //   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read once per
 //   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
-//   are split over PyTorch's intra-op threads. int8 with set_int8_product(1) (AVX512-VNNI): the activations
-//   are rounded to int16 first and the sums are integer dot products (int8_product_vnni's comment: the bound).
-//   W may also be int4: uint8 [N, K/2] (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group
-//   of G input columns (int4_product's comment: the layout, the arithmetic and its bound); its products are
-//   integer sums on int8 activations (a step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under
-//   set_int8_product(1). Where Python set a distance (set_prefetch_bytes), every product of few rows asks for the
-//   weights that many bytes ahead of the row it reads (software prefetch: no change to any result).
+//   are split over PyTorch's intra-op threads (run_together: a layer's independent products share one
+//   region). int8 with set_int8_product(1) (AVX512-VNNI): the activations are rounded to int16 first and the
+//   sums are integer dot products (the comment above kVnniBlock: the bound). W may also be int4: uint8 [N, K/2]
+//   (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group of G input columns (the comment above
+//   kInt4Block: the layout, the arithmetic and its bound); its products are integer sums on int8 activations (a
+//   step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under set_int8_product(1). Where Python set a
+//   distance (set_prefetch_bytes), every product of few rows asks for the weights that many bytes ahead of the
+//   row it reads (software prefetch: no change to any result).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
 //   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
@@ -33,6 +34,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -116,28 +119,27 @@ inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float sc
   }
 }
 
+// Weight rows [begin, end) of out[M, N] = x[M, K] · Wᵀ, four activation rows at a time.
 template <typename W>
-void rows_product_impl(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M,
-                       int64_t N, int64_t K) {
+void rows_range(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M, int64_t N,
+                int64_t K, int64_t begin, int64_t end) {
   const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const typename W::T* row = w + n * K;
-      prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
-      float s = scale ? scale[n] : 1.0f;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) dot_rows<W, 4>(row, x + m * K, K, s, out + m * N + n, N);
-      switch (M - m) {
-        case 3: dot_rows<W, 3>(row, x + m * K, K, s, out + m * N + n, N); break;
-        case 2: dot_rows<W, 2>(row, x + m * K, K, s, out + m * N + n, N); break;
-        case 1: dot_rows<W, 1>(row, x + m * K, K, s, out + m * N + n, N); break;
-        default: break;
-      }
+  for (int64_t n = begin; n < end; ++n) {
+    const typename W::T* row = w + n * K;
+    prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
+    float s = scale ? scale[n] : 1.0f;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_rows<W, 4>(row, x + m * K, K, s, out + m * N + n, N);
+    switch (M - m) {
+      case 3: dot_rows<W, 3>(row, x + m * K, K, s, out + m * N + n, N); break;
+      case 2: dot_rows<W, 2>(row, x + m * K, K, s, out + m * N + n, N); break;
+      case 1: dot_rows<W, 1>(row, x + m * K, K, s, out + m * N + n, N); break;
+      default: break;
     }
-  });
+  }
 }
 
-// Which integer products run (the int8 case of rows_product_impl or int8_product_vnni, and int4_product's AVX2 or
+// Which integer products run (the int8 case of rows_range or int8_rows_vnni, and int4_rows's AVX2 or
 // VNNI dot): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA), read by every
 // product.
 enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1 };
@@ -272,16 +274,6 @@ void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const
       default: break;
     }
   }
-}
-
-void int8_product_vnni(const float* x, const int8_t* w, const float* scale, float* out, int64_t M, int64_t N,
-                       int64_t K) {
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> step(M);
-  quantize_rows_int16(x, M, K, xq.data(), step.data());
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    int8_rows_vnni(w, xq.data(), step.data(), scale, out, M, N, K, begin, end);
-  });
 }
 
 // The int4 product. A weight row of K columns is K/2 bytes: each block of 64 columns is 32 bytes, byte j holding
@@ -444,23 +436,6 @@ void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, floa
   }
 }
 
-void int4_product(const float* x, const uint8_t* w, const uint16_t* groups, float* out, int64_t M, int64_t N,
-                  int64_t K, int64_t G, bool vnni) {
-  const int64_t blocks = K / kInt4Block, n_groups = K / G;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> step(M * blocks), bsum(M * blocks), gsum(M * n_groups, 0.0f);
-  quantize_blocks_int8(x, M, K, xq.data(), step.data(), bsum.data());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) gsum[m * n_groups + b / (G / kInt4Block)] += bsum[m * blocks + b];
-  const Int4Rows a{xq.data(), step.data(), gsum.data(), K, G};
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    if (vnni)
-      int4_rows<Int4DotVnni>(w, groups, a, out, M, N, begin, end);
-    else
-      int4_rows<Int4DotAvx2>(w, groups, a, out, M, N, begin, end);
-  });
-}
-
 // The input width of a weight matrix: int4 ones hold two columns a byte.
 inline int64_t in_features(const torch::Tensor& w) {
   return w.scalar_type() == torch::kByte ? 2 * w.size(1) : w.size(1);
@@ -501,37 +476,141 @@ void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch:
   check_weight(w, scale);
 }
 
-// out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype.
-void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
-             int64_t row_end, float* out) {
-  const int64_t K = in_features(w), N = row_end - row_begin;
-  switch (w.scalar_type()) {
-    case torch::kByte: {
-      const int64_t G = K / scale.size(2);
-      int4_product(x, w.data_ptr<uint8_t>() + row_begin * (K / 2),
-                   reinterpret_cast<const uint16_t*>(scale.data_ptr()) + row_begin * 2 * (K / G), out, M, N, K, G,
-                   g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni);
-      break;
+// A piece of parallel work: `units` pieces, each done whole by one thread (run(begin, end) does units [begin,
+// end)), each reading about `unit_bytes`; `after`, if set, runs on the calling thread once every unit is done.
+struct Task {
+  int64_t units;
+  int64_t unit_bytes;
+  std::function<void(int64_t, int64_t)> run;
+  std::function<void()> after;
+};
+
+// Independent tasks in one parallel region: one fork and one join for all of them, instead of one each (a decode
+// step of a small model runs ~10 products a layer of a few hundred KB each; on a Zen 4 with 2 threads, 0.1B,
+// sharing regions gave a few per cent: the products' own streaming from memory is most of a step). The units
+// are cut into one contiguous run per thread by the bytes they read, so a thread streams its share of one weight
+// into the next one's. Which thread does a unit never changes what the unit computes (each is whole on one
+// thread), so the results do not depend on the number of threads or on the other tasks of the call.
+void run_together(const std::vector<Task>& tasks) {
+  auto size = [](const Task& t) { return std::max<int64_t>(t.unit_bytes, 1); };
+  int64_t total = 0, units = 0;
+  for (const Task& t : tasks) {
+    total += t.units * size(t);
+    units += t.units;
+  }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (const Task& t : tasks)
+      if (t.units > 0) t.run(0, t.units);
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+      for (int64_t thread = first; thread < last; ++thread) {
+        // this thread's units: those whose first byte, in the tasks laid end to end, falls in [lo, hi)
+        const int64_t lo = total * thread / threads, hi = total * (thread + 1) / threads;
+        int64_t offset = 0;
+        for (const Task& t : tasks) {
+          auto units_before = [&](int64_t byte) {  // how many of the task's units start before `byte`
+            return byte <= offset ? 0 : std::min<int64_t>((byte - offset + size(t) - 1) / size(t), t.units);
+          };
+          const int64_t begin = units_before(lo), end = units_before(hi);
+          if (begin < end) t.run(begin, end);
+          offset += t.units * size(t);
+        }
+      }
+    });
+  }
+  for (const Task& t : tasks)
+    if (t.after) t.after();
+}
+
+// out[M, row_end - row_begin] = x[M, K] · W[row_begin:row_end]ᵀ, whatever W's dtype, as a Task of 16 weight rows
+// a unit. Integer weights' activations are quantised when it is made. It must outlive the region it runs in and
+// stays where it was made (its task points at it).
+class Product {
+ public:
+  static constexpr int64_t kRows = 16;
+
+  Product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
+          int64_t row_end, float* out)
+      : x_(x), M_(M), N_(row_end - row_begin), K_(in_features(w)), row_begin_(row_begin), w_(w), scale_(scale),
+        out_(out), vnni_(g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni) {
+    if (w.scalar_type() == torch::kByte) {  // int4: int8 activations in blocks of 64, and each group's Σ step·xq
+      const int64_t G = K_ / scale.size(2), blocks = K_ / kInt4Block, n_groups = K_ / G;
+      xq8_.resize(M * K_);
+      step_.resize(M * blocks);
+      std::vector<float> bsum(M * blocks);
+      gsum_.assign(M * n_groups, 0.0f);
+      quantize_blocks_int8(x, M, K_, xq8_.data(), step_.data(), bsum.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < blocks; ++b) gsum_[m * n_groups + b / (G / kInt4Block)] += bsum[m * blocks + b];
+      int4_ = Int4Rows{xq8_.data(), step_.data(), gsum_.data(), K_, G};
+    } else if (w.scalar_type() == torch::kInt8 && vnni_) {
+      xq16_.resize(M * K_);
+      step_.resize(M);
+      quantize_rows_int16(x, M, K_, xq16_.data(), step_.data());
     }
-    case torch::kInt8:
-      if (g_int8_product.load(std::memory_order_relaxed) == kInt8Vnni) {
-        int8_product_vnni(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin, out, M, N, K);
+  }
+  Product(const Product&) = delete;
+  Product& operator=(const Product&) = delete;
+
+  Task task() const {
+    const int64_t row_bytes = w_.scalar_type() == torch::kByte ? K_ / 2 : K_ * w_.element_size();
+    return {(N_ + kRows - 1) / kRows, kRows * row_bytes,
+            [this](int64_t begin, int64_t end) { rows(begin * kRows, std::min(N_, end * kRows)); }, nullptr};
+  }
+
+  // Output columns [begin, end) (weight rows row_begin + begin ...).
+  void rows(int64_t begin, int64_t end) const {
+    const int64_t M = M_, N = N_, K = K_, r0 = row_begin_;
+    switch (w_.scalar_type()) {
+      case torch::kByte: {
+        const uint8_t* w = w_.data_ptr<uint8_t>() + r0 * (K / 2);
+        const uint16_t* groups = reinterpret_cast<const uint16_t*>(scale_.data_ptr()) + r0 * 2 * (K / int4_.G);
+        if (vnni_)
+          int4_rows<Int4DotVnni>(w, groups, int4_, out_, M, N, begin, end);
+        else
+          int4_rows<Int4DotAvx2>(w, groups, int4_, out_, M, N, begin, end);
         break;
       }
-      rows_product_impl<Int8Weights>(x, w.data_ptr<int8_t>() + row_begin * K, scale.data_ptr<float>() + row_begin,
-                                     out, M, N, K);
-      break;
-    case torch::kHalf:
-      rows_product_impl<Fp16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row_begin * K, nullptr,
-                                     out, M, N, K);
-      break;
-    case torch::kFloat32:
-      rows_product_impl<Fp32Weights>(x, w.data_ptr<float>() + row_begin * K, nullptr, out, M, N, K);
-      break;
-    default:
-      rows_product_impl<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + row_begin * K, nullptr,
-                                     out, M, N, K);
+      case torch::kInt8:
+        if (vnni_)
+          int8_rows_vnni(w_.data_ptr<int8_t>() + r0 * K, xq16_.data(), step_.data(), scale_.data_ptr<float>() + r0,
+                         out_, M, N, K, begin, end);
+        else
+          rows_range<Int8Weights>(x_, w_.data_ptr<int8_t>() + r0 * K, scale_.data_ptr<float>() + r0, out_, M, N,
+                                  K, begin, end);
+        break;
+      case torch::kHalf:
+        rows_range<Fp16Weights>(x_, reinterpret_cast<const uint16_t*>(w_.data_ptr()) + r0 * K, nullptr, out_, M,
+                                N, K, begin, end);
+        break;
+      case torch::kFloat32:
+        rows_range<Fp32Weights>(x_, w_.data_ptr<float>() + r0 * K, nullptr, out_, M, N, K, begin, end);
+        break;
+      default:
+        rows_range<Bf16Weights>(x_, reinterpret_cast<const uint16_t*>(w_.data_ptr()) + r0 * K, nullptr, out_, M,
+                                N, K, begin, end);
+    }
   }
+
+ private:
+  const float* x_;
+  int64_t M_, N_, K_, row_begin_;
+  const torch::Tensor& w_;
+  const torch::Tensor& scale_;
+  float* out_;
+  bool vnni_;
+  std::vector<int16_t> xq16_;  // int8 on VNNI: the activations in int16, one step a row
+  std::vector<int8_t> xq8_;  // int4: the activations in int8, one step a block of 64
+  std::vector<float> step_, gsum_;
+  Int4Rows int4_{};
+};
+
+// One product on its own (the tasks of a layer that have nothing to share a region with).
+void product(const float* x, int64_t M, const torch::Tensor& w, const torch::Tensor& scale, int64_t row_begin,
+             int64_t row_end, float* out) {
+  const Product p(x, M, w, scale, row_begin, row_end, out);
+  run_together({p.task()});
 }
 
 // (x - mean) / sqrt(var + eps) * w + b over n values.
@@ -699,31 +778,60 @@ void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* 
   }
 }
 
-// x's rows are x_stride apart (K when 0).
+// x [M, K] (rows x_stride apart) · W [K, N] as a Task: a wide W (N of at least two column blocks) a column block a
+// unit; a narrow one a chunk of kKnChunk input rows a unit, each into its own partial sums, which the task's
+// `after` adds in chunk order (so the result depends on K alone). Stays where it was made (its task points at it).
+class KnProduct {
+ public:
+  KnProduct(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0)
+      : x_(x), M_(M), w_(w), K_(K), N_(N), out_(out), x_stride_(x_stride ? x_stride : K), wide_(N >= 2 * kKnColumns),
+        chunks_(std::max<int64_t>((K + kKnChunk - 1) / kKnChunk, 1)) {
+    if (!wide_ && chunks_ > 1) partial_.resize(chunks_ * M * N);
+  }
+  KnProduct(const KnProduct&) = delete;
+  KnProduct& operator=(const KnProduct&) = delete;
+
+  Task task() {
+    if (wide_)
+      return {(N_ + kKnColumns - 1) / kKnColumns, K_ * kKnColumns * 4,
+              [this](int64_t begin, int64_t end) {
+                for (int64_t block = begin; block < end; ++block)
+                  product_kn_range(x_, x_stride_, M_, w_, N_, 0, K_, block * kKnColumns,
+                                   std::min(N_, (block + 1) * kKnColumns), out_, N_);
+              },
+              nullptr};
+    if (chunks_ == 1)
+      return {1, K_ * N_ * 4,
+              [this](int64_t, int64_t) { product_kn_range(x_, x_stride_, M_, w_, N_, 0, K_, 0, N_, out_, N_); },
+              nullptr};
+    return {chunks_, kKnChunk * N_ * 4,
+            [this](int64_t begin, int64_t end) {
+              for (int64_t c = begin; c < end; ++c)
+                product_kn_range(x_, x_stride_, M_, w_, N_, c * kKnChunk, std::min(K_, (c + 1) * kKnChunk), 0, N_,
+                                 partial_.data() + c * M_ * N_, N_);
+            },
+            [this]() {
+              std::copy(partial_.begin(), partial_.begin() + M_ * N_, out_);
+              for (int64_t c = 1; c < chunks_; ++c)
+                for (int64_t i = 0; i < M_ * N_; ++i) out_[i] += partial_[c * M_ * N_ + i];
+            }};
+  }
+
+ private:
+  const float* x_;
+  int64_t M_;
+  const float* w_;
+  int64_t K_, N_;
+  float* out_;
+  int64_t x_stride_;
+  bool wide_;
+  int64_t chunks_;
+  std::vector<float> partial_;
+};
+
 void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0) {
-  if (x_stride == 0) x_stride = K;
-  if (N >= 2 * kKnColumns) {
-    at::parallel_for(0, (N + kKnColumns - 1) / kKnColumns, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block)
-        product_kn_range(x, x_stride, M, w, N, 0, K, block * kKnColumns, std::min(N, (block + 1) * kKnColumns),
-                         out, N);
-    });
-    return;
-  }
-  const int64_t chunks = (K + kKnChunk - 1) / kKnChunk;
-  if (chunks <= 1) {
-    product_kn_range(x, x_stride, M, w, N, 0, K, 0, N, out, N);
-    return;
-  }
-  std::vector<float> partial(chunks * M * N);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
-      product_kn_range(x, x_stride, M, w, N, c * kKnChunk, std::min(K, (c + 1) * kKnChunk), 0, N,
-                       partial.data() + c * M * N, N);
-  });
-  std::copy(partial.begin(), partial.begin() + M * N, out);
-  for (int64_t c = 1; c < chunks; ++c)
-    for (int64_t i = 0; i < M * N; ++i) out[i] += partial[c * M * N + i];
+  KnProduct p(x, M, w, K, N, out, x_stride);
+  run_together({p.task()});
 }
 
 inline const float* constant(const torch::Tensor& t, int64_t n, const char* name) {
@@ -734,19 +842,38 @@ inline const float* constant(const torch::Tensor& t, int64_t n, const char* name
 }
 
 // The LoRA activation(x @ W1) @ W2 for B rows: x [B, C] (row stride C), W1 [C, R], W2 [R, A] -> out [B, A].
-// activation: 0 none, 1 tanh, 2 sigmoid.
-void low_rank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, const torch::Tensor& w2,
-              int activation, float* out) {
-  const int64_t R = w1.size(1), A = w2.size(1);
-  TORCH_CHECK(w1.size(0) == C && w2.size(0) == R, "cpu_kernels: LoRA shapes [C, R] and [R, A]");
-  std::vector<float> hidden(B * R);
-  product_kn(x, B, constant(w1, C * R, "a LoRA's first factor"), C, R, hidden.data());
-  if (activation == 1)
-    for (float& v : hidden) v = std::tanh(v);
-  else if (activation == 2)
-    for (float& v : hidden) v = sigmoid(v);
-  product_kn(hidden.data(), B, constant(w2, R * A, "a LoRA's second factor"), R, A, out);
-}
+// activation: 0 none, 1 tanh, 2 sigmoid. Two tasks, the second reading what the first wrote: first() can share a
+// region with other products of the same input, second() with others that follow them.
+class LowRank {
+ public:
+  LowRank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, const torch::Tensor& w2, int activation,
+          float* out)
+      : R_(w1.size(1)), A_(w2.size(1)), activation_(activation), hidden_(B * R_),
+        first_(x, B, constant(w1, C * R_, "a LoRA's first factor"), C, R_, hidden_.data()),
+        second_(hidden_.data(), B, constant(w2, R_ * A_, "a LoRA's second factor"), R_, A_, out) {
+    TORCH_CHECK(w1.size(0) == C && w2.size(0) == R_, "cpu_kernels: LoRA shapes [C, R] and [R, A]");
+  }
+
+  Task first() {  // x @ W1, then the activation
+    Task t = first_.task();
+    std::function<void()> sum = t.after;
+    t.after = [this, sum]() {
+      if (sum) sum();
+      if (activation_ == 1)
+        for (float& v : hidden_) v = std::tanh(v);
+      else if (activation_ == 2)
+        for (float& v : hidden_) v = sigmoid(v);
+    };
+    return t;
+  }
+  Task second() { return second_.task(); }
+
+ private:
+  int64_t R_, A_;
+  int activation_;
+  std::vector<float> hidden_;
+  KnProduct first_, second_;
+};
 
 // One token of one RWKV-7 head of size N: s [N(value), N(key)] becomes s diag(w) + (s (-kk)) (kk a)ᵀ + v kᵀ and
 // y = s r. s_out may be s (each row is read, then written). Both sums of a row run over the keys, its contiguous
@@ -872,38 +999,52 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
   std::vector<float> xx(B * C), mixed(n_att * B * C), proj(n_att * B * A), y(B * A), tmp(B * std::max(C, F));
   // time mix
   norm_and_mix(h, B, C, L.ln1_w, L.ln1_b, sh, ss, sh_out, sso, L.att_mix, n_att, xx.data(), mixed.data());
-  for (int64_t p = 0; p < n_att; ++p)
-    product(mixed.data() + p * B * C, B, L.att, L.att_scale, p * A, (p + 1) * A, proj.data() + p * B * A);
-  for (int64_t b = 0; b < B; ++b) {
-    const float *r = proj.data() + b * A, *k = proj.data() + (B + b) * A, *v = proj.data() + (2 * B + b) * A;
-    float* out = y.data() + b * A;
-    const float* state = wk + b * ws;
-    float* state_out = wk_out + b * wso;
-    if (version == 4) {
-      wkv4_token(L.decay, L.first, k, v, state, state + A, state + 2 * A, out, state_out, state_out + A,
-                 state_out + 2 * A, 0, A);
+  {
+    std::deque<Product> att;
+    std::vector<Task> tasks;
+    for (int64_t p = 0; p < n_att; ++p) {
+      att.emplace_back(mixed.data() + p * B * C, B, L.att, L.att_scale, p * A, (p + 1) * A, proj.data() + p * B * A);
+      tasks.push_back(att.back().task());
+    }
+    run_together(tasks);
+  }
+  auto projection = [&](int64_t p, int64_t b) { return proj.data() + (p * B + b) * A; };  // r k v g
+  if (version == 4) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float* state = wk + b * ws;
+      float* state_out = wk_out + b * wso;
+      float* out = y.data() + b * A;
+      wkv4_token(L.decay, L.first, projection(1, b), projection(2, b), state, state + A, state + 2 * A, out,
+                 state_out, state_out + A, state_out + 2 * A, 0, A);
+      const float* r = projection(0, b);
       for (int64_t c = 0; c < A; ++c) out[c] = sigmoid(r[c]) * out[c];
-    } else {
-      const int64_t S = wkv.size(2), H = A / S;
-      each_head(H, [&](int64_t hd) {
-        float* o = out + hd * S;
-        wkv5_head_token(r + hd * S, k + hd * S, v + hd * S, L.first + hd * S, L.decay + hd * S,
-                        state + hd * S * S, state_out + hd * S * S, o, S);
-        normalize(o, S, L.ln_x_w + hd * S, L.ln_x_b + hd * S, 64e-5f, o);
-      });
-      if (n_att == 4) {
-        const float* g = proj.data() + (3 * B + b) * A;
+    }
+  } else {
+    const int64_t S = wkv.size(2), H = A / S;
+    each_head(B * H, [&](int64_t bh) {  // every sequence's heads in one region
+      const int64_t b = bh / H, o = (bh % H) * S;
+      float* out = y.data() + b * A + o;
+      wkv5_head_token(projection(0, b) + o, projection(1, b) + o, projection(2, b) + o, L.first + o, L.decay + o,
+                      wk + b * ws + o * S, wk_out + b * wso + o * S, out, S);
+      normalize(out, S, L.ln_x_w + o, L.ln_x_b + o, 64e-5f, out);
+    });
+    if (n_att == 4)
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g = projection(3, b);
+        float* out = y.data() + b * A;
         for (int64_t c = 0; c < A; ++c) out[c] *= g[c] * sigmoid(g[c]);
       }
-    }
   }
   product(y.data(), B, L.out, L.out_scale, 0, C, tmp.data());
   for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
   // channel mix
   std::vector<float> mixed2(2 * B * C), key(B * F), rec(B * C);
   norm_and_mix(h, B, C, L.ln2_w, L.ln2_b, sh + C, ss, sh_out + C, sso, L.ffn_mix, 2, xx.data(), mixed2.data());
-  product(mixed2.data(), B, L.ffn, L.ffn_scale, 0, F, key.data());
-  product(mixed2.data() + B * C, B, L.ffn, L.ffn_scale, F, F + C, rec.data());
+  {
+    const Product pk(mixed2.data(), B, L.ffn, L.ffn_scale, 0, F, key.data());
+    const Product pr(mixed2.data() + B * C, B, L.ffn, L.ffn_scale, F, F + C, rec.data());
+    run_together({pk.task(), pr.task()});
+  }
   for (int64_t i = 0; i < B * F; ++i) key[i] = key[i] > 0 ? key[i] * key[i] : 0.0f;
   product(key.data(), B, L.value, L.value_scale, 0, C, tmp.data());
   const float factor = halve ? 0.5f : 1.0f;
@@ -949,7 +1090,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   float* h = result.data_ptr<float>();
 
   // time mix: the data-dependent token shift xx + sx * (time_maa_* + lora_*), sx = prev - xx, in the order w k v r g
-  std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C), part(B * C);
+  std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C);
   for (int64_t b = 0; b < B; ++b) {
     float* row = xx.data() + b * C;
     normalize(h + b * C, C, ln1_w, ln1_b, 1e-5f, row);
@@ -962,34 +1103,42 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   }
   product_kn(base.data(), B, constant(t[10], C * 5 * D, what), C, 5 * D, hidden.data());
   for (float& value : hidden) value = std::tanh(value);
-  for (int p = 0; p < 5; ++p) {  // each second factor read once for all B rows
-    product_kn(hidden.data() + p * D, B, maa_w2 + p * D * C, D, C, part.data(), 5 * D);
+  std::vector<float> part(5 * B * C);  // [5, B, C]
+  {
+    std::deque<KnProduct> second;  // each second factor read once for all B rows
+    std::vector<Task> tasks;
+    for (int p = 0; p < 5; ++p) {
+      second.emplace_back(hidden.data() + p * D, B, maa_w2 + p * D * C, D, C, part.data() + p * B * C, 5 * D);
+      tasks.push_back(second.back().task());
+    }
+    run_together(tasks);
+  }
+  for (int p = 0; p < 5; ++p)
     for (int64_t b = 0; b < B; ++b) {
       float* out = mixed.data() + (p * B + b) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = xx[b * C + c] + sx[b * C + c] * (maa[p][c] + part[b * C + c]);
+      const float* lora = part.data() + (p * B + b) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = xx[b * C + c] + sx[b * C + c] * (maa[p][c] + lora[c]);
     }
-  }
   const float *xw = mixed.data(), *xk = xw + B * C, *xv = xk + B * C, *xr = xv + B * C, *xg = xr + B * C;
   std::vector<float> r(B * A), k(B * A), v(B * A), g(B * A), w(B * A), y(B * A);
-  product(xr, B, Wr, Wr_s, 0, A, r.data());
-  product(xk, B, Wk, Wk_s, 0, A, k.data());
-  product(xv, B, Wv, Wv_s, 0, A, v.data());
-  product(xg, B, Wg, Wg_s, 0, A, g.data());
-  low_rank(xw, B, C, t[13], t[14], 1, w.data());
-  for (int64_t b = 0; b < B; ++b) {
-    float *wb = w.data() + b * A, *yb = y.data() + b * A;
-    const float* gb = g.data() + b * A;
-    for (int64_t i = 0; i < A; ++i) wb[i] = std::exp(-std::exp(time_decay[i] + wb[i]));  // the decay factor
-    const float* state = wk + b * ws;
-    float* state_out = wk_out + b * wso;
-    each_head(H, [&](int64_t hd) {
-      const int64_t o = hd * N;
-      wkv5_head_token(r.data() + b * A + o, k.data() + b * A + o, v.data() + b * A + o, u + o, wb + o,
-                      state + o * N, state_out + o * N, yb + o, N);
-      normalize(yb + o, N, lnx_w + o, lnx_b + o, 64e-5f, yb + o);
-    });
-    for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.0f + std::exp(-gb[i]));  // silu(g)
+  {
+    const Product pr(xr, B, Wr, Wr_s, 0, A, r.data()), pk(xk, B, Wk, Wk_s, 0, A, k.data());
+    const Product pv(xv, B, Wv, Wv_s, 0, A, v.data()), pg(xg, B, Wg, Wg_s, 0, A, g.data());
+    LowRank decay(xw, B, C, t[13], t[14], 1, w.data());
+    run_together({pr.task(), pk.task(), pv.task(), pg.task(), decay.first()});
+    run_together({decay.second()});
   }
+  for (int64_t b = 0; b < B; ++b) {
+    float* wb = w.data() + b * A;
+    for (int64_t i = 0; i < A; ++i) wb[i] = std::exp(-std::exp(time_decay[i] + wb[i]));  // the decay factor
+  }
+  each_head(B * H, [&](int64_t bh) {  // every sequence's heads in one region
+    const int64_t b = bh / H, o = (bh % H) * N, at = b * A + o;
+    wkv5_head_token(r.data() + at, k.data() + at, v.data() + at, u + o, w.data() + at, wk + b * ws + o * N,
+                    wk_out + b * wso + o * N, y.data() + at, N);
+    normalize(y.data() + at, N, lnx_w + o, lnx_b + o, 64e-5f, y.data() + at);
+  });
+  for (int64_t i = 0; i < B * A; ++i) y[i] *= g[i] / (1.0f + std::exp(-g[i]));  // silu(g)
   std::vector<float> tmp(B * C);
   product(y.data(), B, Wo, Wo_s, 0, C, tmp.data());
   for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
@@ -1006,8 +1155,11 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
       mixed[(B + b) * C + c] = row[c] + d * ffn_r[c];
     }
   }
-  product(mixed.data(), B, Fk, Fk_s, 0, F, key.data());
-  product(mixed.data() + B * C, B, Fr, Fr_s, 0, C, rec.data());
+  {
+    const Product pk(mixed.data(), B, Fk, Fk_s, 0, F, key.data());
+    const Product pr(mixed.data() + B * C, B, Fr, Fr_s, 0, C, rec.data());
+    run_together({pk.task(), pr.task()});
+  }
   for (float& value : key) value = value > 0 ? value * value : 0.0f;
   product(key.data(), B, Fv, Fv_s, 0, C, tmp.data());
   for (int64_t i = 0; i < B * C; ++i) h[i] += sigmoid(rec[i]) * tmp[i];
@@ -1112,28 +1264,37 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float *xr = mixed.data(), *xw = xr + B * C, *xk = xw + B * C, *xv = xk + B * C, *xa = xv + B * C,
               *xg = xa + B * C;
   std::vector<float> r(B * A), k(B * A), v(B * A), w(B * A), a(B * A), g(B * A), vmix(B * A), y(B * A);
-  product(xr, B, Wr, Wr_s, 0, A, r.data());
-  product(xk, B, Wk, Wk_s, 0, A, k.data());
-  product(xv, B, Wv, Wv_s, 0, A, v.data());
-  low_rank(xw, B, C, t[19], t[20], 1, w.data());
-  low_rank(xa, B, C, t[22], t[23], 0, a.data());
-  low_rank(xg, B, C, t[27], t[28], 2, g.data());
-  if (!first_layer) low_rank(xv, B, C, t[25], t[26], 0, vmix.data());
+  {  // the three products and the LoRAs' first factors in one region, their second factors in another
+    const Product pr(xr, B, Wr, Wr_s, 0, A, r.data()), pk(xk, B, Wk, Wk_s, 0, A, k.data());
+    const Product pv(xv, B, Wv, Wv_s, 0, A, v.data());
+    std::deque<LowRank> loras;
+    loras.emplace_back(xw, B, C, t[19], t[20], 1, w.data());
+    loras.emplace_back(xa, B, C, t[22], t[23], 0, a.data());
+    loras.emplace_back(xg, B, C, t[27], t[28], 2, g.data());
+    if (!first_layer) loras.emplace_back(xv, B, C, t[25], t[26], 0, vmix.data());
+    std::vector<Task> firsts{pr.task(), pk.task(), pv.task()}, seconds;
+    for (LowRank& lora : loras) {
+      firsts.push_back(lora.first());
+      seconds.push_back(lora.second());
+    }
+    run_together(firsts);
+    run_together(seconds);
+  }
   const float decay_scale = std::exp(-0.5f);
-  std::vector<float> kk(A);
+  std::vector<float> kk(B * A);
   for (int64_t b = 0; b < B; ++b) {
-    float *rb = r.data() + b * A, *kb = k.data() + b * A, *vb = v.data() + b * A, *wb = w.data() + b * A;
-    float *ab = a.data() + b * A, *yb = y.data() + b * A;
+    float *kb = k.data() + b * A, *vb = v.data() + b * A, *wb = w.data() + b * A;
+    float *ab = a.data() + b * A, *kkb = kk.data() + b * A;
     for (int64_t i = 0; i < A; ++i) {
       wb[i] = std::exp(-decay_scale * sigmoid(wb[i] + w0[i]));  // the decay factor e^log_w
       ab[i] = sigmoid(ab[i] + a0[i]);
-      kk[i] = kb[i] * k_k[i];
+      kkb[i] = kb[i] * k_k[i];
     }
     for (int64_t hd = 0; hd < H; ++hd) {  // kk = k * k_k normalised per head (F.normalize: eps 1e-12)
       float norm = 0.0f;
-      for (int64_t j = 0; j < N; ++j) norm += kk[hd * N + j] * kk[hd * N + j];
+      for (int64_t j = 0; j < N; ++j) norm += kkb[hd * N + j] * kkb[hd * N + j];
       const float inv = 1.0f / std::max(std::sqrt(norm), 1e-12f);
-      for (int64_t j = 0; j < N; ++j) kk[hd * N + j] *= inv;
+      for (int64_t j = 0; j < N; ++j) kkb[hd * N + j] *= inv;
     }
     for (int64_t i = 0; i < A; ++i) kb[i] *= 1.0f + (ab[i] - 1.0f) * k_a[i];
     float* first_v = vf + b * A;
@@ -1143,20 +1304,19 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
       const float* vm = vmix.data() + b * A;
       for (int64_t i = 0; i < A; ++i) vb[i] += (first_v[i] - vb[i]) * sigmoid(vm[i] + v0[i]);
     }
-    const float* state = wk + b * ws;
-    float* state_out = wk_out + b * wso;
-    each_head(H, [&](int64_t hd) {
-      const int64_t o = hd * N;
-      wkv7_head_token(rb + o, wb + o, kb + o, vb + o, kk.data() + o, ab + o, state + o * N, state_out + o * N,
-                      yb + o, N);
-      normalize(yb + o, N, lnx_w + o, lnx_b + o, 64e-5f, yb + o);
-      float bonus = 0.0f;
-      for (int64_t j = 0; j < N; ++j) bonus += rb[o + j] * kb[o + j] * r_k[o + j];
-      for (int64_t j = 0; j < N; ++j) yb[o + j] += bonus * vb[o + j];
-    });
-    const float* gb = g.data() + b * A;
-    for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i];
   }
+  each_head(B * H, [&](int64_t bh) {  // every sequence's heads in one region
+    const int64_t b = bh / H, o = (bh % H) * N, at = b * A + o;
+    const float *rb = r.data() + at, *kb = k.data() + at, *vb = v.data() + at;
+    float* yb = y.data() + at;
+    wkv7_head_token(rb, w.data() + at, kb, vb, kk.data() + at, a.data() + at, wk + b * ws + o * N,
+                    wk_out + b * wso + o * N, yb, N);
+    normalize(yb, N, lnx_w + o, lnx_b + o, 64e-5f, yb);
+    float bonus = 0.0f;
+    for (int64_t j = 0; j < N; ++j) bonus += rb[j] * kb[j] * r_k[o + j];
+    for (int64_t j = 0; j < N; ++j) yb[j] += bonus * vb[j];
+  });
+  for (int64_t i = 0; i < B * A; ++i) y[i] *= g[i];
   std::vector<float> tmp(B * C);
   product(y.data(), B, Wo, Wo_s, 0, C, tmp.data());
   for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];

@@ -175,13 +175,15 @@ def churn(mode: str) -> tuple[int, float, float]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; glibc's allocator")
 def test_evicted_entries_go_back_to_the_system_under_the_default_allocator():
     """The cache's pattern (blocks of a few hundred KiB kept and evicted, between small long-lived objects) with
-    glibc's default settings: entries kept by the cache leave the RSS flat once it is full; the same churn of
-    plain copies keeps growing (the heap's holes), which is what the cache's own mappings avoid."""
+    glibc's default settings: entries kept by the cache leave the RSS flat once it is full, and it never grows
+    more than the same churn of plain copies does. Where those grow (the heap's holes: glibc 2.36 with torch 2.13
+    here, +138 MiB over the run) the cache's own mappings are what avoids it; where they stay flat (glibc 2.39
+    with torch 2.11+cu130 on the GPU machine's host) the cache stays flat too."""
     kept, early, late = churn("cache")
     assert 250 <= kept <= 300
     _, heap_early, heap_late = churn("heap")
     assert late <= early * 1.03
-    assert late < heap_late
+    assert late - early <= max(0.0, heap_late - heap_early) + 1.0  # MiB
 
 
 def _entry(seed: int) -> tuple[RwkvState, torch.Tensor]:

@@ -15,8 +15,9 @@
 //   distance (set_prefetch_bytes), every product of few rows asks for the weights that many bytes ahead of the
 //   row it reads (software prefetch: no change to any result).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
-//   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate,
-//   channel mix), in fp32, with its products through rows_product: one call instead of ~70 PyTorch ops.
+//   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and
+//   gate, channel mix), in fp32, with rows_product's products (a layer's independent ones in one parallel region,
+//   run_together): one call instead of ~70 PyTorch ops.
 // - decode_layer_v6(...): the same for RWKV-6 (its token-shift and decay LoRAs in place).
 // - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
 //   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.

@@ -14,6 +14,7 @@ What this module promises:
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
   `int8_dot` names the C++ kernels' int8 and int4 products of few rows: "avx512_vnni" (integer dot products on
   int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
+  `int8_gemm` says whether int8 products of many rows (a prefill) take the C++ VNNI GEMM: VNNI without AMX.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all). Intel CPUs get PREFETCH_INTEL: on the Xeon measured (2 cores)
   the products then read their weights at ~85% of a plain read instead of ~65%, because a core's hardware prefetch
@@ -75,6 +76,13 @@ class CpuFeatures:
     @property
     def int8_dot(self) -> str:
         return "avx512_vnni" if self.avx512 and self.avx512_vnni else "avx2"
+
+    @property
+    def int8_gemm(self) -> bool:
+        """A product of many rows with int8 weights runs on the C++ kernels' VNNI GEMM (int8 activations) here:
+        AVX512-VNNI without AMX (on a Zen 4, 2 threads, it ran 1.6-1.8x the widened bf16 GEMM; AMX's bf16 tiles
+        multiply faster than VNNI can, so AMX CPUs keep the widened GEMM)."""
+        return self.int8_dot == "avx512_vnni" and not self.amx_bf16
 
     def capped(self, path: str) -> "CpuFeatures":
         """These features without those above `path` (PATHS order)."""
@@ -154,4 +162,5 @@ def describe() -> str:
     prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead" if features.prefetch_bytes
                 else "no software prefetch")
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
-            f"int8/int4 decode products {features.int8_dot}; {prefetch}")
+            f"int8/int4 decode products {features.int8_dot}; "
+            f"int8 prefill products {'VNNI GEMM' if features.int8_gemm else 'widened'}; {prefetch}")

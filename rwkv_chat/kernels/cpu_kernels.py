@@ -10,7 +10,9 @@ What this module promises:
   AVX512-VNNI the activations are rounded to int16, one step per row, and the products are integer dot
   products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
-  AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM). The extension's
+  AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM). `int8_gemm` is the product of
+  many rows (a prefill) with an int8 weight on CPUs with AVX512-VNNI (`runs_int8_gemm` says where): int8
+  activations, a step per 32 columns, integer sums; its error bound is in the C++ file. The extension's
   `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
   `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
   runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
@@ -42,6 +44,7 @@ DISABLE_VARIABLE = "RWKV_CPU_KERNELS"
 CAPABLE = ("AVX2", "AVX512")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8: int4, packed
 INT4 = torch.int4  # the int4 format's dtype token (quant.INT4), as a model names its dtype
+GEMM_MULTIPLE = 32  # int8_gemm's blocks of columns and panels of rows
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module": the extension or None, once tried (process-wide build cache)
@@ -133,6 +136,25 @@ def handles_dtype(dtype: torch.dtype) -> bool:
 def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """`linear(x, weight)` runs here: CPU tensors, a weight dtype the kernels read, and the kernels built."""
     return x.device.type == "cpu" and weight.device.type == "cpu" and handles_dtype(weight.dtype)
+
+
+def runs_int8_gemm(weight: torch.Tensor) -> bool:
+    """A product of many rows with this int8 weight takes the extension's `int8_gemm`: a CPU whose features pick it
+    (cpu_features' `int8_gemm`: VNNI, no AMX), the kernels built with their VNNI product picked (configure), and
+    both of the weight's sides multiples of GEMM_MULTIPLE."""
+    if not (weight.dtype == torch.int8 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % GEMM_MULTIPLE == 0 and weight.shape[1] % GEMM_MULTIPLE == 0
+            and cpu_features().int8_gemm):
+        return False
+    module = kernels()
+    return module is not None and module.int8_product() == INT8_PRODUCTS["avx512_vnni"]
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (weight * scale)ᵀ -> fp32 [..., N] for many rows, int8 activations a step per 32 columns (the
+    C++ file gives the arithmetic and its bound). Only where `runs_int8_gemm(weight)`."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    return kernels().int8_gemm(rows, weight, scale).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ the product it promises (kernels/quant.py's cpu_linear), against float64 product
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
 from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, PREFETCH_INTEL, PREFETCH_VARIABLE,
-                                            cpu_features, detected)
+                                            CpuFeatures, cpu_features, detected)
 
 RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
 
@@ -31,9 +32,17 @@ def test_the_variable_caps_the_features_and_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
     assert not cpu_features().native_matmul(torch.bfloat16) and cpu_features().native_matmul(torch.float32)
     assert "capped" in features_module.describe()
+    assert not cpu_features().int8_gemm
     monkeypatch.setenv(ISA_VARIABLE, "sse9")
     with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of baseline, avx2, avx512, avx512_bf16, amx"):
         cpu_features()
+
+
+def test_int8_prefill_products_take_the_vnni_gemm_on_vnni_cpus_without_amx():
+    vnni = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, avx512_bf16=True)
+    assert vnni.int8_gemm and not vnni.capped("avx2").int8_gemm
+    assert not replace(vnni, amx_bf16=True).int8_gemm  # AMX's bf16 tiles: the widened GEMM
+    assert not replace(vnni, avx512_vnni=False).int8_gemm
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
@@ -93,8 +102,10 @@ def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows)
     features = cpu_features()
     many = rows >= quant.MANY_ROWS
     few_in_kernels = not many and cpu_kernels.handles(x, weight)
-    on_units = many and ((dtype in (torch.bfloat16, torch.int8) and features.native_matmul(torch.bfloat16))
-                         or (dtype == torch.float16 and features.native_matmul(torch.float16)))
+    int8_gemm = dtype == torch.int8 and many and features.int8_gemm  # the VNNI GEMM: int8 activations
+    on_units = many and not int8_gemm and (
+        (dtype in (torch.bfloat16, torch.int8) and features.native_matmul(torch.bfloat16))
+        or (dtype == torch.float16 and features.native_matmul(torch.float16)))
     if on_units:  # the GEMM on the CPU's bf16 (fp16) units reads and writes that dtype, and sums in fp32
         inputs = x.to(torch.float16 if dtype == torch.float16 else torch.bfloat16).double()
     elif many or few_in_kernels:
@@ -108,6 +119,9 @@ def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows)
     if dtype == torch.int8 and few_in_kernels and features.int8_dot == "avx512_vnni":
         # int16 activations: each off by at most half its row's step max|x| / 32767
         activations = (x.double().abs().amax(1, keepdim=True) / 65534) @ exact_w.abs().sum(1)[None, :]
+    if int8_gemm:  # int8 activations: each off by at most half its 32-column block's step max|x_block| / 127
+        half_steps = x.double().reshape(rows, -1, 32).abs().amax(2) / 254
+        activations = half_steps @ exact_w.abs().reshape(exact_w.shape[0], -1, 32).sum(2).T
     assert out.dtype == torch.float32 and out.shape == (rows, 384)
     error = (out.double() - expected).abs()
     assert (error <= rounding * expected.abs() + 1e-5 * bound + activations + 1e-6).all(), \

@@ -129,6 +129,90 @@ def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
         assert torch.allclose(got.double(), torch.full((1, 17), -127.0 * 3.0 * k, dtype=torch.float64), rtol=1e-6)
 
 
+def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 GEMM's activations, as its C++ comment defines them: each block of 32 columns rounded (half to
+    even) to int8 multiples of its step max|x_block| / 127, the multiplier 127 / max|x_block| computed in fp32.
+    Returns (q [M, K/32, 32], step [M, K/32])."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=2)
+    mult = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return torch.round(blocks * mult[..., None]), amax / 127.0
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])  # one tile of each height, several, rests
+@pytest.mark.parametrize("n,k", [(32, 32), (64, 224), (96, 768), (160, 2688)])
+def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, rows, n, k):
+    """Against float64: exactly the integer products of the rounded blocks (up to fp32 sums), and within the
+    documented bound (step / 2 an activation) of the exact product of the stored weights."""
+    assert int8_dot("avx512") == "avx512_vnni"
+    gen = torch.Generator().manual_seed(rows * 100 + n)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+    x[0, :32] = 0.0  # a block of zeros: step 0
+    x[-1, 40:45] *= 50.0  # a block with an outlier
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 50
+    got = cpu_kernels.int8_gemm(x, weight, scale).double()
+    q, step = int8_blocks(x)
+    w = weight.double().reshape(n, -1, 32)
+    per_block = torch.einsum("mbk,nbk->mnb", q.double(), w) * step.double()[:, None, :]  # exact integer sums
+    expected = per_block.sum(2) * scale.double()[None, :]
+    magnitude = (torch.einsum("mbk,nbk->mnb", q.double().abs(), w.abs()) * step.double()[:, None, :]).sum(2)
+    magnitude = magnitude * scale.double()[None, :]
+    assert (got - expected).abs().max().item() <= 1e-6 * magnitude.max().item() + 1e-30
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
+    bound = (step.double()[:, None, :] / 2 * w.abs().sum(2)[None, :, :]).sum(2) * scale.double()[None, :]
+    assert ((got - exact).abs() <= bound + 1e-6 * magnitude).all()
+    if k == 32:  # a row of zeros: exactly zero
+        assert torch.equal(got[0], torch.zeros(n, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot):
+    """A row's result depends on that row only: the same bits alone, in a tile of any height, on any thread."""
+    assert int8_dot("avx512") == "avx512_vnni"
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randint(-127, 128, (320, 768), generator=gen, dtype=torch.int8)
+    scale = torch.rand(320, generator=gen)
+    x = torch.randn(23, 768, generator=gen)
+    batched = cpu_kernels.int8_gemm(x, weight, scale)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [cpu_kernels.int8_gemm(x[row:row + 1], weight, scale)[0] for row in range(23)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(alone[row], batched[row]) for row in range(23))
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot):
+    """quant.linear takes the int8 GEMM for many rows of an int8 weight whose sides are multiples of 32 (on a CPU
+    without AMX: cpu_features' int8_gemm), and the widened GEMM under the AVX2 cap or for other shapes; the GEMM
+    refuses what it cannot do."""
+    from rwkv_chat.kernels import quant
+    from rwkv_chat.kernels.cpu_features import cpu_features
+    assert int8_dot("avx512") == "avx512_vnni"
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randint(-127, 128, (64, 96), generator=gen, dtype=torch.int8)
+    scale = torch.rand(64, generator=gen)
+    x = torch.randn(2, quant.MANY_ROWS, 96, generator=gen)
+    assert cpu_kernels.runs_int8_gemm(weight) == cpu_features().int8_gemm
+    took_gemm = torch.equal(quant.linear(x, weight, scale), cpu_kernels.int8_gemm(x, weight, scale))
+    assert took_gemm == cpu_features().int8_gemm  # else widened: the activations not rounded to int8
+    assert quant.linear(x, weight, scale).shape == (2, quant.MANY_ROWS, 64)
+    odd = torch.randint(-127, 128, (64, 40), generator=gen, dtype=torch.int8)
+    assert not cpu_kernels.runs_int8_gemm(odd) and not cpu_kernels.runs_int8_gemm(weight[:48])
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        cpu_kernels.int8_gemm(torch.randn(20, 40), odd, scale)
+    int8_dot("avx2")
+    assert not cpu_kernels.runs_int8_gemm(weight)
+    with pytest.raises(RuntimeError, match="VNNI"):
+        cpu_kernels.int8_gemm(x, weight, scale)
+    widened = quant.linear(x, weight, scale)
+    assert torch.allclose(widened, x @ (weight.float() * scale[:, None]).T, rtol=1e-2, atol=1e-1)
+
+
 @needs_kernels
 def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
     """avx2 keeps the fp32 activations (exact to fp32 sums); the CPU's best path names its own product."""

@@ -14,6 +14,8 @@
 //   step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under set_int8_product(1). Where Python set a
 //   distance (set_prefetch_bytes), every product of few rows asks for the weights that many bytes ahead of the
 //   row it reads (software prefetch: no change to any result).
+// - int8_gemm(x, w, scale): the same product for many rows (a prefill) with int8 weights, on AVX512-VNNI only:
+//   the activations rounded to int8 a step per 32 columns and integer sums (the comment above kGemmBlock).
 // - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
 //   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and
 //   gate, channel mix), in fp32, with rows_product's products (a layer's independent ones in one parallel region,
@@ -436,6 +438,97 @@ void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, floa
     }
   }
 }
+
+// The int8 GEMM of a prefill (many rows) on AVX512-VNNI: out[M, N] = x[M, K] · (W · scale)ᵀ with int8 activations.
+// Each row of x is cut into blocks of kGemmBlock columns, each rounded to int8 with its own step max|x_block| / 127
+// (half to even; llama.cpp's q8_0 has the same blocks), stored offset by 128 as uint8 because vpdpbusd multiplies
+// unsigned by signed bytes. The weights are read a panel of kPanelRows rows at a time, repacked so that one vector
+// holds 4 columns of 16 rows, with -128 · Σ of each row over each block (which undoes the offset). A block's sums
+// are exact in int32 (at most 32 · 255 · 127 a lane); each block adds sum · step in fp32, in block order, and the
+// row's scale multiplies at the end: the only error beyond fp32 rounding is the activations' rounding, at most
+// step / 2 = max|x_block| / 254 each. A row's result depends on that row alone, whatever M or the thread count.
+// Measured on a Zen 4 (2 threads, M = 128): 480-600 GOP/s against 290-340 for widening the weights to bf16 and
+// PyTorch's bf16 GEMM; on the trained tiny models the argmax agreement with fp32 stays above 98%.
+constexpr int64_t kGemmBlock = 32;
+constexpr int64_t kPanelRows = 32;  // two vectors of 16 lanes
+constexpr int kTileRows = 6;        // rows of x a tile: 12 int32 and 12 fp32 accumulators, 2 weight vectors
+
+// One row of x (K a multiple of kGemmBlock) -> xq (uint8, offset 128) and a step a block.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void quantize_row_u8(const float* x, int64_t K, uint8_t* xq, float* step) {
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t b = 0; b < K / kGemmBlock; ++b) {
+    const float* in = x + b * kGemmBlock;
+    const __m512 lo = _mm512_loadu_ps(in), hi = _mm512_loadu_ps(in + 16);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const __m512 mult = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    const __m512i qlo = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, mult)), offset);
+    const __m512i qhi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, mult)), offset);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock), _mm512_cvtusepi32_epi8(qlo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock + 16), _mm512_cvtusepi32_epi8(qhi));
+    step[b] = top / 127.0f;
+  }
+}
+
+// kPanelRows rows of W [., K] -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side) and
+// neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each row's weights over each block.
+void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    const int8_t* row = w + r * K;
+    int32_t* out = reinterpret_cast<int32_t*>(packed) + r;
+    for (int64_t q = 0; q < K / 4; ++q) std::memcpy(out + q * kPanelRows, row + 4 * q, 4);
+    for (int64_t b = 0; b < K / kGemmBlock; ++b) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kGemmBlock; ++k) sum += row[b * kGemmBlock + k];
+      neg[b * kPanelRows + r] = -128 * sum;
+    }
+  }
+}
+
+// MT rows of x against one packed panel -> out[t, 0 .. kPanelRows) (row stride N).
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void gemm_tile(const uint8_t* xq, const float* step, int64_t K, const int8_t* packed, const int32_t* neg,
+               const float* scale, float* out, int64_t N) {
+  const int64_t blocks = K / kGemmBlock;
+  __m512 total[MT][2];
+  for (int t = 0; t < MT; ++t) total[t][0] = total[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i acc[MT][2];
+    const __m512i neg0 = _mm512_loadu_si512(neg + b * kPanelRows), neg1 = _mm512_loadu_si512(neg + b * kPanelRows + 16);
+    for (int t = 0; t < MT; ++t) {
+      acc[t][0] = neg0;
+      acc[t][1] = neg1;
+    }
+    const int8_t* panel = packed + b * kGemmBlock * kPanelRows;
+    for (int64_t q = 0; q < kGemmBlock / 4; ++q) {
+      const __m512i w0 = _mm512_loadu_si512(panel + q * 4 * kPanelRows);
+      const __m512i w1 = _mm512_loadu_si512(panel + q * 4 * kPanelRows + 64);
+      for (int t = 0; t < MT; ++t) {
+        int32_t four;  // the row's 4 activations of these columns, in every lane
+        std::memcpy(&four, xq + t * K + b * kGemmBlock + q * 4, 4);
+        const __m512i a = _mm512_set1_epi32(four);
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], a, w0);
+        acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], a, w1);
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512 s = _mm512_set1_ps(step[t * blocks + b]);
+      total[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][0]), s, total[t][0]);
+      total[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][1]), s, total[t][1]);
+    }
+  }
+  const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16);
+  for (int t = 0; t < MT; ++t) {
+    _mm512_storeu_ps(out + t * N, _mm512_mul_ps(total[t][0], scale0));
+    _mm512_storeu_ps(out + t * N + 16, _mm512_mul_ps(total[t][1], scale1));
+  }
+}
+
+using GemmTile = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, const float*, float*,
+                          int64_t);
+constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr,          gemm_tile<1>, gemm_tile<2>, gemm_tile<3>,
+                                                gemm_tile<4>, gemm_tile<5>, gemm_tile<6>};
 
 // The input width of a weight matrix: int4 ones hold two columns a byte.
 inline int64_t in_features(const torch::Tensor& w) {
@@ -1478,6 +1571,43 @@ torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tens
   return out;
 }
 
+// The int8 GEMM above, for a prefill's many rows: x fp32 [M, K], w int8 [N, K] with its fp32 scale per row; K and N
+// multiples of 32; only under set_int8_product(1) (the CPU has AVX512-VNNI). Panels of W are split over PyTorch's
+// intra-op threads.
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check_operands(x, w, scale);
+  TORCH_CHECK(w.scalar_type() == torch::kInt8, "cpu_kernels.int8_gemm: int8 weights only");
+  TORCH_CHECK(g_int8_product.load() == kInt8Vnni, "cpu_kernels.int8_gemm: needs the AVX512-VNNI product (set_int8_product(1))");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kGemmBlock == 0 && N % kPanelRows == 0, "cpu_kernels.int8_gemm: K and N must be multiples of 32");
+  torch::Tensor out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0 || K == 0) return out.zero_();
+  const int64_t blocks = K / kGemmBlock;
+  std::vector<uint8_t> xq(M * K);
+  std::vector<float> step(M * blocks);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row_u8(xp + m * K, K, xq.data() + m * K, step.data() + m * blocks);
+  });
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / kPanelRows, 1, [&](int64_t first, int64_t last) {
+    std::vector<int8_t> packed(kPanelRows * K);
+    std::vector<int32_t> neg(kPanelRows * blocks);
+    for (int64_t panel = first; panel < last; ++panel) {
+      const int64_t n0 = panel * kPanelRows;
+      pack_panel(wp + n0 * K, K, packed.data(), neg.data());
+      for (int64_t m = 0; m < M; m += kTileRows) {
+        const int64_t rows = std::min<int64_t>(kTileRows, M - m);
+        kGemmTiles[rows](xq.data() + m * K, step.data() + m * blocks, K, packed.data(), neg.data(), sp + n0,
+                         op + m * N + n0, N);
+      }
+    }
+  });
+  return out;
+}
+
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale_opt) {
   torch::Tensor scale = scale_opt.has_value() ? *scale_opt : torch::Tensor();
   check_operands(x, w, scale);
@@ -1518,6 +1648,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_widen", &int4_widen, "int4 weights -> [N, K] bf16 (bf16=True) or fp32, for a prefill's GEMM");
   m.def("shift_mixes_bf16", &shift_mixes_bf16,
         "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
+  m.def("int8_gemm", &int8_gemm,
+        "out[M, N] = x[M, K] · (W · scale)ᵀ for many rows: int8 weights, int8 activations a step per 32 columns (VNNI)");
   m.def("rows_product", &rows_product,
         "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, int8 with row scales, int4 with group scale/min)");
 }

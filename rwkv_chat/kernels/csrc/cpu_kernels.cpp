@@ -470,19 +470,62 @@ void quantize_row_u8(const float* x, int64_t K, uint8_t* xq, float* step) {
   }
 }
 
-// kPanelRows rows of W [., K] -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side) and
-// neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each row's weights over each block.
-void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
-  for (int64_t r = 0; r < kPanelRows; ++r) {
-    const int8_t* row = w + r * K;
-    int32_t* out = reinterpret_cast<int32_t*>(packed) + r;
-    for (int64_t q = 0; q < K / 4; ++q) std::memcpy(out + q * kPanelRows, row + 4 * q, 4);
-    for (int64_t b = 0; b < K / kGemmBlock; ++b) {
-      int32_t sum = 0;
-      for (int64_t k = 0; k < kGemmBlock; ++k) sum += row[b * kGemmBlock + k];
-      neg[b * kPanelRows + r] = -128 * sum;
-    }
+// 16 vectors of 16 int32 (rows) -> their transpose, in place: v[j] holds element j of every input row.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void transpose16(__m512i* v) {
+  __m512i t[16], r[16];
+  for (int i = 0; i < 8; ++i) {  // lane L of t[2i]: rows 2i, 2i + 1 at columns 4L, 4L + 1; of t[2i + 1]: 4L + 2, 4L + 3
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
   }
+  for (int g = 0; g < 4; ++g) {  // lane L of r[4g + j]: rows 4g .. 4g + 3 at column 4L + j
+    r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // t[j]: rows 0-7 at columns j and 8 + j, t[4 + j]: at 4 + j and 12 + j; t[8 + ...]: rows 8-15
+    t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    v[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+    v[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
+    v[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+
+// kPanelRows rows of W [., K] -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side),
+// 16 rows by 16 column quads at a time, and neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each row's weights over
+// each block (from the packed panel: vpdpbusd of all-ones bytes sums 4 weights a lane).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
+  const int64_t quads = K / 4;
+  int32_t* out = reinterpret_cast<int32_t*>(packed);
+  for (int64_t half = 0; half < kPanelRows / 16; ++half) {
+    const int8_t* rows = w + half * 16 * K;
+    int64_t q = 0;
+    for (; q + 16 <= quads; q += 16) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(rows + r * K + 4 * q);
+      transpose16(v);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (q + j) * kPanelRows + half * 16, v[j]);
+    }
+    for (; q < quads; ++q)
+      for (int r = 0; r < 16; ++r) std::memcpy(out + q * kPanelRows + half * 16 + r, rows + r * K + 4 * q, 4);
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t b = 0; b < K / kGemmBlock; ++b)
+    for (int64_t half = 0; half < kPanelRows / 16; ++half) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t q = b * kGemmBlock / 4; q < (b + 1) * kGemmBlock / 4; ++q)
+        sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(out + q * kPanelRows + half * 16));
+      _mm512_storeu_si512(neg + b * kPanelRows + half * 16, _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                                           _mm512_slli_epi32(sum, 7)));
+    }
 }
 
 // MT rows of x against one packed panel -> out[t, 0 .. kPanelRows) (row stride N).

@@ -21,7 +21,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Once upon a time, there wa
         "visit her grandmother, as it had been a while since they had seen each other.")
 IDS = list(TEXT.encode())  # a token is a byte
 # The agreement tests read the story on to 1,813 bytes: at 383 an argmax flip is 0.26% and int8's RWKV-5.2 share
-# (0.9862 over the whole story on the Zen 4, 0.9817 over the first 383 bytes, 0.979 there on an Intel host with AMX)
+# (0.9862 over the whole story on the Zen 4, 0.9817 over the first 383 bytes, 0.979 there on an Intel host with AMX;
+# 0.9857 over the story with the VNNI GEMM's int8 activations in the prefill, kernels/quant.py)
 # could not be told from the 98% bar; over 1,813 positions one binomial standard deviation is about 0.003.
 STORY = TEXT + (
     " Her grandmother lived on the other side of the wood, in a small house with a green door and a garden full of "

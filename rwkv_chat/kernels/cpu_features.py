@@ -14,7 +14,7 @@ What this module promises:
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
   `int8_dot` names the C++ kernels' int8 and int4 products of few rows: "avx512_vnni" (integer dot products on
   int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
-  `int8_gemm` says whether int8 products of many rows (a prefill) take the C++ VNNI GEMM: VNNI without AMX.
+  `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: VNNI without AMX.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all). Intel CPUs get PREFETCH_INTEL: on the Xeon measured (2 cores)
   the products then read their weights at ~85% of a plain read instead of ~65%, because a core's hardware prefetch
@@ -79,7 +79,7 @@ class CpuFeatures:
 
     @property
     def int8_gemm(self) -> bool:
-        """A product of many rows with int8 weights runs on the C++ kernels' VNNI GEMM (int8 activations) here:
+        """A product of many rows with int8 or int4 weights runs on the C++ kernels' VNNI GEMM (int8 activations) here:
         AVX512-VNNI without AMX. Measured at 2 threads, 128 rows: on a Zen 4 it ran 1.6-1.8x the widened bf16
         GEMM; on a Xeon with AMX the widened GEMM on AMX's bf16 tiles ran as fast (328-542 GOP/s against 316-559),
         so AMX CPUs keep it (no rounding of the activations to int8)."""

@@ -10,9 +10,10 @@ What this module promises:
   AVX512-VNNI the activations are rounded to int16, one step per row, and the products are integer dot
   products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
-  AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM). `int8_gemm` is the product of
-  many rows (a prefill) with an int8 weight on CPUs with AVX512-VNNI (`runs_int8_gemm` says where): int8
-  activations, a step per 32 columns, integer sums; its error bound is in the C++ file. The extension's
+  AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
+  `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI and no AMX
+  (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
+  file. The extension's
   `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
   `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
   runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
@@ -44,7 +45,7 @@ DISABLE_VARIABLE = "RWKV_CPU_KERNELS"
 CAPABLE = ("AVX2", "AVX512")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8: int4, packed
 INT4 = torch.int4  # the int4 format's dtype token (quant.INT4), as a model names its dtype
-GEMM_MULTIPLE = 32  # int8_gemm's blocks of columns and panels of rows
+GEMM_MULTIPLE = 32  # the GEMMs' blocks of columns and panels of rows
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module": the extension or None, once tried (process-wide build cache)
@@ -138,23 +139,27 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu" and weight.device.type == "cpu" and handles_dtype(weight.dtype)
 
 
-def runs_int8_gemm(weight: torch.Tensor) -> bool:
-    """A product of many rows with this int8 weight takes the extension's `int8_gemm`: a CPU whose features pick it
-    (cpu_features' `int8_gemm`: VNNI, no AMX), the kernels built with their VNNI product picked (configure), and
-    both of the weight's sides multiples of GEMM_MULTIPLE."""
-    if not (weight.dtype == torch.int8 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[0] % GEMM_MULTIPLE == 0 and weight.shape[1] % GEMM_MULTIPLE == 0
-            and cpu_features().int8_gemm):
+def runs_gemm(weight: torch.Tensor) -> bool:
+    """A product of many rows with this int8 or int4 (uint8) weight takes the extension's `int8_gemm` /
+    `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: VNNI, no AMX), the kernels built with
+    their VNNI product picked (configure), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too;
+    int4's are whole blocks of 64 by its format)."""
+    if not (weight.dtype in (torch.int8, torch.uint8) and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % GEMM_MULTIPLE == 0 and cpu_features().int8_gemm):
+        return False
+    if weight.dtype == torch.int8 and weight.shape[1] % GEMM_MULTIPLE != 0:
         return False
     module = kernels()
     return module is not None and module.int8_product() == INT8_PRODUCTS["avx512_vnni"]
 
 
-def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (weight * scale)ᵀ -> fp32 [..., N] for many rows, int8 activations a step per 32 columns (the
-    C++ file gives the arithmetic and its bound). Only where `runs_int8_gemm(weight)`."""
+def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ Wᵀ -> fp32 [..., N] for many rows: int8 weights with their per-row `scale`, or int4 (uint8
+    [N, K/2]) with their (scale, min) groups as `scale`; int8 activations, a step per 32 columns (the C++ file
+    gives the arithmetic and its bound). Only where `runs_gemm(weight)`."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    return kernels().int8_gemm(rows, weight, scale).reshape(*x.shape[:-1], weight.shape[0])
+    product = kernels().int8_gemm if weight.dtype == torch.int8 else kernels().int4_gemm
+    return product(rows, weight, scale).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,12 +16,12 @@ What this module promises:
   kernels when Triton is present; anywhere else but CPUs by dequantising, which is slow but exact to the
   stored weights.
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
-  (cpu_kernels.py) when they are built. Many rows (a prefill) of an int8 weight take the C++ int8 GEMM on CPUs
-  with AVX512-VNNI and no AMX (cpu_kernels.int8_gemm: the activations rounded to int8, a step per 32 columns,
-  as llama.cpp's q8_0; 1.6-1.8x the widened bf16 GEMM on a Zen 4). Other many-row products take PyTorch's GEMM
+  (cpu_kernels.py) when they are built. Many rows (a prefill) of an int8 or int4 weight take the C++ GEMM on CPUs
+  with AVX512-VNNI and no AMX (cpu_kernels.gemm: the activations rounded to int8, a step per 32 columns, as
+  llama.cpp's q8_0; 1.6-1.8x the widened bf16 GEMM on a Zen 4). Other many-row products take PyTorch's GEMM
   in the dtype this CPU multiplies fastest (cpu_features.py): bf16 inputs where the CPU has bf16 units
   (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM does not run (exact: |q| ≤ 127 is a
-  bf16 integer) with the row scales applied to the fp32 result, int4 ones dequantised to bf16 (q * scale + min
+  bf16 integer) with the row scales applied to the fp32 result, int4 ones dequantised to bf16 there (q * scale + min
   rounded to bf16: 8 significant bits, far finer than the 4-bit steps); elsewhere bf16/fp16 weights are widened
   to fp32 and int8/int4 ones dequantised to fp32, because a half-precision GEMM without such units is several
   times slower than the fp32 one. int4 runs on CPUs only (`linear` refuses it elsewhere; the loader says so
@@ -30,7 +30,9 @@ What this module promises:
   bf16/fp16 one without units for it) streams through the C++ kernels up to STREAM_ROWS rows, not only below
   MANY_ROWS: a step reads each weight once, so widening it for a GEMM costs more than the arithmetic it saves
   (the 0.1B head, 65,536 x 768 int8, on a Zen 4, 2 threads: 16 rows 9.6 ms streamed against 37.9 widened; 64
-  rows 46 against 53).
+  rows 46 against 53), and so that each chat's logits are the bits it gets decoded alone. From STREAM_ROWS rows
+  `linear` takes over (int8 / int4 on the VNNI GEMM where it runs: the head at 64 rows 13.8 ms; it would win from
+  ~16 rows, 7.1 against 5.4 ms, at the price of those bits).
 
 It knows nothing of RWKV: which matrices are quantised is the loader's choice.
 """
@@ -173,14 +175,16 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     if weight.dtype == INT4_STORAGE:
         if scale is None:
             raise ValueError("an int4 weight needs its (scale, min) groups")
+        if many and cpu_kernels.tried() and cpu_kernels.runs_gemm(weight):
+            return cpu_kernels.gemm(x, weight, scale)
         wide = many_rows_dtype(weight) if many else torch.float32
         out = F.linear(x2.to(wide), widen_int4(weight, scale, wide)).float()
         return out.reshape(*shape, weight.shape[0])
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")
-        if many and cpu_kernels.tried() and cpu_kernels.runs_int8_gemm(weight):
-            out = cpu_kernels.int8_gemm(x2, weight, scale)
+        if many and cpu_kernels.tried() and cpu_kernels.runs_gemm(weight):
+            out = cpu_kernels.gemm(x2, weight, scale)
         elif many and many_rows_dtype(weight) == torch.bfloat16:
             out = F.linear(x2.to(torch.bfloat16), weight.to(torch.bfloat16)).float().mul_(scale)
         elif many:

@@ -152,7 +152,7 @@ def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, rows, n, k):
     x[-1, 40:45] *= 50.0  # a block with an outlier
     weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, generator=gen) / 50
-    got = cpu_kernels.int8_gemm(x, weight, scale).double()
+    got = cpu_kernels.gemm(x, weight, scale).double()
     q, step = int8_blocks(x)
     w = weight.double().reshape(n, -1, 32)
     per_block = torch.einsum("mbk,nbk->mnb", q.double(), w) * step.double()[:, None, :]  # exact integer sums
@@ -175,11 +175,11 @@ def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot):
     weight = torch.randint(-127, 128, (320, 768), generator=gen, dtype=torch.int8)
     scale = torch.rand(320, generator=gen)
     x = torch.randn(23, 768, generator=gen)
-    batched = cpu_kernels.int8_gemm(x, weight, scale)
+    batched = cpu_kernels.gemm(x, weight, scale)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = [cpu_kernels.int8_gemm(x[row:row + 1], weight, scale)[0] for row in range(23)]
+        alone = [cpu_kernels.gemm(x[row:row + 1], weight, scale)[0] for row in range(23)]
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(alone[row], batched[row]) for row in range(23))
@@ -197,18 +197,18 @@ def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot):
     weight = torch.randint(-127, 128, (64, 96), generator=gen, dtype=torch.int8)
     scale = torch.rand(64, generator=gen)
     x = torch.randn(2, quant.MANY_ROWS, 96, generator=gen)
-    assert cpu_kernels.runs_int8_gemm(weight) == cpu_features().int8_gemm
-    took_gemm = torch.equal(quant.linear(x, weight, scale), cpu_kernels.int8_gemm(x, weight, scale))
+    assert cpu_kernels.runs_gemm(weight) == cpu_features().int8_gemm
+    took_gemm = torch.equal(quant.linear(x, weight, scale), cpu_kernels.gemm(x, weight, scale))
     assert took_gemm == cpu_features().int8_gemm  # else widened: the activations not rounded to int8
     assert quant.linear(x, weight, scale).shape == (2, quant.MANY_ROWS, 64)
     odd = torch.randint(-127, 128, (64, 40), generator=gen, dtype=torch.int8)
-    assert not cpu_kernels.runs_int8_gemm(odd) and not cpu_kernels.runs_int8_gemm(weight[:48])
+    assert not cpu_kernels.runs_gemm(odd) and not cpu_kernels.runs_gemm(weight[:48])
     with pytest.raises(RuntimeError, match="multiples of 32"):
-        cpu_kernels.int8_gemm(torch.randn(20, 40), odd, scale)
+        cpu_kernels.gemm(torch.randn(20, 40), odd, scale)
     int8_dot("avx2")
-    assert not cpu_kernels.runs_int8_gemm(weight)
+    assert not cpu_kernels.runs_gemm(weight)
     with pytest.raises(RuntimeError, match="VNNI"):
-        cpu_kernels.int8_gemm(x, weight, scale)
+        cpu_kernels.gemm(x, weight, scale)
     widened = quant.linear(x, weight, scale)
     assert torch.allclose(widened, x @ (weight.float() * scale[:, None]).T, rtol=1e-2, atol=1e-1)
 

@@ -13,7 +13,7 @@ import torch
 
 from rwkv_chat import load_model
 from rwkv_chat.kernels import cpu_kernels, quant
-from rwkv_chat.kernels.cpu_features import detected
+from rwkv_chat.kernels.cpu_features import cpu_features, detected
 from rwkv_chat.loading.loader import ModelLoadError, resolve_device_dtype
 from rwkv_chat.models.layers import Projection
 
@@ -134,17 +134,55 @@ def test_the_kernels_widen_int4_as_the_dequantisation_does(dtype):
     assert ((got.double() - expected).abs() <= ulp * expected.abs() + 1e-12).all()
 
 
+def rounded_in_blocks_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM's activations (csrc/cpu_kernels.cpp, above kGemmBlock): int8_blocks' rounding in blocks of 32."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    mult = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    step = (amax.double() / 127).expand_as(blocks)
+    return (torch.round(blocks * mult).double() * step).reshape(x.shape), step.reshape(x.shape)
+
+
+@pytest.mark.skipif("avx512" not in PATHS, reason="needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 6, 7, 37])
+@pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192)])
+def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, rows, n, k, group):
+    """A prefill's GEMM: the product of the activations rounded in blocks of 32 with the dequantised weights (the
+    scales' and the mins' terms alike), up to fp32 sums; so within step / 2 an activation of the exact product;
+    each row's bits the same alone."""
+    assert int8_dot("avx512") == "avx512_vnni"
+    packed, groups = random_int4(n, k, group, seed=rows * 100 + n)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+    x[0, :32] = 0.0  # a block of zeros
+    got = cpu_kernels.kernels().int4_gemm(x, packed, groups).double()
+    weight = quant.dequantize_int4(packed, groups, torch.float64)
+    magnitude = (x.double().abs() @ weight.abs().T).max().item()
+    rounded, step = rounded_in_blocks_of_32(x)
+    assert (got - rounded @ weight.T).abs().max().item() <= 1e-5 * magnitude
+    bound = step / 2 @ weight.abs().T + 1e-5 * magnitude
+    assert ((got - x.double() @ weight.T).abs() <= bound).all()
+    alone = cpu_kernels.kernels().int4_gemm(x[-1:], packed, groups).double()
+    assert torch.equal(alone[0], got[-1])
+
+
+@pytest.mark.parametrize("n", [96, 100])  # 100 rows: not whole panels of 32 for the GEMM
 @pytest.mark.parametrize("path", ["avx512", "avx512_bf16"])
-def test_many_rows_multiply_the_widened_weights(int8_dot, path):
-    """A prefill's product: the weights dequantised to bf16 where the CPU has bf16 units (the inputs rounded to
-    bf16 too), else to fp32."""
+def test_many_rows_take_the_gemm_or_multiply_the_widened_weights(int8_dot, path, n):
+    """A prefill's product: the GEMM where it runs (cpu_kernels.runs_gemm: int8 activations in blocks of 32);
+    else the weights dequantised to bf16 where the CPU has bf16 units (the inputs rounded to bf16 too), else to
+    fp32."""
     int8_dot(path)
-    packed, groups = random_int4(96, 256, 64, seed=3)
+    packed, groups = random_int4(n, 256, 64, seed=3)
     x = torch.randn(40, 256)
     got = quant.linear(x, packed, groups).double()
     weight = quant.dequantize_int4(packed, groups)
     magnitude = (x.double().abs() @ weight.double().abs().T).max().item()
-    if path == "avx512_bf16" and detected().avx512_bf16:
+    assert cpu_kernels.runs_gemm(packed) == (n == 96 and cpu_features().int8_gemm)
+    if cpu_kernels.runs_gemm(packed):
+        rounded, _ = rounded_in_blocks_of_32(x)
+        assert (got - rounded @ weight.double().T).abs().max().item() <= 1e-5 * magnitude
+    elif path == "avx512_bf16" and detected().avx512_bf16:
         expected = x.bfloat16().double() @ weight.bfloat16().double().T
         assert torch.equal(got, got.bfloat16().double())  # a bf16 GEMM ran: its results are bf16 values
         assert ((got - expected).abs() <= 2.0 ** -8 * expected.abs() + 1e-5 * magnitude).all()

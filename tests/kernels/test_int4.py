@@ -166,6 +166,23 @@ def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, rows,
     assert torch.equal(alone[0], got[-1])
 
 
+@pytest.mark.skipif("avx512" not in PATHS, reason="needs AVX512-VNNI and a C++ compiler")
+def test_the_gemms_refuse_what_they_cannot_do(int8_dot):
+    assert int8_dot("avx512") == "avx512_vnni"
+    packed, groups = random_int4(40, 128, 64, seed=4)
+    module = cpu_kernels.kernels()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        module.int4_gemm(torch.randn(20, 128), packed, groups)  # 40 rows: a part panel
+    packed, groups = random_int4(32, 128, 64, seed=4)
+    with pytest.raises(RuntimeError, match="int4 \\(uint8\\) weights only"):
+        module.int4_gemm(torch.randn(20, 128), torch.zeros(32, 128, dtype=torch.int8), torch.ones(32))
+    with pytest.raises(RuntimeError, match="int8 weights only"):
+        module.int8_gemm(torch.randn(20, 128), packed, groups)
+    int8_dot("avx2")
+    with pytest.raises(RuntimeError, match="VNNI"):
+        module.int4_gemm(torch.randn(20, 128), packed, groups)
+
+
 @pytest.mark.parametrize("n", [96, 100])  # 100 rows: not whole panels of 32 for the GEMM
 @pytest.mark.parametrize("path", ["avx512", "avx512_bf16"])
 def test_many_rows_take_the_gemm_or_multiply_the_widened_weights(int8_dot, path, n):

@@ -1681,18 +1681,25 @@ torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tens
   return out;
 }
 
+// What both GEMMs refuse (the operands as every product checks them, the weight's dtype, the VNNI product not
+// picked, rows or columns in part panels or blocks), and their zeroed output [M, N].
+torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                          torch::ScalarType dtype, const std::string& name) {
+  check_operands(x, w, scale);
+  if (w.scalar_type() != dtype) refuse(name + ": " + (dtype == torch::kInt8 ? "int8" : "int4 (uint8)") + " weights only");
+  if (g_int8_product.load() != kInt8Vnni) refuse(name + ": needs the AVX512-VNNI product (set_int8_product(1))");
+  if (x.size(1) % kGemmBlock != 0 || w.size(0) % kPanelRows != 0)
+    refuse(name + ": K and N must be multiples of 32");
+  return torch::zeros({x.size(0), w.size(0)}, x.options());
+}
+
 // The int8 GEMM above, for a prefill's many rows: x fp32 [M, K], w int8 [N, K] with its fp32 scale per row; K and N
 // multiples of 32; only under set_int8_product(1) (the CPU has AVX512-VNNI). Panels of W are split over PyTorch's
 // intra-op threads.
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  check_operands(x, w, scale);
-  TORCH_CHECK(w.scalar_type() == torch::kInt8, "cpu_kernels.int8_gemm: int8 weights only");
-  TORCH_CHECK(g_int8_product.load() == kInt8Vnni,
-              "cpu_kernels.int8_gemm: needs the AVX512-VNNI product (set_int8_product(1))");
+  torch::Tensor out = gemm_output(x, w, scale, torch::kInt8, "cpu_kernels.int8_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % kGemmBlock == 0 && N % kPanelRows == 0, "cpu_kernels.int8_gemm: K and N must be multiples of 32");
-  torch::Tensor out = torch::zeros({M, N}, x.options());
-  if (M == 0 || N == 0 || K == 0) return out;
+  if (out.numel() == 0 || K == 0) return out;
   struct Prepare {
     const int8_t* w;
     const float* scale;
@@ -1718,14 +1725,9 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 // term left the error at (x̃ - x) · q · scale, all of one sign for q · scale ≥ 0: on the trained RWKV-4 tiny model
 // the argmax agreement with fp32 fell 0.979 -> 0.968.)
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) {
-  check_operands(x, w, groups);
-  TORCH_CHECK(w.scalar_type() == torch::kByte, "cpu_kernels.int4_gemm: int4 (uint8) weights only");
-  TORCH_CHECK(g_int8_product.load() == kInt8Vnni,
-              "cpu_kernels.int4_gemm: needs the AVX512-VNNI product (set_int8_product(1))");
+  torch::Tensor out = gemm_output(x, w, groups, torch::kByte, "cpu_kernels.int4_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), n_groups = groups.size(2);
-  TORCH_CHECK(N % kPanelRows == 0, "cpu_kernels.int4_gemm: N must be a multiple of 32");
-  torch::Tensor out = torch::zeros({M, N}, x.options());
-  if (M == 0 || N == 0 || K == 0) return out;
+  if (out.numel() == 0 || K == 0) return out;
   struct Buffers {
     std::vector<int8_t> rows, packed;
     std::vector<int32_t> neg;

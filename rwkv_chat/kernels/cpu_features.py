@@ -164,4 +164,4 @@ def describe() -> str:
                 else "no software prefetch")
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
             f"int8/int4 decode products {features.int8_dot}; "
-            f"int8 prefill products {'VNNI GEMM' if features.int8_gemm else 'widened'}; {prefetch}")
+            f"int8/int4 prefill products {'VNNI GEMM' if features.int8_gemm else 'widened'}; {prefetch}")

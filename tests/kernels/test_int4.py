@@ -62,11 +62,12 @@ def test_quantisation_rounds_each_weight_to_its_groups_grid(group):
         quant.quantize_int4(torch.randn(4, 96))
 
 
-def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_blocks(x: torch.Tensor, block: int = quant.INT4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """The int4 product's activations, as its C++ comment defines them: each block of 64 columns rounded (half to
-    even) to int8 multiples of its step max|x_block| / 127, the multiplier 127 / max|x_block| computed in fp32.
-    Returns (the rounded activations in float64, each column's step)."""
-    blocks = x.reshape(x.shape[0], -1, quant.INT4_BLOCK)
+    even) to int8 multiples of its step max|x_block| / 127, the multiplier 127 / max|x_block| computed in fp32
+    (block=32: the GEMMs', csrc/cpu_kernels.cpp above kGemmBlock). Returns (the rounded activations in float64,
+    each column's step)."""
+    blocks = x.reshape(x.shape[0], -1, block)
     amax = blocks.abs().amax(dim=2, keepdim=True)
     mult = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
     step = (amax.double() / 127).expand_as(blocks)
@@ -134,15 +135,6 @@ def test_the_kernels_widen_int4_as_the_dequantisation_does(dtype):
     assert ((got.double() - expected).abs() <= ulp * expected.abs() + 1e-12).all()
 
 
-def rounded_in_blocks_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GEMM's activations (csrc/cpu_kernels.cpp, above kGemmBlock): int8_blocks' rounding in blocks of 32."""
-    blocks = x.reshape(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(dim=2, keepdim=True)
-    mult = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
-    step = (amax.double() / 127).expand_as(blocks)
-    return (torch.round(blocks * mult).double() * step).reshape(x.shape), step.reshape(x.shape)
-
-
 @pytest.mark.skipif("avx512" not in PATHS, reason="needs AVX512-VNNI and a C++ compiler")
 @pytest.mark.parametrize("rows", [1, 6, 7, 37])
 @pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192)])
@@ -158,7 +150,7 @@ def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, rows,
     got = cpu_kernels.kernels().int4_gemm(x, packed, groups).double()
     weight = quant.dequantize_int4(packed, groups, torch.float64)
     magnitude = (x.double().abs() @ weight.abs().T).max().item()
-    rounded, step = rounded_in_blocks_of_32(x)
+    rounded, step = int8_blocks(x, 32)
     assert (got - rounded @ weight.T).abs().max().item() <= 1e-5 * magnitude
     bound = step / 2 @ weight.abs().T + 1e-5 * magnitude
     assert ((got - x.double() @ weight.T).abs() <= bound).all()
@@ -197,7 +189,7 @@ def test_many_rows_take_the_gemm_or_multiply_the_widened_weights(int8_dot, path,
     magnitude = (x.double().abs() @ weight.double().abs().T).max().item()
     assert cpu_kernels.runs_gemm(packed) == (n == 96 and cpu_features().int8_gemm)
     if cpu_kernels.runs_gemm(packed):
-        rounded, _ = rounded_in_blocks_of_32(x)
+        rounded, _ = int8_blocks(x, 32)
         assert (got - rounded @ weight.double().T).abs().max().item() <= 1e-5 * magnitude
     elif path == "avx512_bf16" and detected().avx512_bf16:
         expected = x.bfloat16().double() @ weight.bfloat16().double().T

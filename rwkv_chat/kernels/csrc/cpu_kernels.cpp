@@ -600,11 +600,16 @@ void gemm_tile(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
       }
     }
   }
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 scale0 = INT4 ? one : _mm512_loadu_ps(p.scale), scale1 = INT4 ? one : _mm512_loadu_ps(p.scale + 16);
+  if constexpr (!INT4) {  // int8: the row scales
+    const __m512 scale0 = _mm512_loadu_ps(p.scale), scale1 = _mm512_loadu_ps(p.scale + 16);
+    for (int t = 0; t < MT; ++t) {
+      total[t][0] = _mm512_mul_ps(total[t][0], scale0);
+      total[t][1] = _mm512_mul_ps(total[t][1], scale1);
+    }
+  }
   for (int t = 0; t < MT; ++t) {
-    _mm512_storeu_ps(out + t * N, _mm512_mul_ps(total[t][0], scale0));
-    _mm512_storeu_ps(out + t * N + 16, _mm512_mul_ps(total[t][1], scale1));
+    _mm512_storeu_ps(out + t * N, total[t][0]);
+    _mm512_storeu_ps(out + t * N + 16, total[t][1]);
   }
 }
 
@@ -1682,7 +1687,8 @@ torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tens
 }
 
 // What both GEMMs refuse (the operands as every product checks them, the weight's dtype, the VNNI product not
-// picked, rows or columns in part panels or blocks), and their zeroed output [M, N].
+// picked, rows or columns in part panels or blocks), and their output [M, N] (not initialised: every tile writes
+// its part).
 torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                           torch::ScalarType dtype, const std::string& name) {
   check_operands(x, w, scale);
@@ -1690,7 +1696,7 @@ torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const 
   if (g_int8_product.load() != kInt8Vnni) refuse(name + ": needs the AVX512-VNNI product (set_int8_product(1))");
   if (x.size(1) % kGemmBlock != 0 || w.size(0) % kPanelRows != 0)
     refuse(name + ": K and N must be multiples of 32");
-  return torch::zeros({x.size(0), w.size(0)}, x.options());
+  return torch::empty({x.size(0), w.size(0)}, x.options());
 }
 
 // The int8 GEMM above, for a prefill's many rows: x fp32 [M, K], w int8 [N, K] with its fp32 scale per row; K and N
@@ -1699,7 +1705,7 @@ torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const 
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   torch::Tensor out = gemm_output(x, w, scale, torch::kInt8, "cpu_kernels.int8_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  if (out.numel() == 0 || K == 0) return out;
+  if (out.numel() == 0 || K == 0) return out.zero_();
   struct Prepare {
     const int8_t* w;
     const float* scale;
@@ -1727,7 +1733,7 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) {
   torch::Tensor out = gemm_output(x, w, groups, torch::kByte, "cpu_kernels.int4_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), n_groups = groups.size(2);
-  if (out.numel() == 0 || K == 0) return out;
+  if (out.numel() == 0 || K == 0) return out.zero_();
   struct Buffers {
     std::vector<int8_t> rows, packed;
     std::vector<int32_t> neg;

@@ -16,6 +16,9 @@ What this module promises:
   row's launch settings come from GEMV_CONFIGS, by weight format.
   Results come back as split-K partial sums [S, M, N] fp32; the consumers (`ln_mix`, `wkv*_decode`,
   `ffn_act`) add the S partials while loading, so no extra reduction pass runs.
+- For prefill, beside the scans: `shift_mix` (a prompt's token-shift mixes, one pass, in the GEMMs' input dtype)
+  and `sigmoid_gate` ([residual +] sigmoid(r) * y in fp32 from inputs of any float dtype, one pass); the RWKV-4
+  scan reads k and v as a bf16/fp16 GEMM gave them.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests).
 
 It knows the RWKV layer's arithmetic, not the model's structure.
@@ -321,6 +324,33 @@ if AVAILABLE:
         tl.store(OUT + b * F + offs, (k * k).to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _shift_mix_kernel(XX, PREV, MIX, OUT, T, C, P: tl.constexpr, BLOCK: tl.constexpr):
+        """Token t's P token-shift mixes, BLOCK channels a program: XX[t] * m + XX[t-1] * (1 - m) for each mix row
+        m (PREV stands before token 0), in OUT's dtype ([P, T, C])."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < C
+        x = tl.load(XX + t * C + offs, mask=ok, other=0.0)
+        before = tl.load(XX + (t - 1) * C + offs, mask=ok & (t > 0), other=0.0)
+        first = tl.load(PREV + offs, mask=ok & (t == 0), other=0.0)
+        shifted = tl.where(t > 0, before, first)
+        for p in tl.static_range(P):
+            m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
+            tl.store(OUT + (p * T + t) * C + offs, (x * m + shifted * (1.0 - m)).to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _sigmoid_gate_kernel(R, Y, X, OUT, N, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT = [X +] sigmoid(R) * Y over N elements, in fp32 whatever the inputs' dtypes, stored in OUT's."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
+        out = 1.0 / (1.0 + tl.exp(-r)) * y  # sigmoid(r), then the product: torch's order
+        if HAS_X:
+            out = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) + out
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _row(tile, rows, q):
         """Row q of a register tile (rows run down axis 0, which stays inside each thread)."""
         return tl.sum(tl.where(rows[:, None] == q, tile, 0.0), axis=0)
@@ -352,12 +382,12 @@ if AVAILABLE:
         u = tl.load(U + offs, mask=ok, other=0.0)
         cell = (first + rows)[:, None] * C + offs[None, :]
         m = (rows[:, None] < n) & ok[None, :]
-        k_tile = tl.load(K + cell, mask=m, other=0.0)
-        v_tile = tl.load(V + cell, mask=m, other=0.0)
+        k_tile = tl.load(K + cell, mask=m, other=0.0).to(tl.float32)
+        v_tile = tl.load(V + cell, mask=m, other=0.0).to(tl.float32)
         for t0 in range(0, n, UNROLL):
             m_next = ((t0 + UNROLL + rows)[:, None] < n) & ok[None, :]
-            k_next = tl.load(K + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
-            v_next = tl.load(V + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0)
+            k_next = tl.load(K + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0).to(tl.float32)
+            v_next = tl.load(V + (t0 + UNROLL) * C + cell, mask=m_next, other=0.0).to(tl.float32)
             y_tile = tl.zeros((UNROLL, BLOCK), dtype=tl.float32)
             for q in tl.static_range(UNROLL):
                 live = t0 + q < n
@@ -635,6 +665,31 @@ def ffn_act(k_parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def shift_mix(xx: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """A prompt's token-shift mixes in one pass: xx [T, C] fp32 (the normalised rows), prev [C] (the row before
+    them), mix [P, C] -> [P, T, C] in out_dtype, xx * m + shifted * (1 - m) for each mix row m."""
+    t, c = xx.shape
+    p = mix.shape[0]
+    out = torch.empty((p, t, c), device=xx.device, dtype=out_dtype)
+    block = 1024
+    _shift_mix_kernel[(t, triton.cdiv(c, block))](xx.contiguous(), prev.contiguous(), mix.contiguous(), out, t, c,
+                                                  P=p, BLOCK=block, num_warps=4)
+    return out
+
+
+def sigmoid_gate(r: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[residual +] sigmoid(r) * y, computed in fp32 from inputs of any float dtype (the same shape), in one pass;
+    the result in out_dtype."""
+    out = torch.empty(y.shape, device=y.device, dtype=out_dtype)
+    n = out.numel()
+    block = 2048
+    x = residual.contiguous() if residual is not None else out
+    _sigmoid_gate_kernel[(triton.cdiv(n, block),)](r.contiguous(), y.contiguous(), x, out, n,
+                                                   HAS_X=residual is not None, BLOCK=block, num_warps=8)
+    return out
+
+
 SCAN_UNROLL = 16
 SCAN_BLOCK = 32  # channels per program of the RWKV-4 scan (one warp)
 SCAN_PROGRAMS = 4096  # the RWKV-4 scan cuts a prompt into chunks until about this many programs run at once
@@ -653,7 +708,8 @@ def wkv4_scan_chunk(t: int, c: int) -> int:
 
 
 def wkv4_scan(w, u, k, v, state, chunk: int | None = None):
-    """Prefill of one sequence: k, v [T, C] fp32 contiguous; state [3, C] (aa, bb, pp).
+    """Prefill of one sequence: k, v [T, C] contiguous, fp32 or a product's bf16/fp16 (widened as they are read);
+    state [3, C] (aa, bb, pp).
 
     A token-by-token recurrence has only C lanes of parallel work (2,048 at 1.5B: a few warps per SM, each
     waiting on its own chain of exps), so the T tokens are cut into chunks (`chunk` tokens, by default
@@ -664,7 +720,7 @@ def wkv4_scan(w, u, k, v, state, chunk: int | None = None):
 
     Returns (wkv [T, C] fp32, new state [3, C])."""
     t, c = k.shape
-    y = torch.empty_like(k)
+    y = torch.empty((t, c), device=k.device, dtype=torch.float32)
     new_state = torch.empty_like(state)
     state = state.contiguous()
     chunk = wkv4_scan_chunk(t, c) if chunk is None else max(1, min(int(chunk), t))

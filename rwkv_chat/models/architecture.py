@@ -72,6 +72,9 @@ class Architecture:
     cpu_kernel_id: int | None = None  # which recurrence cpu_kernels.decode_layer runs; None: the PyTorch step
     triton_decode: bool = False  # whether `triton_decode_wkv` exists (else CUDA runs the graphed PyTorch step)
     cpu_wkv_chunk: int  # tokens per chunk of the PyTorch prefill form on CPUs
+    # whether `prefill_wkv` takes the time-mix products as the GEMMs gave them (bf16/fp16) when its scans are
+    # Triton's (which widen while reading); else they come widened to fp32
+    prefill_takes_gemm_dtype: bool = False
     # time-mix projections (indices into `TimeMixPack.projections`) that the last layer of a prefill computes
     # for every token (the recurrence reads them); the others only for the last two tokens
     projections_for_every_token: tuple[int, ...]
@@ -141,9 +144,10 @@ class Architecture:
 
     def prefill_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, scans, chunk: int,
                     kept: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """T tokens of one sequence: projections fp32 [T or 2, A] -> (the output projection's input for the
-        `kept` rows, new memory). `scans` is a module with the token-by-token scans (Triton or C++), or None
-        for the chunked PyTorch forms."""
+        """T tokens of one sequence: projections [T or 2, A] (fp32, or as `prefill_takes_gemm_dtype` says) -> (the
+        output projection's input for the `kept` rows, new memory: fp32, or in the projections' dtype when they
+        came in it). `scans` is a module with the token-by-token scans (Triton or C++), or None for the chunked
+        PyTorch forms."""
         raise NotImplementedError
 
     def pack_fused_time_mix(self, att: nn.Module, config) -> FusedTimeMixPack | None:

@@ -109,6 +109,7 @@ class Rwkv4(Architecture):
     triton_decode = True
     cpu_wkv_chunk = 32  # v4's chunks cost one [C, L, L] table product: longer ones measured faster on CPU
     projections_for_every_token = (1, 2)  # k and v; r only where the output is kept
+    prefill_takes_gemm_dtype = True  # Triton's scan widens k and v as it reads them, its gate r
 
     def identifies(self, state_dict):
         return not any(".ln_x." in key for key in state_dict)
@@ -160,6 +161,9 @@ class Rwkv4(Architecture):
             out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
                                                         wkv[0:1], wkv[1:2], wkv[2:3], chunk)
             out, new_wkv = out[0], torch.cat([aa, bb, pp])
+        gate = getattr(scans, "sigmoid_gate", None)  # Triton's: one pass, sigmoid in fp32 from r as it came
+        if gate is not None:
+            return gate(r, out[kept], out_dtype=r.dtype), new_wkv
         return torch.sigmoid(r) * out[kept], new_wkv
 
 

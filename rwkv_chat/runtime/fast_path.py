@@ -17,7 +17,9 @@ What this module promises:
   call into the C++ kernels (cpu_kernels.py), whose products read the weights as stored with fp32 activations,
   and the PyTorch step runs where they did not build. Prefill is a few large matrix products per layer plus
   the wkv recurrence: scans token by token in Triton (CUDA) or in the C++ kernels (CPU), else the
-  chunked-parallel PyTorch forms of parallel_wkv.py.
+  chunked-parallel PyTorch forms of parallel_wkv.py. With Triton, a prompt's element-wise work between the
+  products is a few one-pass kernels (token-shift mixes, gates with the residual) and bf16/fp16 GEMM results
+  stay in their dtype where their reader widens them (relu² squares them exactly and rounds once, as before).
 
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
@@ -283,38 +285,47 @@ class FastRunner:
 
     def _mixed(self, xx, prev, mix):
         """Token-shift mixes of the projection inputs: xx [T, C], mix [P, C] -> [P, T, C] in the matrix dtype."""
+        if self.use_triton:
+            return triton_kernels.shift_mix(xx, prev, mix, self.act_dtype)
         shifted = torch.cat([prev.unsqueeze(0), xx[:-1]])
         mix = mix[:, None]
         return (xx * mix + shifted * (1 - mix)).to(self.act_dtype)
 
-    def _prefill_projections(self, mixed, lin: PackedLinear) -> list[torch.Tensor]:
-        """[P, T, C] through each segment -> fp32 [T, N_i] per segment (one batched GEMM when it can)."""
+    def _prefill_projections(self, mixed, lin: PackedLinear, widen: bool = True) -> list[torch.Tensor]:
+        """[P, T, C] through each segment -> [T, N_i] per segment (one batched GEMM when it can), fp32, or with
+        widen=False as a bf16/fp16 GEMM gave them."""
         one_product = lin.scale is None and lin.equal_segments and lin.n_segments > 1
         if one_product and not quant.widened_on_cpu(lin.weight):
             n = lin.bounds[1]
             out = torch.bmm(mixed.to(lin.weight.dtype), lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))
-            return list(out.float().unbind(0))
-        return [lin(mixed[i], i) for i in range(lin.n_segments)]
+            return list((out.float() if widen else out).unbind(0))
+        return [lin(mixed[i], i, widen) for i in range(lin.n_segments)]
 
     def _prefill_layer(self, layer: LayerPack, x, shift, wkv, last_rows: bool = False):
         """One layer over x [T, C] -> (x, new shift, new wkv). last_rows: return x for the last two tokens
         only, and spend on the others only what the state needs (k and v; the channel mix of the last token
         needs the attention output of the one before it, through its token shift)."""
+        fused = self.use_triton  # element-wise passes in Triton kernels; GEMM results stay in their dtype
         xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx, shift[0], layer.att_mix)
+        widen = not (fused and self.architecture.prefill_takes_gemm_dtype)
         if last_rows:  # the projections the recurrence reads for every token; the others for the last two
             every = self.architecture.projections_for_every_token
-            proj = [layer.att(mixed[i] if i in every else mixed[i, -2:], i) for i in range(layer.att.n_segments)]
+            proj = [layer.att(mixed[i] if i in every else mixed[i, -2:], i, widen)
+                    for i in range(layer.att.n_segments)]
         else:
-            proj = self._prefill_projections(mixed, layer.att)
+            proj = self._prefill_projections(mixed, layer.att, widen)
         kept = slice(-2, None) if last_rows else slice(None)  # the rows that go on past the wkv
         out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.wkv_scans, self.wkv_chunk, kept)
-        x = x[kept] + layer.out(out.to(self.act_dtype))
+        x = x[kept] + layer.out(out.to(self.act_dtype), widen=not fused)  # fp32 + bf16 adds in fp32, one pass
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
-        k = relu_square_(layer.ffn(mixed[0], 0))
-        r = torch.sigmoid(layer.ffn(mixed[1], 1))
-        x = x + r * layer.value(k.to(self.act_dtype))
+        # relu² of a bf16/fp16 product in its own dtype: the exact square rounded once, as when widened first
+        k = relu_square_(layer.ffn(mixed[0], 0, widen=not fused)).to(self.act_dtype)
+        if fused:
+            x = triton_kernels.sigmoid_gate(layer.ffn(mixed[1], 1, widen=False), layer.value(k, widen=False), x)
+        else:
+            x = x + torch.sigmoid(layer.ffn(mixed[1], 1)) * layer.value(k)
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv
 
 

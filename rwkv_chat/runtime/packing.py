@@ -5,7 +5,8 @@ What this module promises:
 - `pack_projections(projections)` concatenates the rows of several `Projection`s (float, int8 with per-row
   scales, or int4 with its per-row groups) into one `PackedLinear` and re-points the modules' weights to views
   of it: the weights are held once.
-- `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32, as the plain path computes it (kernels/quant.py
+- `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32 (or, widen=False, in the dtype a bf16/fp16 GEMM
+  gave it), as the plain path computes it (kernels/quant.py
   chooses the CPU's product; fp32 weights too take the C++ kernels for few rows there; on CUDA, int8 is
   expanded to bf16 for one wide GEMM of many rows).
 - `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
@@ -50,17 +51,19 @@ class PackedLinear:
         a, b = self.bounds[i], self.bounds[i + 1]
         return self.weight[a:b], None if self.scale is None else self.scale[a:b]
 
-    def __call__(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
-        """x [..., K] @ segment i ᵀ -> fp32."""
+    def __call__(self, x: torch.Tensor, i: int = 0, widen: bool = True) -> torch.Tensor:
+        """x [..., K] @ segment i ᵀ -> fp32; widen=False: a GEMM that ran in bf16/fp16 returns its result in that
+        dtype (quant.linear)."""
         weight, scale = self.segment(i)
         if x.device.type != "cuda":
             few_rows = x.numel() < quant.MANY_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
             if few_rows and weight.dtype == torch.float32 and cpu_kernels.handles(x, weight):
                 return cpu_kernels.linear(x, weight)  # a decode step's packed fp32 products stream here too
-            return quant.linear(x, weight, scale)
+            return quant.linear(x, weight, scale, widen)
         if scale is not None and x.numel() >= quant.MANY_ROWS * x.shape[-1]:  # expand the int8 weight once
-            return F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16)).float()
-        return quant.linear(x, weight, scale)
+            out = F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16))
+            return out.float() if widen else out
+        return quant.linear(x, weight, scale, widen)
 
     def decode(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         """As a call, for a decode step's rows (one per chat): streamed as quant.decode_linear streams them."""

@@ -351,6 +351,56 @@ def test_triton_wkv4_scan_in_chunks_equals_the_recurrence_under_the_interpreter(
         assert float(state_err) < 1e-3, line
 
 
+PREFILL_PASSES_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import triton_kernels
+    gen = torch.Generator().manual_seed(5)
+
+    def close(got, want, dtype, steps=1):  # want rounded to dtype, up to `steps` of its rounding steps (an FMA may
+        # round once less; exp's last bits differ between libraries)
+        step = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7}[dtype]
+        return bool(((got.float() - want.to(dtype).float()).abs() <= want.abs() * step * steps + 1e-30).all())
+
+    for t, c, p in ((1, 40, 3), (7, 40, 2), (9, 1100, 4)):  # one token; a partial block of channels
+        xx, prev, mix = torch.randn(t, c, generator=gen), torch.randn(c, generator=gen), torch.rand(p, c, generator=gen)
+        shifted = torch.cat([prev[None], xx[:-1]])
+        want = xx * mix[:, None] + shifted * (1 - mix[:, None])
+        for dtype in (torch.float32, torch.bfloat16):
+            got = triton_kernels.shift_mix(xx, prev, mix, dtype)
+            shaped = tuple(got.shape) == (p, t, c) and got.dtype == dtype
+            print("mix", t, c, p, dtype, shaped and close(got, want, dtype))
+    r, y, x = (torch.randn(3, 1000, generator=gen) * 4 for _ in range(3))  # 3,000: a partial block
+    for dtype in (torch.float32, torch.bfloat16):
+        rd, yd = r.to(dtype), y.to(dtype)
+        gated = torch.sigmoid(rd.float()) * yd.float()
+        print("gate", dtype, close(triton_kernels.sigmoid_gate(rd, yd, out_dtype=dtype), gated, dtype, steps=4))
+        got = triton_kernels.sigmoid_gate(rd, yd, x)
+        print("residual", dtype, got.dtype == torch.float32
+              and bool(((got - (x + gated)).abs() <= 2.0 ** -21 * (x.abs() + gated.abs())).all()))
+    w = -torch.exp(torch.rand(40, generator=gen) * 9 - 6)
+    u = torch.rand(40, generator=gen) * 2 - 1
+    k = (torch.randn(70, 40, generator=gen) * 3).bfloat16()
+    v = torch.randn(70, 40, generator=gen).bfloat16()
+    state = torch.stack([torch.randn(40, generator=gen), torch.rand(40, generator=gen) + 0.1,
+                         torch.randn(40, generator=gen)])
+    for chunk in (70, 16):
+        y16, s16 = triton_kernels.wkv4_scan(w, u, k, v, state, chunk)
+        y32, s32 = triton_kernels.wkv4_scan(w, u, k.float(), v.float(), state, chunk)
+        print("scan", chunk, y16.dtype == torch.float32 and torch.equal(y16, y32) and torch.equal(s16, s32))
+"""
+
+
+def test_prefill_element_wise_kernels_equal_pytorch_under_the_interpreter():
+    """The GPU prefill's one-pass kernels against the PyTorch passes they replace: the token-shift mixes (fp32 and
+    bf16 out), sigmoid(r) * y with and without the residual (bf16 inputs widened), and the RWKV-4 scan reading a
+    bf16 GEMM's k and v: the very bits of the scan of those values widened first."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(PREFILL_PASSES_SCRIPT).strip().splitlines()
+    assert len(lines) == 12
+    for line in lines:
+        assert line.split()[-1] == "True", line
+
+
 def test_wkv4_scan_chunks_fill_the_gpu_without_cutting_short_prompts():
     pytest.importorskip("triton")
     from rwkv_chat.kernels import triton_kernels

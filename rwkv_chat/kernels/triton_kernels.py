@@ -18,7 +18,8 @@ What this module promises:
   `ffn_act`) add the S partials while loading, so no extra reduction pass runs.
 - For prefill, beside the scans: `shift_mix` (a prompt's token-shift mixes, one pass, in the GEMMs' input dtype)
   and `sigmoid_gate` ([residual +] sigmoid(r) * y in fp32 from inputs of any float dtype, one pass); the RWKV-4
-  scan reads k and v as a bf16/fp16 GEMM gave them.
+  scan reads k and v as a bf16/fp16 GEMM gave them. `wkv5_scan` also takes a decay per token: RWKV-6's plain
+  path reads its prompts with it.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests).
 
 It knows the RWKV layer's arithmetic, not the model's structure.
@@ -453,9 +454,10 @@ if AVAILABLE:
 
     @triton.jit
     def _wkv5_scan_kernel(R, K, V, Y, S_IN, S_OUT, W, U, T, A, UNROLL: tl.constexpr, SIZE: tl.constexpr,
-                          VB: tl.constexpr):
+                          VB: tl.constexpr, W_PER_TOKEN: tl.constexpr = False):
         """The v5 recurrence over T tokens of one sequence for one head and VB of its value columns; the
-        [SIZE, VB] slice of the state lives in registers. r, k, v, y: [T, A] fp32."""
+        [SIZE, VB] slice of the state lives in registers. r, k, v, y: [T, A] fp32; the decay W [H, N] shared by
+        every token, or with W_PER_TOKEN one per token [T, A] (RWKV-6)."""
         h = tl.program_id(0)
         vb = tl.program_id(1)
         i = tl.arange(0, SIZE)
@@ -463,24 +465,31 @@ if AVAILABLE:
         rows = tl.arange(0, UNROLL)
         cell = h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
         s = tl.load(S_IN + cell)
-        w = tl.load(W + h * SIZE + i)
         u = tl.load(U + h * SIZE + i)
         key_cell = rows[:, None] * A + (h * SIZE + i)[None, :]
         val_cell = rows[:, None] * A + (h * SIZE + j)[None, :]
         r_tile = tl.load(R + key_cell, mask=rows[:, None] < T, other=0.0)
         k_tile = tl.load(K + key_cell, mask=rows[:, None] < T, other=0.0)
         v_tile = tl.load(V + val_cell, mask=rows[:, None] < T, other=0.0)
+        if W_PER_TOKEN:
+            w_tile = tl.load(W + key_cell, mask=rows[:, None] < T, other=1.0)
+        else:
+            w = tl.load(W + h * SIZE + i)
         for t0 in range(0, T, UNROLL):
             nxt = (t0 + UNROLL + rows)[:, None] < T
             r_next = tl.load(R + (t0 + UNROLL) * A + key_cell, mask=nxt, other=0.0)
             k_next = tl.load(K + (t0 + UNROLL) * A + key_cell, mask=nxt, other=0.0)
             v_next = tl.load(V + (t0 + UNROLL) * A + val_cell, mask=nxt, other=0.0)
+            if W_PER_TOKEN:
+                w_next = tl.load(W + (t0 + UNROLL) * A + key_cell, mask=nxt, other=1.0)
             y_tile = tl.zeros((UNROLL, VB), dtype=tl.float32)
             for q in tl.static_range(UNROLL):
                 live = t0 + q < T
                 r = _row(r_tile, rows, q)
                 k = _row(k_tile, rows, q)
                 v = _row(v_tile, rows, q)
+                if W_PER_TOKEN:
+                    w = _row(w_tile, rows, q)
                 a = k[:, None] * v[None, :]
                 out = tl.sum(r[:, None] * (u[:, None] * a + s), axis=0)  # [VB]
                 y_tile = tl.where(rows[:, None] == q, out[None, :], y_tile)
@@ -489,6 +498,8 @@ if AVAILABLE:
             r_tile = r_next
             k_tile = k_next
             v_tile = v_next
+            if W_PER_TOKEN:
+                w_tile = w_next
         tl.store(S_OUT + cell, s)
 
 
@@ -743,8 +754,8 @@ def wkv4_scan(w, u, k, v, state, chunk: int | None = None):
 
 
 def wkv5_scan(w, u, r, k, v, state):
-    """Prefill of one sequence: r, k, v [T, A] fp32 contiguous; w = exp(log_w), u: [H, N]; state [H, N, N] (N, the
-    head size, a power of two).
+    """Prefill of one sequence: r, k, v [T, A] fp32 contiguous; w = exp(log_w) [H, N], or one per token [T, A]
+    contiguous (RWKV-6's data-dependent decay); u: [H, N]; state [H, N, N] (N, the head size, a power of two).
 
     Returns (out [T, A] fp32 before GroupNorm, new state [H, N, N])."""
     t, a = r.shape
@@ -754,5 +765,5 @@ def wkv5_scan(w, u, r, k, v, state):
     new_state = torch.empty_like(state)
     vb = min(16, size)
     _wkv5_scan_kernel[(heads, size // vb)](r, k, v, y, state.contiguous(), new_state, w, u, t, a,
-                                          UNROLL=8, SIZE=size, VB=vb, num_warps=1)
+                                          UNROLL=8, SIZE=size, VB=vb, W_PER_TOKEN=w.numel() != a, num_warps=1)
     return y, new_state

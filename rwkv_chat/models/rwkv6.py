@@ -9,7 +9,8 @@
   `log_w = -exp(time_decay + tanh(wx @ w1) @ w2)`; then RWKV-5.2's per-head recurrence with that decay,
   GroupNorm of the heads and a SiLU gate. `wkv6_step` runs one token, `wkv6_chunks` T tokens at once: every
   chunk's own terms in one batched pass, only the state carried from chunk to chunk in sequence (every exponent
-  <= 0); `wkv6_sequence` picks the C++ kernels' token-by-token scan instead on CPUs where they are built.
+  <= 0); `wkv6_sequence` picks a token-by-token scan instead where one runs (the C++ kernels' on CPUs that built
+  them, Triton's on GPUs).
   The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
@@ -88,10 +89,13 @@ def wkv6_chunks(log_w, u, r, k, v, s, chunk: int):
 
 
 def wkv6_sequence(log_w, u, r, k, v, s):
-    """T tokens [B, T, H, N] -> (out [B, T, H, N], s): on a CPU whose C++ kernels are built, their token-by-token
-    scan for each sequence (the step's own arithmetic, a few times faster there than the chunked form's decay
-    tables); else `wkv6_chunks`."""
+    """T tokens [B, T, H, N] -> (out [B, T, H, N], s): a token-by-token scan for each sequence (the step's own
+    arithmetic) where one runs, RWKV-5's with a decay per token: the C++ kernels' on a CPU that built them (a
+    few times faster there than the chunked form's decay tables), Triton's on a GPU (a prompt of 1,024 tokens
+    at 7B: the chunked form's element-wise passes took most of the prefill); else `wkv6_chunks`."""
     scans = cpu_kernels.built_for(r)
+    if scans is None and triton_kernels.usable(r.device) and triton_kernels.supports_head_size(r.shape[-1]):
+        scans = triton_kernels
     if scans is None:
         return wkv6_chunks(log_w, u, r, k, v, s, WKV_CHUNK)
     u = u.reshape(-1).float().contiguous()

@@ -401,6 +401,48 @@ def test_prefill_element_wise_kernels_equal_pytorch_under_the_interpreter():
         assert line.split()[-1] == "True", line
 
 
+WKV6_SCAN_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import triton_kernels
+    from rwkv_chat.models import rwkv6
+    gen = torch.Generator().manual_seed(1)
+    heads, size = 3, 16
+    for length in (1, 5, 13):  # within one tile, and tiles with a ragged last one
+        log_w = -torch.exp(torch.randn(length, heads, size, generator=gen) - 1)
+        r, k, v = (torch.randn(length, heads, size, generator=gen) for _ in range(3))
+        u = torch.randn(heads, size, generator=gen)
+        start = torch.randn(heads, size, size, generator=gen)
+        flat = lambda t: t.reshape(length, heads * size).contiguous()
+        d = lambda t: t.double()[None]
+        s, want = d(start), []
+        for t in range(length):  # the oracle: the architecture's own step in float64
+            y, s = rwkv6.wkv6_step(d(log_w[t]), u.double(), d(r[t]), d(k[t]), d(v[t]), s)
+            want.append(y[0])
+        y, new = triton_kernels.wkv5_scan(flat(torch.exp(log_w)), u, flat(r), flat(k), flat(v), start)
+        print(length, (y.double() - torch.stack(want).reshape(length, -1)).abs().max().item(),
+              (new.double() - s[0]).abs().max().item())
+    # the plain path's choice on a batch of two: the Triton scan, against the chunked form
+    log_w = -torch.exp(torch.randn(2, 21, heads, size, generator=gen) - 1)
+    r, k, v = (torch.randn(2, 21, heads, size, generator=gen) for _ in range(3))
+    u = torch.randn(heads, size, generator=gen)
+    start = torch.randn(2, heads, size, size, generator=gen)
+    got, want = rwkv6.wkv6_sequence(log_w, u, r, k, v, start), rwkv6.wkv6_chunks(log_w, u, r, k, v, start, 8)
+    print("batch", (got[0] - want[0]).abs().max().item(), (got[1] - want[1]).abs().max().item())
+"""
+
+
+def test_triton_rwkv6_scan_equals_its_step_under_the_interpreter():
+    """The GPU prefill's token-by-token scan of RWKV-6 (RWKV-5's kernel with a decay per token) against the
+    architecture's own step in float64, and the plain path choosing it for a batch of two sequences (against the
+    chunked form)."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(WKV6_SCAN_SCRIPT).strip().splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        out_err, state_err = (float(x) for x in line.split()[1:])
+        assert out_err < 1e-4 and state_err < 1e-4, line
+
+
 def test_wkv4_scan_chunks_fill_the_gpu_without_cutting_short_prompts():
     pytest.importorskip("triton")
     from rwkv_chat.kernels import triton_kernels

@@ -5,9 +5,9 @@ product; it takes fp32 rows, or bf16 ones that a bf16 product reads as they are)
 reference token-shift formulas and `ShiftMixes` RWKV-6/7's (the bf16 mixes of a CPU prefill in one C++ pass);
 `ChannelMix` is the feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`);
 `layer_norm`/`group_norm` run in fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes'
-low-rank products (fp32 parameters) in bf16 where the projections beside them run in bf16 on a CPU's bf16 units (a
-prefill in a bf16/int8/int4 model), in fp32 everywhere else. It knows no version: what differs between versions
-lives in their modules."""
+low-rank products (fp32 parameters) in bf16 where the projections beside them run in bf16 (a prefill: bf16 and
+int8 models on GPUs, bf16/int8/int4 ones on CPUs with bf16 units), in fp32 everywhere else. It knows no version:
+what differs between versions lives in their modules."""
 
 from __future__ import annotations
 
@@ -51,12 +51,16 @@ class Projection(nn.Linear):
 
 def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype a time mix's LoRA products of `x` run in, beside projections stored as `weight`: bf16 where the
-    projections' own products of these rows run in bf16 on a CPU (quant.many_rows_dtype: a prefill of at least
-    quant.MANY_ROWS rows on a CPU with bf16 units, the projections bf16, int8 or int4), where bf16 products are
-    2-5x faster than fp32 at the LoRAs' shapes; fp32 otherwise (decode steps, fp32 models, GPUs)."""
+    projections' own products of these rows run in bf16, a prefill of at least quant.MANY_ROWS rows: on a CPU with
+    bf16 units, the projections bf16, int8 or int4 (quant.many_rows_dtype), where bf16 products are 2-5x faster
+    than fp32 at the LoRAs' shapes; on a GPU, the projections bf16 or int8 (widened to bf16 for such rows), where
+    fp32 LoRAs ran without tensor cores (RWKV-7 7B on an H200, 1,024-token prompts: 13.3k -> 14.5k tok/s with bf16
+    ones). fp32 otherwise (decode steps, fp32 and fp16 models)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows < quant.MANY_ROWS:
+    if rows < quant.MANY_ROWS or x.device.type not in ("cpu", "cuda"):
         return torch.float32
+    if x.device.type == "cuda":
+        return torch.bfloat16 if weight.dtype in (torch.bfloat16, torch.int8) else torch.float32
     return torch.bfloat16 if quant.many_rows_dtype(weight) == torch.bfloat16 else torch.float32
 
 

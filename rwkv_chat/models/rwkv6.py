@@ -130,7 +130,7 @@ class TimeMixV6(nn.Module):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out [B, T, C], new wkv, carry)."""
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
-        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
+        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill beside bf16 products, else fp32
         shift_mixes = ShiftMixes(xx, prev, low)
         (xxx,) = shift_mixes(self.time_maa_x.view(1, -1))  # xx + sx * time_maa_x
         lora = torch.tanh(lora_product(xxx, self.time_maa_w1, low)).view(batch, length, MAA_PARTS, -1)

@@ -154,7 +154,7 @@ class TimeMixV7(nn.Module):
         """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first)."""
         batch, length, _ = xx.shape
         heads = (batch, length, self.n_head, self.head_size)
-        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill on a CPU's bf16 units, else fp32
+        low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill beside bf16 products, else fp32
         mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
         xr, xw, xk, xv, xa, xg = ShiftMixes(xx, prev, low)(mixes).unbind(0)  # xx + (prev - xx) * x_*
         r = self.receptance(xr)

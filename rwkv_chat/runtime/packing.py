@@ -6,9 +6,8 @@ What this module promises:
   scales, or int4 with its per-row groups) into one `PackedLinear` and re-points the modules' weights to views
   of it: the weights are held once.
 - `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32 (or, widen=False, in the dtype a bf16/fp16 GEMM
-  gave it), as the plain path computes it (kernels/quant.py
-  chooses the CPU's product; fp32 weights too take the C++ kernels for few rows there; on CUDA, int8 is
-  expanded to bf16 for one wide GEMM of many rows).
+  gave it), as the plain path computes it (kernels/quant.py chooses the CPU's product; fp32 weights too take the
+  C++ kernels for few rows there; on CUDA, int8 is expanded to bf16 for one wide GEMM of many rows).
 - `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
   when P is smaller), and comes back as a split-K partials view [S, M, N_i] (S = 1 from cuBLAS), which the
   Triton kernels add while loading.

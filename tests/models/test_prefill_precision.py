@@ -27,6 +27,16 @@ def checkpoint(request, tmp_path_factory):
     return version, save_pth(weights, tmp_path_factory.mktemp("prec") / f"v{version}.pth")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_prefill_runs_its_lora_products_in_bf16_beside_bf16_or_int8_projections():
+    many, few = torch.zeros(1, quant.MANY_ROWS, 8, device="cuda"), torch.zeros(1, quant.MANY_ROWS - 1, 8, device="cuda")
+    for stored in (torch.bfloat16, torch.int8):
+        assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=stored, device="cuda")) == torch.bfloat16
+        assert layers.lora_dtype(few, torch.zeros(8, 8, dtype=stored, device="cuda")) == torch.float32
+    for stored in (torch.float32, torch.float16):
+        assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=stored, device="cuda")) == torch.float32
+
+
 def test_lora_products_run_in_bf16_only_for_a_prefill_beside_bf16_projections(monkeypatch):
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
     many, few = torch.zeros(1, quant.MANY_ROWS, 8), torch.zeros(1, quant.MANY_ROWS - 1, 8)
@@ -55,10 +65,10 @@ def test_a_bf16_lora_product_is_within_bf16_rounding_of_the_exact_one():
     assert torch.equal(layers.lora_product(x, w, torch.float32), x @ w)  # fp32: the plain product
 
 
-def _logits_deviation(path, tokens) -> tuple[float, float]:
-    """(max, mean) |logits of a bf16 model - fp32 model| over every position of a prefill."""
+def _logits_deviation(path, tokens, device="cpu") -> tuple[float, float]:
+    """(max, mean) |logits of a bf16 model on `device` - fp32 model on the CPU| over every position of a prefill."""
     exact = load_model(path, device="cpu", dtype="fp32").forward(tokens, all_logits=True)[0]
-    got = load_model(path, device="cpu", dtype="bf16").forward(tokens, all_logits=True)[0]
+    got = load_model(path, device=device, dtype="bf16").forward(tokens, all_logits=True)[0].cpu()
     return (got - exact).abs().max().item(), (got - exact).abs().mean().item()
 
 
@@ -72,16 +82,26 @@ def test_bf16_prefill_with_bf16_loras_tracks_fp32_about_as_closely_as_with_fp32_
     LoRAs are small beside the biases, bf16 LoRAs left argmax (99.2%) and mean |Δ| unchanged
     (tests/models/test_real_tiny.py holds it to >= 98%)."""
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    _bf16_loras_cost_at_most(checkpoint, monkeypatch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_bf16_prefill_with_bf16_loras_tracks_fp32_about_as_closely_as_with_fp32_loras(checkpoint, monkeypatch):
+    """The same bounds for a bf16 model read on a GPU, whose prefills run their LoRAs in bf16 too."""
+    _bf16_loras_cost_at_most(checkpoint, monkeypatch, "cuda")
+
+
+def _bf16_loras_cost_at_most(checkpoint, monkeypatch, device):
     version, path = checkpoint
     module = rwkv6 if version == "6" else rwkv7
     tokens = random_tokens(120, seed=9)
     calls = []
     chosen = module.lora_dtype
     monkeypatch.setattr(module, "lora_dtype", lambda x, w: calls.append(chosen(x, w)) or calls[-1])
-    with_bf16 = _logits_deviation(path, tokens)
+    with_bf16 = _logits_deviation(path, tokens, device)
     assert torch.bfloat16 in calls  # the bf16 model's prefill did take them
     monkeypatch.setattr(module, "lora_dtype", lambda x, w: torch.float32)
-    with_fp32 = _logits_deviation(path, tokens)
+    with_fp32 = _logits_deviation(path, tokens, device)
     assert with_bf16[0] <= 2.0 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
     assert with_bf16[1] <= 1.75 * with_fp32[1] + 0.002, (with_bf16, with_fp32)
 

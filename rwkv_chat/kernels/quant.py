@@ -172,20 +172,18 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     many = rows >= MANY_ROWS
+    if weight.dtype == INT4_STORAGE and scale is None:
+        raise ValueError("an int4 weight needs its (scale, min) groups")
+    if weight.dtype == torch.int8 and scale is None:
+        raise ValueError("an int8 weight needs its per-row scale")
+    if many and cpu_kernels.tried() and cpu_kernels.runs_gemm(weight):  # int8 and int4 alike
+        return cpu_kernels.gemm(x, weight, scale)
     if weight.dtype == INT4_STORAGE:
-        if scale is None:
-            raise ValueError("an int4 weight needs its (scale, min) groups")
-        if many and cpu_kernels.tried() and cpu_kernels.runs_gemm(weight):
-            return cpu_kernels.gemm(x, weight, scale)
         wide = many_rows_dtype(weight) if many else torch.float32
         out = F.linear(x2.to(wide), widen_int4(weight, scale, wide)).float()
         return out.reshape(*shape, weight.shape[0])
     if weight.dtype == torch.int8:
-        if scale is None:
-            raise ValueError("an int8 weight needs its per-row scale")
-        if many and cpu_kernels.tried() and cpu_kernels.runs_gemm(weight):
-            out = cpu_kernels.gemm(x2, weight, scale)
-        elif many and many_rows_dtype(weight) == torch.bfloat16:
+        if many and many_rows_dtype(weight) == torch.bfloat16:
             out = F.linear(x2.to(torch.bfloat16), weight.to(torch.bfloat16)).float().mul_(scale)
         elif many:
             out = F.linear(x2.float(), dequantize(weight, scale))

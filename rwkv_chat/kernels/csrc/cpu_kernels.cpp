@@ -464,8 +464,10 @@ void quantize_row_u8(const float* x, int64_t K, uint8_t* xq, float* step, float*
     const __m512 lo = _mm512_loadu_ps(in), hi = _mm512_loadu_ps(in + 16);
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const __m512 mult = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, mult)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, mult));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock), _mm512_cvtusepi32_epi8(_mm512_add_epi32(qlo, offset)));
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, mult));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, mult));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock),
+                     _mm512_cvtusepi32_epi8(_mm512_add_epi32(qlo, offset)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock + 16),
                      _mm512_cvtusepi32_epi8(_mm512_add_epi32(qhi, offset)));
     step[b] = top / 127.0f;
@@ -628,7 +630,8 @@ void run_gemm(const float* x, int64_t M, int64_t K, int64_t N, float* out, Prepa
   std::vector<float> step(M * blocks), sums(INT4 ? M * blocks : 0);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
-      quantize_row_u8(x + m * K, K, xq.data() + m * K, step.data() + m * blocks, INT4 ? sums.data() + m * blocks : nullptr);
+      quantize_row_u8(x + m * K, K, xq.data() + m * K, step.data() + m * blocks,
+                      INT4 ? sums.data() + m * blocks : nullptr);
   });
   at::parallel_for(0, N / kPanelRows, 1, [&](int64_t first, int64_t last) {
     GemmPanel panel{};

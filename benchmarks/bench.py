@@ -24,7 +24,8 @@ What it promises:
   int4 runs on CPUs only.
 - On CPUs, ours rows note their decode speed against the memory ceiling measured in the same run: the bytes a
   decode step must read (every weight and constant as stored) read plainly (fp32 sums over a buffer that size
-  on the same threads), as a percentage of the tokens a second that read allows.
+  on the same threads), as a percentage of the tokens a second that read allows. With `--rounds N` each round
+  times that read right after its decode and the note gives the median of the rounds' shares (and their range).
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them). `--rounds N` (N > 1) keeps every implementation of a shape
   loaded after its first pass and times them in turn, N rounds: figures are medians over those rounds, ratios
@@ -227,6 +228,7 @@ class Row:
     logits: list = field(default_factory=list, repr=False)  # per position, for cross-row comparisons
     prefill_rounds: list = field(default_factory=list, repr=False)  # tok/s of each interleaved round (--rounds)
     decode_rounds: list = field(default_factory=list, repr=False)
+    read_rounds: list = field(default_factory=list, repr=False)  # CPU: bytes/s of the plain read after each decode
     decode_bytes: int = 0  # CPU: what a decode step reads (for the read-ceiling note)
     impl: object = field(default=None, repr=False)  # kept loaded between interleaved rounds
 
@@ -270,11 +272,12 @@ class OursImpl(Impl):
         return sum(t.numel() * t.element_size() for t in tensors) + self.model.emb.weight[0].nbytes
 
 
-def read_bandwidth(nbytes: int, reps: int = 15) -> float:
+def read_bandwidth(nbytes: int, reps: int = 15, buffer: torch.Tensor | None = None) -> float:
     """Bytes a second of a plain read of `nbytes` (fp32 sums over a buffer that size, on torch's threads): the
     memory ceiling a decode step that reads those bytes is held to. Best of `reps` after one warm-up (the first
-    sums of a run measured up to a third slower)."""
-    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    sums of a run measured up to a third slower). `buffer`: fp32 memory of at least that size to read the first
+    `nbytes` of (allocated and freed here if not given)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32) if buffer is None else buffer[:max(1, nbytes // 4)]
     buffer.sum()
     best = float("inf")
     for _ in range(reps):
@@ -285,12 +288,27 @@ def read_bandwidth(nbytes: int, reps: int = 15) -> float:
     return nbytes / best
 
 
-def ceiling_note(nbytes: int, decode_tps: float) -> str:
-    """How close a CPU decode comes to reading its bytes at the plain-read bandwidth, measured now."""
+def ceiling_note(row: Row) -> str:
+    """How close a CPU decode comes to reading its bytes at the plain-read bandwidth. With interleaved rounds, the
+    median of each round's share against the plain read timed right after that round's decode (this VM's
+    bandwidth drifts by tens of percent over minutes); else against a read measured now."""
+    nbytes = row.decode_bytes
+    if row.read_rounds:
+        shares = ceiling_shares(row)
+        bandwidth = statistics.median(row.read_rounds)
+        return (f"decode {statistics.median(shares) * 100:.0f}% of the read ceiling (median of {len(shares)} "
+                f"rounds, each against a plain read after its decode: {min(shares) * 100:.0f}-"
+                f"{max(shares) * 100:.0f}%; {nbytes / 2**20:,.0f} MiB a token at a median "
+                f"{bandwidth / 1e9:.1f} GB/s)")
     bandwidth = read_bandwidth(nbytes)
     ceiling = bandwidth / nbytes
-    return (f"decode {decode_tps / ceiling * 100:.0f}% of the read ceiling ({ceiling:,.1f} tok/s: "
+    return (f"decode {row.decode_tps / ceiling * 100:.0f}% of the read ceiling ({ceiling:,.1f} tok/s: "
             f"{nbytes / 2**20:,.0f} MiB a token at {bandwidth / 1e9:.1f} GB/s)")
+
+
+def ceiling_shares(row: Row) -> list[float]:
+    """Per interleaved round: the decode's tok/s over the tok/s a plain read of its bytes allowed in that round."""
+    return [tps / (bandwidth / row.decode_bytes) for tps, bandwidth in zip(row.decode_rounds, row.read_rounds)]
 
 
 class RwkvPipImpl(Impl):
@@ -452,14 +470,20 @@ def interleaved_rounds(rows: list[Row], prompt, timing_tokens, device, rounds: i
     """Timing rounds with every implementation loaded, each round timing each one in turn (one prefill, one
     decode pass): a machine whose speed drifts over minutes moves all rows of a round alike. Each row's figures
     become the medians over these rounds (the first pass, one implementation after another, only warms up and
-    collects parity), then the impls are freed."""
+    collects parity), then the impls are freed. Rows with decode_bytes (CPU) also time a plain read of those bytes
+    right after each decode (`read_rounds`: the round's own ceiling), from one buffer kept for the run."""
     live = [r for r in rows if r.impl is not None]
+    largest = max((r.decode_bytes for r in live), default=0)
+    buffer = torch.ones(largest // 4, dtype=torch.float32) if largest else None
     with torch.inference_mode():
         for _ in range(rounds):
             for r in live:
                 elapsed, _, state = timed_prefill(r.impl, prompt, device)
                 r.prefill_rounds.append(len(prompt) / elapsed)
                 r.decode_rounds.append(decode_rate(r.impl, state, timing_tokens, device)[0])
+                if r.decode_bytes:
+                    r.read_rounds.append(read_bandwidth(r.decode_bytes, buffer=buffer))
+    del buffer
     for r in live:
         r.prefill_tps, r.decode_tps = statistics.median(r.prefill_rounds), statistics.median(r.decode_rounds)
         r.impl.close()
@@ -915,7 +939,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         interleaved_rounds(rows, prompt, timing_tokens, device, args.rounds)
     for row in rows:
         if row.decode_bytes:
-            row.note = (row.note + "; " if row.note else "") + ceiling_note(row.decode_bytes, row.decode_tps)
+            row.note = (row.note + "; " if row.note else "") + ceiling_note(row)
     refs_rows = [r for r in rows if r.name in ("rwkv pip", "transformers") and r.prefill_tps == r.prefill_tps]
     best_p = max((r.prefill_tps for r in refs_rows), default=float("nan"))
     best_d = max((r.decode_tps for r in refs_rows), default=float("nan"))

@@ -68,3 +68,48 @@ def test_without_keep_the_implementation_is_closed_after_its_pass():
     impl = FakeImpl("ours", clock, 0.001, 0.01)
     row = bench.run_impl(lambda: impl, "cpu", list(range(10)), [1], [1, 2], reps=1)
     assert impl.closed and row.impl is None and row.prefill_rounds == []
+
+
+class ReadingImpl(FakeImpl):
+    """A CPU implementation whose decode reads `nbytes` a token at `share` of the machine's plain-read bandwidth."""
+
+    def __init__(self, clock, machine, nbytes, share):
+        super().__init__("ours", clock, prefill_cost=0.001, step_cost=0.0)
+        self.machine, self.nbytes, self.share = machine, nbytes, share
+
+    def step(self, token, state):
+        self.clock.spend(self.nbytes / (self.machine.bandwidth() * self.share))
+        return torch.zeros(4), None
+
+    def decode_bytes(self):
+        return self.nbytes
+
+
+def test_the_read_ceiling_share_is_each_rounds_own_on_a_machine_whose_bandwidth_drifts(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+
+    class Machine:  # the plain read's bandwidth falls over the run
+        def bandwidth(self):
+            return 30e9 / (1.0 + 10.0 * clock.now)
+
+    machine = Machine()
+    reads = []
+
+    def plain_read(nbytes, reps=15, buffer=None):  # what a plain read of those bytes gets at this moment
+        assert buffer is not None and buffer.numel() * 4 >= nbytes  # one buffer for the run, large enough
+        reads.append(nbytes)
+        clock.spend(nbytes / machine.bandwidth())
+        return machine.bandwidth()
+
+    monkeypatch.setattr(bench, "read_bandwidth", plain_read)
+    impl = ReadingImpl(clock, machine, nbytes=4096, share=0.8)
+    row = bench.run_impl(lambda: impl, "cpu", list(range(10)), [1], list(range(8)), reps=1, keep=True)
+    assert row.decode_bytes == 4096 and reads == []
+    bench.interleaved_rounds([row], list(range(10)), list(range(8)), torch.device("cpu"), rounds=5)
+    assert reads == [4096] * 5 and len(row.read_rounds) == 5
+    assert row.read_rounds[0] > 1.2 * row.read_rounds[-1]  # the machine did drift
+    shares = bench.ceiling_shares(row)
+    assert all(abs(share - 0.8) < 0.02 for share in shares), shares
+    note = bench.ceiling_note(row)
+    assert note.startswith("decode 80% of the read ceiling (median of 5 rounds"), note

@@ -14,10 +14,9 @@ What this module promises:
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI and no AMX
   (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
   file. The extension's
-  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step and its
-  `DecodeStack` all of a model's layers in one call (what runtime/fast_path.py and runtime/cpu_decode.py run),
-  and its `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (the runners and the
-  RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
+  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
+  `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
+  runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
   and `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
   (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.

@@ -16,8 +16,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
   product for k/v/r/g, the decay's LoRA (two) and the recurrence with GroupNorm and gate (one;
-  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, a decode step is one call (`cpu_kernel_id` 6:
-  cpu_kernels' DecodeStack runs decode_layer_v6 a layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
+  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, each layer's decode step is one call
+  (`cpu_decode_layer`: cpu_kernels' decode_layer_v6, fed by `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
 """
 
 from __future__ import annotations
@@ -232,7 +232,6 @@ class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
     fast_runner = False
-    cpu_kernel_id = 6
     state_file_transposed = True  # state files hold [H, N(value), N(key)]; this memory is [H, N(key), N(value)]
 
     def identifies(self, state_dict):
@@ -273,6 +272,9 @@ class Rwkv6(HeadMatrixArchitecture):
 
     def cpu_layer_tensors(self, block):
         return cpu_layer_tensors(block)
+
+    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
+        return kernels.decode_layer_v6(x, shift, wkv, shift_out, wkv_out, tensors), carry
 
     def time_mix_params(self, n_embd, dim_att):
         maa, decay = self.default_lora(n_embd)

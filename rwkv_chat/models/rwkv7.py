@@ -21,8 +21,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py) and one
   kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py). On CPUs with the C++
-  kernels, a decode step is one call (`cpu_kernel_id` 7: cpu_kernels' DecodeStack runs decode_layer_v7 a layer,
-  fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
+  kernels, each layer's decode step is one call (`cpu_decode_layer`: cpu_kernels' decode_layer_v7, fed by
+  `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
 """
 
 from __future__ import annotations
@@ -272,7 +272,6 @@ class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
     fast_runner = False
-    cpu_kernel_id = 7
     state_file_transposed = False
 
     def identifies(self, state_dict):
@@ -328,6 +327,12 @@ class Rwkv7(HeadMatrixArchitecture):
 
     def cpu_layer_tensors(self, block):
         return cpu_layer_tensors(block)
+
+    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
+        first = carry is None
+        if first:  # layer 0 writes its value here; the later layers of this token read it
+            carry = torch.empty(x.shape[0], wkv.shape[-3] * wkv.shape[-1], dtype=torch.float32)
+        return kernels.decode_layer_v7(x, shift, wkv, shift_out, wkv_out, carry, tensors, first), carry
 
     def time_mix_params(self, n_embd, dim_att):
         return 4 * n_embd * dim_att + 2 * n_embd * sum(self.default_lora(n_embd))

@@ -140,12 +140,9 @@ class FastRunner:
         self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device) if self.use_graphs else None
         self._prompt_graphs = (GraphedPrefill(self._prefill_last, self.empty_state, self.device)
                                if self.use_graphs else None)
-        # CPU: a decode step is one call into the C++ kernels (their DecodeStack runs decode_layer a layer), when
-        # they built (cpu_kernels.py)
+        # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
                            if cpu_decode else None)
-        self.cpu_stack = (cpu_kernels.kernels().DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
-                                                            self.layers[0].att.n_segments) if cpu_decode else None)
         # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
         # else the chunked PyTorch forms of parallel_wkv
         self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
@@ -200,12 +197,17 @@ class FastRunner:
         new_shift, new_wkv = (torch.empty_like(shift), torch.empty_like(wkv)) if out is None else (out.shift, out.wkv)
         if self.use_triton:
             return self._decode_triton(x, shift, wkv, new_shift, new_wkv)
-        if self.cpu_stack is not None:
+        if self.cpu_layers is not None:
             return self._decode_cpu(x, shift, wkv, new_shift, new_wkv)
         return self._decode_torch(x, shift, wkv, new_shift, new_wkv)
 
     def _decode_cpu(self, x, shift, wkv, new_shift, new_wkv):
-        x = self.cpu_stack.step(x.contiguous(), shift, wkv, new_shift, new_wkv, self.rescale_every)
+        kernels = cpu_kernels.kernels()
+        per_layer = zip(shift.unbind(1), wkv.unbind(1), new_shift.unbind(1), new_wkv.unbind(1))  # views, one call each
+        for i, (layer, tensors, states) in enumerate(zip(self.layers, self.cpu_layers, per_layer)):
+            halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
+            x = kernels.decode_layer(x.contiguous(), *states, tensors, self.architecture.cpu_kernel_id,
+                                     layer.att.n_segments, halve)
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
         return self.head.decode(x), RwkvState(new_shift, new_wkv)
 

@@ -1,7 +1,6 @@
-"""RWKV-6 and RWKV-7 on a CPU: the decode step in one C++ call (runtime/cpu_decode.py, cpu_kernels' DecodeStack
-running decode_layer_v6 / decode_layer_v7 a layer) equals the plain PyTorch step (models/rwkv6.py, rwkv7.py),
-whatever the weights' dtype, head size, batch and layer count; and the DecodeStack of every version is its layer
-steps called one after another, bit for bit."""
+"""RWKV-6 and RWKV-7 on a CPU: the decode step in one C++ call a layer (runtime/cpu_decode.py, cpu_kernels'
+decode_layer_v6 / decode_layer_v7) equals the plain PyTorch step (models/rwkv6.py, rwkv7.py), whatever the weights'
+dtype, head size, batch and layer count."""
 
 from __future__ import annotations
 
@@ -136,50 +135,8 @@ def test_the_cpp_step_refuses_a_state_of_another_batch_or_layout(make_checkpoint
     x = torch.zeros(3, model.config.n_embd)  # 3 rows, a state of 2
     new = state.clone()
     with pytest.raises(RuntimeError, match="batch first"):
-        runner.stack.step(x, state.shift, state.wkv, new.shift, new.wkv)
+        runner.architecture.cpu_decode_layer(runner.kernels, x, state.shift[:, 0], state.wkv[:, 0], new.shift[:, 0],
+                                             new.wkv[:, 0], runner.layers[0], None)
     with pytest.raises(RuntimeError, match="block must be contiguous"):
-        runner.stack.step(x[:2], state.shift.transpose(2, 3), state.wkv, new.shift, new.wkv)
-    with pytest.raises(RuntimeError, match="states \\[B, L, ...\\] of its"):
-        runner.stack.step(x[:2], state.shift[:, 1:], state.wkv[:, 1:], new.shift[:, 1:], new.wkv[:, 1:])
-
-
-@pytest.mark.parametrize("version,rescale_every", [("4", 0), ("5.2", 2), ("6", 0), ("6", 2), ("7", 0), ("7", 3)])
-def test_the_decode_stack_is_its_layer_steps_one_after_another(make_checkpoint, version, rescale_every):
-    """One call for the whole step against the version's per-layer C++ step called layer by layer on the same
-    views (RWKV-7's first-layer value handed on, the stream halved after every `rescale_every` layers): the same
-    bits out, the same new states, for two sequences in every other row of a batched state (a strided batch)."""
-    path = make_checkpoint(version, n_layer=4, n_embd=128, seed=11).path
-    model = attach_fast_path(load_model(path, device="cpu", dtype="int8", fast=False))
-    runner, kernels = model.runner, cpu_kernels.kernels()
-    kernel_id = model.config.architecture.cpu_kernel_id
-    fast = not isinstance(runner, CpuStepRunner)  # RWKV-4/5: the fast runner's packing
-    layers = runner.cpu_layers if fast else runner.layers
-    n_att = runner.layers[0].att.n_segments if fast else 0
-    stack = kernels.DecodeStack(layers, kernel_id, n_att)
-    generator = torch.Generator().manual_seed(5)
-    batched = model.zero_state(4)
-    batched = RwkvState(torch.randn(batched.shift.shape, generator=generator),
-                        torch.rand(batched.wkv.shape, generator=generator))
-    state = RwkvState(batched.shift[::2], batched.wkv[::2])  # rows 0 and 2: a strided batch
-    x = torch.randn(2, model.config.n_embd, generator=generator)
-    got_state = RwkvState(torch.zeros_like(state.shift), torch.zeros_like(state.wkv))
-    got = stack.step(x, state.shift, state.wkv, got_state.shift, got_state.wkv, rescale_every)
-
-    expected, expected_state = x, RwkvState(torch.zeros_like(state.shift), torch.zeros_like(state.wkv))
-    v_first = torch.empty(2, state.wkv.shape[2] * state.wkv.shape[-1])
-    for i, tensors in enumerate(layers):
-        views = (state.shift[:, i], state.wkv[:, i], expected_state.shift[:, i], expected_state.wkv[:, i])
-        halve = bool(rescale_every) and (i + 1) % rescale_every == 0
-        if kernel_id in (4, 5):
-            expected = kernels.decode_layer(expected, *views, tensors, kernel_id, n_att, halve)
-            continue
-        if kernel_id == 7:
-            expected = kernels.decode_layer_v7(expected, *views, v_first, tensors, i == 0)
-        else:
-            expected = kernels.decode_layer_v6(expected, *views, tensors)
-        expected = expected / 2 if halve else expected
-    assert torch.equal(got, expected)
-    assert torch.equal(got_state.shift, expected_state.shift) and torch.equal(got_state.wkv, expected_state.wkv)
-    assert not torch.equal(got_state.wkv, torch.zeros_like(got_state.wkv))
-    with pytest.raises(RuntimeError, match="version 4, 5, 6 or 7"):
-        kernels.DecodeStack(layers, 3, n_att)
+        runner.architecture.cpu_decode_layer(runner.kernels, x[:2], state.shift[:, 0].transpose(1, 2),
+                                             state.wkv[:, 0], new.shift[:, 0], new.wkv[:, 0], runner.layers[0], None)

@@ -24,8 +24,6 @@
 // - decode_layer_v6(...): the same for RWKV-6 (its token-shift and decay LoRAs in place).
 // - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
 //   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
-// - DecodeStack(layers, version, n_att).step(...): every layer of a decode step in one call, the version's
-//   decode_layer* a layer (what the runners call: Python is crossed once a step, not once a layer).
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
@@ -1550,56 +1548,6 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   return result;
 }
 
-// Every layer of one decode step in one call (runtime/fast_path.py and runtime/cpu_decode.py): the layers' tensors,
-// each in the order its version's decode_layer* reads them, held for the model's life, so that a step crosses from
-// Python into C++ once instead of once a layer. (At 0.1B a crossing, with its 39 tensors converted and the state
-// sliced into a layer's views, ran on caches that the weights' streaming had just emptied: RWKV-5.2 int8 on a
-// Zen 4, in-process A/B, +6% tok/s.) step(x, shift, wkv, shift_out, wkv_out, rescale_every): x [B, C] fp32 after
-// ln0, the states [B, L, ...] (the batch strided as decode_layer* allow) -> the residual stream after the last
-// layer, halved after every rescale_every layers (0: never); the same function, bit for bit, as the version's
-// decode_layer* called layer by layer (tested).
-class DecodeStack {
- public:
-  DecodeStack(std::vector<std::vector<torch::Tensor>> layers, int64_t version, int64_t n_att)
-      : layers_(std::move(layers)), version_(version), n_att_(n_att) {
-    TORCH_CHECK(version == 4 || version == 5 || version == 6 || version == 7,
-                "cpu_kernels.DecodeStack: version 4, 5, 6 or 7, not ", version);
-    TORCH_CHECK(!layers_.empty(), "cpu_kernels.DecodeStack: no layers");
-  }
-
-  torch::Tensor step(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
-                     torch::Tensor wkv_out, int64_t rescale_every) const {
-    const int64_t L = static_cast<int64_t>(layers_.size());
-    for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out})
-      TORCH_CHECK(t->dim() >= 3 && t->size(1) == L, "cpu_kernels.DecodeStack: states [B, L, ...] of its ", L,
-                  " layers");
-    TORCH_CHECK(rescale_every >= 0, "cpu_kernels.DecodeStack: rescale_every must be >= 0");
-    torch::Tensor v_first;  // RWKV-7: layer 0 writes its value here, the later layers of this token read it
-    if (version_ == 7) {
-      TORCH_CHECK(wkv.dim() == 5, "cpu_kernels.DecodeStack: RWKV-7's wkv [B, L, H, N, N]");
-      v_first = torch::empty({x.size(0), wkv.size(2) * wkv.size(4)}, x.options());
-    }
-    for (int64_t i = 0; i < L; ++i) {
-      const torch::Tensor sh = shift.select(1, i), wk = wkv.select(1, i), sho = shift_out.select(1, i),
-                          wko = wkv_out.select(1, i);
-      const std::vector<torch::Tensor>& t = layers_[i];
-      const bool halve = rescale_every && (i + 1) % rescale_every == 0;
-      if (version_ <= 5) {
-        x = decode_layer(x, sh, wk, sho, wko, t, version_, n_att_, halve);
-        continue;
-      }
-      x = version_ == 7 ? decode_layer_v7(x, sh, wk, sho, wko, v_first, t, i == 0)
-                        : decode_layer_v6(x, sh, wk, sho, wko, t);
-      if (halve) x.mul_(0.5);  // the plain path's x / 2, exactly
-    }
-    return x;
-  }
-
- private:
-  std::vector<std::vector<torch::Tensor>> layers_;
-  int64_t version_, n_att_;
-};
-
 // Prefill of one sequence through RWKV-7's wkv, token by token (the decode step's recurrence): w (decay factor),
 // r, k (scaled by k_a), v, kk (normalised), a: [T, H·N]; state [H, N, N] (value by key). Returns (y [T, H·N]
 // before the group norm, new state). Heads are split over threads.
@@ -1863,12 +1811,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
   m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
   m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");
-  py::class_<DecodeStack>(m, "DecodeStack", "every layer of a decode step in one call (decode_layer* layer by layer)")
-      .def(py::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t>(), py::arg("layers"),
-           py::arg("version"), py::arg("n_att") = 0)
-      .def("step", &DecodeStack::step, py::arg("x"), py::arg("shift"), py::arg("wkv"), py::arg("shift_out"),
-           py::arg("wkv_out"), py::arg("rescale_every") = 0,
-           "x [B, C] after ln0, states [B, L, ...] -> the residual stream after the last layer");
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");

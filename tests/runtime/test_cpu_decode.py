@@ -58,8 +58,8 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
 @pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
 def test_the_cpp_step_is_the_same_on_any_thread_count(make_checkpoint, version, dtype):
     """A layer's independent products (and the LoRAs' factors) share one parallel region, cut into one run a thread
-    by the bytes they read; each weight row (LoRA column block, or chunk of input rows added in chunk order) is
-    whole on one thread: the step is bit for bit the same on one thread as on three (uneven cuts) or four."""
+    by the bytes they read; each weight row (or chunk of a LoRA factor's input rows, added in chunk order) is whole
+    on one thread: the step is bit for bit the same on one thread as on three (uneven cuts) or four."""
     path = make_checkpoint(version, seed=5, n_layer=2, n_embd=512).path
     fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
     state = RwkvState.stack([fast.forward(random_tokens(6 + i, seed=i))[1] for i in range(2)])

@@ -971,11 +971,14 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
 
 // out[M, N] = x[M, K] · W[K, N] for a small fp32 matrix stored input-major (a LoRA's factors, x @ W): each
 // input row adds x[m, k] · W[k, :] to the output row, a loop the compiler vectorises over N.
-// Over the threads: a wide W (N of at least two column blocks) by blocks of output columns, which changes no
-// sum; a narrow one by chunks of kKnChunk input rows, whose partial sums are added in chunk order, so the result
-// depends on K alone, never on the thread count. One thread read these at ~half the memory's speed on the Intel
-// Xeon measured (1.8 MB a layer at RWKV-7 0.1B: 15% of an int8 decode step).
-constexpr int64_t kKnChunk = 128, kKnColumns = 128;
+// Over the threads: by chunks of input rows (kKnChunk for a narrow W, kKnWideChunk for one of at least
+// kKnWide columns), each a contiguous run of W summed into its own partial sums, which are added in chunk order,
+// so the result depends on K alone, never on the thread count. One thread read these at ~half the memory's speed
+// on the Intel Xeon measured (1.8 MB a layer at RWKV-7 0.1B: 15% of an int8 decode step). A wide W was split by
+// blocks of 128 output columns before, each unit reading 512 bytes of every input row: on a Zen 4 the LoRAs'
+// second factors of a decode step (RWKV-7 0.1B, 0.88 MB a layer) then streamed at ~14 GB/s against ~29 for a
+// plain read.
+constexpr int64_t kKnChunk = 128, kKnWideChunk = 32, kKnWide = 256;
 
 void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* w, int64_t N, int64_t k0,
                       int64_t k1, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
@@ -990,36 +993,28 @@ void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* 
   }
 }
 
-// x [M, K] (rows x_stride apart) · W [K, N] as a Task: a wide W (N of at least two column blocks) a column block a
-// unit; a narrow one a chunk of kKnChunk input rows a unit, each into its own partial sums, which the task's
-// `after` adds in chunk order (so the result depends on K alone). Stays where it was made (its task points at it).
+// x [M, K] (rows x_stride apart) · W [K, N] as a Task: a chunk of input rows a unit (kKnChunk, or kKnWideChunk
+// where N >= kKnWide), each into its own partial sums, which the task's `after` adds in chunk order (so the result
+// depends on K alone). Stays where it was made (its task points at it).
 class KnProduct {
  public:
   KnProduct(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0)
-      : x_(x), M_(M), w_(w), K_(K), N_(N), out_(out), x_stride_(x_stride ? x_stride : K), wide_(N >= 2 * kKnColumns),
-        chunks_(std::max<int64_t>((K + kKnChunk - 1) / kKnChunk, 1)) {
-    if (!wide_ && chunks_ > 1) partial_.resize(chunks_ * M * N);
+      : x_(x), M_(M), w_(w), K_(K), N_(N), out_(out), x_stride_(x_stride ? x_stride : K),
+        chunk_(N >= kKnWide ? kKnWideChunk : kKnChunk), chunks_(std::max<int64_t>((K + chunk_ - 1) / chunk_, 1)) {
+    if (chunks_ > 1) partial_.resize(chunks_ * M * N);
   }
   KnProduct(const KnProduct&) = delete;
   KnProduct& operator=(const KnProduct&) = delete;
 
   Task task() {
-    if (wide_)
-      return {(N_ + kKnColumns - 1) / kKnColumns, K_ * kKnColumns * 4,
-              [this](int64_t begin, int64_t end) {
-                for (int64_t block = begin; block < end; ++block)
-                  product_kn_range(x_, x_stride_, M_, w_, N_, 0, K_, block * kKnColumns,
-                                   std::min(N_, (block + 1) * kKnColumns), out_, N_);
-              },
-              nullptr};
     if (chunks_ == 1)
       return {1, K_ * N_ * 4,
               [this](int64_t, int64_t) { product_kn_range(x_, x_stride_, M_, w_, N_, 0, K_, 0, N_, out_, N_); },
               nullptr};
-    return {chunks_, kKnChunk * N_ * 4,
+    return {chunks_, chunk_ * N_ * 4,
             [this](int64_t begin, int64_t end) {
               for (int64_t c = begin; c < end; ++c)
-                product_kn_range(x_, x_stride_, M_, w_, N_, c * kKnChunk, std::min(K_, (c + 1) * kKnChunk), 0, N_,
+                product_kn_range(x_, x_stride_, M_, w_, N_, c * chunk_, std::min(K_, (c + 1) * chunk_), 0, N_,
                                  partial_.data() + c * M_ * N_, N_);
             },
             [this]() {
@@ -1036,8 +1031,7 @@ class KnProduct {
   int64_t K_, N_;
   float* out_;
   int64_t x_stride_;
-  bool wide_;
-  int64_t chunks_;
+  int64_t chunk_, chunks_;
   std::vector<float> partial_;
 };
 

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -1001,7 +1002,7 @@ class KnProduct {
   KnProduct(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0)
       : x_(x), M_(M), w_(w), K_(K), N_(N), out_(out), x_stride_(x_stride ? x_stride : K),
         chunk_(N >= kKnWide ? kKnWideChunk : kKnChunk), chunks_(std::max<int64_t>((K + chunk_ - 1) / chunk_, 1)) {
-    if (chunks_ > 1) partial_.resize(chunks_ * M * N);
+    if (chunks_ > 1) partial_.reset(new float[chunks_ * M * N]);  // not zeroed: each chunk's range zeroes its own
   }
   KnProduct(const KnProduct&) = delete;
   KnProduct& operator=(const KnProduct&) = delete;
@@ -1015,10 +1016,10 @@ class KnProduct {
             [this](int64_t begin, int64_t end) {
               for (int64_t c = begin; c < end; ++c)
                 product_kn_range(x_, x_stride_, M_, w_, N_, c * chunk_, std::min(K_, (c + 1) * chunk_), 0, N_,
-                                 partial_.data() + c * M_ * N_, N_);
+                                 partial_.get() + c * M_ * N_, N_);
             },
             [this]() {
-              std::copy(partial_.begin(), partial_.begin() + M_ * N_, out_);
+              std::copy(partial_.get(), partial_.get() + M_ * N_, out_);
               for (int64_t c = 1; c < chunks_; ++c)
                 for (int64_t i = 0; i < M_ * N_; ++i) out_[i] += partial_[c * M_ * N_ + i];
             }};
@@ -1032,7 +1033,7 @@ class KnProduct {
   float* out_;
   int64_t x_stride_;
   int64_t chunk_, chunks_;
-  std::vector<float> partial_;
+  std::unique_ptr<float[]> partial_;  // chunks_ x [M, N] partial sums, or none
 };
 
 void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0) {

@@ -17,7 +17,9 @@ Promises:
   kernels, one host-to-device copy and one host sync (the final ``.tolist()``) whatever B is; where Triton
   runs (CUDA) the draw itself is one fused kernel that sorts nothing (kernels/sampling_triton.py), elsewhere
   a stable sort of every row; on the CPU it runs ``sample_token`` row by row, which avoids sorting whole
-  vocabularies (milliseconds each there).
+  vocabularies (milliseconds each there). ``sample_token`` does its work on the host in numpy (PyTorch
+  only for its softmaxes, whose bits must be the batched kernels'): ~0.15 ms a row of 65,536 at the chat
+  defaults on a 2-core CPU, where PyTorch's per-call costs made it ~0.45.
 - ``SamplingRows`` keeps a batch's sampling on the device across steps (parameters, dense penalty counts,
   banned ids, uniforms drawn ahead), so a step's draw and its penalty update are a fixed set of kernels
   (one CUDA graph replay on CUDA, the draw the fused kernel with penalties and bans in it) with no host sync
@@ -315,85 +317,122 @@ def _prefix_sums(values: torch.Tensor, dtype: Optional[torch.dtype] = None) -> t
 
 
 # ---------------------------------------------------------------------------------------- one row
+# sample_token works on the host, in numpy: on a 2-core CPU each PyTorch call on a 65,536-entry row or a
+# handful of candidates costs 5-15 us of dispatch alone, a numpy call 1-4. Only the two softmaxes are
+# PyTorch's, so that their bits are the ones sample_batch's kernels give. numpy's cumsum with
+# dtype=float64, rounded to the output dtype, is PyTorch's CPU cumsum (which accumulates in float64); the
+# comparisons are in fp32 both ways.
+#
 # Sorting the whole vocabulary is slow on a CPU (65536 floats: milliseconds), so the nucleus is searched
 # among the tokens within these ratios of the top probability first, widening only when their mass is short.
 # The candidates come in increasing id order and are sorted stably, so their order (and their cumulative
 # sums, see _prefix_sums) is the head of the full sort that sample_batch uses.
 _CANDIDATE_RATIOS = (1e-2, 1e-4, 0.0)
 
+# PyTorch's CPU softmax sums a row in vectors of 8 or 16 lanes (one accumulator, then across its lanes), so a
+# row of kept values followed by -inf (exp: 0) gives the same bits over its first whole multiple of 16 entries
+# as over the whole vocabulary: sample_token softmaxes that width, sample_batch full rows
+# (tests/serving/test_sampling.py holds the two equal).
+_SOFTMAX_WIDTH = 16
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> Optional[torch.Tensor]:
-    """Ids of the tokens kept by top_p in sorted order, or None for "every token" (never reached). [n] long
+
+_TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+def _host_prefix_sums(values: np.ndarray, dtype: type) -> np.ndarray:
+    """_prefix_sums of a 1-D host array of non-negative numbers, bit for bit. [n] ``dtype``"""
+    if values.size <= _SCAN_BLOCK:  # one block: the padded form adds 0 to each sum, which changes no sum >= 0
+        return np.cumsum(values, dtype=np.float64).astype(dtype, copy=False)
+    return _prefix_sums(torch.from_numpy(values), _TORCH_DTYPES[dtype]).numpy()
+
+
+def _candidates(probs: np.ndarray, top: np.float32, ratio: float) -> np.ndarray:
+    """Ids whose probability is at least ``ratio`` times the top one (an fp32 product), ascending. [m]"""
+    return np.flatnonzero(probs >= top * np.float32(ratio))
+
+
+def _sorted(probs: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``ids`` ordered by probability, most likely first, ties by id (a stable sort), and their probs."""
+    order = np.argsort(-probs[ids], kind="stable")
+    return ids[order], probs[ids[order]]
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> Optional[np.ndarray]:
+    """Ids of the tokens kept by top_p in sorted order, or None for "every token" (never reached). [n]
 
     Kept: every token at least as likely as the one at which the sorted cumulative mass first reaches
     top_p. The candidates are the head of the full sorted order, so their cumulative sums are the same.
     """
-    top = probs.max()
+    top, limit = probs.max(), np.float32(top_p)
     for ratio in _CANDIDATE_RATIOS:
-        ids = torch.nonzero(probs >= top * ratio).flatten()  # [m] candidate ids, ascending
-        sorted_probs, order = torch.sort(probs[ids], descending=True, stable=True)  # [m]
-        cumulative = _prefix_sums(sorted_probs)  # [m]
-        if bool(cumulative[-1] >= top_p):
-            cutoff = sorted_probs[int((cumulative < top_p).sum())]
-            return ids[order[: int((sorted_probs >= cutoff).sum())]]
+        ids, sorted_probs = _sorted(probs, _candidates(probs, top, ratio))  # [m]
+        cumulative = _host_prefix_sums(sorted_probs, np.float32)  # [m]
+        if cumulative[-1] >= limit:
+            cutoff = sorted_probs[np.count_nonzero(cumulative < limit)]
+            return ids[: np.count_nonzero(sorted_probs >= cutoff)]
     return None  # rounding kept the total mass below top_p: keep everything
 
 
-def _head(probs: torch.Tensor, k: int) -> torch.Tensor:
+def _head(probs: np.ndarray, k: int) -> np.ndarray:
     """The k most likely ids in sorted order (ties by id, as a stable sort of the whole row gives). [k]"""
-    k = min(k, probs.numel())
-    kth = torch.topk(probs, k).values[-1]  # the values of topk are exact even where its tie order is not
-    ids = torch.nonzero(probs >= kth).flatten()  # [m >= k] ascending
-    order = torch.sort(probs[ids], descending=True, stable=True).indices
-    return ids[order[:k]]
+    k, top = min(k, probs.size), probs.max()
+    for ratio in _CANDIDATE_RATIOS:  # the k-th largest value is among the candidates once there are k
+        ids = _candidates(probs, top, ratio)
+        if ids.size >= k:
+            return _sorted(probs, ids)[0][:k]
+    raise AssertionError("unreachable: ratio 0 keeps every id")
 
 
-def _kept_tokens(logits: torch.Tensor, params: SamplingParams) -> Optional[torch.Tensor]:
+def _kept_tokens(probs: np.ndarray, params: SamplingParams) -> Optional[np.ndarray]:
     """Ids surviving top_p then top_k, in sorted order, or None for every token (drawn in id order)."""
-    probs = torch.softmax(logits, dim=0)  # [V]
     ids = _nucleus(probs, params.top_p) if params.top_p < 1.0 else None
     if params.top_k <= 0:
         return ids
     return _head(probs, params.top_k) if ids is None else ids[: params.top_k]
 
 
-def _prepare_logits(logits: torch.Tensor, penalties: Optional[PenaltyState], ban_tokens: Iterable[int]) -> torch.Tensor:
+def _softmax(values: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(values), dim=0).numpy()
+
+
+def _prepare_logits(logits: torch.Tensor, penalties: Optional[PenaltyState], ban_tokens: Iterable[int]) -> np.ndarray:
+    """The logits as a new fp32 host array, penalised and with the banned ids at -inf. [V]"""
     _check(logits.dim() == 1, f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
     vocab = logits.shape[0]
-    out = logits.to(torch.float32, copy=True)
+    out = logits.detach().to("cpu", torch.float32, copy=True).numpy()
     if penalties is not None:
         _check(penalties.vocab_size == vocab, f"logits have {vocab} entries, penalties expect {penalties.vocab_size}")
-        ids, amounts = penalties._sparse_arrays()
-        if ids.size:  # x + (-a): the same fp32 operation sample_batch's scatter does
-            out.scatter_add_(0, torch.from_numpy(ids).to(out.device), torch.from_numpy(-amounts).to(out.device))
+        ids, amounts = penalties._sparse_arrays()  # distinct ids
+        if ids.size:  # x - a: the fp32 operation sample_batch's scatter of -a does
+            out[ids] -= amounts
     banned = [int(t) for t in ban_tokens]
     if banned:
         _check(0 <= min(banned) and max(banned) < vocab, f"ban token ids must be in [0, {vocab}), got {banned}")
-        out.index_fill_(0, torch.tensor(banned, dtype=torch.long, device=out.device), -math.inf)
+        out[banned] = -np.inf
     top = float(out.max())  # NaN if any NaN, +inf if any +inf, -inf if every token is banned
     _check(math.isfinite(top), "logits must have no NaN or +inf and at least one finite entry (not all banned)")
     return out
 
 
-def _weights(logits: torch.Tensor, ids: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+def _weights(logits: np.ndarray, ids: Optional[np.ndarray], temperature: float) -> np.ndarray:
     """probs ** (1/T) renormalised over the kept ids, in draw order: softmax(logits / T) over the whole row
-    in id order when every token is kept, else over a full-width row holding the kept ids' logits / T in
-    their sorted order first and -inf after them (the same full-width reduction sample_batch does). [V]"""
-    scale = torch.tensor(temperature, dtype=torch.float32, device=logits.device)  # a tensor: plain a / b
+    in id order when every token is kept, else over a row holding the kept ids' logits / T in their sorted
+    order first and -inf after them, _SOFTMAX_WIDTH-aligned. [V], or [W >= len(ids)]"""
+    scale = np.float32(temperature)
     if ids is None:
-        return torch.softmax(logits / scale, dim=0)
-    scaled = torch.full_like(logits, -math.inf)
-    scaled[: ids.numel()] = logits[ids] / scale
-    return torch.softmax(scaled, dim=0)
+        return _softmax(logits / scale)
+    scaled = np.full(min(logits.size, -(-ids.size // _SOFTMAX_WIDTH) * _SOFTMAX_WIDTH), -np.inf, np.float32)
+    scaled[: ids.size] = logits[ids] / scale
+    return _softmax(scaled)
 
 
-def _pick(weights: torch.Tensor, u: float) -> int:
+def _pick(weights: np.ndarray, u: float) -> int:
     """Index drawn with probability proportional to ``weights`` [n] by inverse CDF on the uniform ``u``.
 
     ``u * total < total`` always (u <= 1 - 2**-53 and rounding is monotone), so the index found has a
     nonzero weight and zeros after the kept tokens are never reached."""
-    cdf = _prefix_sums(weights, torch.float64)  # [n]
-    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True)[0])
+    cdf = _host_prefix_sums(weights, np.float64)  # [n]
+    return int(np.searchsorted(cdf, u * cdf[-1], side="right"))
 
 
 def sampling_distribution(
@@ -402,15 +441,20 @@ def sampling_distribution(
     penalties: Optional[PenaltyState] = None,
     ban_tokens: Iterable[int] = (),
 ) -> torch.Tensor:
-    """The exact [V] fp32 distribution ``sample_token`` draws from (one-hot at temperature 0)."""
+    """The exact [V] fp32 distribution ``sample_token`` draws from (one-hot at temperature 0), on the logits'
+    device."""
     prepared = _prepare_logits(logits, penalties, ban_tokens)
+    distribution = np.zeros_like(prepared)
     if params.greedy:
-        return torch.nn.functional.one_hot(torch.argmax(prepared), prepared.numel()).to(torch.float32)
-    ids = _kept_tokens(prepared, params)
-    weights = _weights(prepared, ids, params.temperature)
-    if ids is None:
-        return weights
-    return torch.zeros_like(prepared).index_put_((ids,), weights[: ids.numel()])
+        distribution[prepared.argmax()] = 1.0
+    else:
+        ids = _kept_tokens(_softmax(prepared), params)
+        weights = _weights(prepared, ids, params.temperature)
+        if ids is None:
+            distribution = weights
+        else:
+            distribution[ids] = weights[: ids.size]
+    return torch.from_numpy(distribution).to(logits.device)
 
 
 def sample_token(
@@ -420,7 +464,7 @@ def sample_token(
     penalties: Optional[PenaltyState] = None,
     ban_tokens: Iterable[int] = (),
 ) -> int:
-    """Draw the next token id from 1-D ``logits`` [vocab].
+    """Draw the next token id from 1-D ``logits`` [vocab] (on any device; the work is done on the host).
 
     ``penalties`` is read, not updated: call ``penalties.update(token)`` once the token is accepted.
     Its coefficients are its own (see ``PenaltyState.from_params``); ``params`` supplies temperature,
@@ -432,13 +476,13 @@ def sample_token(
     _check_generator(generator)
     prepared = _prepare_logits(logits, penalties, ban_tokens)
     if params.greedy:
-        return int(torch.argmax(prepared))
+        return int(prepared.argmax())  # the first (lowest id) maximum, as torch.argmax
     u = _uniform(generator)
-    ids = _kept_tokens(prepared, params)
-    weights = _weights(prepared, ids, params.temperature)  # [V] in draw order
+    ids = _kept_tokens(_softmax(prepared), params)
+    weights = _weights(prepared, ids, params.temperature)  # in draw order
     if ids is None:
         return _pick(weights, u)
-    return int(ids[_pick(weights[: ids.numel()], u)])
+    return int(ids[_pick(weights[: ids.size], u)])
 
 
 # ---------------------------------------------------------------------------------------- a batch

@@ -529,6 +529,35 @@ def test_sampler_sample_equals_sample_token():
     assert sampler.sample(logits) == want
 
 
+@pytest.mark.parametrize("vocab", [65536, 50277, 1000])
+def test_one_row_softmax_of_the_kept_width_equals_the_full_rows(vocab):
+    """sample_token softmaxes its kept tokens over a 16-aligned width, sample_batch over full rows (-inf after
+    the kept ones): PyTorch's CPU softmax must give the same bits both ways, for every kept count."""
+    from rwkv_chat.serving.sampling import _SOFTMAX_WIDTH
+
+    generator = torch.Generator().manual_seed(vocab)
+    counts = list(range(1, 70)) + [127, 128, 129, 255, 256, 257, 1000, 4097]
+    for kept in [k for k in counts if k <= vocab]:
+        row = torch.full((vocab,), -math.inf)
+        row[:kept] = torch.randn(kept, generator=generator).sort(descending=True).values * 4
+        width = min(vocab, -(-kept // _SOFTMAX_WIDTH) * _SOFTMAX_WIDTH)
+        full = torch.softmax(row.unsqueeze(0).repeat(3, 1), dim=1)[1]  # a row of a batch, as sample_batch has
+        assert torch.equal(torch.softmax(row[:width], dim=0), full[:width]), kept
+        assert not full[width:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_row_prefix_sums_equal_the_batched_ones(dtype):
+    from rwkv_chat.serving.sampling import _host_prefix_sums, _prefix_sums
+
+    generator = torch.Generator().manual_seed(5)
+    for n in [1, 2, 100, 255, 256, 257, 600, 65536]:
+        values = torch.rand(n, generator=generator) ** 6  # probabilities spread over many binades
+        batched = _prefix_sums(torch.stack([values, values.flip(0)]), dtype)[0]
+        host = _host_prefix_sums(values.numpy(), np.float32 if dtype == torch.float32 else np.float64)
+        assert host.dtype == batched.numpy().dtype and np.array_equal(host, batched.numpy()), n
+
+
 ROW_CHATS = [  # (params, presence, frequency, decay, bans) of the chats SamplingRows serves below
     (SamplingParams(), 0.4, 0.4, 0.996, (0,)),
     (SamplingParams(temperature=0.0), 1.0, 0.2, 0.9, ()),

@@ -27,6 +27,7 @@ import torch
 
 from ..kernels import cpu_features, cpu_kernels, quant
 from ..models import RwkvConfig, RwkvModel, UnsupportedCheckpoint
+from ..models.layers import lora_storage_dtype
 from ..runtime.fast_path import attach_fast_path
 from .catalog import CatalogEntry, find_entry
 from .hf_names import original_state_dict
@@ -252,11 +253,13 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
                 dtype: torch.dtype, fast: bool | None = None) -> RwkvModel:
     """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between).
 
-    Projections (the matrices that are multiplied) take `dtype`; everything else stays fp32: the embedding is
-    only looked up, and rounding it perturbs every later layer, as in the reference. int8 and int4: projections
-    are placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak). int4 keeps the
-    head in int8: on the really trained tiny models an int4 head cost most of int4's argmax agreement (RWKV-4
-    96.6% → 98.2% with it in int8; docs/PERFORMANCE.md), for about 8% more bytes a token at 1.5B."""
+    Projections (the matrices that are multiplied) take `dtype`; RWKV-6/7's LoRA factors bf16 where
+    layers.lora_storage_dtype says (on CPUs whose prefills multiply them in bf16); everything else stays fp32: the
+    embedding is only looked up, and rounding it perturbs every later layer, as in the reference. int8 and int4:
+    projections are placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak).
+    int4 keeps the head in int8: on the really trained tiny models an int4 head cost most of int4's argmax
+    agreement (RWKV-4 96.6% → 98.2% with it in int8; docs/PERFORMANCE.md), for about 8% more bytes a token at
+    1.5B."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -264,7 +267,8 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     with init_empty_weights():
         model = RwkvModel(config)
     params = dict(model.named_parameters())
-    projections = model.projection_weight_names()
+    projections, loras = model.projection_weight_names(), model.lora_factor_names()
+    lora_dtype = lora_storage_dtype(device, dtype)
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -277,7 +281,7 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         placed = dtype
         if dtype in LOW_BIT:
             placed = torch.bfloat16 if device.type == "cuda" else torch.float32
-        target = placed if name in projections else torch.float32
+        target = placed if name in projections else lora_dtype if name in loras else torch.float32
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
         if dtype in LOW_BIT and name in projections:
             module = model.get_submodule(name.rsplit(".", 1)[0])

@@ -64,6 +64,17 @@ def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if quant.many_rows_dtype(weight) == torch.bfloat16 else torch.float32
 
 
+def lora_storage_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LoRA factors of a model whose projections are `dtype` are kept in on `device`: bf16 on a CPU
+    where its prefills multiply them in bf16 anyway (lora_dtype: bf16, int8 or int4 projections, a CPU with bf16
+    units), so those read them as they are, bit for bit as before, and a decode step reads half the bytes (RWKV-7
+    0.1B int8: 1.8 of a layer's 8.9 MB were its fp32 LoRAs); fp32 everywhere else (GPUs, fp32 and fp16 models,
+    CPUs without bf16 units)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.int8, quant.INT4):
+        return torch.bfloat16 if quant.cpu_features().native_matmul(torch.bfloat16) else torch.float32
+    return torch.float32
+
+
 def lora_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x @ weight with both in `dtype` (lora_dtype); the result in `dtype` (callers widen it where they need)."""
     return x @ weight if dtype == weight.dtype == x.dtype else x.to(dtype) @ weight.to(dtype)

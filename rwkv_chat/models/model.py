@@ -96,6 +96,12 @@ class RwkvModel(nn.Module):
         dtype. The embedding is looked up, not multiplied."""
         return {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, Projection)}
 
+    def lora_factor_names(self) -> set[str]:
+        """Names of the time mixes' LoRA factors (their modules' LORA_FACTORS): fp32, or bf16 where
+        layers.lora_storage_dtype says."""
+        return {f"{name}.{factor}" for name, module in self.named_modules()
+                for factor in getattr(module, "LORA_FACTORS", ()) if hasattr(module, factor)}
+
     def zero_state(self, batch: int = 1) -> RwkvState:
         return empty_state(self.config, batch, self.device)
 

@@ -106,6 +106,8 @@ def wkv6_sequence(log_w, u, r, k, v, s):
 class TimeMixV6(nn.Module):
     """RWKV-6 time mix: data-dependent token shift and decay, multi-head linear attention, SiLU gate."""
 
+    LORA_FACTORS = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")  # see layers.lora_storage_dtype
+
     def __init__(self, config, layer_id: int):
         super().__init__()
         c, a, h = config.n_embd, config.dim_att, config.n_head

@@ -121,6 +121,8 @@ def wkv7_sequence(log_w, r, k, v, kk, a, s):
 class TimeMixV7(nn.Module):
     """RWKV-7 time mix (see the module docstring). `carry` is v_first: None into layer 0, its value after."""
 
+    LORA_FACTORS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # kept as layers.lora_storage_dtype says
+
     def __init__(self, config, layer_id: int):
         super().__init__()
         c, h = config.n_embd, config.n_head
@@ -182,10 +184,10 @@ class TimeMixV7(nn.Module):
 def _lora(x, first, second, bias=None, activation=None, dtype=torch.float32):
     """activation(x @ first) @ second (+ bias [1, 1, A]): a LoRA of the time mix, its products in `dtype`
     (layers.lora_dtype), the bias added and the result returned in fp32."""
-    if dtype == torch.float32:
-        hidden = x @ first
+    if dtype == torch.float32:  # factors kept in bf16 (layers.lora_storage_dtype) are widened here
+        hidden = x @ first.to(dtype)
         hidden = activation(hidden) if activation is not None else hidden
-        return F.linear(hidden, second.t(), None if bias is None else bias.view(-1))
+        return F.linear(hidden, second.to(dtype).t(), None if bias is None else bias.view(-1))
     hidden = lora_product(x, first, dtype)
     hidden = activation(hidden) if activation is not None else hidden
     out = lora_product(hidden, second, dtype).float()

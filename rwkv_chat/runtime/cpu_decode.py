@@ -5,7 +5,8 @@ What this module promises:
   C++ step (`Architecture.cpu_layer_tensors`) with weights the C++ kernels read (kernels/cpu_kernels.py built).
 - `CpuStepRunner(model)` is a runner (model.runner): `prefill` is the model's plain path (its parallel chunked
   form), `decode(ids [B], state)` runs each layer of one token for B sequences in one call of the architecture's
-  C++ step (its LoRAs, recurrence and norms in fp32, its products streaming the weights as stored), the same
+  C++ step (its LoRAs, recurrence and norms in fp32 arithmetic, its products streaming the weights and the LoRA
+  factors as stored: fp32, or bf16 where layers.lora_storage_dtype keeps them so), the same
   function as the plain decode step up to fp32 rounding (tested against it). States passed in are never changed.
   `decode_into(ids, source, target)` writes the new states of the first B rows into `target`'s rows (a
   batcher's state buffers) instead of new tensors.

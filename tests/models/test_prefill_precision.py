@@ -11,6 +11,7 @@ import torch
 from rwkv_chat import load_model
 from rwkv_chat.kernels import quant
 from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, detected
+from rwkv_chat.loading import loader
 from rwkv_chat.models import layers, rwkv6, rwkv7
 from checkpoints import make_state_dict, save_pth
 from reference import random_tokens
@@ -49,6 +50,43 @@ def test_lora_products_run_in_bf16_only_for_a_prefill_beside_bf16_projections(mo
     assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=torch.float16)) == torch.float32
     monkeypatch.setenv(ISA_VARIABLE, "avx512")  # a CPU without bf16 units: its GEMMs, and so the LoRAs, in fp32
     assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=torch.bfloat16)) == torch.float32
+
+
+def test_a_cpu_model_keeps_its_lora_factors_in_bf16_only_where_its_prefill_multiplies_them_in_bf16(monkeypatch):
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for stored in (torch.bfloat16, torch.int8, quant.INT4):
+        assert layers.lora_storage_dtype(cpu, stored) == (torch.bfloat16 if BF16_UNITS else torch.float32)
+        assert layers.lora_storage_dtype(cuda, stored) == torch.float32
+    for stored in (torch.float32, torch.float16):
+        assert layers.lora_storage_dtype(cpu, stored) == torch.float32
+    monkeypatch.setenv(ISA_VARIABLE, "avx512")  # a CPU without bf16 units: fp32 LoRA products, fp32 factors
+    assert layers.lora_storage_dtype(cpu, torch.int8) == torch.float32
+
+
+@needs_bf16_units
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_prefill_reads_bf16_kept_lora_factors_as_it_read_fp32_ones(checkpoint, monkeypatch, dtype):
+    """A prefill of many rows rounds fp32 factors to bf16 for its products: the factors kept in bf16 give the
+    same bits (logits and state); the factors are bf16 parameters, and only they (an fp32 model keeps fp32)."""
+    monkeypatch.delenv(ISA_VARIABLE, raising=False)
+    _, path = checkpoint
+    tokens = random_tokens(40, seed=6)  # one segment of >= MANY_ROWS rows
+    kept = load_model(path, device="cpu", dtype=dtype)
+    params = dict(kept.named_parameters())
+    names = kept.lora_factor_names()
+    assert names and {params[name].dtype for name in names} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if n not in names and n not in kept.projection_weight_names()} == \
+        {torch.float32}
+    fp32 = load_model(path, device="cpu", dtype="fp32")
+    assert {p.dtype for n, p in fp32.named_parameters() if n in fp32.lora_factor_names()} == {torch.float32}
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.float32)
+    before = load_model(path, device="cpu", dtype=dtype)
+    assert {dict(before.named_parameters())[name].dtype for name in names} == {torch.float32}
+    (logits, state), (logits_before, state_before) = kept.forward(tokens, all_logits=True), \
+        before.forward(tokens, all_logits=True)
+    assert torch.equal(logits, logits_before)
+    assert torch.equal(state.wkv, state_before.wkv) and torch.equal(state.shift, state_before.shift)
 
 
 def test_a_bf16_lora_product_is_within_bf16_rounding_of_the_exact_one():
@@ -101,6 +139,7 @@ def _bf16_loras_cost_at_most(checkpoint, monkeypatch, device):
     with_bf16 = _logits_deviation(path, tokens, device)
     assert torch.bfloat16 in calls  # the bf16 model's prefill did take them
     monkeypatch.setattr(module, "lora_dtype", lambda x, w: torch.float32)
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.float32)  # fp32 factors too
     with_fp32 = _logits_deviation(path, tokens, device)
     assert with_bf16[0] <= 2.0 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
     assert with_bf16[1] <= 1.75 * with_fp32[1] + 0.002, (with_bf16, with_fp32)

@@ -10,6 +10,7 @@ import torch
 from rwkv_chat import load_model
 from rwkv_chat.kernels import cpu_kernels
 from rwkv_chat.kernels.cpu_features import detected
+from rwkv_chat.loading import loader
 from rwkv_chat.runtime.cpu_decode import CpuStepRunner
 from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.state import RwkvState
@@ -52,6 +53,30 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
                 assert torch.allclose(sa.shift, sb.shift, atol=1e-4)
             state, ids = sa, la.argmax(-1)
     assert_states_passed_in_stay_unchanged(fast)
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_the_cpp_step_reads_bf16_lora_factors_as_fp32_ones_holding_the_same_values(make_checkpoint, monkeypatch,
+                                                                                    version):
+    """LoRA factors kept in bf16 (layers.lora_storage_dtype; forced here on any CPU) are widened as they are read:
+    the same products in the same order as fp32 factors of the same values, so the same bits. The wide shape
+    splits the second factors by chunks of input rows (their partial sums added after)."""
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.bfloat16)
+    model = load_model(make_checkpoint(version, seed=6, n_layer=2, n_embd=512).path, device="cpu", dtype="int8")
+    runner = model.runner
+    assert isinstance(runner, CpuStepRunner)
+    params = dict(model.named_parameters())
+    assert {params[name].dtype for name in model.lora_factor_names()} == {torch.bfloat16}
+    kept = runner.layers
+    widened = [[t.float() if t.dtype == torch.bfloat16 else t for t in layer] for layer in kept]
+    assert sum(t.dtype == torch.bfloat16 for layer in kept for t in layer) == len(model.lora_factor_names())
+    state = RwkvState.stack([model.forward(random_tokens(5 + i, seed=i))[1] for i in range(2)])
+    ids = torch.tensor([17, 4242])
+    logits, new_state = runner.decode(ids, state)
+    runner.layers = widened
+    logits_widened, state_widened = runner.decode(ids, state)
+    assert torch.equal(logits, logits_widened)
+    assert torch.equal(new_state.wkv, state_widened.wkv) and torch.equal(new_state.shift, state_widened.shift)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])

@@ -981,17 +981,45 @@ LayerWeights unpack(const std::vector<torch::Tensor>& t) {
 // plain read.
 constexpr int64_t kKnChunk = 128, kKnWideChunk = 32, kKnWide = 256;
 
-void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* w, int64_t N, int64_t k0,
-                      int64_t k1, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
+// A LoRA factor as stored: fp32, or bf16 (models whose prefill multiplies their LoRAs in bf16 keep them so: see
+// models/layers.py's lora_storage_dtype), read widened to fp32: the same products, in the same order, as an fp32
+// factor holding the same values.
+struct Factor {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
+  Factor(const float* w) : f32(w) {}  // NOLINT: an fp32 factor wherever a pointer was passed
+  Factor(const float* w32, const uint16_t* w16) : f32(w32), bf16(w16) {}
+  Factor at(int64_t offset) const { return bf16 ? Factor(nullptr, bf16 + offset) : Factor(f32 + offset); }
+};
+
+inline float widened(float w) { return w; }
+inline float widened(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+template <typename WT>
+void kn_range(const float* x, int64_t x_stride, int64_t M, const WT* w, int64_t N, int64_t k0, int64_t k1,
+              int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   for (int64_t m = 0; m < M; ++m) {
     float* o = out + m * out_stride;
     std::fill(o + n0, o + n1, 0.0f);
     for (int64_t k = k0; k < k1; ++k) {
       const float xk = x[m * x_stride + k];
-      const float* wk = w + k * N;
-      for (int64_t n = n0; n < n1; ++n) o[n] += xk * wk[n];
+      const WT* wk = w + k * N;
+      for (int64_t n = n0; n < n1; ++n) o[n] += xk * widened(wk[n]);
     }
   }
+}
+
+void product_kn_range(const float* x, int64_t x_stride, int64_t M, Factor w, int64_t N, int64_t k0, int64_t k1,
+                      int64_t n0, int64_t n1, float* out, int64_t out_stride) {
+  if (w.bf16)
+    kn_range(x, x_stride, M, w.bf16, N, k0, k1, n0, n1, out, out_stride);
+  else
+    kn_range(x, x_stride, M, w.f32, N, k0, k1, n0, n1, out, out_stride);
 }
 
 // x [M, K] (rows x_stride apart) · W [K, N] as a Task: a chunk of input rows a unit (kKnChunk, or kKnWideChunk
@@ -999,7 +1027,7 @@ void product_kn_range(const float* x, int64_t x_stride, int64_t M, const float* 
 // depends on K alone). Stays where it was made (its task points at it).
 class KnProduct {
  public:
-  KnProduct(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0)
+  KnProduct(const float* x, int64_t M, Factor w, int64_t K, int64_t N, float* out, int64_t x_stride = 0)
       : x_(x), M_(M), w_(w), K_(K), N_(N), out_(out), x_stride_(x_stride ? x_stride : K),
         chunk_(N >= kKnWide ? kKnWideChunk : kKnChunk), chunks_(std::max<int64_t>((K + chunk_ - 1) / chunk_, 1)) {
     if (chunks_ > 1) partial_.reset(new float[chunks_ * M * N]);  // not zeroed: each chunk's range zeroes its own
@@ -1009,10 +1037,10 @@ class KnProduct {
 
   Task task() {
     if (chunks_ == 1)
-      return {1, K_ * N_ * 4,
+      return {1, K_ * N_ * bytes(),
               [this](int64_t, int64_t) { product_kn_range(x_, x_stride_, M_, w_, N_, 0, K_, 0, N_, out_, N_); },
               nullptr};
-    return {chunks_, chunk_ * N_ * 4,
+    return {chunks_, chunk_ * N_ * bytes(),
             [this](int64_t begin, int64_t end) {
               for (int64_t c = begin; c < end; ++c)
                 product_kn_range(x_, x_stride_, M_, w_, N_, c * chunk_, std::min(K_, (c + 1) * chunk_), 0, N_,
@@ -1026,9 +1054,10 @@ class KnProduct {
   }
 
  private:
+  int64_t bytes() const { return w_.bf16 ? 2 : 4; }
   const float* x_;
   int64_t M_;
-  const float* w_;
+  Factor w_;
   int64_t K_, N_;
   float* out_;
   int64_t x_stride_;
@@ -1036,7 +1065,7 @@ class KnProduct {
   std::unique_ptr<float[]> partial_;  // chunks_ x [M, N] partial sums, or none
 };
 
-void product_kn(const float* x, int64_t M, const float* w, int64_t K, int64_t N, float* out, int64_t x_stride = 0) {
+void product_kn(const float* x, int64_t M, Factor w, int64_t K, int64_t N, float* out, int64_t x_stride = 0) {
   KnProduct p(x, M, w, K, N, out, x_stride);
   run_together({p.task()});
 }
@@ -1048,6 +1077,15 @@ inline const float* constant(const torch::Tensor& t, int64_t n, const char* name
   return t.data_ptr<float>();
 }
 
+inline Factor factor(const torch::Tensor& t, int64_t n, const char* name) {
+  if (t.is_contiguous() && t.numel() == n) {
+    if (t.scalar_type() == torch::kFloat32) return Factor(t.data_ptr<float>());
+    if (t.scalar_type() == torch::kBFloat16) return Factor(nullptr, reinterpret_cast<const uint16_t*>(t.data_ptr()));
+  }
+  refuse(std::string("cpu_kernels: ") + name + " must be a contiguous fp32 or bf16 tensor of " + std::to_string(n) +
+         " values");
+}
+
 // The LoRA activation(x @ W1) @ W2 for B rows: x [B, C] (row stride C), W1 [C, R], W2 [R, A] -> out [B, A].
 // activation: 0 none, 1 tanh, 2 sigmoid. Two tasks, the second reading what the first wrote: first() can share a
 // region with other products of the same input, second() with others that follow them.
@@ -1056,8 +1094,8 @@ class LowRank {
   LowRank(const float* x, int64_t B, int64_t C, const torch::Tensor& w1, const torch::Tensor& w2, int activation,
           float* out)
       : R_(w1.size(1)), A_(w2.size(1)), activation_(activation), hidden_(B * R_),
-        first_(x, B, constant(w1, C * R_, "a LoRA's first factor"), C, R_, hidden_.data()),
-        second_(hidden_.data(), B, constant(w2, R_ * A_, "a LoRA's second factor"), R_, A_, out) {
+        first_(x, B, factor(w1, C * R_, "a LoRA's first factor"), C, R_, hidden_.data()),
+        second_(hidden_.data(), B, factor(w2, R_ * A_, "a LoRA's second factor"), R_, A_, out) {
     TORCH_CHECK(w1.size(0) == C && w2.size(0) == R_, "cpu_kernels: LoRA shapes [C, R] and [R, A]");
   }
 
@@ -1264,8 +1302,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
 // the order models/rwkv6.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, time_maa_x, time_maa_w k v r g
 // [C], time_maa_w1 [C, 5D], time_maa_w2 [5, D, C], time_decay [A], time_decay_w1 [C, D2], time_decay_w2 [D2, A],
 // time_faaaa [A], ln_x w/b, receptance, key, value, gate, output (each weight then its scale, empty unless int8),
-// ffn time_maa_k, time_maa_r, ffn key, receptance, value (weight, scale). Everything but the eight weights is
-// fp32. Returns the new x [B, C].
+// ffn time_maa_k, time_maa_r, ffn key, receptance, value (weight, scale). Everything but the eight weights and
+// the four LoRA factors (fp32 or bf16) is fp32. Returns the new x [B, C].
 torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
                               torch::Tensor wkv_out, std::vector<torch::Tensor> t) {
   TORCH_CHECK(t.size() == 36, "cpu_kernels.decode_layer_v6: 36 layer tensors expected");
@@ -1288,7 +1326,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float* maa_x = constant(t[4], C, what);
   const float* maa[5];
   for (int p = 0; p < 5; ++p) maa[p] = constant(t[5 + p], C, what);
-  const float* maa_w2 = constant(t[11], 5 * D * C, what);
+  const Factor maa_w2 = factor(t[11], 5 * D * C, "time_maa_w2");
   const float* time_decay = constant(t[12], A, what);
   const float *u = constant(t[15], A, what), *lnx_w = constant(t[16], A, what), *lnx_b = constant(t[17], A, what);
   const float *ffn_k = constant(t[28], C, what), *ffn_r = constant(t[29], C, what);
@@ -1308,14 +1346,14 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
       base[b * C + c] = row[c] + sx[b * C + c] * maa_x[c];
     }
   }
-  product_kn(base.data(), B, constant(t[10], C * 5 * D, what), C, 5 * D, hidden.data());
+  product_kn(base.data(), B, factor(t[10], C * 5 * D, "time_maa_w1"), C, 5 * D, hidden.data());
   for (float& value : hidden) value = std::tanh(value);
   std::vector<float> part(5 * B * C);  // [5, B, C]
   {
     std::deque<KnProduct> second;  // each second factor read once for all B rows
     std::vector<Task> tasks;
     for (int p = 0; p < 5; ++p) {
-      second.emplace_back(hidden.data() + p * D, B, maa_w2 + p * D * C, D, C, part.data() + p * B * C, 5 * D);
+      second.emplace_back(hidden.data() + p * D, B, maa_w2.at(p * D * C), D, C, part.data() + p * B * C, 5 * D);
       tasks.push_back(second.back().task());
     }
     run_together(tasks);
@@ -1427,7 +1465,7 @@ std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Te
 // models/rwkv7.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, the mixes x_r x_w x_k x_v x_a x_g [C],
 // receptance, key, value, output (each weight then its scale, empty unless int8), w0 w1 w2, a0 a1 a2,
 // v0 v1 v2 (empty in layer 0), g1 g2, k_k, k_a, r_k, ln_x w/b, ffn x_k, ffn key, ffn value (weight, scale).
-// Everything but the eight weights is fp32. Returns the new x [B, C].
+// Everything but the eight weights and the LoRA factors (w1 ... g2: fp32 or bf16) is fp32. Returns the new x [B, C].
 torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
                               torch::Tensor wkv_out, torch::Tensor v_first, std::vector<torch::Tensor> t,
                               bool first_layer) {

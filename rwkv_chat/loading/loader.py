@@ -268,7 +268,7 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         model = RwkvModel(config)
     params = dict(model.named_parameters())
     projections, loras = model.projection_weight_names(), model.lora_factor_names()
-    lora_dtype = lora_storage_dtype(device, dtype)
+    lora_storage = lora_storage_dtype(device, dtype)
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -281,7 +281,7 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         placed = dtype
         if dtype in LOW_BIT:
             placed = torch.bfloat16 if device.type == "cuda" else torch.float32
-        target = placed if name in projections else lora_dtype if name in loras else torch.float32
+        target = placed if name in projections else lora_storage if name in loras else torch.float32
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
         if dtype in LOW_BIT and name in projections:
             module = model.get_submodule(name.rsplit(".", 1)[0])

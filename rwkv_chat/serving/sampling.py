@@ -353,8 +353,9 @@ def _candidates(probs: np.ndarray, top: np.float32, ratio: float) -> np.ndarray:
 
 def _sorted(probs: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``ids`` ordered by probability, most likely first, ties by id (a stable sort), and their probs."""
-    order = np.argsort(-probs[ids], kind="stable")
-    return ids[order], probs[ids[order]]
+    values = probs[ids]
+    order = np.argsort(-values, kind="stable")
+    return ids[order], values[order]
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> Optional[np.ndarray]:

@@ -992,24 +992,16 @@ struct Factor {
   Factor at(int64_t offset) const { return bf16 ? Factor(nullptr, bf16 + offset) : Factor(f32 + offset); }
 };
 
-inline float widened(float w) { return w; }
-inline float widened(uint16_t w) {
-  const uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
-template <typename WT>
-void kn_range(const float* x, int64_t x_stride, int64_t M, const WT* w, int64_t N, int64_t k0, int64_t k1,
-              int64_t n0, int64_t n1, float* out, int64_t out_stride) {
+template <typename W>
+void kn_range(const float* x, int64_t x_stride, int64_t M, const typename W::T* w, int64_t N, int64_t k0,
+              int64_t k1, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   for (int64_t m = 0; m < M; ++m) {
     float* o = out + m * out_stride;
     std::fill(o + n0, o + n1, 0.0f);
     for (int64_t k = k0; k < k1; ++k) {
       const float xk = x[m * x_stride + k];
-      const WT* wk = w + k * N;
-      for (int64_t n = n0; n < n1; ++n) o[n] += xk * widened(wk[n]);
+      const typename W::T* wk = w + k * N;
+      for (int64_t n = n0; n < n1; ++n) o[n] += xk * W::load1(wk + n);
     }
   }
 }
@@ -1017,9 +1009,9 @@ void kn_range(const float* x, int64_t x_stride, int64_t M, const WT* w, int64_t 
 void product_kn_range(const float* x, int64_t x_stride, int64_t M, Factor w, int64_t N, int64_t k0, int64_t k1,
                       int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   if (w.bf16)
-    kn_range(x, x_stride, M, w.bf16, N, k0, k1, n0, n1, out, out_stride);
+    kn_range<Bf16Weights>(x, x_stride, M, w.bf16, N, k0, k1, n0, n1, out, out_stride);
   else
-    kn_range(x, x_stride, M, w.f32, N, k0, k1, n0, n1, out, out_stride);
+    kn_range<Fp32Weights>(x, x_stride, M, w.f32, N, k0, k1, n0, n1, out, out_stride);
 }
 
 // x [M, K] (rows x_stride apart) · W [K, N] as a Task: a chunk of input rows a unit (kKnChunk, or kKnWideChunk

@@ -151,6 +151,21 @@ def test_fast_path_fp32_equals_plain_path(ckpt):
         assert torch.allclose(f_state.wkv, p_state.wkv, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("version", ["4", "5.2"])
+def test_fast_decode_of_rows_of_no_whole_number_of_vectors_equals_plain_path(version, make_checkpoint):
+    """36 channels (heads of 12): the C++ step's element-wise loops end in masked lanes, its heads run scalar."""
+    shape = dict(n_layer=2, n_embd=36) if version == "4" else dict(n_layer=2, n_embd=36, head_size=12)
+    plain, fast = plain_and_fast(make_checkpoint(version, seed=3, **shape).path)
+    states = [plain.forward(random_tokens(5 + i, seed=i))[1] for i in range(3)]
+    state, ids = RwkvState.stack(states), torch.tensor([5, 500, 50000])
+    for _ in range(3):
+        la, sa = plain.decode_batch(ids, state)
+        lb, sb = fast.decode_batch(ids, state)
+        assert max_diff(la, lb) <= 1e-4
+        assert torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)
+        state, ids = sa, la.argmax(-1)
+
+
 def test_fast_decode_batch_rows_equal_single_decodes(ckpt):
     _, fast = plain_and_fast(ckpt.path)
     states = [fast.forward(random_tokens(9 + i, seed=i))[1] for i in range(3)]

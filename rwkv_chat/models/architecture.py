@@ -176,8 +176,9 @@ class Architecture:
 
     def cpu_decode_layer(self, kernels, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor,
                          shift_out: torch.Tensor, wkv_out: torch.Tensor, tensors: list[torch.Tensor], carry):
-        """One token of B sequences through one block in the C++ kernels: x [B, C] fp32, this layer's state (its
-        new state written to the `_out` views) -> (new x, carry for the next layer)."""
+        """One token of B sequences through one block in the C++ kernels: x [B, C] fp32 (overwritten with the new
+        x: the caller's own tensor), this layer's state (its new state written to the `_out` views) -> (new x,
+        carry for the next layer)."""
         raise NotImplementedError
 
     def cpu_decay(self, layer) -> torch.Tensor:

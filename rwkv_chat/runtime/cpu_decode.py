@@ -59,6 +59,7 @@ class CpuStepRunner:
     def _step(self, ids: torch.Tensor, state: RwkvState, out: RwkvState):
         model = self.model
         x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
+        # x is this step's own tensor: each layer writes its output over it
         shift, wkv = out.shift, out.wkv
         carry = None
         per_layer = zip(state.shift.unbind(1), state.wkv.unbind(1), shift.unbind(1), wkv.unbind(1))  # views

@@ -204,10 +204,11 @@ class FastRunner:
     def _decode_cpu(self, x, shift, wkv, new_shift, new_wkv):
         kernels = cpu_kernels.kernels()
         per_layer = zip(shift.unbind(1), wkv.unbind(1), new_shift.unbind(1), new_wkv.unbind(1))  # views, one call each
+        x = x.clone(memory_format=torch.contiguous_format)  # the layers write their outputs over it
         for i, (layer, tensors, states) in enumerate(zip(self.layers, self.cpu_layers, per_layer)):
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
-            x = kernels.decode_layer(x.contiguous(), *states, tensors, self.architecture.cpu_kernel_id,
-                                     layer.att.n_segments, halve)
+            x = kernels.decode_layer(x, *states, tensors, self.architecture.cpu_kernel_id, layer.att.n_segments,
+                                     halve)
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
         return self.head.decode(x), RwkvState(new_shift, new_wkv)
 

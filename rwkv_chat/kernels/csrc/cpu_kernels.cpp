@@ -1027,7 +1027,7 @@ inline void wkv5_head_token(const float* r, const float* k, const float* v, cons
     const float* si = s + i * S;
     float* soi = s_out + i * S;
     int64_t j = 0;
-    if (S % 8 == 0) {
+    if (stream) {  // a decode step (S a multiple of 8); a prefill's scan keeps the plain loop below and its sums
       const __m256 r8 = _mm256_set1_ps(ri), k8 = _mm256_set1_ps(ki), ru8 = _mm256_set1_ps(rui), w8 = _mm256_set1_ps(wi);
       for (; j < S; j += 8) {
         const __m256 vj = _mm256_loadu_ps(v + j), sij = _mm256_loadu_ps(si + j);

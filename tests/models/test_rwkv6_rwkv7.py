@@ -93,7 +93,10 @@ def test_state_contract_and_batched_decoding(checkpoint):
     for i, state in enumerate(states):
         alone, new = model.forward([int(ids[i])], state)
         assert (logits[i] - alone).abs().max().item() <= 1e-4
-        assert torch.allclose(batched[i].wkv, new.wkv, atol=1e-5)
+        # the batched and the lone step sum in different orders; from states of ~40 (fp32 ulp 3.8e-6) they differ
+        # by up to 1.3e-5 here, depending on which products the prefill took (whether the C++ kernels were built
+        # before this test ran). A row of another sequence is off by its whole size.
+        assert torch.allclose(batched[i].wkv, new.wkv, rtol=1e-5, atol=1e-4)
     state = states[0]
     assert state.nbytes == 4 * (state.shift.numel() + state.wkv.numel())
     assert state.clone().equal(state)

@@ -1000,7 +1000,7 @@ inline void wkv4_token(const float* decay, const float* first, const float* k, c
 // than the one it reads (s_out != s), and nothing reads it before the next step, by which time a step's weights
 // have pushed it out of the caches; a plain store first reads each line it writes (a third of a head's traffic:
 // RWKV-7 0.1B int8, the heads' region 22.4 -> 18.6 us a layer on a Zen 4). A prefill's scan updates its state in
-// place and reads it again at once: plain stores there. The caller fences after the streamed stores (end_stream).
+// place and reads it again at once: plain stores there. The head functions fence after their streamed stores.
 inline bool streams_state(const float* s, const float* s_out, int64_t row) {
   return s != s_out && reinterpret_cast<uintptr_t>(s_out) % 32 == 0 && row % 8 == 0;
 }
@@ -1031,7 +1031,8 @@ inline void wkv5_head_token(const float* r, const float* k, const float* v, cons
       const __m256 r8 = _mm256_set1_ps(ri), k8 = _mm256_set1_ps(ki), ru8 = _mm256_set1_ps(rui), w8 = _mm256_set1_ps(wi);
       for (; j < S; j += 8) {
         const __m256 vj = _mm256_loadu_ps(v + j), sij = _mm256_loadu_ps(si + j);
-        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), _mm256_fmadd_ps(ru8, vj, _mm256_mul_ps(r8, sij))));
+        const __m256 term = _mm256_fmadd_ps(ru8, vj, _mm256_mul_ps(r8, sij));
+        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), term));
         store_state(soi + j, _mm256_fmadd_ps(w8, sij, _mm256_mul_ps(k8, vj)), stream);
       }
     }

@@ -88,19 +88,35 @@ def random_checkpoint(directory: Path, shape: str, seed: int, version: str = "7"
 
 
 def rss_reader(pid: int):
-    """A function returning the process's resident set in bytes (psutil if installed, else /proc)."""
+    """A function returning the resident set in bytes of the process and its children (its engine processes):
+    psutil if installed, else /proc."""
     try:
         import psutil
         process = psutil.Process(pid)
-        return lambda: process.memory_info().rss
+
+        def rss(member) -> int:
+            try:
+                return member.memory_info().rss
+            except psutil.NoSuchProcess:  # a child that ended meanwhile
+                return 0
+
+        def total() -> int:
+            return sum(rss(member) for member in [process] + process.children(recursive=True))
+        return total
     except ImportError:
-        def read() -> int:
-            with open(f"/proc/{pid}/status") as status:
+        def read(one: int) -> int:
+            with open(f"/proc/{one}/status") as status:
                 for line in status:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) * 1024
-            raise RuntimeError(f"no VmRSS for process {pid}")
-        return read
+            raise RuntimeError(f"no VmRSS for process {one}")
+
+        def children(one: int) -> list[int]:
+            kids = []
+            for task in Path(f"/proc/{one}/task").iterdir():
+                kids += [int(kid) for kid in (task / "children").read_text().split()]
+            return kids + [grandchild for kid in kids for grandchild in children(kid)]
+        return lambda: read(pid) + sum(read(kid) for kid in children(pid))
 
 
 class RssSampler(threading.Thread):
@@ -526,6 +542,8 @@ def main(argv=None) -> int:
                    help="soak: a new conversation is a new Gradio session, or /reset in the same one")
     p.add_argument("--concurrency", type=int, default=None, help="the server's --concurrency (default: its own)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--engine-processes", type=int, default=1,
+                   help="the server's --engine-processes (CPU: the threads are shared among them)")
     p.add_argument("--stats-every", type=float, default=5.0,
                    help="the server's --stats-every: its decode lines (tokens/s, mean batch, where a step's time "
                         "goes) are printed after the run")
@@ -545,7 +563,7 @@ def main(argv=None) -> int:
         model = args.model or str(random_checkpoint(tmp_dir, args.shape, args.seed, args.version))
         server_args = ["--model", model, "--device", args.device, "--dtype", args.dtype]
         server_args += ["--concurrency", str(args.concurrency)] if args.concurrency else []
-        server_args += ["--stats-every", f"{args.stats_every:g}"]
+        server_args += ["--stats-every", f"{args.stats_every:g}", "--engine-processes", str(args.engine_processes)]
         print(f"server: python app.py {' '.join(server_args)} (OMP_NUM_THREADS={args.threads})", flush=True)
         # RWKV_DATA_DIR: a server that saves conversations keeps them in the temporary directory, not the user's
         env = {"OMP_NUM_THREADS": str(args.threads), "RWKV_DATA_DIR": str(tmp_dir / "data")}

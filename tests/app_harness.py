@@ -74,7 +74,7 @@ def running_app(args: list[str], tmp_dir: Path, env: dict | None = None, port: i
                 **(env or {})}
     for name in ("RWKV_MODEL", "RWKV_DEVICE", "RWKV_DTYPE", "RWKV_PREAMBLE", "RWKV_STATES", "RWKV_API_KEY",
                  "RWKV_CORS_ORIGINS", "GRADIO_SHARE", "SPACE_ID", "RWKV_KEEP_DAYS", "RWKV_DRAIN_SECONDS",
-                 "RWKV_MODELS", "RWKV_LOAD_COOLDOWN", "RWKV_STATS_EVERY"):
+                 "RWKV_MODELS", "RWKV_LOAD_COOLDOWN", "RWKV_STATS_EVERY", "RWKV_ENGINE_PROCESSES"):
         if env is None or name not in env:
             full_env.pop(name, None)
     log_path = tmp_dir / f"app-{port}.log"

@@ -21,6 +21,9 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
                                                          as the device holds states for beside --model (up to
                                                          256 on a GPU; 8 on a CPU); a number from 1 to 256 wins
     --max-queue      RWKV_MAX_QUEUE                      auto: twice the concurrency, at least 64 waiting requests
+    --engine-processes RWKV_ENGINE_PROCESSES             1: on a CPU, serve each model from this many processes
+                                                         (1 to 64; each a copy of the model, an equal share of the
+                                                         torch threads and 8 more chats of the auto concurrency)
     --data-dir       RWKV_DATA_DIR                       a Space's /data/rwkv-chat when mounted, else
                                                          ~/.cache/rwkv-chat (the conversation store lives there)
     --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
@@ -57,6 +60,7 @@ SPACE_LOAD_COOLDOWN_S = 300.0  # a Space: visitors start at most one new model l
 MAX_LOAD_COOLDOWN_S = 86_400.0
 DEFAULT_KEEP_DAYS = 30.0
 DEFAULT_DRAIN_SECONDS = 8.0  # Docker (and so a Space) sends SIGKILL 10 s after SIGTERM
+MAX_ENGINE_PROCESSES = 64
 DEFAULT_STATS_EVERY = 60.0  # seconds between the decode batcher's lines in the server's output, while it works
 MAX_STATS_EVERY = 86_400.0
 SPACE_STORAGE = Path("/data")  # a Hugging Face Space's persistent storage, when the Space has it
@@ -82,6 +86,7 @@ class AppConfig:
     keep_days: float = DEFAULT_KEEP_DAYS  # saved conversations unchanged for longer are deleted; 0: kept forever
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     stats_every: float = DEFAULT_STATS_EVERY  # 0: no decode statistics in the output
+    engine_processes: int = 1  # CPU models are served by this many processes (serving/engine_processes.py)
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -104,6 +109,8 @@ class AppConfig:
         if not 0 <= self.stats_every <= MAX_STATS_EVERY:  # NaN fails too
             raise ValueError(f"--stats-every must be between 0 (off) and {MAX_STATS_EVERY:g} seconds, "
                              f"got {self.stats_every}")
+        if not 1 <= self.engine_processes <= MAX_ENGINE_PROCESSES:
+            raise ValueError(_processes_bounds(self.engine_processes))
         if self.cors_origins and self.share:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
                              "whose CORS rules cannot be changed")
@@ -119,6 +126,11 @@ class AppConfig:
 def _concurrency_bounds(value: int) -> str:
     return (f"--concurrency must be between 1 and {MAX_CONCURRENCY} chats generating at once (the largest decode "
             f"batch), or auto (what the device holds); got {value}")
+
+
+def _processes_bounds(value: int) -> str:
+    return (f"--engine-processes must be between 1 and {MAX_ENGINE_PROCESSES} processes serving a CPU model, "
+            f"got {value}")
 
 
 def _count_or_auto(name: str):
@@ -196,6 +208,11 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=float(env.get("RWKV_STATS_EVERY", DEFAULT_STATS_EVERY)),
                         help="print a line on the batched decoding (tokens/s, mean batch, where a step's time goes) "
                              "this often in seconds while chats generate (0: never)")
+    parser.add_argument("--engine-processes", dest="engine_processes", type=int,
+                        default=int(env.get("RWKV_ENGINE_PROCESSES") or 1),
+                        help="serve a model on the CPU from this many processes, each with its own copy of the model "
+                             "and an equal share of the torch threads, so that a small model's per-token work uses "
+                             "every core (GPUs keep one)")
     return parser
 
 
@@ -226,6 +243,8 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
     args, _unknown = parser.parse_known_args(argv)
     if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
         parser.error(_concurrency_bounds(args.concurrency))  # a usage line and the reason, not a traceback
+    if not 1 <= args.engine_processes <= MAX_ENGINE_PROCESSES:
+        parser.error(_processes_bounds(args.engine_processes))
     preamble = args.preamble if args.preamble and args.preamble.strip() else None
     model = args.model or suggested_model(gpu_memory(args.device))
     states = tuple(args.states) if args.states else tuple(
@@ -236,4 +255,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
                      load_cooldown=args.load_cooldown, states=states, api_key=args.api_key or None,
                      cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
                      data_dir=args.data_dir, keep_days=args.keep_days, drain_seconds=args.drain_seconds,
-                     stats_every=args.stats_every)
+                     stats_every=args.stats_every, engine_processes=args.engine_processes)

@@ -1,7 +1,7 @@
 """Builds a ready `ChatEngine` for a `ModelKey`: load the weights, share one tokenizer, pick the decoder.
 
 Promises:
-- One `WorldTokenizer` for every engine of the app (it is read once, on first use).
+- One `WorldTokenizer` for every engine of the app (it is read once, on first use; engine processes read their own).
 - The decoder is `batching.DecodeBatcher(model, max_batch)` (DEFAULT_MAX_BATCH rows unless told; the app
   passes its --concurrency, which by default follows what the device holds), so concurrent chats with one
   model decode and sample together (or `generation.DirectDecoder`, one chat at a time, when batching is
@@ -14,6 +14,11 @@ Promises:
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - The operator's state files that fit the model (loading/state_files.py) become the engine's start states.
 - Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.
+- With `processes` > 1, a model on a CPU is served by that many engine processes
+  (`serving.engine_processes.EngineProcesses`), each with its own copy of the model and batcher and an equal
+  share of torch's threads: a small model's per-token Python then runs on every core (`copies(key)` says how
+  many copies a load places, for the pool's memory checks). GPUs keep one engine (one batch serves them best).
+- `recipe(key)` is the whole build as a picklable `EngineRecipe`, which is what an engine process runs.
 - Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.
 """
@@ -21,14 +26,19 @@ Never runs remote code: loading goes through `loading.load_model`.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Callable, Optional
+
+import torch
 
 from .. import limits
 from ..loading.loader import load_model
 from ..loading.state_files import StateFile
 from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher, WorkerTimes
 from ..serving.engine import ChatEngine
+from ..serving.engine_processes import EngineProcesses
 from ..serving.session import ChatSession
+from ..tokenizer import WorldTokenizer
 from .model_choices import ModelChoices, ModelKey
 
 CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and after its reply (the next turn)
@@ -36,37 +46,73 @@ CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and 
 
 class EngineFactory:
     def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 batching: bool = True, state_files: tuple[StateFile, ...] = (), stats_every: float = 0.0):
+                 batching: bool = True, state_files: tuple[StateFile, ...] = (), stats_every: float = 0.0,
+                 processes: int = 1):
         self.choices = choices
         self.preamble = preamble
         self.state_files = state_files
         self.max_batch = max_batch
         self.batching = batching
         self.stats_every = stats_every
+        self.processes = processes
         self._tokenizer = None
         self._lock = threading.Lock()
 
     def tokenizer(self):
         with self._lock:
             if self._tokenizer is None:
-                from ..tokenizer import WorldTokenizer
                 self._tokenizer = WorldTokenizer()
             return self._tokenizer
 
-    def __call__(self, key: ModelKey, progress: Callable[[str], None]) -> ChatEngine:
+    def copies(self, key: ModelKey) -> int:
+        """How many copies of the model a load of `key` places (one an engine process)."""
+        return self.processes if torch.device(key.device).type == "cpu" else 1
+
+    def recipe(self, key: ModelKey) -> "EngineRecipe":
         choice = self.choices.get(key.choice)
+        return EngineRecipe(choice.source, f"{choice.name} · {key.placement}", key.device, key.dtype, self.preamble,
+                            self.state_files, self.max_batch, self.batching, self.stats_every)
+
+    def __call__(self, key: ModelKey, progress: Callable[[str], None]):
+        recipe = self.recipe(key)
+        copies = self.copies(key)
+        if copies == 1:
+            return recipe(progress, self.tokenizer())
+        threads = max(1, torch.get_num_threads() // copies)
+        progress(f"starting {copies} engine processes of {threads} threads each")
+        engines = EngineProcesses(recipe, copies, threads, tokenizer=self.tokenizer(), progress=progress)
+        print(f"rwkv-chat: {recipe.label}: served by {copies} engine processes of {threads} torch threads each",
+              flush=True)
+        return engines
+
+
+@dataclass(frozen=True)
+class EngineRecipe:
+    """Everything that builds one engine for one model (picklable: an engine process builds its own)."""
+
+    source: str
+    label: str
+    device: str
+    dtype: str
+    preamble: Optional[str] = None
+    state_files: tuple[StateFile, ...] = ()
+    max_batch: int = DEFAULT_MAX_BATCH
+    batching: bool = True
+    stats_every: float = 0.0
+
+    def __call__(self, progress: Callable[[str], None], tokenizer=None) -> ChatEngine:
         # the fast path everywhere, fp32 on CPUs included: the same fp32 arithmetic as the plain path (the tests
         # hold the two together), with the decode step in the C++ kernels, about twice as fast
-        model = load_model(choice.source, key.device, key.dtype, progress=progress, fast=True)
+        model = load_model(self.source, self.device, self.dtype, progress=progress, fast=True)
         progress("reading the tokenizer")
-        label = f"{choice.name} · {key.placement}"
+        tokenizer = tokenizer or WorldTokenizer()
         decoder = None
         if self.batching:
-            report = _printer(label) if self.stats_every > 0 else None
+            report = _printer(self.label) if self.stats_every > 0 else None
             decoder = DecodeBatcher(model, max_batch=self.max_batch, report=report, report_every=self.stats_every)
         cache_bytes = max(limits.STATE_CACHE_BYTES,
                           CACHED_STATES_PER_CHAT * self.max_batch * model.zero_state(1).nbytes)
-        engine = ChatEngine(model, self.tokenizer(), label=label, cache_bytes=cache_bytes, decoder=decoder)
+        engine = ChatEngine(model, tokenizer, label=self.label, cache_bytes=cache_bytes, decoder=decoder)
         for state_file in self.state_files:
             if state_file.fits(model.config):
                 engine.add_start_state(state_file.name, state_file.initial_state(model.config, model.device))

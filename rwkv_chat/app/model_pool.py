@@ -4,11 +4,11 @@ Promises:
 - `get(key)` returns the `ChatEngine` for a key, loading it first if needed. Loads of different keys run in
   parallel and never hold the pool's lock, so sessions keep chatting with models already loaded while
   another one loads; two sessions asking for the same key share one load.
-- Models stay loaded while memory allows. Before a load, the least recently used models on the same kind of
-  device are evicted (and their batchers closed) until the new model's estimated memory fits what the
-  device has free; if it could not fit even with every other model gone, the load is refused with a
-  ModelLoadError saying so, and nothing is evicted. A model evicted while a chat still uses it is freed
-  when that answer ends.
+- Models stay loaded while memory allows. Before a load, the least recently used models on the same kind of device
+  are evicted (and closed: their batchers, their engine processes) until the new model's estimated memory (every
+  copy's, with engine processes) fits what the device has free; if it could not fit even with every other model
+  gone, the load is refused with a ModelLoadError saying so, and nothing is evicted. A model evicted while a chat
+  still uses it is freed when that answer ends.
 - The last load error of each key is kept for status lines (e.g. the hub was unreachable), and cleared by a
   later successful load.
 - Loads by visitors are rate-limited by a `LoadCooldown` (--load-cooldown): once a visitor's request has
@@ -17,12 +17,12 @@ Promises:
   already loaded or loading are always served; the operator's preload (`preload(key, by_visitor=False)`) does
   not count, and neither do later reloads of that key. A refused load evicts nothing and is not kept as the
   key's load error; a load refused because the model could never fit does not start the cooldown.
-- `chat_capacity(choice, device, dtype)`: how many chats can generate at once with that model there (the
-  app's default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the
-  batcher's ring of three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left
-  beside the model, as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU (a
-  CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the
-  model's shape is unknown before it loads (a hub id, a directory; an operator's .pth file is read for it).
+- `chat_capacity(choice, device, dtype, processes)`: how many chats can generate at once with that model there (the app's
+  default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the batcher's ring of
+  three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left beside the model,
+  as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU for each engine process
+  (a CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the model's shape
+  is unknown before it loads (a hub id, a directory; an operator's .pth file is read for it).
 Knows nothing of Gradio or of sessions.
 """
 
@@ -51,7 +51,7 @@ Progress = Callable[[str], None]
 EngineFactory = Callable[[ModelKey, Progress], object]
 
 
-def chat_capacity(choice, device: str, dtype: str,
+def chat_capacity(choice, device: str, dtype: str, processes: int = 1,
                   memory: Callable[[str], tuple[int, int]] = free_memory) -> int:
     """How many chats can generate at once with `choice` on `device` in `dtype` (see the module docstring)."""
     try:
@@ -59,7 +59,7 @@ def chat_capacity(choice, device: str, dtype: str,
     except ModelLoadError:
         return CPU_CHATS
     if placed_on.type != "cuda":
-        return CPU_CHATS
+        return CPU_CHATS * processes
     need = choice.memory_bytes(placed_as)
     state_bytes = choice.state_bytes()
     if state_bytes is None or need is None:
@@ -112,10 +112,6 @@ class LoadCooldown:
         raise LoadRefused(f"another model was loaded {int(ago)} s ago; this server loads a new model at most once "
                           f"every {self.seconds:g} s (--load-cooldown); try again in {math.ceil(left)} s, or use "
                           "a model that is already loaded", math.ceil(left))
-
-
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 class ModelPool:
@@ -196,12 +192,14 @@ class ModelPool:
             with self._lock:
                 self._loading.discard(key)
         with self._lock:
-            self._loaded[key] = _Slot(engine, self._need(key) or model_bytes(engine.model))
+            self._loaded[key] = _Slot(engine, self._need(key) or engine.model_bytes)
             self._errors.pop(key, None)
         return engine
 
     def _need(self, key: ModelKey) -> Optional[int]:
-        return self.choices.get(key.choice).memory_bytes(DTYPES[key.dtype])
+        need = self.choices.get(key.choice).memory_bytes(DTYPES[key.dtype])
+        copies = getattr(self._factory, "copies", None)  # engine processes each hold a copy
+        return need * copies(key) if need is not None and copies is not None else need
 
     def _check_fits(self, key: ModelKey) -> Optional[int]:
         """`key`'s estimated bytes (None: unknown); ModelLoadError if it could not fit even with every other model
@@ -232,7 +230,7 @@ class ModelPool:
             slot = self._loaded.pop(victim) if victim is not None else None
         if slot is None:
             return False
-        _close_decoder(slot.engine)
+        slot.engine.close()
         del slot
         gc.collect()
         if kind == "cuda":
@@ -264,10 +262,4 @@ class ModelPool:
             slots = list(self._loaded.values())
             self._loaded.clear()
         for slot in slots:
-            _close_decoder(slot.engine)
-
-
-def _close_decoder(engine) -> None:
-    close = getattr(getattr(engine, "decoder", None), "close", None)
-    if close is not None:
-        close()
+            slot.engine.close()

@@ -321,9 +321,9 @@ class OpenAIApi:
             return
         turn = final.session.turns[-1]
         resent = history_turn(job.session, engine.tokenizer, job.message, turn.answer, job.settings.think)
-        ids = job.session.context_ids(engine.tokenizer) + resent.prompt_ids + resent.answer_ids
-        if ids != final.session.context_ids(engine.tokenizer):
-            engine.prefill(ids)
+        session = job.session.with_turn(resent)
+        if session.context_ids(engine.tokenizer) != final.session.context_ids(engine.tokenizer):
+            engine.remember(session)
 
 
 def history_turn(session: ChatSession, tokenizer, message: str, answer: str, think: str) -> Turn:

@@ -84,7 +84,8 @@ def build_app(config: AppConfig) -> gr.Blocks:
     config = sized_config(config, choices)
     state_files = tuple(parse_state_specs(config.states))  # StateFileError: a clear message at start-up
     pool = ModelPool(choices, EngineFactory(choices, config.preamble, max_batch=config.concurrency,
-                                            state_files=state_files, stats_every=config.stats_every),
+                                            state_files=state_files, stats_every=config.stats_every,
+                                            processes=config.engine_processes),
                      cooldown=LoadCooldown(config.load_cooldown))
     store = open_store(config)
     service = ChatService(pool, store, Admission())
@@ -109,7 +110,7 @@ def sized_config(config: AppConfig, choices: ModelChoices) -> AppConfig:
     (model_pool.chat_capacity), before the batcher and the queue are built; explicit values stay."""
     if config.concurrency is not None and config.max_queue is not None:
         return config
-    return config.sized(chat_capacity(choices.default, config.device, config.dtype))
+    return config.sized(chat_capacity(choices.default, config.device, config.dtype, config.engine_processes))
 
 
 def open_store(config: AppConfig) -> ConversationStore:

@@ -203,6 +203,23 @@ class ChatEngine:
         self.cache.put(ids, state, logits, pinned=pin)
         return logits, state, len(ids) - start
 
+    def remember(self, session: ChatSession) -> int:
+        """Cache the state after the whole of `session` (as if it had just been answered), so that its next turn
+        reads only its new message; returns how many tokens had to be read."""
+        ids = self._start_key(session) + session.context_ids(self.tokenizer)
+        return self.prefill(ids)[2] if ids else 0
+
+    @property
+    def model_bytes(self) -> int:
+        """The bytes of the model's weights and buffers."""
+        return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+
+    def close(self) -> None:
+        """Stop the decoder (a batcher's worker); answers in flight end with its error."""
+        close = getattr(self.decoder, "close", None)
+        if close is not None:
+            close()
+
     def warm_preamble(self, session: ChatSession) -> int:
         """Compute (once, for every session) and pin the state after the session's preamble; returns how many
         tokens had to be read."""

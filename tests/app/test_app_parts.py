@@ -172,11 +172,10 @@ def test_picker_lines_show_download_memory_and_fit(monkeypatch):
 
 class FakeEngine:
     start_states = ()
+    model_bytes = 8
 
     def __init__(self, nbytes: int):
-        self.model = torch.nn.Linear(1, 1)
         self.nbytes = nbytes
-        self.decoder = self
         self.closed = False
 
     def close(self):
@@ -317,6 +316,35 @@ def test_a_batching_engine_prints_its_decoding_while_chats_generate(make_checkpo
     assert parse_config(["--stats-every", "5"], {}).stats_every == 5
     assert parse_config([], {"RWKV_STATS_EVERY": "0"}).stats_every == 0
     assert parse_config([], {}).stats_every == 60
+
+
+def test_engine_processes_are_a_cpu_setting_counted_in_memory_and_concurrency(make_checkpoint):
+    """--engine-processes N: a CPU model is built in N processes (a GPU keeps one), the pool counts N copies of
+    its memory, the auto concurrency grows by CPU_CHATS for each, and a bad count names the flag and its bounds."""
+    from rwkv_chat.app.model_pool import CPU_CHATS, chat_capacity
+    from rwkv_chat.serving.engine_processes import EngineProcesses
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
+    choices = ModelChoices(str(path), ("none",))
+    key = choices.resolve(choices.default.value, "cpu", "fp32")
+    factory = EngineFactory(choices, max_batch=4, processes=2)
+    assert factory.copies(key) == 2 and factory.copies(ModelKey(key.choice, "cuda", "bf16")) == 1
+    pool = ModelPool(choices, factory, lambda device: (10**13, 10**13))
+    engine = pool.get(key)
+    try:
+        assert isinstance(engine, EngineProcesses) and engine.processes == 2
+        one = EngineFactory(choices, batching=False)(key, lambda message: None)
+        assert engine.model_bytes == 2 * one.model_bytes
+        assert pool._need(key) in (None, 2 * choices.get(key.choice).memory_bytes(torch.float32))
+    finally:
+        pool.close()
+    assert engine.processes == 0  # closed with the pool
+    assert chat_capacity(choices.default, "cpu", "fp32", processes=3) == 3 * CPU_CHATS
+    assert parse_config(["--engine-processes", "3"], {}).engine_processes == 3
+    assert parse_config([], {"RWKV_ENGINE_PROCESSES": "2"}).engine_processes == 2
+    assert parse_config([], {}).engine_processes == 1
+    with pytest.raises(ValueError, match="--engine-processes must be between 1 and 64 processes serving a CPU "
+                                         "model, got 0"):
+        AppConfig(engine_processes=0)
 
 
 # ---------------------------------------------------------------------------------------- service

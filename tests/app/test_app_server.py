@@ -170,6 +170,37 @@ def test_two_concurrent_clients_never_see_each_other(server):
     assert results[names[0]][1] != results[names[1]][1]
 
 
+def test_a_server_of_two_engine_processes_answers_as_one_and_carries_each_state(server, tiny, ref_tokenizer,
+                                                                                tmp_path):
+    conversations = {name: [f"{name} first question", f"{name} second question", f"{name} third"]
+                     for name in ("Zqxalpha", "Vwkbravo", "Qjucharlie")}
+
+    def converse(url: str, messages: list[str], out: dict) -> None:
+        c = Client(url, verbose=False)
+        out[messages[0]] = [chat(c, message, max_new_tokens=24, seed=5) for message in messages]
+        out[messages[0]].append(c.predict(max_new_tokens=24, seed=5, api_name="/retry"))
+
+    one, two = {}, {}
+    for messages in conversations.values():
+        converse(server.url, messages, one)
+    with running_app(["--model", str(tiny.path), "--device", "cpu", "--engine-processes", "2"], tmp_path) as app:
+        threads = [threading.Thread(target=converse, args=(app.url, messages, two))
+                   for messages in conversations.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        log = app.log()
+    assert "Traceback" not in log
+    for messages in conversations.values():
+        answers = two[messages[0]]
+        assert [answer for answer, _ in answers[:3]] == [answer for answer, _ in one[messages[0]][:3]]
+        assert chat_stats(answers[0][1]) == first_turn_tokens(ref_tokenizer, messages[0])
+        for (_, stats), message in zip(answers[1:3], messages[1:]):
+            assert chat_stats(stats) == next_turn_tokens(ref_tokenizer, message)  # its state was in its process
+        assert answers[3][0] == one[messages[0]][3][0] and chat_stats(answers[3][1]) == 0  # retry: nothing read
+
+
 def test_refused_input_changes_nothing(server):
     c = client(server)
     chat(c, "Keep me")

@@ -176,10 +176,10 @@ class Clock:
 
 class FakeEngine:
     start_states = ()
+    model_bytes = 8
 
-    def __init__(self):
-        self.model = torch.nn.Linear(1, 1)
-        self.decoder = None
+    def close(self):
+        pass
 
 
 def cooled_pool(seconds: float, clock: Clock, calls: list, total: int = 10**13) -> ModelPool:

@@ -17,12 +17,12 @@ Promises:
   already loaded or loading are always served; the operator's preload (`preload(key, by_visitor=False)`) does
   not count, and neither do later reloads of that key. A refused load evicts nothing and is not kept as the
   key's load error; a load refused because the model could never fit does not start the cooldown.
-- `chat_capacity(choice, device, dtype, processes)`: how many chats can generate at once with that model there (the app's
-  default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the batcher's ring of
-  three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left beside the model,
-  as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU for each engine process
-  (a CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the model's shape
-  is unknown before it loads (a hub id, a directory; an operator's .pth file is read for it).
+- `chat_capacity(choice, device, dtype, processes)`: how many chats can generate at once with that model there (the
+  app's default --concurrency): on a GPU, the chats whose states (STATE_COPIES_PER_CHAT copies each: the batcher's
+  ring of three, the prefix cache, prompts and replies in flight) fit in CAPACITY_SHARE of the memory left beside
+  the model, as a power of two (a CUDA graph bucket) up to config.MAX_CONCURRENCY; CPU_CHATS on a CPU for each
+  engine process (a CPU step's time grows with the batch, so more rows buy little there); GPU_CHATS_UNKNOWN when the
+  model's shape is unknown before it loads (a hub id, a directory; an operator's .pth file is read for it).
 Knows nothing of Gradio or of sessions.
 """
 

@@ -8,14 +8,15 @@ however many chats wait. `EngineProcesses` runs `processes` copies of the engine
 What it promises:
 - `EngineProcesses(recipe, processes, threads)` starts the processes (spawned, never forked: a forked torch with
   running OpenMP threads can hang; the parent's main script is not imported there, so app.py builds no app in
-  them) and returns once every one has built its engine with `recipe(progress)` (a
-  picklable callable run in the process: it loads the model itself, so memory grows with the processes); the
-  first builds alone (a download lands once), the rest together. `progress` lines of the build reach the
+  them) and returns once every one has built its engine with `recipe(progress)` (a picklable callable run in
+  the process: it loads the model itself, so memory grows with the processes); the first builds alone (a
+  download lands once), the rest together. `progress` lines of the build reach the
   caller's `progress`. A build that fails raises its error here, with every process stopped.
 - It answers ChatEngine's public calls with the same results: `reply`, `regenerate`, `edit`, `complete` (iterators
   of ReplyChunk), `remember`, `warm_preamble`, and `start_states`, `label`, `tokenizer` (the caller's own, for
   encoding), `model_bytes` (every copy's), `close()`. Errors raise in the caller with their type and message (a
-  ValueError for a bad message, say); ones that do not pickle raise as EngineProcessError with their text.
+  ValueError for a bad message, say), at the call when the engine raises at its call (the iterators' refusals),
+  else from the iterator; ones that do not pickle raise as EngineProcessError with their text.
 - A conversation stays with one process (its prefix-state cache is there): a conversation is known by its start
   state, preamble and first message (`conversation_key`); one not seen before (or forgotten: the newest
   ROUTES_KEPT are kept) goes to the process with the fewest calls in flight. A completion is known by its first
@@ -148,7 +149,9 @@ class EngineProcesses:
         return self._worker_for(key).call(method, args, None).result()
 
     def _stream(self, key, method, args, stop) -> Iterator:
+        """The call's chunks; as in the engine, a call it refuses (a bad message, say) raises here, at once."""
         call = self._worker_for(key).call(method, args, stop)
+        call.result()  # "started", or its error
         return call.chunks()
 
 
@@ -283,8 +286,7 @@ class _Worker:
                         if kind in ("end", "error", "result"):
                             self._calls.pop(ident, None)
                     if call is not None:
-                        call.messages.put(("chunk" if kind == "chunk" else kind, message[2] if kind != "end"
-                                           else None))
+                        call.messages.put((kind, message[2] if kind != "end" else None))
         except (EOFError, OSError):
             pass
         finally:
@@ -344,7 +346,8 @@ def _serve(connection, recipe, threads: int) -> None:
     def run(ident: int, method: str, args: tuple) -> None:
         try:
             if method in _ITERATORS:
-                stream = getattr(engine, method)(*args, stop=stops[ident])
+                stream = getattr(engine, method)(*args, stop=stops[ident])  # a refusal raises here
+                send(("started", ident, None))
                 try:
                     for chunk in stream:
                         send(("chunk", ident, chunk))

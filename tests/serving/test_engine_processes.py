@@ -134,10 +134,13 @@ def test_errors_raise_in_the_caller_with_their_type_and_message(processes, local
     with pytest.raises(ValueError) as here:
         local.reply(ChatSession(), long, GREEDY)
     with pytest.raises(ValueError) as there:
-        last(processes.reply(ChatSession(), long, GREEDY))
+        processes.reply(ChatSession(), long, GREEDY)  # at the call, as in the engine: before any chunk
     assert str(there.value) == str(here.value)
     with pytest.raises(ValueError, match="start state 'nope' is not offered"):
-        last(processes.reply(ChatSession(start_state="nope"), "Hi", GREEDY))
+        processes.reply(ChatSession(start_state="nope"), "Hi", GREEDY)
+    with pytest.raises(IndexError, match="no turn 3"):
+        processes.edit(ChatSession(), 3, "Hi", GREEDY)
+    assert all(worker.in_flight == 0 for worker in processes._workers)
 
 
 def test_a_failed_build_raises_its_error_and_leaves_no_process(tmp_path, tokenizer):

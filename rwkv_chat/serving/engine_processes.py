@@ -307,6 +307,9 @@ def _main_not_imported():
     builds a whole app when imported (a Space needs `demo` at module level), which an engine process must not.
     What it runs comes from this package, so it needs nothing of the script."""
     main = sys.modules.get("__main__")
+    if main is None:  # an embedding interpreter without one: nothing to hide
+        yield
+        return
     with _MAIN_HIDDEN:
         saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
         try:

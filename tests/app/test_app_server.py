@@ -172,6 +172,8 @@ def test_two_concurrent_clients_never_see_each_other(server):
 
 def test_a_server_of_two_engine_processes_answers_as_one_and_carries_each_state(server, tiny, ref_tokenizer,
                                                                                 tmp_path):
+    """--engine-processes 2: three clients at once get the answers the one-process server gives them one after
+    another, every turn reads only its new message (its state stayed in its process), a retry reads nothing."""
     conversations = {name: [f"{name} first question", f"{name} second question", f"{name} third"]
                      for name in ("Zqxalpha", "Vwkbravo", "Qjucharlie")}
 
@@ -191,7 +193,7 @@ def test_a_server_of_two_engine_processes_answers_as_one_and_carries_each_state(
         for thread in threads:
             thread.join(timeout=300)
         log = app.log()
-    assert "Traceback" not in log
+    assert "Traceback" not in log and "served by 2 engine processes of 1 torch threads each" in log
     for messages in conversations.values():
         answers = two[messages[0]]
         assert [answer for answer, _ in answers[:3]] == [answer for answer, _ in one[messages[0]][:3]]

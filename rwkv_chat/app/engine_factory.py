@@ -18,7 +18,8 @@ Promises:
   (`serving.engine_processes.EngineProcesses`), each with its own copy of the model and batcher and an equal
   share of torch's threads: a small model's per-token Python then runs on every core (`copies(key)` says how
   many copies a load places, for the pool's memory checks). GPUs keep one engine (one batch serves them best).
-- `recipe(key)` is the whole build as a picklable `EngineRecipe`, which is what an engine process runs.
+- `recipe(key)` is the whole build as a picklable `EngineRecipe`, which is what an engine process runs (there it
+  also hands the heap the load freed back and trims every TRIM_SECONDS, as the server's process does).
 - Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
 Never runs remote code: loading goes through `loading.load_model`.
 """
@@ -40,6 +41,7 @@ from ..serving.engine_processes import EngineProcesses
 from ..serving.session import ChatSession
 from ..tokenizer import WorldTokenizer
 from .model_choices import ModelChoices, ModelKey
+from .process_memory import TRIM_SECONDS, MemoryTrimmer, trim_freed_memory
 
 CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and after its reply (the next turn)
 
@@ -70,8 +72,9 @@ class EngineFactory:
 
     def recipe(self, key: ModelKey) -> "EngineRecipe":
         choice = self.choices.get(key.choice)
+        trim = TRIM_SECONDS if self.copies(key) > 1 else 0.0  # the server's own process trims itself (ui.serve)
         return EngineRecipe(choice.source, f"{choice.name} · {key.placement}", key.device, key.dtype, self.preamble,
-                            self.state_files, self.max_batch, self.batching, self.stats_every)
+                            self.state_files, self.max_batch, self.batching, self.stats_every, trim)
 
     def __call__(self, key: ModelKey, progress: Callable[[str], None]):
         recipe = self.recipe(key)
@@ -99,6 +102,7 @@ class EngineRecipe:
     max_batch: int = DEFAULT_MAX_BATCH
     batching: bool = True
     stats_every: float = 0.0
+    trim_every: float = 0.0  # > 0: hand freed heap back after the load and then this often (an engine process)
 
     def __call__(self, progress: Callable[[str], None], tokenizer=None) -> ChatEngine:
         # the fast path everywhere, fp32 on CPUs included: the same fp32 arithmetic as the plain path (the tests
@@ -119,6 +123,9 @@ class EngineRecipe:
         if self.preamble:
             progress("reading the preamble")
             engine.warm_preamble(ChatSession(preamble=self.preamble))
+        if self.trim_every > 0:
+            trim_freed_memory()  # the checkpoint as read, before conversion
+            MemoryTrimmer(self.trim_every)  # a daemon thread for the process's life, as ui.serve runs for the server
         return engine
 
 

@@ -21,6 +21,8 @@ import functools
 import sys
 import threading
 
+TRIM_SECONDS = 30.0  # how often a server's processes hand their heaps' free pages back to the system
+
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():  # looked up once, not at every trim

@@ -53,7 +53,7 @@ from .engine_factory import EngineFactory
 from .model_choices import ModelChoices, ModelKey, ModelListError, describe
 from .model_pool import LoadCooldown, LoadRefused, ModelPool, chat_capacity
 from .openai_api import OpenAIApi
-from .process_memory import MemoryTrimmer
+from .process_memory import TRIM_SECONDS, MemoryTrimmer
 from .setting_inputs import setting_number, setting_slider
 from .threaded_stream import threaded
 from .ui_api import ChatApi
@@ -163,9 +163,6 @@ def serve_with_cors(demo: gr.Blocks, config: AppConfig, routes) -> None:
     # serve()'s handler, which stops what still runs and flushes the store.
     uvicorn.run(app, host=config.server_name, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=config.drain_seconds)
-
-
-TRIM_SECONDS = 30.0  # how often serve() hands the heap's free pages back to the system
 
 
 def serve(demo: gr.Blocks, config: AppConfig) -> None:

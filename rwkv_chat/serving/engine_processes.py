@@ -341,7 +341,6 @@ def _serve(connection, recipe, threads: int) -> None:
     except BaseException as error:  # noqa: BLE001 - carried to the parent, which raises it
         send(("failed", _portable(error)))
         return
-    _return_freed_memory()
     send(("ready", engine.label, tuple(engine.start_states), engine.model_bytes))
     stops: dict[int, threading.Event] = {}
     stops_lock = threading.Lock()
@@ -389,18 +388,6 @@ def _serve(connection, recipe, threads: int) -> None:
         close = getattr(getattr(engine, "decoder", None), "close", None)
         if close is not None:
             close()
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap the load freed (the checkpoint as read, before conversion) back to the system, where the C
-    library can (glibc): every process's copy would otherwise keep it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -322,12 +322,15 @@ def test_engine_processes_are_a_cpu_setting_counted_in_memory_and_concurrency(ma
     """--engine-processes N: a CPU model is built in N processes (a GPU keeps one), the pool counts N copies of
     its memory, the auto concurrency grows by CPU_CHATS for each, and a bad count names the flag and its bounds."""
     from rwkv_chat.app.model_pool import CPU_CHATS, chat_capacity
+    from rwkv_chat.app.process_memory import TRIM_SECONDS
     from rwkv_chat.serving.engine_processes import EngineProcesses
     path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
     choices = ModelChoices(str(path), ("none",))
     key = choices.resolve(choices.default.value, "cpu", "fp32")
     factory = EngineFactory(choices, max_batch=4, processes=2)
     assert factory.copies(key) == 2 and factory.copies(ModelKey(key.choice, "cuda", "bf16")) == 1
+    # engine processes trim their own heaps, as serve() does for the server's process (which trims itself)
+    assert factory.recipe(key).trim_every == TRIM_SECONDS and EngineFactory(choices).recipe(key).trim_every == 0
     pool = ModelPool(choices, factory, lambda device: (10**13, 10**13))
     engine = pool.get(key)
     try:

@@ -14,6 +14,9 @@ What it promises:
   state it keeps always matches the tokens it keeps (the stop separator is not fed; text that shares its token
   is). `complete` continues plain text, where only stop strings, end-of-text and the limit end it.
 - Nothing here touches a session in place: each reply hands back a new `ChatSession`.
+- `remember(session)` caches the state after a whole conversation handed in from outside (e.g. history a client
+  sends back), so its next turn reads only its new message; `close()` stops the decoder; `model_bytes` is what the
+  model's weights and buffers take.
 - Start states (state files): `add_start_state(name, state)` registers an initial state; a session whose
   `start_state` names it begins there instead of from zeros. The cache keys such a conversation's tokens after
   a pseudo-token of its own (a negative id, pinned with the state), so conversations from different start

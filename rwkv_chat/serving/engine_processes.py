@@ -385,9 +385,7 @@ def _serve(connection, recipe, threads: int) -> None:
         with stops_lock:
             for event in stops.values():
                 event.set()
-        close = getattr(getattr(engine, "decoder", None), "close", None)
-        if close is not None:
-            close()
+        engine.close()
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -82,6 +82,35 @@ def test_a_resent_conversation_reads_only_its_new_tokens(server, ref_tokenizer):
         or second.choices[0].finish_reason == "length"
 
 
+def test_engine_processes_keep_each_resent_conversation_with_its_cached_state(tmp_path, ref_tokenizer):
+    """--engine-processes 2: three clients at once resend their conversations; each second request finds all but
+    its new message cached (it went to the process that answered the first), as with one process."""
+    tiny = save_pth(make_state_dict("5.2", n_layer=2, n_embd=128, seed=1), tmp_path / "tiny.pth")
+    results = {}
+
+    def converse(app, name: str) -> None:
+        c = client(app)
+        messages = [{"role": "user", "content": f"{name}, hello there"}]
+        first = c.chat.completions.create(model="tiny.pth", messages=messages, max_tokens=8, seed=3)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+        results[name] = c.chat.completions.create(model="tiny.pth", messages=messages, max_tokens=8, seed=3)
+
+    with running_app(["--model", str(tiny), "--device", "cpu", "--api-key", KEY, "--engine-processes", "2"],
+                     tmp_path) as app:
+        wait_until_loaded(app.url, "tiny.pth")
+        threads = [threading.Thread(target=converse, args=(app, name)) for name in ("Ann", "Bob", "Cyd")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert "served by 2 engine processes" in app.log()
+    new = len(ref_tokenizer.encode("\n\nQuestion: And then?\n\nAnswer:"))
+    assert sorted(results) == ["Ann", "Bob", "Cyd"]
+    for second in results.values():
+        assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - new
+
+
 def test_streaming_equals_the_whole_answer_and_reports_usage(server):
     c = client(server)
     messages = [{"role": "user", "content": "Tell me a story."}]

@@ -26,6 +26,8 @@ What it promises:
   merged: it gets the newest, never an older one after a newer (each chunk holds the whole answer so far).
 - A process that dies ends its calls in flight with EngineProcessError; its conversations move to the others
   (their states are rebuilt from their tokens: the same results), and calls fail only when no process is left.
+  Another process is started in its place (a line on the output says so; at most MAX_RESTARTS in all, so that a
+  process that dies at every start does not loop); `restarts` counts them.
   `close()` stops every process (calls in flight end with EngineProcessError) and is idempotent.
 
 It knows the engine's call surface and the session's fields used for routing; nothing of models or Gradio.
@@ -46,6 +48,7 @@ from typing import Callable, Iterator, Optional
 ROUTES_KEPT = 100_000  # conversations whose process is remembered
 COMPLETION_KEY_TOKENS = 64
 STOP_POLL_S = 0.05  # how often a waiting reader checks its stop event
+MAX_RESTARTS = 16  # processes started again after one died, in the life of an EngineProcesses
 _ITERATORS = ("reply", "regenerate", "edit", "complete")
 _CALLS = _ITERATORS + ("remember", "warm_preamble")
 _MAIN_HIDDEN = threading.Lock()  # held while a process starts with the main script hidden (_main_not_imported)
@@ -69,15 +72,17 @@ class EngineProcesses:
                              f"{threads}")
         self.tokenizer = tokenizer
         self._context = multiprocessing.get_context("spawn")
+        self._recipe, self._threads = recipe, threads
         self._lock = threading.Lock()
         self._routes: OrderedDict[tuple, int] = OrderedDict()
         self._closed = False
+        self.restarts = 0
         self._workers: list[_Worker] = []
         try:
-            first = _Worker(self._context, recipe, threads, 0, progress)
+            first = self._start(0, progress)
             self._workers.append(first)
             first.wait_ready()
-            rest = [_Worker(self._context, recipe, threads, i, None) for i in range(1, processes)]
+            rest = [self._start(i) for i in range(1, processes)]
             self._workers += rest
             for worker in rest:
                 worker.wait_ready()
@@ -123,6 +128,36 @@ class EngineProcesses:
             workers = list(self._workers)
         for worker in workers:
             worker.close()
+
+    # ------------------------------------------------------------------------------------ processes
+    def _start(self, index: int, progress=None) -> "_Worker":
+        return _Worker(self._context, self._recipe, self._threads, index, progress, on_death=self._replace)
+
+    def _replace(self, dead: "_Worker") -> None:
+        """A process that died after it was ready: start another in its place (in a thread: this runs in the dead
+        one's receiver), at most MAX_RESTARTS times."""
+        with self._lock:
+            exiting = not threading.main_thread().is_alive()  # the interpreter's exit ends daemon processes
+            if self._closed or exiting or self.restarts >= MAX_RESTARTS:
+                return
+            self.restarts += 1
+        print(f"rwkv-chat: engine process {dead.index} stopped (exit code {dead.process.exitcode}); starting "
+              "another", flush=True)
+
+        def start() -> None:
+            worker = self._start(dead.index)
+            try:
+                worker.wait_ready()
+            except BaseException as error:  # noqa: BLE001 - the others go on serving
+                print(f"rwkv-chat: engine process {dead.index} could not be started again: {error}", flush=True)
+                worker.close()
+                return
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._workers[dead.index] = worker
+            (worker if closed else dead).close()  # the dead one's pipe, or the new one when all are closed
+        threading.Thread(target=start, name=f"restart engine {dead.index}", daemon=True).start()
 
     # ------------------------------------------------------------------------------------ routing
     def _live(self) -> list["_Worker"]:
@@ -202,8 +237,8 @@ class _Call:
 class _Worker:
     """One engine process and the parent's end of its pipe."""
 
-    def __init__(self, context, recipe, threads: int, index: int, progress):
-        self.index, self.progress = index, progress
+    def __init__(self, context, recipe, threads: int, index: int, progress, on_death=None):
+        self.index, self.progress, self.on_death = index, progress, on_death
         self.alive = False
         self.label, self.start_states, self.model_bytes = "", (), 0
         self._calls: dict[int, _Call] = {}
@@ -211,6 +246,7 @@ class _Worker:
         self._send_lock = threading.Lock()
         self._calls_lock = threading.Lock()
         self._ready = threading.Event()
+        self._closing = False
         self._failure: Optional[BaseException] = None
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, recipe, threads), daemon=True,
@@ -255,6 +291,7 @@ class _Worker:
             return self._calls.pop(ident, None) is not None
 
     def close(self) -> None:
+        self._closing = True
         self.send(("close",))
         self.process.join(timeout=10)
         if self.process.is_alive():
@@ -290,6 +327,7 @@ class _Worker:
         except (EOFError, OSError):
             pass
         finally:
+            was_ready = self.alive
             self.alive = False
             if self._failure is None and not self._ready.is_set():
                 self._failure = EngineProcessError(f"engine process {self.index} exited while building its engine")
@@ -299,6 +337,9 @@ class _Worker:
             for call in calls:
                 call.messages.put(("error", EngineProcessError(f"engine process {self.index} stopped during the "
                                                                "call")))
+            if was_ready and not self._closing and self.on_death is not None:
+                self.process.join(timeout=5)  # for its exit code
+                self.on_death(self)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Engine processes (serving/engine_processes.py) against an engine built the same way in this process: the same
 answers, turn after turn; stop events and readers that leave reach the process; errors keep their type; a process
-that dies fails only its own calls and its conversations move on."""
+that dies fails only its own calls, its conversations move on and another process takes its place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_a_failed_build_raises_its_error_and_leaves_no_process(tmp_path, tokeniz
         EngineProcesses(missing, 0, 1)
 
 
-def test_a_process_that_dies_fails_its_calls_and_its_conversations_move(recipe, local, tokenizer):
+def test_a_dead_process_fails_its_calls_its_chats_move_and_another_takes_its_place(recipe, local, tokenizer):
     engines = EngineProcesses(recipe, 2, 1, tokenizer=tokenizer)
     try:
         session = last(engines.reply(ChatSession(preamble="You are terse."), "Doomed", GREEDY)).session
@@ -164,12 +165,18 @@ def test_a_process_that_dies_fails_its_calls_and_its_conversations_move(recipe, 
         with pytest.raises(EngineProcessError, match="stopped during the call"):
             last(running)
         victim.process.join(timeout=30)
-        assert engines.processes == 1 and engines.pids() == [other.process.pid]
+        assert victim.process.pid not in engines.pids() and other.process.pid in engines.pids()
         expected = last(local.reply(session, "Still there?", GREEDY))
-        moved = last(engines.reply(session, "Still there?", GREEDY))
+        moved = last(engines.reply(session, "Still there?", GREEDY))  # on the other process, or the new one
         assert moved.session == expected.session
         assert moved.stats.prefill_tokens == len(session.turn_ids()) + len(session.prompt_ids(tokenizer,
                                                                                                 "Still there?"))
+        for _ in range(600):  # another process takes the dead one's place
+            if engines.processes == 2:
+                break
+            time.sleep(0.1)
+        assert engines.restarts == 1 and engines.processes == 2 and victim.process.pid not in engines.pids()
+        assert last(engines.complete((33,), GREEDY)).stats.new_tokens == 12
     finally:
         engines.close()
     with pytest.raises(EngineProcessError, match="closed"):

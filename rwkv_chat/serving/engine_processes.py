@@ -151,6 +151,7 @@ class EngineProcesses:
             except BaseException as error:  # noqa: BLE001 - the others go on serving
                 print(f"rwkv-chat: engine process {dead.index} could not be started again: {error}", flush=True)
                 worker.close()
+                dead.close()
                 return
             with self._lock:
                 closed = self._closed

@@ -7,16 +7,16 @@ however many chats wait. `EngineProcesses` runs `processes` copies of the engine
 
 What it promises:
 - `EngineProcesses(recipe, processes, threads)` starts the processes (spawned, never forked: a forked torch with
-  running OpenMP threads can hang; the parent's main script is not imported there, so app.py builds no app in
-  them) and returns once every one has built its engine with `recipe(progress)` (a picklable callable run in
-  the process: it loads the model itself, so memory grows with the processes); the first builds alone (a
-  download lands once), the rest together. `progress` lines of the build reach the
-  caller's `progress`. A build that fails raises its error here, with every process stopped.
-- It answers ChatEngine's public calls with the same results: `reply`, `regenerate`, `edit`, `complete` (iterators
-  of ReplyChunk), `remember`, `warm_preamble`, and `start_states`, `label`, `tokenizer` (the caller's own, for
-  encoding), `model_bytes` (every copy's), `close()`. Errors raise in the caller with their type and message (a
-  ValueError for a bad message, say), at the call when the engine raises at its call (the iterators' refusals),
-  else from the iterator; ones that do not pickle raise as EngineProcessError with their text.
+  running OpenMP threads can hang; the parent's main script is not imported there, so app.py builds no app in them)
+  and returns once every one has built its engine with `recipe(progress)` (a picklable callable run in the process:
+  it loads the model itself, so memory grows with the processes); the first builds alone (a download lands once),
+  the rest together. `progress` lines of the build reach the caller's `progress`. A build that fails raises its
+  error here, with every process stopped.
+- It answers the ChatEngine calls the app makes, with the same results: `reply`, `regenerate`, `edit`, `complete`
+  (iterators of ReplyChunk), `remember`, and `start_states`, `label`, `tokenizer` (the caller's own, for encoding),
+  `model_bytes` (every copy's), `close()`. Errors raise in the caller with their type and message (a ValueError for
+  a bad message, say), at the call when the engine raises at its call (the iterators' refusals), else from the
+  iterator; ones that do not pickle raise as EngineProcessError with their text.
 - A conversation stays with one process (its prefix-state cache is there): a conversation is known by its start
   state, preamble and first message (`conversation_key`); one not seen before (or forgotten: the newest
   ROUTES_KEPT are kept) goes to the process with the fewest calls in flight. A completion is known by its first
@@ -50,7 +50,6 @@ COMPLETION_KEY_TOKENS = 64
 STOP_POLL_S = 0.05  # how often a waiting reader checks its stop event
 MAX_RESTARTS = 16  # processes started again after one died, in the life of an EngineProcesses
 _ITERATORS = ("reply", "regenerate", "edit", "complete")
-_CALLS = _ITERATORS + ("remember", "warm_preamble")
 _MAIN_HIDDEN = threading.Lock()  # held while a process starts with the main script hidden (_main_not_imported)
 
 
@@ -109,11 +108,6 @@ class EngineProcesses:
 
     def remember(self, session) -> int:
         return self._call(conversation_key(session), "remember", (session,))
-
-    def warm_preamble(self, session) -> int:
-        """Every process reads (and pins) the preamble; returns the tokens the first one read."""
-        reads = [worker.call("warm_preamble", (session,), None).result() for worker in self._live()]
-        return reads[0] if reads else 0
 
     @property
     def processes(self) -> int:
@@ -275,8 +269,6 @@ class _Worker:
             pass
 
     def call(self, method: str, args: tuple, stop: Optional[threading.Event]) -> _Call:
-        if method not in _CALLS:
-            raise ValueError(f"not an engine call: {method}")
         with self._calls_lock:
             call = _Call(self, next(self._ids), stop)
             self._calls[call.ident] = call

@@ -1,4 +1,4 @@
-"""Load and soak test: many gradio_client users chatting with the real server at once, and its RSS over time.
+"""Load and soak test: many gradio_client users chatting with the real server at once, and its memory over time.
 
     python -m benchmarks.load_test                         # 64 clients x 20 turns, a random-weight RWKV-7 L12 D64
     python -m benchmarks.load_test --clients 4 --turns 3   # a quick look
@@ -13,7 +13,7 @@ What it promises:
   network (HF_HUB_OFFLINE, an empty HF_HOME, no analytics, saved conversations in the temporary directory) and
   stopped whatever happens (tests/app_harness.py's `running_app`), with `--stats-every` (5 s unless told), whose
   decode lines (the batcher's tokens/s, mean batch and where a step's time goes) are printed after the run;
-  or the server at --url (RSS only when --pid names its process).
+  or the server at --url (its memory only when --pid names its process).
 - Each simulated user is one `gradio_client.Client`, i.e. one Gradio session, i.e. one conversation. Every turn
   is streamed from /chat with temperature 0 and a small --max-new-tokens; its message names the client, the
   conversation and the turn ("client 17 conv 1 turn 3: ..."). One warm-up turn (which loads the model) runs
@@ -25,11 +25,13 @@ What it promises:
   state     - every later turn read only its own new tokens: its stats line's `prefill N tok` equals the tokens
               of "\\n\\nQuestion: {message}\\n\\nAnswer:" (or with the part of the separator that the previous
               answer already fed, prompts.separator_rest), so the RNN state after the previous answer was used.
-- The server's resident set (psutil, else /proc/PID/status) is sampled every second; printed at each 10% of the
-  run, with an estimate of the prefix-state cache's size (2 entries a turn, each a state and a 65,536-entry fp32
-  logits row, capped at limits.STATE_CACHE_BYTES) for comparison; the verdict says whether RSS plateaued (grew
-  less than --plateau-pct over the last half of the run), and a last line how much RSS grew per turn after the
-  cache was (by that estimate) full: the growth that no bound of the cache explains.
+- The server's memory, with its engine processes (--engine-processes), is sampled every second: on Linux the sum
+  of their PSS (/proc/PID/smaps_rollup: pages they share, the libraries and the mmapped checkpoint, count once),
+  elsewhere of their RSS (psutil); the tables say which. It is printed at each 10% of the run, with an estimate
+  of the prefix-state cache's size (2 entries a turn, each a state and a 65,536-entry fp32 logits row, capped at
+  limits.STATE_CACHE_BYTES) for comparison; the verdict says whether it plateaued (grew less than --plateau-pct
+  over the last half of the run), and a last line how much it grew per turn after the cache was (by that
+  estimate) full: the growth that no bound of the cache explains.
 - Latency: TTFT as a client sees it (submit -> first streamed non-empty answer, polled every 10 ms, queueing
   included), the whole turn, and the engine's own TTFT from the stats line; p50/p95 (nearest rank). Throughput:
   new tokens (from the stats lines) over the wall time (aggregate), and per user: each answered turn's new
@@ -66,7 +68,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 POLL_S = 0.01  # how often a client looks for its first streamed token
-SAMPLE_S = 1.0  # RSS sampling period
+SAMPLE_S = 1.0  # memory sampling period
 CONNECT_TRIES = 5
 WORLD_VOCAB = 65536
 TOPICS = ("what comes after {n}?", "name a colour and the number {n}.", "tell me a short fact about {n}.",
@@ -87,44 +89,57 @@ def random_checkpoint(directory: Path, shape: str, seed: int, version: str = "7"
     return path
 
 
-def rss_reader(pid: int):
-    """A function returning the resident set in bytes of the process and its children (its engine processes):
-    psutil if installed, else /proc."""
-    try:
-        import psutil
-        process = psutil.Process(pid)
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (its engine processes), from /proc."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(kid) for kid in (task / "children").read_text().split()]
+    return [pid] + [member for kid in kids for member in process_tree(kid)]
 
-        def rss(member) -> int:
-            try:
-                return member.memory_info().rss
-            except psutil.NoSuchProcess:  # a child that ended meanwhile
-                return 0
 
+def proc_field(path: str, name: str) -> int:
+    """A `Name:   N kB` line of a /proc file, in bytes."""
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {name} in {path}")
+
+
+def memory_reader(pid: int):
+    """(kind, read): read() returns the memory of the process and its descendants (its engine processes) in bytes.
+    Where Linux gives it (/proc/PID/smaps_rollup), kind "PSS": the sum of their proportional set sizes, each page
+    shared by several processes split among them, so the libraries and the mmapped checkpoint that the server and
+    its engine processes share count once (a sum of RSS counts them once a process). Elsewhere kind "RSS", summed
+    (psutil)."""
+    if Path(f"/proc/{pid}/smaps_rollup").exists():
         def total() -> int:
-            return sum(rss(member) for member in [process] + process.children(recursive=True))
-        return total
-    except ImportError:
-        def read(one: int) -> int:
-            with open(f"/proc/{one}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-            raise RuntimeError(f"no VmRSS for process {one}")
+            pss = 0
+            for member in process_tree(pid):
+                try:
+                    pss += proc_field(f"/proc/{member}/smaps_rollup", "Pss")
+                except (FileNotFoundError, ProcessLookupError):  # a child that ended meanwhile
+                    pass
+            return pss
+        return "PSS", total
+    import psutil
+    process = psutil.Process(pid)
 
-        def children(one: int) -> list[int]:
-            kids = []
-            for task in Path(f"/proc/{one}/task").iterdir():
-                kids += [int(kid) for kid in (task / "children").read_text().split()]
-            return kids + [grandchild for kid in kids for grandchild in children(kid)]
-        return lambda: read(pid) + sum(read(kid) for kid in children(pid))
+    def rss(member) -> int:
+        try:
+            return member.memory_info().rss
+        except psutil.NoSuchProcess:  # a child that ended meanwhile
+            return 0
+    return "RSS", lambda: sum(rss(member) for member in [process] + process.children(recursive=True))
 
 
-class RssSampler(threading.Thread):
-    """Samples (seconds since start, RSS bytes) every SAMPLE_S until stopped."""
+class MemorySampler(threading.Thread):
+    """Samples (seconds since start, bytes) of the server's memory (memory_reader: `kind` says PSS or RSS) every
+    SAMPLE_S until stopped."""
 
     def __init__(self, pid: Optional[int]):
         super().__init__(daemon=True)
-        self.read = rss_reader(pid) if pid else None
+        self.kind, self.read = memory_reader(pid) if pid else ("memory", None)
         self.samples: list[tuple[float, int]] = []
         self.started = time.perf_counter()
         self.halt = threading.Event()
@@ -137,9 +152,9 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.halt.is_set():
-            rss = self.now()
-            if rss is not None:
-                self.samples.append((time.perf_counter() - self.started, rss))
+            used = self.now()
+            if used is not None:
+                self.samples.append((time.perf_counter() - self.started, used))
             self.halt.wait(SAMPLE_S)
 
     def at(self, t: float) -> Optional[int]:
@@ -147,7 +162,7 @@ class RssSampler(threading.Thread):
         return min(self.samples, key=lambda s: abs(s[0] - t))[1] if self.samples else None
 
     def between(self, t0: float, t1: float) -> list[int]:
-        return [rss for t, rss in self.samples if t0 <= t <= t1]
+        return [used for t, used in self.samples if t0 <= t <= t1]
 
 
 # ------------------------------------------------------------------------------------- the clients
@@ -361,10 +376,10 @@ def sec(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def period_figures(run: Run, sampler: RssSampler, t0: float, t1: float) -> dict:
+def period_figures(run: Run, sampler: MemorySampler, t0: float, t1: float) -> dict:
     turns = [t for t in run.turns if t0 <= t.finished <= t1]
     ok = [t for t in turns if not t.error]
-    rss = sampler.between(t0, t1)
+    memory = sampler.between(t0, t1)
     tokens = sum(t.new_tokens for t in ok)
     return {"turns": len(turns), "errors": len(turns) - len(ok),
             "ttft_p50": percentile([t.ttft_s for t in ok], 50), "ttft_p95": percentile([t.ttft_s for t in ok], 95),
@@ -374,8 +389,8 @@ def period_figures(run: Run, sampler: RssSampler, t0: float, t1: float) -> dict:
             "new_tokens": tokens, "tok_per_s": tokens / (t1 - t0) if t1 > t0 else 0.0,
             "user_tps_p50": percentile([user_tps(t) for t in ok], 50),
             "user_tps_p5": percentile([user_tps(t) for t in ok], 5),
-            "rss_min": min(rss) if rss else None, "rss_max": max(rss) if rss else None,
-            "rss_end": rss[-1] if rss else None}
+            "memory_kind": sampler.kind, "memory_min": min(memory) if memory else None,
+            "memory_max": max(memory) if memory else None, "memory_end": memory[-1] if memory else None}
 
 
 def user_tps(turn: Turn) -> Optional[float]:
@@ -392,17 +407,17 @@ def summary_table(periods: dict[str, dict]) -> str:
             ("engine TTFT p50 / p95 (s)", lambda f: f"{sec(f['server_ttft_p50'])} / {sec(f['server_ttft_p95'])}"),
             ("new tokens, aggregate tok/s", lambda f: f"{f['new_tokens']:,}, {f['tok_per_s']:.1f}"),
             ("per-user tok/s p50 / p5", lambda f: f"{num(f['user_tps_p50'])} / {num(f['user_tps_p5'])}"),
-            ("server RSS min / max / end (MiB)",
-             lambda f: f"{mb(f['rss_min'])} / {mb(f['rss_max'])} / {mb(f['rss_end'])}")]
+            ("server memory min / max / end (MiB)",
+             lambda f: f"{f['memory_kind']} {mb(f['memory_min'])} / {mb(f['memory_max'])} / {mb(f['memory_end'])}")]
     names = list(periods)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {label} | " + " | ".join(cell(periods[n]) for n in names) + " |" for label, cell in rows]
     return "\n".join(lines)
 
 
-def rss_timeline(run: Run, sampler: RssSampler, marks: list[float]) -> str:
+def memory_timeline(run: Run, sampler: MemorySampler, marks: list[float]) -> str:
     state_mb = next((t.state_mb for t in run.turns if t.state_mb is not None), None)
-    lines = ["| done | elapsed (s) | turns answered | server RSS (MiB) | prefix cache est. (MiB) |",
+    lines = [f"| done | elapsed (s) | turns answered | server {sampler.kind} (MiB) | prefix cache est. (MiB) |",
              "|---:|---:|---:|---:|---:|", f"| start | 0 | 0 | {mb(sampler.at(0.0))} | 0 |"]
     for index, t in enumerate(marks, 1):
         answered = sum(1 for turn in run.turns if turn.finished <= t and not turn.error)
@@ -412,19 +427,19 @@ def rss_timeline(run: Run, sampler: RssSampler, marks: list[float]) -> str:
     return "\n".join(lines)
 
 
-def plateau_verdict(sampler: RssSampler, duration: float, limit_pct: float) -> tuple[bool, str]:
+def plateau_verdict(sampler: MemorySampler, duration: float, limit_pct: float) -> tuple[bool, str]:
     if not sampler.samples:
-        return True, "RSS not sampled (no --pid for an attached server)"
+        return True, "memory not sampled (no --pid for an attached server)"
     mid, second_half = sampler.at(duration / 2), sampler.between(duration / 2, duration)
     top = max(second_half or [mid])
     growth = 100 * (top - mid) / mid
     held = growth < limit_pct
-    return held, (f"RSS {'plateaued' if held else 'did NOT plateau'}: {mb(mid)} MiB at half time, at most "
+    return held, (f"{sampler.kind} {'plateaued' if held else 'did NOT plateau'}: {mb(mid)} MiB at half time, at most "
                   f"{mb(top)} MiB in the second half ({growth:+.1f}%; the bar is < {limit_pct:g}%)")
 
 
-def cache_note(run: Run, sampler: RssSampler, duration: float) -> str:
-    """When the prefix cache (estimated) was full, and how RSS moved after that: what a bound must explain."""
+def cache_note(run: Run, sampler: MemorySampler, duration: float) -> str:
+    """When the prefix cache (estimated) was full, and how memory moved after that: what a bound must explain."""
     from rwkv_chat.limits import STATE_CACHE_BYTES
     state_mb = next((t.state_mb for t in run.turns if t.state_mb is not None), None)
     done = sorted(t.finished for t in run.turns if not t.error)
@@ -432,13 +447,13 @@ def cache_note(run: Run, sampler: RssSampler, duration: float) -> str:
                    None) if state_mb is not None else None
     if full_at is None:
         return (f"the prefix cache was still filling at the end (est. {cache_estimate(len(done), state_mb) or 0:,.0f} "
-                f"of {STATE_CACHE_BYTES / 2**20:,.0f} MiB): RSS is expected to grow until it is full")
+                f"of {STATE_CACHE_BYTES / 2**20:,.0f} MiB): {sampler.kind} is expected to grow until it is full")
     later = sum(1 for t in done if t > full_at)
     start, end = sampler.at(full_at), sampler.at(duration)
     if start is None or end is None or not later:
         return f"the prefix cache was full (est.) from {full_at:.0f} s"
-    return (f"after the prefix cache was full (est. from {full_at:.0f} s): RSS {mb(start)} -> {mb(end)} MiB over "
-            f"{later:,} turns ({(end - start) / 1024 / later:+.1f} KiB a turn)")
+    return (f"after the prefix cache was full (est. from {full_at:.0f} s): {sampler.kind} {mb(start)} -> "
+            f"{mb(end)} MiB over {later:,} turns ({(end - start) / 1024 / later:+.1f} KiB a turn)")
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -458,7 +473,7 @@ def progress_marks(run: Run, args, deadline: Optional[float], total_turns: int, 
         marks.append(run.clock())
         errors = sum(1 for t in run.turns if t.error)
         print(f"[{10 * len(marks):3d}%] {run.clock():7.1f} s  {len(run.turns):6,} turns  {errors} errors  "
-              f"{len(run.violations)} violations  RSS {mb(sampler.now())} MiB", flush=True)
+              f"{len(run.violations)} violations  {sampler.kind} {mb(sampler.now())} MiB", flush=True)
         if not alive:
             while len(marks) < 10:
                 marks.append(run.clock())
@@ -482,7 +497,7 @@ def drive(url: str, pid: Optional[int], args) -> int:
     print(f"warm-up turn: {record.total_s:.1f} s, {record.new_tokens} tokens; starting {args.clients} clients",
           flush=True)
 
-    sampler = RssSampler(pid)
+    sampler = MemorySampler(pid)
     run = Run(started=sampler.started)
     sampler.start()
     deadline = time.perf_counter() + args.soak * 60 if args.soak else None
@@ -499,7 +514,7 @@ def drive(url: str, pid: Optional[int], args) -> int:
     return report(run, sampler, marks, duration, args)
 
 
-def report(run: Run, sampler: RssSampler, marks: list[float], duration: float, args) -> int:
+def report(run: Run, sampler: MemorySampler, marks: list[float], duration: float, args) -> int:
     errors = Counter(t.error for t in run.turns if t.error)
     kinds = Counter(kind for kind, _ in run.violations)
     print(f"\n{args.clients} clients x {args.turns} turns"
@@ -509,7 +524,7 @@ def report(run: Run, sampler: RssSampler, marks: list[float], duration: float, a
     print(f"errors: {sum(errors.values())}" + "".join(f"\n  {n} x {e}" for e, n in errors.most_common(10)))
     print(f"violations: {len(run.violations)} (history {kinds['history']}, cross-talk {kinds['cross-talk']}, "
           f"state not carried {kinds['state']})" + "".join(f"\n  {k}: {d}" for k, d in run.violations[:10]))
-    print("\nserver RSS over time:\n" + rss_timeline(run, sampler, marks))
+    print(f"\nserver {sampler.kind} over time:\n" + memory_timeline(run, sampler, marks))
     held, verdict = plateau_verdict(sampler, duration, args.plateau_pct)
     print("\n" + verdict)
     print(cache_note(run, sampler, duration))
@@ -520,7 +535,8 @@ def report(run: Run, sampler: RssSampler, marks: list[float], duration: float, a
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "duration_s": duration, "errors": dict(errors), "connect_retries": run.connect_retries,
-            "violations": run.violations, "rss_samples": sampler.samples, "plateau": held, "verdict": verdict,
+            "violations": run.violations, "memory_kind": sampler.kind, "memory_samples": sampler.samples,
+            "plateau": held, "verdict": verdict,
             "periods": periods, "turns": [{k: v for k, v in asdict(t).items() if k != "answer"} for t in run.turns]},
             indent=1))
     return 1 if errors or run.violations else 0
@@ -550,7 +566,7 @@ def main(argv=None) -> int:
     p.add_argument("--turn-timeout", type=float, default=600.0, help="seconds before a turn counts as failed")
     p.add_argument("--plateau-pct", type=float, default=5.0)
     p.add_argument("--url", default=None, help="drive a running server instead of starting one")
-    p.add_argument("--pid", type=int, default=None, help="with --url: the server's process, for its RSS")
+    p.add_argument("--pid", type=int, default=None, help="with --url: the server's process, for its memory")
     p.add_argument("--json", default=None, help="write every figure and turn here")
     p.add_argument("--seed", type=int, default=0, help="of the random checkpoint")
     args = p.parse_args(argv)

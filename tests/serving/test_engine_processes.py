@@ -198,7 +198,8 @@ def test_engine_processes_do_not_import_the_main_script(recipe, tmp_path):
         "    engines.close()\n")
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, str(script), pickle.dumps(recipe).hex()], capture_output=True, text=True,
-                          timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+                          timeout=300, cwd=repo,  # the packages where this process found them (a --target dir)
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), *sys.path])})
     assert done.returncode == 0, done.stderr
     parent, children, main_file = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(children) == 2 and parent not in children

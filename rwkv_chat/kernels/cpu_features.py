@@ -16,11 +16,15 @@ What this module promises:
   int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
   `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: VNNI without AMX.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
-  next weights (software prefetch; 0: not at all). Intel CPUs get PREFETCH_INTEL: on the Xeon measured (2 cores)
-  the products then read their weights at ~85% of a plain read instead of ~65%, because a core's hardware prefetch
-  alone leaves the loads waiting on memory between the rows' arithmetic (decode 18-31% faster). Other vendors get 0:
-  on an AMD Zen 4 (2 cores) prefetching gave int8 and int4 decode nothing measurable and made bf16 decode 26%
-  slower (docs/PERFORMANCE.md). RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets it on any CPU; other values raise
+  next weights (software prefetch; 0: not at all), and `prefetch_rows_below` for which weights: rows shorter than
+  that many bytes (0: every row). Intel CPUs get PREFETCH_INTEL for every row: on the Xeon measured (2 cores) the
+  products then read their weights at ~85% of a plain read instead of ~65%, because a core's hardware prefetch
+  alone leaves the loads waiting on memory between the rows' arithmetic (decode 18-31% faster). AMD CPUs of family
+  26 and later (Zen 5) get PREFETCH_ZEN5 for rows shorter than PREFETCH_ZEN5_ROWS_BELOW: measured there (2 cores),
+  decode 2.7-6.8% faster with rows of 384-1,536 bytes (0.1B and 0.4B models in every format, int4 at 1.5B) and 3-4%
+  slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). Older AMD CPUs get 0: on a Zen 4 (2 cores)
+  prefetching gave int8 and int4 decode nothing measurable and made bf16 decode 26% slower (docs/PERFORMANCE.md).
+  RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU; other values raise
   ValueError naming the variable and the bound.
 - `describe()` is the one line the app prints at start-up.
 
@@ -39,7 +43,10 @@ import torch
 ISA_VARIABLE = "RWKV_CPU_ISA"
 PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
 PREFETCH_VARIABLE = "RWKV_CPU_PREFETCH"
-PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other on the Xeon (AMD: none, measured)
+PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other on the Xeon
+PREFETCH_ZEN5 = 4096  # bytes; on a Zen 5 at 0.1B 2,048 and 8,192 gave a little less, at 1.5B all three lost
+PREFETCH_ZEN5_ROWS_BELOW = 2048  # bytes a weight row: shorter rows gained on a Zen 5, rows of 2,048 and 4,096 lost
+ZEN5_FAMILY = 26  # /proc/cpuinfo's "cpu family" of AMD's Zen 5
 MAX_PREFETCH = 1 << 20
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 
@@ -54,6 +61,7 @@ class CpuFeatures:
     amx_fp16: bool = False  # AMX tiles with fp16 (Granite Rapids)
     vendor: str = ""  # "intel", "amd" or "" (not known)
     prefetch_bytes: int = 0  # how far ahead the C++ products of few rows prefetch weights (0: they do not)
+    prefetch_rows_below: int = 0  # ... for weight rows shorter than this many bytes (0: every row)
 
     @property
     def path(self) -> str:
@@ -94,14 +102,30 @@ class CpuFeatures:
                        amx_fp16=self.amx_fp16 and rank >= 4)
 
 
-def _vendor() -> str:
-    """The CPU's maker from Linux's /proc/cpuinfo, else from platform.processor() (which names it on Windows)."""
+def _cpu_info() -> str:
+    """The start of Linux's /proc/cpuinfo, else platform.processor() (which names the maker on Windows)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            text = info.read(1 << 16)
+            return info.read(1 << 16)
     except OSError:
-        text = platform.processor()
-    return next((name for marker, name in VENDORS.items() if marker in text), "")
+        return platform.processor()
+
+
+def _vendor_and_family(text: str) -> tuple[str, int]:
+    """The CPU's maker ("intel", "amd" or "") and family number (0 where not given) from `_cpu_info()`."""
+    vendor = next((name for marker, name in VENDORS.items() if marker in text), "")
+    family = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                   if line.startswith("cpu family") and ":" in line), "")
+    return vendor, int(family) if family.isdigit() else 0
+
+
+def _default_prefetch(vendor: str, family: int) -> tuple[int, int]:
+    """(prefetch_bytes, prefetch_rows_below) for this maker and family (the module docstring says why)."""
+    if vendor == "intel":
+        return PREFETCH_INTEL, 0
+    if vendor == "amd" and family >= ZEN5_FAMILY:
+        return PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW
+    return 0, 0
 
 
 def _check(name: str) -> bool:
@@ -117,12 +141,13 @@ def detected() -> CpuFeatures:
     """What the CPU has (not capped by the environment). Non-x86 CPUs have none of these."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return CpuFeatures()
-    vendor = _vendor()
+    vendor, family = _vendor_and_family(_cpu_info())
+    prefetch, rows_below = _default_prefetch(vendor, family)
     return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=_check("_is_avx512_supported"),
                        avx512_vnni=_check("_is_vnni_supported"),
                        avx512_bf16=_check("_is_avx512_bf16_supported"), amx_bf16=_check("_is_amx_tile_supported"),
                        amx_fp16=_check("_is_amx_fp16_supported"), vendor=vendor,
-                       prefetch_bytes=PREFETCH_INTEL if vendor == "intel" else 0)
+                       prefetch_bytes=prefetch, prefetch_rows_below=rows_below)
 
 
 def _prefetch_override() -> int | None:
@@ -141,7 +166,7 @@ def _prefetch_override() -> int | None:
 
 def cpu_features() -> CpuFeatures:
     """The features the CPU paths use now: the detected ones, capped by RWKV_CPU_ISA and with the prefetch
-    distance of RWKV_CPU_PREFETCH where they are set."""
+    distance of RWKV_CPU_PREFETCH (for every row) where they are set."""
     features = detected()
     wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
     if wanted:
@@ -150,7 +175,7 @@ def cpu_features() -> CpuFeatures:
                              f"got {wanted!r}")
         features = features.capped(wanted)
     prefetch = _prefetch_override()
-    return features if prefetch is None else replace(features, prefetch_bytes=prefetch)
+    return features if prefetch is None else replace(features, prefetch_bytes=prefetch, prefetch_rows_below=0)
 
 
 def describe() -> str:
@@ -160,7 +185,8 @@ def describe() -> str:
     matmul = "bf16 products on the CPU's bf16 units" if features.native_matmul(torch.bfloat16) else \
         "bf16/fp16 products as fp32 (no bf16 units)"
     capped = f" (capped by {ISA_VARIABLE})" if os.environ.get(ISA_VARIABLE, "").strip() else ""
-    prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead" if features.prefetch_bytes
+    rows = f" (rows under {features.prefetch_rows_below:,} bytes)" if features.prefetch_rows_below else ""
+    prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead{rows}" if features.prefetch_bytes
                 else "no software prefetch")
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
             f"int8/int4 decode products {features.int8_dot}; "

@@ -94,7 +94,7 @@ INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1}  # cpu_features' int8_dot -> the e
 def _configure(module) -> str:
     features = cpu_features()
     module.set_int8_product(INT8_PRODUCTS[features.int8_dot])
-    module.set_prefetch_bytes(features.prefetch_bytes)
+    module.set_prefetch_bytes(features.prefetch_bytes, features.prefetch_rows_below)
     return features.int8_dot
 
 

@@ -11,7 +11,8 @@ import torch
 
 from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
 from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, PREFETCH_INTEL, PREFETCH_VARIABLE,
-                                            CpuFeatures, cpu_features, detected)
+                                            PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, CpuFeatures, cpu_features,
+                                            detected)
 
 RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
 
@@ -65,18 +66,24 @@ def test_what_is_detected_is_what_the_kernel_reports():
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
 def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
-    """Intel CPUs prefetch by default (the vendor as Linux names it is the oracle), others do not; the variable
-    sets any distance in its bound, keeps the instruction-set cap, and refuses the rest by name."""
-    vendor_ids = {line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("vendor_id")}
+    """Intel CPUs prefetch every row by default, AMD's Zen 5 (family 26) and later rows under 2 KiB, older AMD
+    CPUs none (the vendor and family as Linux names them are the oracle); the variable sets any distance in its
+    bound for every row, keeps the instruction-set cap, and refuses the rest by name."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    vendor_ids = {line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")}
+    families = {int(line.split(":", 1)[1]) for line in lines if line.startswith("cpu family")}
+    intel = vendor_ids == {"GenuineIntel"}
+    zen5 = vendor_ids == {"AuthenticAMD"} and min(families, default=0) >= 26
     monkeypatch.delenv(PREFETCH_VARIABLE, raising=False)
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
-    assert cpu_features().prefetch_bytes == (PREFETCH_INTEL if vendor_ids == {"GenuineIntel"} else 0)
-    assert ("prefetched" in features_module.describe()) == (vendor_ids == {"GenuineIntel"})
+    assert cpu_features().prefetch_bytes == (PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else 0)
+    assert cpu_features().prefetch_rows_below == (PREFETCH_ZEN5_ROWS_BELOW if zen5 else 0)
+    assert ("prefetched" in features_module.describe()) == (intel or zen5)
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
     for value in ("0", "2048", f"{MAX_PREFETCH}"):
         monkeypatch.setenv(PREFETCH_VARIABLE, value)
         assert cpu_features().prefetch_bytes == int(value) and cpu_features().path == "avx2"
+        assert cpu_features().prefetch_rows_below == 0
     for bad in ("-64", f"{MAX_PREFETCH + 1}", "4k"):
         monkeypatch.setenv(PREFETCH_VARIABLE, bad)
         with pytest.raises(ValueError, match=f"{PREFETCH_VARIABLE} must be a whole number of bytes from 0 "
@@ -130,3 +137,29 @@ def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows)
     half = unscaled.to(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()
     is_half = torch.allclose(half, unscaled, rtol=1e-6, atol=0)  # (int8: up to the division's rounding)
     assert is_half == on_units  # which path ran: only the units' products are half-precision values
+
+
+INTEL_INFO = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+ZEN4_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+ZEN5_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+
+
+@pytest.mark.parametrize("info, vendor, family, prefetch", [
+    (INTEL_INFO, "intel", 6, (PREFETCH_INTEL, 0)),
+    (ZEN4_INFO, "amd", 25, (0, 0)),
+    (ZEN5_INFO, "amd", 26, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW)),
+    (ZEN5_INFO.replace(": 26", ": 27"), "amd", 27, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW)),
+    ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "intel", 0, (PREFETCH_INTEL, 0)),  # Windows' processor()
+    ("", "", 0, (0, 0)),
+])
+def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, vendor, family, prefetch):
+    """/proc/cpuinfo texts of an Intel, a Zen 4 and a Zen 5 (and Windows' platform.processor()) give their maker,
+    family and default prefetch; detected() takes them from the text it reads."""
+    assert features_module._vendor_and_family(info) == (vendor, family)
+    monkeypatch.setattr(features_module, "_cpu_info", lambda: info)
+    monkeypatch.setattr(features_module.platform, "machine", lambda: "x86_64")
+    features_module.detected.cache_clear()
+    try:
+        assert (detected().vendor, detected().prefetch_bytes, detected().prefetch_rows_below) == (vendor, *prefetch)
+    finally:
+        features_module.detected.cache_clear()

@@ -233,10 +233,11 @@ def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
 def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
     """Software prefetch only moves weights into the cache sooner: every product of few rows, in every weight
     format and on each int8/int4 product this CPU runs, is bit for bit the one without it, also where the prefetch
-    runs past the end of the matrix (the distance beyond the last rows); configure() hands the distance of
-    RWKV_CPU_PREFETCH to the kernels."""
+    runs past the end of the matrix (the distance beyond the last rows) or only for the shorter rows (a row limit,
+    as on a Zen 5); configure() hands the distance of RWKV_CPU_PREFETCH to the kernels, and the default's row
+    limit."""
     from rwkv_chat.kernels import quant
-    from rwkv_chat.kernels.cpu_features import PREFETCH_VARIABLE
+    from rwkv_chat.kernels.cpu_features import PREFETCH_VARIABLE, cpu_features
     gen = torch.Generator().manual_seed(11)
     w = torch.randn(300, 768, generator=gen) / 20
     weights = [(w, None), (w.bfloat16(), None), (w.half(), None), quant.quantize_rows(w), quant.quantize_int4(w)]
@@ -251,6 +252,14 @@ def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
         for distance in (1024, 65536):
             for plain, prefetched in zip(results[0], results[distance]):
                 assert torch.equal(plain, prefetched)
+        # prefetching only rows shorter than 1,024 bytes: the int8 (768) and int4 (384) rows, not the others
+        cpu_kernels.kernels().set_prefetch_bytes(65536, 1024)
+        assert cpu_kernels.kernels().prefetch_rows_below() == 1024
+        for plain, (weight, scale) in zip(results[0], weights):
+            assert torch.equal(plain, cpu_kernels.linear(x, weight, scale))
+        monkeypatch.delenv(PREFETCH_VARIABLE)
+        int8_dot(path)  # back to this CPU's default
+        assert cpu_kernels.kernels().prefetch_rows_below() == cpu_features().prefetch_rows_below
 
 
 @needs_kernels

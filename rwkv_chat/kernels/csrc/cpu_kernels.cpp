@@ -12,8 +12,9 @@
 //   (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group of G input columns (the comment above
 //   kInt4Block: the layout, the arithmetic and its bound); its products are integer sums on int8 activations (a
 //   step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under set_int8_product(1). Where Python set a
-//   distance (set_prefetch_bytes), every product of few rows asks for the weights that many bytes ahead of the
-//   row it reads (software prefetch: no change to any result).
+//   distance (set_prefetch_bytes), every product of few rows (whose weight rows are shorter than its rows_below,
+//   where set) asks for the weights that many bytes ahead of the row it reads (software prefetch: no change to any
+//   result).
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
 //   weights, on AVX512-VNNI only: the activations rounded to int8 a step per 32 columns and integer sums (the
 //   comment above kGemmBlock).
@@ -93,10 +94,18 @@ struct Int8Weights {
   static inline float load1(const T* p) { return static_cast<float>(*p); }
 };
 
-// How far ahead of the row being read the products ask for weights (software prefetch), in bytes; 0: not at all.
-// Set once from Python (cpu_kernels.configure, from cpu_features' prefetch_bytes), read by every product of few rows.
-// A thread's rows are contiguous, so the bytes `ahead` past a row's start are the rows it reads next.
+// How far ahead of the row being read the products ask for weights (software prefetch), in bytes; 0: not at all;
+// and the weight rows it is for: shorter than g_prefetch_rows_below bytes (0: every row). Set once from Python
+// (cpu_kernels.configure, from cpu_features' prefetch_bytes and prefetch_rows_below), read by every product of few
+// rows. A thread's rows are contiguous, so the bytes `ahead` past a row's start are the rows it reads next.
 std::atomic<int64_t> g_prefetch_bytes{0};
+std::atomic<int64_t> g_prefetch_rows_below{0};
+
+// The prefetch distance for a product whose weight rows are `row_bytes` long.
+inline int64_t prefetch_distance(int64_t row_bytes) {
+  const int64_t below = g_prefetch_rows_below.load(std::memory_order_relaxed);
+  return below > 0 && row_bytes >= below ? 0 : g_prefetch_bytes.load(std::memory_order_relaxed);
+}
 
 inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
   if (ahead <= 0) return;
@@ -129,7 +138,7 @@ inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float sc
 template <typename W>
 void rows_range(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M, int64_t N,
                 int64_t K, int64_t begin, int64_t end) {
-  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
+  const int64_t ahead = prefetch_distance(K * static_cast<int64_t>(sizeof(typename W::T)));
   for (int64_t n = begin; n < end; ++n) {
     const typename W::T* row = w + n * K;
     prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
@@ -272,7 +281,7 @@ inline __m512 lane_sums16(const __m512* v) {
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t begin, int64_t end) {
-  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
+  const int64_t ahead = prefetch_distance(K);
   if (M == 1 && K % 32 == 0) {  // a decode step of one chat: 16 rows' lane totals, then one reduction
     const __m512 x_step = _mm512_set1_ps(step[0]);
     for (; begin + 16 <= end; begin += 16) {
@@ -443,7 +452,7 @@ template <template <int> class Dot>
 void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, float* out, int64_t M, int64_t N,
                int64_t begin, int64_t end) {
   const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
-  const int64_t ahead = g_prefetch_bytes.load(std::memory_order_relaxed);
+  const int64_t ahead = prefetch_distance(row_bytes);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = w + n * row_bytes;
     const uint16_t* g = groups + n * row_groups;
@@ -1972,18 +1981,25 @@ void set_int8_product(int64_t which) {
 
 int64_t int8_product() { return g_int8_product.load(); }
 
-void set_prefetch_bytes(int64_t bytes) {
+void set_prefetch_bytes(int64_t bytes, int64_t rows_below) {
   TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20), "cpu_kernels: the prefetch distance is 0..1 MiB");
+  TORCH_CHECK(rows_below >= 0, "cpu_kernels: rows_below must be >= 0 (0: every row)");
+  g_prefetch_rows_below.store(rows_below);
   g_prefetch_bytes.store(bytes);
 }
 
 int64_t prefetch_bytes() { return g_prefetch_bytes.load(); }
 
+int64_t prefetch_rows_below() { return g_prefetch_rows_below.load(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
   m.def("int8_product", &int8_product, "which int8 product runs now");
-  m.def("set_prefetch_bytes", &set_prefetch_bytes, "how far ahead the products of few rows prefetch weights (0: off)");
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0,
+        "how far ahead the products of few rows prefetch weights (0: off), for weight rows shorter than rows_below "
+        "bytes (0: every row)");
   m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
+  m.def("prefetch_rows_below", &prefetch_rows_below, "the weight rows prefetched: shorter than this (0: all)");
   m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
   m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
   m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");

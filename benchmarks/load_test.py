@@ -90,11 +90,21 @@ def random_checkpoint(directory: Path, shape: str, seed: int, version: str = "7"
 
 
 def process_tree(pid: int) -> list[int]:
-    """The process and its descendants (its engine processes), from /proc."""
+    """The process and its descendants (its engine processes), from /proc; threads and descendants that end while
+    it reads are left out (the process itself must be there: FileNotFoundError if not)."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(kid) for kid in (task / "children").read_text().split()]
-    return [pid] + [member for kid in kids for member in process_tree(kid)]
+        try:
+            kids += [int(kid) for kid in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    members = [pid]
+    for kid in kids:
+        try:
+            members += process_tree(kid)
+        except (FileNotFoundError, ProcessLookupError):  # a child that ended meanwhile
+            pass
+    return members
 
 
 def proc_field(path: str, name: str) -> int:

@@ -21,6 +21,9 @@ What this module promises:
   (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.
 
+- A build lock that a stopped build left behind (torch's `lock` file in the extension's build directory, older
+  than STALE_LOCK_SECONDS) is removed, with a warning, before building: torch would otherwise wait on it forever,
+  so an app killed during its first build (a Space restarted, Ctrl-C) would hang at every later start.
 - `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the
   products' prefetch distance (cpu_features' `prefetch_bytes`, RWKV_CPU_PREFETCH) for the whole process; the build
   runs it once, and a caller that changes either variable afterwards (the tests, the benchmark) runs it again.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -46,6 +50,7 @@ CAPABLE = ("AVX2", "AVX512")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8: int4, packed
 INT4 = torch.int4  # the int4 format's dtype token (quant.INT4), as a model names its dtype
 GEMM_MULTIPLE = 32  # the GEMMs' blocks of columns and panels of rows
+STALE_LOCK_SECONDS = 600  # a build takes about a minute on 2 cores: a lock this old was left by a stopped one
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module": the extension or None, once tried (process-wide build cache)
@@ -63,6 +68,33 @@ def _unusable_reason() -> str | None:
     return None
 
 
+def build_directory() -> Path | None:
+    """Where torch builds and caches the extension (TORCH_EXTENSIONS_DIR or its default), or None where this
+    torch does not say (the function is torch's own, not public)."""
+    from torch.utils import cpp_extension
+    find = getattr(cpp_extension, "_get_build_directory", None)
+    try:
+        return Path(find(EXTENSION_NAME, False)) if find is not None else None
+    except Exception:  # an unusual torch: no check, the build goes on as before
+        return None
+
+
+def clear_stale_lock(directory: Path, now: float | None = None) -> bool:
+    """Removes torch's build lock in `directory` when it is older than STALE_LOCK_SECONDS (a build stopped while
+    it held it), with a warning naming it; whether it did. A younger lock is another process building: kept."""
+    lock = directory / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+        if age < STALE_LOCK_SECONDS:
+            return False
+        lock.unlink()
+    except FileNotFoundError:  # none, or its builder finished meanwhile
+        return False
+    warnings.warn(f"rwkv_chat: removed the CPU kernels' build lock {lock}, {age / 60:,.0f} min old (left by a build "
+                  "that was stopped); building again", stacklevel=2)
+    return True
+
+
 def kernels():
     """The compiled extension, or None (see the module docstring)."""
     if "module" in _built:  # every product asks: no lock once the build was tried
@@ -75,6 +107,9 @@ def kernels():
         if reason is None:
             try:
                 from torch.utils import cpp_extension
+                directory = build_directory()
+                if directory is not None:
+                    clear_stale_lock(directory)
                 module = cpp_extension.load(
                     name=EXTENSION_NAME, sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)

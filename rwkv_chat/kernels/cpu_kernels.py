@@ -13,10 +13,11 @@ What this module promises:
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI and no AMX
   (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
-  file. The extension's
-  `decode_layer` (RWKV-4/5), `decode_layer_v6` and `decode_layer_v7` are one layer's decode step, and its
-  `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` the wkv of a prefill segment (runtime/fast_path.py,
-  runtime/cpu_decode.py and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
+  file. `DecodeStack(layers, version)` is every layer of a decode step in one call of the extension's
+  `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it), which returns its refusals instead of
+  throwing them through the binding: they are raised here, as RuntimeError. The extension's
+  `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners and the
+  RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
   and `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
   (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.
@@ -150,6 +151,27 @@ def built_for(tensor: torch.Tensor):
     does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan) and
     its bf16 token-shift mixes (shift_mixes_bf16), without ever starting a build itself."""
     return _built.get("module") if tensor.device.type == "cpu" else None
+
+
+class DecodeStack:
+    """Every layer of a decode step in one call into the C++ kernels (built: `kernels()` is not None). `layers`:
+    each layer's tensors in the order the layer step of `version` (an architecture's `cpu_kernel_id`: 4, 5, 6, 7)
+    reads them, held for the stack's life; n_att: the RWKV-4/5 time mix's projections (3, or 4 with a gate)."""
+
+    def __init__(self, layers: list[list[torch.Tensor]], version: int, n_att: int = 0):
+        if version not in (4, 5, 6, 7) or not layers:
+            raise ValueError(f"a decode stack needs layers and a layer step 4, 5, 6 or 7, not {version}")
+        self._stack = kernels().DecodeStack(layers, version, n_att)
+
+    def step(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, shift_out: torch.Tensor,
+             wkv_out: torch.Tensor, rescale_every: int = 0) -> torch.Tensor:
+        """x [B, C] fp32 after ln0, overwritten with the residual stream after the last layer (halved after
+        every `rescale_every` layers) and returned; the states [B, L, ...] (shift [B, L, 2, C], wkv as the
+        architecture lays it out), the new ones written to the `_out` tensors. Refusals raise RuntimeError."""
+        refusal = self._stack.step(x, shift, wkv, shift_out, wkv_out, rescale_every)
+        if refusal:
+            raise RuntimeError(refusal)
+        return x
 
 
 def scan_each_sequence(scan, per_token: list[torch.Tensor], state: torch.Tensor):

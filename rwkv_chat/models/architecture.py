@@ -12,7 +12,7 @@ ask it:
   `triton_decode_wkv`, `prefill_wkv`, the C++ kernels' `cpu_kernel_id`); or, for an architecture the fast
   runner does not pack, the core of the fused decode step (`pack_fused_time_mix`, `fused_time_mix`,
   `fused_channel_mix`: runtime/fused_decode.py) and its whole-layer C++ decode step on CPUs
-  (`cpu_layer_tensors`, `cpu_decode_layer`: runtime/cpu_decode.py).
+  (`cpu_layer_tensors` and `cpu_kernel_id`: runtime/cpu_decode.py).
 
 It holds no weights and no state: the methods take the tensors they work on, and `config` is always a
 `RwkvConfig` (config.py; not imported here, which would close a loop through the registry).
@@ -69,7 +69,9 @@ class Architecture:
     # None: this architecture has no per-head matrix memory, so no state file fits it
     state_file_transposed: bool | None = None
     # Kernels this architecture has beyond PyTorch; the fast runner uses only those that exist:
-    cpu_kernel_id: int | None = None  # which recurrence cpu_kernels.decode_layer runs; None: the PyTorch step
+    # which layer step cpu_kernels' DecodeStack runs: 4, 5 (its RWKV-4/5 step, fed by the fast runner's packing),
+    # 6, 7 (fed by `cpu_layer_tensors`); None: the PyTorch step
+    cpu_kernel_id: int | None = None
     triton_decode: bool = False  # whether `triton_decode_wkv` exists (else CUDA runs the graphed PyTorch step)
     cpu_wkv_chunk: int  # tokens per chunk of the PyTorch prefill form on CPUs
     # whether `prefill_wkv` takes the time-mix products as the GEMMs gave them (bf16/fp16) when its scans are
@@ -170,19 +172,13 @@ class Architecture:
         raise NotImplementedError
 
     def cpu_layer_tensors(self, block: nn.Module) -> list[torch.Tensor] | None:
-        """For an architecture the fast runner does not pack: one block's tensors in the order its C++ decode step
-        reads them (views of the model's own, nothing copied), or None where it has no such step."""
+        """For an architecture the fast runner does not pack: one block's tensors in the order its C++ layer step
+        (`cpu_kernel_id`) reads them (views of the model's own, nothing copied), or None where it has no such
+        step."""
         return None
 
-    def cpu_decode_layer(self, kernels, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor,
-                         shift_out: torch.Tensor, wkv_out: torch.Tensor, tensors: list[torch.Tensor], carry):
-        """One token of B sequences through one block in the C++ kernels: x [B, C] fp32 (overwritten with the new
-        x: the caller's own tensor), this layer's state (its new state written to the `_out` views) -> (new x,
-        carry for the next layer)."""
-        raise NotImplementedError
-
     def cpu_decay(self, layer) -> torch.Tensor:
-        """The decay as cpu_kernels.decode_layer reads it."""
+        """The decay as the C++ RWKV-4/5 layer step reads it."""
         return layer.decay
 
     def __repr__(self) -> str:

@@ -16,8 +16,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
   product for k/v/r/g, the decay's LoRA (two) and the recurrence with GroupNorm and gate (one;
-  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, each layer's decode step is one call
-  (`cpu_decode_layer`: cpu_kernels' decode_layer_v6, fed by `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
+  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, a decode step is one call (`cpu_kernel_id` 6:
+  cpu_kernels' DecodeStack runs its RWKV-6 layer step a layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wk
 
 
 def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
-    """One block's tensors in the order cpu_kernels' decode_layer_v6 reads them (views: nothing is copied)."""
+    """One block's tensors in the order cpu_kernels' RWKV-6 layer step reads them (views: nothing is copied)."""
     att, ffn = block.att, block.ffn
     flat = lambda t: t.detach().reshape(-1)  # noqa: E731
     return ([flat(block.ln1.weight), flat(block.ln1.bias), flat(block.ln2.weight), flat(block.ln2.bias)]
@@ -234,6 +234,7 @@ class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
     fast_runner = False
+    cpu_kernel_id = 6
     state_file_transposed = True  # state files hold [H, N(value), N(key)]; this memory is [H, N(key), N(value)]
 
     def identifies(self, state_dict):
@@ -274,9 +275,6 @@ class Rwkv6(HeadMatrixArchitecture):
 
     def cpu_layer_tensors(self, block):
         return cpu_layer_tensors(block)
-
-    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
-        return kernels.decode_layer_v6(x, shift, wkv, shift_out, wkv_out, tensors), carry
 
     def time_mix_params(self, n_embd, dim_att):
         maa, decay = self.default_lora(n_embd)

@@ -21,8 +21,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py) and one
   kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py). On CPUs with the C++
-  kernels, each layer's decode step is one call (`cpu_decode_layer`: cpu_kernels' decode_layer_v7, fed by
-  `cpu_layer_tensors`; runtime/cpu_decode.py runs it).
+  kernels, a decode step is one call (`cpu_kernel_id` 7: cpu_kernels' DecodeStack runs its RWKV-7 layer step a
+  layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_fir
 
 
 def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
-    """One block's tensors in the order cpu_kernels' decode_layer_v7 reads them (views: nothing is copied)."""
+    """One block's tensors in the order cpu_kernels' RWKV-7 layer step reads them (views: nothing is copied)."""
     att, ffn = block.att, block.ffn
     flat = lambda t: t.detach().reshape(-1)  # noqa: E731
     residual = [torch.empty(0)] * 3 if att.first_layer else [flat(att.v0), att.v1.detach(), att.v2.detach()]
@@ -274,6 +274,7 @@ class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
     fast_runner = False
+    cpu_kernel_id = 7
     state_file_transposed = False
 
     def identifies(self, state_dict):
@@ -329,12 +330,6 @@ class Rwkv7(HeadMatrixArchitecture):
 
     def cpu_layer_tensors(self, block):
         return cpu_layer_tensors(block)
-
-    def cpu_decode_layer(self, kernels, x, shift, wkv, shift_out, wkv_out, tensors, carry):
-        first = carry is None
-        if first:  # layer 0 writes its value here; the later layers of this token read it
-            carry = torch.empty(x.shape[0], wkv.shape[-3] * wkv.shape[-1], dtype=torch.float32)
-        return kernels.decode_layer_v7(x, shift, wkv, shift_out, wkv_out, carry, tensors, first), carry
 
     def time_mix_params(self, n_embd, dim_att):
         return 4 * n_embd * dim_att + 2 * n_embd * sum(self.default_lora(n_embd))

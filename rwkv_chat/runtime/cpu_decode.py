@@ -1,13 +1,15 @@
-"""Decode steps on CPUs for the architectures the fast runner does not pack (RWKV-6, 7): one C++ call a layer.
+"""Decode steps on CPUs for the architectures the fast runner does not pack (RWKV-6, 7): one C++ call a step.
 
 What this module promises:
 - `CpuStepRunner.runs(model)` says whether a model can take it: a CPU model whose architecture has a whole-layer
-  C++ step (`Architecture.cpu_layer_tensors`) with weights the C++ kernels read (kernels/cpu_kernels.py built).
+  C++ step (`Architecture.cpu_layer_tensors`, `cpu_kernel_id`) with weights the C++ kernels read
+  (kernels/cpu_kernels.py built).
 - `CpuStepRunner(model)` is a runner (model.runner): `prefill` is the model's plain path (its parallel chunked
-  form), `decode(ids [B], state)` runs each layer of one token for B sequences in one call of the architecture's
-  C++ step (its LoRAs, recurrence and norms in fp32 arithmetic, its products streaming the weights and the LoRA
-  factors as stored: fp32, or bf16 where layers.lora_storage_dtype keeps them so), the same
-  function as the plain decode step up to fp32 rounding (tested against it). States passed in are never changed.
+  form), `decode(ids [B], state)` runs every layer of one token for B sequences in one call of cpu_kernels'
+  DecodeStack, the architecture's C++ layer step a layer (its LoRAs, recurrence and norms in fp32 arithmetic,
+  its products streaming the weights and the LoRA factors as stored: fp32, or bf16 where
+  layers.lora_storage_dtype keeps them so), the same function as the plain decode step up to fp32 rounding
+  (tested against it). States passed in are never changed.
   `decode_into(ids, source, target)` writes the new states of the first B rows into `target`'s rows (a
   batcher's state buffers) instead of new tensors.
   The layers' tensors are views of the model's own parameters: nothing is copied.
@@ -39,8 +41,8 @@ class CpuStepRunner:
                              "C++ kernels built")
         self.model = model
         self.architecture = model.config.architecture
-        self.kernels = cpu_kernels.kernels()
         self.layers = [self.architecture.cpu_layer_tensors(block) for block in model.blocks]
+        self.cpu_stack = cpu_kernels.DecodeStack(self.layers, self.architecture.cpu_kernel_id)
 
     def prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         return self.model.read_plain(ids, state, all_logits)
@@ -59,13 +61,6 @@ class CpuStepRunner:
     def _step(self, ids: torch.Tensor, state: RwkvState, out: RwkvState):
         model = self.model
         x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
-        # x is this step's own tensor: each layer writes its output over it
-        shift, wkv = out.shift, out.wkv
-        carry = None
-        per_layer = zip(state.shift.unbind(1), state.wkv.unbind(1), shift.unbind(1), wkv.unbind(1))  # views
-        for i, (tensors, (shift_in, wkv_in, shift_out, wkv_out)) in enumerate(zip(self.layers, per_layer)):
-            x, carry = self.architecture.cpu_decode_layer(self.kernels, x, shift_in, wkv_in, shift_out, wkv_out,
-                                                          tensors, carry)
-            if model.rescale_every and (i + 1) % model.rescale_every == 0:
-                x = x / 2
-        return model._logits(x, step=True), RwkvState(shift, wkv)
+        # x is this step's own tensor: the layers write their outputs over it
+        x = self.cpu_stack.step(x, state.shift, state.wkv, out.shift, out.wkv, model.rescale_every)
+        return model._logits(x, step=True), RwkvState(out.shift, out.wkv)

@@ -13,8 +13,8 @@ What this module promises:
   to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py), and prompts are read in CUDA graphs too
-  (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU each layer's step is one
-  call into the C++ kernels (cpu_kernels.py), whose products read the weights as stored with fp32 activations,
+  (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU a step is one call into
+  the C++ kernels (cpu_kernels.DecodeStack), whose products read the weights as stored with fp32 activations,
   and the PyTorch step runs where they did not build. Prefill is a few large matrix products per layer plus
   the wkv recurrence: scans token by token in Triton (CUDA) or in the C++ kernels (CPU), else the
   chunked-parallel PyTorch forms of parallel_wkv.py. With Triton, a prompt's element-wise work between the
@@ -75,7 +75,7 @@ class LayerPack:
 
 
 def cpu_layer_tensors(layer: LayerPack, architecture) -> list[torch.Tensor]:
-    """A layer's tensors in the order cpu_kernels.decode_layer reads them (empty tensors for absent ones)."""
+    """A layer's tensors in the order the C++ RWKV-4/5 layer step reads them (empty tensors for absent ones)."""
     none = torch.empty(0)
     opt = lambda t: none if t is None else t  # noqa: E731
     ln_x_w, ln_x_b = layer.ln_x or (None, None)
@@ -140,9 +140,11 @@ class FastRunner:
         self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device) if self.use_graphs else None
         self._prompt_graphs = (GraphedPrefill(self._prefill_last, self.empty_state, self.device)
                                if self.use_graphs else None)
-        # CPU: each decode layer is one call into the C++ kernels, when they built (cpu_kernels.py)
+        # CPU: a decode step is one call into the C++ kernels, when they built (cpu_kernels.DecodeStack)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
                            if cpu_decode else None)
+        self.cpu_stack = (cpu_kernels.DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
+                                                  self.layers[0].att.n_segments) if cpu_decode else None)
         # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
         # else the chunked PyTorch forms of parallel_wkv
         self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
@@ -197,18 +199,13 @@ class FastRunner:
         new_shift, new_wkv = (torch.empty_like(shift), torch.empty_like(wkv)) if out is None else (out.shift, out.wkv)
         if self.use_triton:
             return self._decode_triton(x, shift, wkv, new_shift, new_wkv)
-        if self.cpu_layers is not None:
+        if self.cpu_stack is not None:
             return self._decode_cpu(x, shift, wkv, new_shift, new_wkv)
         return self._decode_torch(x, shift, wkv, new_shift, new_wkv)
 
     def _decode_cpu(self, x, shift, wkv, new_shift, new_wkv):
-        kernels = cpu_kernels.kernels()
-        per_layer = zip(shift.unbind(1), wkv.unbind(1), new_shift.unbind(1), new_wkv.unbind(1))  # views, one call each
         x = x.clone(memory_format=torch.contiguous_format)  # the layers write their outputs over it
-        for i, (layer, tensors, states) in enumerate(zip(self.layers, self.cpu_layers, per_layer)):
-            halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
-            x = kernels.decode_layer(x, *states, tensors, self.architecture.cpu_kernel_id, layer.att.n_segments,
-                                     halve)
+        x = self.cpu_stack.step(x, shift, wkv, new_shift, new_wkv, self.rescale_every)
         x = F.layer_norm(x, x.shape[-1:], *self.ln_out, LAYER_NORM_EPS)
         return self.head.decode(x), RwkvState(new_shift, new_wkv)
 

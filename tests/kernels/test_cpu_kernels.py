@@ -522,12 +522,12 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
 
 
 @needs_kernels
-def test_decode_layer_refuses_an_int8_weight_without_its_scales(make_checkpoint):
+def test_the_decode_stack_refuses_an_int8_weight_without_its_scales(make_checkpoint):
     ckpt = make_checkpoint("4", n_layer=1, n_embd=64, seed=7)
     model = load_model(ckpt.path, device="cpu", dtype="int8")
     tensors = list(model.runner.cpu_layers[0])
     tensors[6] = torch.empty(0)  # the r|k|v weight's scales
+    stack = cpu_kernels.DecodeStack([tensors], 4, 3)
     state = model.zero_state()
     with pytest.raises(RuntimeError, match="scale per row"):
-        cpu_kernels.kernels().decode_layer(torch.zeros(1, 64), state.shift[:, 0], state.wkv[:, 0],
-                                           state.shift[:, 0].clone(), state.wkv[:, 0].clone(), tensors, 4, 3, False)
+        stack.step(torch.zeros(1, 64), state.shift, state.wkv, state.shift.clone(), state.wkv.clone())

@@ -1,8 +1,10 @@
-"""RWKV-6 and RWKV-7 on a CPU: the decode step in one C++ call a layer (runtime/cpu_decode.py, cpu_kernels'
-decode_layer_v6 / decode_layer_v7) equals the plain PyTorch step (models/rwkv6.py, rwkv7.py), whatever the weights'
-dtype, head size, batch and layer count."""
+"""RWKV-6 and RWKV-7 on a CPU: the decode step in one C++ call (runtime/cpu_decode.py, cpu_kernels' DecodeStack
+running its RWKV-6 / RWKV-7 layer step a layer) equals the plain PyTorch step (models/rwkv6.py, rwkv7.py),
+whatever the weights' dtype, head size, batch and layer count; the stack's refusals (RWKV-4/5 too) raise."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -75,7 +77,7 @@ def test_the_cpp_step_reads_bf16_lora_factors_as_fp32_ones_holding_the_same_valu
     state = RwkvState.stack([model.forward(random_tokens(5 + i, seed=i))[1] for i in range(2)])
     ids = torch.tensor([17, 4242])
     logits, new_state = runner.decode(ids, state)
-    runner.layers = widened
+    runner.cpu_stack = cpu_kernels.DecodeStack(widened, runner.architecture.cpu_kernel_id)
     logits_widened, state_widened = runner.decode(ids, state)
     assert torch.equal(logits, logits_widened)
     assert torch.equal(new_state.wkv, state_widened.wkv) and torch.equal(new_state.shift, state_widened.shift)
@@ -155,15 +157,33 @@ def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_che
     assert (la - lb).abs().max().item() <= 1e-4 and torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("version", ["6", "7"])
-def test_the_cpp_step_refuses_a_state_of_another_batch_or_layout(make_checkpoint, version):
-    model = attach_fast_path(load_model(make_checkpoint(version).path, device="cpu", dtype="bf16", fast=False))
-    runner, state = model.runner, model.zero_state(2)
-    x = torch.zeros(3, model.config.n_embd)  # 3 rows, a state of 2
-    new = state.clone()
-    with pytest.raises(RuntimeError, match="batch first"):
-        runner.architecture.cpu_decode_layer(runner.kernels, x, state.shift[:, 0], state.wkv[:, 0], new.shift[:, 0],
-                                             new.wkv[:, 0], runner.layers[0], None)
-    with pytest.raises(RuntimeError, match="block must be contiguous"):
-        runner.architecture.cpu_decode_layer(runner.kernels, x[:2], state.shift[:, 0].transpose(1, 2),
-                                             state.wkv[:, 0], new.shift[:, 0], new.wkv[:, 0], runner.layers[0], None)
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_the_cpp_step_refuses_states_that_do_not_fit_and_writes_nothing(make_checkpoint, version):
+    """The stack's refusals come back as RuntimeErrors naming what is wrong (its C++ side returns them rather than
+    throwing through the binding), before anything is written, and the stack steps as before afterwards."""
+    model = attach_fast_path(load_model(make_checkpoint(version, n_layer=2).path, device="cpu", dtype="bf16",
+                                        fast=False))
+    stack, c = model.runner.cpu_stack, model.config.n_embd
+    state = model.zero_state(2)
+    out_shift, out_wkv = torch.full_like(state.shift, 7.0), torch.full_like(state.wkv, 7.0)
+    cases = {
+        "batch first": (torch.zeros(3, c), state.shift, state.wkv),  # 3 rows, a state of 2
+        "block must be contiguous": (torch.zeros(2, c), state.shift.transpose(2, 3), state.wkv),
+        "shift and shift_out": (torch.zeros(2, c), state.shift[:, :1], state.wkv),  # one layer of two
+        "wkv and wkv_out": (torch.zeros(2, c), state.shift, state.wkv[:, :1]),
+        "contiguous fp32 [B, C]": (torch.zeros(2, c, dtype=torch.float64), state.shift, state.wkv),
+    }
+    for message, (x, shift, wkv) in cases.items():
+        kept = x.clone()
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            stack.step(x, shift, wkv, out_shift, out_wkv)
+        assert torch.equal(x, kept)
+    with pytest.raises(RuntimeError, match="shift and shift_out"):  # an out state of another width
+        stack.step(torch.zeros(2, c), state.shift, state.wkv, torch.zeros(2, 2, 2, c - 1), out_wkv)
+    with pytest.raises(RuntimeError, match="shift and shift_out"):  # x wider than the state
+        stack.step(torch.zeros(2, c + 8), state.shift, state.wkv, out_shift, out_wkv)
+    assert bool((out_shift == 7).all()) and bool((out_wkv == 7).all())
+    ids = torch.tensor([5, 6])
+    logits, new = model.decode_batch(ids, state)  # and it still steps, as the plain path does
+    plain_logits, plain_new = model.decode_plain(ids, state)
+    assert (logits - plain_logits).abs().max().item() <= 2e-2 * max(1.0, plain_logits.abs().max().item())

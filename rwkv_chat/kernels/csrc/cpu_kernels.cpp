@@ -18,14 +18,14 @@
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
 //   weights, on AVX512-VNNI only: the activations rounded to int8 a step per 32 columns and integer sums (the
 //   comment above kGemmBlock).
-// - decode_layer(...): one token of one RWKV-4 or RWKV-5 layer for B sequences, the same arithmetic as
-//   runtime/fast_path.py's _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and
-//   gate, channel mix), in fp32, with rows_product's products (a layer's independent ones in one parallel region,
-//   run_together): one call instead of ~70 PyTorch ops.
-// - decode_layer_v6(...): the same for RWKV-6 (its token-shift and decay LoRAs in place).
-// - decode_layer_v7(...): one token of one RWKV-7 layer for B sequences (models/rwkv7.py's time and channel
-//   mix), its four LoRAs as small fp32 products in place, the wkv per head: one call instead of ~130 ops.
-//   The three write the layer's output over their x (and return it): a new tensor a layer cost a Zen 4 ~6 us.
+// - DecodeStack(layers, version, n_att).step(...): every layer of one decode step for B sequences in one call,
+//   each layer by its version's layer step, which writes the layer's output over its input:
+//   layer45: one token of one RWKV-4 or RWKV-5 layer, the same arithmetic as runtime/fast_path.py's
+//   _decode_layer_torch (layer norms, token-shift mixes, the wkv recurrence, group norm and gate, channel mix), in
+//   fp32, with rows_product's products (a layer's independent ones in one parallel region, run_together): one
+//   call instead of ~70 PyTorch ops. layer_v6: the same for RWKV-6 (its token-shift and decay LoRAs in place).
+//   layer_v7: RWKV-7 (models/rwkv7.py's time and channel mix), its four LoRAs as small fp32 products in place, the
+//   wkv per head: instead of ~130 ops. Its refusals come back as a message, never as a C++ exception.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
@@ -1329,16 +1329,6 @@ bool block_is_contiguous(const torch::Tensor& t) {
   return true;
 }
 
-StepState step_state(torch::Tensor& shift, torch::Tensor& wkv, torch::Tensor& shift_out, torch::Tensor& wkv_out,
-                     int64_t B) {
-  for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->size(0) == B, "state: fp32 with the batch first");
-    TORCH_CHECK(block_is_contiguous(*t), "state: each sequence's block must be contiguous");
-  }
-  return {shift.data_ptr<float>(), wkv.data_ptr<float>(), shift_out.data_ptr<float>(), wkv_out.data_ptr<float>(),
-          shift.stride(0), wkv.stride(0), shift_out.stride(0), wkv_out.stride(0)};
-}
-
 // head(h) for each of H heads of one decode step, the heads split over PyTorch's intra-op threads (at 1.5B one
 // token's wkv reads 32 states of 64x64 a layer: on one thread it was a sixth of an RWKV-5 int8 step).
 template <typename Head>
@@ -1359,19 +1349,14 @@ void scan_heads(int64_t H, int64_t T, int64_t S, float* state, Token token) {
 
 }  // namespace
 
-// One decode step of one layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one call).
-// x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out: v4 [B, 3, C] (aa, bb, pp), v5 [B, H, S, S]. The batch
-// dimension may be strided; each sequence's block must be contiguous. x is overwritten with the new x, and returned.
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
-                           torch::Tensor wkv_out, std::vector<torch::Tensor> tensors, int64_t version,
-                           int64_t n_att, bool halve) {
+// One decode step of one RWKV-4/5 layer for B sequences (runtime/fast_path.py's _decode_layer_torch, in one
+// call). h [B, C], overwritten with the new x; st: the layer's state, shift [2, C] and wkv v4 [3, C] (aa, bb, pp)
+// or v5 [H, S, S] a sequence; S: v5's head size. tensors in the order fast_path's cpu_layer_tensors lists them.
+void layer45(float* h, int64_t B, int64_t C, const StepState& st, int64_t S,
+             const std::vector<torch::Tensor>& tensors, int64_t version, int64_t n_att, bool halve) {
   const LayerWeights L = unpack(tensors);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
-  const int64_t B = x.size(0), C = x.size(1);
   const int64_t A = in_features(L.out), F = in_features(L.value);
-  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
-  torch::Tensor result = x;  // the layer's output is written over its input
-  float* h = result.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = st;
 
   std::vector<float> xx(B * C), mixed(n_att * B * C), proj(n_att * B * A), y(B * A), tmp(B * std::max(C, F));
   // time mix
@@ -1397,7 +1382,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
       each8(A, [&](int64_t c, Lanes l) { l.store(out + c, _mm256_mul_ps(sigmoid8(l.load(r + c)), l.load(out + c))); });
     }
   } else {
-    const int64_t S = wkv.size(2), H = A / S;
+    const int64_t H = A / S;
     each_head(B * H, [&](int64_t bh) {  // every sequence's heads in one region
       const int64_t b = bh / H, o = (bh % H) * S;
       float* out = y.data() + b * A + o;
@@ -1432,33 +1417,28 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor shift, torch::Tensor w
     l.store(h + i, _mm256_mul_ps(_mm256_fmadd_ps(sigmoid8(l.load(rec.data() + i)), l.load(tmp.data() + i),
                                                  l.load(h + i)), factor));
   });
-  return result;
 }
 
 // One decode step of one RWKV-6 layer for B sequences (models/rwkv6.py's TimeMixV6 and ChannelMixV6 for one
-// token, in one call). x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out [B, H, N, N] (key by value). tensors, in
-// the order models/rwkv6.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, time_maa_x, time_maa_w k v r g
-// [C], time_maa_w1 [C, 5D], time_maa_w2 [5, D, C], time_decay [A], time_decay_w1 [C, D2], time_decay_w2 [D2, A],
-// time_faaaa [A], ln_x w/b, receptance, key, value, gate, output (each weight then its scale, empty unless int8),
-// ffn time_maa_k, time_maa_r, ffn key, receptance, value (weight, scale). Everything but the eight weights and
-// the four LoRA factors (fp32 or bf16) is fp32. x is overwritten with the new x, and returned.
-torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
-                              torch::Tensor wkv_out, std::vector<torch::Tensor> t) {
-  TORCH_CHECK(t.size() == 36, "cpu_kernels.decode_layer_v6: 36 layer tensors expected");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
-  const int64_t B = x.size(0), C = x.size(1);
+// token, in one call). h [B, C], overwritten with the new x; st: the layer's state, shift [2, C] and wkv
+// [H, N, N] (key by value) a sequence. t, in the order models/rwkv6.py's cpu_layer_tensors lists them: ln1 w/b,
+// ln2 w/b, time_maa_x, time_maa_w k v r g [C], time_maa_w1 [C, 5D], time_maa_w2 [5, D, C], time_decay [A],
+// time_decay_w1 [C, D2], time_decay_w2 [D2, A], time_faaaa [A], ln_x w/b, receptance, key, value, gate, output
+// (each weight then its scale, empty unless int8), ffn time_maa_k, time_maa_r, ffn key, receptance, value (weight,
+// scale). Everything but the eight weights and the four LoRA factors (fp32 or bf16) is fp32.
+void layer_v6(float* h, int64_t B, int64_t C, const StepState& st, int64_t H, int64_t N,
+              const std::vector<torch::Tensor>& t) {
+  TORCH_CHECK(t.size() == 36, "cpu_kernels: an RWKV-6 layer has 36 tensors");
   for (int i : {18, 20, 22, 24, 26, 30, 32, 34}) check_weight(t[i], t[i + 1]);
   const torch::Tensor &Wr = t[18], &Wr_s = t[19], &Wk = t[20], &Wk_s = t[21], &Wv = t[22], &Wv_s = t[23];
   const torch::Tensor &Wg = t[24], &Wg_s = t[25], &Wo = t[26], &Wo_s = t[27];
   const torch::Tensor &Fk = t[30], &Fk_s = t[31], &Fr = t[32], &Fr_s = t[33], &Fv = t[34], &Fv_s = t[35];
   const int64_t A = Wr.size(0), F = Fk.size(0);
-  TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
-  const int64_t H = wkv.size(1), N = wkv.size(2);
   TORCH_CHECK(t[11].dim() == 3 && t[11].size(0) == 5 && t[11].size(2) == C, "time_maa_w2: [5, D, C]");
   const int64_t D = t[11].size(1);
   TORCH_CHECK(H * N == A && in_features(Wo) == A && in_features(Fv) == F && t[10].size(1) == 5 * D,
-              "cpu_kernels.decode_layer_v6: shapes disagree");
-  const char* what = "cpu_kernels.decode_layer_v6 constant";
+              "cpu_kernels: an RWKV-6 layer's shapes disagree");
+  const char* what = "an RWKV-6 layer constant";
   const float *ln1_w = constant(t[0], C, what), *ln1_b = constant(t[1], C, what);
   const float *ln2_w = constant(t[2], C, what), *ln2_b = constant(t[3], C, what);
   const float* maa_x = constant(t[4], C, what);
@@ -1468,9 +1448,7 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float* time_decay = constant(t[12], A, what);
   const float *u = constant(t[15], A, what), *lnx_w = constant(t[16], A, what), *lnx_b = constant(t[17], A, what);
   const float *ffn_k = constant(t[28], C, what), *ffn_r = constant(t[29], C, what);
-  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
-  torch::Tensor result = x;  // the layer's output is written over its input
-  float* h = result.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = st;
 
   // time mix: the data-dependent token shift xx + sx * (time_maa_* + lora_*), sx = prev - xx, in the order w k v r g
   std::vector<float> xx(B * C), sx(B * C), base(B * C), hidden(B * 5 * D), mixed(5 * B * C);
@@ -1554,7 +1532,6 @@ torch::Tensor decode_layer_v6(torch::Tensor x, torch::Tensor shift, torch::Tenso
   each8(B * C, [&](int64_t i, Lanes l) {
     l.store(h + i, _mm256_fmadd_ps(sigmoid8(l.load(rec.data() + i)), l.load(tmp.data() + i), l.load(h + i)));
   });
-  return result;
 }
 
 // Prefill of one sequence through RWKV-4's wkv, token by token (the decode step's recurrence): decay, first
@@ -1606,29 +1583,21 @@ std::vector<torch::Tensor> wkv5_scan(torch::Tensor w, torch::Tensor u, torch::Te
 }
 
 // One decode step of one RWKV-7 layer for B sequences (models/rwkv7.py's TimeMixV7 and ChannelMixV7 for one
-// token, in one call). x [B, C]; shift/shift_out [B, 2, C]; wkv/wkv_out [B, H, N, N] (value by key);
-// v_first [B, A]: layer 0 writes its value there, later layers read it. tensors, in the order
+// token, in one call). h [B, C], overwritten with the new x; st: the layer's state, shift [2, C] and wkv [H, N, N]
+// (value by key) a sequence; vf [B, A]: layer 0 writes its value there, later layers read it. t, in the order
 // models/rwkv7.py's cpu_layer_tensors lists them: ln1 w/b, ln2 w/b, the mixes x_r x_w x_k x_v x_a x_g [C],
 // receptance, key, value, output (each weight then its scale, empty unless int8), w0 w1 w2, a0 a1 a2,
 // v0 v1 v2 (empty in layer 0), g1 g2, k_k, k_a, r_k, ln_x w/b, ffn x_k, ffn key, ffn value (weight, scale).
-// Everything but the eight weights and the LoRA factors (w1 ... g2: fp32 or bf16) is fp32. x is overwritten with
-// the new x, and returned.
-torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
-                              torch::Tensor wkv_out, torch::Tensor v_first, std::vector<torch::Tensor> t,
-                              bool first_layer) {
-  TORCH_CHECK(t.size() == 39, "cpu_kernels.decode_layer_v7: 39 layer tensors expected");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
-  const int64_t B = x.size(0), C = x.size(1);
+// Everything but the eight weights and the LoRA factors (w1 ... g2: fp32 or bf16) is fp32.
+void layer_v7(float* h, int64_t B, int64_t C, const StepState& st, int64_t H, int64_t N, float* vf,
+              const std::vector<torch::Tensor>& t, bool first_layer) {
+  TORCH_CHECK(t.size() == 39, "cpu_kernels: an RWKV-7 layer has 39 tensors");
   for (int i : {10, 12, 14, 16, 35, 37}) check_weight(t[i], t[i + 1]);
   const torch::Tensor &Wr = t[10], &Wr_s = t[11], &Wk = t[12], &Wk_s = t[13], &Wv = t[14], &Wv_s = t[15];
   const torch::Tensor &Wo = t[16], &Wo_s = t[17], &Fk = t[35], &Fk_s = t[36], &Fv = t[37], &Fv_s = t[38];
   const int64_t A = Wr.size(0), F = Fk.size(0);
-  TORCH_CHECK(wkv.dim() == 4 && wkv.size(2) == wkv.size(3), "wkv: [B, H, N, N]");
-  const int64_t H = wkv.size(1), N = wkv.size(2);
   TORCH_CHECK(H * N == A && in_features(Wo) == A && in_features(Fv) == F,
-              "cpu_kernels.decode_layer_v7: shapes disagree");
-  TORCH_CHECK(v_first.scalar_type() == torch::kFloat32 && v_first.is_contiguous() && v_first.numel() == B * A,
-              "v_first: contiguous fp32 [B, A]");
+              "cpu_kernels: an RWKV-7 layer's shapes disagree");
   const float *ln1_w = constant(t[0], C, "ln1 weight"), *ln1_b = constant(t[1], C, "ln1 bias");
   const float *ln2_w = constant(t[2], C, "ln2 weight"), *ln2_b = constant(t[3], C, "ln2 bias");
   const float* mix[6];
@@ -1638,10 +1607,7 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   const float *k_k = constant(t[29], A, "k_k"), *k_a = constant(t[30], A, "k_a"), *r_k = constant(t[31], A, "r_k");
   const float *lnx_w = constant(t[32], A, "ln_x weight"), *lnx_b = constant(t[33], A, "ln_x bias");
   const float* ffn_mix = constant(t[34], C, "ffn x_k");
-  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = step_state(shift, wkv, shift_out, wkv_out, B);
-  float* vf = v_first.data_ptr<float>();
-  torch::Tensor result = x;  // the layer's output is written over its input
-  float* h = result.data_ptr<float>();
+  const auto [sh, wk, sh_out, wk_out, ss, ws, sso, wso] = st;
 
   // time mix: layer norm, the six token-shift mixes xx + (prev - xx) * x_*, in the order r w k v a g
   std::vector<float> xx(B * C), mixed(6 * B * C);
@@ -1730,8 +1696,85 @@ torch::Tensor decode_layer_v7(torch::Tensor x, torch::Tensor shift, torch::Tenso
   relu_squared(key.data(), B * F);
   product(key.data(), B, Fv, Fv_s, 0, C, tmp.data());
   for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
-  return result;
 }
+
+// Every layer of one decode step in one call (what runtime/fast_path.py and runtime/cpu_decode.py run): the
+// layers' tensors, each in the order its version's layer step reads them, held for the model's life, so that a
+// step crosses from Python into C++ once, not once a layer with its ~40 tensors converted and four state views
+// made each time. step(x, shift, wkv, shift_out, wkv_out, rescale_every): x [B, C] fp32 after ln0, overwritten with
+// the residual stream after the last layer, halved after every rescale_every layers (0: never); shift and
+// shift_out [B, L, 2, C], wkv and wkv_out v4 [B, L, 3, C], v5-7 [B, L, H, N, N]; the batch dimension may be strided,
+// each sequence's block must be contiguous. It returns "" or why it refused (the states are checked before
+// anything is written, a layer's tensors when its turn comes): no error leaves it as a C++ exception, the Python
+// wrapper (kernels/cpu_kernels.py) raises it. (An exception thrown through an earlier stack of this kind killed the
+// process on the GPU machine's toolchain, while the per-layer functions it called raised theirs from Python.)
+class DecodeStack {
+ public:
+  DecodeStack(std::vector<std::vector<torch::Tensor>> layers, int64_t version, int64_t n_att)
+      : layers_(std::move(layers)), version_(version), n_att_(n_att) {}
+
+  std::string step(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
+                   torch::Tensor wkv_out, int64_t rescale_every) const {
+    try {
+      run(x, shift, wkv, shift_out, wkv_out, rescale_every);
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return {};
+  }
+
+  int64_t layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  void run(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& wkv,
+           const torch::Tensor& shift_out, const torch::Tensor& wkv_out, int64_t rescale_every) const {
+    const int64_t L = layers();
+    TORCH_CHECK(version_ >= 4 && version_ <= 7, "cpu_kernels.DecodeStack: version 4, 5, 6 or 7");
+    TORCH_CHECK(L > 0 && rescale_every >= 0, "cpu_kernels.DecodeStack: no layers, or rescale_every < 0");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [B, C]");
+    const int64_t B = x.size(0), C = x.size(1), wkv_dim = version_ == 4 ? 4 : 5;
+    for (const torch::Tensor* t : {&shift, &wkv, &shift_out, &wkv_out}) {
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->dim() >= 2 && t->size(0) == B,
+                  "state: fp32 with the batch first");
+      TORCH_CHECK(block_is_contiguous(*t), "state: each sequence's block must be contiguous");
+    }
+    TORCH_CHECK(shift.dim() == 4 && shift.size(1) == L && shift.size(2) == 2 && shift.size(3) == C &&
+                    shift_out.sizes() == shift.sizes(),
+                "state: shift and shift_out [B, L, 2, C] for the stack's layers");
+    TORCH_CHECK(wkv.dim() == wkv_dim && wkv.size(1) == L && wkv_out.sizes() == wkv.sizes() &&
+                    (version_ == 4 ? wkv.size(2) == 3 : wkv.size(3) == wkv.size(4)),
+                "state: wkv and wkv_out [B, L, 3, A] (RWKV-4) or [B, L, H, N, N] for the stack's layers");
+    const int64_t H = version_ == 4 ? 1 : wkv.size(2), N = wkv.size(3);
+    float* h = x.data_ptr<float>();
+    std::vector<float> v_first(version_ == 7 ? B * H * N : 0);  // RWKV-7: layer 0's value, read by the others
+    for (int64_t i = 0; i < L; ++i) {
+      const StepState st{shift.data_ptr<float>() + i * shift.stride(1), wkv.data_ptr<float>() + i * wkv.stride(1),
+                         shift_out.data_ptr<float>() + i * shift_out.stride(1),
+                         wkv_out.data_ptr<float>() + i * wkv_out.stride(1), shift.stride(0), wkv.stride(0),
+                         shift_out.stride(0), wkv_out.stride(0)};
+      const std::vector<torch::Tensor>& t = layers_[i];
+      const bool halve = rescale_every && (i + 1) % rescale_every == 0;
+      if (version_ <= 5) {
+        TORCH_CHECK(t.size() == 18 && t[5].dim() == 2 && t[7].dim() == 2 && in_features(t[5]) == C &&
+                        in_features(t[7]) == H * N,
+                    "cpu_kernels: an RWKV-4/5 layer's widths must be the state's");
+        layer45(h, B, C, st, N, t, version_, n_att_, halve);
+        continue;
+      }
+      if (version_ == 7)
+        layer_v7(h, B, C, st, H, N, v_first.data(), t, i == 0);
+      else
+        layer_v6(h, B, C, st, H, N, t);
+      if (halve)
+        for (int64_t j = 0; j < B * C; ++j) h[j] *= 0.5f;  // the plain path's x / 2, exactly
+    }
+  }
+
+  std::vector<std::vector<torch::Tensor>> layers_;
+  int64_t version_, n_att_;
+};
 
 // Prefill of one sequence through RWKV-7's wkv, token by token (the decode step's recurrence): w (decay factor),
 // r, k (scaled by k_a), v, kk (normalised), a: [T, H·N]; state [H, N, N] (value by key). Returns (y [T, H·N]
@@ -2000,9 +2043,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bytes (0: every row)");
   m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
   m.def("prefetch_rows_below", &prefetch_rows_below, "the weight rows prefetched: shorter than this (0: all)");
-  m.def("decode_layer", &decode_layer, "one decode step of one RWKV-4/5 layer for B sequences");
-  m.def("decode_layer_v6", &decode_layer_v6, "one decode step of one RWKV-6 layer for B sequences");
-  m.def("decode_layer_v7", &decode_layer_v7, "one decode step of one RWKV-7 layer for B sequences");
+  py::class_<DecodeStack>(m, "DecodeStack", "every layer of a decode step in one call")
+      .def(py::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t>(), py::arg("layers"),
+           py::arg("version"), py::arg("n_att") = 0)
+      .def("step", &DecodeStack::step, py::arg("x"), py::arg("shift"), py::arg("wkv"), py::arg("shift_out"),
+           py::arg("wkv_out"), py::arg("rescale_every") = 0,
+           "x [B, C] after ln0 (overwritten), states [B, L, ...] -> '' or why it refused")
+      .def_property_readonly("layers", &DecodeStack::layers);
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");

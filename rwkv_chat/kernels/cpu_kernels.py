@@ -14,11 +14,12 @@ What this module promises:
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI and no AMX
   (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
   file. `DecodeStack(layers, version)` is every layer of a decode step in one call of the extension's
-  `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it), which returns its refusals instead of
-  throwing them through the binding: they are raised here, as RuntimeError. The extension's
-  `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners and the
-  RWKV-6/7 modules call them; `built_for` hands them to the plain path once built,
-  and `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
+  `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it); built with its `ends` (the embedding,
+  the two outer LayerNorms and the head), its `logits` is the whole step from token ids to logits in one call.
+  It returns its refusals instead of throwing them through the binding: they are raised here, as RuntimeError.
+  The extension's `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners
+  and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built, and
+  `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
   (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.
 
@@ -158,10 +159,16 @@ class DecodeStack:
     each layer's tensors in the order the layer step of `version` (an architecture's `cpu_kernel_id`: 4, 5, 6, 7)
     reads them, held for the stack's life; n_att: the RWKV-4/5 time mix's projections (3, or 4 with a gate)."""
 
-    def __init__(self, layers: list[list[torch.Tensor]], version: int, n_att: int = 0):
+    def __init__(self, layers: list[list[torch.Tensor]], version: int, n_att: int = 0,
+                 ends: list[torch.Tensor] | None = None):
         if version not in (4, 5, 6, 7) or not layers:
             raise ValueError(f"a decode stack needs layers and a layer step 4, 5, 6 or 7, not {version}")
-        self._stack = kernels().DecodeStack(layers, version, n_att)
+        if ends is not None and len(ends) != 7:
+            raise ValueError("a decode stack's ends are the embedding, ln0 weight and bias, ln_out weight and bias, "
+                             "the head's weight and its scale")
+        self.ends = ends
+        self.whole = ends is not None
+        self._stack = kernels().DecodeStack(layers, version, n_att, ends or [])
 
     def step(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, shift_out: torch.Tensor,
              wkv_out: torch.Tensor, rescale_every: int = 0) -> torch.Tensor:
@@ -172,6 +179,16 @@ class DecodeStack:
         if refusal:
             raise RuntimeError(refusal)
         return x
+
+    def logits(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, shift_out: torch.Tensor,
+               wkv_out: torch.Tensor, rescale_every: int = 0) -> torch.Tensor:
+        """The whole step (a stack built with its `ends`): token ids [B] (int64) -> logits fp32 [B, V]: each id's
+        embedding row, ln0, the layers as `step` runs them, ln_out and the head's product as the C++ rows product
+        computes it (whatever the head's dtype); the states as `step` takes them."""
+        refusal, logits = self._stack.logits(ids, shift, wkv, shift_out, wkv_out, rescale_every)
+        if refusal:
+            raise RuntimeError(refusal)
+        return logits
 
 
 def scan_each_sequence(scan, per_token: list[torch.Tensor], state: torch.Tensor):

@@ -38,7 +38,7 @@ from torch import nn
 from ..kernels import cpu_kernels, quant, triton_kernels
 from ..models.layers import LAYER_NORM_EPS, relu_square_
 from ..state import RwkvState
-from .cpu_decode import CpuStepRunner
+from .cpu_decode import CpuStepRunner, stack_ends
 from .cuda_graphs import GraphedDecoder
 from .packing import PackedLinear, pack_projections, project
 from .plain_graphs import GraphedPlainRunner
@@ -143,8 +143,11 @@ class FastRunner:
         # CPU: a decode step is one call into the C++ kernels, when they built (cpu_kernels.DecodeStack)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
                            if cpu_decode else None)
-        self.cpu_stack = (cpu_kernels.DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
-                                                  self.layers[0].att.n_segments) if cpu_decode else None)
+        self.cpu_stack = None
+        if cpu_decode:  # with the embedding, norms and head where the head streams: a step from ids to logits
+            ends = stack_ends(self.emb, self.ln0, self.ln_out, *self.head.segment(0))
+            self.cpu_stack = cpu_kernels.DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
+                                                     self.layers[0].att.n_segments, ends=ends)
         # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
         # else the chunked PyTorch forms of parallel_wkv
         self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
@@ -194,6 +197,12 @@ class FastRunner:
     def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
         """The whole decode step as a function of tensors (graph-capturable): returns (logits, RwkvState), the
         state written into `out` when given (tensors shaped like shift and wkv, not the same ones)."""
+        if self.cpu_stack is not None and self.cpu_stack.whole and ids.numel() < quant.STREAM_ROWS:
+            new_shift, new_wkv = ((torch.empty_like(shift), torch.empty_like(wkv)) if out is None
+                                  else (out.shift, out.wkv))
+            logits = self.cpu_stack.logits(ids.reshape(-1).contiguous(), shift, wkv, new_shift, new_wkv,
+                                           self.rescale_every)
+            return logits, RwkvState(new_shift, new_wkv)
         x = F.embedding(ids, self.emb).float()
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)
         new_shift, new_wkv = (torch.empty_like(shift), torch.empty_like(wkv)) if out is None else (out.shift, out.wkv)

@@ -145,8 +145,9 @@ def test_bad_inputs_get_clear_errors(tiny_pth, make_checkpoint):
     model = load_model(tiny_pth.path, device="cpu")
     with pytest.raises(ValueError, match="at least one token"):
         model.forward([])
-    with pytest.raises(ValueError, match="token ids must be in"):
-        model.forward([70000])
+    for tokens in ([70000], [-1], [1, 2, 70000], torch.tensor([70000]), torch.tensor([[3, -2]])):
+        with pytest.raises(ValueError, match="token ids must be in"):
+            model.forward(tokens)
     other = load_model(make_checkpoint(tiny_pth.version, n_layer=3, n_embd=128).path, device="cpu")
     with pytest.raises(ValueError, match="does not belong"):
         model.forward([1], other.zero_state())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rwkv_chat import load_model
-from rwkv_chat.kernels import cpu_kernels
+from rwkv_chat.kernels import cpu_kernels, quant
 from rwkv_chat.kernels.cpu_features import detected
 from rwkv_chat.loading import loader
 from rwkv_chat.runtime.cpu_decode import CpuStepRunner
@@ -77,7 +77,7 @@ def test_the_cpp_step_reads_bf16_lora_factors_as_fp32_ones_holding_the_same_valu
     state = RwkvState.stack([model.forward(random_tokens(5 + i, seed=i))[1] for i in range(2)])
     ids = torch.tensor([17, 4242])
     logits, new_state = runner.decode(ids, state)
-    runner.cpu_stack = cpu_kernels.DecodeStack(widened, runner.architecture.cpu_kernel_id)
+    runner.cpu_stack = cpu_kernels.DecodeStack(widened, runner.architecture.cpu_kernel_id, ends=runner.cpu_stack.ends)
     logits_widened, state_widened = runner.decode(ids, state)
     assert torch.equal(logits, logits_widened)
     assert torch.equal(new_state.wkv, state_widened.wkv) and torch.equal(new_state.shift, state_widened.shift)
@@ -183,7 +183,56 @@ def test_the_cpp_step_refuses_states_that_do_not_fit_and_writes_nothing(make_che
     with pytest.raises(RuntimeError, match="shift and shift_out"):  # x wider than the state
         stack.step(torch.zeros(2, c + 8), state.shift, state.wkv, out_shift, out_wkv)
     assert bool((out_shift == 7).all()) and bool((out_wkv == 7).all())
+    assert stack.whole is False  # bf16 heads stream only on CPUs without bf16 units: take the int8 model's stack
+    int8 = attach_fast_path(load_model(make_checkpoint(version, n_layer=2).path, device="cpu", dtype="int8",
+                                       fast=False)).runner.cpu_stack
+    for message, ids in [("token ids in [0, V)", [5, 65536]), ("token ids in [0, V)", [-1, 6]),
+                         ("contiguous int64", [5.0, 6.0])]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            int8.logits(torch.tensor(ids), state.shift, state.wkv, out_shift, out_wkv)
+    with pytest.raises(RuntimeError, match="without the embedding"):
+        stack.logits(torch.tensor([5, 6]), state.shift, state.wkv, out_shift, out_wkv)
+    assert bool((out_shift == 7).all()) and bool((out_wkv == 7).all())
     ids = torch.tensor([5, 6])
     logits, new = model.decode_batch(ids, state)  # and it still steps, as the plain path does
     plain_logits, plain_new = model.decode_plain(ids, state)
     assert (logits - plain_logits).abs().max().item() <= 2e-2 * max(1.0, plain_logits.abs().max().item())
+
+
+def _stack_ending_in_python(runner) -> cpu_kernels.DecodeStack:
+    """The runner's layers in a stack without the embedding, norms and head: its steps end in Python."""
+    if isinstance(runner, CpuStepRunner):
+        return cpu_kernels.DecodeStack(runner.layers, runner.architecture.cpu_kernel_id)
+    return cpu_kernels.DecodeStack(runner.cpu_layers, runner.architecture.cpu_kernel_id,
+                                   runner.layers[0].att.n_segments)
+
+
+@pytest.mark.parametrize("dtype,tolerance,state_tolerance", [("int8", 1e-3, 1e-3), ("int4", 5e-2, 0.2)])
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_the_whole_step_from_token_ids_equals_the_step_ending_in_python(make_checkpoint, version, dtype, tolerance,
+                                                                         state_tolerance):
+    """Where the head streams (int8, int4), a step of few rows is one call from token ids to logits (embedding,
+    ln0, the layers, ln_out, head); it computes what the step whose embedding, norms and head run in Python
+    computes. ln0 and ln_out are the kernels' own fp32 arithmetic, so the products' rounded activations (int16
+    for int8 on VNNI, int8 for int4) may round apart by a step: the logits are held as the first test holds
+    them, the states (values up to ~10) to 1e-3 (int8: measured up to 1e-4 apart) and 0.2 (int4: its rounding,
+    amplified by random weights, moved them up to 0.15 in the first test); a wrong row or norm moves them by ~1.
+    A step of STREAM_ROWS rows or more ends in Python."""
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path, device="cpu", dtype=dtype)
+    runner = model.runner
+    assert runner.cpu_stack.whole
+    state = RwkvState.stack([model.forward(random_tokens(5 + i, seed=i))[1] for i in range(3)])
+    ids = torch.tensor([3, 70, 65000])
+    whole = model.decode_batch(ids, state)
+    whole_stack, runner.cpu_stack = runner.cpu_stack, _stack_ending_in_python(runner)
+    split = model.decode_batch(ids, state)
+    scale = split[0].abs().max().item()
+    assert (whole[0] - split[0]).abs().max().item() <= tolerance * max(1.0, scale)
+    assert torch.allclose(whole[1].wkv, split[1].wkv, rtol=1e-4, atol=state_tolerance)
+    assert torch.allclose(whole[1].shift, split[1].shift, rtol=1e-4, atol=state_tolerance)
+    runner.cpu_stack = whole_stack
+    many = torch.randint(0, 65536, (quant.STREAM_ROWS,), generator=torch.Generator().manual_seed(1))
+    calls = []
+    whole_stack.logits = lambda *args: calls.append(args)  # never reached by a step of many rows
+    logits, _ = model.decode_batch(many, model.zero_state(quant.STREAM_ROWS))
+    assert calls == [] and logits.shape == (quant.STREAM_ROWS, 65536)

@@ -25,7 +25,8 @@
 //   fp32, with rows_product's products (a layer's independent ones in one parallel region, run_together): one
 //   call instead of ~70 PyTorch ops. layer_v6: the same for RWKV-6 (its token-shift and decay LoRAs in place).
 //   layer_v7: RWKV-7 (models/rwkv7.py's time and channel mix), its four LoRAs as small fp32 products in place, the
-//   wkv per head: instead of ~130 ops. Its refusals come back as a message, never as a C++ exception.
+//   wkv per head: instead of ~130 ops. Built with its ends (embedding, ln0, ln_out, head), its logits(ids, ...)
+//   is the whole step from token ids to logits. Its refusals come back as a message, never as a C++ exception.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
@@ -1710,8 +1711,9 @@ void layer_v7(float* h, int64_t B, int64_t C, const StepState& st, int64_t H, in
 // process on the GPU machine's toolchain, while the per-layer functions it called raised theirs from Python.)
 class DecodeStack {
  public:
-  DecodeStack(std::vector<std::vector<torch::Tensor>> layers, int64_t version, int64_t n_att)
-      : layers_(std::move(layers)), version_(version), n_att_(n_att) {}
+  DecodeStack(std::vector<std::vector<torch::Tensor>> layers, int64_t version, int64_t n_att,
+              std::vector<torch::Tensor> ends)
+      : layers_(std::move(layers)), version_(version), n_att_(n_att), ends_(std::move(ends)) {}
 
   std::string step(torch::Tensor x, torch::Tensor shift, torch::Tensor wkv, torch::Tensor shift_out,
                    torch::Tensor wkv_out, int64_t rescale_every) const {
@@ -1725,9 +1727,62 @@ class DecodeStack {
     return {};
   }
 
+  // The whole step from token ids (ends: the embedding [V, C] fp32, bf16 or fp16, ln0's weight and bias, ln_out's,
+  // the head's weight and its scale as stored): each id's row widened to fp32, ln0, the layers as step() runs them,
+  // ln_out and the head's product (rows_product's, whatever its dtype) -> ("", logits [B, V]) or (why, None).
+  std::tuple<std::string, torch::Tensor> logits(torch::Tensor ids, torch::Tensor shift, torch::Tensor wkv,
+                                                torch::Tensor shift_out, torch::Tensor wkv_out,
+                                                int64_t rescale_every) const {
+    try {
+      TORCH_CHECK(ends_.size() == 7, "cpu_kernels.DecodeStack: built without the embedding, norms and head");
+      const torch::Tensor &emb = ends_[0], &head = ends_[5], &head_scale = ends_[6];
+      TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1 && ids.is_contiguous(),
+                  "ids: contiguous int64 [B]");
+      TORCH_CHECK(emb.dim() == 2 && emb.is_contiguous() &&
+                      (emb.scalar_type() == torch::kFloat32 || emb.scalar_type() == torch::kBFloat16 ||
+                       emb.scalar_type() == torch::kHalf),
+                  "cpu_kernels.DecodeStack: the embedding must be a contiguous fp32, bf16 or fp16 matrix");
+      check_weight(head, head_scale);
+      const int64_t B = ids.size(0), V = emb.size(0), C = emb.size(1);
+      TORCH_CHECK(in_features(head) == C, "cpu_kernels.DecodeStack: the head must read the embedding's width");
+      const float *ln0_w = constant(ends_[1], C, "ln0 weight"), *ln0_b = constant(ends_[2], C, "ln0 bias");
+      const float *out_w = constant(ends_[3], C, "ln_out weight"), *out_b = constant(ends_[4], C, "ln_out bias");
+      const int64_t* id = ids.data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) TORCH_CHECK(id[b] >= 0 && id[b] < V, "ids: token ids in [0, V)");
+      torch::Tensor x = torch::empty({B, C}, torch::dtype(torch::kFloat32));
+      float* h = x.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = h + b * C;
+        const int64_t at = id[b] * C;
+        switch (emb.scalar_type()) {
+          case torch::kFloat32: std::copy(emb.data_ptr<float>() + at, emb.data_ptr<float>() + at + C, row); break;
+          case torch::kBFloat16: widen<Bf16Weights>(reinterpret_cast<const uint16_t*>(emb.data_ptr()) + at, C, row);
+            break;
+          default: widen<Fp16Weights>(reinterpret_cast<const uint16_t*>(emb.data_ptr()) + at, C, row);
+        }
+        normalize(row, C, ln0_w, ln0_b, 1e-5f, row);
+      }
+      run(x, shift, wkv, shift_out, wkv_out, rescale_every);
+      std::vector<float> normed(B * C);
+      for (int64_t b = 0; b < B; ++b) normalize(h + b * C, C, out_w, out_b, 1e-5f, normed.data() + b * C);
+      torch::Tensor out = torch::empty({B, head.size(0)}, torch::dtype(torch::kFloat32));
+      product(normed.data(), B, head, head_scale, 0, head.size(0), out.data_ptr<float>());
+      return {std::string(), out};
+    } catch (const c10::Error& e) {
+      return {e.what_without_backtrace(), torch::Tensor()};
+    } catch (const std::exception& e) {
+      return {e.what(), torch::Tensor()};
+    }
+  }
+
   int64_t layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  template <typename W>
+  static void widen(const typename W::T* p, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = W::load1(p + i);
+  }
+
   void run(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& wkv,
            const torch::Tensor& shift_out, const torch::Tensor& wkv_out, int64_t rescale_every) const {
     const int64_t L = layers();
@@ -1774,6 +1829,7 @@ class DecodeStack {
 
   std::vector<std::vector<torch::Tensor>> layers_;
   int64_t version_, n_att_;
+  std::vector<torch::Tensor> ends_;  // empty, or what logits() reads besides the layers
 };
 
 // Prefill of one sequence through RWKV-7's wkv, token by token (the decode step's recurrence): w (decay factor),
@@ -2044,11 +2100,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
   m.def("prefetch_rows_below", &prefetch_rows_below, "the weight rows prefetched: shorter than this (0: all)");
   py::class_<DecodeStack>(m, "DecodeStack", "every layer of a decode step in one call")
-      .def(py::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t>(), py::arg("layers"),
-           py::arg("version"), py::arg("n_att") = 0)
+      .def(py::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, std::vector<torch::Tensor>>(),
+           py::arg("layers"), py::arg("version"), py::arg("n_att") = 0,
+           py::arg("ends") = std::vector<torch::Tensor>())
       .def("step", &DecodeStack::step, py::arg("x"), py::arg("shift"), py::arg("wkv"), py::arg("shift_out"),
            py::arg("wkv_out"), py::arg("rescale_every") = 0,
            "x [B, C] after ln0 (overwritten), states [B, L, ...] -> '' or why it refused")
+      .def("logits", &DecodeStack::logits, py::arg("ids"), py::arg("shift"), py::arg("wkv"), py::arg("shift_out"),
+           py::arg("wkv_out"), py::arg("rescale_every") = 0,
+           "token ids [B], states [B, L, ...] -> ('', logits [B, V]) or (why it refused, None)")
       .def_property_readonly("layers", &DecodeStack::layers);
   m.def("wkv4_scan", &wkv4_scan, "RWKV-4 wkv over T tokens of one sequence: (wkv [T, C], new state [3, C])");
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");

@@ -45,7 +45,7 @@ def stack_ends(embedding: torch.Tensor, ln0: tuple[torch.Tensor, torch.Tensor],
 
 
 class CpuStepRunner:
-    """The plain prefill and a C++ decode step a layer (see the module docstring)."""
+    """The plain prefill and a decode step in one C++ call (see the module docstring)."""
 
     @staticmethod
     def runs(model: nn.Module) -> bool:
@@ -79,9 +79,9 @@ class CpuStepRunner:
     @torch.no_grad()
     def _step(self, ids: torch.Tensor, state: RwkvState, out: RwkvState):
         model = self.model
-        if self.cpu_stack.whole and ids.numel() < quant.STREAM_ROWS:
-            logits = self.cpu_stack.logits(ids.reshape(-1).contiguous(), state.shift, state.wkv, out.shift, out.wkv,
-                                           model.rescale_every)
+        if self.cpu_stack.whole and 0 < ids.numel() < quant.STREAM_ROWS:
+            logits = self.cpu_stack.logits(ids.reshape(-1).to(torch.long).contiguous(), state.shift, state.wkv,
+                                           out.shift, out.wkv, model.rescale_every)
             return logits, RwkvState(out.shift, out.wkv)
         x = layer_norm(model.emb(ids.reshape(-1)).float(), model.ln0.weight, model.ln0.bias).contiguous()
         # x is this step's own tensor: the layers write their outputs over it

@@ -197,11 +197,11 @@ class FastRunner:
     def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
         """The whole decode step as a function of tensors (graph-capturable): returns (logits, RwkvState), the
         state written into `out` when given (tensors shaped like shift and wkv, not the same ones)."""
-        if self.cpu_stack is not None and self.cpu_stack.whole and ids.numel() < quant.STREAM_ROWS:
+        if self.cpu_stack is not None and self.cpu_stack.whole and 0 < ids.numel() < quant.STREAM_ROWS:
             new_shift, new_wkv = ((torch.empty_like(shift), torch.empty_like(wkv)) if out is None
                                   else (out.shift, out.wkv))
-            logits = self.cpu_stack.logits(ids.reshape(-1).contiguous(), shift, wkv, new_shift, new_wkv,
-                                           self.rescale_every)
+            logits = self.cpu_stack.logits(ids.reshape(-1).to(torch.long).contiguous(), shift, wkv, new_shift,
+                                           new_wkv, self.rescale_every)
             return logits, RwkvState(new_shift, new_wkv)
         x = F.embedding(ids, self.emb).float()
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)

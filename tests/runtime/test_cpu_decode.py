@@ -224,6 +224,9 @@ def test_the_whole_step_from_token_ids_equals_the_step_ending_in_python(make_che
     state = RwkvState.stack([model.forward(random_tokens(5 + i, seed=i))[1] for i in range(3)])
     ids = torch.tensor([3, 70, 65000])
     whole = model.decode_batch(ids, state)
+    into = model.zero_state(3)  # the batcher's step, its ids in any integer dtype
+    assert torch.equal(runner.decode_into(ids.to(torch.int32), state, into), whole[0])
+    assert torch.equal(into.wkv, whole[1].wkv)
     whole_stack, runner.cpu_stack = runner.cpu_stack, _stack_ending_in_python(runner)
     split = model.decode_batch(ids, state)
     scale = split[0].abs().max().item()

@@ -1766,7 +1766,7 @@ class DecodeStack {
       std::vector<float> normed(B * C);
       for (int64_t b = 0; b < B; ++b) normalize(h + b * C, C, out_w, out_b, 1e-5f, normed.data() + b * C);
       torch::Tensor out = torch::empty({B, head.size(0)}, torch::dtype(torch::kFloat32));
-      product(normed.data(), B, head, head_scale, 0, head.size(0), out.data_ptr<float>());
+      if (B > 0) product(normed.data(), B, head, head_scale, 0, head.size(0), out.data_ptr<float>());
       return {std::string(), out};
     } catch (const c10::Error& e) {
       return {e.what_without_backtrace(), torch::Tensor()};

@@ -23,8 +23,8 @@ What it promises:
 - int8 and int4 rows also report agreement with ours in bf16 (argmax, mean |Δlogit|): their quality measure.
   int4 runs on CPUs only.
 - On CPUs, ours rows note their decode speed against the memory ceiling measured in the same run: the bytes a
-  decode step must read (every weight and constant as stored) read plainly (fp32 sums over a buffer that size
-  on the same threads), as a percentage of the tokens a second that read allows. With `--rounds N` each round
+  decode step must read (every weight and constant as stored, and the state it starts from) read plainly (fp32
+  sums over a buffer that size on the same threads), as a percentage of the tokens a second that read allows. With `--rounds N` each round
   times that read right after its decode and the note gives the median of the rounds' shares (and their range).
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them). `--rounds N` (N > 1) keeps every implementation of a shape
@@ -267,10 +267,12 @@ class OursImpl(Impl):
     def decode_bytes(self) -> int:
         """Bytes a decode step must read: every weight and constant as stored (int8 scales, int4's packed bytes and
         group scales included), but of the embedding only its one row (the packed runners' weights are views of
-        these: each counted once)."""
+        these: each counted once), and the recurrent state it starts from (one sequence's: RWKV-5/6/7 keep a
+        head-size square of fp32 a head and layer, 2.3 MiB at 0.1B). The new state it writes is not counted."""
         tensors = [t for name, t in self.model.named_parameters() if name != "emb.weight"]
         tensors += [t for _, t in self.model.named_buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) + self.model.emb.weight[0].nbytes
+        return (sum(t.numel() * t.element_size() for t in tensors) + self.model.emb.weight[0].nbytes
+                + self.model.zero_state(1).nbytes)
 
 
 def read_bandwidth(nbytes: int, reps: int = 15, buffer: torch.Tensor | None = None) -> float:

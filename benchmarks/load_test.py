@@ -36,8 +36,10 @@ What it promises:
   included), the whole turn, and the engine's own TTFT from the stats line; p50/p95 (nearest rank). Throughput:
   new tokens (from the stats lines) over the wall time (aggregate), and per user: each answered turn's new
   tokens after its first over the time from its first streamed token to its end, p50 and p5 (the slowest
-  users). Nothing is asserted about speed: the load generator runs
-  on the same machine as the server, so on a small CPU the figures are indicative only.
+  users). The server's CPU use over the run: its and its engine processes' CPU seconds over the wall time, as
+  the cores they kept busy on average (so a server that runs on one core shows it). Nothing is asserted about
+  speed: the load generator runs on the same machine as the server, so on a small CPU the figures are indicative
+  only.
 - --soak MINUTES: each client keeps having conversations of --turns turns until the time is up; each new
   conversation is a new Gradio session (`Client.reset_session`, like a new visitor; the old one is abandoned like
   a closed tab), or `/reset` in the same session with --renew reset.
@@ -56,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -141,6 +144,40 @@ def memory_reader(pid: int):
         except psutil.NoSuchProcess:  # a child that ended meanwhile
             return 0
     return "RSS", lambda: sum(rss(member) for member in [process] + process.children(recursive=True))
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds used so far by the process and its descendants (its engine processes): from
+    /proc/PID/stat where Linux has it, else psutil; None when the process is gone. A descendant that ended before
+    the call is not counted (the engine processes live as long as the server)."""
+    if Path(f"/proc/{pid}/stat").exists():
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        try:
+            members = process_tree(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        for member in members:
+            try:
+                fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):  # a child that ended meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
+        return total
+    import psutil
+    try:
+        process = psutil.Process(pid)
+        members = [process] + process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    total = 0.0
+    for member in members:
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 class MemorySampler(threading.Thread):
@@ -509,6 +546,7 @@ def drive(url: str, pid: Optional[int], args) -> int:
 
     sampler = MemorySampler(pid)
     run = Run(started=sampler.started)
+    cpu_start = cpu_seconds(pid) if pid else None
     sampler.start()
     deadline = time.perf_counter() + args.soak * 60 if args.soak else None
     threads = [threading.Thread(target=user, args=(run, url, cid, args, counter, deadline, settings), daemon=True)
@@ -519,12 +557,15 @@ def drive(url: str, pid: Optional[int], args) -> int:
     for thread in threads:
         thread.join()
     duration = run.clock()
+    cpu_end = cpu_seconds(pid) if pid else None
     sampler.halt.set()
     sampler.join()
-    return report(run, sampler, marks, duration, args)
+    cores = (cpu_end - cpu_start) / duration if cpu_start is not None and cpu_end is not None and duration else None
+    return report(run, sampler, marks, duration, args, cores)
 
 
-def report(run: Run, sampler: MemorySampler, marks: list[float], duration: float, args) -> int:
+def report(run: Run, sampler: MemorySampler, marks: list[float], duration: float, args,
+           cores: Optional[float] = None) -> int:
     errors = Counter(t.error for t in run.turns if t.error)
     kinds = Counter(kind for kind, _ in run.violations)
     print(f"\n{args.clients} clients x {args.turns} turns"
@@ -542,10 +583,14 @@ def report(run: Run, sampler: MemorySampler, marks: list[float], duration: float
                "second half": period_figures(run, sampler, duration / 2, duration),
                "whole run": period_figures(run, sampler, 0.0, duration)}
     print("\n" + summary_table(periods))
+    if cores is not None:
+        print(f"server CPU (with its engine processes): {cores:.2f} cores busy on average over the run "
+              f"(CPU seconds / wall seconds; {os.cpu_count()} cores on this machine)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "duration_s": duration, "errors": dict(errors), "connect_retries": run.connect_retries,
-            "violations": run.violations, "memory_kind": sampler.kind, "memory_samples": sampler.samples,
+            "violations": run.violations, "server_cores_busy": cores, "memory_kind": sampler.kind,
+            "memory_samples": sampler.samples,
             "plateau": held, "verdict": verdict,
             "periods": periods, "turns": [{k: v for k, v in asdict(t).items() if k != "answer"} for t in run.turns]},
             indent=1))

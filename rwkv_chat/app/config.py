@@ -21,9 +21,11 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
                                                          as the device holds states for beside --model (up to
                                                          256 on a GPU; 8 on a CPU); a number from 1 to 256 wins
     --max-queue      RWKV_MAX_QUEUE                      auto: twice the concurrency, at least 64 waiting requests
-    --engine-processes RWKV_ENGINE_PROCESSES             1: on a CPU, serve each model from this many processes
+    --engine-processes RWKV_ENGINE_PROCESSES             auto: on a CPU, serve each model from this many processes
                                                          (1 to 64; each a copy of the model, an equal share of the
-                                                         torch threads and 8 more chats of the auto concurrency)
+                                                         torch threads and 8 more chats of the auto concurrency);
+                                                         auto: one per 4 torch threads, as many copies as half the
+                                                         available RAM holds (app/engine_factory.py)
     --data-dir       RWKV_DATA_DIR                       a Space's /data/rwkv-chat when mounted, else
                                                          ~/.cache/rwkv-chat (the conversation store lives there)
     --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
@@ -86,7 +88,8 @@ class AppConfig:
     keep_days: float = DEFAULT_KEEP_DAYS  # saved conversations unchanged for longer are deleted; 0: kept forever
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     stats_every: float = DEFAULT_STATS_EVERY  # 0: no decode statistics in the output
-    engine_processes: int = 1  # CPU models are served by this many processes (serving/engine_processes.py)
+    engine_processes: Optional[int] = None  # CPU models are served by this many processes; None: auto
+    # (engine_factory.engine_process_count settles it for each model, serving/engine_processes.py runs them)
 
     def __post_init__(self):
         if self.device not in DEVICE_CHOICES:
@@ -109,7 +112,7 @@ class AppConfig:
         if not 0 <= self.stats_every <= MAX_STATS_EVERY:  # NaN fails too
             raise ValueError(f"--stats-every must be between 0 (off) and {MAX_STATS_EVERY:g} seconds, "
                              f"got {self.stats_every}")
-        if not 1 <= self.engine_processes <= MAX_ENGINE_PROCESSES:
+        if self.engine_processes is not None and not 1 <= self.engine_processes <= MAX_ENGINE_PROCESSES:
             raise ValueError(_processes_bounds(self.engine_processes))
         if self.cors_origins and self.share:
             raise ValueError("--cors-origins and --share cannot be combined: a share link needs Gradio's own server, "
@@ -130,7 +133,7 @@ def _concurrency_bounds(value: int) -> str:
 
 def _processes_bounds(value: int) -> str:
     return (f"--engine-processes must be between 1 and {MAX_ENGINE_PROCESSES} processes serving a CPU model, "
-            f"got {value}")
+            f"or auto (one per 4 torch threads, as memory allows); got {value}")
 
 
 def _count_or_auto(name: str):
@@ -208,11 +211,12 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=float(env.get("RWKV_STATS_EVERY", DEFAULT_STATS_EVERY)),
                         help="print a line on the batched decoding (tokens/s, mean batch, where a step's time goes) "
                              "this often in seconds while chats generate (0: never)")
-    parser.add_argument("--engine-processes", dest="engine_processes", type=int,
-                        default=int(env.get("RWKV_ENGINE_PROCESSES") or 1),
-                        help="serve a model on the CPU from this many processes, each with its own copy of the model "
-                             "and an equal share of the torch threads, so that a small model's per-token work uses "
-                             "every core (GPUs keep one)")
+    parser.add_argument("--engine-processes", dest="engine_processes", type=_count_or_auto("--engine-processes"),
+                        default=_env_count(env, "RWKV_ENGINE_PROCESSES"),
+                        help=f"serve a model on the CPU from this many processes (1 to {MAX_ENGINE_PROCESSES}), each "
+                             "with its own copy of the model and an equal share of the torch threads, so that a small "
+                             "model's per-token work uses every core (default: auto, one per 4 threads as long as "
+                             "the copies take at most half the available memory; GPUs keep one)")
     return parser
 
 
@@ -243,7 +247,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
     args, _unknown = parser.parse_known_args(argv)
     if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
         parser.error(_concurrency_bounds(args.concurrency))  # a usage line and the reason, not a traceback
-    if not 1 <= args.engine_processes <= MAX_ENGINE_PROCESSES:
+    if args.engine_processes is not None and not 1 <= args.engine_processes <= MAX_ENGINE_PROCESSES:
         parser.error(_processes_bounds(args.engine_processes))
     preamble = args.preamble if args.preamble and args.preamble.strip() else None
     model = args.model or suggested_model(gpu_memory(args.device))

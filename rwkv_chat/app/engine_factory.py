@@ -14,10 +14,13 @@ Promises:
 - The operator's preamble (if any) is read once per model at load time and pinned in the engine's cache.
 - The operator's state files that fit the model (loading/state_files.py) become the engine's start states.
 - Models load on the fast path (loading.load_model(fast=True)), fp32 on a CPU included.
-- With `processes` > 1, a model on a CPU is served by that many engine processes
-  (`serving.engine_processes.EngineProcesses`), each with its own copy of the model and batcher and an equal
-  share of torch's threads: a small model's per-token Python then runs on every core (`copies(key)` says how
-  many copies a load places, for the pool's memory checks). GPUs keep one engine (one batch serves them best).
+- A model on a CPU is served by `engine_process_count` engine processes (`serving.engine_processes.EngineProcesses`)
+  when that is more than one, each with its own copy of the model and batcher and an equal share of torch's
+  threads: a small model's per-token Python then runs on every core (`copies(key)` says how many copies a load
+  places, for the pool's memory checks). `processes` None is auto: one process per THREADS_PER_PROCESS torch
+  threads, as many as AUTO_MEMORY_SHARE of the available RAM holds copies of the model (its catalog estimate; one
+  process when the model's size is unknown before it loads), settled once per model. So a 2-core machine keeps one
+  process, a 16-thread server of the 0.1B model gets four. GPUs keep one engine (one batch serves them best).
 - `recipe(key)` is the whole build as a picklable `EngineRecipe`, which is what an engine process runs (there it
   also hands the heap the load freed back and trims every TRIM_SECONDS, as the server's process does).
 - Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
@@ -33,30 +36,67 @@ from typing import Callable, Optional
 import torch
 
 from .. import limits
-from ..loading.loader import load_model
+from ..loading.loader import ModelLoadError, load_model, resolve_device_dtype
 from ..loading.state_files import StateFile
 from ..serving.batching import DEFAULT_MAX_BATCH, DecodeBatcher, WorkerTimes
 from ..serving.engine import ChatEngine
 from ..serving.engine_processes import EngineProcesses
 from ..serving.session import ChatSession
 from ..tokenizer import WorldTokenizer
-from .model_choices import ModelChoices, ModelKey
+from .model_choices import ModelChoices, ModelKey, free_memory
 from .process_memory import TRIM_SECONDS, MemoryTrimmer, trim_freed_memory
 
 CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and after its reply (the next turn)
+# --engine-processes auto: one process per this many torch threads. Measured on a 16-core Xeon (docs/PERFORMANCE.md,
+# twenty-third session), 0.1B int8, 32 users: 4 x 4 threads 2.2x the steady aggregate of 1 x 16 with one user as
+# fast as alone; 8 x 2 only 6% more than 4 x 4 for twice the memory, and a larger model's lone user is slower on
+# two threads than on four.
+THREADS_PER_PROCESS = 4
+AUTO_MEMORY_SHARE = 0.5  # auto: the copies of a model take at most this share of the RAM available at its load
+
+
+def auto_engine_processes(threads: int, model_bytes: Optional[int], available_bytes: int,
+                          limit: int = 64) -> int:
+    """--engine-processes auto for a CPU model: one process per THREADS_PER_PROCESS of `threads`, at most as many
+    copies of `model_bytes` as AUTO_MEMORY_SHARE of `available_bytes` holds, at most `limit`, at least one (and
+    one when the model's size is unknown)."""
+    if not model_bytes or model_bytes <= 0:
+        return 1
+    by_threads = threads // THREADS_PER_PROCESS
+    by_memory = int(available_bytes * AUTO_MEMORY_SHARE // model_bytes)
+    return max(1, min(by_threads, by_memory, limit))
+
+
+def engine_process_count(choice, device: str, dtype: str, setting: Optional[int],
+                         threads: Optional[int] = None, memory: Callable = free_memory) -> int:
+    """How many engine processes serve `choice` placed on `device` in `dtype` ("auto" allowed): one on a GPU;
+    on a CPU `setting`, or auto_engine_processes when it is None (torch's threads unless `threads` is given,
+    `memory("cpu")`'s available bytes)."""
+    try:
+        placed_on, placed_as = resolve_device_dtype(device, dtype)
+    except ModelLoadError:
+        return 1
+    if placed_on.type != "cpu":
+        return 1
+    if setting is not None:
+        return setting
+    threads = torch.get_num_threads() if threads is None else threads
+    return auto_engine_processes(threads, choice.memory_bytes(placed_as), memory("cpu")[0])
 
 
 class EngineFactory:
     def __init__(self, choices: ModelChoices, preamble: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH,
                  batching: bool = True, state_files: tuple[StateFile, ...] = (), stats_every: float = 0.0,
-                 processes: int = 1):
+                 processes: Optional[int] = 1, threads: Optional[int] = None, memory: Callable = free_memory):
         self.choices = choices
         self.preamble = preamble
         self.state_files = state_files
         self.max_batch = max_batch
         self.batching = batching
         self.stats_every = stats_every
-        self.processes = processes
+        self.processes = processes  # None: auto
+        self._threads, self._memory = threads, memory  # auto's inputs (tests give them)
+        self._copies: dict[ModelKey, int] = {}  # auto, settled at a key's first ask
         self._tokenizer = None
         self._lock = threading.Lock()
 
@@ -67,8 +107,13 @@ class EngineFactory:
             return self._tokenizer
 
     def copies(self, key: ModelKey) -> int:
-        """How many copies of the model a load of `key` places (one an engine process)."""
-        return self.processes if torch.device(key.device).type == "cpu" else 1
+        """How many copies of the model a load of `key` places (one an engine process): engine_process_count's,
+        settled at the key's first ask (the pool's memory check) so that its load places as many."""
+        with self._lock:
+            if key not in self._copies:
+                self._copies[key] = engine_process_count(self.choices.get(key.choice), key.device, key.dtype,
+                                                         self.processes, self._threads, self._memory)
+            return self._copies[key]
 
     def recipe(self, key: ModelKey) -> "EngineRecipe":
         choice = self.choices.get(key.choice)
@@ -81,7 +126,7 @@ class EngineFactory:
         copies = self.copies(key)
         if copies == 1:
             return recipe(progress, self.tokenizer())
-        threads = max(1, torch.get_num_threads() // copies)
+        threads = max(1, (self._threads or torch.get_num_threads()) // copies)
         progress(f"starting {copies} engine processes of {threads} threads each")
         engines = EngineProcesses(recipe, copies, threads, tokenizer=self.tokenizer(), progress=progress)
         print(f"rwkv-chat: {recipe.label}: served by {copies} engine processes of {threads} torch threads each",

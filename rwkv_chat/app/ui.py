@@ -49,7 +49,7 @@ from .conversation_codec import parsed, to_json
 from .conversation_store import STORE_FILE, ConversationStore, StoreError
 from .draining import Admission, on_sigterm
 from .display import user_text
-from .engine_factory import EngineFactory
+from .engine_factory import EngineFactory, engine_process_count
 from .model_choices import ModelChoices, ModelKey, ModelListError, describe
 from .model_pool import LoadCooldown, LoadRefused, ModelPool, chat_capacity
 from .openai_api import OpenAIApi
@@ -107,10 +107,12 @@ def build_app(config: AppConfig) -> gr.Blocks:
 
 def sized_config(config: AppConfig, choices: ModelChoices) -> AppConfig:
     """--concurrency / --max-queue "auto" settled from what the operator's model and the device hold
-    (model_pool.chat_capacity), before the batcher and the queue are built; explicit values stay."""
+    (model_pool.chat_capacity, with as many engine processes as will serve that model), before the batcher and the
+    queue are built; explicit values stay."""
     if config.concurrency is not None and config.max_queue is not None:
         return config
-    return config.sized(chat_capacity(choices.default, config.device, config.dtype, config.engine_processes))
+    processes = engine_process_count(choices.default, config.device, config.dtype, config.engine_processes)
+    return config.sized(chat_capacity(choices.default, config.device, config.dtype, processes))
 
 
 def open_store(config: AppConfig) -> ConversationStore:

@@ -344,10 +344,62 @@ def test_engine_processes_are_a_cpu_setting_counted_in_memory_and_concurrency(ma
     assert chat_capacity(choices.default, "cpu", "fp32", processes=3) == 3 * CPU_CHATS
     assert parse_config(["--engine-processes", "3"], {}).engine_processes == 3
     assert parse_config([], {"RWKV_ENGINE_PROCESSES": "2"}).engine_processes == 2
-    assert parse_config([], {}).engine_processes == 1
+    assert parse_config([], {}).engine_processes is None  # auto
+    assert parse_config(["--engine-processes", "auto"], {"RWKV_ENGINE_PROCESSES": "2"}).engine_processes is None
+    assert parse_config([], {"RWKV_ENGINE_PROCESSES": "AUTO"}).engine_processes is None
     with pytest.raises(ValueError, match="--engine-processes must be between 1 and 64 processes serving a CPU "
-                                         "model, got 0"):
+                                         "model, or auto"):
         AppConfig(engine_processes=0)
+    with pytest.raises(SystemExit):
+        parse_config(["--engine-processes", "65"], {})
+    with pytest.raises(ValueError, match="RWKV_ENGINE_PROCESSES takes a whole number or 'auto', not 'many'"):
+        parse_config([], {"RWKV_ENGINE_PROCESSES": "many"})
+
+
+def test_auto_engine_processes_follow_the_threads_and_the_memory(make_checkpoint):
+    """--engine-processes auto: one process per THREADS_PER_PROCESS torch threads, no more copies of the model than
+    AUTO_MEMORY_SHARE of the available RAM holds, one when the model's size is unknown, one on a GPU; settled once
+    per model, and the auto concurrency counts the processes that will serve the operator's model."""
+    from rwkv_chat.app.engine_factory import (AUTO_MEMORY_SHARE, THREADS_PER_PROCESS, auto_engine_processes,
+                                              engine_process_count)
+    from rwkv_chat.app.model_pool import CPU_CHATS
+    from rwkv_chat.app.ui import sized_config
+    gb = 10**9
+    assert THREADS_PER_PROCESS == 4 and AUTO_MEMORY_SHARE == 0.5
+    assert auto_engine_processes(2, 1 * gb, 100 * gb) == 1  # a 2-core Space or CI machine: one process
+    assert auto_engine_processes(7, 1 * gb, 100 * gb) == 1
+    assert auto_engine_processes(8, 1 * gb, 100 * gb) == 2
+    assert auto_engine_processes(16, 1 * gb, 100 * gb) == 4
+    assert auto_engine_processes(16, 1 * gb, 6 * gb) == 3  # three copies in half of 6 GB
+    assert auto_engine_processes(16, 4 * gb, 6 * gb) == 1  # not even one fits half: still one (the pool decides)
+    assert auto_engine_processes(16, None, 100 * gb) == 1  # a hub id whose size is unknown before it loads
+    assert auto_engine_processes(1024, 1, 100 * gb) == 64
+
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
+    choices = ModelChoices(str(path), ("none",))
+    need = choices.default.memory_bytes(torch.float32)
+    plenty = lambda device: (100 * need, 100 * need)  # noqa: E731
+    assert engine_process_count(choices.default, "cpu", "fp32", None, threads=16, memory=plenty) == 4
+    assert engine_process_count(choices.default, "cpu", "int8", None, threads=16,
+                                memory=lambda device: (5 * need, 5 * need)) == 4  # int8 copies are smaller
+    assert engine_process_count(choices.default, "cpu", "fp32", None, threads=16,
+                                memory=lambda device: (5 * need, 5 * need)) == 2
+    assert engine_process_count(choices.default, "cpu", "fp32", 3, threads=16, memory=plenty) == 3  # as set
+    assert engine_process_count(choices.default, "cuda", "bf16", None, threads=16, memory=plenty) == 1
+    assert engine_process_count(choices.default, "cuda", "bf16", 3, threads=16, memory=plenty) == 1
+
+    memory = [100 * need]
+    factory = EngineFactory(choices, processes=None, threads=16, memory=lambda device: (memory[0], memory[0]))
+    key = choices.resolve(choices.default.value, "cpu", "fp32")
+    assert factory.copies(key) == 4 and factory.copies(ModelKey(key.choice, "cuda", "bf16")) == 1
+    memory[0] = need  # settled at the first ask: the load places what the pool's memory check counted
+    assert factory.copies(key) == 4
+
+    config = AppConfig(model=str(path), device="cpu", dtype="fp32", engine_processes=3)
+    assert sized_config(config, choices).concurrency == 3 * CPU_CHATS
+    config = AppConfig(model=str(path), device="cpu", dtype="fp32")  # auto: as many as will serve it here
+    expected = engine_process_count(choices.default, "cpu", "fp32", None)
+    assert sized_config(config, choices).concurrency == expected * CPU_CHATS
 
 
 # ---------------------------------------------------------------------------------------- service
@@ -552,7 +604,7 @@ def test_gradio_runs_every_chat_the_server_can_generate_at_once(make_checkpoint)
     own 40 for the quick events."""
     from rwkv_chat.app.ui import GRADIO_DEFAULT_THREADS, build_app, worker_threads
     path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=6).path
-    config = AppConfig(model=str(path), device="cpu", concurrency=128)
+    config = AppConfig(model=str(path), device="cpu", concurrency=128, engine_processes=1)
     demo = build_app(config)
     try:
         assert worker_threads(config) == 128 + GRADIO_DEFAULT_THREADS

@@ -24,8 +24,9 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --engine-processes RWKV_ENGINE_PROCESSES             auto: on a CPU, serve each model from this many processes
                                                          (1 to 64; each a copy of the model, an equal share of the
                                                          torch threads and 8 more chats of the auto concurrency);
-                                                         auto: one per 4 torch threads, as many copies as half the
-                                                         available RAM holds (app/engine_factory.py)
+                                                         auto: for the 0.1B models in int8/int4 one per 4 torch
+                                                         threads, as many copies as half the available RAM holds;
+                                                         1 for larger models (app/engine_factory.py)
     --data-dir       RWKV_DATA_DIR                       a Space's /data/rwkv-chat when mounted, else
                                                          ~/.cache/rwkv-chat (the conversation store lives there)
     --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
@@ -133,7 +134,7 @@ def _concurrency_bounds(value: int) -> str:
 
 def _processes_bounds(value: int) -> str:
     return (f"--engine-processes must be between 1 and {MAX_ENGINE_PROCESSES} processes serving a CPU model, "
-            f"or auto (one per 4 torch threads, as memory allows); got {value}")
+            f"or auto (several for a small model on many threads, as memory allows); got {value}")
 
 
 def _count_or_auto(name: str):
@@ -215,8 +216,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=_env_count(env, "RWKV_ENGINE_PROCESSES"),
                         help=f"serve a model on the CPU from this many processes (1 to {MAX_ENGINE_PROCESSES}), each "
                              "with its own copy of the model and an equal share of the torch threads, so that a small "
-                             "model's per-token work uses every core (default: auto, one per 4 threads as long as "
-                             "the copies take at most half the available memory; GPUs keep one)")
+                             "model's per-token work uses every core (default: auto, for a 0.1B model in int8 or "
+                             "int4 one per 4 threads as long as the copies take at most half the available memory, "
+                             "else one; GPUs keep one)")
     return parser
 
 

@@ -17,10 +17,12 @@ Promises:
 - A model on a CPU is served by `engine_process_count` engine processes (`serving.engine_processes.EngineProcesses`)
   when that is more than one, each with its own copy of the model and batcher and an equal share of torch's
   threads: a small model's per-token Python then runs on every core (`copies(key)` says how many copies a load
-  places, for the pool's memory checks). `processes` None is auto: one process per THREADS_PER_PROCESS torch
-  threads, as many as AUTO_MEMORY_SHARE of the available RAM holds copies of the model (its catalog estimate; one
-  process when the model's size is unknown before it loads), settled once per model. So a 2-core machine keeps one
-  process, a 16-thread server of the 0.1B model gets four. GPUs keep one engine (one batch serves them best).
+  places, for the pool's memory checks). `processes` None is auto: for a small model (its estimate at most
+  AUTO_SMALL_MODEL_BYTES: the 0.1B models in int8 or int4, whose lone user is as fast on four threads as on
+  sixteen) one process per THREADS_PER_PROCESS torch threads, as many as AUTO_MEMORY_SHARE of the available RAM
+  holds copies of; one process for larger models (a lone user would be slower) and for models whose size is
+  unknown before they load; settled once per model. So a 2-core machine keeps one process, a 16-thread server of
+  the 0.1B int8 model gets four. GPUs keep one engine (one batch serves them best).
 - `recipe(key)` is the whole build as a picklable `EngineRecipe`, which is what an engine process runs (there it
   also hands the heap the load freed back and trims every TRIM_SECONDS, as the server's process does).
 - Load stages ("downloading …", "placing …", "preparing the CPU kernels …") go to the `progress` callback.
@@ -47,20 +49,24 @@ from .model_choices import ModelChoices, ModelKey, free_memory
 from .process_memory import TRIM_SECONDS, MemoryTrimmer, trim_freed_memory
 
 CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and after its reply (the next turn)
-# --engine-processes auto: one process per this many torch threads. Measured on a 16-core Xeon (docs/PERFORMANCE.md,
-# twenty-third session), 0.1B int8, 32 users: 4 x 4 threads 2.2x the steady aggregate of 1 x 16 with one user as
-# fast as alone; 8 x 2 only 6% more than 4 x 4 for twice the memory, and a larger model's lone user is slower on
-# two threads than on four.
+# --engine-processes auto: one process per THREADS_PER_PROCESS torch threads for a model whose estimated memory is at
+# most AUTO_SMALL_MODEL_BYTES (the 0.1B models in int8 or int4), one process for larger ones. Measured on a 16-core
+# Xeon (docs/PERFORMANCE.md, twenty-third session; load_test, 16 threads, 1 process against 4 of 4 threads): 0.1B
+# int8, 32 users: 2.2x the steady aggregate, one user alone as fast (156-241 against 159-193 tok/s); but one user
+# alone of 0.1B fp32 got 0.75x (73 against 94-104), 0.4B int8 0.8x, 1.5B int8 0.6x (26 against 41-44; 16 users:
+# 1.8x the steady aggregate): four threads stream less than a larger model's lone user reads. 8 processes of 2
+# threads gave 0.1B int8 only 6% more than 4 of 4, for twice the memory.
 THREADS_PER_PROCESS = 4
+AUTO_SMALL_MODEL_BYTES = 500_000_000
 AUTO_MEMORY_SHARE = 0.5  # auto: the copies of a model take at most this share of the RAM available at its load
 
 
 def auto_engine_processes(threads: int, model_bytes: Optional[int], available_bytes: int,
                           limit: int = 64) -> int:
-    """--engine-processes auto for a CPU model: one process per THREADS_PER_PROCESS of `threads`, at most as many
-    copies of `model_bytes` as AUTO_MEMORY_SHARE of `available_bytes` holds, at most `limit`, at least one (and
-    one when the model's size is unknown)."""
-    if not model_bytes or model_bytes <= 0:
+    """--engine-processes auto for a CPU model: one process per THREADS_PER_PROCESS of `threads` when the model's
+    estimated `model_bytes` are at most AUTO_SMALL_MODEL_BYTES, at most as many copies as AUTO_MEMORY_SHARE of
+    `available_bytes` holds, at most `limit`; one for a larger model, or one whose size is unknown."""
+    if not model_bytes or model_bytes <= 0 or model_bytes > AUTO_SMALL_MODEL_BYTES:
         return 1
     by_threads = threads // THREADS_PER_PROCESS
     by_memory = int(available_bytes * AUTO_MEMORY_SHARE // model_bytes)

@@ -356,28 +356,37 @@ def test_engine_processes_are_a_cpu_setting_counted_in_memory_and_concurrency(ma
         parse_config([], {"RWKV_ENGINE_PROCESSES": "many"})
 
 
-def test_auto_engine_processes_follow_the_threads_and_the_memory(make_checkpoint):
-    """--engine-processes auto: one process per THREADS_PER_PROCESS torch threads, no more copies of the model than
-    AUTO_MEMORY_SHARE of the available RAM holds, one when the model's size is unknown, one on a GPU; settled once
-    per model, and the auto concurrency counts the processes that will serve the operator's model."""
-    from rwkv_chat.app.engine_factory import (AUTO_MEMORY_SHARE, THREADS_PER_PROCESS, auto_engine_processes,
-                                              engine_process_count)
+def test_auto_engine_processes_follow_the_threads_the_model_and_the_memory(make_checkpoint):
+    """--engine-processes auto: for a small model one process per THREADS_PER_PROCESS torch threads, no more copies
+    than AUTO_MEMORY_SHARE of the available RAM holds; one for a larger model, one whose size is unknown, one on a
+    GPU; settled once per model, and the auto concurrency counts the processes that will serve the operator's
+    model."""
+    from rwkv_chat.app.engine_factory import (AUTO_MEMORY_SHARE, AUTO_SMALL_MODEL_BYTES, THREADS_PER_PROCESS,
+                                              auto_engine_processes, engine_process_count)
     from rwkv_chat.app.model_pool import CPU_CHATS
     from rwkv_chat.app.ui import sized_config
-    gb = 10**9
+    from rwkv_chat.loading.catalog import CATALOG
+    gb, small = 10**9, AUTO_SMALL_MODEL_BYTES
     assert THREADS_PER_PROCESS == 4 and AUTO_MEMORY_SHARE == 0.5
-    assert auto_engine_processes(2, 1 * gb, 100 * gb) == 1  # a 2-core Space or CI machine: one process
-    assert auto_engine_processes(7, 1 * gb, 100 * gb) == 1
-    assert auto_engine_processes(8, 1 * gb, 100 * gb) == 2
-    assert auto_engine_processes(16, 1 * gb, 100 * gb) == 4
-    assert auto_engine_processes(16, 1 * gb, 6 * gb) == 3  # three copies in half of 6 GB
-    assert auto_engine_processes(16, 4 * gb, 6 * gb) == 1  # not even one fits half: still one (the pool decides)
+    assert auto_engine_processes(2, small, 100 * gb) == 1  # a 2-core Space or CI machine: one process
+    assert auto_engine_processes(7, small, 100 * gb) == 1
+    assert auto_engine_processes(8, small, 100 * gb) == 2
+    assert auto_engine_processes(16, small, 100 * gb) == 4
+    assert auto_engine_processes(16, small, 6 * small) == 3  # three copies in half of six copies' worth
+    assert auto_engine_processes(16, small, small) == 1  # not even one fits half: still one (the pool decides)
+    assert auto_engine_processes(16, small + 1, 100 * gb) == 1  # a larger model: its lone user keeps every thread
     assert auto_engine_processes(16, None, 100 * gb) == 1  # a hub id whose size is unknown before it loads
     assert auto_engine_processes(1024, 1, 100 * gb) == 64
+    # which catalog models count as small: the 0.1B ones in int8 and int4, nothing larger, no fp32 or bf16 model
+    small_ones = {(entry.name, dtype) for entry in CATALOG for dtype in (torch.float32, torch.bfloat16, torch.int8)
+                  if entry.memory_bytes(dtype) <= AUTO_SMALL_MODEL_BYTES}
+    assert small_ones and all("0.1B" in name and dtype == torch.int8 for name, dtype in small_ones)
+    assert all(entry.memory_bytes(torch.int8) <= AUTO_SMALL_MODEL_BYTES for entry in CATALOG if "0.1B" in entry.name)
 
     path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=4).path
     choices = ModelChoices(str(path), ("none",))
     need = choices.default.memory_bytes(torch.float32)
+    assert need <= AUTO_SMALL_MODEL_BYTES
     plenty = lambda device: (100 * need, 100 * need)  # noqa: E731
     assert engine_process_count(choices.default, "cpu", "fp32", None, threads=16, memory=plenty) == 4
     assert engine_process_count(choices.default, "cpu", "int8", None, threads=16,

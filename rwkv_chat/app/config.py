@@ -32,7 +32,8 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --keep-days      RWKV_KEEP_DAYS                      30 (conversations unchanged longer are deleted; 0 = never)
     --drain-seconds  RWKV_DRAIN_SECONDS                  8 (on SIGTERM, how long running answers may go on)
 
-Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it. "auto" stays
+Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it. A bad value
+stops the start with a message naming the flag or variable (a usage line and exit status 2, no traceback). "auto" stays
 None in the parsed config until `AppConfig.sized(capacity)` settles it at start-up from what the operator's
 model and the device hold (`model_pool.chat_capacity`), before the page and its queue are built.
 Knows nothing of Gradio or models.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -156,6 +158,20 @@ def _env_count(env: Mapping[str, str], name: str) -> Optional[int]:
         raise ValueError(str(error)) from None
 
 
+def _env_number(env: Mapping[str, str], names: Sequence[str], default, kind=float):
+    """The first of the variables `names` that is set, as a `kind` (float or int), else `default`; ValueError naming
+    the variable when its value is not such a number."""
+    for name in names:
+        value = env.get(name)
+        if value:
+            try:
+                return kind(value)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise ValueError(f"{name} takes {what}, not {value!r}") from None
+    return default
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     on_space = bool(env.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="Chat with RWKV models (RWKV-4, 5, 6 and 7; World and G1).")
@@ -168,7 +184,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--preamble", default=env.get("RWKV_PREAMBLE"),
                         help="system text read before every conversation (its state is computed once)")
     parser.add_argument("--port", type=int,
-                        default=int(env.get("GRADIO_SERVER_PORT") or env.get("PORT") or DEFAULT_PORT))
+                        default=_env_number(env, ("GRADIO_SERVER_PORT", "PORT"), DEFAULT_PORT, int))
     parser.add_argument("--server-name", dest="server_name",
                         default=env.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1"))
     parser.add_argument("--share", action="store_true",
@@ -189,7 +205,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                              "--model); --model always "
                              "(default: all; small on a Space)")
     parser.add_argument("--load-cooldown", dest="load_cooldown", type=float,
-                        default=float(env.get("RWKV_LOAD_COOLDOWN") or (SPACE_LOAD_COOLDOWN_S if on_space else 0)),
+                        default=_env_number(env, ("RWKV_LOAD_COOLDOWN",), SPACE_LOAD_COOLDOWN_S if on_space else 0.0),
                         help="after a visitor's request loads a model, refuse other new loads for this many "
                              "seconds (models already loaded stay usable; default: 0, 300 on a Space)")
     parser.add_argument("--api-key", dest="api_key", default=env.get("RWKV_API_KEY"),
@@ -203,13 +219,13 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", dest="data_dir", default=env.get("RWKV_DATA_DIR") or str(default_data_dir(env)),
                         help="directory of the conversation store (conversations survive reloads and restarts)")
     parser.add_argument("--keep-days", dest="keep_days", type=float,
-                        default=float(env.get("RWKV_KEEP_DAYS", DEFAULT_KEEP_DAYS)),
+                        default=_env_number(env, ("RWKV_KEEP_DAYS",), DEFAULT_KEEP_DAYS),
                         help="delete saved conversations unchanged for this many days (0: keep them forever)")
     parser.add_argument("--drain-seconds", dest="drain_seconds", type=float,
-                        default=float(env.get("RWKV_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)),
+                        default=_env_number(env, ("RWKV_DRAIN_SECONDS",), DEFAULT_DRAIN_SECONDS),
                         help="on SIGTERM, how long answers being written may go on before they are stopped")
     parser.add_argument("--stats-every", dest="stats_every", type=float,
-                        default=float(env.get("RWKV_STATS_EVERY", DEFAULT_STATS_EVERY)),
+                        default=_env_number(env, ("RWKV_STATS_EVERY",), DEFAULT_STATS_EVERY),
                         help="print a line on the batched decoding (tokens/s, mean batch, where a step's time goes) "
                              "this often in seconds while chats generate (0: never)")
     parser.add_argument("--engine-processes", dest="engine_processes", type=_count_or_auto("--engine-processes"),
@@ -245,7 +261,11 @@ def gpu_memory(device: str) -> Optional[int]:
 def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> AppConfig:
     """Flags from `argv` (default: sys.argv[1:]) over variables from `env` (default: os.environ)."""
     env = os.environ if env is None else env
-    parser = _parser(env)
+    try:
+        parser = _parser(env)
+    except ValueError as error:  # an environment variable that is not a number: its name and value, no traceback
+        print(f"{Path(sys.argv[0]).name or 'rwkv-chat'}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     args, _unknown = parser.parse_known_args(argv)
     if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
         parser.error(_concurrency_bounds(args.concurrency))  # a usage line and the reason, not a traceback

@@ -70,10 +70,27 @@ def test_concurrency_and_queue_default_to_auto_and_an_explicit_value_wins_or_is_
         assert "--concurrency must be between 1 and 256 chats" in capsys.readouterr().err
         with pytest.raises(ValueError, match=f"--concurrency must be between 1 and 256 .*got {value}"):
             AppConfig(concurrency=int(value))
-    with pytest.raises(ValueError, match="RWKV_CONCURRENCY takes a whole number or 'auto'"):
+    with pytest.raises(SystemExit):  # an environment variable too: its name and value, no traceback
         parse_config([], {"RWKV_CONCURRENCY": "many"})
+    assert "error: RWKV_CONCURRENCY takes a whole number or 'auto', not 'many'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_config(["--concurrency", "many"], {})
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("RWKV_KEEP_DAYS", "a month", "RWKV_KEEP_DAYS takes a number, not 'a month'"),
+    ("RWKV_DRAIN_SECONDS", "8s", "RWKV_DRAIN_SECONDS takes a number, not '8s'"),
+    ("RWKV_STATS_EVERY", "often", "RWKV_STATS_EVERY takes a number, not 'often'"),
+    ("RWKV_LOAD_COOLDOWN", "5m", "RWKV_LOAD_COOLDOWN takes a number, not '5m'"),
+    ("PORT", "http", "PORT takes a whole number, not 'http'"),
+    ("GRADIO_SERVER_PORT", "7860.5", "GRADIO_SERVER_PORT takes a whole number, not '7860.5'"),
+    ("RWKV_ENGINE_PROCESSES", "many", "RWKV_ENGINE_PROCESSES takes a whole number or 'auto', not 'many'"),
+])
+def test_a_bad_number_in_the_environment_names_the_variable(name, value, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_config([], {name: value})
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert parse_config([], {name: ""}) == parse_config([], {})  # an empty variable is the default
 
 
 def test_auto_concurrency_follows_the_states_the_device_holds_beside_the_model():
@@ -352,8 +369,6 @@ def test_engine_processes_are_a_cpu_setting_counted_in_memory_and_concurrency(ma
         AppConfig(engine_processes=0)
     with pytest.raises(SystemExit):
         parse_config(["--engine-processes", "65"], {})
-    with pytest.raises(ValueError, match="RWKV_ENGINE_PROCESSES takes a whole number or 'auto', not 'many'"):
-        parse_config([], {"RWKV_ENGINE_PROCESSES": "many"})
 
 
 def test_auto_engine_processes_follow_the_threads_the_model_and_the_memory(make_checkpoint):

@@ -24,8 +24,9 @@ What it promises:
   int4 runs on CPUs only.
 - On CPUs, ours rows note their decode speed against the memory ceiling measured in the same run: the bytes a
   decode step must read (every weight and constant as stored, and the state it starts from) read plainly (fp32
-  sums over a buffer that size on the same threads), as a percentage of the tokens a second that read allows. With `--rounds N` each round
-  times that read right after its decode and the note gives the median of the rounds' shares (and their range).
+  sums over a buffer that size on the same threads), as a percentage of the tokens a second that read allows.
+  With `--rounds N` each round times that read right after its decode and the note gives the median of the
+  rounds' shares (and their range).
 - Timings are medians after warm-up; device work is synchronised before each clock read. Nothing is asserted:
   this prints tables (and --json writes them). `--rounds N` (N > 1) keeps every implementation of a shape
   loaded after its first pass and times them in turn, N rounds: figures are medians over those rounds, ratios

@@ -614,8 +614,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=None, help="the server's --concurrency (default: its own)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (OMP_NUM_THREADS)")
     p.add_argument("--engine-processes", default="auto",
-                   help="the server's --engine-processes: a count, or auto (its default: one per 4 threads as "
-                        "memory allows; CPU: the threads are shared among them)")
+                   help="the server's --engine-processes: a count, or auto (its default: for a 0.1B int8/int4 "
+                        "model one per 4 threads as memory allows, else one; the threads are shared among them)")
     p.add_argument("--stats-every", type=float, default=5.0,
                    help="the server's --stats-every: its decode lines (tokens/s, mean batch, where a step's time "
                         "goes) are printed after the run")

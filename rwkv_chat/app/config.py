@@ -33,7 +33,7 @@ locally (`python app.py --model ... --port ...`) and on a Hugging Face Space (se
     --drain-seconds  RWKV_DRAIN_SECONDS                  8 (on SIGTERM, how long running answers may go on)
 
 Unknown arguments are ignored, so tools that import `app.py` with their own argv do not break it. A bad value
-stops the start with a message naming the flag or variable (a usage line and exit status 2, no traceback). "auto" stays
+stops the start with a message naming the flag or variable (exit status 2, no traceback). "auto" stays
 None in the parsed config until `AppConfig.sized(capacity)` settles it at start-up from what the operator's
 model and the device hold (`model_pool.chat_capacity`), before the page and its queue are built.
 Knows nothing of Gradio or models.

@@ -644,6 +644,8 @@ def main(argv=None) -> int:
                 return drive(app.url, app.process.pid, args)
             finally:
                 log = app.log()
+                served = [line for line in log.splitlines() if line.startswith("rwkv-chat: ") and " served by " in line]
+                print("\n" + ("\n".join(served) if served else "the server's model: one engine (no engine processes)"))
                 decode = [line for line in log.splitlines() if ": decode " in line and line.startswith("rwkv-chat: ")]
                 if decode:
                     print(f"\nthe server's batched decoding, every {args.stats_every:g} s:\n" + "\n".join(decode))

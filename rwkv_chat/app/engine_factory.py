@@ -55,7 +55,7 @@ CACHED_STATES_PER_CHAT = 2  # the state after a chat's prompt (retry, edit) and 
 # int8, 32 users: 2.2x the steady aggregate, one user alone as fast (156-241 against 159-193 tok/s); but one user
 # alone of 0.1B fp32 got 0.75x (73 against 94-104), 0.4B int8 0.8x, 1.5B int8 0.6x (26 against 41-44; 16 users:
 # 1.8x the steady aggregate): four threads stream less than a larger model's lone user reads. 8 processes of 2
-# threads gave 0.1B int8 only 6% more than 4 of 4, for twice the memory.
+# threads gave 0.1B int8 only 6% more than 4 of 4, for 1.5x the memory.
 THREADS_PER_PROCESS = 4
 AUTO_SMALL_MODEL_BYTES = 500_000_000
 AUTO_MEMORY_SHARE = 0.5  # auto: the copies of a model take at most this share of the RAM available at its load

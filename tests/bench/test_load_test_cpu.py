@@ -7,10 +7,6 @@ independent reading, of the same /proc files through another parser)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from benchmarks import load_test
@@ -19,34 +15,18 @@ psutil = pytest.importorskip("psutil")
 
 BURN_S = 0.4
 
-BURNER = textwrap.dedent(f"""
-    import subprocess, sys, time
-    child = subprocess.Popen([sys.executable, __file__, "child"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE) if sys.argv[1] == "parent" else None
-    while time.process_time() < {BURN_S}:
-        pass
-    if child is not None:
-        child.stdout.readline()
-    print("ready", flush=True)
-    sys.stdin.read()  # until the test closes it
-    if child is not None:
-        child.stdin.close()
-        child.wait()
-""")
+BURN = f"""
+import time
+while time.process_time() < {BURN_S}:
+    pass
+"""
 
 
-def test_cpu_seconds_count_the_server_and_its_engine_processes(tmp_path):
-    script = tmp_path / "burner.py"
-    script.write_text(BURNER)
-    parent = subprocess.Popen([sys.executable, str(script), "parent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert parent.stdout.readline().strip() == b"ready"
+def test_cpu_seconds_count_the_server_and_its_engine_processes(process_pair):
+    with process_pair(BURN) as parent:
         ours = load_test.cpu_seconds(parent.pid)
         members = [psutil.Process(parent.pid)] + psutil.Process(parent.pid).children(recursive=True)
         theirs = sum(m.cpu_times().user + m.cpu_times().system for m in members)
-    finally:
-        parent.stdin.close()
-        parent.wait(timeout=30)
     assert len(members) == 2
     assert ours >= 2 * BURN_S * 0.95  # both processes' burn (each at least BURN_S of process time)
     assert abs(ours - theirs) < 0.05  # both idle now: the same counters read a moment apart

@@ -7,9 +7,6 @@ RSS, which counts the shared file once a process."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,33 +18,18 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), re
 
 SHARED = 64 << 20
 
-MAPPER = textwrap.dedent("""
-    import mmap, subprocess, sys
-    path, role = sys.argv[1], sys.argv[2]
-    with open(path, "rb") as f:
-        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    total = sum(view[i] for i in range(0, len(view), 4096))  # every page resident
-    child = subprocess.Popen([sys.executable, __file__, path, "child"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE) if role == "parent" else None
-    if child is not None:
-        child.stdout.readline()
-    print("ready", flush=True)
-    sys.stdin.read()  # until the test closes it
-    if child is not None:
-        child.stdin.close()
-        child.wait()
-""")
+MAPPER = """
+import mmap
+with open(args[0], "rb") as f:
+    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+total = sum(view[i] for i in range(0, len(view), 4096))  # every page resident
+"""
 
 
-def test_shared_pages_count_once_across_the_process_tree(tmp_path):
+def test_shared_pages_count_once_across_the_process_tree(tmp_path, process_pair):
     data = tmp_path / "shared.bin"
     data.write_bytes(bytes(range(256)) * (SHARED // 256))
-    script = tmp_path / "mapper.py"
-    script.write_text(MAPPER)
-    parent = subprocess.Popen([sys.executable, str(script), str(data), "parent"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE)
-    try:
-        assert parent.stdout.readline().strip() == b"ready"
+    with process_pair(MAPPER, str(data)) as parent:
         tree = load_test.process_tree(parent.pid)
         assert len(tree) == 2 and tree[0] == parent.pid
         assert tree[1] == psutil.Process(parent.pid).children()[0].pid
@@ -58,9 +40,6 @@ def test_shared_pages_count_once_across_the_process_tree(tmp_path):
         pss = sum(m.memory_full_info().pss for m in members)
         rss = sum(m.memory_info().rss for m in members)
         again = read()
-    finally:
-        parent.stdin.close()
-        parent.wait(timeout=30)
     with pytest.raises(FileNotFoundError):  # a server that is gone: the sampler records nothing for it
         load_test.process_tree(parent.pid)
 

@@ -14,7 +14,8 @@ What this module promises:
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
   `int8_dot` names the C++ kernels' int8 and int4 products of few rows: "avx512_vnni" (integer dot products on
   int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
-  `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: VNNI without AMX.
+  `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: wherever the
+  path has AVX512-VNNI, AMX CPUs included.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all), and `prefetch_rows_below` for which weights: rows shorter than
   that many bytes (0: every row). Intel CPUs get PREFETCH_INTEL for every row: on the Xeon measured (2 cores) the
@@ -88,10 +89,13 @@ class CpuFeatures:
     @property
     def int8_gemm(self) -> bool:
         """A product of many rows with int8 or int4 weights runs on the C++ kernels' VNNI GEMM (int8 activations) here:
-        AVX512-VNNI without AMX. Measured at 2 threads, 128 rows: on a Zen 4 it ran 1.6-1.8x the widened bf16
-        GEMM; on a Xeon with AMX the widened GEMM on AMX's bf16 tiles ran as fast (328-542 GOP/s against 316-559),
-        so AMX CPUs keep it (no rounding of the activations to int8)."""
-        return self.int8_dot == "avx512_vnni" and not self.amx_bf16
+        wherever the path has AVX512-VNNI. Measured at 2 threads, 128 rows: on a Zen 4 it ran 1.6-1.8x the widened
+        bf16 GEMM; on a Xeon with AMX, whole int8 prefills (128 tokens, 2 cores, 2026-12-03) ran 1.05-1.13x the
+        widened GEMM on AMX's bf16 tiles at 0.1B and 1.00-1.05x at 1.5B (RWKV-7: 1.54x), because widening a
+        model's weights to bf16 every prefill costs memory traffic that the GEMM alone, timed on one cached matrix,
+        does not show. int4 prefills there ran within noise of the widened path (0.96-1.04x), so one rule serves
+        both."""
+        return self.int8_dot == "avx512_vnni"
 
     def capped(self, path: str) -> "CpuFeatures":
         """These features without those above `path` (PATHS order)."""

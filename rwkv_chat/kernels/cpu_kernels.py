@@ -11,7 +11,7 @@ What this module promises:
   products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
-  `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI and no AMX
+  `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI
   (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
   file. `DecodeStack(layers, version)` is every layer of a decode step in one call of the extension's
   `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it); built with its `ends` (the embedding,
@@ -215,7 +215,7 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def runs_gemm(weight: torch.Tensor) -> bool:
     """A product of many rows with this int8 or int4 (uint8) weight takes the extension's `int8_gemm` /
-    `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: VNNI, no AMX), the kernels built with
+    `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: AVX512-VNNI), the kernels built with
     their VNNI product picked (configure), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too;
     int4's are whole blocks of 64 by its format)."""
     if not (weight.dtype in (torch.int8, torch.uint8) and weight.device.type == "cpu" and weight.dim() == 2

@@ -188,7 +188,7 @@ def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot):
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
 def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot):
     """quant.linear takes the int8 GEMM for many rows of an int8 weight whose sides are multiples of 32 (on a CPU
-    without AMX: cpu_features' int8_gemm), and the widened GEMM under the AVX2 cap or for other shapes; the GEMM
+    with AVX512-VNNI: cpu_features' int8_gemm), and the widened GEMM under the AVX2 cap or for other shapes; the GEMM
     refuses what it cannot do."""
     from rwkv_chat.kernels import quant
     from rwkv_chat.kernels.cpu_features import cpu_features

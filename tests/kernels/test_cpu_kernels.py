@@ -93,16 +93,17 @@ def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
 @needs_kernels
 @pytest.mark.parametrize("path", ["avx2", detected().path])
 @pytest.mark.parametrize("n,k", [(1000, 128), (4099, 768), (770, 2688)])  # 16-row groups, rests, thread splits
-def test_each_row_of_a_batched_int8_product_has_the_bits_of_that_row_alone(int8_dot, path, n, k):
+@pytest.mark.parametrize("rows", [7, 37])  # on AVX512-VNNI: one pass or several over each 16 weight rows, rests
+def test_each_row_of_a_batched_int8_product_has_the_bits_of_that_row_alone(int8_dot, path, n, k, rows):
     """A chat's logits must not depend on how many chats share its decode step: the one-row product (its own
     loop on AVX512-VNNI) adds in the same order as the batched rows' (same bits, not only close)."""
     int8_dot(path)
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, generator=gen) / 50
-    x = torch.randn(7, k, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
     batched = cpu_kernels.linear(x, weight, scale)
-    for row in range(7):
+    for row in range(rows):
         assert torch.equal(cpu_kernels.linear(x[row:row + 1], weight, scale)[0], batched[row])
 
 

@@ -4,8 +4,9 @@
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
-//   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read once per
-//   call whatever M (rows are taken four at a time), which is what bounds a decode step. The output columns
+//   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read from memory
+//   once per call whatever M (rows are taken four at a time; on AVX512-VNNI, int8 weights 16 rows at a time, each
+//   against as many rows of x as fit in L1 beside it), which is what bounds a decode step. The output columns
 //   are split over PyTorch's intra-op threads (run_together: a layer's independent products share one
 //   region). int8 with set_int8_product(1) (AVX512-VNNI): the activations are rounded to int16 first and the
 //   sums are integer dot products (the comment above kVnniBlock: the bound). W may also be int4: uint8 [N, K/2]
@@ -279,6 +280,51 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(twos[0], twos[1], 0x88), _mm512_shuffle_ps(twos[0], twos[1], 0xDD));
 }
 
+// One weight row's lane totals against MB rows of x (lane_totals_vnni), stored as sums[m * 16].
+template <int MB, int U>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void totals_into(const int8_t* row, const int16_t* xq, int64_t K, __m512* sums) {
+  __m512 total[MB];
+  lane_totals_vnni<MB, U>(row, xq, K, total);
+  for (int m = 0; m < MB; ++m) sums[m * 16] = total[m];
+}
+
+constexpr int64_t kPanelXRows = 32;  // at most this many rows of x a pass over 16 weight rows (their totals: 32 KB)
+constexpr int64_t kPassXBytes = 24 << 10;  // ... and their int16 activations about this many bytes (in L1 with the
+                                            // weight row being read), but at least four rows
+
+// 16 consecutive weight rows (K a multiple of 32) against every row of x -> out[m, 0..16) (row stride N). Each
+// weight row is read once for up to kPanelXRows rows of x, right after the rows before it (as the one-row loop
+// reads them, so the memory streams as evenly); the lane totals, reduced sixteen at a time by lane_sums16, are
+// stored as one vector a row of x: a result has the bits of dot_row_vnni's for that row and weight row.
+// Kept out of line, so that int8_rows_vnni's one-row loop compiles as before.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
+void rows16_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
+                 int64_t N, int64_t K, int64_t ahead) {
+  const __m512 w_scale = _mm512_loadu_ps(scale);
+  const int64_t per_pass = std::clamp<int64_t>(kPassXBytes / (2 * K) / 4 * 4, 4, kPanelXRows);
+  for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
+    const int64_t rows = std::min(per_pass, M - m0);
+    __m512 sums[kPanelXRows * 16];
+    for (int r = 0; r < 16; ++r) {
+      const int8_t* row = w + r * K;
+      if (m0 == 0) prefetch_ahead(row, K, ahead);
+      const int16_t* x = xq + m0 * K;
+      int64_t m = 0;
+      for (; m + 4 <= rows; m += 4) totals_into<4, 2>(row, x + m * K, K, sums + m * 16 + r);
+      switch (rows - m) {
+        case 3: totals_into<3, 2>(row, x + m * K, K, sums + m * 16 + r); break;
+        case 2: totals_into<2, 2>(row, x + m * K, K, sums + m * 16 + r); break;
+        case 1: totals_into<1, 4>(row, x + m * K, K, sums + m * 16 + r); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m)
+      _mm512_storeu_ps(out + (m0 + m) * N, _mm512_mul_ps(_mm512_mul_ps(lane_sums16(sums + m * 16),
+                                                                       _mm512_set1_ps(step[m0 + m])), w_scale));
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t begin, int64_t end) {
@@ -296,6 +342,9 @@ void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const
                                                   _mm512_loadu_ps(scale + begin)));
     }
   }
+  if (M > 1 && K % 32 == 0)  // a batched decode step: 16 weight rows at a time (rows16_vnni)
+    for (; begin + 16 <= end; begin += 16)
+      rows16_vnni(w + begin * K, xq, step, scale + begin, out + begin, M, N, K, ahead);
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
     prefetch_ahead(row, K, ahead);

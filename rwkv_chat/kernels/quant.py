@@ -20,13 +20,12 @@ What this module promises:
   with AVX512-VNNI (cpu_kernels.gemm: the activations rounded to int8, a step per 32 columns, as llama.cpp's
   q8_0; 1.6-1.8x the widened bf16 GEMM on a Zen 4, and faster than widening to AMX's bf16 tiles on a Xeon).
   Other many-row products take PyTorch's GEMM in the dtype this CPU multiplies fastest (cpu_features.py): bf16
-  inputs where the CPU has bf16 units
-  (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM does not run (exact: |q| ≤ 127 is a
-  bf16 integer) with the row scales applied to the fp32 result, int4 ones dequantised to bf16 there (q * scale + min
-  rounded to bf16: 8 significant bits, far finer than the 4-bit steps); elsewhere bf16/fp16 weights are widened
-  to fp32 and int8/int4 ones dequantised to fp32, because a half-precision GEMM without such units is several
-  times slower than the fp32 one. int4 runs on CPUs only (`linear` refuses it elsewhere; the loader says so
-  first).
+  inputs where the CPU has bf16 units (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM
+  does not run (exact: |q| ≤ 127 is a bf16 integer) with the row scales applied to the fp32 result, int4 ones
+  dequantised to bf16 there (q * scale + min rounded to bf16: 8 significant bits, far finer than the 4-bit steps);
+  elsewhere bf16/fp16 weights are widened to fp32 and int8/int4 ones dequantised to fp32, because a half-precision
+  GEMM without such units is several times slower than the fp32 one. int4 runs on CPUs only (`linear` refuses it
+  elsewhere; the loader says so first).
 - `decode_linear` is `linear` for a batched decode step's rows (one per chat): on CPUs, an int8/int4 weight (or a
   bf16/fp16 one without units for it) streams through the C++ kernels up to STREAM_ROWS rows, not only below
   MANY_ROWS: a step reads each weight once, so widening it for a GEMM costs more than the arithmetic it saves

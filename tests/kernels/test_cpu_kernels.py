@@ -35,7 +35,7 @@ def dequantised(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tenso
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 37])
 @pytest.mark.parametrize("n,k", [(33, 40), (257, 768)])  # a k remainder after the 16-wide loop; whole blocks
 def test_rows_product_equals_pytorch(dtype, rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n)
@@ -105,6 +105,21 @@ def test_each_row_of_a_batched_int8_product_has_the_bits_of_that_row_alone(int8_
     batched = cpu_kernels.linear(x, weight, scale)
     for row in range(rows):
         assert torch.equal(cpu_kernels.linear(x[row:row + 1], weight, scale)[0], batched[row])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(1000, 128), (771, 768), (100, 40)])  # 8-row panels, rests; K not a multiple of 16
+@pytest.mark.parametrize("rows", [7, 37])  # one pass or several over each 8 weight rows, rests
+def test_each_row_of_a_batched_float_product_has_the_bits_of_that_row_alone(dtype, n, k, rows):
+    """The same for float weights (a model in fp32, bf16 or fp16): eight weight rows at a time against every chat's
+    row, their sums reduced together, give each output the bits the one-row loop gives it."""
+    gen = torch.Generator().manual_seed(n + k + rows)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen)
+    batched = cpu_kernels.linear(x, weight)
+    for row in range(rows):
+        assert torch.equal(cpu_kernels.linear(x[row:row + 1], weight)[0], batched[row])
 
 
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")

@@ -5,8 +5,9 @@
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
 //   W is fp32, bf16 or fp16 [N, K], or int8 [N, K] with an fp32 scale per row. Each weight is read from memory
-//   once per call whatever M (rows are taken four at a time; on AVX512-VNNI, int8 weights 16 rows at a time, each
-//   against as many rows of x as fit in L1 beside it), which is what bounds a decode step. The output columns
+//   once per call whatever M (for several rows of x, 8 weight rows at a time, or 16 for int8 on AVX512-VNNI, each
+//   against as many rows of x as fit in L1 beside it, four at a time; every output's sum in the one-row loop's
+//   order, so a row's result has the same bits whatever M), which is what bounds a decode step. The output columns
 //   are split over PyTorch's intra-op threads (run_together: a layer's independent products share one
 //   region). int8 with set_int8_product(1) (AVX512-VNNI): the activations are rounded to int16 first and the
 //   sums are integer dot products (the comment above kVnniBlock: the bound). W may also be int4: uint8 [N, K/2]
@@ -136,11 +137,79 @@ inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float sc
   }
 }
 
-// Weight rows [begin, end) of out[M, N] = x[M, K] · Wᵀ, four activation rows at a time.
+// The horizontal sums of 8 vectors in one, each in horizontal_sum's order (its halves added, then lanes 0 + 2 and
+// 1 + 3, then those two): a transposing tree of 7 additions. Lane j holds the sum of v[kSlotOf8[j]], so a caller
+// that puts row r's vector at v[kSlotOf8[r]] gets row r's sum in lane r.
+constexpr int kSlotOf8[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+inline __m256 lane_sums8(const __m256* v) {
+  __m256 t[4];
+  for (int i = 0; i < 4; ++i)  // [v(2i) low + high | v(2i + 1) low + high]
+    t[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  const __m256 a = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], 0x44), _mm256_shuffle_ps(t[0], t[1], 0xEE));
+  const __m256 b = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], 0x44), _mm256_shuffle_ps(t[2], t[3], 0xEE));
+  return _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+}
+
+// dot_rows' accumulators for MB rows of x against one weight row (K a multiple of 16), each row's two added: the
+// vector whose horizontal sum dot_rows takes, stored at sums[m * 8].
+template <typename W, int MB>
+inline void dot_vectors(const typename W::T* w, const float* x, int64_t K, __m256* sums) {
+  __m256 acc0[MB], acc1[MB];
+  for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256 w0 = W::load8(w + k), w1 = W::load8(w + k + 8);
+    for (int m = 0; m < MB; ++m) {
+      acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) sums[m * 8] = _mm256_add_ps(acc0[m], acc1[m]);
+}
+
+constexpr int64_t kFloatPassXBytes = 24 << 10;  // fp32 activations a pass over 8 weight rows keeps beside them
+constexpr int64_t kFloatPanelXRows = 16;  // ... at most this many rows (their vectors: 4 KB)
+
+// 8 consecutive weight rows (K a multiple of 16) against every row of x -> out[m, 0..8) (row stride N), each weight
+// row read once for as many rows of x as fit beside it, right after the row before it; dot_rows' arithmetic, its
+// horizontal sums taken eight at a time (lane_sums8) and stored as one vector: the bits dot_rows gives each output.
+template <typename W>
+__attribute__((noinline)) void rows8(const float* x, const typename W::T* w, const float* scale, float* out,
+                                     int64_t M, int64_t N, int64_t K, int64_t ahead) {
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(typename W::T));
+  const __m256 w_scale = scale ? _mm256_loadu_ps(scale) : _mm256_set1_ps(1.0f);
+  const int64_t per_pass = std::clamp<int64_t>(kFloatPassXBytes / (4 * K) / 4 * 4, 4, kFloatPanelXRows);
+  for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
+    const int64_t rows = std::min(per_pass, M - m0);
+    __m256 sums[kFloatPanelXRows * 8];
+    for (int r = 0; r < 8; ++r) {
+      const typename W::T* row = w + r * K;
+      if (m0 == 0) prefetch_ahead(row, row_bytes, ahead);
+      const float* xr = x + m0 * K;
+      __m256* slot = sums + kSlotOf8[r];
+      int64_t m = 0;
+      for (; m + 4 <= rows; m += 4) dot_vectors<W, 4>(row, xr + m * K, K, slot + m * 8);
+      switch (rows - m) {
+        case 3: dot_vectors<W, 3>(row, xr + m * K, K, slot + m * 8); break;
+        case 2: dot_vectors<W, 2>(row, xr + m * K, K, slot + m * 8); break;
+        case 1: dot_vectors<W, 1>(row, xr + m * K, K, slot + m * 8); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m)
+      _mm256_storeu_ps(out + (m0 + m) * N, _mm256_mul_ps(lane_sums8(sums + m * 8), w_scale));
+  }
+}
+
+// Weight rows [begin, end) of out[M, N] = x[M, K] · Wᵀ, four activation rows at a time (eight weight rows at a time
+// for several rows of x: rows8).
 template <typename W>
 void rows_range(const float* x, const typename W::T* w, const float* scale, float* out, int64_t M, int64_t N,
                 int64_t K, int64_t begin, int64_t end) {
   const int64_t ahead = prefetch_distance(K * static_cast<int64_t>(sizeof(typename W::T)));
+  if (M > 1 && K % 16 == 0)
+    for (; begin + 8 <= end; begin += 8)
+      rows8<W>(x, w + begin * K, scale ? scale + begin : nullptr, out + begin, M, N, K, ahead);
   for (int64_t n = begin; n < end; ++n) {
     const typename W::T* row = w + n * K;
     prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);

@@ -116,23 +116,33 @@ inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
 }
 
-// out[m, n] for MB rows of x (MB <= 4) against one weight row.
+// MB rows of x (row stride K) against one weight row over its first `whole` columns (a multiple of 16): two
+// accumulators a row, added, stored at sums[m * stride]: the vector whose horizontal sum is the row's dot product.
 template <typename W, int MB>
-inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float scale, float* out,
-                     int64_t out_stride) {
+inline void dot_vectors(const typename W::T* w, const float* x, int64_t K, int64_t whole, __m256* sums,
+                        int64_t stride) {
   __m256 acc0[MB], acc1[MB];
   for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (int64_t k = 0; k < whole; k += 16) {
     __m256 w0 = W::load8(w + k), w1 = W::load8(w + k + 8);
     for (int m = 0; m < MB; ++m) {
       acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
       acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
     }
   }
+  for (int m = 0; m < MB; ++m) sums[m * stride] = _mm256_add_ps(acc0[m], acc1[m]);
+}
+
+// out[m, n] for MB rows of x (MB <= 4) against one weight row.
+template <typename W, int MB>
+inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float scale, float* out,
+                     int64_t out_stride) {
+  const int64_t whole = K / 16 * 16;
+  __m256 v[MB];
+  dot_vectors<W, MB>(w, x, K, whole, v, 1);
   for (int m = 0; m < MB; ++m) {
-    float s = horizontal_sum(_mm256_add_ps(acc0[m], acc1[m]));
-    for (int64_t j = k; j < K; ++j) s += W::load1(w + j) * x[m * K + j];
+    float s = horizontal_sum(v[m]);
+    for (int64_t j = whole; j < K; ++j) s += W::load1(w + j) * x[m * K + j];
     out[m * out_stride] = s * scale;
   }
 }
@@ -149,22 +159,6 @@ inline __m256 lane_sums8(const __m256* v) {
   const __m256 a = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], 0x44), _mm256_shuffle_ps(t[0], t[1], 0xEE));
   const __m256 b = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], 0x44), _mm256_shuffle_ps(t[2], t[3], 0xEE));
   return _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
-}
-
-// dot_rows' accumulators for MB rows of x against one weight row (K a multiple of 16), each row's two added: the
-// vector whose horizontal sum dot_rows takes, stored at sums[m * 8].
-template <typename W, int MB>
-inline void dot_vectors(const typename W::T* w, const float* x, int64_t K, __m256* sums) {
-  __m256 acc0[MB], acc1[MB];
-  for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m256 w0 = W::load8(w + k), w1 = W::load8(w + k + 8);
-    for (int m = 0; m < MB; ++m) {
-      acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
-      acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc1[m]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) sums[m * 8] = _mm256_add_ps(acc0[m], acc1[m]);
 }
 
 constexpr int64_t kFloatPassXBytes = 24 << 10;  // fp32 activations a pass over 8 weight rows keeps beside them
@@ -188,11 +182,11 @@ __attribute__((noinline)) void rows8(const float* x, const typename W::T* w, con
       const float* xr = x + m0 * K;
       __m256* slot = sums + kSlotOf8[r];
       int64_t m = 0;
-      for (; m + 4 <= rows; m += 4) dot_vectors<W, 4>(row, xr + m * K, K, slot + m * 8);
+      for (; m + 4 <= rows; m += 4) dot_vectors<W, 4>(row, xr + m * K, K, K, slot + m * 8, 8);
       switch (rows - m) {
-        case 3: dot_vectors<W, 3>(row, xr + m * K, K, slot + m * 8); break;
-        case 2: dot_vectors<W, 2>(row, xr + m * K, K, slot + m * 8); break;
-        case 1: dot_vectors<W, 1>(row, xr + m * K, K, slot + m * 8); break;
+        case 3: dot_vectors<W, 3>(row, xr + m * K, K, K, slot + m * 8, 8); break;
+        case 2: dot_vectors<W, 2>(row, xr + m * K, K, K, slot + m * 8, 8); break;
+        case 1: dot_vectors<W, 1>(row, xr + m * K, K, K, slot + m * 8, 8); break;
         default: break;
       }
     }

@@ -1,17 +1,19 @@
-"""Triton kernels for the low-rank (LoRA) products of the RWKV-6/7 time mix in a decode step, in fp32.
+"""Triton kernels for the low-rank (LoRA) products of the RWKV-6/7 time mix in a decode step.
 
 What this module promises:
 - `LowRank.pack(firsts, seconds, parts)` stacks several LoRAs `act(x_i @ A_i) @ B_i` of one layer, each fed by
   its own input row, into two matrices: `down` [R, C] (the A_i transposed, rows concatenated) and `up` [R, N]
   (the B_i, rows concatenated). The caller's A and B parameters are re-pointed to views of them, so the weights
   are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product).
-- `LowRank.__call__(x [I, M, C] fp32)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`, with
-  act one of identity, tanh, sigmoid. For fewer than MANY_ROWS rows (a decode step of a few chats) in two
-  kernel launches whatever the number of parts (the first writes split-K partial sums, which the second adds
-  while loading); they read the weights once per row, so for more rows (a batch of many chats) the products
-  are PyTorch's GEMMs instead, one for the down product of the parts that share an input and one per part for
-  the up product, which read them once. fp32 arithmetic throughout: the same function as the PyTorch products
-  of the plain path, up to the order of the additions.
+- `LowRank.__call__(x [I, M, C] fp32, operands)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`,
+  with act one of identity, tanh, sigmoid, in two kernel launches whatever the number of parts (the first
+  writes split-K partial sums, which the second adds while loading). For fewer than MANY_ROWS rows (a decode
+  step of a few chats) the kernels multiply in fp32 and read the weights once per row. For more (a batch of many
+  chats) they are tile GEMMs that read them once for many rows, on the tensor cores of NVIDIA GPUs with TF32:
+  in 3xTF32 (about fp32's accuracy) when `operands` is fp32, in TF32 (operands rounded to 10-bit mantissas,
+  finer than the bf16 or fp16 operands of the caller's other products) when it is 16-bit; as fp32 FMAs
+  elsewhere; PyTorch's fp32 GEMMs where a part's width is not a multiple of MIN_DOT. Up to that rounding and the
+  order of the additions, the same function as the PyTorch products of the plain path.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (the tests compare them there).
 
 It knows matrices and the three activations, not which LoRA of which architecture it serves.
@@ -19,6 +21,7 @@ It knows matrices and the three activations, not which LoRA of which architectur
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +34,16 @@ IDENTITY, TANH, SIGMOID = 0, 1, 2
 MAX_BLOCK_R = 32  # rows of the down product per program
 MAX_UP_BLOCK_R = 512  # rows of a part the up product loads at once (the widest published LoRA, 480, in one tile)
 MANY_ROWS = 16  # from this many rows the products are GEMMs (the kernels re-read the weights for every row)
+MIN_DOT = 16  # the GEMMs' tiles need parts whose widths are multiples of this (else PyTorch's fp32 GEMMs)
+# the many-row GEMMs' tiles by the precision of their products (tuned on an H200 for the 7B and 1.5B LoRAs at
+# 16-256 rows): TF32 products, then 3xTF32 (three tensor-core products a tile; also the tiles of plain fp32 FMAs)
+GEMM_TILES = {
+    "tf32": ({"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+             {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}),
+    "tf32x3": ({"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+               {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}),
+}
+DOWN_PROGRAMS_PER_SM = 2  # the down GEMM splits K until its programs fill the SMs about this many times
 ACTIVATIONS = {IDENTITY: lambda h: h, TANH: torch.tanh, SIGMOID: torch.sigmoid}
 
 if AVAILABLE:
@@ -38,6 +51,17 @@ if AVAILABLE:
 
     TANH_CODE = tl.constexpr(TANH)
     SIGMOID_CODE = tl.constexpr(SIGMOID)
+
+    @triton.jit
+    def _activate(h, act):
+        """act(h) for an activation code (IDENTITY, TANH, SIGMOID)."""
+        return tl.where(act == TANH_CODE, 2.0 / (1.0 + tl.exp(-2.0 * h)) - 1.0,
+                        tl.where(act == SIGMOID_CODE, 1.0 / (1.0 + tl.exp(-h)), h))
+
+    @triton.jit
+    def _part(PARTS, p):
+        """Part p's first row, width and activation code (a row of LowRank.parts)."""
+        return tl.load(PARTS + p * 3), tl.load(PARTS + p * 3 + 1), tl.load(PARTS + p * 3 + 2)
 
     @triton.jit
     def _lora_down_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, R, K, K_PER_SPLIT,
@@ -67,9 +91,7 @@ if AVAILABLE:
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         m = tl.program_id(2)
-        start = tl.load(PARTS + p * 3)
-        length = tl.load(PARTS + p * 3 + 1)
-        act = tl.load(PARTS + p * 3 + 2)
+        start, length, act = _part(PARTS, p)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         rows = tl.arange(0, BLOCK_R)
@@ -79,10 +101,61 @@ if AVAILABLE:
             offs_r = start + r0 + rows
             w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             h = _sum_splits(H + m * stride_hm, stride_hs, n_split, offs_r, r_ok)
-            h = tl.where(act == TANH_CODE, 2.0 / (1.0 + tl.exp(-2.0 * h)) - 1.0,
-                         tl.where(act == SIGMOID_CODE, 1.0 / (1.0 + tl.exp(-h)), h))
+            h = _activate(h, act)
             acc += tl.sum(w * h[:, None], axis=0)
         tl.store(Y + p * stride_yp + m * stride_ym + offs_n, acc, mask=n_ok)
+
+    @triton.jit
+    def _lora_down_gemm_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, M, K, K_PER_SPLIT,
+                               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        """Many rows: Y[s, m, r] = sum over split s's k of X[input(r), m, k] * W[r, k], a [BLOCK_M, BLOCK_R] tile
+        a program on the tensor cores (the rows of a block share an input; R is a multiple of BLOCK_R)."""
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        x_base = X + tl.load(INPUT_OF_BLOCK + pid_r) * stride_xi + offs_m[:, None] * stride_xm
+        k_begin = pid_s * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + offs_r[None, :] * K + offs_k[:, None], mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        tl.store(Y + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_r[None, :], acc, mask=m_ok[:, None])
+
+    @triton.jit
+    def _lora_up_gemm_kernel(H, stride_hs, stride_hm, n_split, PARTS, W, Y, stride_yp, stride_ym, M, N,
+                             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """Many rows: Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n], H as split partials
+        [S, M, R]; a [BLOCK_M, BLOCK_N] tile a program on the tensor cores."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        p = tl.program_id(2)
+        start, length, act = _part(PARTS, p)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, length, BLOCK_R):
+            r_ok = r0 + rows < length
+            offs_r = start + r0 + rows
+            h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in range(n_split):
+                h += tl.load(H + s * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :],
+                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            h = _activate(h, act)
+            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        tl.store(Y + p * stride_yp + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @dataclass
@@ -141,11 +214,15 @@ class LowRank:
     def n_parts(self) -> int:
         return self.parts.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [I, M, C] fp32 (row stride any, unit column stride) -> [P, M, N] fp32."""
+    def __call__(self, x: torch.Tensor, operands: torch.dtype = torch.float32) -> torch.Tensor:
+        """x [I, M, C] fp32 (row stride any, unit column stride) -> [P, M, N] fp32. `operands`: the dtype the
+        caller's other products round their operands to; from MANY_ROWS rows on, a 16-bit one lets these
+        products round theirs to TF32 (see the module docstring)."""
         _, m, k = x.shape
         if m >= MANY_ROWS:
-            return self._products(x)
+            if self.block_r < MIN_DOT:
+                return self._products(x)
+            return self._gemms(x, _dot_precision(x.device, exact=operands == torch.float32))
         r, n = self.up.shape
         block_k = 256
         n_blocks = r // self.block_r
@@ -165,6 +242,27 @@ class LowRank:
                                                                      BLOCK_N=block_n, num_warps=8)
         return out
 
+    def _gemms(self, x: torch.Tensor, precision: str) -> torch.Tensor:
+        """__call__ for many rows: two launches of tile GEMMs (`precision`: tl.dot's input precision); the down
+        product split over K where its tiles alone would leave SMs idle."""
+        _, m, k = x.shape
+        r, n = self.up.shape
+        down, up = GEMM_TILES["tf32" if precision == "tf32" else "tf32x3"]
+        n_blocks = r // self.block_r
+        tiles = n_blocks * triton.cdiv(m, down["BLOCK_M"])
+        splits = max(1, min(DOWN_PROGRAMS_PER_SM * _sm_count(x.device) // tiles, k // (4 * down["BLOCK_K"])))
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), down["BLOCK_K"]) * down["BLOCK_K"]
+        splits = triton.cdiv(k, k_per_split)
+        hidden = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
+        _lora_down_gemm_kernel[(n_blocks, triton.cdiv(m, down["BLOCK_M"]), splits)](
+            x, x.stride(0), x.stride(1), self.down, self.input_of_block, hidden, hidden.stride(0), hidden.stride(1),
+            m, k, k_per_split, BLOCK_R=self.block_r, PRECISION=precision, **down)
+        out = torch.empty((self.n_parts, m, n), device=x.device, dtype=torch.float32)
+        _lora_up_gemm_kernel[(triton.cdiv(n, up["BLOCK_N"]), triton.cdiv(m, up["BLOCK_M"]), self.n_parts)](
+            hidden, hidden.stride(0), hidden.stride(1), splits, self.parts, self.up, out, out.stride(0),
+            out.stride(1), m, n, BLOCK_R=self.block_r, PRECISION=precision, **up)
+        return out
+
     def _products(self, x: torch.Tensor) -> torch.Tensor:
         """__call__ as PyTorch GEMMs: one down product per group of parts sharing an input, one up product a part."""
         out = torch.empty((self.n_parts, x.shape[1], self.up.shape[1]), device=x.device, dtype=torch.float32)
@@ -173,6 +271,21 @@ class LowRank:
             for p, begin, end, activation in members:
                 torch.mm(ACTIVATIONS[activation](hidden[:, begin - start:end - start]), self.up[begin:end], out=out[p])
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tf32(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def _dot_precision(device: torch.device, exact: bool) -> str:
+    """How the GEMMs' fp32 tiles multiply: on NVIDIA GPUs with TF32 (Ampere and later) in TF32, or where `exact`
+    in 3xTF32 (each operand the sum of two TF32 numbers, three tensor-core products: about fp32's accuracy);
+    elsewhere (and under the interpreter) as fp32 FMAs."""
+    if device.type == "cuda" and torch.version.cuda and _tf32(device.index if device.index is not None
+                                                              else torch.cuda.current_device()):
+        return "tf32x3" if exact else "tf32"
+    return "ieee"
 
 
 def _input_groups(parts: list[LoraPart]) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:

@@ -210,6 +210,8 @@ def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wk
     batch, width = xx.shape
     wx = torch.empty((1, batch, width), dtype=torch.float32, device=xx.device)
     mixed = torch.empty((4, batch, width), dtype=act_dtype, device=xx.device)
+    # the LoRAs keep fp32-level products in every dtype (their default operands): the decay's double exponential
+    # magnifies their rounding (TF32 ones were not measured against them here), and at ranks of 32-64 they cost little
     rwkv6_triton.dynamic_mixes(xx, prev, core.maa_lora(mixed32), core.maa, wx[0], mixed)
     k, v, r, g = project(mixed, projection)
     return rwkv6_triton.wkv6_decode(r, k, v, g, core.decay_lora(wx)[0], wkv, wkv_out, core.time_decay, core.u,

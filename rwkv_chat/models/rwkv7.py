@@ -244,7 +244,7 @@ def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_fir
     """The fused decode step's RWKV-7 time mix (see Architecture.fused_time_mix): one product for r, k, v, two
     launches for the LoRAs, one kernel for the rest (kernels/rwkv7_triton.py)."""
     r, k, v = project(mixed, projection)
-    lora = core.lora(mixed32)  # [P, B, A]
+    lora = core.lora(mixed32, act_dtype)  # [P, B, A]
     if core.first:
         (w_l, a_l, g), v_l = lora, None
         v_first = torch.empty(lora.shape[1:], dtype=torch.float32, device=lora.device)

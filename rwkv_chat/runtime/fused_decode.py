@@ -8,8 +8,9 @@ What this module promises:
   keeps the plain step).
 - `FusedDecoder.step(ids [B], shift, wkv, out=None)` -> (logits fp32 [B, V], RwkvState) is `model.decode_plain`'s
   function within the rounding of the weight dtype (fp32 arithmetic; only the matrix operands in the weight
-  dtype), the state written into `out` when given. It changes none of its inputs, synchronises nothing with the
-  host, and is captured in CUDA graphs by its runner.
+  dtype; from lora_triton.MANY_ROWS rows on, an architecture may round its LoRAs' operands to TF32 where that
+  dtype is 16-bit or int8, as RWKV-7 does), the state written into `out` when given. It changes none of its
+  inputs, synchronises nothing with the host, and is captured in CUDA graphs by its runner.
 - Per layer: one kernel for the residual add, LayerNorm and every token-shift mix (triton_kernels.ln_mix); the
   architecture's time-mix core (RWKV-7: one product for r/k/v, two LoRA launches, one kernel for everything
   else); the output product; one kernel for the channel mix's add, LayerNorm and mixes; its key (and

@@ -1,0 +1,53 @@
+"""kernels/lora_triton.py's LoRA products against float64 products of the same matrices, under Triton's interpreter
+on CPU tensors (subprocess): the few-row kernels, the many-row tile GEMMs (rows that are not a multiple of a tile,
+the down product split over K) and the PyTorch fallback for parts too narrow for a tile. On a GPU,
+tests/runtime/test_plain_graphs.py runs them inside the graphed decode step against the plain path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rwkv_chat.kernels import triton_kernels
+from runtime.triton_interpreter import run_interpreted
+
+SCRIPT = """
+    import json, sys
+    import torch
+    from torch import nn
+    from rwkv_chat.kernels import lora_triton as lt
+
+    widths, rows, width_in = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    gen = torch.Generator().manual_seed(0)
+    acts = [lt.IDENTITY, lt.TANH, lt.IDENTITY, lt.SIGMOID]
+    inputs = [0, 1, 1, 2]  # two parts share an input: one block group, as RWKV-6's token-shift LoRA has
+    parts = [lt.LoraPart(w, inputs[i], acts[i]) for i, w in enumerate(widths)]
+    firsts = [nn.Parameter(torch.randn(width_in, w, generator=gen) * 0.1) for w in widths]
+    seconds = [nn.Parameter(torch.randn(w, 48, generator=gen) * 0.1) for w in widths]
+    expected_views = [(a.detach().clone(), b.detach().clone()) for a, b in zip(firsts, seconds)]
+    low_rank = lt.LowRank.pack(firsts, seconds, parts)
+    out = {"views": all(torch.equal(a, a0) and torch.equal(b, b0)
+                        for (a, b), (a0, b0) in zip(zip(firsts, seconds), expected_views))}
+    for m in rows:
+        x = torch.randn(3, m, width_in, generator=gen)
+        want = torch.stack([lt.ACTIVATIONS[p.activation](x[p.input_row].double() @ a.double()) @ b.double()
+                            for p, (a, b) in zip(parts, expected_views)])
+        got = low_rank(x, torch.bfloat16)
+        out[str(m)] = [list(got.shape), (got.double() - want).abs().max().item() / want.abs().max().item()]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="needs Triton")
+@pytest.mark.parametrize("widths,note", [([32, 64, 32, 96], "tiles of 32 rows"),
+                                         ([8, 8, 24, 8], "parts narrower than a tile: PyTorch's GEMMs")])
+def test_lora_products_match_float64_for_few_and_many_rows(widths, note):
+    rows = [3, 16, 37]  # the few-row kernels; the GEMM path at MANY_ROWS; rows past a whole tile of 16 or 32
+    # 512 inputs: the down GEMM splits K (2 tiles against the interpreter's 8 SMs)
+    out = json.loads(run_interpreted(SCRIPT, json.dumps(widths), json.dumps(rows), "512").strip().splitlines()[-1])
+    assert out["views"], "packing changed the values the parameters show"
+    for m in rows:
+        shape, error = out[str(m)]
+        assert shape == [len(widths), m, 48]
+        assert error < 1e-5, f"{note}, {m} rows: relative error {error:.2e}"

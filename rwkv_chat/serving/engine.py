@@ -43,7 +43,7 @@ from typing import Iterator, Optional
 import torch
 
 from .. import limits
-from ..prompts import check_think, find_stop, split_reasoning
+from ..prompts import TURN_SEPARATOR, check_think, find_stop, split_reasoning
 from ..tokenizer import EOT_ID
 from .generation import DirectDecoder, Verdict
 from .sampling import PenaltyState, Sampler, SamplingParams, penalty_exempt_mask
@@ -113,6 +113,9 @@ class AnswerJudge:
         self.stream = tokenizer.stream_decoder()
         self.penalties, self.max_new_tokens, self.stop = penalties, max_new_tokens, stop
         self.stop_strings, self.turn_ends_answer = stop_strings, turn_ends_answer
+        # how far back from the text's end a stop can begin and still end in the next piece
+        longest = max([len(TURN_SEPARATOR)] * turn_ends_answer + [len(s) for s in stop_strings], default=1)
+        self._reach = max(0, longest - 1)
         self.ids: list[int] = []  # every token kept (and fed)
         self.text = ""  # their decoded text
         self.reason = "max_tokens"
@@ -128,7 +131,7 @@ class AnswerJudge:
             self.reason = "end_of_text"
             return Verdict.STOP
         piece = self.stream.push(token)
-        cut = self._find_stop(self.text + piece)
+        cut = self._find_stop(piece)
         if cut is not None:
             self.reason, self.separator = "separator", (piece, cut)
             return Verdict.STOP
@@ -137,12 +140,17 @@ class AnswerJudge:
         self.text += piece
         return Verdict.LAST if len(self.ids) == self.max_new_tokens else Verdict.FEED
 
-    def _find_stop(self, text: str) -> Optional[int]:
-        """Where the answer ends in `text`: the first turn separator (if it ends answers) or stop string."""
-        cuts = [find_stop(text)] if self.turn_ends_answer else []
-        cuts += [index for index in (text.find(s) for s in self.stop_strings) if index >= 0]
+    def _find_stop(self, piece: str) -> Optional[int]:
+        """Where the answer ends in `self.text + piece`: the first turn separator (if it ends answers) or stop
+        string. The text so far holds none (it would have ended there), so only a stop that `piece` completes can
+        be new: the search covers the piece and the text's last characters that such a stop can begin in (a
+        search of the whole text took a 4,000-token answer's judge from 3 to 11 us a token)."""
+        start = max(0, len(self.text) - self._reach)
+        window = self.text[start:] + piece
+        cuts = [find_stop(window)] if self.turn_ends_answer else []
+        cuts += [index for index in (window.find(s) for s in self.stop_strings) if index >= 0]
         cuts = [cut for cut in cuts if cut is not None]
-        return min(cuts) if cuts else None
+        return start + min(cuts) if cuts else None
 
 
 class ChatEngine:

@@ -142,6 +142,23 @@ def test_the_cpp_step_into_state_buffers_equals_decode_batch(make_checkpoint, ve
     assert_decode_into_equals_decode(model, 0.0)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8", "int4"])  # fp32 models keep the plain step
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_each_row_of_a_batched_cpp_step_has_the_bits_of_that_row_stepped_alone(make_checkpoint, version, dtype):
+    """Rows never mix and take the same operations in a batch as alone (the products of many rows, the LoRAs'
+    factors, which a batch multiplies from registers and one row streams, the heads): logits and states bit for
+    bit. n_embd 512: LoRA factors of 64 outputs and more, and of fewer."""
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=512, seed=5).path, device="cpu", dtype=dtype)
+    assert isinstance(model.runner, CpuStepRunner)
+    states = [model.forward(random_tokens(3 + i, seed=i))[1] for i in range(5)]
+    ids = torch.randint(1, 65530, (5,), generator=torch.Generator().manual_seed(5))
+    logits, state = model.decode_batch(ids, RwkvState.stack(states))
+    for row in range(5):
+        alone_logits, alone_state = model.decode_batch(ids[row:row + 1], states[row])
+        assert torch.equal(logits[row], alone_logits[0])
+        assert torch.equal(state.wkv[row], alone_state.wkv[0]) and torch.equal(state.shift[row], alone_state.shift[0])
+
+
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_a_prefill_then_decode_through_the_runner_equals_the_plain_path(make_checkpoint, version):
     path = make_checkpoint(version, n_layer=2, n_embd=128, seed=9).path

@@ -114,7 +114,8 @@ class AnswerJudge:
         self.penalties, self.max_new_tokens, self.stop = penalties, max_new_tokens, stop
         self.stop_strings, self.turn_ends_answer = stop_strings, turn_ends_answer
         # how far back from the text's end a stop can begin and still end in the next piece
-        longest = max([len(TURN_SEPARATOR)] * turn_ends_answer + [len(s) for s in stop_strings], default=1)
+        lengths = ([len(TURN_SEPARATOR)] if turn_ends_answer else []) + [len(s) for s in stop_strings]
+        longest = max(lengths, default=1)
         self._reach = max(0, longest - 1)
         self.ids: list[int] = []  # every token kept (and fed)
         self.text = ""  # their decoded text

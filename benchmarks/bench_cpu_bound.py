@@ -61,10 +61,11 @@ def ceilings(ext, threads: int) -> list[tuple[str, float, float, str]]:
     rows = []
     for name, fn, note in (
             ("fp32 FMA (vfmadd231ps), registers only", ext.fp32_fma_peak, "fp32: what MKL's GEMM can reach"),
-            ("int16 vpmaddwd + vpaddd, registers only", ext.int16_madd_peak, "the exact-enough integer product"),
+            ("int16 vpmaddwd + vpaddd, registers only", ext.int16_madd_peak,
+             "the AVX2 int8 GEMM's product (int8 values widened to int16)"),
             ("int16 4×24 GEMM micro-kernel, L1 operands", ext.int16_tile_rate, "a real int16 GEMM's best case"),
             ("8-bit vpmaddubsw + vpaddw, registers only", ext.u8s8_madd_peak,
-             "8-bit activations: fails the 98% agreement bar")):
+             "saturating 16-bit sums: a bound, not a usable product")):
         calibration = 20_000 if fn is ext.int16_tile_rate else 2_000_000
         one = best_rate(lambda n: fn(n, 1), calibration)
         every = best_rate(lambda n: fn(n, threads), calibration)

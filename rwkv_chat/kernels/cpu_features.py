@@ -88,14 +88,17 @@ class CpuFeatures:
 
     @property
     def int8_gemm(self) -> bool:
-        """A product of many rows with int8 or int4 weights runs on the C++ kernels' VNNI GEMM (int8 activations) here:
-        wherever the path has AVX512-VNNI. Measured at 2 threads, 128 rows: on a Zen 4 it ran 1.6-1.8x the widened
-        bf16 GEMM; on a Xeon with AMX, whole int8 prefills (128 tokens, 2 cores, 2026-12-03) ran 1.05-1.13x the
-        widened GEMM on AMX's bf16 tiles at 0.1B and 1.00-1.05x at 1.5B (RWKV-7: 1.54x), because widening a
-        model's weights to bf16 every prefill costs memory traffic that the GEMM alone, timed on one cached matrix,
-        does not show. int4 prefills there ran within noise of the widened path (0.96-1.04x), so one rule serves
-        both."""
-        return self.int8_dot == "avx512_vnni"
+        """A product of many rows with int8 or int4 weights runs on a C++ integer GEMM (int8 activations) here:
+        the VNNI one wherever the path has AVX512-VNNI, the AVX2 one where the path is avx2 (no AVX-512). Measured
+        at 2 threads, 128 rows: on a Zen 4 the VNNI GEMM ran 1.6-1.8x the widened bf16 GEMM; on a Xeon with AMX,
+        whole int8 prefills (128 tokens, 2 cores, 2026-12-03) ran 1.05-1.13x the widened GEMM on AMX's bf16 tiles
+        at 0.1B and 1.00-1.05x at 1.5B (RWKV-7: 1.54x), because widening a model's weights to bf16 every prefill
+        costs memory traffic that the GEMM alone, timed on one cached matrix, does not show. int4 prefills there
+        ran within noise of the widened path (0.96-1.04x), so one rule serves both. The AVX2 GEMM, on a Zen 4
+        capped to AVX2 (2 threads, 256 rows, 2026-12-03): 160-180 GOP/s int8, 215-230 int4, against 105-140 for
+        PyTorch's fp32 GEMM on the widened weights. AVX-512 CPUs without VNNI (Skylake-X) keep the widened fp32
+        GEMM: their 16-lane FMAs match the AVX2 integer products' rate, and no such CPU was at hand to measure."""
+        return self.int8_dot == "avx512_vnni" or self.path == "avx2"
 
     def capped(self, path: str) -> "CpuFeatures":
         """These features without those above `path` (PATHS order)."""
@@ -192,6 +195,7 @@ def describe() -> str:
     rows = f" (rows under {features.prefetch_rows_below:,} bytes)" if features.prefetch_rows_below else ""
     prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead{rows}" if features.prefetch_bytes
                 else "no software prefetch")
+    gemm = ("VNNI GEMM" if features.int8_dot == "avx512_vnni" else "AVX2 GEMM") if features.int8_gemm else "widened"
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
             f"int8/int4 decode products {features.int8_dot}; "
-            f"int8/int4 prefill products {'VNNI GEMM' if features.int8_gemm else 'widened'}; {prefetch}")
+            f"int8/int4 prefill products {gemm}; {prefetch}")

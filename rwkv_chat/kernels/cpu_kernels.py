@@ -11,11 +11,12 @@ What this module promises:
   products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
-  `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI
-  (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums; its error bound is in the C++
-  file. `DecodeStack(layers, version)` is every layer of a decode step in one call of the extension's
-  `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it); built with its `ends` (the embedding,
-  the two outer LayerNorms and the head), its `logits` is the whole step from token ids to logits in one call.
+  `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI, or AVX2
+  without AVX-512 (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums, the same bits on
+  either instruction set; its error bound is in the C++ file. `DecodeStack(layers, version)` is every layer of a
+  decode step in one call of the extension's `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it);
+  built with its `ends` (the embedding, the two outer LayerNorms and the head), its `logits` is the whole step from
+  token ids to logits in one call.
   It returns its refusals instead of throwing them through the binding: they are raised here, as RuntimeError.
   The extension's `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners
   and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built, and
@@ -215,16 +216,17 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def runs_gemm(weight: torch.Tensor) -> bool:
     """A product of many rows with this int8 or int4 (uint8) weight takes the extension's `int8_gemm` /
-    `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: AVX512-VNNI), the kernels built with
-    their VNNI product picked (configure), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too;
-    int4's are whole blocks of 64 by its format)."""
+    `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: AVX512-VNNI, or AVX2 without
+    AVX-512), the kernels built with the features' int8 product picked (configure: it also picks the GEMM's VNNI or
+    AVX2 tiles), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too; int4's are whole blocks of
+    64 by its format)."""
     if not (weight.dtype in (torch.int8, torch.uint8) and weight.device.type == "cpu" and weight.dim() == 2
             and weight.shape[0] % GEMM_MULTIPLE == 0 and cpu_features().int8_gemm):
         return False
     if weight.dtype == torch.int8 and weight.shape[1] % GEMM_MULTIPLE != 0:
         return False
     module = kernels()
-    return module is not None and module.int8_product() == INT8_PRODUCTS["avx512_vnni"]
+    return module is not None and module.int8_product() == INT8_PRODUCTS[cpu_features().int8_dot]
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

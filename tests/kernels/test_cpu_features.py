@@ -33,17 +33,19 @@ def test_the_variable_caps_the_features_and_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
     assert not cpu_features().native_matmul(torch.bfloat16) and cpu_features().native_matmul(torch.float32)
     assert "capped" in features_module.describe()
-    assert not cpu_features().int8_gemm
+    assert cpu_features().int8_gemm  # the AVX2 GEMM
     monkeypatch.setenv(ISA_VARIABLE, "sse9")
     with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of baseline, avx2, avx512, avx512_bf16, amx"):
         cpu_features()
 
 
-def test_int8_prefill_products_take_the_vnni_gemm_on_vnni_cpus_with_or_without_amx():
+def test_int8_prefill_products_take_a_gemm_on_vnni_cpus_and_on_avx2_cpus():
     vnni = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, avx512_bf16=True)
-    assert vnni.int8_gemm and not vnni.capped("avx2").int8_gemm
+    assert vnni.int8_gemm and vnni.int8_dot == "avx512_vnni"
     assert replace(vnni, amx_bf16=True).int8_gemm  # faster than widening to AMX's bf16 tiles (measured)
-    assert not replace(vnni, avx512_vnni=False).int8_gemm
+    assert vnni.capped("avx2").int8_gemm and vnni.capped("avx2").int8_dot == "avx2"  # the AVX2 GEMM
+    assert not replace(vnni, avx512_vnni=False).int8_gemm  # AVX-512 without VNNI: widened to fp32 (not measured)
+    assert not vnni.capped("baseline").int8_gemm
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")

@@ -155,13 +155,20 @@ def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(blocks * mult[..., None]), amax / 127.0
 
 
-@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])  # one tile of each height, several, rests
+def gemm_paths():
+    """The int8 GEMMs this machine runs, as (RWKV_CPU_ISA cap, the int8 product it picks): the AVX2 one on any CPU
+    the kernels build for, the VNNI one where the CPU has AVX512-VNNI."""
+    return [pytest.param(path, product, marks=pytest.mark.skipif(not runs, reason=f"needs {product}, a C++ compiler"))
+            for path, product, runs in (("avx2", "avx2", CAPABLE), ("avx512", "avx512_vnni", VNNI))]
+
+
+@pytest.mark.parametrize("path,product", gemm_paths())
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 37])  # one tile of each height (AVX2 2, VNNI 6), several, rests
 @pytest.mark.parametrize("n,k", [(32, 32), (64, 224), (96, 768), (160, 2688)])
-def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, rows, n, k):
+def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, path, product, rows, n, k):
     """Against float64: exactly the integer products of the rounded blocks (up to fp32 sums), and within the
     documented bound (step / 2 an activation) of the exact product of the stored weights."""
-    assert int8_dot("avx512") == "avx512_vnni"
+    assert int8_dot(path) == product
     gen = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
     x[0, :32] = 0.0  # a block of zeros: step 0
@@ -183,10 +190,10 @@ def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, rows, n, k):
         assert torch.equal(got[0], torch.zeros(n, dtype=torch.float64))
 
 
-@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
-def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot):
+@pytest.mark.parametrize("path,product", gemm_paths())
+def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot, path, product):
     """A row's result depends on that row only: the same bits alone, in a tile of any height, on any thread."""
-    assert int8_dot("avx512") == "avx512_vnni"
+    assert int8_dot(path) == product
     gen = torch.Generator().manual_seed(5)
     weight = torch.randint(-127, 128, (320, 768), generator=gen, dtype=torch.int8)
     scale = torch.rand(320, generator=gen)
@@ -202,13 +209,38 @@ def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot):
 
 
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
-def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot):
-    """quant.linear takes the int8 GEMM for many rows of an int8 weight whose sides are multiples of 32 (on a CPU
-    with AVX512-VNNI: cpu_features' int8_gemm), and the widened GEMM under the AVX2 cap or for other shapes; the GEMM
-    refuses what it cannot do."""
+@pytest.mark.parametrize("rows", [1, 2, 7, 40])
+@pytest.mark.parametrize("n,k,group", [(32, 64, 64), (96, 768, 128), (64, 2688, 384)])
+def test_the_avx2_gemms_give_the_vnni_gemms_bits(int8_dot, rows, n, k, group):
+    """The AVX2 GEMMs (int16 products for int8 weights, byte products for int4) build the same integer block sums
+    as the VNNI ones and apply the same fp32 steps in the same order: the same bits, whatever the values' signs
+    (the weights at both ends of their range, blocks of zeros and outliers)."""
+    from rwkv_chat.kernels import quant
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+    x[0, :32] = 0.0
+    x[-1, 40:45] *= 50.0
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    weight[:, :8] = torch.tensor([127, -127, 127, -127, -127, -127, 127, 127], dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 50
+    packed, groups = quant.quantize_int4(torch.randn(n, k, generator=gen), group)
+    module = cpu_kernels.kernels()
+    results = {}
+    for path in ("avx512", "avx2"):
+        int8_dot(path)
+        results[path] = (module.int8_gemm(x, weight, scale), module.int4_gemm(x, packed, groups))
+    assert torch.equal(results["avx2"][0], results["avx512"][0])
+    assert torch.equal(results["avx2"][1], results["avx512"][1])
+
+
+@pytest.mark.parametrize("path,product", gemm_paths())
+def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot, path, product):
+    """quant.linear takes the int8 GEMM for many rows of an int8 weight whose sides are multiples of 32 (where
+    cpu_features' int8_gemm says so: AVX512-VNNI, or AVX2 without AVX-512), and the widened GEMM for other shapes or
+    under the baseline cap; the GEMM refuses what it cannot do."""
     from rwkv_chat.kernels import quant
     from rwkv_chat.kernels.cpu_features import cpu_features
-    assert int8_dot("avx512") == "avx512_vnni"
+    assert int8_dot(path) == product and cpu_features().int8_gemm
     gen = torch.Generator().manual_seed(9)
     weight = torch.randint(-127, 128, (64, 96), generator=gen, dtype=torch.int8)
     scale = torch.rand(64, generator=gen)
@@ -221,10 +253,8 @@ def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot):
     assert not cpu_kernels.runs_gemm(odd) and not cpu_kernels.runs_gemm(weight[:48])
     with pytest.raises(RuntimeError, match="multiples of 32"):
         cpu_kernels.gemm(torch.randn(20, 40), odd, scale)
-    int8_dot("avx2")
+    int8_dot("baseline")
     assert not cpu_kernels.runs_gemm(weight)
-    with pytest.raises(RuntimeError, match="VNNI"):
-        cpu_kernels.gemm(x, weight, scale)
     widened = quant.linear(x, weight, scale)
     assert torch.allclose(widened, x @ (weight.float() * scale[:, None]).T, rtol=1e-2, atol=1e-1)
 

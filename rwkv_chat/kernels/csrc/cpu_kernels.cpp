@@ -18,8 +18,8 @@
 //   where set) asks for the weights that many bytes ahead of the row it reads (software prefetch: no change to any
 //   result).
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
-//   weights, on AVX512-VNNI only: the activations rounded to int8 a step per 32 columns and integer sums (the
-//   comment above kGemmBlock).
+//   weights: the activations rounded to int8 a step per 32 columns and integer sums (the comment above
+//   kGemmBlock), on AVX512-VNNI under set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8).
 // - DecodeStack(layers, version, n_att).step(...): every layer of one decode step for B sequences in one call,
 //   each layer by its version's layer step, which writes the layer's output over its input:
 //   layer45: one token of one RWKV-4 or RWKV-5 layer, the same arithmetic as runtime/fast_path.py's
@@ -48,6 +48,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -762,18 +763,196 @@ template <bool INT4>
 constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr, gemm_tile<1, INT4>, gemm_tile<2, INT4>, gemm_tile<3, INT4>,
                                                 gemm_tile<4, INT4>, gemm_tile<5, INT4>, gemm_tile<6, INT4>};
 
+// The same GEMM on AVX2 alone (every x86 CPU this file runs on; picked where the int8 product is AVX2's), with the
+// same integers: each row's blocks rounded exactly as quantize_row_u8 rounds them, but kept signed, and the same
+// block sums Σ q·w in int32, so the fp32 steps that follow, in the same order, give the VNNI GEMM's bits.
+// int8 weights: the activations are stored as int16 and the weights widened to int16 in the panel, and vpmaddwd
+// multiplies two columns a 32-bit lane (|q·w| ≤ 127 · 128: exact). int4 weights (q 0..15) stay bytes: vpmaddubsw
+// multiplies them (unsigned) by the int8 activations into 16-bit pair sums of at most 2 · 15 · 127 (no saturation)
+// and vpmaddwd against ones adds the pairs into int32 lanes. Either way two multiplier instructions do 32 products,
+// where fp32 takes four FMAs. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
+// third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's (noisy VM).
+constexpr int64_t kPanelBytesAvx2 = 2 * kPanelRows;  // a panel's bytes a column: int16 weights (int4: half used)
+
+template <typename T>  // int8_t (int4 weights) or int16_t (int8 weights)
+void quantize_row_s8(const float* x, int64_t K, T* xq, float* step, float* sums) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / kGemmBlock; ++b) {
+    const float* in = x + b * kGemmBlock;
+    __m256 v[4], top4 = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(in + 8 * i);
+      top4 = _mm256_max_ps(top4, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 top2 = _mm_max_ps(_mm256_castps256_ps128(top4), _mm256_extractf128_ps(top4, 1));
+    top2 = _mm_max_ps(top2, _mm_movehl_ps(top2, top2));
+    const float top = _mm_cvtss_f32(_mm_max_ss(top2, _mm_movehdup_ps(top2)));
+    const __m256 mult = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], mult));
+    const __m256i low = _mm256_packs_epi32(q[0], q[1]), high = _mm256_packs_epi32(q[2], q[3]);  // lanes interleaved
+    __m256i* out = reinterpret_cast<__m256i*>(xq + b * kGemmBlock);
+    if constexpr (sizeof(T) == 2) {
+      _mm256_storeu_si256(out, _mm256_permute4x64_epi64(low, 0xd8));
+      _mm256_storeu_si256(out + 1, _mm256_permute4x64_epi64(high, 0xd8));
+    } else {
+      _mm256_storeu_si256(out, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), order));
+    }
+    step[b] = top / 127.0f;
+    if (sums != nullptr) {
+      const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+      sums[b] = step[b] * static_cast<float>(_mm_cvtsi128_si32(h));
+    }
+  }
+}
+
+// 8 vectors of 8 int32 (rows) -> their transpose, in place: v[j] holds element j of every input row.
+inline void transpose8(__m256i* v) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + j]: rows i .. i + 3 at elements j and 4 + j
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    v[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
+// kPanelRows rows of W [., K] -> packed, one 32-bit lane a row and L columns (L = 4 bytes, or WIDEN: L = 2 columns
+// widened to int16), [K/L][kPanelRows] lanes: 8 rows by 8 lanes at a time (transpose8).
+template <bool WIDEN>
+void pack_panel_avx2(const int8_t* w, int64_t K, int8_t* packed) {
+  constexpr int64_t L = WIDEN ? 2 : 4;
+  const int64_t lanes = K / L;
+  int32_t* out = reinterpret_cast<int32_t*>(packed);
+  for (int64_t group = 0; group < kPanelRows / 8; ++group) {
+    const int8_t* rows = w + group * 8 * K;
+    int64_t q = 0;
+    for (; q + 8 <= lanes; q += 8) {
+      __m256i v[8];
+      for (int i = 0; i < 8; ++i) {
+        const int8_t* at = rows + i * K + L * q;
+        v[i] = WIDEN ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)))
+                     : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+      }
+      transpose8(v);
+      for (int j = 0; j < 8; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (q + j) * kPanelRows + group * 8), v[j]);
+    }
+    for (; q < lanes; ++q)
+      for (int r = 0; r < 8; ++r) {
+        const int8_t* at = rows + r * K + L * q;
+        int32_t lane;
+        if constexpr (WIDEN) {
+          const int16_t pair[2] = {at[0], at[1]};
+          std::memcpy(&lane, pair, 4);
+        } else {
+          std::memcpy(&lane, at, 4);
+        }
+        out[q * kPanelRows + group * 8 + r] = lane;
+      }
+  }
+}
+
+// MT rows of x (quantize_row_s8's: int16 for int8 weights, int8 for int4) against one packed panel -> out[t, 0 ..
+// kPanelRows): gemm_tile's arithmetic (the same block sums, the same fp32 steps in the same order) in 8-lane vectors.
+// (Cutting K into chunks whose panel part stays in L1 across the tiles measured the same on a Zen 4.)
+template <int MT, bool INT4>
+void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
+  constexpr int V = kPanelRows / 8;
+  constexpr int L = INT4 ? 4 : 2;  // columns a 32-bit lane
+  using Act = std::conditional_t<INT4, int8_t, int16_t>;
+  const Act* xq = reinterpret_cast<const Act*>(x.xq);
+  const int64_t blocks = x.K / kGemmBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[MT][V];
+  for (int t = 0; t < MT; ++t)
+    for (int v = 0; v < V; ++v) total[t][v] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i acc[MT][V];
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_si256();
+    const int8_t* panel = p.packed + b * kGemmBlock * 4 / L * kPanelRows;
+#pragma GCC unroll 4
+    for (int q = 0; q < kGemmBlock / L; ++q) {
+      __m256i a[MT];  // the row's L activations of these columns, in every lane
+      for (int t = 0; t < MT; ++t) {
+        int32_t lane;
+        std::memcpy(&lane, xq + t * x.K + b * kGemmBlock + q * L, 4);
+        a[t] = _mm256_set1_epi32(lane);
+      }
+      for (int v = 0; v < V; ++v) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 4 * kPanelRows + 32 * v));
+        for (int t = 0; t < MT; ++t) {
+          const __m256i sums = INT4 ? _mm256_madd_epi16(_mm256_maddubs_epi16(w, a[t]), ones)
+                                    : _mm256_madd_epi16(a[t], w);
+          acc[t][v] = _mm256_add_epi32(acc[t][v], sums);
+          asm("" : "+x"(acc[t][v]));  // keeps the sum in its register, in order (GCC otherwise stores every term)
+        }
+      }
+    }
+    if constexpr (INT4) {
+      const int64_t g = b / p.group_blocks;
+      for (int t = 0; t < MT; ++t) {
+        const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]), sum = _mm256_set1_ps(x.sums[t * blocks + b]);
+        for (int v = 0; v < V; ++v) {
+          const __m256 scale = _mm256_loadu_ps(p.group_scales + g * kPanelRows + 8 * v);
+          const __m256 min = _mm256_loadu_ps(p.group_mins + g * kPanelRows + 8 * v);
+          total[t][v] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[t][v]), s), scale, total[t][v]);
+          total[t][v] = _mm256_fmadd_ps(min, sum, total[t][v]);
+        }
+      }
+    } else {
+      for (int t = 0; t < MT; ++t) {
+        const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]);
+        for (int v = 0; v < V; ++v) total[t][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), s, total[t][v]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int v = 0; v < V; ++v) {
+      const __m256 result = INT4 ? total[t][v] : _mm256_mul_ps(total[t][v], _mm256_loadu_ps(p.scale + 8 * v));
+      _mm256_storeu_ps(out + t * N + 8 * v, result);
+    }
+}
+
+constexpr int kTileRowsAvx2 = 2;  // 3 and 4 rows spill accumulators and measured slower on a Zen 4
+template <bool INT4>
+constexpr GemmTile kGemmTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, INT4>, gemm_tile_avx2<2, INT4>};
+
 // x [M, K] against every panel of an [N, K] weight: prepare(n0, panel) packs the panel of rows n0 .. n0 + 31 (into
-// buffers it owns, one set a thread) and fills `panel`. The rows of x are quantised once, panels split over
-// PyTorch's intra-op threads.
-template <bool INT4, typename Prepare>
+// buffers it owns, one set a thread; pack_panel for the VNNI tiles, pack_panel_avx2 for the AVX2 ones) and fills
+// `panel`. The rows of x are quantised once, panels split over PyTorch's intra-op threads. VNNI picks the tiles.
+template <bool INT4, bool VNNI, typename Prepare>
 void run_gemm(const float* x, int64_t M, int64_t K, int64_t N, float* out, Prepare prepare) {
+  constexpr int64_t tile_rows = VNNI ? kTileRows : kTileRowsAvx2;
+  constexpr int64_t width = VNNI || INT4 ? 1 : 2;  // bytes an activation: int16 for the AVX2 int8 tiles
   const int64_t blocks = K / kGemmBlock;
-  std::vector<uint8_t> xq(M * K);
+  std::vector<uint8_t> xq(M * K * width);
   std::vector<float> step(M * blocks), sums(INT4 ? M * blocks : 0);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      quantize_row_u8(x + m * K, K, xq.data() + m * K, step.data() + m * blocks,
-                      INT4 ? sums.data() + m * blocks : nullptr);
+    for (int64_t m = begin; m < end; ++m) {
+      float* row_sums = INT4 ? sums.data() + m * blocks : nullptr;
+      if constexpr (VNNI)
+        quantize_row_u8(x + m * K, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
+      else if constexpr (INT4)
+        quantize_row_s8(x + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks,
+                        row_sums);
+      else
+        quantize_row_s8(x + m * K, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
+                        row_sums);
+    }
   });
   at::parallel_for(0, N / kPanelRows, 1, [&](int64_t first, int64_t last) {
     GemmPanel panel{};
@@ -781,10 +960,12 @@ void run_gemm(const float* x, int64_t M, int64_t K, int64_t N, float* out, Prepa
     for (int64_t index = first; index < last; ++index) {
       const int64_t n0 = index * kPanelRows;
       prepare(n0, buffers, panel);
-      for (int64_t m = 0; m < M; m += kTileRows) {
-        const int64_t rows = std::min<int64_t>(kTileRows, M - m);
-        const GemmRows tile{xq.data() + m * K, step.data() + m * blocks, INT4 ? sums.data() + m * blocks : nullptr, K};
-        kGemmTiles<INT4>[rows](tile, panel, out + m * N + n0, N);
+      for (int64_t m = 0; m < M; m += tile_rows) {
+        const int64_t rows = std::min<int64_t>(tile_rows, M - m);
+        const GemmRows tile{xq.data() + m * K * width, step.data() + m * blocks,
+                            INT4 ? sums.data() + m * blocks : nullptr, K};
+        const GemmTile* tiles = VNNI ? kGemmTiles<INT4> : kGemmTilesAvx2<INT4>;
+        tiles[rows](tile, panel, out + m * N + n0, N);
       }
     }
   });
@@ -2102,22 +2283,20 @@ torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tens
   return out;
 }
 
-// What both GEMMs refuse (the operands as every product checks them, the weight's dtype, the VNNI product not
-// picked, rows or columns in part panels or blocks), and their output [M, N] (not initialised: every tile writes
-// its part).
+// What both GEMMs refuse (the operands as every product checks them, the weight's dtype, rows or columns in part
+// panels or blocks), and their output [M, N] (not initialised: every tile writes its part).
 torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                           torch::ScalarType dtype, const std::string& name) {
   check_operands(x, w, scale);
   if (w.scalar_type() != dtype) refuse(name + ": " + (dtype == torch::kInt8 ? "int8" : "int4 (uint8)") + " weights only");
-  if (g_int8_product.load() != kInt8Vnni) refuse(name + ": needs the AVX512-VNNI product (set_int8_product(1))");
   if (x.size(1) % kGemmBlock != 0 || w.size(0) % kPanelRows != 0)
     refuse(name + ": K and N must be multiples of 32");
   return torch::empty({x.size(0), w.size(0)}, x.options());
 }
 
 // The int8 GEMM above, for a prefill's many rows: x fp32 [M, K], w int8 [N, K] with its fp32 scale per row; K and N
-// multiples of 32; only under set_int8_product(1) (the CPU has AVX512-VNNI). Panels of W are split over PyTorch's
-// intra-op threads.
+// multiples of 32; on the VNNI tiles under set_int8_product(1), else on the AVX2 ones (the same bits). Panels of W
+// are split over PyTorch's intra-op threads.
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   torch::Tensor out = gemm_output(x, w, scale, torch::kInt8, "cpu_kernels.int8_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -2126,16 +2305,23 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
     const int8_t* w;
     const float* scale;
     int64_t K;
+    bool vnni;
     std::pair<std::vector<int8_t>, std::vector<int32_t>> buffers() const {
-      return {std::vector<int8_t>(kPanelRows * K), std::vector<int32_t>(kPanelRows * (K / kGemmBlock))};
+      return {std::vector<int8_t>(kPanelBytesAvx2 * K), std::vector<int32_t>(kPanelRows * (K / kGemmBlock))};
     }
     void operator()(int64_t n0, std::pair<std::vector<int8_t>, std::vector<int32_t>>& b, GemmPanel& panel) const {
-      pack_panel(w + n0 * K, K, b.first.data(), b.second.data());
+      if (vnni)
+        pack_panel(w + n0 * K, K, b.first.data(), b.second.data());
+      else
+        pack_panel_avx2<true>(w + n0 * K, K, b.first.data());
       panel = {b.first.data(), b.second.data(), scale + n0, nullptr, nullptr, 1};
     }
   };
-  run_gemm<false>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(),
-                  Prepare{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K});
+  const Prepare prepare{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K, g_int8_product.load() == kInt8Vnni};
+  if (prepare.vnni)
+    run_gemm<false, true>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
+  else
+    run_gemm<false, false>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
   return out;
 }
 
@@ -2159,6 +2345,7 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
     const uint8_t* w;
     const uint16_t* groups;
     int64_t K, n_groups;
+    bool vnni;
     Buffers buffers() const {
       return {std::vector<int8_t>(kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
               std::vector<int32_t>(kPanelRows * (K / kGemmBlock)), std::vector<float>(kPanelRows * n_groups),
@@ -2181,12 +2368,19 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
           b.mins[i * kPanelRows + r] = _cvtsh_ss(g[n_groups + i]);
         }
       }
-      pack_panel(b.rows.data(), K, b.packed.data(), b.neg.data());
+      if (vnni)
+        pack_panel(b.rows.data(), K, b.packed.data(), b.neg.data());
+      else
+        pack_panel_avx2<false>(b.rows.data(), K, b.packed.data());
       panel = {b.packed.data(), b.neg.data(), nullptr, b.scales.data(), b.mins.data(), K / n_groups / kGemmBlock};
     }
   };
-  run_gemm<true>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(),
-                 Prepare{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(groups.data_ptr()), K, n_groups});
+  const Prepare prepare{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(groups.data_ptr()), K, n_groups,
+                        g_int8_product.load() == kInt8Vnni};
+  if (prepare.vnni)
+    run_gemm<true, true>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
+  else
+    run_gemm<true, false>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
   return out;
 }
 

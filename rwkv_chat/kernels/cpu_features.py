@@ -94,9 +94,10 @@ class CpuFeatures:
         whole int8 prefills (128 tokens, 2 cores, 2026-12-03) ran 1.05-1.13x the widened GEMM on AMX's bf16 tiles
         at 0.1B and 1.00-1.05x at 1.5B (RWKV-7: 1.54x), because widening a model's weights to bf16 every prefill
         costs memory traffic that the GEMM alone, timed on one cached matrix, does not show. int4 prefills there
-        ran within noise of the widened path (0.96-1.04x), so one rule serves both. The AVX2 GEMM, on a Zen 4
-        capped to AVX2 (2 threads, 256 rows, 2026-12-03): 160-180 GOP/s int8, 215-230 int4, against 105-140 for
-        PyTorch's fp32 GEMM on the widened weights. AVX-512 CPUs without VNNI (Skylake-X) keep the widened fp32
+        ran within noise of the widened path (0.96-1.04x), so one rule serves both. The AVX2 GEMM on a Zen 4
+        (2 threads, 256 rows, 2026-12-03): 160-180 GOP/s int8, 215-230 int4, against 105-140 for PyTorch's fp32
+        GEMM on the widened weights (MKL not capped); whole 0.1B int8 prefills with everything capped to AVX2
+        1.4-1.5x faster than widening (docs/PERFORMANCE.md). AVX-512 CPUs without VNNI (Skylake-X) keep the widened fp32
         GEMM: their 16-lane FMAs match the AVX2 integer products' rate, and no such CPU was at hand to measure."""
         return self.int8_dot == "avx512_vnni" or self.path == "avx2"
 

@@ -830,16 +830,16 @@ inline void transpose8(__m256i* v) {
 }
 
 // kPanelRows rows of W [., K] -> packed, one 32-bit lane a row and L columns (L = 4 bytes, or WIDEN: L = 2 columns
-// widened to int16), [K/L][kPanelRows] lanes: 8 rows by 8 lanes at a time (transpose8).
+// widened to int16), [K/L][kPanelRows] lanes: 8 rows by 8 lanes at a time (transpose8; K is a multiple of
+// kGemmBlock, so K/L of 8).
 template <bool WIDEN>
 void pack_panel_avx2(const int8_t* w, int64_t K, int8_t* packed) {
   constexpr int64_t L = WIDEN ? 2 : 4;
-  const int64_t lanes = K / L;
+  static_assert(kGemmBlock % (8 * L) == 0, "whole groups of 8 lanes");
   int32_t* out = reinterpret_cast<int32_t*>(packed);
   for (int64_t group = 0; group < kPanelRows / 8; ++group) {
     const int8_t* rows = w + group * 8 * K;
-    int64_t q = 0;
-    for (; q + 8 <= lanes; q += 8) {
+    for (int64_t q = 0; q < K / L; q += 8) {
       __m256i v[8];
       for (int i = 0; i < 8; ++i) {
         const int8_t* at = rows + i * K + L * q;
@@ -850,18 +850,6 @@ void pack_panel_avx2(const int8_t* w, int64_t K, int8_t* packed) {
       for (int j = 0; j < 8; ++j)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (q + j) * kPanelRows + group * 8), v[j]);
     }
-    for (; q < lanes; ++q)
-      for (int r = 0; r < 8; ++r) {
-        const int8_t* at = rows + r * K + L * q;
-        int32_t lane;
-        if constexpr (WIDEN) {
-          const int16_t pair[2] = {at[0], at[1]};
-          std::memcpy(&lane, pair, 4);
-        } else {
-          std::memcpy(&lane, at, 4);
-        }
-        out[q * kPanelRows + group * 8 + r] = lane;
-      }
   }
 }
 

@@ -111,7 +111,7 @@ def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows)
     features = cpu_features()
     many = rows >= quant.MANY_ROWS
     few_in_kernels = not many and cpu_kernels.handles(x, weight)
-    int8_gemm = dtype == torch.int8 and many and features.int8_gemm  # the VNNI GEMM: int8 activations
+    int8_gemm = dtype == torch.int8 and many and features.int8_gemm  # the integer GEMM: int8 activations
     on_units = many and not int8_gemm and (
         (dtype in (torch.bfloat16, torch.int8) and features.native_matmul(torch.bfloat16))
         or (dtype == torch.float16 and features.native_matmul(torch.float16)))

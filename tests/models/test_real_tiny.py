@@ -122,9 +122,9 @@ INT4_BOUNDS = {"rwkv4-tiny-660K": (0.97, 0.03), "rwkv5.2-tiny-730K": (0.82, 0.3)
 
 @pytest.mark.parametrize("name", MODELS)
 def test_int4_keeps_the_measured_share_of_the_fp32_argmax(name):
-    """Prefill (the VNNI GEMM where it runs, else the weights widened per call; kernels/quant.py) and token by token
-    through the decode step (the int4 products on int8 activations, kernels/cpu_kernels.py), against the fp32
-    prefill's logits at every position."""
+    """Prefill (the integer GEMM, VNNI or AVX2, where it runs, else the weights widened per call; kernels/quant.py)
+    and token by token through the decode step (the int4 products on int8 activations, kernels/cpu_kernels.py),
+    against the fp32 prefill's logits at every position."""
     agreement_bound, delta_bound = INT4_BOUNDS[name]
     fp32 = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="fp32").forward(STORY_IDS, all_logits=True)[0]
     model = load_model(REAL_TINY / f"{name}.pth", device="cpu", dtype="int4")

@@ -448,33 +448,44 @@ struct Int4Rows {  // a call's activations, as every int4 row product reads them
   int64_t K, G;
 };
 
+// One block of B fp32 activations (B a multiple of 8) -> out (int8 values, stored as T: int8_t or int16_t), rounded
+// half to even to multiples of the block's step max|x| / 127 (the multiplier 127 / max|x| in fp32; all zeros when
+// max|x| is 0). Returns the step; *sum = step · Σ q. The int4 decode products' blocks of 64 and the AVX2 GEMM's
+// blocks of 32 (quantize_row_s8) round their activations here.
+template <int64_t B, typename T>
+inline float quantize_block(const float* in, T* out, float* sum) {
+  static_assert(B % 8 == 0, "whole vectors");
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t k = 0; k < B; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(in + k)));
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  const float top = std::max(_mm_cvtss_f32(a), _mm_cvtss_f32(_mm_movehdup_ps(a)));
+  const __m256 mult = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  __m256i total = _mm256_setzero_si256();
+  for (int64_t k = 0; k < B; k += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(in + k), mult));  // half to even
+    total = _mm256_add_epi32(total, q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    if constexpr (sizeof(T) == 2)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), q16);
+    else
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
+  }
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  const float step = top / 127.0f;
+  *sum = step * static_cast<float>(_mm_cvtsi128_si32(h));
+  return step;
+}
+
 // x rows [M, K] -> int8 blocks of 64 (xq), their steps, and their step · Σ xq (bsum) (K a multiple of 64).
 void quantize_blocks_int8(const float* x, int64_t M, int64_t K, int8_t* xq, float* step, float* bsum) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / kInt4Block; ++b) {
-      const float* in = x + m * K + b * kInt4Block;
-      int8_t* out = xq + m * K + b * kInt4Block;
-      __m256 amax = _mm256_setzero_ps();
-      for (int64_t k = 0; k < kInt4Block; k += 8)
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(in + k)));
-      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-      const float top = std::max(_mm_cvtss_f32(a), _mm_cvtss_f32(_mm_movehdup_ps(a)));
-      const __m256 mult = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      __m256i sum = _mm256_setzero_si256();
-      for (int64_t k = 0; k < kInt4Block; k += 8) {
-        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(in + k), mult));  // half to even
-        sum = _mm256_add_epi32(sum, q);
-        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
-      }
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
       const int64_t at = m * (K / kInt4Block) + b;
-      step[at] = top / 127.0f;
-      bsum[at] = step[at] * static_cast<float>(_mm_cvtsi128_si32(s));
+      step[at] = quantize_block<kInt4Block>(x + m * K + b * kInt4Block, xq + m * K + b * kInt4Block, &bsum[at]);
     }
 }
 
@@ -774,39 +785,14 @@ constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr, gemm_tile<1, INT4>, gem
 // third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's (noisy VM).
 constexpr int64_t kPanelBytesAvx2 = 2 * kPanelRows;  // a panel's bytes a column: int16 weights (int4: half used)
 
-template <typename T>  // int8_t (int4 weights) or int16_t (int8 weights)
+// One row of x (K a multiple of kGemmBlock) -> xq as T (int8_t for int4 weights, int16_t for int8 ones), a step a
+// block and, where `sums` is given, each block's step · Σ q: quantize_row_u8's values, signed (quantize_block).
+template <typename T>
 void quantize_row_s8(const float* x, int64_t K, T* xq, float* step, float* sums) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < K / kGemmBlock; ++b) {
-    const float* in = x + b * kGemmBlock;
-    __m256 v[4], top4 = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(in + 8 * i);
-      top4 = _mm256_max_ps(top4, _mm256_andnot_ps(sign, v[i]));
-    }
-    __m128 top2 = _mm_max_ps(_mm256_castps256_ps128(top4), _mm256_extractf128_ps(top4, 1));
-    top2 = _mm_max_ps(top2, _mm_movehl_ps(top2, top2));
-    const float top = _mm_cvtss_f32(_mm_max_ss(top2, _mm_movehdup_ps(top2)));
-    const __m256 mult = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-    __m256i q[4];
-    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], mult));
-    const __m256i low = _mm256_packs_epi32(q[0], q[1]), high = _mm256_packs_epi32(q[2], q[3]);  // lanes interleaved
-    __m256i* out = reinterpret_cast<__m256i*>(xq + b * kGemmBlock);
-    if constexpr (sizeof(T) == 2) {
-      _mm256_storeu_si256(out, _mm256_permute4x64_epi64(low, 0xd8));
-      _mm256_storeu_si256(out + 1, _mm256_permute4x64_epi64(high, 0xd8));
-    } else {
-      _mm256_storeu_si256(out, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), order));
-    }
-    step[b] = top / 127.0f;
-    if (sums != nullptr) {
-      const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-      sums[b] = step[b] * static_cast<float>(_mm_cvtsi128_si32(h));
-    }
+    float sum;
+    step[b] = quantize_block<kGemmBlock>(x + b * kGemmBlock, xq + b * kGemmBlock, &sum);
+    if (sums != nullptr) sums[b] = sum;
   }
 }
 

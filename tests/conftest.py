@@ -5,8 +5,8 @@ Fixtures (all session-scoped, built lazily under one tmp directory):
   `make_checkpoint("5.2", n_layer=3, n_embd=256, layout="hf", fmt="bin", shards=2, flavor="eagle")`.
 - `tiny_pth`: one .pth per architecture, parametrized over "4", "5.0", "5.2" (L2, C128, H2, vocab 65536).
 - `tiny_pth_v50_time_first`: a 5.0 .pth whose layers carry `att.time_first [H]` instead of `time_faaaa`.
-- `int8_dot`: a function path -> name that runs the C++ kernels' int8 product of an RWKV_CPU_ISA path (e.g. "avx2":
-  fp32 activations, exact to fp32 sums) for the rest of the test, and the CPU's own afterwards.
+- `int8_dot`: a function path -> name that runs the C++ kernels' int8 and int4 products of an RWKV_CPU_ISA path
+  (e.g. "avx2": the AVX2 ones) for the rest of the test, and the CPU's own afterwards.
 - `tiny_hf`: the same weights as `tiny_pth` written in the HF layout of that architecture, parametrized over
   (version, fmt, shards): safetensors unsharded and .bin in 2 shards; rwkv5 ones in the "world" config flavor.
 Each yields a checkpoints.TinyCheckpoint: `.path`, `.oracle_pth` (a .pth of the same weights for the rwkv

@@ -12,8 +12,9 @@ What this module promises:
   instructions for it (bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16; fp32 always). Where it does not, a bf16
   or fp16 product of many rows is many times slower than the fp32 one (measured: 3.5× on AVX2 Zen 3 the other
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
-  `int8_dot` names the C++ kernels' int8 and int4 products of few rows: "avx512_vnni" (integer dot products on
-  int16 / int8 activations; csrc/cpu_kernels.cpp) where the path keeps AVX-512 and the CPU has VNNI, else "avx2".
+  `int8_dot` names the C++ kernels' int8 and int4 products of few rows (integer dot products on int16 / int8
+  activations; csrc/cpu_kernels.cpp): "avx512_vnni" where the path keeps AVX-512 and the CPU has VNNI, else
+  "avx2" (the int8 one with the VNNI one's bits).
   `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: wherever the
   path has AVX512-VNNI, AMX CPUs included.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the

@@ -6,9 +6,9 @@ What this module promises:
   compiler or ninja, a failed build, or `RWKV_CPU_KERNELS=0` in the environment. It builds once per process
   (and torch caches the build on disk, so later processes only load it); a failure is reported once as a
   warning and never raised. Callers fall back to PyTorch when it returns None.
-- `linear` is a weight-streaming product for few rows with fp32 activations (int8 weights: on CPUs with
-  AVX512-VNNI the activations are rounded to int16, one step per row, and the products are integer dot
-  products, whose bound the C++ file gives; elsewhere fp32 as for the other dtypes. int4 weights
+- `linear` is a weight-streaming product for few rows with fp32 activations (int8 weights: the activations are
+  rounded to int16, one step per row, and the products are integer dot products, whose bound the C++ file gives,
+  the same bits on AVX2 and on AVX512-VNNI. int4 weights
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI, or AVX2

@@ -14,12 +14,13 @@ What this module promises:
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py), and prompts are read in CUDA graphs too
   (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU a step is one call into
-  the C++ kernels (cpu_kernels.DecodeStack), whose products read the weights as stored with fp32 activations,
-  and the PyTorch step runs where they did not build. Prefill is a few large matrix products per layer plus
-  the wkv recurrence: scans token by token in Triton (CUDA) or in the C++ kernels (CPU), else the
-  chunked-parallel PyTorch forms of parallel_wkv.py. With Triton, a prompt's element-wise work between the
-  products is a few one-pass kernels (token-shift mixes, gates with the residual) and bf16/fp16 GEMM results
-  stay in their dtype where their reader widens them (relu² squares them exactly and rounds once, as before).
+  the C++ kernels (cpu_kernels.DecodeStack), whose products read the weights as stored (fp32 activations;
+  the integer ones round them to int16 / int8 first), and the PyTorch step runs where they did not build.
+  Prefill is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton
+  (CUDA) or in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py. With Triton,
+  a prompt's element-wise work between the products is a few one-pass kernels (token-shift mixes, gates with
+  the residual) and bf16/fp16 GEMM results stay in their dtype where their reader widens them (relu² squares
+  them exactly and rounds once, as before).
 
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain

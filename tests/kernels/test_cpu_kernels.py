@@ -46,7 +46,7 @@ def test_rows_product_equals_pytorch(dtype, rows, n, k):
     else:
         weight, scale = torch.randn(n, k, generator=gen).to(dtype), None
     seen = x.double()
-    if dtype == torch.int8 and cpu_kernels.kernels().int8_product() == cpu_kernels.INT8_PRODUCTS["avx512_vnni"]:
+    if dtype == torch.int8:
         q, step = int16_rows(x)  # that product's rounded activations (tested on their own below)
         seen = q.double() * step.double()[:, None]
     expected = seen @ dequantised(weight, scale).double().T
@@ -58,22 +58,29 @@ def test_rows_product_equals_pytorch(dtype, rows, n, k):
 VNNI = CAPABLE and detected().int8_dot == "avx512_vnni"
 
 
+def integer_paths():
+    """The integer products (int8 of few rows, the GEMMs) this machine runs, as (RWKV_CPU_ISA cap, the int8
+    product it picks): the AVX2 ones on any CPU the kernels build for, the VNNI ones where the CPU has AVX512-VNNI."""
+    return [pytest.param(path, product, marks=pytest.mark.skipif(not runs, reason=f"needs {product}, a C++ compiler"))
+            for path, product, runs in (("avx2", "avx2", CAPABLE), ("avx512", "avx512_vnni", VNNI))]
+
+
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VNNI product's activations, as its C++ comment defines them: each row rounded (half to even) to
+    """The int8 product's activations, as its C++ comment defines them: each row rounded (half to even) to
     int16 multiples of its step max|x| / 32767, the multiplier 32767 / max|x| computed in fp32."""
     amax = x.abs().amax(dim=1)
     mult = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
     return torch.round(x * mult[:, None]), amax / 32767.0
 
 
-@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("path,product", integer_paths())
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-# a tail; whole blocks; past one integer block; one row's longest single sum (16-row groups and a rest row)
+# a tail; whole blocks; past one integer block; one row's longest single sum (8- and 16-row groups, a rest row)
 @pytest.mark.parametrize("n,k", [(33, 40), (257, 768), (9, 8520), (17, 8192)])
-def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
+def test_the_int8_product_equals_its_integer_oracle(int8_dot, path, product, rows, n, k):
     """Against float64: exactly the integer products of the rounded activations (up to fp32 sums), and within
     the documented rounding bound of the exact product of the stored weights."""
-    assert int8_dot("avx512") == "avx512_vnni"
+    assert int8_dot(path) == product
     gen = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
     x[0, 3] = 0.0
@@ -96,7 +103,7 @@ def test_the_vnni_int8_product_equals_its_integer_oracle(int8_dot, rows, n, k):
 @pytest.mark.parametrize("rows", [7, 37])  # on AVX512-VNNI: one pass or several over each 16 weight rows, rests
 def test_each_row_of_a_batched_int8_product_has_the_bits_of_that_row_alone(int8_dot, path, n, k, rows):
     """A chat's logits must not depend on how many chats share its decode step: the one-row product (its own
-    loop on AVX512-VNNI) adds in the same order as the batched rows' (same bits, not only close)."""
+    loop) adds in the same order as the batched rows' (same bits, not only close)."""
     int8_dot(path)
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -122,11 +129,11 @@ def test_each_row_of_a_batched_float_product_has_the_bits_of_that_row_alone(dtyp
         assert torch.equal(cpu_kernels.linear(x[row:row + 1], weight)[0], batched[row])
 
 
-@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
-def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
+@pytest.mark.parametrize("path,product", integer_paths())
+def test_the_int8_product_does_not_overflow_its_integer_sums(int8_dot, path, product):
     """The worst case: every weight 127, every activation the row's maximum (32767 after rounding), over more
     weights than one int32 lane could sum (16 lanes × 2 products × 4.16e6 each pass 2³¹ after 8,257 weights)."""
-    assert int8_dot("avx512") == "avx512_vnni"
+    assert int8_dot(path) == product
     k = 8192 + 320 + 5
     x = torch.full((2, k), 3.0)
     x[1] *= -1
@@ -137,7 +144,7 @@ def test_the_vnni_int8_product_does_not_overflow_its_integer_sums(int8_dot):
     assert torch.allclose(got.double(), torch.tensor([[expected] * 3, [-expected] * 3], dtype=torch.float64),
                           rtol=1e-6)
     # one activation row sums a whole weight row in int32 lanes up to 8,192 weights (2 x 256 products a lane):
-    # at that length, and past it (the blocked sums), 16 rows and a rest
+    # at that length, and past it (the blocked sums), 16 rows (two groups of 8 on AVX2) and a rest
     for k in (8192, 8192 + 320):  # 8,512: 532 products a lane would pass 2³¹
         x = torch.full((1, k), -3.0)
         weight = torch.full((17, k), 127, dtype=torch.int8)
@@ -155,14 +162,7 @@ def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(blocks * mult[..., None]), amax / 127.0
 
 
-def gemm_paths():
-    """The int8 GEMMs this machine runs, as (RWKV_CPU_ISA cap, the int8 product it picks): the AVX2 one on any CPU
-    the kernels build for, the VNNI one where the CPU has AVX512-VNNI."""
-    return [pytest.param(path, product, marks=pytest.mark.skipif(not runs, reason=f"needs {product}, a C++ compiler"))
-            for path, product, runs in (("avx2", "avx2", CAPABLE), ("avx512", "avx512_vnni", VNNI))]
-
-
-@pytest.mark.parametrize("path,product", gemm_paths())
+@pytest.mark.parametrize("path,product", integer_paths())
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 37])  # one tile of each height (AVX2 2, VNNI 6), several, rests
 @pytest.mark.parametrize("n,k", [(32, 32), (64, 224), (96, 768), (160, 2688)])
 def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, path, product, rows, n, k):
@@ -190,7 +190,7 @@ def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, path, product, rows, 
         assert torch.equal(got[0], torch.zeros(n, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("path,product", gemm_paths())
+@pytest.mark.parametrize("path,product", integer_paths())
 def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot, path, product):
     """A row's result depends on that row only: the same bits alone, in a tile of any height, on any thread."""
     assert int8_dot(path) == product
@@ -206,6 +206,29 @@ def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot, path
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(alone[row], batched[row]) for row in range(23))
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 37])  # the one-row loop, groups of rows, passes, rests
+# a tail; 8- and 16-row groups with rests; past one integer block with a tail; thread splits
+@pytest.mark.parametrize("n,k", [(33, 40), (1000, 128), (257, 768), (9, 8520), (770, 2688)])
+def test_the_avx2_int8_product_gives_the_vnni_products_bits(int8_dot, rows, n, k):
+    """The AVX2 int8 product of few rows holds each 32 columns' 16 integer lanes as two halves of 8 and reduces
+    them in _mm512_reduce_add_ps's order: the VNNI product's bits, whatever the signs (the weights at both ends of
+    their range, an outlier, a row of zeros), so a chat's logits do not depend on which of the two a CPU runs."""
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+    x[-1, 3] *= 80.0
+    if rows > 1:
+        x[0] = 0.0
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    weight[:, :8] = torch.tensor([127, -127, 127, -127, -127, -127, 127, 127], dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 50
+    results = {}
+    for path in ("avx512", "avx2"):
+        int8_dot(path)
+        results[path] = cpu_kernels.linear(x, weight, scale)
+    assert torch.equal(results["avx2"], results["avx512"])
 
 
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
@@ -233,7 +256,7 @@ def test_the_avx2_gemms_give_the_vnni_gemms_bits(int8_dot, rows, n, k, group):
     assert torch.equal(results["avx2"][1], results["avx512"][1])
 
 
-@pytest.mark.parametrize("path,product", gemm_paths())
+@pytest.mark.parametrize("path,product", integer_paths())
 def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot, path, product):
     """quant.linear takes the int8 GEMM for many rows of an int8 weight whose sides are multiples of 32 (where
     cpu_features' int8_gemm says so: AVX512-VNNI, or AVX2 without AVX-512), and the widened GEMM for other shapes or
@@ -261,15 +284,8 @@ def test_the_int8_gemm_serves_a_prefills_int8_products_where_it_runs(int8_dot, p
 
 @needs_kernels
 def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
-    """avx2 keeps the fp32 activations (exact to fp32 sums); the CPU's best path names its own product."""
+    """The avx2 cap picks the AVX2 products (0); the CPU's best path names its own product."""
     assert int8_dot("avx2") == "avx2" and cpu_kernels.kernels().int8_product() == 0
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 768, generator=gen)
-    weight = torch.randint(-127, 128, (64, 768), generator=gen, dtype=torch.int8)
-    scale = torch.rand(64, generator=gen)
-    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
-    bound = x.double().abs() @ (weight.double().abs() * scale.double()[:, None]).T
-    assert ((cpu_kernels.linear(x, weight, scale).double() - exact).abs() <= 1e-6 * bound).all()
     assert int8_dot(detected().path) == detected().int8_dot
     assert cpu_kernels.kernels().int8_product() == cpu_kernels.INT8_PRODUCTS[detected().int8_dot]
 
@@ -324,13 +340,15 @@ def test_linear_keeps_leading_dimensions_and_rejects_bad_operands():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
 def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, int8_dot):
     """The whole C++ decode step against the PyTorch step of the same runner (same weights, same fp32
-    activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three. The int8
-    products with fp32 activations (avx2) here; the VNNI one's rounded activations move the logits by a few
-    of their steps, which the last check holds. int4 (its products are held to float64 in test_int4): its
-    products round the activations to int8 on every path and the two steps' activations differ in their fp32
-    sums, so one may round the other way now and then (test_cpu_decode's docstring): logits only, to 5e-2."""
+    activations): eight layers, so fp16's halving after layer 6 feeds two more; one row and three. The integer
+    products round their activations (int8: to int16, a step a row; int4: to int8, a step per 64 columns; both
+    held to float64 in their own tests) and the two steps' activations differ in their fp32 sums, so one may
+    round the other way now and then (test_cpu_decode's docstring): int8 logits to 1e-3 and its states to 2e-3,
+    int4 logits to 5e-2. The
+    AVX2 int8 step is also the VNNI one bit for bit, where the CPU has both."""
     int8_dot("avx2")
-    tolerance = 5e-2 if dtype == "int4" else 1e-5
+    tolerance = {"int4": 5e-2, "int8": 1e-3}.get(dtype, 1e-5)
+    state_tolerance = 2e-3 if dtype == "int8" else 1e-5
     ckpt = make_checkpoint(version, n_layer=8, n_embd=128, seed=7)
     model = attach_fast_path(load_model(ckpt.path, device="cpu", dtype=dtype, fast=False))  # CPU fp32 loads without it
     runner = model.runner
@@ -345,14 +363,14 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, i
         want_logits, want = runner._decode_torch(x, state.shift, state.wkv, *buffers())
         scale = want_logits.abs().max().item()
         assert (got_logits - want_logits).abs().max().item() <= tolerance * max(1.0, scale)
-        if dtype != "int4":
-            assert torch.allclose(got.shift, want.shift, atol=1e-5)
-            assert torch.allclose(got.wkv, want.wkv, rtol=1e-5, atol=1e-5)
+        if dtype != "int4":  # int8: its flips move the states by a few 1e-4 (measured), as they move the logits
+            assert torch.allclose(got.shift, want.shift, atol=state_tolerance)
+            assert torch.allclose(got.wkv, want.wkv, rtol=state_tolerance, atol=state_tolerance)
         if dtype == "int8" and VNNI:
             int8_dot("avx512")
-            vnni_logits, _ = runner._decode_cpu(x, state.shift, state.wkv, *buffers())
+            vnni_logits, vnni = runner._decode_cpu(x, state.shift, state.wkv, *buffers())
             int8_dot("avx2")
-            assert 0 < (vnni_logits - got_logits).abs().max().item() <= 5e-4 * max(1.0, scale)
+            assert torch.equal(vnni_logits, got_logits) and torch.equal(vnni.wkv, got.wkv)
 
 
 @needs_kernels
@@ -564,7 +582,8 @@ def test_without_the_kernels_the_pytorch_path_serves(kernels_disabled, make_chec
     reference = load_model(ckpt.path, device="cpu", dtype="bf16", fast=False)
     tokens = random_tokens(20, seed=4)
     logits, expected = logits_after(model, tokens, (5, 50)), logits_after(reference, tokens, (5, 50))
-    assert (logits - expected).abs().max().item() < 0.1
+    # a few bf16 steps of logits up to ~4 (0.03 each): 0.125 measured with the products capped to AVX2's
+    assert (logits - expected).abs().max().item() < 0.25
 
 
 @needs_kernels

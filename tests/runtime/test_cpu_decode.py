@@ -30,15 +30,17 @@ pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the C++ k
                                              ("int4", 5e-2)])
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, version, shape, dtype, tolerance):
-    """The same weights (as stored) through both steps: only the order of fp32 sums differs (the int8 products
-    with fp32 activations: the VNNI product's int16 rounding of slightly different activations is held by
-    test_cpu_kernels). fp16 halves the residual stream after the 6th layer (7 layers). int4: its products round
-    the activations to int8 (a step per 64 columns) on every path, and the two steps' activations differ in their
-    fp32 sums, so now and then one rounds the other way and these random weights amplify it (measured: logits
-    up to 1.2e-2 of their scale, states 0.15, in 2 of 36 steps): the logits are held to 5e-2 (wrong weights or
-    groups move them by their whole size), the states, computed alike for every dtype, are left to the others.
-    The h32 shape's channel-mix value (672 columns) is no whole number of groups, so it stays int8 there."""
+    """The same weights (as stored) through both steps: only the order of fp32 sums differs (the int8 products'
+    int16 rounding of slightly different activations moves the logits and the states by a few of its steps, held to
+    2e-3; the product itself is held to float64 by test_cpu_kernels). fp16 halves the residual stream after the 6th
+    layer (7 layers). int4: its products round the activations to int8 (a step per 64 columns) on every path, and
+    the two steps' activations differ in their fp32 sums, so now and then one rounds the other way and these random
+    weights amplify it (measured: logits up to 1.2e-2 of their scale, states 0.15, in 2 of 36 steps): the logits are
+    held to 5e-2 (wrong weights or groups move them by their whole size), the states, computed alike for every
+    dtype, are left to the others. The h32 shape's channel-mix value (672 columns) is no whole number of groups, so
+    it stays int8 there."""
     int8_dot("avx2")
+    state_tolerance = 2e-3 if dtype == "int8" else 1e-4
     path = make_checkpoint(version, seed=4, **shape).path
     plain = load_model(path, device="cpu", dtype=dtype, fast=False)
     fast = attach_fast_path(load_model(path, device="cpu", dtype=dtype, fast=False))
@@ -53,8 +55,8 @@ def test_the_cpp_decode_step_equals_the_plain_step(make_checkpoint, int8_dot, ve
             scale = la.abs().max().item()
             assert (la - lb).abs().max().item() <= tolerance * max(1.0, scale)
             if dtype != "int4":
-                assert torch.allclose(sa.wkv, sb.wkv, rtol=1e-4, atol=1e-4)
-                assert torch.allclose(sa.shift, sb.shift, atol=1e-4)
+                assert torch.allclose(sa.wkv, sb.wkv, rtol=state_tolerance, atol=state_tolerance)
+                assert torch.allclose(sa.shift, sb.shift, atol=state_tolerance)
             state, ids = sa, la.argmax(-1)
     assert_states_passed_in_stay_unchanged(fast)
 
@@ -109,18 +111,19 @@ def test_the_cpp_step_is_the_same_on_any_thread_count(make_checkpoint, version, 
 @pytest.mark.skipif(cpu_kernels.kernels() is None or detected().int8_dot != "avx512_vnni",
                     reason="needs AVX512-VNNI and the kernels")
 @pytest.mark.parametrize("version", ["6", "7"])
-def test_the_vnni_int8_step_stays_within_its_activation_rounding(make_checkpoint, int8_dot, version):
-    """The int8 step with the VNNI products (int16 activations) against the same step with fp32 activations: the
-    logits move by a few steps of that rounding (max|x| / 32767 an activation), never more."""
+def test_the_int8_step_has_the_same_bits_on_avx2_and_vnni(make_checkpoint, int8_dot, version):
+    """The whole int8 step (its LoRAs, wkv and head included) on the AVX2 products and on the VNNI ones: the same
+    logits and states, bit for bit, one chat and three, so a conversation reads the same on either kind of CPU."""
     fast = attach_fast_path(load_model(make_checkpoint(version, seed=4, n_layer=3, n_embd=128).path, device="cpu",
                                        dtype="int8", fast=False))
-    state = fast.forward(random_tokens(9, seed=2))[1]
-    ids = torch.tensor([7])
-    int8_dot("avx2")
-    exact, _ = fast.decode_batch(ids, state)
-    int8_dot("avx512")
-    rounded, _ = fast.decode_batch(ids, state)
-    assert 0 < (rounded - exact).abs().max().item() <= 5e-4 * max(1.0, exact.abs().max().item())
+    states = [fast.forward(random_tokens(9 + i, seed=2 + i))[1] for i in range(3)]
+    for state, ids in ((states[0], torch.tensor([7])), (RwkvState.stack(states), torch.tensor([7, 300, 65000]))):
+        int8_dot("avx2")
+        avx2_logits, avx2_state = fast.decode_batch(ids, state)
+        int8_dot("avx512")
+        vnni_logits, vnni_state = fast.decode_batch(ids, state)
+        assert torch.equal(avx2_logits, vnni_logits)
+        assert torch.equal(avx2_state.wkv, vnni_state.wkv) and torch.equal(avx2_state.shift, vnni_state.shift)
 
 
 def test_cpu_loads_take_it_for_rwkv6_and_rwkv7(make_checkpoint):

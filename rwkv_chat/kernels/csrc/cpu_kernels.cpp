@@ -9,8 +9,9 @@
 //   against as many rows of x as fit in L1 beside it, four at a time; every output's sum in the one-row loop's
 //   order, so a row's result has the same bits whatever M), which is what bounds a decode step. The output columns
 //   are split over PyTorch's intra-op threads (run_together: a layer's independent products share one
-//   region). int8 with set_int8_product(1) (AVX512-VNNI): the activations are rounded to int16 first and the
-//   sums are integer dot products (the comment above kVnniBlock: the bound). W may also be int4: uint8 [N, K/2]
+//   region). int8: the activations are rounded to int16 first and the sums are integer dot products (the comment
+//   above kVnniBlock: the bound), in AVX512-VNNI under set_int8_product(1), else in AVX2 with the same bits
+//   (int8_rows_avx2). W may also be int4: uint8 [N, K/2]
 //   (two weights a byte) with fp16 scales and mins [N, 2, K/G] per group of G input columns (the comment above
 //   kInt4Block: the layout, the arithmetic and its bound); its products are integer sums on int8 activations (a
 //   step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under set_int8_product(1). Where Python set a
@@ -87,15 +88,6 @@ struct Fp16Weights {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static inline float load1(const T* p) { return _cvtsh_ss(*p); }
-};
-
-struct Int8Weights {
-  using T = int8_t;
-  static inline __m256 load8(const T* p) {
-    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  }
-  static inline float load1(const T* p) { return static_cast<float>(*p); }
 };
 
 // How far ahead of the row being read the products ask for weights (software prefetch), in bytes; 0: not at all;
@@ -220,8 +212,8 @@ void rows_range(const float* x, const typename W::T* w, const float* scale, floa
   }
 }
 
-// Which integer products run (the int8 case of rows_range or int8_rows_vnni, and int4_rows's AVX2 or
-// VNNI dot): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA), read by every
+// Which integer products run (int8_rows_avx2 or int8_rows_vnni, int4_rows's AVX2 or VNNI dot, the GEMMs' AVX2 or
+// VNNI tiles): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA), read by every
 // product.
 enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1 };
 std::atomic<int> g_int8_product{kInt8Avx2};
@@ -229,7 +221,7 @@ std::atomic<int> g_int8_product{kInt8Avx2};
 // The AVX512-VNNI int8 product. Each row of x is first quantised to int16 with one fp32 step per row,
 // xq = round_half_even(x * (32767 / max|x|)) (all zeros when max|x| is 0), so every weight meets its activation
 // in one vpdpwssd (two int8·int16 products added into an int32 lane) instead of being widened to fp32 (three
-// operations per eight weights on AVX2, which bound the AVX2 int8 product below the memory's speed). The integer
+// operations per eight weights on AVX2, which bound such a product below the memory's speed). The integer
 // sums are exact over blocks of kVnniBlock columns: lane j of every accumulator takes columns 2j and 2j + 1 of
 // each 32, and the accumulators' lanes, added as integers at the block's end, hold at most 2·256 products of
 // |127·32767| (below 2³¹); each block's 16 lane sums are converted to fp32 once and added in fp32, then the lanes
@@ -418,6 +410,130 @@ void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const
       case 3: dot_row_vnni<3, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
       case 2: dot_row_vnni<2, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
       case 1: dot_row_vnni<1, 4>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+// The same int8 product on AVX2 (CPUs without AVX512-VNNI): the same int16 activations and steps, and each 32
+// columns' 16 lanes held as two 8-lane halves, columns 0..15 and 16..31 of the 32 (lane j of the low half is the
+// VNNI product's lane j, of the high half its lane 8 + j). vpmaddwd adds each lane's two products and vpaddd adds
+// that into the lane's int32 sum: the same integer lane sums over the same blocks of kVnniBlock columns (the same
+// bound), converted and added in fp32 block by block, and a row's halves added lane by lane, then reduced by
+// horizontal_sum's tree (lanes i + 4, + 2, + 1): _mm512_reduce_add_ps's order. So every result has the VNNI
+// product's bits, and it takes three instructions per 16 weights (widen, multiply-add, add) where widening to fp32
+// took six per 16 (widen, convert, fma per 8), which bounded that product below the memory's speed.
+inline __m256i widened16(const int8_t* w) {  // 16 int8 weights -> int16
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+}
+
+// half[m] = the 8 fp32 sums of lanes (low half) + lanes (high half) of MB rows of int16 activations against one
+// int8 weight row over its first K / 32 * 32 columns, in the blocks and order described above.
+template <int MB>
+inline void lane_halves_avx2(const int8_t* w, const int16_t* xq, int64_t K, __m256* half) {
+  __m256 low[MB], high[MB];
+  for (int m = 0; m < MB; ++m) low[m] = high[m] = _mm256_setzero_ps();
+  const int64_t whole = K / 32 * 32;
+  for (int64_t begin = 0; begin < whole; begin += kVnniBlock) {
+    const int64_t end = std::min(whole, begin + kVnniBlock);
+    __m256i lo[MB], hi[MB];
+    for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+    for (int64_t k = begin; k < end; k += 32) {
+      const __m256i w_lo = widened16(w + k), w_hi = widened16(w + k + 16);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * K + k);
+        lo[m] = _mm256_add_epi32(lo[m], _mm256_madd_epi16(w_lo, _mm256_loadu_si256(x)));
+        hi[m] = _mm256_add_epi32(hi[m], _mm256_madd_epi16(w_hi, _mm256_loadu_si256(x + 1)));
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      low[m] = _mm256_add_ps(low[m], _mm256_cvtepi32_ps(lo[m]));
+      high[m] = _mm256_add_ps(high[m], _mm256_cvtepi32_ps(hi[m]));
+    }
+  }
+  for (int m = 0; m < MB; ++m) half[m] = _mm256_add_ps(low[m], high[m]);
+}
+
+// out[m, n] for MB rows against one weight row: dot_row_vnni's arithmetic.
+template <int MB>
+inline void dot_row_avx2(const int8_t* w, const int16_t* xq, int64_t K, const float* step, float scale, float* out,
+                         int64_t out_stride) {
+  __m256 half[MB];
+  lane_halves_avx2<MB>(w, xq, K, half);
+  for (int m = 0; m < MB; ++m) {
+    int64_t tail = 0;
+    for (int64_t j = K / 32 * 32; j < K; ++j) tail += static_cast<int64_t>(w[j]) * xq[m * K + j];
+    out[m * out_stride] = (horizontal_sum(half[m]) + static_cast<float>(tail)) * step[m] * scale;
+  }
+}
+
+// One weight row's halves against MB rows of x, stored as sums[m * 8].
+template <int MB>
+inline void halves_into(const int8_t* row, const int16_t* xq, int64_t K, __m256* sums) {
+  __m256 half[MB];
+  lane_halves_avx2<MB>(row, xq, K, half);
+  for (int m = 0; m < MB; ++m) sums[m * 8] = half[m];
+}
+
+// rows16_vnni on AVX2: 8 consecutive weight rows (K a multiple of 32) against every row of x -> out[m, 0..8), each
+// weight row read once for up to kPanelXRows rows of x; their sums reduced eight at a time by lane_sums8
+// (horizontal_sum's order): the bits of dot_row_avx2's, and so of the VNNI product's.
+__attribute__((noinline)) void rows8_int16(const int8_t* w, const int16_t* xq, const float* step, const float* scale,
+                                           float* out, int64_t M, int64_t N, int64_t K, int64_t ahead) {
+  const __m256 w_scale = _mm256_loadu_ps(scale);
+  const int64_t per_pass = std::clamp<int64_t>(kPassXBytes / (2 * K) / 4 * 4, 4, kPanelXRows);
+  for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
+    const int64_t rows = std::min(per_pass, M - m0);
+    __m256 sums[kPanelXRows * 8];
+    for (int r = 0; r < 8; ++r) {
+      const int8_t* row = w + r * K;
+      if (m0 == 0) prefetch_ahead(row, K, ahead);
+      const int16_t* x = xq + m0 * K;
+      __m256* slot = sums + kSlotOf8[r];
+      int64_t m = 0;
+      for (; m + 4 <= rows; m += 4) halves_into<4>(row, x + m * K, K, slot + m * 8);
+      switch (rows - m) {
+        case 3: halves_into<3>(row, x + m * K, K, slot + m * 8); break;
+        case 2: halves_into<2>(row, x + m * K, K, slot + m * 8); break;
+        case 1: halves_into<1>(row, x + m * K, K, slot + m * 8); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m)
+      _mm256_storeu_ps(out + (m0 + m) * N, _mm256_mul_ps(_mm256_mul_ps(lane_sums8(sums + m * 8),
+                                                                       _mm256_set1_ps(step[m0 + m])), w_scale));
+  }
+}
+
+// int8_rows_vnni on AVX2, eight weight rows at a time.
+void int8_rows_avx2(const int8_t* w, const int16_t* xq, const float* step, const float* scale, float* out, int64_t M,
+                    int64_t N, int64_t K, int64_t begin, int64_t end) {
+  const int64_t ahead = prefetch_distance(K);
+  if (M == 1 && K % 32 == 0) {  // a decode step of one chat: 8 rows' halves, then one reduction
+    const __m256 x_step = _mm256_set1_ps(step[0]);
+    for (; begin + 8 <= end; begin += 8) {
+      __m256 sums[8];
+      for (int r = 0; r < 8; ++r) {
+        const int8_t* row = w + (begin + r) * K;
+        prefetch_ahead(row, K, ahead);
+        lane_halves_avx2<1>(row, xq, K, &sums[kSlotOf8[r]]);
+      }
+      _mm256_storeu_ps(out + begin, _mm256_mul_ps(_mm256_mul_ps(lane_sums8(sums), x_step),
+                                                  _mm256_loadu_ps(scale + begin)));
+    }
+  }
+  if (M > 1 && K % 32 == 0)  // a batched decode step: 8 weight rows at a time (rows8_int16)
+    for (; begin + 8 <= end; begin += 8)
+      rows8_int16(w + begin * K, xq, step, scale + begin, out + begin, M, N, K, ahead);
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = w + n * K;
+    prefetch_ahead(row, K, ahead);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_row_avx2<4>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
+    switch (M - m) {
+      case 3: dot_row_avx2<3>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      case 2: dot_row_avx2<2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
+      case 1: dot_row_avx2<1>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
       default: break;
     }
   }
@@ -1053,7 +1169,7 @@ class Product {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t b = 0; b < blocks; ++b) gsum_[m * n_groups + b / (G / kInt4Block)] += bsum[m * blocks + b];
       int4_ = Int4Rows{xq8_.data(), step_.data(), gsum_.data(), K_, G};
-    } else if (w.scalar_type() == torch::kInt8 && vnni_) {
+    } else if (w.scalar_type() == torch::kInt8) {  // int8: int16 activations, one step a row
       xq16_.resize(M * K_);
       step_.resize(M);
       quantize_rows_int16(x, M, K_, xq16_.data(), step_.data());
@@ -1082,12 +1198,8 @@ class Product {
         break;
       }
       case torch::kInt8:
-        if (vnni_)
-          int8_rows_vnni(w_.data_ptr<int8_t>() + r0 * K, xq16_.data(), step_.data(), scale_.data_ptr<float>() + r0,
-                         out_, M, N, K, begin, end);
-        else
-          rows_range<Int8Weights>(x_, w_.data_ptr<int8_t>() + r0 * K, scale_.data_ptr<float>() + r0, out_, M, N,
-                                  K, begin, end);
+        (vnni_ ? int8_rows_vnni : int8_rows_avx2)(w_.data_ptr<int8_t>() + r0 * K, xq16_.data(), step_.data(),
+                                                  scale_.data_ptr<float>() + r0, out_, M, N, K, begin, end);
         break;
       case torch::kHalf:
         rows_range<Fp16Weights>(x_, reinterpret_cast<const uint16_t*>(w_.data_ptr()) + r0 * K, nullptr, out_, M,
@@ -1109,7 +1221,7 @@ class Product {
   const torch::Tensor& scale_;
   float* out_;
   bool vnni_;
-  std::vector<int16_t> xq16_;  // int8 on VNNI: the activations in int16, one step a row
+  std::vector<int16_t> xq16_;  // int8: the activations in int16, one step a row
   std::vector<int8_t> xq8_;  // int4: the activations in int8, one step a block of 64
   std::vector<float> step_, gsum_;
   Int4Rows int4_{};
@@ -2367,8 +2479,8 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
-// Which integer products run (0: AVX2, int8 widened to fp32 and int4 through pmaddubsw; 1: AVX512-VNNI, int8 on
-// int16 activations through vpdpwssd, int4 through vpdpbusd); the caller checks that the CPU has what it picks
+// Which integer products run (0: AVX2, int8 through vpmaddwd and int4 through pmaddubsw; 1: AVX512-VNNI, int8
+// through vpdpwssd, int4 through vpdpbusd); the caller checks that the CPU has what it picks
 // (cpu_kernels.configure).
 void set_int8_product(int64_t which) {
   TORCH_CHECK(which == kInt8Avx2 || which == kInt8Vnni, "cpu_kernels: int8 product 0 (avx2) or 1 (vnni)");

@@ -15,8 +15,8 @@ What this module promises:
   `int8_dot` names the C++ kernels' int8 and int4 products of few rows (integer dot products on int16 / int8
   activations; csrc/cpu_kernels.cpp): "avx512_vnni" where the path keeps AVX-512 and the CPU has VNNI, else
   "avx2" (the int8 one with the VNNI one's bits).
-  `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take the C++ VNNI GEMM: wherever the
-  path has AVX512-VNNI, AMX CPUs included.
+  `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take a C++ integer GEMM: the VNNI one
+  wherever the path has AVX512-VNNI, AMX CPUs included, the AVX2 one (the same bits) where the path is avx2.
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all), and `prefetch_rows_below` for which weights: rows shorter than
   that many bytes (0: every row). Intel CPUs get PREFETCH_INTEL for every row: on the Xeon measured (2 cores) the

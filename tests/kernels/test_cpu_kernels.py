@@ -344,8 +344,7 @@ def test_decode_layer_equals_the_pytorch_step(version, dtype, make_checkpoint, i
     products round their activations (int8: to int16, a step a row; int4: to int8, a step per 64 columns; both
     held to float64 in their own tests) and the two steps' activations differ in their fp32 sums, so one may
     round the other way now and then (test_cpu_decode's docstring): int8 logits to 1e-3 and its states to 2e-3,
-    int4 logits to 5e-2. The
-    AVX2 int8 step is also the VNNI one bit for bit, where the CPU has both."""
+    int4 logits to 5e-2. The AVX2 int8 step is also the VNNI one bit for bit, where the CPU has both."""
     int8_dot("avx2")
     tolerance = {"int4": 5e-2, "int8": 1e-3}.get(dtype, 1e-5)
     state_tolerance = 2e-3 if dtype == "int8" else 1e-5

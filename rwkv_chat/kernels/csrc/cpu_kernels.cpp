@@ -61,6 +61,20 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
+// The rows [0, M) of x in groups: f(std::integral_constant<int, MB>{}, m) for rows m .. m + MB, four at a time,
+// then the 3, 2 or 1 left (every product of few rows takes its rows of x so, each group's MB a compile-time count).
+template <typename F>
+__attribute__((always_inline)) inline void in_fours(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
 // 8 weights from memory as fp32.
 struct Bf16Weights {
   using T = uint16_t;
@@ -174,14 +188,9 @@ __attribute__((noinline)) void rows8(const float* x, const typename W::T* w, con
       if (m0 == 0) prefetch_ahead(row, row_bytes, ahead);
       const float* xr = x + m0 * K;
       __m256* slot = sums + kSlotOf8[r];
-      int64_t m = 0;
-      for (; m + 4 <= rows; m += 4) dot_vectors<W, 4>(row, xr + m * K, K, K, slot + m * 8, 8);
-      switch (rows - m) {
-        case 3: dot_vectors<W, 3>(row, xr + m * K, K, K, slot + m * 8, 8); break;
-        case 2: dot_vectors<W, 2>(row, xr + m * K, K, K, slot + m * 8, 8); break;
-        case 1: dot_vectors<W, 1>(row, xr + m * K, K, K, slot + m * 8, 8); break;
-        default: break;
-      }
+      in_fours(rows, [&](auto group, int64_t m) {
+        dot_vectors<W, decltype(group)::value>(row, xr + m * K, K, K, slot + m * 8, 8);
+      });
     }
     for (int64_t m = 0; m < rows; ++m)
       _mm256_storeu_ps(out + (m0 + m) * N, _mm256_mul_ps(lane_sums8(sums + m * 8), w_scale));
@@ -201,14 +210,9 @@ void rows_range(const float* x, const typename W::T* w, const float* scale, floa
     const typename W::T* row = w + n * K;
     prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
     float s = scale ? scale[n] : 1.0f;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dot_rows<W, 4>(row, x + m * K, K, s, out + m * N + n, N);
-    switch (M - m) {
-      case 3: dot_rows<W, 3>(row, x + m * K, K, s, out + m * N + n, N); break;
-      case 2: dot_rows<W, 2>(row, x + m * K, K, s, out + m * N + n, N); break;
-      case 1: dot_rows<W, 1>(row, x + m * K, K, s, out + m * N + n, N); break;
-      default: break;
-    }
+    in_fours(M, [&](auto group, int64_t m) {
+      dot_rows<W, decltype(group)::value>(row, x + m * K, K, s, out + m * N + n, N);
+    });
   }
 }
 
@@ -345,6 +349,7 @@ inline void totals_into(const int8_t* row, const int16_t* xq, int64_t K, __m512*
   for (int m = 0; m < MB; ++m) sums[m * 16] = total[m];
 }
 
+constexpr int vnni_unroll(int rows) { return rows == 1 ? 4 : 2; }  // independent accumulators a row
 constexpr int64_t kPanelXRows = 32;  // at most this many rows of x a pass over 16 weight rows (their totals: 32 KB)
 constexpr int64_t kPassXBytes = 24 << 10;  // ... and their int16 activations about this many bytes (in L1 with the
                                             // weight row being read), but at least four rows
@@ -366,14 +371,10 @@ void rows16_vnni(const int8_t* w, const int16_t* xq, const float* step, const fl
       const int8_t* row = w + r * K;
       if (m0 == 0) prefetch_ahead(row, K, ahead);
       const int16_t* x = xq + m0 * K;
-      int64_t m = 0;
-      for (; m + 4 <= rows; m += 4) totals_into<4, 2>(row, x + m * K, K, sums + m * 16 + r);
-      switch (rows - m) {
-        case 3: totals_into<3, 2>(row, x + m * K, K, sums + m * 16 + r); break;
-        case 2: totals_into<2, 2>(row, x + m * K, K, sums + m * 16 + r); break;
-        case 1: totals_into<1, 4>(row, x + m * K, K, sums + m * 16 + r); break;
-        default: break;
-      }
+      in_fours(rows, [&](auto group, int64_t m) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+        constexpr int MB = decltype(group)::value;
+        totals_into<MB, vnni_unroll(MB)>(row, x + m * K, K, sums + m * 16 + r);
+      });
     }
     for (int64_t m = 0; m < rows; ++m)
       _mm512_storeu_ps(out + (m0 + m) * N, _mm512_mul_ps(_mm512_mul_ps(lane_sums16(sums + m * 16),
@@ -404,14 +405,10 @@ void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
     prefetch_ahead(row, K, ahead);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dot_row_vnni<4, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
-    switch (M - m) {
-      case 3: dot_row_vnni<3, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      case 2: dot_row_vnni<2, 2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      case 1: dot_row_vnni<1, 4>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      default: break;
-    }
+    in_fours(M, [&](auto group, int64_t m) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+      constexpr int MB = decltype(group)::value;
+      dot_row_vnni<MB, vnni_unroll(MB)>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
+    });
   }
 }
 
@@ -490,14 +487,9 @@ __attribute__((noinline)) void rows8_int16(const int8_t* w, const int16_t* xq, c
       if (m0 == 0) prefetch_ahead(row, K, ahead);
       const int16_t* x = xq + m0 * K;
       __m256* slot = sums + kSlotOf8[r];
-      int64_t m = 0;
-      for (; m + 4 <= rows; m += 4) halves_into<4>(row, x + m * K, K, slot + m * 8);
-      switch (rows - m) {
-        case 3: halves_into<3>(row, x + m * K, K, slot + m * 8); break;
-        case 2: halves_into<2>(row, x + m * K, K, slot + m * 8); break;
-        case 1: halves_into<1>(row, x + m * K, K, slot + m * 8); break;
-        default: break;
-      }
+      in_fours(rows, [&](auto group, int64_t m) {
+        halves_into<decltype(group)::value>(row, x + m * K, K, slot + m * 8);
+      });
     }
     for (int64_t m = 0; m < rows; ++m)
       _mm256_storeu_ps(out + (m0 + m) * N, _mm256_mul_ps(_mm256_mul_ps(lane_sums8(sums + m * 8),
@@ -528,14 +520,9 @@ void int8_rows_avx2(const int8_t* w, const int16_t* xq, const float* step, const
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
     prefetch_ahead(row, K, ahead);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dot_row_avx2<4>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
-    switch (M - m) {
-      case 3: dot_row_avx2<3>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      case 2: dot_row_avx2<2>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      case 1: dot_row_avx2<1>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N); break;
-      default: break;
-    }
+    in_fours(M, [&](auto group, int64_t m) {
+      dot_row_avx2<decltype(group)::value>(row, xq + m * K, K, step + m, scale[n], out + m * N + n, N);
+    });
   }
 }
 
@@ -699,14 +686,7 @@ void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, floa
     const uint16_t* g = groups + n * row_groups;
     prefetch_ahead(row, row_bytes, ahead);
     prefetch_ahead(g, 2 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) Dot<4>::run(row, g, a, m, out + m * N + n, N);
-    switch (M - m) {
-      case 3: Dot<3>::run(row, g, a, m, out + m * N + n, N); break;
-      case 2: Dot<2>::run(row, g, a, m, out + m * N + n, N); break;
-      case 1: Dot<1>::run(row, g, a, m, out + m * N + n, N); break;
-      default: break;
-    }
+    in_fours(M, [&](auto group, int64_t m) { Dot<decltype(group)::value>::run(row, g, a, m, out + m * N + n, N); });
   }
 }
 

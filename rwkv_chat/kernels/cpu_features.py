@@ -24,10 +24,14 @@ What this module promises:
   alone leaves the loads waiting on memory between the rows' arithmetic (decode 18-31% faster). AMD CPUs of family
   26 and later (Zen 5) get PREFETCH_ZEN5 for rows shorter than PREFETCH_ZEN5_ROWS_BELOW: measured there (2 cores),
   decode 2.7-6.8% faster with rows of 384-1,536 bytes (0.1B and 0.4B models in every format, int4 at 1.5B) and 3-4%
-  slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). Older AMD CPUs get 0: on a Zen 4 (2 cores)
-  prefetching gave int8 and int4 decode nothing measurable and made bf16 decode 26% slower (docs/PERFORMANCE.md).
-  RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU; other values raise
-  ValueError naming the variable and the bound.
+  slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). `prefetch_to_l2` says where the prefetches put
+  the weights: into L2 only (prefetcht1) or into L1 as well (prefetcht0, the default). AMD Zen 4 (family 25 with
+  AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower, into L2
+  the VNNI int8 decode ran 7-13% faster at 0.1B (in either order of an alternated pair), int4, bf16 and 1.5B int8
+  within the pairs' order effect (2 cores, one process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with
+  it, so a Zen 4 capped below the avx512 path (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older,
+  not measured) get 0. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the
+  CPU's level kept); other values raise ValueError naming the variable and the bound.
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.
@@ -49,6 +53,8 @@ PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other 
 PREFETCH_ZEN5 = 4096  # bytes; on a Zen 5 at 0.1B 2,048 and 8,192 gave a little less, at 1.5B all three lost
 PREFETCH_ZEN5_ROWS_BELOW = 2048  # bytes a weight row: shorter rows gained on a Zen 5, rows of 2,048 and 4,096 lost
 ZEN5_FAMILY = 26  # /proc/cpuinfo's "cpu family" of AMD's Zen 5
+PREFETCH_ZEN4 = 8192  # bytes, into L2; 4,096 and 16,384 gave a little less, 2,048 lost 7-9%
+ZEN4_FAMILY = 25  # Zen 3 and Zen 4 share it: Zen 4 is the one with AVX-512
 MAX_PREFETCH = 1 << 20
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 
@@ -64,6 +70,7 @@ class CpuFeatures:
     vendor: str = ""  # "intel", "amd" or "" (not known)
     prefetch_bytes: int = 0  # how far ahead the C++ products of few rows prefetch weights (0: they do not)
     prefetch_rows_below: int = 0  # ... for weight rows shorter than this many bytes (0: every row)
+    prefetch_to_l2: bool = False  # ... into L2 only (prefetcht1), else into L1 too (prefetcht0)
 
     @property
     def path(self) -> str:
@@ -103,9 +110,11 @@ class CpuFeatures:
         return self.int8_dot == "avx512_vnni" or self.path == "avx2"
 
     def capped(self, path: str) -> "CpuFeatures":
-        """These features without those above `path` (PATHS order)."""
+        """These features without those above `path` (PATHS order); a Zen 4's L2 prefetch (measured for its VNNI
+        products) off below the avx512 path."""
         rank = PATHS.index(path)
-        return replace(self, avx2=self.avx2 and rank >= 1, avx512=self.avx512 and rank >= 2,
+        prefetch = 0 if self.prefetch_to_l2 and rank < 2 else self.prefetch_bytes
+        return replace(self, prefetch_bytes=prefetch, avx2=self.avx2 and rank >= 1, avx512=self.avx512 and rank >= 2,
                        avx512_vnni=self.avx512_vnni and rank >= 2,
                        avx512_bf16=self.avx512_bf16 and rank >= 3, amx_bf16=self.amx_bf16 and rank >= 4,
                        amx_fp16=self.amx_fp16 and rank >= 4)
@@ -128,13 +137,16 @@ def _vendor_and_family(text: str) -> tuple[str, int]:
     return vendor, int(family) if family.isdigit() else 0
 
 
-def _default_prefetch(vendor: str, family: int) -> tuple[int, int]:
-    """(prefetch_bytes, prefetch_rows_below) for this maker and family (the module docstring says why)."""
+def _default_prefetch(vendor: str, family: int, avx512: bool) -> tuple[int, int, bool]:
+    """(prefetch_bytes, prefetch_rows_below, prefetch_to_l2) for this maker and family (the module docstring says
+    why); `avx512`: the CPU has it (whatever RWKV_CPU_ISA caps), which tells a Zen 4 from a Zen 3."""
     if vendor == "intel":
-        return PREFETCH_INTEL, 0
+        return PREFETCH_INTEL, 0, False
     if vendor == "amd" and family >= ZEN5_FAMILY:
-        return PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW
-    return 0, 0
+        return PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False
+    if vendor == "amd" and family == ZEN4_FAMILY and avx512:
+        return PREFETCH_ZEN4, 0, True
+    return 0, 0, False
 
 
 def _check(name: str) -> bool:
@@ -151,12 +163,12 @@ def detected() -> CpuFeatures:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return CpuFeatures()
     vendor, family = _vendor_and_family(_cpu_info())
-    prefetch, rows_below = _default_prefetch(vendor, family)
-    return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=_check("_is_avx512_supported"),
-                       avx512_vnni=_check("_is_vnni_supported"),
+    avx512 = _check("_is_avx512_supported")
+    prefetch, rows_below, to_l2 = _default_prefetch(vendor, family, avx512)
+    return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=avx512, avx512_vnni=_check("_is_vnni_supported"),
                        avx512_bf16=_check("_is_avx512_bf16_supported"), amx_bf16=_check("_is_amx_tile_supported"),
                        amx_fp16=_check("_is_amx_fp16_supported"), vendor=vendor,
-                       prefetch_bytes=prefetch, prefetch_rows_below=rows_below)
+                       prefetch_bytes=prefetch, prefetch_rows_below=rows_below, prefetch_to_l2=to_l2)
 
 
 def _prefetch_override() -> int | None:
@@ -195,8 +207,9 @@ def describe() -> str:
         "bf16/fp16 products as fp32 (no bf16 units)"
     capped = f" (capped by {ISA_VARIABLE})" if os.environ.get(ISA_VARIABLE, "").strip() else ""
     rows = f" (rows under {features.prefetch_rows_below:,} bytes)" if features.prefetch_rows_below else ""
-    prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead{rows}" if features.prefetch_bytes
-                else "no software prefetch")
+    level = " into L2" if features.prefetch_to_l2 else ""
+    prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead{level}{rows}"
+                if features.prefetch_bytes else "no software prefetch")
     gemm = ("VNNI GEMM" if features.int8_dot == "avx512_vnni" else "AVX2 GEMM") if features.int8_gemm else "widened"
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
             f"int8/int4 decode products {features.int8_dot}; "

@@ -28,7 +28,8 @@ What this module promises:
   than STALE_LOCK_SECONDS) is removed, with a warning, before building: torch would otherwise wait on it forever,
   so an app killed during its first build (a Space restarted, Ctrl-C) would hang at every later start.
 - `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the
-  products' prefetch distance (cpu_features' `prefetch_bytes`, RWKV_CPU_PREFETCH) for the whole process; the build
+  products' prefetch distance and level (cpu_features' `prefetch_bytes`, `prefetch_to_l2`, RWKV_CPU_PREFETCH) for
+  the whole process; the build
   runs it once, and a caller that changes either variable afterwards (the tests, the benchmark) runs it again.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
@@ -132,7 +133,7 @@ INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1}  # cpu_features' int8_dot -> the e
 def _configure(module) -> str:
     features = cpu_features()
     module.set_int8_product(INT8_PRODUCTS[features.int8_dot])
-    module.set_prefetch_bytes(features.prefetch_bytes, features.prefetch_rows_below)
+    module.set_prefetch_bytes(features.prefetch_bytes, features.prefetch_rows_below, features.prefetch_to_l2)
     return features.int8_dot
 
 

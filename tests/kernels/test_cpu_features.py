@@ -11,8 +11,8 @@ import torch
 
 from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
 from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, PREFETCH_INTEL, PREFETCH_VARIABLE,
-                                            PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, CpuFeatures, cpu_features,
-                                            detected)
+                                            PREFETCH_ZEN4, PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, CpuFeatures,
+                                            cpu_features, detected)
 
 RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
 
@@ -68,24 +68,33 @@ def test_what_is_detected_is_what_the_kernel_reports():
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
 def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
-    """Intel CPUs prefetch every row by default, AMD's Zen 5 (family 26) and later rows under 2 KiB, older AMD
-    CPUs none (the vendor and family as Linux names them are the oracle); the variable sets any distance in its
-    bound for every row, keeps the instruction-set cap, and refuses the rest by name."""
+    """Intel CPUs prefetch every row into L1 by default, AMD's Zen 5 (family 26) and later rows under 2 KiB, Zen 4
+    (family 25 with AVX-512) every row into L2, older AMD CPUs none (the vendor, family and flags as Linux names
+    them are the oracle); the variable sets any distance in its bound for every row, keeps the CPU's level and the
+    instruction-set cap, and refuses the rest by name."""
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     vendor_ids = {line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")}
     families = {int(line.split(":", 1)[1]) for line in lines if line.startswith("cpu family")}
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     intel = vendor_ids == {"GenuineIntel"}
     zen5 = vendor_ids == {"AuthenticAMD"} and min(families, default=0) >= 26
+    zen4 = vendor_ids == {"AuthenticAMD"} and families == {25} and "avx512f" in flags
     monkeypatch.delenv(PREFETCH_VARIABLE, raising=False)
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
-    assert cpu_features().prefetch_bytes == (PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else 0)
+    expected = PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else PREFETCH_ZEN4 if zen4 else 0
+    assert cpu_features().prefetch_bytes == expected
     assert cpu_features().prefetch_rows_below == (PREFETCH_ZEN5_ROWS_BELOW if zen5 else 0)
-    assert ("prefetched" in features_module.describe()) == (intel or zen5)
+    assert cpu_features().prefetch_to_l2 == zen4
+    assert ("prefetched" in features_module.describe()) == (intel or zen5 or zen4)
+    assert ("into L2" in features_module.describe()) == zen4
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
+    assert cpu_features().prefetch_to_l2 == zen4  # the CPU's generation, not the path it is capped to
+    assert cpu_features().prefetch_bytes == (0 if zen4 else expected)  # the Zen 4's AVX2 products lost with it
     for value in ("0", "2048", f"{MAX_PREFETCH}"):
         monkeypatch.setenv(PREFETCH_VARIABLE, value)
         assert cpu_features().prefetch_bytes == int(value) and cpu_features().path == "avx2"
         assert cpu_features().prefetch_rows_below == 0
+        assert cpu_features().prefetch_to_l2 == zen4
     for bad in ("-64", f"{MAX_PREFETCH + 1}", "4k"):
         monkeypatch.setenv(PREFETCH_VARIABLE, bad)
         with pytest.raises(ValueError, match=f"{PREFETCH_VARIABLE} must be a whole number of bytes from 0 "
@@ -146,22 +155,30 @@ ZEN4_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\
 ZEN5_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
 
 
-@pytest.mark.parametrize("info, vendor, family, prefetch", [
-    (INTEL_INFO, "intel", 6, (PREFETCH_INTEL, 0)),
-    (ZEN4_INFO, "amd", 25, (0, 0)),
-    (ZEN5_INFO, "amd", 26, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW)),
-    (ZEN5_INFO.replace(": 26", ": 27"), "amd", 27, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW)),
-    ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "intel", 0, (PREFETCH_INTEL, 0)),  # Windows' processor()
-    ("", "", 0, (0, 0)),
+@pytest.mark.parametrize("info, avx512, vendor, family, prefetch", [
+    (INTEL_INFO, True, "intel", 6, (PREFETCH_INTEL, 0, False)),
+    (ZEN4_INFO, True, "amd", 25, (PREFETCH_ZEN4, 0, True)),
+    (ZEN4_INFO.replace(": 17", ": 33"), False, "amd", 25, (0, 0, False)),  # a Zen 3: the same family, no AVX-512
+    (ZEN5_INFO, True, "amd", 26, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
+    (ZEN5_INFO.replace(": 26", ": 27"), True, "amd", 27, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
+    ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", True, "intel", 0, (PREFETCH_INTEL, 0, False)),  # Windows
+    ("", True, "", 0, (0, 0, False)),
 ])
-def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, vendor, family, prefetch):
-    """/proc/cpuinfo texts of an Intel, a Zen 4 and a Zen 5 (and Windows' platform.processor()) give their maker,
-    family and default prefetch; detected() takes them from the text it reads."""
+def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, avx512, vendor, family, prefetch):
+    """/proc/cpuinfo texts of an Intel, a Zen 3, a Zen 4 and a Zen 5 (and Windows' platform.processor()) with and
+    without AVX-512 give their maker, family and default prefetch; detected() takes them from the text it reads."""
     assert features_module._vendor_and_family(info) == (vendor, family)
     monkeypatch.setattr(features_module, "_cpu_info", lambda: info)
     monkeypatch.setattr(features_module.platform, "machine", lambda: "x86_64")
+    real_check = features_module._check
+    monkeypatch.setattr(features_module, "_check",
+                        lambda name: avx512 if name == "_is_avx512_supported" else real_check(name))
     features_module.detected.cache_clear()
     try:
-        assert (detected().vendor, detected().prefetch_bytes, detected().prefetch_rows_below) == (vendor, *prefetch)
+        assert (detected().vendor, detected().prefetch_bytes, detected().prefetch_rows_below,
+                detected().prefetch_to_l2) == (vendor, *prefetch)
+        capped = detected().capped("avx2")  # only the Zen 4's prefetch into L2 stops below the avx512 path
+        assert capped.prefetch_bytes == (0 if prefetch[2] else prefetch[0])
+        assert detected().capped("avx512").prefetch_bytes == prefetch[0]
     finally:
         features_module.detected.cache_clear()

@@ -296,8 +296,8 @@ def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
     """Software prefetch only moves weights into the cache sooner: every product of few rows, in every weight
     format and on each int8/int4 product this CPU runs, is bit for bit the one without it, also where the prefetch
     runs past the end of the matrix (the distance beyond the last rows) or only for the shorter rows (a row limit,
-    as on a Zen 5); configure() hands the distance of RWKV_CPU_PREFETCH to the kernels, and the default's row
-    limit."""
+    as on a Zen 5), into L1 or into L2 only (as on a Zen 4); configure() hands the distance of RWKV_CPU_PREFETCH to
+    the kernels, and the default's row limit and level."""
     from rwkv_chat.kernels import quant
     from rwkv_chat.kernels.cpu_features import PREFETCH_VARIABLE, cpu_features
     gen = torch.Generator().manual_seed(11)
@@ -314,6 +314,11 @@ def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
         for distance in (1024, 65536):
             for plain, prefetched in zip(results[0], results[distance]):
                 assert torch.equal(plain, prefetched)
+        for to_l2 in (False, True):
+            cpu_kernels.kernels().set_prefetch_bytes(4096, 0, to_l2)
+            assert cpu_kernels.kernels().prefetch_to_l2() == to_l2
+            for plain, (weight, scale) in zip(results[0], weights):
+                assert torch.equal(plain, cpu_kernels.linear(x, weight, scale))
         # prefetching only rows shorter than 1,024 bytes: the int8 (768) and int4 (384) rows, not the others
         cpu_kernels.kernels().set_prefetch_bytes(65536, 1024)
         assert cpu_kernels.kernels().prefetch_rows_below() == 1024
@@ -322,6 +327,7 @@ def test_prefetching_changes_no_product(int8_dot, monkeypatch, path):
         monkeypatch.delenv(PREFETCH_VARIABLE)
         int8_dot(path)  # back to this CPU's default
         assert cpu_kernels.kernels().prefetch_rows_below() == cpu_features().prefetch_rows_below
+        assert cpu_kernels.kernels().prefetch_to_l2() == cpu_features().prefetch_to_l2
 
 
 @needs_kernels

@@ -105,11 +105,16 @@ struct Fp16Weights {
 };
 
 // How far ahead of the row being read the products ask for weights (software prefetch), in bytes; 0: not at all;
-// and the weight rows it is for: shorter than g_prefetch_rows_below bytes (0: every row). Set once from Python
-// (cpu_kernels.configure, from cpu_features' prefetch_bytes and prefetch_rows_below), read by every product of few
-// rows. A thread's rows are contiguous, so the bytes `ahead` past a row's start are the rows it reads next.
+// the weight rows it is for: shorter than g_prefetch_rows_below bytes (0: every row); and where the weights go:
+// into L2 only (prefetcht1) or into L1 too (prefetcht0). Set once from Python (cpu_kernels.configure, from
+// cpu_features' prefetch_bytes, prefetch_rows_below and prefetch_to_l2), read by every product of few rows. A
+// thread's rows are contiguous, so the bytes `ahead` past a row's start are the rows it reads next. On a Zen 4
+// the products slowed with weights prefetched into L1 and ran faster with them prefetched into L2; the likely
+// cause: the int16 activations every row reads again (2K bytes against a row of K int8 weights, 14 KB of a 32 KB
+// L1 at K = 7,168) pushed out of L1 by the weights (the products' rates fall as K grows past 4,096 there).
 std::atomic<int64_t> g_prefetch_bytes{0};
 std::atomic<int64_t> g_prefetch_rows_below{0};
+std::atomic<bool> g_prefetch_l2{false};
 
 // The prefetch distance for a product whose weight rows are `row_bytes` long.
 inline int64_t prefetch_distance(int64_t row_bytes) {
@@ -120,7 +125,10 @@ inline int64_t prefetch_distance(int64_t row_bytes) {
 inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
   if (ahead <= 0) return;
   const char* p = static_cast<const char*>(row) + ahead;
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
+  if (g_prefetch_l2.load(std::memory_order_relaxed))
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T1);
+  else
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
 }
 
 // MB rows of x (row stride K) against one weight row over its first `whole` columns (a multiple of 16): two
@@ -2469,24 +2477,28 @@ void set_int8_product(int64_t which) {
 
 int64_t int8_product() { return g_int8_product.load(); }
 
-void set_prefetch_bytes(int64_t bytes, int64_t rows_below) {
+void set_prefetch_bytes(int64_t bytes, int64_t rows_below, bool to_l2) {
   TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20), "cpu_kernels: the prefetch distance is 0..1 MiB");
   TORCH_CHECK(rows_below >= 0, "cpu_kernels: rows_below must be >= 0 (0: every row)");
   g_prefetch_rows_below.store(rows_below);
   g_prefetch_bytes.store(bytes);
+  g_prefetch_l2.store(to_l2);
 }
 
 int64_t prefetch_bytes() { return g_prefetch_bytes.load(); }
 
 int64_t prefetch_rows_below() { return g_prefetch_rows_below.load(); }
 
+bool prefetch_to_l2() { return g_prefetch_l2.load(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
   m.def("int8_product", &int8_product, "which int8 product runs now");
-  m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0,
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0, py::arg("to_l2") = false,
         "how far ahead the products of few rows prefetch weights (0: off), for weight rows shorter than rows_below "
         "bytes (0: every row)");
   m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
+  m.def("prefetch_to_l2", &prefetch_to_l2, "whether the prefetches fill L2 only (prefetcht1), not L1 too");
   m.def("prefetch_rows_below", &prefetch_rows_below, "the weight rows prefetched: shorter than this (0: all)");
   py::class_<DecodeStack>(m, "DecodeStack", "every layer of a decode step in one call")
       .def(py::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, std::vector<torch::Tensor>>(),

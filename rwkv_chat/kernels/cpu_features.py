@@ -26,12 +26,13 @@ What this module promises:
   decode 2.7-6.8% faster with rows of 384-1,536 bytes (0.1B and 0.4B models in every format, int4 at 1.5B) and 3-4%
   slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). `prefetch_to_l2` says where the prefetches put
   the weights: into L2 only (prefetcht1) or into L1 as well (prefetcht0, the default). AMD Zen 4 (family 25 with
-  AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower, into L2
-  the VNNI int8 decode ran 7-13% faster at 0.1B (in either order of an alternated pair), int4, bf16 and 1.5B int8
-  within the pairs' order effect (2 cores, one process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with
-  it, so a Zen 4 capped below the avx512 path (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older,
-  not measured) get 0. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the
-  CPU's level kept); other values raise ValueError naming the variable and the bound.
+  AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower; into L2,
+  issued inside the VNNI int8 one-row product's loop, int8 decode ran 11-19% faster at 0.1B, 8% at 1.5B (2 cores,
+  alternated in one process; int4 and bf16, prefetched at each row's start, within noise; docs/PERFORMANCE.md). Its
+  AVX2 int8 product lost 11% with it, so a Zen 4 capped below the avx512 path (RWKV_CPU_ISA) prefetches nothing.
+  Other AMD CPUs (Zen 3 and older, not measured) get 0. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the
+  distance for every row on any CPU (the CPU's level kept); other values raise ValueError naming the variable and
+  the bound.
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.
@@ -53,7 +54,7 @@ PREFETCH_INTEL = 4096  # bytes; 2,048-8,192 measured within noise of each other 
 PREFETCH_ZEN5 = 4096  # bytes; on a Zen 5 at 0.1B 2,048 and 8,192 gave a little less, at 1.5B all three lost
 PREFETCH_ZEN5_ROWS_BELOW = 2048  # bytes a weight row: shorter rows gained on a Zen 5, rows of 2,048 and 4,096 lost
 ZEN5_FAMILY = 26  # /proc/cpuinfo's "cpu family" of AMD's Zen 5
-PREFETCH_ZEN4 = 8192  # bytes, into L2; 4,096 and 16,384 gave a little less, 2,048 lost 7-9%
+PREFETCH_ZEN4 = 8192  # bytes, into L2; 4,096 gave less on long rows, 16,384 about the same
 ZEN4_FAMILY = 25  # Zen 3 and Zen 4 share it: Zen 4 is the one with AVX-512
 MAX_PREFETCH = 1 << 20
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}

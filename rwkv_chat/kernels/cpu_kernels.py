@@ -29,8 +29,8 @@ What this module promises:
   so an app killed during its first build (a Space restarted, Ctrl-C) would hang at every later start.
 - `configure()` picks the int8 and int4 products (cpu_features' `int8_dot`, so RWKV_CPU_ISA caps it) and the
   products' prefetch distance and level (cpu_features' `prefetch_bytes`, `prefetch_to_l2`, RWKV_CPU_PREFETCH) for
-  the whole process; the build
-  runs it once, and a caller that changes either variable afterwards (the tests, the benchmark) runs it again.
+  the whole process; the build runs it once, and a caller that changes either variable afterwards (the tests, the
+  benchmark) runs it again.
 
 It knows how to build and call the kernels; the RWKV arithmetic lives in the C++ file and in the architectures.
 """

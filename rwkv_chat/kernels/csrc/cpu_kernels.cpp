@@ -16,8 +16,8 @@
 //   kInt4Block: the layout, the arithmetic and its bound); its products are integer sums on int8 activations (a
 //   step per 64 columns), in AVX2 everywhere and in AVX512-VNNI under set_int8_product(1). Where Python set a
 //   distance (set_prefetch_bytes), every product of few rows (whose weight rows are shorter than its rows_below,
-//   where set) asks for the weights that many bytes ahead of the row it reads (software prefetch: no change to any
-//   result).
+//   where set) asks for the weights that many bytes ahead of the row it reads, into L1 or, with to_l2, into L2 only
+//   (software prefetch: no change to any result).
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
 //   weights: the activations rounded to int8 a step per 32 columns and integer sums (the comment above
 //   kGemmBlock), on AVX512-VNNI under set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8).
@@ -133,12 +133,15 @@ inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
 
 // MB rows of x (row stride K) against one weight row over its first `whole` columns (a multiple of 16): two
 // accumulators a row, added, stored at sums[m * stride]: the vector whose horizontal sum is the row's dot product.
-template <typename W, int MB>
+// With L2_AHEAD, the weights `ahead` bytes on are prefetched into L2 as the loop goes (lane_totals_vnni says why).
+template <typename W, int MB, bool L2_AHEAD = false>
 inline void dot_vectors(const typename W::T* w, const float* x, int64_t K, int64_t whole, __m256* sums,
-                        int64_t stride) {
+                        int64_t stride, int64_t ahead = 0) {
   __m256 acc0[MB], acc1[MB];
   for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < whole; k += 16) {
+    if constexpr (L2_AHEAD)  // 16 weights: 32 or 64 bytes (a line asked for twice in bf16 / fp16: cheap)
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + ahead, _MM_HINT_T1);
     __m256 w0 = W::load8(w + k), w1 = W::load8(w + k + 8);
     for (int m = 0; m < MB; ++m) {
       acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc0[m]);
@@ -149,12 +152,12 @@ inline void dot_vectors(const typename W::T* w, const float* x, int64_t K, int64
 }
 
 // out[m, n] for MB rows of x (MB <= 4) against one weight row.
-template <typename W, int MB>
+template <typename W, int MB, bool L2_AHEAD = false>
 inline void dot_rows(const typename W::T* w, const float* x, int64_t K, float scale, float* out,
-                     int64_t out_stride) {
+                     int64_t out_stride, int64_t ahead = 0) {
   const int64_t whole = K / 16 * 16;
   __m256 v[MB];
-  dot_vectors<W, MB>(w, x, K, whole, v, 1);
+  dot_vectors<W, MB, L2_AHEAD>(w, x, K, whole, v, 1, ahead);
   for (int m = 0; m < MB; ++m) {
     float s = horizontal_sum(v[m]);
     for (int64_t j = whole; j < K; ++j) s += W::load1(w + j) * x[m * K + j];
@@ -214,10 +217,15 @@ void rows_range(const float* x, const typename W::T* w, const float* scale, floa
   if (M > 1 && K % 16 == 0)
     for (; begin + 8 <= end; begin += 8)
       rows8<W>(x, w + begin * K, scale ? scale + begin : nullptr, out + begin, M, N, K, ahead);
+  const bool spread = M == 1 && ahead > 0 && g_prefetch_l2.load(std::memory_order_relaxed);  // as int8_rows_vnni
   for (int64_t n = begin; n < end; ++n) {
     const typename W::T* row = w + n * K;
-    prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
     float s = scale ? scale[n] : 1.0f;
+    if (spread) {
+      dot_rows<W, 1, true>(row, x, K, s, out + n, N, ahead);
+      continue;
+    }
+    prefetch_ahead(row, K * static_cast<int64_t>(sizeof(typename W::T)), ahead);
     in_fours(M, [&](auto group, int64_t m) {
       dot_rows<W, decltype(group)::value>(row, x + m * K, K, s, out + m * N + n, N);
     });
@@ -2506,9 +2514,10 @@ bool prefetch_to_l2() { return g_prefetch_l2.load(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
   m.def("int8_product", &int8_product, "which int8 product runs now");
-  m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0, py::arg("to_l2") = false,
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0,
+        py::arg("to_l2") = false,
         "how far ahead the products of few rows prefetch weights (0: off), for weight rows shorter than rows_below "
-        "bytes (0: every row)");
+        "bytes (0: every row), into L2 only with to_l2 (else into L1 too)");
   m.def("prefetch_bytes", &prefetch_bytes, "the prefetch distance now, in bytes");
   m.def("prefetch_to_l2", &prefetch_to_l2, "whether the prefetches fill L2 only (prefetcht1), not L1 too");
   m.def("prefetch_rows_below", &prefetch_rows_below, "the weight rows prefetched: shorter than this (0: all)");

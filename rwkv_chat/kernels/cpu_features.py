@@ -29,11 +29,10 @@ What this module promises:
   AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower; into L2,
   issued inside the one-row products' loops (VNNI int8, float), int8 decode ran 11-19% faster at 0.1B and the bf16
   products of long rows (7,168-14,336 columns) 1.5-2.2× (2 cores, alternated in one process; int4, prefetched at
-  each row's start, within noise; docs/PERFORMANCE.md). Its
-  AVX2 int8 product lost 11% with it, so a Zen 4 capped below the avx512 path (RWKV_CPU_ISA) prefetches nothing.
-  Other AMD CPUs (Zen 3 and older, not measured) get 0. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the
-  distance for every row on any CPU (the CPU's level kept); other values raise ValueError naming the variable and
-  the bound.
+  each row's start, within noise; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped
+  below the avx512 path (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older, not measured) get 0.
+  RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the CPU's level kept);
+  other values raise ValueError naming the variable and the bound.
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.

@@ -122,6 +122,10 @@ inline int64_t prefetch_distance(int64_t row_bytes) {
   return below > 0 && row_bytes >= below ? 0 : g_prefetch_bytes.load(std::memory_order_relaxed);
 }
 
+// Whether a one-row product prefetches inside its row's loop (into L2, a line at a time: lane_totals_vnni says why)
+// instead of a row's whole prefetch at its start (prefetch_ahead).
+inline bool prefetch_in_loop(int64_t ahead) { return ahead > 0 && g_prefetch_l2.load(std::memory_order_relaxed); }
+
 inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {
   if (ahead <= 0) return;
   const char* p = static_cast<const char*>(row) + ahead;
@@ -217,7 +221,7 @@ void rows_range(const float* x, const typename W::T* w, const float* scale, floa
   if (M > 1 && K % 16 == 0)
     for (; begin + 8 <= end; begin += 8)
       rows8<W>(x, w + begin * K, scale ? scale + begin : nullptr, out + begin, M, N, K, ahead);
-  const bool spread = M == 1 && ahead > 0 && g_prefetch_l2.load(std::memory_order_relaxed);  // as int8_rows_vnni
+  const bool spread = M == 1 && prefetch_in_loop(ahead);
   for (int64_t n = begin; n < end; ++n) {
     const typename W::T* row = w + n * K;
     float s = scale ? scale[n] : 1.0f;
@@ -411,7 +415,7 @@ void int8_rows_vnni(const int8_t* w, const int16_t* xq, const float* step, const
   const int64_t ahead = prefetch_distance(K);
   if (M == 1 && K % 32 == 0) {  // a decode step of one chat: 16 rows' lane totals, then one reduction
     const __m512 x_step = _mm512_set1_ps(step[0]);
-    const bool spread = ahead > 0 && g_prefetch_l2.load(std::memory_order_relaxed);  // into L2: in the row's loop
+    const bool spread = prefetch_in_loop(ahead);
     for (; begin + 16 <= end; begin += 16) {
       __m512 sums[16];
       for (int r = 0; r < 16; ++r) {

@@ -7,13 +7,14 @@ What this module promises:
   are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product).
 - `LowRank.__call__(x [I, M, C] fp32, operands)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`,
   with act one of identity, tanh, sigmoid, in two kernel launches whatever the number of parts (the first
-  writes split-K partial sums, which the second adds while loading). For fewer than MANY_ROWS rows (a decode
-  step of a few chats) the kernels multiply in fp32 and read the weights once per row. For more (a batch of many
-  chats) they are tile GEMMs that read them once for many rows, on the tensor cores of NVIDIA GPUs with TF32:
-  in 3xTF32 (about fp32's accuracy) when `operands` is fp32, in TF32 (operands rounded to 10-bit mantissas,
-  finer than the bf16 or fp16 operands of the caller's other products) when it is 16-bit; as fp32 FMAs
-  elsewhere; PyTorch's fp32 GEMMs where a part's width is not a multiple of MIN_DOT. Up to that rounding and the
-  order of the additions, the same function as the PyTorch products of the plain path.
+  writes the down products, whole and activated or as split-K partial sums that the second adds and activates
+  while loading). For fewer than MANY_ROWS rows (a decode step of a few chats) the kernels multiply in fp32
+  and read the weights once per row. For more (a batch of many chats) they are tile GEMMs that read them once
+  for many rows, on the tensor cores of NVIDIA GPUs with TF32: in 3xTF32 (about fp32's accuracy) when
+  `operands` is fp32, in TF32 (operands rounded to 10-bit mantissas, finer than the bf16 or fp16 operands of
+  the caller's other products) when it is 16-bit; as fp32 FMAs elsewhere; PyTorch's fp32 GEMMs where a part's
+  width is not a multiple of MIN_DOT. Up to that rounding and the order of the additions, the same function as
+  the PyTorch products of the plain path.
 - Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (the tests compare them there).
 
 It knows matrices and the three activations, not which LoRA of which architecture it serves.
@@ -35,15 +36,18 @@ MAX_BLOCK_R = 32  # rows of the down product per program
 MAX_UP_BLOCK_R = 512  # rows of a part the up product loads at once (the widest published LoRA, 480, in one tile)
 MANY_ROWS = 16  # from this many rows the products are GEMMs (the kernels re-read the weights for every row)
 MIN_DOT = 16  # the GEMMs' tiles need parts whose widths are multiples of this (else PyTorch's fp32 GEMMs)
-# the many-row GEMMs' tiles by the precision of their products (tuned on an H200 for the 7B and 1.5B LoRAs at
-# 16-256 rows): TF32 products, then 3xTF32 (three tensor-core products a tile; also the tiles of plain fp32 FMAs)
+# the many-row GEMMs by the precision of their products, TF32 then 3xTF32 (three tensor-core products a tile; also
+# the tiles of plain fp32 FMAs): the down GEMM's tile, the up GEMM's, and whether the down GEMM runs whole (one split
+# over K: it applies the activations, and the up GEMM reads one matrix) or splits K until its programs fill the SMs
+# DOWN_PROGRAMS_PER_SM times (the up GEMM sums the splits). Tuned on an H200 for the 7.2B and 1.5B LoRAs at 16-256
+# rows (docs/PERFORMANCE.md): whole wins in TF32 at every row count, split in 3xTF32.
 GEMM_TILES = {
     "tf32": ({"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-             {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}),
+             {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, True),
     "tf32x3": ({"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-               {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}),
+               {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, False),
 }
-DOWN_PROGRAMS_PER_SM = 2  # the down GEMM splits K until its programs fill the SMs about this many times
+DOWN_PROGRAMS_PER_SM = 2
 ACTIVATIONS = {IDENTITY: lambda h: h, TANH: torch.tanh, SIGMOID: torch.sigmoid}
 
 if AVAILABLE:
@@ -59,9 +63,11 @@ if AVAILABLE:
                         tl.where(act == SIGMOID_CODE, 1.0 / (1.0 + tl.exp(-h)), h))
 
     @triton.jit
-    def _part(PARTS, p):
-        """Part p's first row, width and activation code (a row of LowRank.parts)."""
-        return tl.load(PARTS + p * 3), tl.load(PARTS + p * 3 + 1), tl.load(PARTS + p * 3 + 2)
+    def _part(PARTS, i):
+        """Row i of LowRank.parts (the widest part first): the part's first row, width, activation code and
+        index (its place in the output)."""
+        row = PARTS + i * 4
+        return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
 
     @triton.jit
     def _lora_down_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, R, K, K_PER_SPLIT,
@@ -89,9 +95,8 @@ if AVAILABLE:
         """Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n]; H as split partials [S, M, R].
         BLOCK_R covers a whole part in one tile where it can: the loads are issued at once, not in a chain."""
         pid_n = tl.program_id(0)
-        p = tl.program_id(1)
         m = tl.program_id(2)
-        start, length, act = _part(PARTS, p)
+        start, length, act, p = _part(PARTS, tl.program_id(1))
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         rows = tl.arange(0, BLOCK_R)
@@ -106,11 +111,12 @@ if AVAILABLE:
         tl.store(Y + p * stride_yp + m * stride_ym + offs_n, acc, mask=n_ok)
 
     @triton.jit
-    def _lora_down_gemm_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, M, K, K_PER_SPLIT,
-                               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                               PRECISION: tl.constexpr):
+    def _lora_down_gemm_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, ACT_OF_BLOCK, Y, stride_ys, stride_ym, M,
+                               K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PRECISION: tl.constexpr, ACTIVATE: tl.constexpr):
         """Many rows: Y[s, m, r] = sum over split s's k of X[input(r), m, k] * W[r, k], a [BLOCK_M, BLOCK_R] tile
-        a program on the tensor cores (the rows of a block share an input; R is a multiple of BLOCK_R)."""
+        a program on the tensor cores (the rows of a block share an input and a part; R is a multiple of
+        BLOCK_R); with ACTIVATE (one split: the sums are whole) each block's part's activation applied."""
         pid_r = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -126,18 +132,20 @@ if AVAILABLE:
             x = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(W + offs_r[None, :] * K + offs_k[:, None], mask=k_ok[:, None], other=0.0)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if ACTIVATE:
+            acc = _activate(acc, tl.load(ACT_OF_BLOCK + pid_r))
         tl.store(Y + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_r[None, :], acc, mask=m_ok[:, None])
 
     @triton.jit
     def _lora_up_gemm_kernel(H, stride_hs, stride_hm, n_split, PARTS, W, Y, stride_yp, stride_ym, M, N,
                              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, ACTIVATED: tl.constexpr):
         """Many rows: Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n], H as split partials
-        [S, M, R]; a [BLOCK_M, BLOCK_N] tile a program on the tensor cores."""
+        [S, M, R] (or, ACTIVATED, one [M, R] of act_p(H) already); a [BLOCK_M, BLOCK_N] tile a program on the
+        tensor cores. The widest part's programs come first (the last wave is not one part's long tiles)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        p = tl.program_id(2)
-        start, length, act = _part(PARTS, p)
+        start, length, act, p = _part(PARTS, tl.program_id(2))
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,7 +159,8 @@ if AVAILABLE:
             for s in range(n_split):
                 h += tl.load(H + s * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :],
                              mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            h = _activate(h, act)
+            if not ACTIVATED:
+                h = _activate(h, act)
             w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
         tl.store(Y + p * stride_yp + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
@@ -176,9 +185,11 @@ def _block_rows(parts: list[LoraPart]) -> int:
 class LowRank:
     """Several LoRAs of one layer, packed (see the module docstring)."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, input_of_block: torch.Tensor, parts: torch.Tensor,
-                 block_r: int, up_block_r: int, layout: list[LoraPart]):
-        self.down, self.up, self.input_of_block, self.parts = down, up, input_of_block, parts
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, input_of_block: torch.Tensor,
+                 activation_of_block: torch.Tensor, parts: torch.Tensor, block_r: int, up_block_r: int,
+                 layout: list[LoraPart]):
+        self.down, self.up, self.parts = down, up, parts
+        self.input_of_block, self.activation_of_block = input_of_block, activation_of_block
         self.block_r, self.up_block_r = block_r, up_block_r
         self.groups = _input_groups(layout)
 
@@ -199,16 +210,18 @@ class LowRank:
                 weight.data = view(packed[start:start + rows], weight)
                 start += rows
         block_r = _block_rows(parts)
-        table, inputs, start = [], [], 0
-        for p in parts:
-            table.append((start, p.width, p.activation))
+        table, inputs, activations, start = [], [], [], 0
+        for index, p in enumerate(parts):
+            table.append((start, p.width, p.activation, index))
             inputs += [p.input_row] * (p.width // block_r)
+            activations += [p.activation] * (p.width // block_r)
             start += p.width
+        table.sort(key=lambda row: -row[1])  # the widest part first (stable: equal widths keep their order)
         device = down.device
         widest = 1 << (max(p.width for p in parts) - 1).bit_length()
-        return cls(down, up, torch.tensor(inputs, dtype=torch.int32, device=device),
-                   torch.tensor(table, dtype=torch.int32, device=device), block_r, min(widest, MAX_UP_BLOCK_R),
-                   list(parts))
+        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+        return cls(down, up, as_tensor(inputs), as_tensor(activations), as_tensor(table), block_r,
+                   min(widest, MAX_UP_BLOCK_R), list(parts))
 
     @property
     def n_parts(self) -> int:
@@ -244,23 +257,25 @@ class LowRank:
 
     def _gemms(self, x: torch.Tensor, precision: str) -> torch.Tensor:
         """__call__ for many rows: two launches of tile GEMMs (`precision`: tl.dot's input precision); the down
-        product split over K where its tiles alone would leave SMs idle."""
+        product whole or split over K as GEMM_TILES says for that precision."""
         _, m, k = x.shape
         r, n = self.up.shape
-        down, up = GEMM_TILES["tf32" if precision == "tf32" else "tf32x3"]
+        down, up, whole = GEMM_TILES["tf32" if precision == "tf32" else "tf32x3"]
         n_blocks = r // self.block_r
         tiles = n_blocks * triton.cdiv(m, down["BLOCK_M"])
-        splits = max(1, min(DOWN_PROGRAMS_PER_SM * _sm_count(x.device) // tiles, k // (4 * down["BLOCK_K"])))
+        splits = 1 if whole else max(1, min(DOWN_PROGRAMS_PER_SM * _sm_count(x.device) // tiles,
+                                            k // (4 * down["BLOCK_K"])))
         k_per_split = triton.cdiv(triton.cdiv(k, splits), down["BLOCK_K"]) * down["BLOCK_K"]
         splits = triton.cdiv(k, k_per_split)
         hidden = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
         _lora_down_gemm_kernel[(n_blocks, triton.cdiv(m, down["BLOCK_M"]), splits)](
-            x, x.stride(0), x.stride(1), self.down, self.input_of_block, hidden, hidden.stride(0), hidden.stride(1),
-            m, k, k_per_split, BLOCK_R=self.block_r, PRECISION=precision, **down)
+            x, x.stride(0), x.stride(1), self.down, self.input_of_block, self.activation_of_block, hidden,
+            hidden.stride(0), hidden.stride(1), m, k, k_per_split, BLOCK_R=self.block_r, PRECISION=precision,
+            ACTIVATE=splits == 1, **down)
         out = torch.empty((self.n_parts, m, n), device=x.device, dtype=torch.float32)
         _lora_up_gemm_kernel[(triton.cdiv(n, up["BLOCK_N"]), triton.cdiv(m, up["BLOCK_M"]), self.n_parts)](
             hidden, hidden.stride(0), hidden.stride(1), splits, self.parts, self.up, out, out.stride(0),
-            out.stride(1), m, n, BLOCK_R=self.block_r, PRECISION=precision, **up)
+            out.stride(1), m, n, BLOCK_R=self.block_r, PRECISION=precision, ACTIVATED=splits == 1, **up)
         return out
 
     def _products(self, x: torch.Tensor) -> torch.Tensor:

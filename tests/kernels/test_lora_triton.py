@@ -33,8 +33,13 @@ SCRIPT = """
         x = torch.randn(3, m, width_in, generator=gen)
         want = torch.stack([lt.ACTIVATIONS[p.activation](x[p.input_row].double() @ a.double()) @ b.double()
                             for p, (a, b) in zip(parts, expected_views)])
-        got = low_rank(x, torch.bfloat16)
-        out[str(m)] = [list(got.shape), (got.double() - want).abs().max().item() / want.abs().max().item()]
+        # the many-row down GEMM whole (it applies the activations) and split over K (the up GEMM sums the splits
+        # and applies them), in the tiles of every precision (the interpreter's fp32 products take 3xTF32's)
+        for label, whole in (("whole", True), ("split", False)):
+            lt.GEMM_TILES = {key: (down, up, whole) for key, (down, up, _) in lt.GEMM_TILES.items()}
+            got = low_rank(x, torch.bfloat16)
+            error = (got.double() - want).abs().max().item() / want.abs().max().item()
+            out[f"{m} {label}"] = [list(got.shape), error]
     print(json.dumps(out))
 """
 
@@ -44,10 +49,11 @@ SCRIPT = """
                                          ([8, 8, 24, 8], "parts narrower than a tile: PyTorch's GEMMs")])
 def test_lora_products_match_float64_for_few_and_many_rows(widths, note):
     rows = [3, 16, 37]  # the few-row kernels; the GEMM path at MANY_ROWS; rows past a whole tile of 16 or 32
-    # 512 inputs: the down GEMM splits K (2 tiles against the interpreter's 8 SMs)
+    # 512 inputs: split, the down GEMM takes 2 splits (7 tiles against the interpreter's 8 SMs)
     out = json.loads(run_interpreted(SCRIPT, json.dumps(widths), json.dumps(rows), "512").strip().splitlines()[-1])
     assert out["views"], "packing changed the values the parameters show"
     for m in rows:
-        shape, error = out[str(m)]
-        assert shape == [len(widths), m, 48]
-        assert error < 1e-5, f"{note}, {m} rows: relative error {error:.2e}"
+        for label in ("whole", "split"):
+            shape, error = out[f"{m} {label}"]
+            assert shape == [len(widths), m, 48]
+            assert error < 1e-5, f"{note}, {m} rows, down GEMM {label}: relative error {error:.2e}"

@@ -650,10 +650,12 @@ inline void int4_row_groups(const uint16_t* groups, const Int4Rows& a, int64_t m
 // out[m, n] for MB activation rows against one int4 weight row (w: K/2 bytes, groups: 2·K/G fp16 values);
 // BlockSum(q_low, q_high, x) is a 64-column block's integer sums in 8 int32 lanes. Always inlined, so that it is
 // compiled for its caller's instruction set (the VNNI one's included). Even and odd blocks add into two totals:
-// one chain of fmadds a block was the bound on one activation row.
+// one chain of fmadds a block was the bound on one activation row. `ahead` > 0: each pair of blocks (a 64-byte
+// line) asks for the line `ahead` bytes further into L2 (prefetch_in_loop).
 template <int MB, typename BlockSum>
 __attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint16_t* groups, const Int4Rows& a,
-                                                    int64_t m0, float* out, int64_t out_stride, BlockSum block_sum) {
+                                                    int64_t m0, float* out, int64_t out_stride, int64_t ahead,
+                                                    BlockSum block_sum) {
   const int64_t K = a.K, blocks = K / kInt4Block, per_group = a.G / kInt4Block;
   float scale[kInt4MaxBlocks], offset[MB];  // scale: a group's, then spread over its blocks
   int4_row_groups<MB>(groups, a, m0, scale, offset);
@@ -675,6 +677,7 @@ __attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint
   };
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
+    if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 32 + ahead), _MM_HINT_T1);
     add_block(b, even);
     add_block(b + 1, odd);
   }
@@ -686,9 +689,10 @@ inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_c
 
 template <int MB>
 struct Int4DotAvx2 {
-  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride) {
+  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride,
+                  int64_t ahead) {
     const __m256i ones = _mm256_set1_epi16(1);
-    int4_dot<MB>(w, g, a, m, out, stride, [&](__m256i low, __m256i high, const int8_t* x) {
+    int4_dot<MB>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x) {
       const __m256i pairs =
           _mm256_add_epi16(_mm256_maddubs_epi16(low, load32(x)), _mm256_maddubs_epi16(high, load32(x + 32)));
       return _mm256_madd_epi16(pairs, ones);  // |pairs| ≤ 4·15·127: no 16-bit overflow
@@ -699,26 +703,31 @@ struct Int4DotAvx2 {
 template <int MB>
 struct Int4DotVnni {
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride) {
-    int4_dot<MB>(w, g, a, m, out, stride, [&](__m256i low, __m256i high, const int8_t* x)
+  static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride,
+                  int64_t ahead) {
+    int4_dot<MB>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x)
                  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
       return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, load32(x)), high, load32(x + 32));
     });
   }
 };
 
-// Rows [begin, end) of the output for every activation row, four at a time, with the row product Dot.
+// Rows [begin, end) of the output for every activation row, four at a time, with the row product Dot. One activation
+// row with the prefetch level L2 (a Zen 4) prefetches inside the row's loop, as the one-row int8 product does.
 template <template <int> class Dot>
 void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, float* out, int64_t M, int64_t N,
                int64_t begin, int64_t end) {
   const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
   const int64_t ahead = prefetch_distance(row_bytes);
+  const int64_t in_loop = M == 1 && prefetch_in_loop(ahead) ? ahead : 0;
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = w + n * row_bytes;
     const uint16_t* g = groups + n * row_groups;
-    prefetch_ahead(row, row_bytes, ahead);
+    if (!in_loop) prefetch_ahead(row, row_bytes, ahead);
     prefetch_ahead(g, 2 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
-    in_fours(M, [&](auto group, int64_t m) { Dot<decltype(group)::value>::run(row, g, a, m, out + m * N + n, N); });
+    in_fours(M, [&](auto group, int64_t m) {
+      Dot<decltype(group)::value>::run(row, g, a, m, out + m * N + n, N, in_loop);
+    });
   }
 }
 

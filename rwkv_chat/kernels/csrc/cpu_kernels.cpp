@@ -368,11 +368,11 @@ inline __m512 lane_sums16(const __m512* v) {
 }
 
 // One weight row's lane totals against MB rows of x (lane_totals_vnni), stored as sums[m * 16].
-template <int MB, int U>
+template <int MB, int U, bool L2_AHEAD = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-inline void totals_into(const int8_t* row, const int16_t* xq, int64_t K, __m512* sums) {
+inline void totals_into(const int8_t* row, const int16_t* xq, int64_t K, __m512* sums, int64_t ahead = 0) {
   __m512 total[MB];
-  lane_totals_vnni<MB, U>(row, xq, K, total);
+  lane_totals_vnni<MB, U, L2_AHEAD>(row, xq, K, total, ahead);
   for (int m = 0; m < MB; ++m) sums[m * 16] = total[m];
 }
 
@@ -391,16 +391,20 @@ void rows16_vnni(const int8_t* w, const int16_t* xq, const float* step, const fl
                  int64_t N, int64_t K, int64_t ahead) {
   const __m512 w_scale = _mm512_loadu_ps(scale);
   const int64_t per_pass = std::clamp<int64_t>(kPassXBytes / (2 * K) / 4 * 4, 4, kPanelXRows);
+  const bool spread = prefetch_in_loop(ahead);
   for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
     const int64_t rows = std::min(per_pass, M - m0);
     __m512 sums[kPanelXRows * 16];
     for (int r = 0; r < 16; ++r) {
       const int8_t* row = w + r * K;
-      if (m0 == 0) prefetch_ahead(row, K, ahead);
+      if (m0 == 0 && !spread) prefetch_ahead(row, K, ahead);
       const int16_t* x = xq + m0 * K;
       in_fours(rows, [&](auto group, int64_t m) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
         constexpr int MB = decltype(group)::value;
-        totals_into<MB, vnni_unroll(MB)>(row, x + m * K, K, sums + m * 16 + r);
+        if (spread && m0 == 0 && m == 0)  // the row's first read asks for the rows after it
+          totals_into<MB, vnni_unroll(MB), true>(row, x + m * K, K, sums + m * 16 + r, ahead);
+        else
+          totals_into<MB, vnni_unroll(MB)>(row, x + m * K, K, sums + m * 16 + r);
       });
     }
     for (int64_t m = 0; m < rows; ++m)

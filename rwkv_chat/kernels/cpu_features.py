@@ -27,10 +27,10 @@ What this module promises:
   slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). `prefetch_to_l2` says where the prefetches put
   the weights: into L2 only (prefetcht1) or into L1 as well (prefetcht0, the default). AMD Zen 4 (family 25 with
   AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower; into L2,
-  issued inside the one-row products' loops (int8, int4, float), int8 decode ran 11-19% faster at 0.1B, int4
-  decode 8-11% at 1.5B (at 0.1B within noise, as int4 prefetched at each row's start was at both sizes) and the
-  bf16 products of long rows (7,168-14,336 columns) 1.5-2.2× (2 cores, alternated in one process;
-  docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped
+  issued inside the products' loops (one row: int8, int4, float; several rows: int8), int8 decode ran 11-19%
+  faster at 0.1B, int4 decode 8-11% at 1.5B (at 0.1B within noise, as int4 prefetched at each row's start was at
+  both sizes) and the bf16 products of long rows (7,168-14,336 columns) 1.5-2.2× (2 cores, alternated in one
+  process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped
   below the avx512 path (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older, not measured) get 0.
   RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the CPU's level kept);
   other values raise ValueError naming the variable and the bound.

@@ -30,10 +30,10 @@ What this module promises:
   issued inside the products' loops (one row: int8, int4, float; several rows: int8), int8 decode ran 11-19%
   faster at 0.1B, int4 decode 8-11% at 1.5B (at 0.1B within noise, as int4 prefetched at each row's start was at
   both sizes) and the bf16 products of long rows (7,168-14,336 columns) 1.5-2.2× (2 cores, alternated in one
-  process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped
-  below the avx512 path (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older, not measured) get 0.
-  RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the CPU's level kept);
-  other values raise ValueError naming the variable and the bound.
+  process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped below the avx512 path
+  (RWKV_CPU_ISA) prefetches nothing. Other AMD CPUs (Zen 3 and older, not measured) get 0. RWKV_CPU_PREFETCH
+  (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the CPU's level kept); other values raise
+  ValueError naming the variable and the bound.
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.

@@ -68,9 +68,11 @@ def ffn_dim(version: str, n_embd: int) -> int:
 
 
 def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCAB, seed: int = 0,
-                      device="cpu") -> dict[str, torch.Tensor]:
+                      device="cpu", values: str = "fp32") -> dict[str, torch.Tensor]:
     """A random checkpoint in the original layout and key order, fp32, with scales like trained models'
-    (unit-variance projections, decays spread over [-6, 1], mixes in [0, 1]), so logits span a few units."""
+    (unit-variance projections, decays spread over [-6, 1], mixes in [0, 1]), so logits span a few units.
+    values="bf16": every value rounded to a bf16 (still fp32 tensors), as the released .pth files hold them: the
+    loaders then keep what a bf16 checkpoint lets them keep in bf16 (RWKV-6/7's LoRA factors on a GPU)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c, f, h = n_embd, ffn_dim(version, n_embd), n_embd // HEAD_SIZE
 
@@ -132,6 +134,10 @@ def random_state_dict(version: str, n_layer: int, n_embd: int, vocab: int = VOCA
         sd[f"{m}.value.weight"] = linear(c, f)
     sd.update(norm("ln_out", c))
     sd["head.weight"] = linear(vocab, c, gain=4.0)
+    if values == "bf16":
+        sd = {name: tensor.bfloat16().float() for name, tensor in sd.items()}
+    elif values != "fp32":
+        raise ValueError(f"values must be fp32 or bf16, not {values!r}")
     return sd
 
 
@@ -801,7 +807,7 @@ def profile_decode(args, version: str, size: str, dtype: str, device: torch.devi
     """Where a decode step's time goes: graph replay on the GPU alone vs model.forward wall time, and the
     kernels of one eager step and of one prefill (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
-    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device)
+    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device, values=args.checkpoint_values)
     model = OursImpl(sd, device, dtype).model
     del sd
     cleanup()
@@ -910,6 +916,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-shapes", action="store_true", help="skip the per-model tables")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-values", choices=["fp32", "bf16"], default="fp32",
+                   help="the random checkpoint's values: fp32, or every value a bf16 as in the released .pth files "
+                        "(on a GPU RWKV-6/7's LoRA factors are then held in bf16)")
     return p.parse_args(argv)
 
 
@@ -921,7 +930,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     decode_n = args.decode_tokens or (256 if on_cuda else 64)
     timing_tokens = torch.randint(1, 65530, (decode_n,), generator=gen).tolist()
     reps = args.reps or (5 if on_cuda else 2)
-    sd = random_state_dict(version, n_layer, n_embd, seed=args.seed, device=device)
+    sd = random_state_dict(version, n_layer, n_embd, seed=args.seed, device=device, values=args.checkpoint_values)
     print(f"[bench] RWKV-{version} {size} (L{n_layer} D{n_embd}) on {device}", file=sys.stderr, flush=True)
     # fp32 reference logits: our plain path (held to the rwkv package by the tests)
     with torch.inference_mode():
@@ -993,7 +1002,8 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         steps = "C++ decode kernels" if cpu_kernels.kernels() is not None else "PyTorch decode step (no C++ kernels)"
         name = f"CPU ({torch.get_num_threads()} threads, {steps})"
     title = (f"RWKV-{version} {size} (L{n_layer} D{n_embd}) · {name} · prefill {args.prefill_tokens} tok · "
-             f"decode {decode_n} tok · batch 1")
+             f"decode {decode_n} tok · batch 1" + (" · bf16 checkpoint values" if args.checkpoint_values == "bf16"
+                                                   else ""))
     return rows, print_table(title, rows)
 
 
@@ -1036,7 +1046,8 @@ def main(argv=None) -> int:
         for size in (args.batch_sizes or args.sizes).split(","):
             for version in args.versions.split(","):
                 for dt in (args.dtypes or "bf16").split(","):
-                    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device)
+                    sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device,
+                                           values=args.checkpoint_values)
                     dev, torch_dtype = resolve_device_dtype(device, dt)
                     model = build_model(config_from_state_dict(sd), dict(sd), dev, torch_dtype, fast=True)
                     del sd

@@ -4,7 +4,10 @@ What this module promises:
 - `LowRank.pack(firsts, seconds, parts)` stacks several LoRAs `act(x_i @ A_i) @ B_i` of one layer, each fed by
   its own input row, into two matrices: `down` [R, C] (the A_i transposed, rows concatenated) and `up` [R, N]
   (the B_i, rows concatenated). The caller's A and B parameters are re-pointed to views of them, so the weights
-  are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product).
+  are held once (the A views are transposed, hence not contiguous: fine for every PyTorch product). On CUDA,
+  where every value is a bf16 (a bf16 checkpoint's, as the released files are), they are held in bf16 and the
+  kernels widen them to fp32 as they load them: the same values in half the bytes (the parameters then show bf16
+  too, and every product that reads them widens them as before).
 - `LowRank.__call__(x [I, M, C] fp32, operands)` returns fp32 [P, M, N]: part p's `act_p(x[input_p] @ A_p) @ B_p`,
   with act one of identity, tanh, sigmoid, in two kernel launches whatever the number of parts (the first
   writes the down products, whole and activated or as split-K partial sums that the second adds and activates
@@ -33,7 +36,10 @@ from .triton_kernels import AVAILABLE, _sm_count, tl, triton
 
 IDENTITY, TANH, SIGMOID = 0, 1, 2
 MAX_BLOCK_R = 32  # rows of the down product per program
-MAX_UP_BLOCK_R = 512  # rows of a part the up product loads at once (the widest published LoRA, 480, in one tile)
+MAX_UP_BLOCK_R = 256  # rows of a part the few-row up product loads at once (two tiles for the widest, 480)
+# the few-row kernels' warps, and how many programs the down product's K splits aim at (a multiple of the SMs).
+# Swept on an H200 for the 7.2B and 1.5B LoRAs at 1 and 4 rows, bf16-held factors (docs/PERFORMANCE.md)
+DOWN_WARPS, UP_WARPS, FEW_ROW_PROGRAMS_PER_SM = 8, 2, 2
 MANY_ROWS = 16  # from this many rows the products are GEMMs (the kernels re-read the weights for every row)
 MIN_DOT = 16  # the GEMMs' tiles need parts whose widths are multiples of this (else PyTorch's fp32 GEMMs)
 # the many-row GEMMs by the precision of their products, TF32 then 3xTF32 (three tensor-core products a tile; also
@@ -84,7 +90,8 @@ if AVAILABLE:
         for kk in range(0, K_PER_SPLIT, BLOCK_K):
             offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            w = tl.load(W + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
             x = tl.load(x_base + offs_k, mask=k_ok, other=0.0)
             acc += w * x[None, :]
         tl.store(Y + pid_s * stride_ys + m * stride_ym + offs_r, tl.sum(acc, axis=1), mask=r_ok)
@@ -93,7 +100,7 @@ if AVAILABLE:
     def _lora_up_kernel(H, stride_hs, stride_hm, n_split, PARTS, W, Y, stride_yp, stride_ym, N,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
         """Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n]; H as split partials [S, M, R].
-        BLOCK_R covers a whole part in one tile where it can: the loads are issued at once, not in a chain."""
+        BLOCK_R rows of a part a tile (MAX_UP_BLOCK_R: two tiles for the widest part), their loads issued at once."""
         pid_n = tl.program_id(0)
         m = tl.program_id(2)
         start, length, act, p = _part(PARTS, tl.program_id(1))
@@ -104,7 +111,8 @@ if AVAILABLE:
         for r0 in range(0, length, BLOCK_R):
             r_ok = r0 + rows < length
             offs_r = start + r0 + rows
-            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)
             h = _sum_splits(H + m * stride_hm, stride_hs, n_split, offs_r, r_ok)
             h = _activate(h, act)
             acc += tl.sum(w * h[:, None], axis=0)
@@ -130,7 +138,7 @@ if AVAILABLE:
             offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             x = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + offs_r[None, :] * K + offs_k[:, None], mask=k_ok[:, None], other=0.0)
+            w = tl.load(W + offs_r[None, :] * K + offs_k[:, None], mask=k_ok[:, None], other=0.0).to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if ACTIVATE:
             acc = _activate(acc, tl.load(ACT_OF_BLOCK + pid_r))
@@ -161,7 +169,8 @@ if AVAILABLE:
                              mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             if not ACTIVATED:
                 h = _activate(h, act)
-            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
         tl.store(Y + p * stride_yp + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
                  mask=m_ok[:, None] & n_ok[None, :])
@@ -195,11 +204,17 @@ class LowRank:
 
     @classmethod
     @torch.no_grad()
-    def pack(cls, firsts: list[nn.Parameter], seconds: list[nn.Parameter], parts: list[LoraPart]) -> LowRank:
+    def pack(cls, firsts: list[nn.Parameter], seconds: list[nn.Parameter], parts: list[LoraPart],
+             bf16: bool | None = None) -> LowRank:
         """firsts: the A matrices [C, r_i]; seconds: the B matrices [r_i, N] (or [k, r, N]: k parts' stacked),
-        whose rows, concatenated, are the parts' in order."""
+        whose rows, concatenated, are the parts' in order. `bf16`: hold the matrices in bf16 (the kernels widen
+        them to fp32 as they load them); None: on CUDA where every value is a bf16 (no value changes), else fp32."""
         down = torch.cat([a.data.float().t() for a in firsts]).contiguous()  # [R, C]
         up = torch.cat([b.data.float().reshape(-1, b.shape[-1]) for b in seconds]).contiguous()  # [R, N]
+        if bf16 is None:
+            bf16 = down.is_cuda and all(torch.equal(m, m.bfloat16().float()) for m in (down, up))
+        if bf16:  # every value a bf16 (a bf16 checkpoint's): held in half the bytes, widened exactly as loaded
+            down, up = down.bfloat16(), up.bfloat16()
         if sum(p.width for p in parts) != down.shape[0] or up.shape[0] != down.shape[0]:
             raise ValueError("the parts' widths do not add up to the matrices' rows")
         for weights, packed, view in ((firsts, down, lambda rows, a: rows.t()),
@@ -239,20 +254,20 @@ class LowRank:
         r, n = self.up.shape
         block_k = 256
         n_blocks = r // self.block_r
-        want = 4 * _sm_count(x.device)
+        want = FEW_ROW_PROGRAMS_PER_SM * _sm_count(x.device)
         splits = max(1, min(want // max(1, n_blocks * m), k // (2 * block_k)))
         k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
         splits = triton.cdiv(k, k_per_split)
         hidden = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
         _lora_down_kernel[(n_blocks, splits, m)](x, x.stride(0), x.stride(1), self.down, self.input_of_block,
                                                   hidden, hidden.stride(0), hidden.stride(1), r, k, k_per_split,
-                                                  BLOCK_R=self.block_r, BLOCK_K=block_k, num_warps=4)
+                                                  BLOCK_R=self.block_r, BLOCK_K=block_k, num_warps=DOWN_WARPS)
         out = torch.empty((self.n_parts, m, n), device=x.device, dtype=torch.float32)
         block_n = 32
         _lora_up_kernel[(triton.cdiv(n, block_n), self.n_parts, m)](hidden, hidden.stride(0), hidden.stride(1),
                                                                      splits, self.parts, self.up, out, out.stride(0),
                                                                      out.stride(1), n, BLOCK_R=self.up_block_r,
-                                                                     BLOCK_N=block_n, num_warps=8)
+                                                                     BLOCK_N=block_n, num_warps=UP_WARPS)
         return out
 
     def _gemms(self, x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -282,9 +297,10 @@ class LowRank:
         """__call__ as PyTorch GEMMs: one down product per group of parts sharing an input, one up product a part."""
         out = torch.empty((self.n_parts, x.shape[1], self.up.shape[1]), device=x.device, dtype=torch.float32)
         for input_row, start, stop, members in self.groups:
-            hidden = x[input_row] @ self.down[start:stop].t()  # [M, rows of the group]
+            hidden = x[input_row] @ self.down[start:stop].float().t()  # [M, rows of the group]
             for p, begin, end, activation in members:
-                torch.mm(ACTIVATIONS[activation](hidden[:, begin - start:end - start]), self.up[begin:end], out=out[p])
+                torch.mm(ACTIVATIONS[activation](hidden[:, begin - start:end - start]), self.up[begin:end].float(),
+                         out=out[p])
         return out
 
 

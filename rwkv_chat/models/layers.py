@@ -69,7 +69,8 @@ def lora_storage_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     where its prefills multiply them in bf16 anyway (lora_dtype: bf16, int8 or int4 projections, a CPU with bf16
     units), so those read them as they are, bit for bit as before, and a decode step reads half the bytes (RWKV-7
     0.1B int8: 1.8 of a layer's 8.9 MB were its fp32 LoRAs); fp32 everywhere else (GPUs, fp32 and fp16 models,
-    CPUs without bf16 units)."""
+    CPUs without bf16 units). On a GPU the fused decode step's packing then holds them in bf16 where no value
+    changes (kernels/lora_triton.LowRank.pack: a bf16 checkpoint's)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.int8, quant.INT4):
         return torch.bfloat16 if quant.cpu_features().native_matmul(torch.bfloat16) else torch.float32
     return torch.float32

@@ -64,4 +64,3 @@ def test_lora_products_match_float64_for_few_and_many_rows(widths, note, held):
             shape, error = out[f"{m} {label}"]
             assert shape == [len(widths), m, 48]
             assert error < 1e-5, f"{note}, {m} rows, down GEMM {label}: relative error {error:.2e}"
-

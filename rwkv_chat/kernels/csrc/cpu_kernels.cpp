@@ -662,14 +662,9 @@ __attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint
                                                     int64_t m0, float* out, int64_t out_stride, int64_t ahead,
                                                     BlockSum block_sum) {
   const int64_t K = a.K, blocks = K / kInt4Block, per_group = a.G / kInt4Block;
-  float scale[kInt4MaxBlocks], offset[MB];  // scale: a group's
+  float scale[kInt4MaxBlocks], offset[MB];  // scale: a group's, then spread over its blocks
   int4_row_groups<MB>(groups, a, m0, scale, offset);
-  // Block b's scale: scale[b >> shift] where a group's blocks are a power of two (kernels/quant.py's groups of 128
-  // columns: 2), else spread over the blocks first. Spreading them on every row cost the whole product 20-35% on a
-  // Zen 4 (weights in cache; likely its loads of each block's scale right after those stores).
-  const bool pow2 = (per_group & (per_group - 1)) == 0;
-  const int shift = pow2 ? __builtin_ctzll(static_cast<uint64_t>(per_group)) : 0;
-  if (!pow2)
+  if (per_group > 1)
     for (int64_t g = blocks / per_group - 1; g >= 0; --g)  // from the last: scale[g] is read before it is written
       std::fill(scale + g * per_group, scale + (g + 1) * per_group, scale[g]);
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
@@ -681,7 +676,7 @@ __attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint
     const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble);  // columns 32..63
     for (int m = 0; m < MB; ++m) {
       const __m256i sum = block_sum(low, high, a.xq + (m0 + m) * K + b * kInt4Block);
-      const __m256 factor = _mm256_set1_ps(scale[b >> shift] * a.step[(m0 + m) * blocks + b]);
+      const __m256 factor = _mm256_set1_ps(scale[b] * a.step[(m0 + m) * blocks + b]);
       total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, total[m]);
     }
   };

@@ -652,52 +652,64 @@ inline void int4_row_groups(const uint16_t* groups, const Int4Rows& a, int64_t m
   }
 }
 
-// out[m, n] for MB activation rows against one int4 weight row (w: K/2 bytes, groups: 2·K/G fp16 values);
-// BlockSum(q_low, q_high, x) is a 64-column block's integer sums in 8 int32 lanes. Always inlined, so that it is
-// compiled for its caller's instruction set (the VNNI one's included). Even and odd blocks add into two totals:
-// one chain of fmadds a block was the bound on one activation row. `ahead` > 0: each pair of blocks (a 64-byte
-// line) asks for the line `ahead` bytes further into L2 (prefetch_in_loop).
-template <int MB, typename BlockSum>
+// out[m, n + r] for MB activation rows against NR consecutive int4 weight rows (each K/2 bytes of w, then 2·K/G fp16
+// values of groups, a row after the other); BlockSum(q_low, q_high, x) is a 64-column block's integer sums in 8 int32
+// lanes. Always inlined, so that it is compiled for its caller's instruction set (the VNNI one's included). Even and
+// odd blocks add into two totals: one chain of fmadds a block was the bound on one activation row. Each weight row's
+// sums are added in the same order whatever NR: two rows side by side (one activation row) only interleave two
+// independent chains. `ahead` > 0: each pair of blocks (a 64-byte line) asks for the line `ahead` bytes further into
+// L2 (prefetch_in_loop).
+template <int MB, int NR, typename BlockSum>
 __attribute__((always_inline)) inline void int4_dot(const uint8_t* w, const uint16_t* groups, const Int4Rows& a,
                                                     int64_t m0, float* out, int64_t out_stride, int64_t ahead,
                                                     BlockSum block_sum) {
   const int64_t K = a.K, blocks = K / kInt4Block, per_group = a.G / kInt4Block;
-  float scale[kInt4MaxBlocks], offset[MB];  // scale: a group's, then spread over its blocks
-  int4_row_groups<MB>(groups, a, m0, scale, offset);
-  if (per_group > 1)
-    for (int64_t g = blocks / per_group - 1; g >= 0; --g)  // from the last: scale[g] is read before it is written
-      std::fill(scale + g * per_group, scale + (g + 1) * per_group, scale[g]);
+  const int64_t row_bytes = K / 2, row_groups = 2 * (K / a.G);
+  float scale[NR][kInt4MaxBlocks], offset[NR][MB];  // scale: a group's, then spread over its blocks
+  for (int r = 0; r < NR; ++r) {
+    int4_row_groups<MB>(groups + r * row_groups, a, m0, scale[r], offset[r]);
+    if (per_group > 1)
+      for (int64_t g = blocks / per_group - 1; g >= 0; --g)  // from the last: scale[g] is read before it is written
+        std::fill(scale[r] + g * per_group, scale[r] + (g + 1) * per_group, scale[r][g]);
+  }
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-  __m256 even[MB], odd[MB];
-  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm256_setzero_ps();
-  auto add_block = [&](int64_t b, __m256* total) __attribute__((always_inline)) {
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-    const __m256i low = _mm256_and_si256(packed, low_nibble);  // columns 0..31 of the block
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble);  // columns 32..63
-    for (int m = 0; m < MB; ++m) {
-      const __m256i sum = block_sum(low, high, a.xq + (m0 + m) * K + b * kInt4Block);
-      const __m256 factor = _mm256_set1_ps(scale[b] * a.step[(m0 + m) * blocks + b]);
-      total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, total[m]);
+  __m256 even[NR][MB], odd[NR][MB];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m) even[r][m] = odd[r][m] = _mm256_setzero_ps();
+  auto add_block = [&](int64_t b, __m256 (*total)[MB]) __attribute__((always_inline)) {
+    for (int r = 0; r < NR; ++r) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + b * 32));
+      const __m256i low = _mm256_and_si256(packed, low_nibble);  // columns 0..31 of the block
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble);  // columns 32..63
+      for (int m = 0; m < MB; ++m) {
+        const __m256i sum = block_sum(low, high, a.xq + (m0 + m) * K + b * kInt4Block);
+        const __m256 factor = _mm256_set1_ps(scale[r][b] * a.step[(m0 + m) * blocks + b]);
+        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, total[r][m]);
+      }
     }
   };
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
-    if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * 32 + ahead), _MM_HINT_T1);
+    if (ahead > 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * 32 + ahead),
+                                                _MM_HINT_T1);
     add_block(b, even);
     add_block(b + 1, odd);
   }
   if (b < blocks) add_block(b, even);
-  for (int m = 0; m < MB; ++m) out[m * out_stride] = horizontal_sum(_mm256_add_ps(even[m], odd[m])) + offset[m];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m)
+      out[m * out_stride + r] = horizontal_sum(_mm256_add_ps(even[r][m], odd[r][m])) + offset[r][m];
 }
 
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-template <int MB>
+template <int MB, int NR = 1>
 struct Int4DotAvx2 {
   static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride,
                   int64_t ahead) {
     const __m256i ones = _mm256_set1_epi16(1);
-    int4_dot<MB>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x) {
+    int4_dot<MB, NR>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x) {
       const __m256i pairs =
           _mm256_add_epi16(_mm256_maddubs_epi16(low, load32(x)), _mm256_maddubs_epi16(high, load32(x + 32)));
       return _mm256_madd_epi16(pairs, ones);  // |pairs| ≤ 4·15·127: no 16-bit overflow
@@ -705,33 +717,43 @@ struct Int4DotAvx2 {
   }
 };
 
-template <int MB>
+template <int MB, int NR = 1>
 struct Int4DotVnni {
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
   static void run(const uint8_t* w, const uint16_t* g, const Int4Rows& a, int64_t m, float* out, int64_t stride,
                   int64_t ahead) {
-    int4_dot<MB>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x)
-                 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+    int4_dot<MB, NR>(w, g, a, m, out, stride, ahead, [&](__m256i low, __m256i high, const int8_t* x)
+                     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
       return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, load32(x)), high, load32(x + 32));
     });
   }
 };
 
 // Rows [begin, end) of the output for every activation row, four at a time, with the row product Dot. One activation
-// row with the prefetch level L2 (a Zen 4) prefetches inside the row's loop, as the one-row int8 product does.
-template <template <int> class Dot>
+// row runs two weight rows side by side, and with the prefetch level L2 (a Zen 4) prefetches inside the rows' loop,
+// as the one-row int8 product does.
+template <template <int, int> class Dot>
 void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, float* out, int64_t M, int64_t N,
                int64_t begin, int64_t end) {
   const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
   const int64_t ahead = prefetch_distance(row_bytes);
   const int64_t in_loop = M == 1 && prefetch_in_loop(ahead) ? ahead : 0;
-  for (int64_t n = begin; n < end; ++n) {
+  int64_t n = begin;
+  if (M == 1)
+    for (; n + 2 <= end; n += 2) {
+      const uint8_t* row = w + n * row_bytes;
+      const uint16_t* g = groups + n * row_groups;
+      if (!in_loop) prefetch_ahead(row, 2 * row_bytes, ahead);
+      prefetch_ahead(g, 4 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
+      Dot<1, 2>::run(row, g, a, 0, out + n, N, in_loop);
+    }
+  for (; n < end; ++n) {
     const uint8_t* row = w + n * row_bytes;
     const uint16_t* g = groups + n * row_groups;
     if (!in_loop) prefetch_ahead(row, row_bytes, ahead);
-    prefetch_ahead(g, 2 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
+    prefetch_ahead(g, 2 * row_groups, ahead / 8);
     in_fours(M, [&](auto group, int64_t m) {
-      Dot<decltype(group)::value>::run(row, g, a, m, out + m * N + n, N, in_loop);
+      Dot<decltype(group)::value, 1>::run(row, g, a, m, out + m * N + n, N, in_loop);
     });
   }
 }

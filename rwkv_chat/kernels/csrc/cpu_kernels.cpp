@@ -943,9 +943,10 @@ constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr, gemm_tile<1, INT4>, gem
 // block sums Σ q·w in int32, so the fp32 steps that follow, in the same order, give the VNNI GEMM's bits.
 // int8 weights: the activations are stored as int16 and the weights widened to int16 in the panel, and vpmaddwd
 // multiplies two columns a 32-bit lane (|q·w| ≤ 127 · 128: exact). int4 weights (q 0..15) stay bytes: vpmaddubsw
-// multiplies them (unsigned) by the int8 activations into 16-bit pair sums of at most 2 · 15 · 127 (no saturation)
-// and vpmaddwd against ones adds the pairs into int32 lanes. Either way two multiplier instructions do 32 products,
-// where fp32 takes four FMAs. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
+// multiplies them (unsigned) by the int8 activations into 16-bit pair sums of at most 2 · 15 · 127 (no saturation),
+// which add up in 16 bits over a block of 32 columns (at most 30,480), and one vpmaddwd against ones a block adds the
+// pairs into int32 lanes: the same integers. int8 takes two multiplier instructions for 32 products, where fp32 takes
+// four FMAs; int4 about one. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
 // third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's (noisy VM).
 constexpr int64_t kPanelBytesAvx2 = 2 * kPanelRows;  // a panel's bytes a column: int16 weights (int4: half used)
 
@@ -1033,14 +1034,18 @@ void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N
       for (int v = 0; v < V; ++v) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 4 * kPanelRows + 32 * v));
         for (int t = 0; t < MT; ++t) {
-          const __m256i sums = INT4 ? _mm256_madd_epi16(_mm256_maddubs_epi16(w, a[t]), ones)
-                                    : _mm256_madd_epi16(a[t], w);
-          acc[t][v] = _mm256_add_epi32(acc[t][v], sums);
+          if constexpr (INT4)  // 16-bit pair sums, added as such: at most 8 · 2 · 15 · 127 = 30,480 over a block
+            acc[t][v] = _mm256_add_epi16(acc[t][v], _mm256_maddubs_epi16(w, a[t]));
+          else
+            acc[t][v] = _mm256_add_epi32(acc[t][v], _mm256_madd_epi16(a[t], w));
           asm("" : "+x"(acc[t][v]));  // keeps the sum in its register, in order (GCC otherwise stores every term)
         }
       }
     }
     if constexpr (INT4) {
+      static_assert(kGemmBlock / L * 2 * 15 * 127 <= 32767, "a block's 16-bit pair sums cannot overflow");
+      for (int t = 0; t < MT; ++t)
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm256_madd_epi16(acc[t][v], ones);  // the block's int32 sums
       const int64_t g = b / p.group_blocks;
       for (int t = 0; t < MT; ++t) {
         const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]), sum = _mm256_set1_ps(x.sums[t * blocks + b]);

@@ -738,22 +738,21 @@ void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, floa
   const int64_t row_bytes = a.K / 2, row_groups = 2 * (a.K / a.G);
   const int64_t ahead = prefetch_distance(row_bytes);
   const int64_t in_loop = M == 1 && prefetch_in_loop(ahead) ? ahead : 0;
+  auto prefetch = [&](int64_t n, int64_t rows) {  // weight rows n .. n + rows - 1 and their groups
+    if (!in_loop) prefetch_ahead(w + n * row_bytes, rows * row_bytes, ahead);
+    prefetch_ahead(groups + n * row_groups, rows * 2 * row_groups, ahead / 8);  // 2 fp16 a group: 32 bytes of w
+  };
   int64_t n = begin;
   if (M == 1)
     for (; n + 2 <= end; n += 2) {
-      const uint8_t* row = w + n * row_bytes;
-      const uint16_t* g = groups + n * row_groups;
-      if (!in_loop) prefetch_ahead(row, 2 * row_bytes, ahead);
-      prefetch_ahead(g, 4 * row_groups, ahead / 8);  // 2 fp16 a group against its 32 bytes a 64 columns
-      Dot<1, 2>::run(row, g, a, 0, out + n, N, in_loop);
+      prefetch(n, 2);
+      Dot<1, 2>::run(w + n * row_bytes, groups + n * row_groups, a, 0, out + n, N, in_loop);
     }
   for (; n < end; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    const uint16_t* g = groups + n * row_groups;
-    if (!in_loop) prefetch_ahead(row, row_bytes, ahead);
-    prefetch_ahead(g, 2 * row_groups, ahead / 8);
+    prefetch(n, 1);
     in_fours(M, [&](auto group, int64_t m) {
-      Dot<decltype(group)::value, 1>::run(row, g, a, m, out + m * N + n, N, in_loop);
+      Dot<decltype(group)::value, 1>::run(w + n * row_bytes, groups + n * row_groups, a, m, out + m * N + n, N,
+                                          in_loop);
     });
   }
 }

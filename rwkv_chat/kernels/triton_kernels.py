@@ -103,17 +103,33 @@ if AVAILABLE:
     # ------------------------------------------------------------------------------- matrix products
 
     @triton.jit
+    def _gemv1_tile(acc, w, x_base, offs, ok, WORDS: tl.constexpr):
+        """acc += one [BLOCK_N, BLOCK_KW] weight tile times its activations (see `_gemv1_kernel`)."""
+        if WORDS:
+            for byte in tl.static_range(4):
+                x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
+                biased = ((w >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
+                wb = (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23+b+128)-(2^23+128)
+                acc += wb * x[None, :]
+        else:
+            x = tl.load(x_base + offs, mask=ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def _gemv1_kernel(X, W, SCALE, Y, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT,
                       BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      WORDS: tl.constexpr = False, PDL: tl.constexpr = False):
+                      WORDS: tl.constexpr = False, PRELOAD: tl.constexpr = False, PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
         [BLOCK_N, BLOCK_KW] register tile and are reduced once at the end (no reduction inside the loop).
 
         With WORDS, W [N, KW] holds int8 weights as 32-bit words of four (K = 4 KW), widened without an
         integer-to-float conversion: byte b of a word, its sign bit flipped and OR-ed under the exponent bits of
         2^23, is the float 2^23 + 128 + b, from which 2^23 + 128 is subtracted exactly. On an H200 this read
-        the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3."""
-        _wait_for_producer(PDL)
+        the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3.
+
+        With PRELOAD, a program loads its first weight tile before it waits for the kernel before it (PDL): no
+        kernel writes weights, so their reading may start while that kernel ends. The sums' order is the same."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -121,21 +137,26 @@ if AVAILABLE:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         begin = pid_s * KW_PER_SPLIT
-        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        first = begin + tl.arange(0, BLOCK_KW)
+        first_ok = first < KW
+        if PRELOAD:
+            if PDL:
+                gdc_launch_dependents()
+            w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],
+                              other=0)
+            if PDL:
+                gdc_wait()
+        else:
+            _wait_for_producer(PDL)
+            w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],
+                              other=0)
         x_base = X + seg * stride_xp
-        for kk in range(0, KW_PER_SPLIT, BLOCK_KW):
+        acc = _gemv1_tile(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), w_first, x_base, first, first_ok, WORDS)
+        for kk in range(BLOCK_KW, KW_PER_SPLIT, BLOCK_KW):
             offs = begin + kk + tl.arange(0, BLOCK_KW)
             ok = offs < KW
             w = tl.load(W + offs_n[:, None] * KW + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
-            if WORDS:
-                for byte in tl.static_range(4):
-                    x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
-                    biased = ((w >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
-                    wb = (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23+b+128)-(2^23+128)
-                    acc += wb * x[None, :]
-            else:
-                x = tl.load(x_base + offs, mask=ok, other=0.0)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            acc = _gemv1_tile(acc, w, x_base, offs, ok, WORDS)
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out = out * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
@@ -520,8 +541,8 @@ def _block_n(seg: int, n: int, preferred: int) -> int:
 # One row's launch settings by weight format ("float": bf16/fp16/fp32, "int8"), measured on an H200 over the 1.5B and
 # 7B matrices (docs/PERFORMANCE.md); `benchmarks/bench.py --kernels` times alternatives.
 GEMV_CONFIGS = {
-    "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0},
-    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0},
+    "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True},
+    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True},
 }
 
 
@@ -566,7 +587,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
         w, per = (weight.view(torch.int32), 4) if words else (weight, 1)
         _gemv1_kernel[(n_blocks, splits)](x, w, scale if has_scale else y, y, n, k // per, seg, p_count,
                                           x.stride(0), y.stride(0), k_per_split // per, BLOCK_N=block_n,
-                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words, **options)
+                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words,
+                                          PRELOAD=cfg["preload"], **options)
         return y
     block_n = _block_n(seg, n, 64)
     block_k = 64

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .triton_kernels import AVAILABLE, _sm_count, tl, triton
+from .triton_kernels import AVAILABLE, _sm_count, pdl, tl, triton
 
 IDENTITY, TANH, SIGMOID = 0, 1, 2
 MAX_BLOCK_R = 32  # rows of the down product per program
@@ -57,7 +57,7 @@ DOWN_PROGRAMS_PER_SM = 2
 ACTIVATIONS = {IDENTITY: lambda h: h, TANH: torch.tanh, SIGMOID: torch.sigmoid}
 
 if AVAILABLE:
-    from .triton_kernels import _sum_splits
+    from .triton_kernels import _let_next_launch, _sum_splits, _wait_for_kernel_before
 
     TANH_CODE = tl.constexpr(TANH)
     SIGMOID_CODE = tl.constexpr(SIGMOID)
@@ -77,17 +77,24 @@ if AVAILABLE:
 
     @triton.jit
     def _lora_down_kernel(X, stride_xi, stride_xm, W, INPUT_OF_BLOCK, Y, stride_ys, stride_ym, R, K, K_PER_SPLIT,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Y[s, m, r] = sum over split s's k of X[input(r), m, k] * W[r, k]; the rows of one block share an input."""
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        """Y[s, m, r] = sum over split s's k of X[input(r), m, k] * W[r, k]; the rows of one block share an input.
+        The first factor tile is read before the wait for the kernel before (PDL): no kernel writes factors."""
         pid_r = tl.program_id(0)
         pid_s = tl.program_id(1)
         m = tl.program_id(2)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        x_base = X + tl.load(INPUT_OF_BLOCK + pid_r) * stride_xi + m * stride_xm
         k_begin = pid_s * K_PER_SPLIT
+        _let_next_launch(PDL)
+        first = k_begin + tl.arange(0, BLOCK_K)
+        first_ok = first < K
+        w = tl.load(W + offs_r[:, None] * K + first[None, :], mask=r_ok[:, None] & first_ok[None, :], other=0.0)
+        _wait_for_kernel_before(PDL)
+        x_base = X + tl.load(INPUT_OF_BLOCK + pid_r) * stride_xi + m * stride_xm
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        acc += w.to(tl.float32) * tl.load(x_base + first, mask=first_ok, other=0.0)[None, :]
+        for kk in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             w = tl.load(W + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
@@ -98,17 +105,24 @@ if AVAILABLE:
 
     @triton.jit
     def _lora_up_kernel(H, stride_hs, stride_hm, n_split, PARTS, W, Y, stride_yp, stride_ym, N,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
         """Y[p, m, n] = sum over part p's rows r of act_p(H[m, r]) * W[r, n]; H as split partials [S, M, R].
-        BLOCK_R rows of a part a tile (MAX_UP_BLOCK_R: two tiles for the widest part), their loads issued at once."""
+        BLOCK_R rows of a part a tile (MAX_UP_BLOCK_R: two tiles for the widest part), their loads issued at once.
+        The part's description and first factor tile are read before the wait for the kernel before (PDL)."""
         pid_n = tl.program_id(0)
         m = tl.program_id(2)
+        _let_next_launch(PDL)
         start, length, act, p = _part(PARTS, tl.program_id(1))
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         rows = tl.arange(0, BLOCK_R)
+        r_ok = rows < length
+        w = tl.load(W + (start + rows)[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        _wait_for_kernel_before(PDL)
+        h = _activate(_sum_splits(H + m * stride_hm, stride_hs, n_split, start + rows, r_ok), act)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for r0 in range(0, length, BLOCK_R):
+        acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
+        for r0 in range(BLOCK_R, length, BLOCK_R):
             r_ok = r0 + rows < length
             offs_r = start + r0 + rows
             w = tl.load(W + offs_r[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
@@ -261,13 +275,15 @@ class LowRank:
         hidden = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
         _lora_down_kernel[(n_blocks, splits, m)](x, x.stride(0), x.stride(1), self.down, self.input_of_block,
                                                   hidden, hidden.stride(0), hidden.stride(1), r, k, k_per_split,
-                                                  BLOCK_R=self.block_r, BLOCK_K=block_k, num_warps=DOWN_WARPS)
+                                                  BLOCK_R=self.block_r, BLOCK_K=block_k, num_warps=DOWN_WARPS,
+                                                  **pdl(x.device))
         out = torch.empty((self.n_parts, m, n), device=x.device, dtype=torch.float32)
         block_n = 32
         _lora_up_kernel[(triton.cdiv(n, block_n), self.n_parts, m)](hidden, hidden.stride(0), hidden.stride(1),
                                                                      splits, self.parts, self.up, out, out.stride(0),
                                                                      out.stride(1), n, BLOCK_R=self.up_block_r,
-                                                                     BLOCK_N=block_n, num_warps=UP_WARPS)
+                                                                     BLOCK_N=block_n, num_warps=UP_WARPS,
+                                                                     **pdl(x.device))
         return out
 
     def _gemms(self, x: torch.Tensor, precision: str) -> torch.Tensor:

@@ -19,12 +19,13 @@ import torch
 from .triton_kernels import AVAILABLE, _pow2, _split_view, pdl, tl, triton
 
 if AVAILABLE:
-    from .triton_kernels import _wkv5_decode_kernel
+    from .triton_kernels import _wait_for_producer, _wkv5_decode_kernel
 
     @triton.jit
     def _dynamic_mix_kernel(XX, stride_xx, PREV, stride_prev, L, stride_lp, stride_lb, MAA, OUT32, OUT, stride_op,
-                            stride_ob, C, BLOCK: tl.constexpr):
+                            stride_ob, C, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Parts p = w, k, v, r, g: mix_p = xx + (prev - xx) * (MAA[p] + L[p]); w -> OUT32, k, v, r, g -> OUT."""
+        _wait_for_producer(PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -48,7 +49,7 @@ def dynamic_mixes(xx, prev, lora, maa, out32, out) -> None:
     block = min(1024, _pow2(c))
     _dynamic_mix_kernel[(triton.cdiv(c, block), batch)](xx, xx.stride(0), prev, prev.stride(0), lora, lora.stride(0),
                                                         lora.stride(1), maa, out32, out, out.stride(0),
-                                                        out.stride(1), c, BLOCK=block, num_warps=4)
+                                                        out.stride(1), c, BLOCK=block, num_warps=4, **pdl(xx.device))
 
 
 def wkv6_decode(r, k, v, g, w_lora, state_in, state_out, time_decay, u, ln_w, ln_b, out_dtype, eps) -> torch.Tensor:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import AVAILABLE, _split_view, tl, triton
+from .triton_kernels import AVAILABLE, _split_view, pdl, tl, triton
 
 WIDE_BATCH = 32  # from this many sequences a program has 2 warps, not 4 (H200, 7.2B shape: 256 rows 169 -> 145 us
 # a layer, 64 rows 46 -> 40; fewer rows alike within 1 us)
 
 if AVAILABLE:
-    from .triton_kernels import _sum_splits
+    from .triton_kernels import _sum_splits, _wait_for_producer
 
     @triton.jit
     def _sigmoid(x):
@@ -34,8 +34,9 @@ if AVAILABLE:
     @triton.jit
     def _wkv7_decode_kernel(R, K, V, stride_s, stride_b, n_split, W_L, A_L, V_L, G, stride_l, V_FIRST,
                             W0, A0, V0, K_K, K_A, R_K, LNW, LNB, S_IN, S_OUT, stride_state, Y, A, eps, decay_scale,
-                            FIRST: tl.constexpr, SIZE: tl.constexpr):
+                            FIRST: tl.constexpr, SIZE: tl.constexpr, PDL: tl.constexpr = False):
         """One token for one (sequence, head): i indexes values (state rows), j keys (state columns)."""
+        _wait_for_producer(PDL)
         h = tl.program_id(0)
         b = tl.program_id(1)
         n = tl.arange(0, SIZE)
@@ -86,5 +87,6 @@ def wkv7_decode(r, k, v, w_lora, a_lora, v_lora, g, v_first, first: bool, w0, a0
     _wkv7_decode_kernel[(heads, batch)](r, k, v, stride_s, stride_b, n_split, w_lora, a_lora, v_lora, g,
                                         w_lora.stride(0), v_first, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b,
                                         state_in, state_out, state_in.stride(0), y, dim, eps, decay_scale,
-                                        FIRST=first, SIZE=size, num_warps=2 if batch >= WIDE_BATCH else 4)
+                                        FIRST=first, SIZE=size, num_warps=2 if batch >= WIDE_BATCH else 4,
+                                        **pdl(r.device))
     return y

@@ -93,12 +93,25 @@ if AVAILABLE:
             pass
 
     @triton.jit
-    def _wait_for_producer(PDL: tl.constexpr):
-        """Launched as a programmatic dependent (PDL, see `pdl`): let the next kernel launch, then wait until the
-        kernel before this one has finished and its writes are visible. First in every such kernel."""
+    def _let_next_launch(PDL: tl.constexpr):
+        """Launched as a programmatic dependent (PDL, see `pdl`): the next kernel may launch now."""
         if PDL:
             gdc_launch_dependents()
+
+    @triton.jit
+    def _wait_for_kernel_before(PDL: tl.constexpr):
+        """Launched as a programmatic dependent: wait until the kernel before this one has finished and its writes
+        are visible. Only what no kernel writes (weights) may be read before this."""
+        if PDL:
             gdc_wait()
+
+    @triton.jit
+    def _wait_for_producer(PDL: tl.constexpr):
+        """Launched as a programmatic dependent (PDL, see `pdl`): let the next kernel launch, then wait until the
+        kernel before this one has finished and its writes are visible. First in every such kernel that reads
+        nothing before it."""
+        _let_next_launch(PDL)
+        _wait_for_kernel_before(PDL)
 
     # ------------------------------------------------------------------------------- matrix products
 
@@ -140,12 +153,10 @@ if AVAILABLE:
         first = begin + tl.arange(0, BLOCK_KW)
         first_ok = first < KW
         if PRELOAD:
-            if PDL:
-                gdc_launch_dependents()
+            _let_next_launch(PDL)
             w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],
                               other=0)
-            if PDL:
-                gdc_wait()
+            _wait_for_kernel_before(PDL)
         else:
             _wait_for_producer(PDL)
             w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],

@@ -89,11 +89,11 @@ if AVAILABLE:
         _let_next_launch(PDL)
         first = k_begin + tl.arange(0, BLOCK_K)
         first_ok = first < K
-        w = tl.load(W + offs_r[:, None] * K + first[None, :], mask=r_ok[:, None] & first_ok[None, :], other=0.0)
+        w_first = tl.load(W + offs_r[:, None] * K + first[None, :], mask=r_ok[:, None] & first_ok[None, :], other=0.0)
         _wait_for_kernel_before(PDL)
         x_base = X + tl.load(INPUT_OF_BLOCK + pid_r) * stride_xi + m * stride_xm
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        acc += w.to(tl.float32) * tl.load(x_base + first, mask=first_ok, other=0.0)[None, :]
+        acc += w_first.to(tl.float32) * tl.load(x_base + first, mask=first_ok, other=0.0)[None, :]
         for kk in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -117,11 +117,12 @@ if AVAILABLE:
         n_ok = offs_n < N
         rows = tl.arange(0, BLOCK_R)
         r_ok = rows < length
-        w = tl.load(W + (start + rows)[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        w_first = tl.load(W + (start + rows)[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                          other=0.0)
         _wait_for_kernel_before(PDL)
         h = _activate(_sum_splits(H + m * stride_hm, stride_hs, n_split, start + rows, r_ok), act)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
+        acc += tl.sum(w_first.to(tl.float32) * h[:, None], axis=0)
         for r0 in range(BLOCK_R, length, BLOCK_R):
             r_ok = r0 + rows < length
             offs_r = start + r0 + rows

@@ -14,6 +14,7 @@ from rwkv_chat.app import process_memory
 
 CHURN = """
 import collections, sys, torch
+torch.set_num_threads(1)  # the allocator's pattern, not the threads': many workers may run at once
 from rwkv_chat.app.process_memory import trim_freed_memory
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 big = torch.empty(600 * 1024 // 4); del big  # one freed large block raises glibc's dynamic mmap threshold

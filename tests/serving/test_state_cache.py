@@ -144,6 +144,7 @@ def test_state_stack_unstack_and_size():
 
 CHURN = """
 import collections, sys, torch
+torch.set_num_threads(1)  # the allocator's pattern, not the threads': many workers may run at once
 from rwkv_chat.serving.state_cache import StateCache
 from rwkv_chat.state import RwkvState
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20

@@ -92,10 +92,10 @@ def pack_projections(projections: list[nn.Module]) -> PackedLinear:
 
 def project(x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
     """x [P, M, K] -> one partials view [S, M, N_i] per segment."""
-    one_row = x.shape[1] == 1
-    attention_inputs = lin.n_segments > 2 and lin.equal_segments
-    # float weights: cuBLAS, except one row through out/ffn/value/head, where our kernel measured faster
-    if lin.scale is None and not (one_row and not attention_inputs):
+    # float weights: cuBLAS for several rows; one row through our kernel, a programmatic dependent of the kernel
+    # before it (on its own cuBLAS's batched r|k|v product is as fast, but in a CUDA-graphed 7B step ours made the
+    # step 0.9-1.2 % shorter on an H200: docs/PERFORMANCE.md, thirty-third session)
+    if lin.scale is None and x.shape[1] > 1:
         if lin.n_segments > 1 and lin.equal_segments:
             n = lin.bounds[1]
             out = torch.bmm(x, lin.weight.view(lin.n_segments, n, -1).transpose(1, 2))  # [P, M, n]

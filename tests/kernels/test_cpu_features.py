@@ -85,17 +85,17 @@ def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
     expected = PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else PREFETCH_ZEN4 if zen4 else 0
     assert cpu_features().prefetch_bytes == expected
     assert cpu_features().prefetch_rows_below == (PREFETCH_ZEN5_ROWS_BELOW if zen5 else 0)
-    assert cpu_features().prefetch_to_l2 == zen4
+    assert cpu_features().prefetch_to_l2 == (zen4 or intel)
     assert ("prefetched" in features_module.describe()) == (intel or zen5 or zen4)
-    assert ("into L2" in features_module.describe()) == zen4
+    assert ("into L2" in features_module.describe()) == (zen4 or intel)
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
-    assert cpu_features().prefetch_to_l2 == zen4  # the CPU's generation, not the path it is capped to
+    assert cpu_features().prefetch_to_l2 == (zen4 or intel)  # the CPU's generation, not the path it is capped to
     assert cpu_features().prefetch_bytes == (0 if zen4 else expected)  # the Zen 4's AVX2 products lost with it
     for value in ("0", "2048", f"{MAX_PREFETCH}"):
         monkeypatch.setenv(PREFETCH_VARIABLE, value)
         assert cpu_features().prefetch_bytes == int(value) and cpu_features().path == "avx2"
         assert cpu_features().prefetch_rows_below == 0
-        assert cpu_features().prefetch_to_l2 == zen4
+        assert cpu_features().prefetch_to_l2 == (zen4 or intel)
     for bad in ("-64", f"{MAX_PREFETCH + 1}", "4k"):
         monkeypatch.setenv(PREFETCH_VARIABLE, bad)
         with pytest.raises(ValueError, match=f"{PREFETCH_VARIABLE} must be a whole number of bytes from 0 "
@@ -157,12 +157,12 @@ ZEN5_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\
 
 
 @pytest.mark.parametrize("info, avx512, vendor, family, prefetch", [
-    (INTEL_INFO, True, "intel", 6, (PREFETCH_INTEL, 0, False)),
+    (INTEL_INFO, True, "intel", 6, (PREFETCH_INTEL, 0, True)),
     (ZEN4_INFO, True, "amd", 25, (PREFETCH_ZEN4, 0, True)),
     (ZEN4_INFO.replace(": 17", ": 33"), False, "amd", 25, (0, 0, False)),  # a Zen 3: the same family, no AVX-512
     (ZEN5_INFO, True, "amd", 26, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
     (ZEN5_INFO.replace(": 26", ": 27"), True, "amd", 27, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
-    ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", True, "intel", 0, (PREFETCH_INTEL, 0, False)),  # Windows
+    ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", True, "intel", 0, (PREFETCH_INTEL, 0, True)),  # Windows
     ("", True, "", 0, (0, 0, False)),
 ])
 def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, avx512, vendor, family, prefetch):
@@ -179,7 +179,7 @@ def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, avx512, ven
         assert (detected().vendor, detected().prefetch_bytes, detected().prefetch_rows_below,
                 detected().prefetch_to_l2) == (vendor, *prefetch)
         capped = detected().capped("avx2")  # only the Zen 4's prefetch into L2 stops below the avx512 path
-        assert capped.prefetch_bytes == (0 if prefetch[2] else prefetch[0])
+        assert capped.prefetch_bytes == (0 if vendor == "amd" and prefetch[2] else prefetch[0])
         assert detected().capped("avx512").prefetch_bytes == prefetch[0]
     finally:
         features_module.detected.cache_clear()

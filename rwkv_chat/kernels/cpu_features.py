@@ -25,10 +25,10 @@ What this module promises:
   18-31% faster); on another (2 cores, 480 MiB L3, 2026-12-04) prefetching into L2 inside the products' loops
   instead of into L1 at each row's start made decode 4-62% faster in every format at 0.1B and 1.5B (int8 at 1.5B
   12.0 -> 19.4 tok/s), its AVX2 products (capped) too, and on the GPU machine's Xeon host the two levels measured
-  alike at 4,096. AMD CPUs of family
-  26 and later (Zen 5) get PREFETCH_ZEN5 for rows shorter than PREFETCH_ZEN5_ROWS_BELOW: measured there (2 cores),
-  decode 2.7-6.8% faster with rows of 384-1,536 bytes (0.1B and 0.4B models in every format, int4 at 1.5B) and 3-4%
-  slower with rows of 2,048 and 4,096 (int8 and bf16 at 1.5B). `prefetch_to_l2` says where the prefetches put
+  alike at 4,096. AMD CPUs of family 26 and later (Zen 5) get PREFETCH_ZEN5 for rows shorter than
+  PREFETCH_ZEN5_ROWS_BELOW: measured there (2 cores), decode 2.7-6.8% faster with rows of 384-1,536 bytes (0.1B
+  and 0.4B models in every format, int4 at 1.5B) and 3-4% slower with rows of 2,048 and 4,096 (int8 and bf16 at
+  1.5B). `prefetch_to_l2` says where the prefetches put
   the weights: into L2 only (prefetcht1) or into L1 as well (prefetcht0, the default). AMD Zen 4 (family 25 with
   AVX-512) gets PREFETCH_ZEN4 for every row into L2: there prefetching into L1 made decode 11-26% slower; into L2,
   issued inside the products' loops (one row: int8, int4, float; several rows: int8), int8 decode ran 11-19%
@@ -55,7 +55,7 @@ import torch
 ISA_VARIABLE = "RWKV_CPU_ISA"
 PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
 PREFETCH_VARIABLE = "RWKV_CPU_PREFETCH"
-PREFETCH_INTEL = 8192  # bytes, into L2; on the 480 MiB-L3 Xeon 4,096 gave 0-12% less, 16,384 about the same
+PREFETCH_INTEL = 8192  # bytes, into L2; on the 480 MiB-L3 Xeon 4,096 gave 1-10% less, 16,384 about the same
 PREFETCH_ZEN5 = 4096  # bytes; on a Zen 5 at 0.1B 2,048 and 8,192 gave a little less, at 1.5B all three lost
 PREFETCH_ZEN5_ROWS_BELOW = 2048  # bytes a weight row: shorter rows gained on a Zen 5, rows of 2,048 and 4,096 lost
 ZEN5_FAMILY = 26  # /proc/cpuinfo's "cpu family" of AMD's Zen 5

@@ -1574,9 +1574,12 @@ void kn_range(const float* x, int64_t x_stride, int64_t M, const typename W::T* 
       for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + n + j * kLanes, acc[j]);
     }
     std::fill(o + n, o + n1, 0.0f);
+    const int64_t rest_bytes = (n1 - n) * static_cast<int64_t>(sizeof(typename W::T));
+    const int64_t ahead = M == 1 ? prefetch_distance(N * static_cast<int64_t>(sizeof(typename W::T))) : 0;
     for (int64_t k = k0; k < k1; ++k) {
       const float xk = xm[k];
       const typename W::T* wk = w + k * N;
+      prefetch_ahead(wk + n, rest_bytes, ahead);  // one row streams W: the rows `ahead` bytes on (none: ahead 0)
       for (int64_t c = n; c < n1; ++c) o[c] += xk * W::load1(wk + c);
     }
   }

@@ -190,10 +190,12 @@ constexpr int64_t kFloatPanelXRows = 16;  // ... at most this many rows (their v
 // 8 consecutive weight rows (K a multiple of 16) against every row of x -> out[m, 0..8) (row stride N), each weight
 // row read once for as many rows of x as fit beside it, right after the row before it; dot_rows' arithmetic, its
 // horizontal sums taken eight at a time (lane_sums8) and stored as one vector: the bits dot_rows gives each output.
+// Prefetching into L2 (prefetch_in_loop), the first read of each row asks for the weights `ahead` on as it goes.
 template <typename W>
 __attribute__((noinline)) void rows8(const float* x, const typename W::T* w, const float* scale, float* out,
                                      int64_t M, int64_t N, int64_t K, int64_t ahead) {
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(typename W::T));
+  const bool spread = prefetch_in_loop(ahead);
   const __m256 w_scale = scale ? _mm256_loadu_ps(scale) : _mm256_set1_ps(1.0f);
   const int64_t per_pass = std::clamp<int64_t>(kFloatPassXBytes / (4 * K) / 4 * 4, 4, kFloatPanelXRows);
   for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
@@ -201,11 +203,15 @@ __attribute__((noinline)) void rows8(const float* x, const typename W::T* w, con
     __m256 sums[kFloatPanelXRows * 8];
     for (int r = 0; r < 8; ++r) {
       const typename W::T* row = w + r * K;
-      if (m0 == 0) prefetch_ahead(row, row_bytes, ahead);
+      if (m0 == 0 && !spread) prefetch_ahead(row, row_bytes, ahead);
       const float* xr = x + m0 * K;
       __m256* slot = sums + kSlotOf8[r];
       in_fours(rows, [&](auto group, int64_t m) {
-        dot_vectors<W, decltype(group)::value>(row, xr + m * K, K, K, slot + m * 8, 8);
+        constexpr int G = decltype(group)::value;
+        if (spread && m0 == 0 && m == 0)
+          dot_vectors<W, G, true>(row, xr + m * K, K, K, slot + m * 8, 8, ahead);
+        else
+          dot_vectors<W, G>(row, xr + m * K, K, K, slot + m * 8, 8);
       });
     }
     for (int64_t m = 0; m < rows; ++m)

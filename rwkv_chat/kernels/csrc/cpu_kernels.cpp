@@ -124,7 +124,7 @@ inline int64_t prefetch_distance(int64_t row_bytes) {
 
 // Whether a product prefetches inside a weight row's loop (into L2, a line at a time: lane_totals_vnni says why)
 // instead of a row's whole prefetch at its start (prefetch_ahead): the one-row products (int8 VNNI, int4, float)
-// and the batched int8 VNNI one's first read of each row do.
+// and the batched int8 VNNI and float ones' first read of each row do.
 inline bool prefetch_in_loop(int64_t ahead) { return ahead > 0 && g_prefetch_l2.load(std::memory_order_relaxed); }
 
 inline void prefetch_ahead(const void* row, int64_t bytes, int64_t ahead) {

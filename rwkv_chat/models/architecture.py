@@ -159,11 +159,13 @@ class Architecture:
 
     def fused_time_mix(self, pack: FusedTimeMixPack, projection, project, mixed: torch.Tensor,
                        mixed32: torch.Tensor, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor,
-                       wkv_out: torch.Tensor, carry, act_dtype: torch.dtype):
+                       wkv_out: torch.Tensor, carry, act_dtype: torch.dtype, side):
         """One token of B sequences in the Triton kernels: the mixes (`mixed` [matrix_mixes, B, C] in the weight
         dtype, `mixed32` fp32), the LayerNorm output `xx` and the previous token's `prev` ([B, C] fp32), this
         layer's memory -> (the output projection's input [B, A] in act_dtype, carry); the new memory goes to
-        wkv_out. `projection` is `pack.projections` packed; `project(x, projection)` its products (partials)."""
+        wkv_out. `projection` is `pack.projections` packed; `project(x, projection)` its products (partials).
+        `side` (runtime.fused_decode.SideStream) may run what does not need the products beside them: launched
+        inside `with side.branch():`, its results read after `side.join()`."""
         raise NotImplementedError
 
     def fused_channel_mix(self, ffn: nn.Module) -> tuple[torch.Tensor, list[nn.Module]]:

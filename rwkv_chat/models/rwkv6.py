@@ -15,9 +15,10 @@
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
-  product for k/v/r/g, the decay's LoRA (two) and the recurrence with GroupNorm and gate (one;
-  kernels/rwkv6_triton.py). On CPUs with the C++ kernels, a decode step is one call (`cpu_kernel_id` 6:
-  cpu_kernels' DecodeStack runs its RWKV-6 layer step a layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
+  product for k/v/r/g, the decay's LoRA (two, on the step's side stream, beside the product) and the recurrence
+  with GroupNorm and gate (one; kernels/rwkv6_triton.py). On CPUs with the C++ kernels, a decode step is one
+  call (`cpu_kernel_id` 6: cpu_kernels' DecodeStack runs its RWKV-6 layer step a layer, fed by
+  `cpu_layer_tensors`; runtime/cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -203,19 +204,22 @@ def pack_fused_time_mix(att: TimeMixV6) -> FusedTimeMixPack:
                             matrix_mixes=0, fp32_from=0, core=core)
 
 
-def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype):
+def fused_time_mix(core: FusedCoreV6, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype, side):
     """The fused decode step's RWKV-6 time mix (see Architecture.fused_time_mix): the token shift's LoRA (two
-    launches), the five mixes (one), one product for k, v, r, g, the decay's LoRA (two), the recurrence with
-    GroupNorm and gate (one) (kernels/rwkv6_triton.py)."""
+    launches), the five mixes (one), one product for k, v, r, g with the decay's LoRA (two) beside it on the side
+    stream, the recurrence with GroupNorm and gate (one) (kernels/rwkv6_triton.py)."""
     batch, width = xx.shape
     wx = torch.empty((1, batch, width), dtype=torch.float32, device=xx.device)
     mixed = torch.empty((4, batch, width), dtype=act_dtype, device=xx.device)
     # the LoRAs keep fp32-level products in every dtype (their default operands): the decay's double exponential
     # magnifies their rounding (TF32 ones were not measured against them here), and at ranks of 32-64 they cost little
     rwkv6_triton.dynamic_mixes(xx, prev, core.maa_lora(mixed32), core.maa, wx[0], mixed)
+    with side.branch():
+        decay = core.decay_lora(wx)[0]
     k, v, r, g = project(mixed, projection)
-    return rwkv6_triton.wkv6_decode(r, k, v, g, core.decay_lora(wx)[0], wkv, wkv_out, core.time_decay, core.u,
-                                    core.ln_w, core.ln_b, act_dtype, GROUP_NORM_EPS)
+    side.join()
+    return rwkv6_triton.wkv6_decode(r, k, v, g, decay, wkv, wkv_out, core.time_decay, core.u, core.ln_w, core.ln_b,
+                                    act_dtype, GROUP_NORM_EPS)
 
 
 def cpu_layer_tensors(block: nn.Module) -> list[torch.Tensor]:
@@ -268,8 +272,9 @@ class Rwkv6(HeadMatrixArchitecture):
     def pack_fused_time_mix(self, att, config):
         return pack_fused_time_mix(att) if triton_kernels.supports_head_size(config.head_size) else None
 
-    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype):
-        return fused_time_mix(pack.core, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype), carry
+    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype,
+                       side):
+        return fused_time_mix(pack.core, projection, project, mixed32, xx, prev, wkv, wkv_out, act_dtype, side), carry
 
     def fused_channel_mix(self, ffn):
         mixes = [1 - ffn.time_maa_k.detach().float().reshape(-1), 1 - ffn.time_maa_r.detach().float().reshape(-1)]

@@ -19,8 +19,9 @@
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
-  `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py) and one
-  kernel for everything element-wise up to the gated output (kernels/rwkv7_triton.py). On CPUs with the C++
+  `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py; on the
+  step's side stream, beside the product) and one kernel for everything element-wise up to the gated output
+  (kernels/rwkv7_triton.py). On CPUs with the C++
   kernels, a decode step is one call (`cpu_kernel_id` 7: cpu_kernels' DecodeStack runs its RWKV-7 layer step a
   layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
 """
@@ -240,11 +241,15 @@ def pack_fused_time_mix(att: TimeMixV7) -> FusedTimeMixPack:
     return FusedTimeMixPack(mixes, [att.receptance, att.key, att.value], matrix_mixes=3, fp32_from=2, core=core)
 
 
-def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_first, wkv, wkv_out, act_dtype):
-    """The fused decode step's RWKV-7 time mix (see Architecture.fused_time_mix): one product for r, k, v, two
-    launches for the LoRAs, one kernel for the rest (kernels/rwkv7_triton.py)."""
+def fused_time_mix(core: FusedCoreV7, projection, project, mixed, mixed32, v_first, wkv, wkv_out, act_dtype,
+                   side):
+    """The fused decode step's RWKV-7 time mix (see Architecture.fused_time_mix): one product for r, k, v, with
+    the two launches of the LoRAs (which read only the mixes) beside it on the side stream, one kernel for the rest
+    (kernels/rwkv7_triton.py)."""
+    with side.branch():
+        lora = core.lora(mixed32, act_dtype)  # [P, B, A]
     r, k, v = project(mixed, projection)
-    lora = core.lora(mixed32, act_dtype)  # [P, B, A]
+    side.join()
     if core.first:
         (w_l, a_l, g), v_l = lora, None
         v_first = torch.empty(lora.shape[1:], dtype=torch.float32, device=lora.device)
@@ -322,8 +327,9 @@ class Rwkv7(HeadMatrixArchitecture):
     def pack_fused_time_mix(self, att, config):
         return pack_fused_time_mix(att) if triton_kernels.supports_head_size(config.head_size) else None
 
-    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype):
-        return fused_time_mix(pack.core, projection, project, mixed, mixed32, carry, wkv, wkv_out, act_dtype)
+    def fused_time_mix(self, pack, projection, project, mixed, mixed32, xx, prev, wkv, wkv_out, carry, act_dtype,
+                       side):
+        return fused_time_mix(pack.core, projection, project, mixed, mixed32, carry, wkv, wkv_out, act_dtype, side)
 
     def fused_channel_mix(self, ffn):
         return torch.stack([1 - ffn.x_k.detach().float().reshape(-1)]), [ffn.key]

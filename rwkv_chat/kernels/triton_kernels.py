@@ -152,15 +152,12 @@ if AVAILABLE:
         begin = pid_s * KW_PER_SPLIT
         first = begin + tl.arange(0, BLOCK_KW)
         first_ok = first < KW
-        if PRELOAD:
-            _let_next_launch(PDL)
-            w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],
-                              other=0)
+        _let_next_launch(PDL)
+        if not PRELOAD:
             _wait_for_kernel_before(PDL)
-        else:
-            _wait_for_producer(PDL)
-            w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :],
-                              other=0)
+        w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :], other=0)
+        if PRELOAD:
+            _wait_for_kernel_before(PDL)
         x_base = X + seg * stride_xp
         acc = _gemv1_tile(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), w_first, x_base, first, first_ok, WORDS)
         for kk in range(BLOCK_KW, KW_PER_SPLIT, BLOCK_KW):

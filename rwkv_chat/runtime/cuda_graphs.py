@@ -4,7 +4,9 @@ What this module promises:
 - `GraphedDecoder(step, empty_state, device)(ids [B], state)` returns exactly what `step(ids, state.shift,
   state.wkv)` returns, as fresh tensors the caller owns (the graph's static buffers are copied out), without
   the per-kernel launch cost: a decode step is hundreds of small kernels, and replaying them as one graph is
-  what lets batch-1 decoding reach the memory bandwidth.
+  what lets batch-1 decoding reach the memory bandwidth. The state it returned last, passed back unchanged (the
+  same tensors, not written since), is not copied in: its values still lie in the graph's buffers, and a second
+  graph of the bucket steps from the first's outputs back into its inputs (at 7B a copy in was ~33 MB a step).
 - Batch sizes are rounded up to a bucket (1, 2, 4, ..., 256: so a batch that changes size by a few rows
   reuses its graph); padding rows compute garbage that is never returned. Larger batches run the step
   directly, ungraphed. Graphs are captured lazily, on first use of a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -53,7 +56,9 @@ def captured(run, device: torch.device, pool):
 
 class _Captured:
     """One graph of the step for `batch` rows: from and into its own static buffers, or (source and target
-    given) from and into those."""
+    given) from and into those. Its own buffers: the graph steps from `inputs` into `outputs`, and a second graph
+    (captured on first use) from `outputs` back into `inputs`, so that a caller's next step from the state just
+    handed out reads it where it lies."""
 
     def __init__(self, step, batch: int, template: RwkvState, device: torch.device, pool,
                  source: RwkvState | None = None, target: RwkvState | None = None):
@@ -72,15 +77,51 @@ class _Captured:
         # into: the target's rows are the caller's junk, so the warm-up runs may write them
         self.graph, (self.logits, self.out) = captured(lambda: step(self.ids, self.shift, self.wkv, out=into),
                                                        device, pool)
+        self.inputs = RwkvState(self.shift, self.wkv)
+        self.step, self.device, self.pool = step, device, pool
+        self.back = None  # (graph, its logits): outputs -> inputs; False once its capture failed
+        self.handed_out = None  # the state returned last: (weak references, versions, rows, the buffer holding it)
 
     def run(self, ids: torch.Tensor, state: RwkvState):
         rows = ids.shape[0]
-        self.shift[:rows].copy_(state.shift)
-        self.wkv[:rows].copy_(state.wkv)
-        self._replay(ids)
-        return self.logits[:rows].clone(), self.out.leading(rows).clone()
+        holder = self._holder(state, rows)
+        if holder is self.out and self._back() is not None:
+            graph, logits = self.back
+            result = self.inputs
+        else:
+            if holder is not self.inputs:
+                self.shift[:rows].copy_(state.shift)
+                self.wkv[:rows].copy_(state.wkv)
+            graph, logits, result = self.graph, self.logits, self.out
+        self._replay(ids, graph)
+        new = result.leading(rows).clone()
+        self.handed_out = (weakref.ref(new.shift), weakref.ref(new.wkv), new.shift._version, new.wkv._version, rows,
+                           result)
+        return logits[:rows].clone(), new
 
-    def _replay(self, ids: torch.Tensor) -> None:
+    def _holder(self, state: RwkvState, rows: int) -> RwkvState | None:
+        """The buffer (inputs or out) that holds `state`'s values: it is the state handed out last, unwritten."""
+        if self.handed_out is None:
+            return None
+        shift, wkv, shift_version, wkv_version, handed_rows, holder = self.handed_out
+        same = (state.shift is shift() and state.wkv is wkv() and rows == handed_rows
+                and state.shift._version == shift_version and state.wkv._version == wkv_version)
+        return holder if same else None
+
+    def _back(self):
+        """The graph from outputs back into inputs, captured on first use; None where that capture failed."""
+        if self.back is None:
+            try:
+                graph, (logits, _) = captured(
+                    lambda: self.step(self.ids, self.out.shift, self.out.wkv, out=self.inputs), self.device, self.pool)
+                self.back = graph, logits
+            except RuntimeError as error:
+                self.back = False
+                warnings.warn(f"decode step: a CUDA graph capture failed ({error}); states are copied into the "
+                              "graph each step (slower)", RuntimeWarning)
+        return self.back or None
+
+    def _replay(self, ids: torch.Tensor, graph=None) -> None:
         rows = ids.shape[0]
         if ids.device.type == "cpu":
             self.ids_copied.synchronize()  # the previous step's copy out of the staging buffer is done
@@ -89,7 +130,7 @@ class _Captured:
             self.ids_copied.record()
         else:
             self.ids[:rows].copy_(ids)
-        self.graph.replay()
+        (graph or self.graph).replay()
 
 
 class GraphedDecoder:

@@ -21,9 +21,8 @@
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py; on the
   step's side stream, beside the product) and one kernel for everything element-wise up to the gated output
-  (kernels/rwkv7_triton.py). On CPUs with the C++
-  kernels, a decode step is one call (`cpu_kernel_id` 7: cpu_kernels' DecodeStack runs its RWKV-7 layer step a
-  layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
+  (kernels/rwkv7_triton.py). On CPUs with the C++ kernels, a decode step is one call (`cpu_kernel_id` 7:
+  cpu_kernels' DecodeStack runs its RWKV-7 layer step a layer, fed by `cpu_layer_tensors`; runtime/cpu_decode.py).
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ def captured(run, device: torch.device, pool):
 
 class _Captured:
     """One graph of the step for `batch` rows: from and into its own static buffers, or (source and target
-    given) from and into those. Its own buffers: the graph steps from `inputs` into `outputs`, and a second graph
-    (captured on first use) from `outputs` back into `inputs`, so that a caller's next step from the state just
+    given) from and into those. On its own buffers the graph steps from `inputs` into `out`, and a second graph
+    (captured on first use) from `out` back into `inputs`, so that a caller's next step from the state just
     handed out reads it where it lies."""
 
     def __init__(self, step, batch: int, template: RwkvState, device: torch.device, pool,
@@ -130,7 +130,7 @@ class _Captured:
             self.ids_copied.record()
         else:
             self.ids[:rows].copy_(ids)
-        (graph or self.graph).replay()
+        (self.graph if graph is None else graph).replay()
 
 
 class GraphedDecoder:

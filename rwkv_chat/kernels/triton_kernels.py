@@ -116,9 +116,29 @@ if AVAILABLE:
     # ------------------------------------------------------------------------------- matrix products
 
     @triton.jit
-    def _gemv1_tile(acc, w, x_base, offs, ok, WORDS: tl.constexpr):
+    def _int8_pair(w, SELECT: tl.constexpr):
+        """Two int8 weights of a word w whose sign bits are flipped (bytes b + 128), as two exact fp32 values: one
+        byte permute places them under the fp16 exponent of 1024 (fp16 1024 + 128 + b), one paired fp16
+        subtraction of 1152 leaves b, two widenings. SELECT picks the bytes ("0x4140": 0 and 1, "0x4342": 2
+        and 3). PTX: CUDA only, never under the interpreter."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t, m; .reg .b16 lo, hi; mov.b32 c, 0x64646464; mov.b32 m, 0x64806480; "
+            "prmt.b32 t, $2, c, " + SELECT + "; sub.rn.f16x2 t, t, m; mov.b32 {lo, hi}, t; "
+            "cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+            "=f,=f,r", [w], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _gemv1_tile(acc, w, x_base, offs, ok, WORDS: tl.constexpr, PAIRS: tl.constexpr):
         """acc += one [BLOCK_N, BLOCK_KW] weight tile times its activations (see `_gemv1_kernel`)."""
-        if WORDS:
+        if WORDS and PAIRS:
+            w = w ^ -2139062144  # 0x80808080: every byte b + 128
+            w0, w1 = _int8_pair(w, "0x4140")
+            acc += w0 * tl.load(x_base + offs * 4, mask=ok, other=0.0).to(tl.float32)[None, :]
+            acc += w1 * tl.load(x_base + offs * 4 + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+            w2, w3 = _int8_pair(w, "0x4342")
+            acc += w2 * tl.load(x_base + offs * 4 + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
+            acc += w3 * tl.load(x_base + offs * 4 + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
+        elif WORDS:
             for byte in tl.static_range(4):
                 x = tl.load(x_base + offs * 4 + byte, mask=ok, other=0.0).to(tl.float32)
                 biased = ((w >> (8 * byte)) & 0xFF) ^ 0x80  # b + 128, in 0..255
@@ -132,14 +152,17 @@ if AVAILABLE:
     @triton.jit
     def _gemv1_kernel(X, W, SCALE, Y, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT,
                       BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      WORDS: tl.constexpr = False, PRELOAD: tl.constexpr = False, PDL: tl.constexpr = False):
+                      WORDS: tl.constexpr = False, PAIRS: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
         [BLOCK_N, BLOCK_KW] register tile and are reduced once at the end (no reduction inside the loop).
 
         With WORDS, W [N, KW] holds int8 weights as 32-bit words of four (K = 4 KW), widened without an
         integer-to-float conversion: byte b of a word, its sign bit flipped and OR-ed under the exponent bits of
         2^23, is the float 2^23 + 128 + b, from which 2^23 + 128 is subtracted exactly. On an H200 this read
-        the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3.
+        the 7B matrices at 3.2-4.0 TB/s where `.to(float32)` of int8 tiles read 2.0-3.3. With PAIRS too, two
+        bytes at a time become exact fp16 pairs (`_int8_pair`): fewer instructions a weight, the same values
+        and sums, but more registers a thread (`project` decides when that pays).
 
         With PRELOAD, a program loads its first weight tile before it waits for the kernel before it (PDL): no
         kernel writes weights, so their reading may start while that kernel ends. The sums' order is the same."""
@@ -159,12 +182,13 @@ if AVAILABLE:
         if PRELOAD:
             _wait_for_kernel_before(PDL)
         x_base = X + seg * stride_xp
-        acc = _gemv1_tile(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), w_first, x_base, first, first_ok, WORDS)
+        acc = _gemv1_tile(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), w_first, x_base, first, first_ok, WORDS,
+                          PAIRS)
         for kk in range(BLOCK_KW, KW_PER_SPLIT, BLOCK_KW):
             offs = begin + kk + tl.arange(0, BLOCK_KW)
             ok = offs < KW
             w = tl.load(W + offs_n[:, None] * KW + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
-            acc = _gemv1_tile(acc, w, x_base, offs, ok, WORDS)
+            acc = _gemv1_tile(acc, w, x_base, offs, ok, WORDS, PAIRS)
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out = out * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
@@ -548,10 +572,15 @@ def _block_n(seg: int, n: int, preferred: int) -> int:
 
 # One row's launch settings by weight format ("float": bf16/fp16/fp32, "int8"), measured on an H200 over the 1.5B and
 # 7B matrices (docs/PERFORMANCE.md); `benchmarks/bench.py --kernels` times alternatives.
+# "pairs_per_sm" (int8): the fp16-pair widening (`_int8_pair`) runs where a launch has at most that many programs an SM,
+# or programs of at most 8 rows (0: never): at 16 rows its programs hold 79 registers a thread against 64, so 6 fit an
+# SM where 8 did, and a launch of more programs than 6 an SM loses more to that than the pairs save.
 GEMV_CONFIGS = {
     "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True},
-    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True},
+    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True,
+             "pairs_per_sm": 6.0},
 }
+PTX = AVAILABLE and not INTERPRET and torch.version.hip is None  # inline PTX can run (NVIDIA's CUDA, compiled)
 
 
 def gemv_format(weight: torch.Tensor) -> str:
@@ -593,9 +622,11 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
         words = (weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous()
                  and weight.storage_offset() % 4 == 0)
         w, per = (weight.view(torch.int32), 4) if words else (weight, 1)
+        pairs = (words and PTX and x.device.type == "cuda" and cfg["pairs_per_sm"] > 0
+                 and (block_n <= 8 or n_blocks * splits <= cfg["pairs_per_sm"] * _sm_count(x.device)))
         _gemv1_kernel[(n_blocks, splits)](x, w, scale if has_scale else y, y, n, k // per, seg, p_count,
                                           x.stride(0), y.stride(0), k_per_split // per, BLOCK_N=block_n,
-                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words,
+                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words, PAIRS=pairs,
                                           PRELOAD=cfg["preload"], **options)
         return y
     block_n = _block_n(seg, n, 64)

@@ -594,6 +594,41 @@ def test_cuda_fast_path_matches_plain_path(ckpt, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_int8_one_row_product_in_fp16_pairs_is_the_same_sums():
+    """The one-row int8 product widening its bytes two at a time through fp16 (inline PTX) against the byte-at-a-time
+    form: the same bits, over ragged blocks, segments, split counts, 8- and 16-row programs and a 7B-sized matrix;
+    both against the float64 product of the dequantised weights."""
+    pytest.importorskip("triton")
+    from rwkv_chat.kernels import triton_kernels as tk
+    assert tk.PTX
+    gen = torch.Generator().manual_seed(5)
+    config = dict(tk.GEMV_CONFIGS["int8"])
+    try:
+        for n, k, segments in ((40, 1000, 1), (64, 2052, 2), (96, 1028, 3), (128, 4096, 4), (4096, 4096, 1),
+                               (12288, 4096, 3)):
+            weight = torch.randn(n, k, generator=gen) * 0.05
+            weight[0, :256] = torch.linspace(-1, 1, 256)  # the whole byte range in one row
+            q, scale = quant.quantize_rows(weight)
+            x = torch.randn(segments, 1, k, generator=gen).to(torch.bfloat16)
+            seg = n // segments
+            rows = torch.arange(n) // seg
+            want = torch.einsum("nk,nk->n", x[rows.clamp(max=segments - 1), 0].double(),
+                                q.double() * scale.double()[:, None])
+            q, scale, x = q.cuda(), scale.cuda(), x.cuda()
+            for block_n in (8, 16):
+                for splits in (None, 1, 3):
+                    results = []
+                    for pairs_per_sm in (1e9, 0):  # pairs always, never
+                        tk.GEMV_CONFIGS["int8"].update(block_n=block_n, pairs_per_sm=pairs_per_sm)
+                        results.append(tk.project(x, q, scale, seg if segments > 1 else None, splits))
+                    assert torch.equal(*results), (n, k, segments, block_n, splits)
+                    got = results[0].sum(0)[0].double().cpu()
+                    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    finally:
+        tk.GEMV_CONFIGS["int8"] = config
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("version", ["4", "5.2"])
 def test_cuda_bf16_greedy_agreement_is_the_plain_paths(version, make_checkpoint):
     ckpt = make_checkpoint(version, n_layer=2, n_embd=256, seed=3)

@@ -1,4 +1,5 @@
-"""The oracle: the `rwkv` PyPI package (ChatRWKV's reference implementation) on our test checkpoints.
+"""The oracle: the `rwkv` PyPI package (ChatRWKV's reference implementation) on our test checkpoints; and the
+float64 product of dequantised int8 weights that the one-row int8 kernels are held to.
 
 conftest.py sets RWKV_JIT_ON / RWKV_CUDA_ON before anything imports the package.
 """
@@ -74,3 +75,17 @@ def assert_decode_into_equals_decode(model, tolerance: float) -> None:
             assert (target.shift[:batch] - new.shift).abs().max().item() <= tolerance
             assert (target.wkv[:batch] - new.wkv).abs().max().item() <= tolerance
             assert source.equal(kept)
+
+
+def int8_one_row_case(gen: torch.Generator, n: int, k: int, segments: int):
+    """(q, scale, x, seg, want): int8 rows [n, k] with their scales, `segments` stacked bf16 inputs [P, 1, k], the
+    segment length (None for one) and the float64 product of row block n with input n // seg, dequantised."""
+    from rwkv_chat.kernels import quant
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    weight[0, :256] = torch.linspace(-1, 1, min(k, 256))  # the whole byte range in one row
+    q, scale = quant.quantize_rows(weight)
+    x = torch.randn(segments, 1, k, generator=gen).to(torch.bfloat16)
+    seg = n // segments
+    rows = torch.arange(n) // seg
+    want = torch.einsum("nk,nk->n", x[rows.clamp(max=segments - 1), 0].double(), q.double() * scale.double()[:, None])
+    return q, scale, x, (seg if segments > 1 else None), want

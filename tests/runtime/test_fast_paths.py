@@ -18,8 +18,8 @@ from rwkv_chat.runtime.fast_path import attach_fast_path
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
-from reference import (assert_decode_into_equals_decode, assert_states_passed_in_stay_unchanged, logits_after,
-                       random_tokens)
+from reference import (assert_decode_into_equals_decode, assert_states_passed_in_stay_unchanged, int8_one_row_case,
+                       logits_after, random_tokens)
 from triton_interpreter import run_interpreted
 
 VERSIONS = ["4", "5.0", "5.2"]
@@ -474,22 +474,17 @@ def test_wkv4_scan_chunks_fill_the_gpu_without_cutting_short_prompts():
 
 GEMV_SCRIPT = """
     import torch
-    from rwkv_chat.kernels import quant, triton_kernels as tk
+    from rwkv_chat.kernels import triton_kernels as tk
+    from reference import int8_one_row_case
     gen = torch.Generator().manual_seed(5)
     # (N, K, segments): ragged row blocks, K past a multiple of the tile, an odd K (bytes, not words), segments
     for n, k, segments in ((40, 1000, 1), (64, 2052, 2), (48, 130, 1), (96, 1027, 3), (128, 4096, 4)):
-        weight = torch.randn(n, k, generator=gen) * 0.05
-        q, scale = quant.quantize_rows(weight)
-        x = torch.randn(segments, 1, k, generator=gen).to(torch.bfloat16)
-        seg = n // segments
-        rows = torch.arange(n) // seg
-        want = torch.einsum("nk,nk->n", x[rows.clamp(max=segments - 1), 0].double(),
-                            q.double() * scale.double()[:, None])
+        q, scale, x, seg, want = int8_one_row_case(gen, n, k, segments)
         for splits in (None, 1, 3):
             results = []
             for preload in (True, False):  # the first weight tile read before or after the wait: the same sums
                 tk.GEMV_CONFIGS["int8"]["preload"] = preload
-                results.append(tk.project(x, q, scale, seg if segments > 1 else None, splits))
+                results.append(tk.project(x, q, scale, seg, splits))
             got = results[0].sum(0)[0].double()
             print(n, k, segments, splits, int(torch.equal(*results)),
                   ((got - want).abs().max() / want.abs().max()).item())
@@ -606,21 +601,14 @@ def test_cuda_int8_one_row_product_in_fp16_pairs_is_the_same_sums():
     try:
         for n, k, segments in ((40, 1000, 1), (64, 2052, 2), (96, 1028, 3), (128, 4096, 4), (4096, 4096, 1),
                                (12288, 4096, 3)):
-            weight = torch.randn(n, k, generator=gen) * 0.05
-            weight[0, :256] = torch.linspace(-1, 1, 256)  # the whole byte range in one row
-            q, scale = quant.quantize_rows(weight)
-            x = torch.randn(segments, 1, k, generator=gen).to(torch.bfloat16)
-            seg = n // segments
-            rows = torch.arange(n) // seg
-            want = torch.einsum("nk,nk->n", x[rows.clamp(max=segments - 1), 0].double(),
-                                q.double() * scale.double()[:, None])
+            q, scale, x, seg, want = int8_one_row_case(gen, n, k, segments)
             q, scale, x = q.cuda(), scale.cuda(), x.cuda()
             for block_n in (8, 16):
                 for splits in (None, 1, 3):
                     results = []
                     for pairs_per_sm in (1e9, 0):  # pairs always, never
                         tk.GEMV_CONFIGS["int8"].update(block_n=block_n, pairs_per_sm=pairs_per_sm)
-                        results.append(tk.project(x, q, scale, seg if segments > 1 else None, splits))
+                        results.append(tk.project(x, q, scale, seg, splits))
                     assert torch.equal(*results), (n, k, segments, block_n, splits)
                     got = results[0].sum(0)[0].double().cpu()
                     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6

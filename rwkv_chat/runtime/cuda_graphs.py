@@ -54,6 +54,20 @@ def captured(run, device: torch.device, pool):
     return graph, out
 
 
+class _HandedOut:
+    """The state a graph handed out last, remembered without keeping it alive: whether a state passed back is that
+    one, unwritten since (then its values still lie in `buffer`, the graph's inputs or outputs)."""
+
+    def __init__(self, state: RwkvState, rows: int, buffer: RwkvState):
+        self.shift, self.wkv = weakref.ref(state.shift), weakref.ref(state.wkv)
+        self.versions = state.shift._version, state.wkv._version
+        self.rows, self.buffer = rows, buffer
+
+    def holds(self, state: RwkvState, rows: int) -> bool:
+        return (state.shift is self.shift() and state.wkv is self.wkv() and rows == self.rows
+                and (state.shift._version, state.wkv._version) == self.versions)
+
+
 class _Captured:
     """One graph of the step for `batch` rows: from and into its own static buffers, or (source and target
     given) from and into those. On its own buffers the graph steps from `inputs` into `out`, and a second graph
@@ -80,7 +94,7 @@ class _Captured:
         self.inputs = RwkvState(self.shift, self.wkv)
         self.step, self.device, self.pool = step, device, pool
         self.back = None  # (graph, its logits): outputs -> inputs; False once its capture failed
-        self.handed_out = None  # the state returned last: (weak references, versions, rows, the buffer holding it)
+        self.handed_out = None  # the state returned last (_HandedOut)
 
     def run(self, ids: torch.Tensor, state: RwkvState):
         rows = ids.shape[0]
@@ -95,18 +109,13 @@ class _Captured:
             graph, logits, result = self.graph, self.logits, self.out
         self._replay(ids, graph)
         new = result.leading(rows).clone()
-        self.handed_out = (weakref.ref(new.shift), weakref.ref(new.wkv), new.shift._version, new.wkv._version, rows,
-                           result)
+        self.handed_out = _HandedOut(new, rows, result)
         return logits[:rows].clone(), new
 
     def _holder(self, state: RwkvState, rows: int) -> RwkvState | None:
         """The buffer (inputs or out) that holds `state`'s values: it is the state handed out last, unwritten."""
-        if self.handed_out is None:
-            return None
-        shift, wkv, shift_version, wkv_version, handed_rows, holder = self.handed_out
-        same = (state.shift is shift() and state.wkv is wkv() and rows == handed_rows
-                and state.shift._version == shift_version and state.wkv._version == wkv_version)
-        return holder if same else None
+        handed = self.handed_out
+        return handed.buffer if handed is not None and handed.holds(state, rows) else None
 
     def _back(self):
         """The graph from outputs back into inputs, captured on first use; None where that capture failed."""

@@ -1168,12 +1168,39 @@ struct Task {
   std::function<void()> after;
 };
 
+// One thread's share of a region's units (units numbered over the tasks laid end to end): [front, back), taken
+// from the front by its owner and from the back by a thread that has finished its own share. Both ends live in one
+// 64-bit word (front in the low half), so that a take is one compare-and-swap; a share a cache line.
+struct alignas(64) Share {
+  std::atomic<uint64_t> ends{0};
+};
+
+// Takes a quarter of what is left of `share` (at least one unit) from its front or its back into [begin, end);
+// false when nothing is left. A quarter: a thread's own share goes in a few takes, and what a thief takes near the
+// end is small.
+inline bool take(Share& share, bool from_front, int64_t* begin, int64_t* end) {
+  uint64_t ends = share.ends.load(std::memory_order_relaxed);
+  for (;;) {
+    const int64_t front = static_cast<int64_t>(ends & 0xFFFFFFFFu), back = static_cast<int64_t>(ends >> 32);
+    if (front >= back) return false;
+    const int64_t n = std::max<int64_t>(1, (back - front) / 4);
+    *begin = from_front ? front : back - n;
+    *end = from_front ? front + n : back;
+    const uint64_t left = from_front ? (static_cast<uint64_t>(back) << 32) | static_cast<uint64_t>(front + n)
+                                     : (static_cast<uint64_t>(back - n) << 32) | static_cast<uint64_t>(front);
+    if (share.ends.compare_exchange_weak(ends, left, std::memory_order_relaxed)) return true;
+  }
+}
+
 // Independent tasks in one parallel region: one fork and one join for all of them, instead of one each (a decode
 // step of a small model runs ~10 products a layer of a few hundred KB each; on a Zen 4 with 2 threads, 0.1B,
 // sharing regions gave a few per cent: the products' own streaming from memory is most of a step). The units
-// are cut into one contiguous run per thread by the bytes they read, so a thread streams its share of one weight
-// into the next one's. Which thread does a unit never changes what the unit computes (each is whole on one
-// thread), so the results do not depend on the number of threads or on the other tasks of the call.
+// are cut into one contiguous share per thread by the bytes they read, so a thread streams its share of one weight
+// into the next one's; a thread done with its share then takes units from the back of the others' (work stealing),
+// so that no thread waits at the join while units are left: units whose bytes cost more time than others' (the
+// LoRAs' fp32 factors beside int8 rows) or a thread the machine slows do not hold the region. Which thread does a
+// unit never changes what the unit computes (each is whole on one thread), so the results do not depend on the
+// number of threads, on who took what, or on the other tasks of the call.
 void run_together(const std::vector<Task>& tasks) {
   auto size = [](const Task& t) { return std::max<int64_t>(t.unit_bytes, 1); };
   int64_t total = 0, units = 0;
@@ -1186,19 +1213,35 @@ void run_together(const std::vector<Task>& tasks) {
     for (const Task& t : tasks)
       if (t.units > 0) t.run(0, t.units);
   } else {
+    TORCH_CHECK(units < (int64_t{1} << 31), "cpu_kernels: too many units in one region");
+    // thread t's share: the units whose first byte, in the tasks laid end to end, falls in [total t/T, total (t+1)/T)
+    auto units_before = [&](int64_t byte) {
+      int64_t offset = 0, count = 0;
+      for (const Task& t : tasks) {
+        count += byte <= offset ? 0 : std::min<int64_t>((byte - offset + size(t) - 1) / size(t), t.units);
+        offset += t.units * size(t);
+      }
+      return count;
+    };
+    std::vector<Share> shares(threads);
+    for (int64_t t = 0; t < threads; ++t) {
+      const uint64_t front = units_before(total * t / threads), back = units_before(total * (t + 1) / threads);
+      shares[t].ends.store((back << 32) | front, std::memory_order_relaxed);
+    }
+    auto run_units = [&](int64_t begin, int64_t end) {  // units [begin, end) of the tasks laid end to end
+      int64_t first = 0;
+      for (const Task& t : tasks) {
+        const int64_t lo = std::max(begin, first), hi = std::min(end, first + t.units);
+        if (lo < hi) t.run(lo - first, hi - first);
+        first += t.units;
+      }
+    };
     at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
       for (int64_t thread = first; thread < last; ++thread) {
-        // this thread's units: those whose first byte, in the tasks laid end to end, falls in [lo, hi)
-        const int64_t lo = total * thread / threads, hi = total * (thread + 1) / threads;
-        int64_t offset = 0;
-        for (const Task& t : tasks) {
-          auto units_before = [&](int64_t byte) {  // how many of the task's units start before `byte`
-            return byte <= offset ? 0 : std::min<int64_t>((byte - offset + size(t) - 1) / size(t), t.units);
-          };
-          const int64_t begin = units_before(lo), end = units_before(hi);
-          if (begin < end) t.run(begin, end);
-          offset += t.units * size(t);
-        }
+        int64_t begin, end;
+        while (take(shares[thread], true, &begin, &end)) run_units(begin, end);
+        for (int64_t other = 1; other < threads; ++other)
+          while (take(shares[(thread + other) % threads], false, &begin, &end)) run_units(begin, end);
       }
     });
   }

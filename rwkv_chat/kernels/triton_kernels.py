@@ -20,7 +20,9 @@ What this module promises:
   and `sigmoid_gate` ([residual +] sigmoid(r) * y in fp32 from inputs of any float dtype, one pass); the RWKV-4
   scan reads k and v as a bf16/fp16 GEMM gave them. `wkv5_scan` also takes a decay per token: RWKV-6's plain
   path reads its prompts with it.
-- Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests).
+- Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (used by the tests). `PTX` says whether inline PTX
+  may run (NVIDIA's CUDA, compiled kernels): only the int8 one-row product's fp16-pair widening uses it, and every
+  kernel has a form without it.
 
 It knows the RWKV layer's arithmetic, not the model's structure.
 """

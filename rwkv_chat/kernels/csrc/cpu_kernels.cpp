@@ -1198,7 +1198,7 @@ inline bool take(Share& share, bool from_front, int64_t* begin, int64_t* end) {
 // are cut into one contiguous share per thread by the bytes they read, so a thread streams its share of one weight
 // into the next one's; a thread done with its share then takes units from the back of the others' (work stealing),
 // so that no thread waits at the join while units are left: units whose bytes cost more time than others' (the
-// LoRAs' fp32 factors beside int8 rows) or a thread the machine slows do not hold the region. Which thread does a
+// LoRAs' float factors beside int8 rows) or a thread the machine slows do not hold the region. Which thread does a
 // unit never changes what the unit computes (each is whole on one thread), so the results do not depend on the
 // number of threads, on who took what, or on the other tasks of the call.
 void run_together(const std::vector<Task>& tasks) {

@@ -154,7 +154,7 @@ if AVAILABLE:
     @triton.jit
     def _gemv1_kernel(X, W, SCALE, Y, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT,
                       BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      WORDS: tl.constexpr = False, PAIRS: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+                      WORDS: tl.constexpr = False, PAIRS: tl.constexpr = False, PRELOAD: tl.constexpr = 0,
                       PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
         [BLOCK_N, BLOCK_KW] register tile and are reduced once at the end (no reduction inside the loop).
@@ -166,8 +166,9 @@ if AVAILABLE:
         bytes at a time become exact fp16 pairs (`_int8_pair`): fewer instructions a weight, the same values
         and sums, but more registers a thread (`project` decides when that pays).
 
-        With PRELOAD, a program loads its first weight tile before it waits for the kernel before it (PDL): no
-        kernel writes weights, so their reading may start while that kernel ends. The sums' order is the same."""
+        With PRELOAD (1-4), a program loads its first PRELOAD weight tiles before it waits for the kernel before it
+        (PDL): no kernel writes weights, so their reading may start while that kernel ends (the LayerNorm and mixes,
+        the wkv step, relu²: a few microseconds each, ~130 a 7B step). The sums' order is the same."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -175,18 +176,40 @@ if AVAILABLE:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         begin = pid_s * KW_PER_SPLIT
+        _let_next_launch(PDL)
+        if PRELOAD == 0:
+            _wait_for_kernel_before(PDL)
+        # the first PRELOAD tiles (or the first alone) are read before the wait; past the split's end, masked out
         first = begin + tl.arange(0, BLOCK_KW)
         first_ok = first < KW
-        _let_next_launch(PDL)
-        if not PRELOAD:
-            _wait_for_kernel_before(PDL)
         w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :], other=0)
-        if PRELOAD:
+        if PRELOAD >= 2:
+            second = first + BLOCK_KW
+            second_ok = (second < KW) & (BLOCK_KW < KW_PER_SPLIT)
+            w_second = tl.load(W + offs_n[:, None] * KW + second[None, :], mask=n_ok[:, None] & second_ok[None, :],
+                               other=0)
+        if PRELOAD >= 3:
+            third = second + BLOCK_KW
+            third_ok = (third < KW) & (2 * BLOCK_KW < KW_PER_SPLIT)
+            w_third = tl.load(W + offs_n[:, None] * KW + third[None, :], mask=n_ok[:, None] & third_ok[None, :],
+                              other=0)
+        if PRELOAD >= 4:
+            fourth = third + BLOCK_KW
+            fourth_ok = (fourth < KW) & (3 * BLOCK_KW < KW_PER_SPLIT)
+            w_fourth = tl.load(W + offs_n[:, None] * KW + fourth[None, :], mask=n_ok[:, None] & fourth_ok[None, :],
+                               other=0)
+        if PRELOAD > 0:
             _wait_for_kernel_before(PDL)
         x_base = X + seg * stride_xp
         acc = _gemv1_tile(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), w_first, x_base, first, first_ok, WORDS,
                           PAIRS)
-        for kk in range(BLOCK_KW, KW_PER_SPLIT, BLOCK_KW):
+        if PRELOAD >= 2:
+            acc = _gemv1_tile(acc, w_second, x_base, second, second_ok, WORDS, PAIRS)
+        if PRELOAD >= 3:
+            acc = _gemv1_tile(acc, w_third, x_base, third, third_ok, WORDS, PAIRS)
+        if PRELOAD >= 4:
+            acc = _gemv1_tile(acc, w_fourth, x_base, fourth, fourth_ok, WORDS, PAIRS)
+        for kk in range(max(PRELOAD, 1) * BLOCK_KW, KW_PER_SPLIT, BLOCK_KW):
             offs = begin + kk + tl.arange(0, BLOCK_KW)
             ok = offs < KW
             w = tl.load(W + offs_n[:, None] * KW + offs[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
@@ -577,9 +600,12 @@ def _block_n(seg: int, n: int, preferred: int) -> int:
 # "pairs_per_sm" (int8): the fp16-pair widening (`_int8_pair`) runs where a launch has at most that many programs an SM,
 # or programs of at most 8 rows (0: never): at 16 rows its programs hold 79 registers a thread against 64, so 6 fit an
 # SM where 8 did, and a launch of more programs than 6 an SM loses more to that than the pairs save.
+# "preload": the weight tiles a program reads before it waits for the kernel before it. A float tile is 8 registers a
+# thread, so three fit beside the loop's (whole 7B steps, bf16: 1 -> 3 tiles 1.5-3.3 % faster); an int8 tile is 16,
+# and a second one cost more occupancy than it hid (whole 7B int8 steps 9-17 % slower).
 GEMV_CONFIGS = {
-    "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True},
-    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": True,
+    "float": {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": 3},
+    "int8": {"block_n": 16, "block_k": 512, "num_warps": 4, "num_stages": 3, "target_programs": 8.0, "preload": 1,
              "pairs_per_sm": 6.0},
 }
 PTX = AVAILABLE and not INTERPRET and torch.version.hip is None  # inline PTX can run (NVIDIA's CUDA, compiled)

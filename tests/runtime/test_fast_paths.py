@@ -482,11 +482,11 @@ GEMV_SCRIPT = """
         q, scale, x, seg, want = int8_one_row_case(gen, n, k, segments)
         for splits in (None, 1, 3):
             results = []
-            for preload in (True, False):  # the first weight tile read before or after the wait: the same sums
+            for preload in (1, 0, 2, 3, 4):  # weight tiles read before the wait (past a split's end: none): same sums
                 tk.GEMV_CONFIGS["int8"]["preload"] = preload
                 results.append(tk.project(x, q, scale, seg, splits))
             got = results[0].sum(0)[0].double()
-            print(n, k, segments, splits, int(torch.equal(*results)),
+            print(n, k, segments, splits, int(all(torch.equal(results[0], r) for r in results[1:])),
                   ((got - want).abs().max() / want.abs().max()).item())
 """
 
@@ -614,6 +614,35 @@ def test_cuda_int8_one_row_product_in_fp16_pairs_is_the_same_sums():
                     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
     finally:
         tk.GEMV_CONFIGS["int8"] = config
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_one_row_product_reads_tiles_before_the_wait_with_the_same_sums():
+    """The one-row product reading 0-4 weight tiles before it waits for the kernel before it (compiled, with
+    programmatic dependent launch where the GPU has it): the same bits in bf16 and int8, over splits whose share is
+    shorter than the tiles read ahead; int8 against the float64 product of the dequantised weights."""
+    pytest.importorskip("triton")
+    from rwkv_chat.kernels import triton_kernels as tk
+    gen = torch.Generator().manual_seed(7)
+    configs = {fmt: dict(cfg) for fmt, cfg in tk.GEMV_CONFIGS.items()}
+    try:
+        for n, k, segments in ((40, 1000, 1), (96, 1028, 3), (4096, 4096, 1), (12288, 4096, 3)):
+            q, scale, x, seg, want = int8_one_row_case(gen, n, k, segments)
+            w16 = (q.float() * scale[:, None]).to(torch.bfloat16)
+            q, scale, x, w16 = q.cuda(), scale.cuda(), x.cuda(), w16.cuda()
+            for splits in (None, 1, 3, 7):
+                for fmt, args in (("int8", (q, scale)), ("float", (w16, None))):
+                    results = []
+                    for preload in (0, 1, 2, 3, 4):
+                        tk.GEMV_CONFIGS[fmt]["preload"] = preload
+                        results.append(tk.project(x, *args, seg, splits))
+                    assert all(torch.equal(results[0], r) for r in results[1:]), (fmt, n, k, segments, splits)
+                    if fmt == "int8":
+                        got = results[0].sum(0)[0].double().cpu()
+                        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    finally:
+        for fmt, cfg in configs.items():
+            tk.GEMV_CONFIGS[fmt] = cfg
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

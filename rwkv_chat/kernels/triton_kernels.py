@@ -179,7 +179,7 @@ if AVAILABLE:
         _let_next_launch(PDL)
         if PRELOAD == 0:
             _wait_for_kernel_before(PDL)
-        # the first PRELOAD tiles (or the first alone) are read before the wait; past the split's end, masked out
+        # tiles 1..PRELOAD are read before the wait (PRELOAD 0: the first after it); past the split's share, masked
         first = begin + tl.arange(0, BLOCK_KW)
         first_ok = first < KW
         w_first = tl.load(W + offs_n[:, None] * KW + first[None, :], mask=n_ok[:, None] & first_ok[None, :], other=0)

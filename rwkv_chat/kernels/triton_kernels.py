@@ -169,6 +169,7 @@ if AVAILABLE:
         With PRELOAD (1-4), a program loads its first PRELOAD weight tiles before it waits for the kernel before it
         (PDL): no kernel writes weights, so their reading may start while that kernel ends (the LayerNorm and mixes,
         the wkv step, relu²: a few microseconds each, ~130 a 7B step). The sums' order is the same."""
+        tl.static_assert(PRELOAD <= 4, "PRELOAD: at most 4 weight tiles before the wait")
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N

@@ -292,9 +292,13 @@ class FastRunner:
         return x, RwkvState(torch.stack(shifts).unsqueeze(0), torch.stack(wkvs).unsqueeze(0))
 
     def _mixed(self, xx, prev, mix):
-        """Token-shift mixes of the projection inputs: xx [T, C], mix [P, C] -> [P, T, C] in the matrix dtype."""
+        """Token-shift mixes of the projection inputs: xx [T, C], mix [P, C] -> [P, T, C] in the matrix dtype
+        (on a CPU with the kernels built and fp32 inputs, their one pass: the same bits as the PyTorch form)."""
         if self.use_triton:
             return triton_kernels.shift_mix(xx, prev, mix, self.act_dtype)
+        kernels = cpu_kernels.built_for(xx) if self.act_dtype == torch.float32 else None
+        if kernels is not None:
+            return kernels.shift_mixes(xx.float().contiguous(), prev.float().contiguous(), mix.float().contiguous())
         shifted = torch.cat([prev.unsqueeze(0), xx[:-1]])
         mix = mix[:, None]
         return (xx * mix + shifted * (1 - mix)).to(self.act_dtype)

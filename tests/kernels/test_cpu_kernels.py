@@ -514,6 +514,36 @@ def test_shift_mixes_bf16_equal_pytorchs_fp32_mixes_rounded_to_bf16(batch, lengt
 
 
 @needs_kernels
+@pytest.mark.parametrize("length,channels,parts", [(1, 13, 2), (7, 100, 4), (300, 2048, 4), (40, 768, 2)])
+def test_shift_mixes_have_the_bits_of_pytorchs_fp32_mixes(length, channels, parts):
+    """An RWKV-4/5 prefill's xx * mix + shifted * (1 - mix) in one pass: bit for bit PyTorch's operators (no fused
+    multiply-add), over channel tails, one token, and rows enough to run on several threads; the first token
+    shifts in the state's."""
+    gen = torch.Generator().manual_seed(length)
+    xx = torch.randn(length, channels, generator=gen) * 3
+    prev = torch.randn(channels, generator=gen)
+    mix = torch.rand(parts, channels, generator=gen)
+    got = cpu_kernels.kernels().shift_mixes(xx, prev, mix)
+    shifted = torch.cat([prev.unsqueeze(0), xx[:-1]])
+    want = xx * mix[:, None] + shifted * (1 - mix[:, None])
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert not torch.equal(got, torch.addcmul(shifted * (1 - mix[:, None]), xx, mix[:, None])) or length == 1
+
+
+@needs_kernels
+def test_shift_mixes_refuse_what_they_cannot_read():
+    kernels = cpu_kernels.kernels()
+    xx, prev, mix = torch.zeros(4, 8), torch.zeros(8), torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="xx contiguous fp32"):
+        kernels.shift_mixes(xx.double(), prev, mix)
+    with pytest.raises(RuntimeError, match="prev contiguous fp32"):
+        kernels.shift_mixes(xx, torch.zeros(7), mix)
+    with pytest.raises(RuntimeError, match="mix contiguous fp32"):
+        kernels.shift_mixes(xx, prev, torch.zeros(2, 8).t())
+
+
+@needs_kernels
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, make_checkpoint, monkeypatch):
     """A bf16 prefill's token-shift mixes come from the C++ kernel once the process has built it, from PyTorch

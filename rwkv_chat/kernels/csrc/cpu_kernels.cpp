@@ -31,6 +31,7 @@
 //   wkv per head: instead of ~130 ops. Built with its ends (embedding, ln0, ln_out, head), its logits(ids, ...)
 //   is the whole step from token ids to logits. Its refusals come back as a message, never as a C++ exception.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
+// - shift_mixes(xx, prev, mix): an RWKV-4/5 prefill's fp32 token-shift mixes, with PyTorch's bits, in one pass.
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
@@ -2404,6 +2405,50 @@ torch::Tensor int4_widen(torch::Tensor w, torch::Tensor groups, bool bf16) {
 }
 
 // The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
+// row[c] = now[c] · mix[c] + last[c] · keep[c] (keep = 1 - mix) over C channels: two products and a sum, each
+// rounded as PyTorch's separate operators round them. Compiled with fp-contract off, so that no fused multiply-add
+// replaces a product and the sum (GCC's default contracts them, and an attribute on a caller does not reach the
+// lambdas it hands to parallel_for: this function is what they call).
+__attribute__((optimize("fp-contract=off"), noinline))
+void shift_mix_row(const float* now, const float* last, const float* mix, const float* keep, float* row, int64_t C) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    _mm256_storeu_ps(row + c, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(now + c), _mm256_loadu_ps(mix + c)),
+                                            _mm256_mul_ps(_mm256_loadu_ps(last + c), _mm256_loadu_ps(keep + c))));
+  for (; c < C; ++c) {
+    const float a = now[c] * mix[c], b = last[c] * keep[c];
+    row[c] = a + b;
+  }
+}
+
+// out[p, t, c] = xx[t, c] · mix[p, c] + s[t, c] · (1 - mix[p, c]) in fp32, s the token before (prev for t = 0): the
+// token-shift mixes of an RWKV-4/5 prefill (one sequence) with the bits of PyTorch's `xx * mix + shifted * (1 -
+// mix)` (shift_mix_row), in one pass over xx instead of seven PyTorch operators and their [P, T, C] temporaries.
+// Rows t over the threads.
+torch::Tensor shift_mixes(torch::Tensor xx, torch::Tensor prev, torch::Tensor mix) {
+  TORCH_CHECK(xx.dim() == 2 && xx.scalar_type() == torch::kFloat32 && xx.is_contiguous(),
+              "cpu_kernels.shift_mixes: xx contiguous fp32 [T, C]");
+  const int64_t T = xx.size(0), C = xx.size(1);
+  TORCH_CHECK(prev.scalar_type() == torch::kFloat32 && prev.dim() == 1 && prev.size(0) == C && prev.is_contiguous(),
+              "cpu_kernels.shift_mixes: prev contiguous fp32 [C]");
+  TORCH_CHECK(mix.scalar_type() == torch::kFloat32 && mix.dim() == 2 && mix.size(1) == C && mix.is_contiguous(),
+              "cpu_kernels.shift_mixes: mix contiguous fp32 [P, C]");
+  const int64_t P = mix.size(0);
+  torch::Tensor out = torch::empty({P, T, C}, xx.options());
+  std::vector<float> keep(P * C);  // 1 - mix, rounded as PyTorch's subtraction rounds it
+  const float* m = mix.data_ptr<float>();
+  for (int64_t i = 0; i < P * C; ++i) keep[i] = 1.0f - m[i];
+  const float *x = xx.data_ptr<float>(), *before = prev.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t p = 0; p < P; ++p)
+        shift_mix_row(x + t * C, t == 0 ? before : x + (t - 1) * C, m + p * C, keep.data() + p * C,
+                      dst + (p * T + t) * C, C);
+  });
+  return out;
+}
+
 // bf16(xx + (s - xx) * (mix[p, c] + lora[p, b, t, c])), s the token before (prev[b] for t = 0), lora bf16 or
 // absent (0). fp32 arithmetic, one rounding at the end (to nearest even): what PyTorch's addcmul in fp32 and a
 // conversion give, up to an FMA's rounding, in one pass instead of six. Rows (b, t) over the threads.
@@ -2632,6 +2677,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv5_scan", &wkv5_scan, "RWKV-5 wkv over T tokens of one sequence: (out [T, A], new state [H, S, S])");
   m.def("wkv7_scan", &wkv7_scan, "RWKV-7 wkv over T tokens of one sequence: (y [T, A], new state [H, N, N])");
   m.def("int4_widen", &int4_widen, "int4 weights -> [N, K] bf16 (bf16=True) or fp32, for a prefill's GEMM");
+  m.def("shift_mixes", &shift_mixes, py::arg("xx"), py::arg("prev"), py::arg("mix"),
+        "fp32 [P, T, C] token-shift mixes xx * mix[p] + shifted * (1 - mix[p]) of an RWKV-4/5 prefill");
   m.def("shift_mixes_bf16", &shift_mixes_bf16,
         "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
   m.def("int8_gemm", &int8_gemm,

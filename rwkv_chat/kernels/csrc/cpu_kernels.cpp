@@ -2404,7 +2404,6 @@ torch::Tensor int4_widen(torch::Tensor w, torch::Tensor groups, bool bf16) {
   return out;
 }
 
-// The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
 // row[c] = now[c] · mix[c] + last[c] · keep[c] (keep = 1 - mix) over C channels: two products and a sum, each
 // rounded as PyTorch's separate operators round them. Compiled with fp-contract off, so that no fused multiply-add
 // replaces a product and the sum (GCC's default contracts them, and an attribute on a caller does not reach the
@@ -2449,6 +2448,7 @@ torch::Tensor shift_mixes(torch::Tensor xx, torch::Tensor prev, torch::Tensor mi
   return out;
 }
 
+// The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
 // bf16(xx + (s - xx) * (mix[p, c] + lora[p, b, t, c])), s the token before (prev[b] for t = 0), lora bf16 or
 // absent (0). fp32 arithmetic, one rounding at the end (to nearest even): what PyTorch's addcmul in fp32 and a
 // conversion give, up to an FMA's rounding, in one pass instead of six. Rows (b, t) over the threads.

@@ -144,12 +144,13 @@ class Architecture:
         """The same in the Triton kernels (proj: partial products [S, B, A] each)."""
         raise NotImplementedError
 
-    def prefill_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, scans, chunk: int,
+    def prefill_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, kernels, chunk: int,
                     kept: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """T tokens of one sequence: projections [T or 2, A] (fp32, or as `prefill_takes_gemm_dtype` says) -> (the
         output projection's input for the `kept` rows, new memory: fp32, or in the projections' dtype when they
-        came in it). `scans` is a module with the token-by-token scans (Triton or C++), or None for the chunked
-        PyTorch forms."""
+        came in it). `kernels` is a module with the token-by-token scans (Triton or C++) and, where it has them,
+        the gates and norms in one pass (`sigmoid_gate`, `group_norm_gate`), or None for the chunked PyTorch
+        forms."""
         raise NotImplementedError
 
     def pack_fused_time_mix(self, att: nn.Module, config) -> FusedTimeMixPack | None:

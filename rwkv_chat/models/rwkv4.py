@@ -152,16 +152,16 @@ class Rwkv4(Architecture):
     def triton_decode_wkv(self, kernels, layer, proj, wkv, wkv_out, act_dtype):
         return kernels.wkv4_decode(*proj, wkv, wkv_out, layer.decay, layer.first, act_dtype)
 
-    def prefill_wkv(self, layer, proj, wkv, scans, chunk, kept):
+    def prefill_wkv(self, layer, proj, wkv, kernels, chunk, kept):
         r, k, v = proj
-        if scans is not None:
-            out, new_wkv = scans.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
+        if kernels is not None:
+            out, new_wkv = kernels.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
                                            wkv.contiguous())
         else:
             out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
                                                         wkv[0:1], wkv[1:2], wkv[2:3], chunk)
             out, new_wkv = out[0], torch.cat([aa, bb, pp])
-        gate = getattr(scans, "sigmoid_gate", None)  # Triton's: one pass, sigmoid in fp32 from r as it came
+        gate = getattr(kernels, "sigmoid_gate", None)  # Triton's or C++'s: one pass, sigmoid in fp32 from r as it came
         if gate is not None:
             return gate(r, out[kept], out_dtype=r.dtype), new_wkv
         return torch.sigmoid(r) * out[kept], new_wkv

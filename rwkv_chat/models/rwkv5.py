@@ -172,10 +172,10 @@ class Rwkv5(HeadMatrixArchitecture):
         return kernels.wkv5_decode(proj[0], proj[1], proj[2], gate, wkv, wkv_out, layer.decay_factor, layer.first,
                                    *layer.ln_x, act_dtype, GROUP_NORM_EPS)
 
-    def prefill_wkv(self, layer, proj, wkv, scans, chunk, kept):
+    def prefill_wkv(self, layer, proj, wkv, kernels, chunk, kept):
         h, s = layer.decay.shape
-        if scans is not None:
-            out, new_wkv = scans.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous() for t in proj[:3]),
+        if kernels is not None:
+            out, new_wkv = kernels.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous() for t in proj[:3]),
                                            wkv.contiguous())
         else:
             length = proj[0].shape[0]
@@ -185,6 +185,9 @@ class Rwkv5(HeadMatrixArchitecture):
                                                      chunk, scan)
             new_wkv = new_wkv[0]
             out = out[0].transpose(0, 1).reshape(length, h * s)
+        norm = getattr(kernels, "group_norm_gate", None)  # the C++ ln_x and gate: one pass
+        if norm is not None:
+            return norm(out[kept], h, *layer.ln_x, GROUP_NORM_EPS, proj[3] if self.gated else None), new_wkv
         return self._gate(group_norm(out[kept], h, *layer.ln_x), proj), new_wkv
 
     def cpu_decay(self, layer):

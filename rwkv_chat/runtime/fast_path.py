@@ -20,7 +20,8 @@ What this module promises:
   (CUDA) or in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py. With Triton,
   a prompt's element-wise work between the products is a few one-pass kernels (token-shift mixes, gates with
   the residual) and bf16/fp16 GEMM results stay in their dtype where their reader widens them (relu² squares
-  them exactly and rounds once, as before).
+  them exactly and rounds once, as before); on CPUs the C++ kernels do the same passes (token-shift mixes, gates,
+  relu², RWKV-5's group norm) with the decode step's arithmetic.
 
 It is the same for every architecture it packs: what differs (how a time mix is packed, its recurrence on each
 backend) it asks the model's architecture (models/rwkv4.py, rwkv5.py); the others (RWKV-6/7) get the plain
@@ -149,9 +150,9 @@ class FastRunner:
             ends = stack_ends(self.emb, self.ln0, self.ln_out, *self.head.segment(0))
             self.cpu_stack = cpu_kernels.DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
                                                      self.layers[0].att.n_segments, ends=ends)
-        # the prefill's wkv, token by token: Triton on GPUs, the C++ kernels on CPUs (the same signatures);
-        # else the chunked PyTorch forms of parallel_wkv
-        self.wkv_scans = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
+        # the prefill's kernels: its wkv token by token and, where they have them, its gates in one pass (Triton on
+        # GPUs, the C++ kernels on CPUs: the same signatures); else the chunked PyTorch forms of parallel_wkv
+        self.prefill_kernels = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
 
     # ------------------------------------------------------------------------------------- public
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
@@ -303,6 +304,14 @@ class FastRunner:
         mix = mix[:, None]
         return (xx * mix + shifted * (1 - mix)).to(self.act_dtype)
 
+    def _relu_square_(self, k: torch.Tensor) -> torch.Tensor:
+        """relu(k)² written over k (a product's fresh output): the C++ pass on CPUs for fp32 (one pass), else
+        PyTorch's two in-place operators; the same bits either way."""
+        square = getattr(self.prefill_kernels, "relu_square_", None)
+        if square is not None and k.dtype == torch.float32 and k.is_contiguous():
+            return square(k)
+        return relu_square_(k)
+
     def _prefill_projections(self, mixed, lin: PackedLinear, widen: bool = True) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> [T, N_i] per segment (one batched GEMM when it can), fp32, or with
         widen=False as a bf16/fp16 GEMM gave them."""
@@ -328,14 +337,17 @@ class FastRunner:
         else:
             proj = self._prefill_projections(mixed, layer.att, widen)
         kept = slice(-2, None) if last_rows else slice(None)  # the rows that go on past the wkv
-        out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.wkv_scans, self.wkv_chunk, kept)
+        out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.prefill_kernels, self.wkv_chunk, kept)
         x = x[kept] + layer.out(out.to(self.act_dtype), widen=not fused)  # fp32 + bf16 adds in fp32, one pass
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
         # relu² of a bf16/fp16 product in its own dtype: the exact square rounded once, as when widened first
-        k = relu_square_(layer.ffn(mixed[0], 0, widen=not fused)).to(self.act_dtype)
+        k = self._relu_square_(layer.ffn(mixed[0], 0, widen=not fused)).to(self.act_dtype)
+        gate = getattr(self.prefill_kernels, "sigmoid_gate", None)  # Triton's or C++'s: one pass
         if fused:
-            x = triton_kernels.sigmoid_gate(layer.ffn(mixed[1], 1, widen=False), layer.value(k, widen=False), x)
+            x = gate(layer.ffn(mixed[1], 1, widen=False), layer.value(k, widen=False), x)
+        elif gate is not None:
+            x = gate(layer.ffn(mixed[1], 1), layer.value(k), x)
         else:
             x = x + torch.sigmoid(layer.ffn(mixed[1], 1)) * layer.value(k)
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv

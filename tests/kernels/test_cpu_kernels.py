@@ -544,6 +544,101 @@ def test_shift_mixes_refuse_what_they_cannot_read():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(1, 13), (7, 100), (300, 2048)])  # a tail of 8, several threads' rows
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_the_sigmoid_gate_equals_pytorchs_within_float_rounding(shape, with_residual):
+    """[x +] sigmoid(r) * y in one pass: PyTorch's value within a few fp32 steps (the decode step's exp), over
+    saturating gates; inputs of other float dtypes are widened first and out_dtype rounds the result."""
+    gen = torch.Generator().manual_seed(shape[1])
+    r, y, x = (torch.randn(*shape, generator=gen) * 6 for _ in range(3))
+    r[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])
+    module = cpu_kernels.kernels()
+    residual = x if with_residual else None
+    got = module.sigmoid_gate(r, y, residual)
+    want = torch.sigmoid(r.double()) * y.double() + (x.double() if with_residual else 0)
+    assert got.dtype == torch.float32 and got.shape == y.shape
+    assert ((got.double() - want).abs() <= 4e-7 * (want.abs() + y.double().abs() + 1e-30)).all()
+    halves = module.sigmoid_gate(r.bfloat16(), y.bfloat16(), residual, out_dtype=torch.bfloat16)
+    from_halves = module.sigmoid_gate(r.bfloat16().float(), y.bfloat16().float(), residual)
+    assert halves.dtype == torch.bfloat16 and torch.equal(halves, from_halves.bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [1, 13, 4096, 300 * 7168 + 3])
+def test_relu_square_has_pytorchs_bits_and_writes_over_its_input(size):
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(size, generator=gen) * 100
+    x[0] = -0.0
+    want = torch.relu(x).square()
+    got = cpu_kernels.kernels().relu_square_(x)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(x, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,heads,size", [(1, 2, 64), (9, 3, 20), (200, 32, 64)])  # tails; threads' rows
+@pytest.mark.parametrize("gated", [True, False])
+def test_group_norm_gate_equals_pytorchs_group_norm_and_silu_gate(length, heads, size, gated):
+    """An RWKV-5 prefill's ln_x (each head of each token normalised, with the model's eps) times silu(gate):
+    PyTorch's group_norm and gate computed in float64, to fp32's rounding; weights of another dtype are widened."""
+    from rwkv_chat.models.layers import GROUP_NORM_EPS
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(length * heads)
+    y = torch.randn(length, heads * size, generator=gen) * 5 + 2
+    y[0, :size] = 0.25  # a constant head: its variance is 0, the eps decides
+    weight, bias = torch.randn(heads * size, generator=gen), torch.randn(heads * size, generator=gen)
+    gate = torch.randn(length, heads * size, generator=gen) * 4 if gated else None
+    got = cpu_kernels.kernels().group_norm_gate(y, heads, weight.bfloat16(), bias.bfloat16(), GROUP_NORM_EPS, gate)
+    w, b = weight.bfloat16().double(), bias.bfloat16().double()
+    want = F.group_norm(y.double(), heads, w, b, GROUP_NORM_EPS)
+    if gated:
+        want = want * F.silu(gate.double())
+    assert got.dtype == torch.float32 and got.shape == y.shape
+    scale = (w.abs() + b.abs()) * (gate.double().abs() if gated else 1) * 8 + 1e-6
+    assert ((got.double() - want).abs() <= 2e-6 * scale).all()
+
+
+@needs_kernels
+def test_the_prefill_gates_refuse_what_they_cannot_read():
+    kernels = cpu_kernels.kernels()
+    with pytest.raises(RuntimeError, match="floating CPU tensors of one shape"):
+        kernels.sigmoid_gate(torch.zeros(4, 8), torch.zeros(4, 9))
+    with pytest.raises(RuntimeError, match="floating CPU tensors of one shape"):
+        kernels.sigmoid_gate(torch.zeros(4, 8, dtype=torch.long), torch.zeros(4, 8))
+    with pytest.raises(RuntimeError, match="a contiguous fp32 CPU tensor"):
+        kernels.relu_square_(torch.zeros(8, 4).t())
+    with pytest.raises(RuntimeError, match="A a multiple of heads"):
+        kernels.group_norm_gate(torch.zeros(2, 10), 3, torch.zeros(10), torch.zeros(10), 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias \\[A\\]"):
+        kernels.group_norm_gate(torch.zeros(2, 12), 3, torch.zeros(11), torch.zeros(12), 1e-5)
+    with pytest.raises(RuntimeError, match="floating CPU tensors of one shape"):
+        kernels.group_norm_gate(torch.zeros(2, 12), 3, torch.zeros(12), torch.zeros(12), 1e-5, torch.zeros(2, 11))
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["4", "5.2"])
+def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoint, monkeypatch):
+    """An RWKV-4/5 CPU prefill with the C++ gates, relu² and group norm gives PyTorch's logits and state up to
+    fp32 rounding (the runner without them: its prefill kernels hide the three)."""
+    from types import SimpleNamespace
+    model = attach_fast_path(load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=4).path, device="cpu",
+                                        dtype="fp32", fast=False))  # CPU fp32 loads without it
+    runner = model.runner
+    assert runner.prefill_kernels is not None and not runner.use_triton
+    ids = torch.tensor(random_tokens(40, seed=5))
+    start = model.zero_state(1)
+    fused, fused_state = runner.prefill(ids, start, all_logits=True)
+    module = runner.prefill_kernels
+    hidden = {"sigmoid_gate", "relu_square_", "group_norm_gate"}
+    monkeypatch.setattr(runner, "prefill_kernels", SimpleNamespace(
+        **{name: getattr(module, name) for name in dir(module) if not name.startswith("_") and name not in hidden}))
+    plain, plain_state = runner.prefill(ids, start, all_logits=True)
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(fused, plain)  # the kernels' gates did run
+
+
+@needs_kernels
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, make_checkpoint, monkeypatch):
     """A bf16 prefill's token-shift mixes come from the C++ kernel once the process has built it, from PyTorch

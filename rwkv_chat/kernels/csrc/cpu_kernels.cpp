@@ -32,6 +32,8 @@
 //   is the whole step from token ids to logits. Its refusals come back as a message, never as a C++ exception.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - shift_mixes(xx, prev, mix): an RWKV-4/5 prefill's fp32 token-shift mixes, with PyTorch's bits, in one pass.
+// - sigmoid_gate(r, y, residual), relu_square_(x), group_norm_gate(y, heads, w, b, eps, gate): an RWKV-4/5 prefill's
+//   gates, relu² and ln_x, fp32, each in one pass with the decode step's arithmetic (relu²: PyTorch's bits too).
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
@@ -2472,6 +2474,81 @@ torch::Tensor shift_mixes(torch::Tensor xx, torch::Tensor prev, torch::Tensor mi
   return out;
 }
 
+// An element-wise operand of the prefill's gates (a floating CPU tensor of `like`'s shape), as a contiguous fp32 one.
+torch::Tensor rows_operand(const torch::Tensor& t, const torch::Tensor& like, const std::string& what) {
+  if (t.device().type() != torch::kCPU || !t.is_floating_point() || t.sizes() != like.sizes())
+    refuse(what + ": floating CPU tensors of one shape");
+  return t.to(torch::kFloat32).contiguous();
+}
+
+// [residual +] sigmoid(r) · y computed in fp32 from inputs of any float dtype, in one pass, the result in out_dtype
+// (fp32 by default): Triton's sigmoid_gate on CPUs, the same signature. RWKV-4's receptance gate and the RWKV-4/5
+// channel mix's, with the decode step's sigmoid8 and products (layer45), so that a prefill's gates and a decode
+// step's agree. Elements over the threads.
+torch::Tensor sigmoid_gate(torch::Tensor r, torch::Tensor y, c10::optional<torch::Tensor> residual,
+                           c10::optional<at::ScalarType> out_dtype) {
+  r = rows_operand(r, y, "cpu_kernels.sigmoid_gate");
+  y = rows_operand(y, y, "cpu_kernels.sigmoid_gate");
+  if (residual.has_value()) residual = rows_operand(*residual, y, "cpu_kernels.sigmoid_gate");
+  torch::Tensor out = torch::empty_like(y);
+  const float *gate = r.data_ptr<float>(), *value = y.data_ptr<float>();
+  const float* add = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, (y.numel() + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * 8;
+    each8(std::min(end * 8, y.numel()) - first, [&](int64_t i, Lanes l) {
+      const int64_t at = first + i;
+      const __m256 s = sigmoid8(l.load(gate + at));
+      l.store(dst + at, add != nullptr ? _mm256_fmadd_ps(s, l.load(value + at), l.load(add + at))
+                                       : _mm256_mul_ps(s, l.load(value + at)));
+    });
+  });
+  return out_dtype.has_value() ? out.to(*out_dtype) : out;
+}
+
+// relu(x)² written over x (fp32, contiguous): relu_squared's bits, which are relu(x).square()'s, in one pass.
+torch::Tensor relu_square_(torch::Tensor x) {
+  if (x.device().type() != torch::kCPU || x.scalar_type() != torch::kFloat32 || !x.is_contiguous())
+    refuse("cpu_kernels.relu_square_: a contiguous fp32 CPU tensor");
+  float* data = x.data_ptr<float>();
+  at::parallel_for(0, (x.numel() + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
+    relu_squared(data + begin * 8, std::min(end * 8, x.numel()) - begin * 8);
+  });
+  return x;
+}
+
+// An RWKV-5 prefill's ln_x and gate over y [T, A] (heads of A / heads values): each head of each row normalised as
+// the decode step normalises it (normalize: float64 mean and variance), times silu(gate) where a gate [T, A] is
+// given (RWKV-5.2), the decode step's products; one pass instead of PyTorch's group norm, silu and product. Rows'
+// heads over the threads.
+torch::Tensor group_norm_gate(torch::Tensor y, int64_t heads, torch::Tensor weight, torch::Tensor bias, double eps,
+                              c10::optional<torch::Tensor> gate) {
+  if (y.dim() != 2 || heads <= 0 || y.size(1) % heads != 0)
+    refuse("cpu_kernels.group_norm_gate: y [T, A] with A a multiple of heads");
+  y = rows_operand(y, y, "cpu_kernels.group_norm_gate");
+  const int64_t T = y.size(0), A = y.size(1), S = A / heads;
+  if (weight.dim() != 1 || weight.size(0) != A) refuse("cpu_kernels.group_norm_gate: weight and bias [A]");
+  weight = rows_operand(weight, weight, "cpu_kernels.group_norm_gate: weight and bias [A]");
+  bias = rows_operand(bias, weight, "cpu_kernels.group_norm_gate: weight and bias [A]");
+  if (gate.has_value()) gate = rows_operand(*gate, y, "cpu_kernels.group_norm_gate");
+  torch::Tensor out = torch::empty_like(y);
+  const float *src = y.data_ptr<float>(), *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
+  const float* g = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, T * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t at = (th / heads) * A + (th % heads) * S, o = (th % heads) * S;
+      normalize(src + at, S, w + o, b + o, static_cast<float>(eps), dst + at);
+      if (g != nullptr)
+        each8(S, [&](int64_t c, Lanes l) {  // silu(g), as layer45 applies it
+          const __m256 gc = l.load(g + at + c);
+          l.store(dst + at + c, _mm256_mul_ps(l.load(dst + at + c), _mm256_mul_ps(gc, sigmoid8(gc))));
+        });
+    }
+  });
+  return out;
+}
+
 // The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
 // bf16(xx + (s - xx) * (mix[p, c] + lora[p, b, t, c])), s the token before (prev[b] for t = 0), lora bf16 or
 // absent (0). fp32 arithmetic, one rounding at the end (to nearest even): what PyTorch's addcmul in fp32 and a
@@ -2703,6 +2780,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_widen", &int4_widen, "int4 weights -> [N, K] bf16 (bf16=True) or fp32, for a prefill's GEMM");
   m.def("shift_mixes", &shift_mixes, py::arg("xx"), py::arg("prev"), py::arg("mix"),
         "fp32 [P, T, C] token-shift mixes xx * mix[p] + shifted * (1 - mix[p]) of an RWKV-4/5 prefill");
+  m.def("sigmoid_gate", &sigmoid_gate, py::arg("r"), py::arg("y"), py::arg("residual") = py::none(),
+        py::arg("out_dtype") = py::none(), "fp32 [residual +] sigmoid(r) * y in one pass (a prefill's gates)");
+  m.def("relu_square_", &relu_square_, py::arg("x"), "relu(x)^2 written over fp32 x, in one pass");
+  m.def("group_norm_gate", &group_norm_gate, py::arg("y"), py::arg("heads"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("gate") = py::none(),
+        "an RWKV-5 prefill's ln_x (each head of each row normalised) times silu(gate) where given, in one pass");
   m.def("shift_mixes_bf16", &shift_mixes_bf16,
         "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
   m.def("int8_gemm", &int8_gemm,

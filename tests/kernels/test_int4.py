@@ -138,7 +138,8 @@ def test_the_kernels_widen_int4_as_the_dequantisation_does(dtype):
 @pytest.mark.skipif(not CAPABLE, reason="needs an AVX2 CPU and a C++ compiler")
 @pytest.mark.parametrize("path", PATHS)  # the AVX2 GEMM everywhere, the VNNI one where the CPU has it
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 37])
-@pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192)])
+@pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192),
+                                         (64, 1088, 64)])  # 17 groups: the panel's groups 16 at a time and one after
 def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, path, rows, n, k, group):
     """A prefill's GEMM: the product of the activations rounded in blocks of 32 with the dequantised weights (the
     scales' and the mins' terms alike), up to fp32 sums; so within step / 2 an activation of the exact product;

@@ -829,24 +829,25 @@ inline void transpose16(__m512i* v) {
   }
 }
 
-// kPanelRows rows of W [., K] -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side),
-// 16 rows by 16 column quads at a time, and neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each row's weights over
-// each block (from the packed panel: vpdpbusd of all-ones bytes sums 4 weights a lane).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
+// kPanelRows weight rows -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side), 16 rows by
+// 16 column quads at a time (load(r, q): 64 bytes of row r from column 4q, for 16-quad steps; tail(r, q): 4 bytes
+// from column 4q, for the quads after the last whole step), and neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each
+// row's weights over each block (from the packed panel: vpdpbusd of all-ones bytes sums 4 weights a lane).
+template <typename Load, typename Tail>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+inline void pack_panel_rows(Load load, Tail tail, int64_t K, int8_t* packed, int32_t* neg) {
   const int64_t quads = K / 4;
   int32_t* out = reinterpret_cast<int32_t*>(packed);
   for (int64_t half = 0; half < kPanelRows / 16; ++half) {
-    const int8_t* rows = w + half * 16 * K;
     int64_t q = 0;
     for (; q + 16 <= quads; q += 16) {
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(rows + r * K + 4 * q);
+      for (int r = 0; r < 16; ++r) v[r] = load(half * 16 + r, q);
       transpose16(v);
       for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (q + j) * kPanelRows + half * 16, v[j]);
     }
     for (; q < quads; ++q)
-      for (int r = 0; r < 16; ++r) std::memcpy(out + q * kPanelRows + half * 16 + r, rows + r * K + 4 * q, 4);
+      for (int r = 0; r < 16; ++r) out[q * kPanelRows + half * 16 + r] = tail(half * 16 + r, q);
   }
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t b = 0; b < K / kGemmBlock; ++b)
@@ -857,6 +858,58 @@ void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
       _mm512_storeu_si512(neg + b * kPanelRows + half * 16, _mm512_sub_epi32(_mm512_setzero_si512(),
                                                                            _mm512_slli_epi32(sum, 7)));
     }
+}
+
+// pack_panel_rows for kPanelRows rows of an int8 W [., K].
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
+  pack_panel_rows([&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) { return _mm512_loadu_si512(w + r * K + 4 * q); },
+                  [&](int64_t r, int64_t q) {
+                    int32_t four;
+                    std::memcpy(&four, w + r * K + 4 * q, 4);
+                    return four;
+                  },
+                  K, packed, neg);
+}
+
+// pack_panel_rows for kPanelRows rows of an int4 W (uint8 [., K/2], kernels/quant.py's packing: each 64-column block
+// is 32 bytes, columns k .. k + 31 in the low nibbles, k + 32 .. k + 63 in the high ones; K a multiple of 64), the
+// nibbles unpacked to bytes 0..15 on the way (one 16-quad step is one such block): no unpacked copy of the rows.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void pack_panel_int4(const uint8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  pack_panel_rows(
+      [&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * (K / 2) + 2 * q));
+        const __m256i low = _mm256_and_si256(bytes, low_nibble);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+      },
+      [](int64_t, int64_t) -> int32_t { return 0; },  // never called: K / 4 is a multiple of 16
+      K, packed, neg);
+}
+
+// The fp16 (scale, min) groups of kPanelRows int4 weight rows (each row: n_groups scales, then n_groups mins) ->
+// scales and mins [n_groups][kPanelRows] in fp32, as the tiles read them: 16 rows by 16 groups a transpose.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void panel_groups(const uint16_t* groups, int64_t n_groups, float* scales, float* mins) {
+  for (int part = 0; part < 2; ++part) {
+    float* dst = part == 0 ? scales : mins;
+    for (int64_t half = 0; half < kPanelRows / 16; ++half) {
+      int64_t g = 0;
+      for (; g + 16 <= n_groups; g += 16) {
+        __m512i v[16];
+        for (int r = 0; r < 16; ++r)
+          v[r] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              groups + (half * 16 + r) * 2 * n_groups + part * n_groups + g))));
+        transpose16(v);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (g + j) * kPanelRows + half * 16, v[j]);
+      }
+      for (; g < n_groups; ++g)
+        for (int r = 0; r < 16; ++r)
+          dst[g * kPanelRows + half * 16 + r] = _cvtsh_ss(groups[(half * 16 + r) * 2 * n_groups + part * n_groups + g]);
+    }
+  }
 }
 
 // A tile's rows of x, as quantize_row_u8 left them: xq [., K], step and sums [., K / kGemmBlock].
@@ -2683,31 +2736,33 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
     int64_t K, n_groups;
     bool vnni;
     Buffers buffers() const {
-      return {std::vector<int8_t>(kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
+      return {std::vector<int8_t>(vnni ? 0 : kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
               std::vector<int32_t>(kPanelRows * (K / kGemmBlock)), std::vector<float>(kPanelRows * n_groups),
               std::vector<float>(kPanelRows * n_groups)};
     }
     void operator()(int64_t n0, Buffers& b, GemmPanel& panel) const {
-      const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-      for (int64_t r = 0; r < kPanelRows; ++r) {
-        const uint8_t* src = w + (n0 + r) * (K / 2);
-        int8_t* dst = b.rows.data() + r * K;
-        for (int64_t k = 0; k < K; k += kInt4Block) {  // 32 bytes: columns k .. k + 31 low, k + 32 .. k + 63 high
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k / 2));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_and_si256(bytes, low_nibble));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 32),
-                              _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble));
+      if (vnni) {
+        pack_panel_int4(w + n0 * (K / 2), K, b.packed.data(), b.neg.data());
+        panel_groups(groups + n0 * 2 * n_groups, n_groups, b.scales.data(), b.mins.data());
+      } else {
+        const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+        for (int64_t r = 0; r < kPanelRows; ++r) {
+          const uint8_t* src = w + (n0 + r) * (K / 2);
+          int8_t* dst = b.rows.data() + r * K;
+          for (int64_t k = 0; k < K; k += kInt4Block) {  // 32 bytes: columns k .. k + 31 low, k + 32 .. k + 63 high
+            const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k / 2));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_and_si256(bytes, low_nibble));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 32),
+                                _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble));
+          }
+          const uint16_t* g = groups + (n0 + r) * 2 * n_groups;
+          for (int64_t i = 0; i < n_groups; ++i) {
+            b.scales[i * kPanelRows + r] = _cvtsh_ss(g[i]);
+            b.mins[i * kPanelRows + r] = _cvtsh_ss(g[n_groups + i]);
+          }
         }
-        const uint16_t* g = groups + (n0 + r) * 2 * n_groups;
-        for (int64_t i = 0; i < n_groups; ++i) {
-          b.scales[i * kPanelRows + r] = _cvtsh_ss(g[i]);
-          b.mins[i * kPanelRows + r] = _cvtsh_ss(g[n_groups + i]);
-        }
-      }
-      if (vnni)
-        pack_panel(b.rows.data(), K, b.packed.data(), b.neg.data());
-      else
         pack_panel_avx2<false>(b.rows.data(), K, b.packed.data());
+      }
       panel = {b.packed.data(), b.neg.data(), nullptr, b.scales.data(), b.mins.data(), K / n_groups / kGemmBlock};
     }
   };

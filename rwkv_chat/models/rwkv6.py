@@ -18,7 +18,8 @@
   product for k/v/r/g, the decay's LoRA (two, on the step's side stream, beside the product) and the recurrence
   with GroupNorm and gate (one; kernels/rwkv6_triton.py). On CPUs with the C++ kernels, a decode step is one
   call (`cpu_kernel_id` 6: cpu_kernels' DecodeStack runs its RWKV-6 layer step a layer, fed by
-  `cpu_layer_tensors`; runtime/cpu_decode.py).
+  `cpu_layer_tensors`; runtime/cpu_decode.py), and a prompt's GroupNorm with its gate, and the channel mix's gate,
+  are one C++ pass each (`group_norm_gate`, `sigmoid_gate`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class TimeMixV6(nn.Module):
         r = self.receptance(rx).view(heads)  # [B, T, H, N]
         k = self.key(kx).view(heads)
         v = self.value(vx).view(heads)
-        g = F.silu(self.gate(gx))
+        gate = self.gate(gx)
         w = self.time_decay.view(-1) + lora_product(torch.tanh(lora_product(wx, self.time_decay_w1, low)),
                                                     self.time_decay_w2, low)  # fp32
         log_w = -torch.exp(w).view(heads)
@@ -154,9 +155,13 @@ class TimeMixV6(nn.Module):
             out, wkv = wkv6_step(log_w[:, 0], u, r[:, 0], k[:, 0], v[:, 0], wkv)
         else:
             out, wkv = wkv6_sequence(log_w, u, r, k, v, wkv)
-        out = group_norm(out.reshape(batch * length, h * n), h, self.ln_x.weight, self.ln_x.bias)
-        out = out.view(batch, length, h * n)
-        return self.output(out * g), wkv, carry
+        rows = (batch * length, h * n)
+        norm = getattr(cpu_kernels.built_for(out), "group_norm_gate", None)
+        if norm is not None:  # ln_x and the gate in one C++ pass (fp32)
+            out = norm(out.reshape(rows), h, self.ln_x.weight, self.ln_x.bias, GROUP_NORM_EPS, gate.reshape(rows))
+        else:
+            out = group_norm(out.reshape(rows), h, self.ln_x.weight, self.ln_x.bias) * F.silu(gate.reshape(rows))
+        return self.output(out.view(batch, length, h * n)), wkv, carry
 
 
 class ChannelMixV6(nn.Module):
@@ -173,7 +178,11 @@ class ChannelMixV6(nn.Module):
     def forward(self, xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         mixes = torch.cat([self.time_maa_k, self.time_maa_r]).view(2, -1)
         kx, rx = ShiftMixes(xx, prev, lora_dtype(xx, self.key.weight))(mixes).unbind(0)  # xx + sx * maa
-        return torch.sigmoid(self.receptance(rx)) * self.value(self.key.squared_relu(kx))
+        r, v = self.receptance(rx), self.value(self.key.squared_relu(kx))
+        sigmoid_gate = getattr(cpu_kernels.built_for(v), "sigmoid_gate", None)
+        if sigmoid_gate is not None:  # the C++ gate: one pass, fp32
+            return sigmoid_gate(r, v)
+        return torch.sigmoid(r) * v
 
 
 @dataclass

@@ -639,6 +639,31 @@ def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoi
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_checkpoint, monkeypatch):
+    """RWKV-6's prompt on CPUs: its GroupNorm with gate and its channel mix's gate from the C++ kernels once the
+    process has built them, from PyTorch otherwise (the same scans either way): the same logits and state up to
+    fp32 rounding."""
+    from types import SimpleNamespace
+    from rwkv_chat.models import rwkv6
+    model = load_model(make_checkpoint("6", n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype=dtype, fast=False)
+    ids = torch.tensor([random_tokens(40, seed=5), random_tokens(40, seed=6)])
+    real = cpu_kernels.kernels()
+    start = model.zero_state(2)
+    fused, fused_state = model._read(ids, start)
+    hidden = SimpleNamespace(**{name: getattr(real, name) for name in dir(real)
+                                if not name.startswith("_") and name not in ("group_norm_gate", "sigmoid_gate")})
+    monkeypatch.setattr(rwkv6, "cpu_kernels", SimpleNamespace(
+        built_for=lambda tensor: hidden if tensor.device.type == "cpu" else None,
+        scan_each_sequence=cpu_kernels.scan_each_sequence))
+    plain, plain_state = model._read(ids, start)
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(fused, plain)  # the kernels' gates did run
+
+
+@needs_kernels
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, make_checkpoint, monkeypatch):
     """A bf16 prefill's token-shift mixes come from the C++ kernel once the process has built it, from PyTorch

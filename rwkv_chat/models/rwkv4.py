@@ -156,7 +156,7 @@ class Rwkv4(Architecture):
         r, k, v = proj
         if kernels is not None:
             out, new_wkv = kernels.wkv4_scan(layer.decay, layer.first, k.contiguous(), v.contiguous(),
-                                           wkv.contiguous())
+                                             wkv.contiguous())
         else:
             out, aa, bb, pp = parallel_wkv.wkv4_segment(layer.decay, layer.first, k[None], v[None],
                                                         wkv[0:1], wkv[1:2], wkv[2:3], chunk)

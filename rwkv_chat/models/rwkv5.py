@@ -176,7 +176,7 @@ class Rwkv5(HeadMatrixArchitecture):
         h, s = layer.decay.shape
         if kernels is not None:
             out, new_wkv = kernels.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous() for t in proj[:3]),
-                                           wkv.contiguous())
+                                             wkv.contiguous())
         else:
             length = proj[0].shape[0]
             r, k, v = (t.view(1, length, h, s).transpose(1, 2) for t in proj[:3])  # [1, H, T, S]

@@ -32,8 +32,8 @@
 //   is the whole step from token ids to logits. Its refusals come back as a message, never as a C++ exception.
 // - int4_widen(w, groups, bf16): int4 weights dequantised to bf16 or fp32 for a prefill's GEMM.
 // - shift_mixes(xx, prev, mix): an RWKV-4/5 prefill's fp32 token-shift mixes, with PyTorch's bits, in one pass.
-// - sigmoid_gate(r, y, residual), relu_square_(x), group_norm_gate(y, heads, w, b, eps, gate): an RWKV-4/5 prefill's
-//   gates, relu² and ln_x, fp32, each in one pass with the decode step's arithmetic (relu²: PyTorch's bits too).
+// - sigmoid_gate(r, y, residual), relu_square_(x), group_norm_gate(y, heads, w, b, eps, gate): an RWKV-4/5/6
+//   prefill's gates, relu² and ln_x, fp32, each in one pass with the decode step's arithmetic (relu²: PyTorch's bits).
 // - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
@@ -863,13 +863,16 @@ inline void pack_panel_rows(Load load, Tail tail, int64_t K, int8_t* packed, int
 // pack_panel_rows for kPanelRows rows of an int8 W [., K].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
-  pack_panel_rows([&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) { return _mm512_loadu_si512(w + r * K + 4 * q); },
-                  [&](int64_t r, int64_t q) {
-                    int32_t four;
-                    std::memcpy(&four, w + r * K + 4 * q, 4);
-                    return four;
-                  },
-                  K, packed, neg);
+  pack_panel_rows(
+      [&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
+        return _mm512_loadu_si512(w + r * K + 4 * q);
+      },
+      [&](int64_t r, int64_t q) {
+        int32_t four;
+        std::memcpy(&four, w + r * K + 4 * q, 4);
+        return four;
+      },
+      K, packed, neg);
 }
 
 // pack_panel_rows for kPanelRows rows of an int4 W (uint8 [., K/2], kernels/quant.py's packing: each 64-column block
@@ -2536,8 +2539,8 @@ torch::Tensor rows_operand(const torch::Tensor& t, const torch::Tensor& like, co
 
 // [residual +] sigmoid(r) · y computed in fp32 from inputs of any float dtype, in one pass, the result in out_dtype
 // (fp32 by default): Triton's sigmoid_gate on CPUs, the same signature. RWKV-4's receptance gate and the RWKV-4/5
-// channel mix's, with the decode step's sigmoid8 and products (layer45), so that a prefill's gates and a decode
-// step's agree. Elements over the threads.
+// channel mix's (and RWKV-6's), with the decode step's sigmoid8 and products (layer45), so that a prefill's gates
+// and a decode step's agree. Elements over the threads.
 torch::Tensor sigmoid_gate(torch::Tensor r, torch::Tensor y, c10::optional<torch::Tensor> residual,
                            c10::optional<at::ScalarType> out_dtype) {
   r = rows_operand(r, y, "cpu_kernels.sigmoid_gate");
@@ -2570,9 +2573,9 @@ torch::Tensor relu_square_(torch::Tensor x) {
   return x;
 }
 
-// An RWKV-5 prefill's ln_x and gate over y [T, A] (heads of A / heads values): each head of each row normalised as
+// An RWKV-5/6 prefill's ln_x and gate over y [T, A] (heads of A / heads values): each head of each row normalised as
 // the decode step normalises it (normalize: float64 mean and variance), times silu(gate) where a gate [T, A] is
-// given (RWKV-5.2), the decode step's products; one pass instead of PyTorch's group norm, silu and product. Rows'
+// given (RWKV-5.2, 6), the decode step's products; one pass instead of PyTorch's group norm, silu and product. Rows'
 // heads over the threads.
 torch::Tensor group_norm_gate(torch::Tensor y, int64_t heads, torch::Tensor weight, torch::Tensor bias, double eps,
                               c10::optional<torch::Tensor> gate) {

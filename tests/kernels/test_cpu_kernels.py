@@ -5,6 +5,7 @@ plain model's token-by-token recurrence in float64, and the fallback without the
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -614,12 +615,25 @@ def test_the_prefill_gates_refuse_what_they_cannot_read():
         kernels.group_norm_gate(torch.zeros(2, 12), 3, torch.zeros(12), torch.zeros(12), 1e-5, torch.zeros(2, 11))
 
 
+def without(module, names):
+    """The C++ module's public functions except `names`: what a caller that probes for them then finds."""
+    return SimpleNamespace(**{name: getattr(module, name) for name in dir(module)
+                              if not name.startswith("_") and name not in names})
+
+
+def assert_same_read(fused, fused_state, plain, plain_state):
+    """Two prefills of one prompt agree up to fp32 rounding, and not bit for bit (the kernels did run)."""
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(fused, plain)
+
+
 @needs_kernels
 @pytest.mark.parametrize("version", ["4", "5.2"])
 def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoint, monkeypatch):
     """An RWKV-4/5 CPU prefill with the C++ gates, relu² and group norm gives PyTorch's logits and state up to
     fp32 rounding (the runner without them: its prefill kernels hide the three)."""
-    from types import SimpleNamespace
     model = attach_fast_path(load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=4).path, device="cpu",
                                         dtype="fp32", fast=False))  # CPU fp32 loads without it
     runner = model.runner
@@ -627,15 +641,9 @@ def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoi
     ids = torch.tensor(random_tokens(40, seed=5))
     start = model.zero_state(1)
     fused, fused_state = runner.prefill(ids, start, all_logits=True)
-    module = runner.prefill_kernels
-    hidden = {"sigmoid_gate", "relu_square_", "group_norm_gate"}
-    monkeypatch.setattr(runner, "prefill_kernels", SimpleNamespace(
-        **{name: getattr(module, name) for name in dir(module) if not name.startswith("_") and name not in hidden}))
-    plain, plain_state = runner.prefill(ids, start, all_logits=True)
-    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(fused, plain)  # the kernels' gates did run
+    monkeypatch.setattr(runner, "prefill_kernels",
+                        without(runner.prefill_kernels, {"sigmoid_gate", "relu_square_", "group_norm_gate"}))
+    assert_same_read(fused, fused_state, *runner.prefill(ids, start, all_logits=True))
 
 
 @needs_kernels
@@ -644,23 +652,17 @@ def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_che
     """RWKV-6's prompt on CPUs: its GroupNorm with gate and its channel mix's gate from the C++ kernels once the
     process has built them, from PyTorch otherwise (the same scans either way): the same logits and state up to
     fp32 rounding."""
-    from types import SimpleNamespace
     from rwkv_chat.models import rwkv6
     model = load_model(make_checkpoint("6", n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype=dtype, fast=False)
     ids = torch.tensor([random_tokens(40, seed=5), random_tokens(40, seed=6)])
     real = cpu_kernels.kernels()
     start = model.zero_state(2)
     fused, fused_state = model._read(ids, start)
-    hidden = SimpleNamespace(**{name: getattr(real, name) for name in dir(real)
-                                if not name.startswith("_") and name not in ("group_norm_gate", "sigmoid_gate")})
+    hidden = without(real, {"group_norm_gate", "sigmoid_gate"})
     monkeypatch.setattr(rwkv6, "cpu_kernels", SimpleNamespace(
         built_for=lambda tensor: hidden if tensor.device.type == "cpu" else None,
         scan_each_sequence=cpu_kernels.scan_each_sequence))
-    plain, plain_state = model._read(ids, start)
-    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(fused, plain)  # the kernels' gates did run
+    assert_same_read(fused, fused_state, *model._read(ids, start))
 
 
 @needs_kernels
@@ -668,7 +670,6 @@ def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_che
 def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, make_checkpoint, monkeypatch):
     """A bf16 prefill's token-shift mixes come from the C++ kernel once the process has built it, from PyTorch
     otherwise (no compiler, GPUs): the same logits and state."""
-    from types import SimpleNamespace
     from rwkv_chat.models import layers
     model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype="bf16",
                        fast=False)

@@ -233,8 +233,10 @@ def runs_gemm(weight: torch.Tensor) -> bool:
 def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ Wᵀ -> fp32 [..., N] for many rows: int8 weights with their per-row `scale`, or int4 (uint8
     [N, K/2]) with their (scale, min) groups as `scale`; int8 activations, a step per 32 columns (the C++ file
-    gives the arithmetic and its bound). Only where `runs_gemm(weight)`."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    gives the arithmetic and its bound). bf16 rows go in as they are (the C++ widens each row as it reads
+    it: the bits of `x.float()` without the copy). Only where `runs_gemm(weight)`."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = (rows if rows.dtype == torch.bfloat16 else rows.float()).contiguous()
     product = kernels().int8_gemm if weight.dtype == torch.int8 else kernels().int4_gemm
     return product(rows, weight, scale).reshape(*x.shape[:-1], weight.shape[0])
 

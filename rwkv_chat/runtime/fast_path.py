@@ -304,14 +304,6 @@ class FastRunner:
         mix = mix[:, None]
         return (xx * mix + shifted * (1 - mix)).to(self.act_dtype)
 
-    def _relu_square_(self, k: torch.Tensor) -> torch.Tensor:
-        """relu(k)² written over k (a product's fresh output): the C++ pass on CPUs for fp32 (one pass), else
-        PyTorch's two in-place operators; the same bits either way."""
-        square = getattr(self.prefill_kernels, "relu_square_", None)
-        if square is not None and k.dtype == torch.float32 and k.is_contiguous():
-            return square(k)
-        return relu_square_(k)
-
     def _prefill_projections(self, mixed, lin: PackedLinear, widen: bool = True) -> list[torch.Tensor]:
         """[P, T, C] through each segment -> [T, N_i] per segment (one batched GEMM when it can), fp32, or with
         widen=False as a bf16/fp16 GEMM gave them."""
@@ -342,7 +334,7 @@ class FastRunner:
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
         # relu² of a bf16/fp16 product in its own dtype: the exact square rounded once, as when widened first
-        k = self._relu_square_(layer.ffn(mixed[0], 0, widen=not fused)).to(self.act_dtype)
+        k = relu_square_(layer.ffn(mixed[0], 0, widen=not fused)).to(self.act_dtype)
         gate = getattr(self.prefill_kernels, "sigmoid_gate", None)  # Triton's or C++'s: one pass
         if fused:
             x = gate(layer.ffn(mixed[1], 1, widen=False), layer.value(k, widen=False), x)

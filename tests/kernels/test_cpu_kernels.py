@@ -209,6 +209,28 @@ def test_each_row_of_the_int8_gemm_has_the_bits_of_that_row_alone(int8_dot, path
     assert all(torch.equal(alone[row], batched[row]) for row in range(23))
 
 
+@pytest.mark.parametrize("path,product", integer_paths())
+@pytest.mark.parametrize("rows,k", [(1, 64), (7, 768), (37, 2112)])  # one row, a tile and a rest, threads' rows
+def test_the_gemms_read_bf16_rows_as_their_fp32_widening(int8_dot, path, product, rows, k):
+    """A prefill's bf16 mixes go into the GEMMs as they are: the same bits as the same rows widened to fp32 first
+    (both weight formats; values at bf16's extremes of range), and other dtypes are refused by name."""
+    from rwkv_chat.kernels import quant
+    assert int8_dot(path) == product
+    gen = torch.Generator().manual_seed(rows + k)
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10).to(torch.bfloat16)
+    x[0, :32] = 0.0
+    x[-1, 33:36] = torch.tensor([3e38, -1e-38, 1e-40])  # near bf16's largest, a normal and a subnormal small one
+    weight = torch.randint(-127, 128, (96, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(96, generator=gen) / 50
+    packed, groups = quant.quantize_int4(torch.randn(96, k, generator=gen), 64)
+    module = cpu_kernels.kernels()
+    assert torch.equal(module.int8_gemm(x, weight, scale), module.int8_gemm(x.float(), weight, scale))
+    assert torch.equal(module.int4_gemm(x, packed, groups), module.int4_gemm(x.float(), packed, groups))
+    assert torch.equal(cpu_kernels.gemm(x, weight, scale), module.int8_gemm(x.float(), weight, scale))
+    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16"):
+        module.int8_gemm(x.half(), weight, scale)
+
+
 @pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 37])  # the one-row loop, groups of rows, passes, rests
 # a tail; 8- and 16-row groups with rests; past one integer block with a tail; thread splits
@@ -632,8 +654,8 @@ def assert_same_read(fused, fused_state, plain, plain_state):
 @needs_kernels
 @pytest.mark.parametrize("version", ["4", "5.2"])
 def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoint, monkeypatch):
-    """An RWKV-4/5 CPU prefill with the C++ gates, relu² and group norm gives PyTorch's logits and state up to
-    fp32 rounding (the runner without them: its prefill kernels hide the three)."""
+    """An RWKV-4/5 CPU prefill with the C++ gates and group norm gives PyTorch's logits and state up to fp32
+    rounding (the runner without them: its prefill kernels hide the two; relu² has PyTorch's bits either way)."""
     model = attach_fast_path(load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=4).path, device="cpu",
                                         dtype="fp32", fast=False))  # CPU fp32 loads without it
     runner = model.runner
@@ -642,7 +664,7 @@ def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoi
     start = model.zero_state(1)
     fused, fused_state = runner.prefill(ids, start, all_logits=True)
     monkeypatch.setattr(runner, "prefill_kernels",
-                        without(runner.prefill_kernels, {"sigmoid_gate", "relu_square_", "group_norm_gate"}))
+                        without(runner.prefill_kernels, {"sigmoid_gate", "group_norm_gate"}))
     assert_same_read(fused, fused_state, *runner.prefill(ids, start, all_logits=True))
 
 

@@ -21,6 +21,7 @@
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
 //   weights: the activations rounded to int8 a step per 32 columns and integer sums (the comment above
 //   kGemmBlock), on AVX512-VNNI under set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8).
+//   x fp32, or bf16 widened as it is read.
 // - DecodeStack(layers, version, n_att).step(...): every layer of one decode step for B sequences in one call,
 //   each layer by its version's layer step, which writes the layer's output over its input:
 //   layer45: one token of one RWKV-4 or RWKV-5 layer, the same arithmetic as runtime/fast_path.py's
@@ -1155,27 +1156,52 @@ constexpr int kTileRowsAvx2 = 2;  // 3 and 4 rows spill accumulators and measure
 template <bool INT4>
 constexpr GemmTile kGemmTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, INT4>, gemm_tile_avx2<2, INT4>};
 
+// The rows a GEMM reads: fp32 as they are, or bf16 (a prefill's token-shift mixes, rounded to bf16 for the bf16
+// products beside the GEMM) widened a row at a time, exactly (a bf16 number is the top half of an fp32 one), so
+// the GEMM's bits are those of the widened tensor without the tensor.
+struct GemmInput {
+  const float* f32;
+  const uint16_t* bf16;
+  // Row m [K] in fp32: in place, or widened into `wide` [K].
+  const float* row(int64_t m, int64_t K, float* wide) const {
+    if (bf16 == nullptr) return f32 + m * K;
+    const uint16_t* src = bf16 + m * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+      _mm256_storeu_ps(wide + k, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
+    }
+    for (; k < K; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+      std::memcpy(wide + k, &bits, sizeof(float));
+    }
+    return wide;
+  }
+};
+
 // x [M, K] against every panel of an [N, K] weight: prepare(n0, panel) packs the panel of rows n0 .. n0 + 31 (into
 // buffers it owns, one set a thread; pack_panel for the VNNI tiles, pack_panel_avx2 for the AVX2 ones) and fills
 // `panel`. The rows of x are quantised once, panels split over PyTorch's intra-op threads. VNNI picks the tiles.
 // INT4: group_blocks blocks a group of the weights' (scale, min); each row's group sums of step · Σ q are formed here.
 template <bool INT4, bool VNNI, typename Prepare>
-void run_gemm(const float* x, int64_t M, int64_t K, int64_t N, float* out, Prepare prepare, int64_t group_blocks = 1) {
+void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* out, Prepare prepare,
+              int64_t group_blocks = 1) {
   constexpr int64_t tile_rows = VNNI ? kTileRows : kTileRowsAvx2;
   constexpr int64_t width = VNNI || INT4 ? 1 : 2;  // bytes an activation: int16 for the AVX2 int8 tiles
   const int64_t blocks = K / kGemmBlock, groups = blocks / group_blocks;
   std::vector<uint8_t> xq(M * K * width);
   std::vector<float> step(M * blocks), sums(INT4 ? M * blocks : 0), group_sums(INT4 ? M * groups : 0);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> wide(input.bf16 != nullptr ? K : 0);
     for (int64_t m = begin; m < end; ++m) {
+      const float* x = input.row(m, K, wide.data());
       float* row_sums = INT4 ? sums.data() + m * blocks : nullptr;
       if constexpr (VNNI)
-        quantize_row_u8(x + m * K, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
+        quantize_row_u8(x, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
       else if constexpr (INT4)
-        quantize_row_s8(x + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks,
-                        row_sums);
+        quantize_row_s8(x, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks, row_sums);
       else
-        quantize_row_s8(x + m * K, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
+        quantize_row_s8(x, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
                         row_sums);
       if constexpr (INT4)
         for (int64_t g = 0; g < groups; ++g) {
@@ -1235,10 +1261,16 @@ void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
   }
 }
 
-void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+// bf16 rows: the GEMMs take them too (gemm_output).
+void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, bool bf16 = false) {
   TORCH_CHECK(x.device().is_cpu(), "cpu_kernels: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == in_features(w), "cpu_kernels: x [M, K] and w [N, K]");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cpu_kernels: x must be contiguous fp32");
+  if (bf16) {
+    TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.is_contiguous(),
+                "cpu_kernels: x must be contiguous fp32 or bf16");
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cpu_kernels: x must be contiguous fp32");
+  }
   check_weight(w, scale);
 }
 
@@ -2679,16 +2711,22 @@ torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tens
 // panels or blocks), and their output [M, N] (not initialised: every tile writes its part).
 torch::Tensor gemm_output(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                           torch::ScalarType dtype, const std::string& name) {
-  check_operands(x, w, scale);
+  check_operands(x, w, scale, true);
   if (w.scalar_type() != dtype) refuse(name + ": " + (dtype == torch::kInt8 ? "int8" : "int4 (uint8)") + " weights only");
   if (x.size(1) % kGemmBlock != 0 || w.size(0) % kPanelRows != 0)
     refuse(name + ": K and N must be multiples of 32");
-  return torch::empty({x.size(0), w.size(0)}, x.options());
+  return torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat32));
 }
 
-// The int8 GEMM above, for a prefill's many rows: x fp32 [M, K], w int8 [N, K] with its fp32 scale per row; K and N
-// multiples of 32; on the VNNI tiles under set_int8_product(1), else on the AVX2 ones (the same bits). Panels of W
-// are split over PyTorch's intra-op threads.
+// A GEMM's rows as run_gemm reads them (x checked by gemm_output).
+GemmInput gemm_input(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kBFloat16) return {nullptr, reinterpret_cast<const uint16_t*>(x.data_ptr())};
+  return {x.data_ptr<float>(), nullptr};
+}
+
+// The int8 GEMM above, for a prefill's many rows: x fp32 or bf16 [M, K] (GemmInput), w int8 [N, K] with its fp32
+// scale per row; K and N multiples of 32; on the VNNI tiles under set_int8_product(1), else on the AVX2 ones (the
+// same bits). Panels of W are split over PyTorch's intra-op threads.
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   torch::Tensor out = gemm_output(x, w, scale, torch::kInt8, "cpu_kernels.int8_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -2711,9 +2749,9 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   };
   const Prepare prepare{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K, g_int8_product.load() == kInt8Vnni};
   if (prepare.vnni)
-    run_gemm<false, true>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
+    run_gemm<false, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
   else
-    run_gemm<false, false>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare);
+    run_gemm<false, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
   return out;
 }
 
@@ -2772,9 +2810,9 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
   const Prepare prepare{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(groups.data_ptr()), K, n_groups,
                         g_int8_product.load() == kInt8Vnni};
   if (prepare.vnni)
-    run_gemm<true, true>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
+    run_gemm<true, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
   else
-    run_gemm<true, false>(x.data_ptr<float>(), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
+    run_gemm<true, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
   return out;
 }
 

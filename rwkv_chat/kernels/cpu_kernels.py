@@ -12,8 +12,9 @@ What this module promises:
   (kernels/quant.py's packing): int8 activations, a step per 64 columns, and integer sums on every CPU, AVX2 or
   AVX512-VNNI; the extension's `int4_widen` dequantises them for a prefill's GEMM where `gemm` does not run).
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI, or AVX2
-  without AVX-512 (`runs_gemm` says where): int8 activations, a step per 32 columns, integer sums, the same bits on
-  either instruction set; its error bound is in the C++ file. `DecodeStack(layers, version)` is every layer of a
+  without AVX-512 (`runs_gemm` says where): int8 activations, a step per 32 columns (int4 weights: 64, as their
+  decode products round them), integer sums, the same bits on either instruction set; its error bound is in the
+  C++ file. `DecodeStack(layers, version)` is every layer of a
   decode step in one call of the extension's `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it);
   built with its `ends` (the embedding, the two outer LayerNorms and the head), its `logits` is the whole step from
   token ids to logits in one call.
@@ -232,8 +233,8 @@ def runs_gemm(weight: torch.Tensor) -> bool:
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ Wᵀ -> fp32 [..., N] for many rows: int8 weights with their per-row `scale`, or int4 (uint8
-    [N, K/2]) with their (scale, min) groups as `scale`; int8 activations, a step per 32 columns (the C++ file
-    gives the arithmetic and its bound). bf16 rows go in as they are (the C++ widens each row as it reads
+    [N, K/2]) with their (scale, min) groups as `scale`; int8 activations, a step per 32 columns (int4: 64; the
+    C++ file gives the arithmetic and its bound). bf16 rows go in as they are (the C++ widens each row as it reads
     it: the bits of `x.float()` without the copy). Only where `runs_gemm(weight)`."""
     rows = x.reshape(-1, x.shape[-1])
     rows = (rows if rows.dtype == torch.bfloat16 else rows.float()).contiguous()

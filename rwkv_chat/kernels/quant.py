@@ -18,9 +18,9 @@ What this module promises:
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
   (cpu_kernels.py) when they are built. Many rows (a prefill) of an int8 or int4 weight take the C++ GEMM on CPUs
   with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the activations rounded to int8, a step per 32
-  columns, as llama.cpp's q8_0; the VNNI one 1.6-1.8x the widened bf16 GEMM on a Zen 4 and faster than widening
-  to AMX's bf16 tiles on a Xeon, the AVX2 one, the same bits, 1.2-1.6x the widened fp32 GEMM on that Zen 4
-  capped to AVX2).
+  columns as llama.cpp's q8_0, 64 for int4 weights as their decode products; the VNNI one 1.6-1.8x the widened
+  bf16 GEMM on a Zen 4 and faster than widening to AMX's bf16 tiles on a Xeon, the AVX2 one, the same bits,
+  1.2-1.6x the widened fp32 GEMM on that Zen 4 capped to AVX2).
   Other many-row products take PyTorch's GEMM in the dtype this CPU multiplies fastest (cpu_features.py): bf16
   inputs where the CPU has bf16 units (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM
   does not run (exact: |q| ≤ 127 is a bf16 integer) with the row scales applied to the fp32 result, int4 ones

@@ -62,12 +62,11 @@ def test_quantisation_rounds_each_weight_to_its_groups_grid(group):
         quant.quantize_int4(torch.randn(4, 96))
 
 
-def int8_blocks(x: torch.Tensor, block: int = quant.INT4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 product's activations, as its C++ comment defines them: each block of 64 columns rounded (half to
-    even) to int8 multiples of its step max|x_block| / 127, the multiplier 127 / max|x_block| computed in fp32
-    (block=32: the GEMMs', csrc/cpu_kernels.cpp above kGemmBlock). Returns (the rounded activations in float64,
-    each column's step)."""
-    blocks = x.reshape(x.shape[0], -1, block)
+def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 products' activations (few rows and the GEMM alike), as the C++ comments define them: each block of
+    64 columns rounded (half to even) to int8 multiples of its step max|x_block| / 127, the multiplier
+    127 / max|x_block| computed in fp32. Returns (the rounded activations in float64, each column's step)."""
+    blocks = x.reshape(x.shape[0], -1, quant.INT4_BLOCK)
     amax = blocks.abs().amax(dim=2, keepdim=True)
     mult = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
     step = (amax.double() / 127).expand_as(blocks)
@@ -141,19 +140,22 @@ def test_the_kernels_widen_int4_as_the_dequantisation_does(dtype):
 @pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192),
                                          (64, 1088, 64)])  # 17 groups: the panel's groups 16 at a time and one after
 def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, path, rows, n, k, group):
-    """A prefill's GEMM: the product of the activations rounded in blocks of 32 with the dequantised weights (the
+    """A prefill's GEMM: the product of the activations rounded in blocks of 64 with the dequantised weights (the
     scales' and the mins' terms alike), up to fp32 sums; so within step / 2 an activation of the exact product;
-    each row's bits the same alone."""
+    each row's bits the same alone; and the activations rounded as a decode step's product rounds them (its
+    blocks of 64): the two agree up to fp32 sums."""
     assert int8_dot(path) == ("avx512_vnni" if path == "avx512" else "avx2")
     packed, groups = random_int4(n, k, group, seed=rows * 100 + n)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
-    x[0, :32] = 0.0  # a block of zeros
+    x[0, :64] = 0.0  # a block of zeros
     got = cpu_kernels.kernels().int4_gemm(x, packed, groups).double()
     weight = quant.dequantize_int4(packed, groups, torch.float64)
     magnitude = (x.double().abs() @ weight.abs().T).max().item()
-    rounded, step = int8_blocks(x, 32)
+    rounded, step = int8_blocks(x)
     assert (got - rounded @ weight.T).abs().max().item() <= 1e-5 * magnitude
+    decode = cpu_kernels.kernels().rows_product(x, packed, groups).double()
+    assert (got - decode).abs().max().item() <= 1e-5 * magnitude
     bound = step / 2 @ weight.abs().T + 1e-5 * magnitude
     assert ((got - x.double() @ weight.T).abs() <= bound).all()
     alone = cpu_kernels.kernels().int4_gemm(x[-1:], packed, groups).double()
@@ -178,7 +180,7 @@ def test_the_gemms_refuse_what_they_cannot_do(int8_dot, path):
 @pytest.mark.parametrize("n", [96, 100])  # 100 rows: not whole panels of 32 for the GEMM
 @pytest.mark.parametrize("path", ["avx512", "avx512_bf16"])
 def test_many_rows_take_the_gemm_or_multiply_the_widened_weights(int8_dot, path, n):
-    """A prefill's product: the GEMM where it runs (cpu_kernels.runs_gemm: int8 activations in blocks of 32);
+    """A prefill's product: the GEMM where it runs (cpu_kernels.runs_gemm: int8 activations in blocks of 64);
     else the weights dequantised to bf16 where the CPU has bf16 units (the inputs rounded to bf16 too), else to
     fp32."""
     int8_dot(path)
@@ -189,7 +191,7 @@ def test_many_rows_take_the_gemm_or_multiply_the_widened_weights(int8_dot, path,
     magnitude = (x.double().abs() @ weight.double().abs().T).max().item()
     assert cpu_kernels.runs_gemm(packed) == (n == 96 and cpu_features().int8_gemm)
     if cpu_kernels.runs_gemm(packed):
-        rounded, _ = int8_blocks(x, 32)
+        rounded, _ = int8_blocks(x)
         assert (got - rounded @ weight.double().T).abs().max().item() <= 1e-5 * magnitude
     elif path == "avx512_bf16" and detected().avx512_bf16:
         expected = x.bfloat16().double() @ weight.bfloat16().double().T

@@ -19,9 +19,9 @@
 //   where set) asks for the weights that many bytes ahead of the row it reads, into L1 or, with to_l2, into L2 only
 //   (software prefetch: no change to any result).
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
-//   weights: the activations rounded to int8 a step per 32 columns and integer sums (the comment above
-//   kGemmBlock), on AVX512-VNNI under set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8).
-//   x fp32, or bf16 widened as it is read.
+//   weights: the activations rounded to int8 a step per 32 columns (int8 weights) or 64 (int4 ones: the int4
+//   decode products' blocks) and integer sums (the comments above kGemmBlock and kActBlock), on AVX512-VNNI under
+//   set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8). x fp32, or bf16 widened as it is read.
 // - DecodeStack(layers, version, n_att).step(...): every layer of one decode step for B sequences in one call,
 //   each layer by its version's layer step, which writes the layer's output over its input:
 //   layer45: one token of one RWKV-4 or RWKV-5 layer, the same arithmetic as runtime/fast_path.py's
@@ -601,7 +601,7 @@ struct Int4Rows {  // a call's activations, as every int4 row product reads them
 // One block of B fp32 activations (B a multiple of 8) -> out (int8 values, stored as T: int8_t or int16_t), rounded
 // half to even to multiples of the block's step max|x| / 127 (the multiplier 127 / max|x| in fp32; all zeros when
 // max|x| is 0). Returns the step; *sum = step · Σ q. The int4 decode products' blocks of 64 and the AVX2 GEMM's
-// blocks of 32 (quantize_row_s8) round their activations here.
+// blocks (quantize_row_s8: 32 columns for int8 weights, 64 for int4) round their activations here.
 template <int64_t B, typename T>
 inline float quantize_block(const float* in, T* out, float* sum) {
   static_assert(B % 8 == 0, "whole vectors");
@@ -779,26 +779,41 @@ void int4_rows(const uint8_t* w, const uint16_t* groups, const Int4Rows& a, floa
 // PyTorch's bf16 GEMM; on the trained tiny models the argmax agreement with fp32 stays above 98%.
 constexpr int64_t kGemmBlock = 32;
 constexpr int64_t kPanelRows = 32;  // two vectors of 16 lanes
+// The activations' blocks of the GEMM: kGemmBlock columns for int8 weights; for int4 ones kInt4Block, the decode
+// products' blocks (quantize_block<kInt4Block>: the same rounded activations) and the weights' smallest group, so
+// that the fp32 steps come once a 64-column block: with a step every 32 columns, the int4 tiles' conversions and
+// FMAs took the VNNI ports from the integer products (int4 ran at ~0.83x the int8 GEMM on a Xeon).
+template <bool INT4>
+constexpr int64_t kActBlock = INT4 ? kInt4Block : kGemmBlock;
 constexpr int kTileRows = 6;        // rows of x a tile: 12 int32 and 12 fp32 accumulators, 2 weight vectors
 
-// One row of x (K a multiple of kGemmBlock) -> xq (uint8, offset 128), a step a block and, where `sums` is given,
-// each block's Σ of the rounded activations, step · Σ q (an int4 weight's min multiplies it).
+// One row of x (K a multiple of B, 32 or 64) -> xq (uint8, offset 128), a step a block of B columns and, where
+// `sums` is given, each block's Σ of the rounded activations, step · Σ q (an int4 weight's min multiplies it).
+template <int64_t B>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void quantize_row_u8(const float* x, int64_t K, uint8_t* xq, float* step, float* sums) {
+  static_assert(B == 32 || B == 64, "blocks of 2 or 4 vectors");
+  constexpr int V = B / 16;
   const __m512i offset = _mm512_set1_epi32(128);
-  for (int64_t b = 0; b < K / kGemmBlock; ++b) {
-    const float* in = x + b * kGemmBlock;
-    const __m512 lo = _mm512_loadu_ps(in), hi = _mm512_loadu_ps(in + 16);
-    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  for (int64_t b = 0; b < K / B; ++b) {
+    const float* in = x + b * B;
+    __m512 v[V];
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < V; ++i) {
+      v[i] = _mm512_loadu_ps(in + 16 * i);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    const float top = _mm512_reduce_max_ps(amax);
     const __m512 mult = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, mult));
-    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, mult));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock),
-                     _mm512_cvtusepi32_epi8(_mm512_add_epi32(qlo, offset)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * kGemmBlock + 16),
-                     _mm512_cvtusepi32_epi8(_mm512_add_epi32(qhi, offset)));
+    __m512i total = _mm512_setzero_si512();
+    for (int i = 0; i < V; ++i) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], mult));
+      total = _mm512_add_epi32(total, q);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * B + 16 * i),
+                       _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, offset)));
+    }
     step[b] = top / 127.0f;
-    if (sums != nullptr) sums[b] = step[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    if (sums != nullptr) sums[b] = step[b] * static_cast<float>(_mm512_reduce_add_epi32(total));
   }
 }
 
@@ -832,9 +847,9 @@ inline void transpose16(__m512i* v) {
 
 // kPanelRows weight rows -> packed [K/4][kPanelRows][4] (each 4 columns' bytes of the rows side by side), 16 rows by
 // 16 column quads at a time (load(r, q): 64 bytes of row r from column 4q, for 16-quad steps; tail(r, q): 4 bytes
-// from column 4q, for the quads after the last whole step), and neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each
-// row's weights over each block (from the packed panel: vpdpbusd of all-ones bytes sums 4 weights a lane).
-template <typename Load, typename Tail>
+// from column 4q, for the quads after the last whole step), and neg [K/B][kPanelRows] = -128 · Σ of each row's
+// weights over each block of B columns (from the packed panel: vpdpbusd of all-ones bytes sums 4 weights a lane).
+template <int64_t B, typename Load, typename Tail>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
 inline void pack_panel_rows(Load load, Tail tail, int64_t K, int8_t* packed, int32_t* neg) {
   const int64_t quads = K / 4;
@@ -851,10 +866,10 @@ inline void pack_panel_rows(Load load, Tail tail, int64_t K, int8_t* packed, int
       for (int r = 0; r < 16; ++r) out[q * kPanelRows + half * 16 + r] = tail(half * 16 + r, q);
   }
   const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t b = 0; b < K / kGemmBlock; ++b)
+  for (int64_t b = 0; b < K / B; ++b)
     for (int64_t half = 0; half < kPanelRows / 16; ++half) {
       __m512i sum = _mm512_setzero_si512();
-      for (int64_t q = b * kGemmBlock / 4; q < (b + 1) * kGemmBlock / 4; ++q)
+      for (int64_t q = b * B / 4; q < (b + 1) * B / 4; ++q)
         sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(out + q * kPanelRows + half * 16));
       _mm512_storeu_si512(neg + b * kPanelRows + half * 16, _mm512_sub_epi32(_mm512_setzero_si512(),
                                                                            _mm512_slli_epi32(sum, 7)));
@@ -864,7 +879,7 @@ inline void pack_panel_rows(Load load, Tail tail, int64_t K, int8_t* packed, int
 // pack_panel_rows for kPanelRows rows of an int8 W [., K].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
-  pack_panel_rows(
+  pack_panel_rows<kGemmBlock>(
       [&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
         return _mm512_loadu_si512(w + r * K + 4 * q);
       },
@@ -882,7 +897,7 @@ void pack_panel(const int8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void pack_panel_int4(const uint8_t* w, int64_t K, int8_t* packed, int32_t* neg) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-  pack_panel_rows(
+  pack_panel_rows<kInt4Block>(
       [&](int64_t r, int64_t q) __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) {
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * (K / 2) + 2 * q));
         const __m256i low = _mm256_and_si256(bytes, low_nibble);
@@ -916,7 +931,7 @@ void panel_groups(const uint16_t* groups, int64_t n_groups, float* scales, float
   }
 }
 
-// A tile's rows of x, as quantize_row_u8 left them: xq [., K], step and sums [., K / kGemmBlock].
+// A tile's rows of x, as quantize_row_u8 left them: xq [., K], a step a block [., K / kActBlock].
 struct GemmRows {
   const uint8_t* xq;
   const float* step;
@@ -940,11 +955,15 @@ struct GemmPanel {
 // times the row's scale at the end; int4: Σ_g (scale_g · Σ_{b in g} sum_b · step_b + min_g · Σ_{b in g} x̃_b), the
 // weights' scale and min applied once a group: a step of each per block (with the int8 form's per-block step in
 // between) made the int4 GEMM ~20 % slower than the int8 one (Xeon, AVX512-VNNI); once a group, 5-10 % faster.
-template <int MT, bool INT4>
+// Blocks of kActBlock<INT4> columns. GB > 0: int4 groups of GB blocks, known to the compiler (the default group of
+// 64 columns is one block: GB = 1 unrolls the group loop and measured ~3 % faster than the same code with the
+// count read at run time).
+template <int MT, bool INT4, int GB = 0>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void gemm_tile(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
-  const int64_t blocks = x.K / kGemmBlock;
-  const int64_t span = INT4 ? p.group_blocks : blocks;  // blocks between two fp32 steps of the weights
+  constexpr int64_t B = kActBlock<INT4>;
+  const int64_t blocks = x.K / B;
+  const int64_t span = INT4 ? (GB > 0 ? GB : p.group_blocks) : blocks;  // blocks between two fp32 steps of the weights
   __m512 total[MT][2];
   for (int t = 0; t < MT; ++t) total[t][0] = total[t][1] = _mm512_setzero_ps();
   for (int64_t first = 0, g = 0; first < blocks; first += span, ++g) {
@@ -958,13 +977,14 @@ void gemm_tile(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
         acc[t][0] = neg0;
         acc[t][1] = neg1;
       }
-      const int8_t* panel = p.packed + b * kGemmBlock * kPanelRows;
-      for (int64_t q = 0; q < kGemmBlock / 4; ++q) {
+      const int8_t* panel = p.packed + b * B * kPanelRows;
+#pragma GCC unroll 16
+      for (int64_t q = 0; q < B / 4; ++q) {
         const __m512i w0 = _mm512_loadu_si512(panel + q * 4 * kPanelRows);
         const __m512i w1 = _mm512_loadu_si512(panel + q * 4 * kPanelRows + 64);
         for (int t = 0; t < MT; ++t) {
           int32_t four;  // the row's 4 activations of these columns, in every lane
-          std::memcpy(&four, x.xq + t * x.K + b * kGemmBlock + q * 4, 4);
+          std::memcpy(&four, x.xq + t * x.K + b * B + q * 4, 4);
           const __m512i a = _mm512_set1_epi32(four);
           acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], a, w0);
           acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], a, w1);
@@ -1010,6 +1030,9 @@ using GemmTile = void (*)(const GemmRows&, const GemmPanel&, float*, int64_t);
 template <bool INT4>
 constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr, gemm_tile<1, INT4>, gemm_tile<2, INT4>, gemm_tile<3, INT4>,
                                                 gemm_tile<4, INT4>, gemm_tile<5, INT4>, gemm_tile<6, INT4>};
+constexpr GemmTile kGemmTilesGroup1[kTileRows + 1] = {nullptr, gemm_tile<1, true, 1>, gemm_tile<2, true, 1>,
+                                                      gemm_tile<3, true, 1>, gemm_tile<4, true, 1>,
+                                                      gemm_tile<5, true, 1>, gemm_tile<6, true, 1>};
 
 // The same GEMM on AVX2 alone (every x86 CPU this file runs on; picked where the int8 product is AVX2's), with the
 // same integers: each row's blocks rounded exactly as quantize_row_u8 rounds them, but kept signed, and the same
@@ -1017,19 +1040,19 @@ constexpr GemmTile kGemmTiles[kTileRows + 1] = {nullptr, gemm_tile<1, INT4>, gem
 // int8 weights: the activations are stored as int16 and the weights widened to int16 in the panel, and vpmaddwd
 // multiplies two columns a 32-bit lane (|q·w| ≤ 127 · 128: exact). int4 weights (q 0..15) stay bytes: vpmaddubsw
 // multiplies them (unsigned) by the int8 activations into 16-bit pair sums of at most 2 · 15 · 127 (no saturation),
-// which add up in 16 bits over a block of 32 columns (at most 30,480), and one vpmaddwd against ones a block adds the
-// pairs into int32 lanes: the same integers. int8 takes two multiplier instructions for 32 products, where fp32 takes
-// four FMAs; int4 about one. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
+// which add up in 16 bits over 32 columns (at most 30,480), and one vpmaddwd against ones every 32 columns adds the
+// pairs into the block's int32 lanes: the same integers. int8 takes two multiplier instructions for 32 products,
+// where fp32 takes four FMAs; int4 about one. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
 // third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's (noisy VM).
 constexpr int64_t kPanelBytesAvx2 = 2 * kPanelRows;  // a panel's bytes a column: int16 weights (int4: half used)
 
-// One row of x (K a multiple of kGemmBlock) -> xq as T (int8_t for int4 weights, int16_t for int8 ones), a step a
-// block and, where `sums` is given, each block's step · Σ q: quantize_row_u8's values, signed (quantize_block).
-template <typename T>
+// One row of x (K a multiple of B) -> xq as T (int8_t for int4 weights, int16_t for int8 ones), a step a block of
+// B columns and, where `sums` is given, each block's step · Σ q: quantize_row_u8's values, signed (quantize_block).
+template <int64_t B, typename T>
 void quantize_row_s8(const float* x, int64_t K, T* xq, float* step, float* sums) {
-  for (int64_t b = 0; b < K / kGemmBlock; ++b) {
+  for (int64_t b = 0; b < K / B; ++b) {
     float sum;
-    step[b] = quantize_block<kGemmBlock>(x + b * kGemmBlock, xq + b * kGemmBlock, &sum);
+    step[b] = quantize_block<B>(x + b * B, xq + b * B, &sum);
     if (sums != nullptr) sums[b] = sum;
   }
 }
@@ -1080,14 +1103,15 @@ void pack_panel_avx2(const int8_t* w, int64_t K, int8_t* packed) {
 // MT rows of x (quantize_row_s8's: int16 for int8 weights, int8 for int4) against one packed panel -> out[t, 0 ..
 // kPanelRows): gemm_tile's arithmetic (the same block sums, the same fp32 steps in the same order) in 8-lane vectors.
 // (Cutting K into chunks whose panel part stays in L1 across the tiles measured the same on a Zen 4.)
-template <int MT, bool INT4>
+template <int MT, bool INT4, int GB = 0>
 void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
   constexpr int V = kPanelRows / 8;
   constexpr int L = INT4 ? 4 : 2;  // columns a 32-bit lane
   using Act = std::conditional_t<INT4, int8_t, int16_t>;
+  constexpr int64_t B = kActBlock<INT4>;
   const Act* xq = reinterpret_cast<const Act*>(x.xq);
-  const int64_t blocks = x.K / kGemmBlock;
-  const int64_t span = INT4 ? p.group_blocks : blocks;  // as in gemm_tile
+  const int64_t blocks = x.K / B;
+  const int64_t span = INT4 ? (GB > 0 ? GB : p.group_blocks) : blocks;  // as in gemm_tile
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[MT][V];
   for (int t = 0; t < MT; ++t)
@@ -1097,33 +1121,41 @@ void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N
     for (int t = 0; t < MT; ++t)
       for (int v = 0; v < V; ++v) part[t][v] = _mm256_setzero_ps();
     for (int64_t b = first; b < first + span; ++b) {
-      __m256i acc[MT][V];
-      for (int t = 0; t < MT; ++t)
-        for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_si256();
-      const int8_t* panel = p.packed + b * kGemmBlock * 4 / L * kPanelRows;
+      __m256i acc[MT][V];  // the block's int32 sums
+      const int8_t* panel = p.packed + b * B * 4 / L * kPanelRows;
+      // int8: one pass over the block; int4: one a 32-column half, its 16-bit pair sums then added into acc
+      for (int half = 0; half < (INT4 ? B / 32 : 1); ++half) {
+        __m256i run[MT][V];  // int8: int32 sums; int4: 16-bit pair sums, at most 8 · 2 · 15 · 127 = 30,480
+        for (int t = 0; t < MT; ++t)
+          for (int v = 0; v < V; ++v) run[t][v] = _mm256_setzero_si256();
+        constexpr int kSteps = (INT4 ? 32 : B) / L;
+        static_assert(!INT4 || kSteps * 2 * 15 * 127 <= 32767, "32 columns' 16-bit pair sums cannot overflow");
 #pragma GCC unroll 4
-      for (int q = 0; q < kGemmBlock / L; ++q) {
-        __m256i a[MT];  // the row's L activations of these columns, in every lane
-        for (int t = 0; t < MT; ++t) {
-          int32_t lane;
-          std::memcpy(&lane, xq + t * x.K + b * kGemmBlock + q * L, 4);
-          a[t] = _mm256_set1_epi32(lane);
-        }
-        for (int v = 0; v < V; ++v) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 4 * kPanelRows + 32 * v));
+        for (int i = 0; i < kSteps; ++i) {
+          const int q = half * kSteps + i;
+          __m256i a[MT];  // the row's L activations of these columns, in every lane
           for (int t = 0; t < MT; ++t) {
-            if constexpr (INT4)  // 16-bit pair sums, added as such: at most 8 · 2 · 15 · 127 = 30,480 over a block
-              acc[t][v] = _mm256_add_epi16(acc[t][v], _mm256_maddubs_epi16(w, a[t]));
-            else
-              acc[t][v] = _mm256_add_epi32(acc[t][v], _mm256_madd_epi16(a[t], w));
-            asm("" : "+x"(acc[t][v]));  // keeps the sum in its register, in order (GCC otherwise stores every term)
+            int32_t lane;
+            std::memcpy(&lane, xq + t * x.K + b * B + q * L, 4);
+            a[t] = _mm256_set1_epi32(lane);
+          }
+          for (int v = 0; v < V; ++v) {
+            const __m256i w =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 4 * kPanelRows + 32 * v));
+            for (int t = 0; t < MT; ++t) {
+              if constexpr (INT4)
+                run[t][v] = _mm256_add_epi16(run[t][v], _mm256_maddubs_epi16(w, a[t]));
+              else
+                run[t][v] = _mm256_add_epi32(run[t][v], _mm256_madd_epi16(a[t], w));
+              asm("" : "+x"(run[t][v]));  // keeps the sum in its register, in order (GCC otherwise stores every term)
+            }
           }
         }
-      }
-      if constexpr (INT4) {
-        static_assert(kGemmBlock / L * 2 * 15 * 127 <= 32767, "a block's 16-bit pair sums cannot overflow");
         for (int t = 0; t < MT; ++t)
-          for (int v = 0; v < V; ++v) acc[t][v] = _mm256_madd_epi16(acc[t][v], ones);  // the block's int32 sums
+          for (int v = 0; v < V; ++v) {
+            const __m256i sums = INT4 ? _mm256_madd_epi16(run[t][v], ones) : run[t][v];  // int4: pairs into int32
+            acc[t][v] = half == 0 ? sums : _mm256_add_epi32(acc[t][v], sums);
+          }
       }
       for (int t = 0; t < MT; ++t) {
         const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]);
@@ -1155,6 +1187,8 @@ void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N
 constexpr int kTileRowsAvx2 = 2;  // 3 and 4 rows spill accumulators and measured slower on a Zen 4
 template <bool INT4>
 constexpr GemmTile kGemmTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, INT4>, gemm_tile_avx2<2, INT4>};
+constexpr GemmTile kGemmTilesAvx2Group1[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, true, 1>,
+                                                              gemm_tile_avx2<2, true, 1>};
 
 // The rows a GEMM reads: fp32 as they are, or bf16 (a prefill's token-shift mixes, rounded to bf16 for the bf16
 // products beside the GEMM) widened a row at a time, exactly (a bf16 number is the top half of an fp32 one), so
@@ -1188,7 +1222,8 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
               int64_t group_blocks = 1) {
   constexpr int64_t tile_rows = VNNI ? kTileRows : kTileRowsAvx2;
   constexpr int64_t width = VNNI || INT4 ? 1 : 2;  // bytes an activation: int16 for the AVX2 int8 tiles
-  const int64_t blocks = K / kGemmBlock, groups = blocks / group_blocks;
+  constexpr int64_t B = kActBlock<INT4>;
+  const int64_t blocks = K / B, groups = blocks / group_blocks;
   std::vector<uint8_t> xq(M * K * width);
   std::vector<float> step(M * blocks), sums(INT4 ? M * blocks : 0), group_sums(INT4 ? M * groups : 0);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -1197,12 +1232,12 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
       const float* x = input.row(m, K, wide.data());
       float* row_sums = INT4 ? sums.data() + m * blocks : nullptr;
       if constexpr (VNNI)
-        quantize_row_u8(x, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
+        quantize_row_u8<B>(x, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
       else if constexpr (INT4)
-        quantize_row_s8(x, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks, row_sums);
+        quantize_row_s8<B>(x, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks, row_sums);
       else
-        quantize_row_s8(x, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
-                        row_sums);
+        quantize_row_s8<B>(x, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
+                           row_sums);
       if constexpr (INT4)
         for (int64_t g = 0; g < groups; ++g) {
           float sum = 0.0f;
@@ -1221,7 +1256,9 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
         const int64_t rows = std::min<int64_t>(tile_rows, M - m);
         const GemmRows tile{xq.data() + m * K * width, step.data() + m * blocks,
                             INT4 ? group_sums.data() + m * groups : nullptr, K};
-        const GemmTile* tiles = VNNI ? kGemmTiles<INT4> : kGemmTilesAvx2<INT4>;
+        const GemmTile* tiles = INT4 && group_blocks == 1 ? (VNNI ? kGemmTilesGroup1 : kGemmTilesAvx2Group1)
+                                : VNNI                     ? kGemmTiles<INT4>
+                                                           : kGemmTilesAvx2<INT4>;
         tiles[rows](tile, panel, out + m * N + n0, N);
       }
     }
@@ -2757,9 +2794,11 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 
 // The same GEMM for int4 weights (uint8 [N, K/2] with fp16 (scale, min) groups [N, 2, K/G], kernels/quant.py's
 // packing): each panel's nibbles unpacked to int8 (0..15) and packed as int8 weights are, its groups' scales and
-// mins widened to fp32; N a multiple of 32. Both terms of w = q · scale + min meet the same rounded activations
-// (the min's through each block's step · Σ q), so the result is the product of the rounded activations with the
-// dequantised weights, and the bound is int8_gemm's with w in place of the int8 weight. (Exact Σ x for the min's
+// mins widened to fp32; N a multiple of 32; the activations' blocks 64 columns (kActBlock), their rounding that
+// of the int4 decode products (int4_rows: a prompt and a decode step round a row alike). Both terms of
+// w = q · scale + min meet the same rounded activations (the min's through each block's step · Σ q), so the result
+// is the product of the rounded activations with the dequantised weights, and the bound is int8_gemm's with w in
+// place of the int8 weight and blocks of 64 columns. (Exact Σ x for the min's
 // term left the error at (x̃ - x) · q · scale, all of one sign for q · scale ≥ 0: on the trained RWKV-4 tiny model
 // the argmax agreement with fp32 fell 0.979 -> 0.968.)
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) {
@@ -2778,7 +2817,7 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
     bool vnni;
     Buffers buffers() const {
       return {std::vector<int8_t>(vnni ? 0 : kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
-              std::vector<int32_t>(kPanelRows * (K / kGemmBlock)), std::vector<float>(kPanelRows * n_groups),
+              std::vector<int32_t>(kPanelRows * (K / kInt4Block)), std::vector<float>(kPanelRows * n_groups),
               std::vector<float>(kPanelRows * n_groups)};
     }
     void operator()(int64_t n0, Buffers& b, GemmPanel& panel) const {
@@ -2804,15 +2843,15 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
         }
         pack_panel_avx2<false>(b.rows.data(), K, b.packed.data());
       }
-      panel = {b.packed.data(), b.neg.data(), nullptr, b.scales.data(), b.mins.data(), K / n_groups / kGemmBlock};
+      panel = {b.packed.data(), b.neg.data(), nullptr, b.scales.data(), b.mins.data(), K / n_groups / kInt4Block};
     }
   };
   const Prepare prepare{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(groups.data_ptr()), K, n_groups,
                         g_int8_product.load() == kInt8Vnni};
   if (prepare.vnni)
-    run_gemm<true, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
+    run_gemm<true, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kInt4Block);
   else
-    run_gemm<true, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kGemmBlock);
+    run_gemm<true, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kInt4Block);
   return out;
 }
 
@@ -2885,7 +2924,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shift_mixes_bf16", &shift_mixes_bf16,
         "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
   m.def("int8_gemm", &int8_gemm,
-        "out[M, N] = x[M, K] · (W · scale)ᵀ for many rows: int8 weights, int8 activations a step per 32 columns (VNNI)");
+        "out[M, N] = x[M, K] · (W · scale)ᵀ for many rows: int8 weights, int8 activations a step per 32 columns");
   m.def("int4_gemm", &int4_gemm, "int8_gemm for int4 weights with their (scale, min) groups");
   m.def("rows_product", &rows_product,
         "out[M, N] = x[M, K] · Wᵀ for few rows (fp32/bf16/fp16, int8 with row scales, int4 with group scale/min)");

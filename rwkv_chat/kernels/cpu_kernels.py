@@ -14,10 +14,9 @@ What this module promises:
   `gemm` is the product of many rows (a prefill) with an int8 or int4 weight on CPUs with AVX512-VNNI, or AVX2
   without AVX-512 (`runs_gemm` says where): int8 activations, a step per 32 columns (int4 weights: 64, as their
   decode products round them), integer sums, the same bits on either instruction set; its error bound is in the
-  C++ file. `DecodeStack(layers, version)` is every layer of a
-  decode step in one call of the extension's `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it);
-  built with its `ends` (the embedding, the two outer LayerNorms and the head), its `logits` is the whole step from
-  token ids to logits in one call.
+  C++ file. `DecodeStack(layers, version)` is every layer of a decode step in one call of the extension's
+  `DecodeStack` (runtime/fast_path.py and runtime/cpu_decode.py run it); built with its `ends` (the embedding, the
+  two outer LayerNorms and the head), its `logits` is the whole step from token ids to logits in one call.
   It returns its refusals instead of throwing them through the binding: they are raised here, as RuntimeError.
   The extension's `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners
   and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built, and

@@ -1027,8 +1027,8 @@ struct GemmPanel {
 // weights' scale and min applied once a group: a step of each per block (with the int8 form's per-block step in
 // between) made the int4 GEMM ~20 % slower than the int8 one (Xeon, AVX512-VNNI); once a group, 5-10 % faster.
 // Blocks of kActBlock<INT4> columns. GB > 0: int4 groups of GB blocks, known to the compiler (the default group of
-// 64 columns is one block: GB = 1 unrolls the group loop and measured ~3 % faster than the same code with the
-// count read at run time).
+// 64 columns is one block, GB = 1; a count known so measured ~3 % faster than the same code reading it at run time,
+// with 32-column blocks and GB = 2).
 template <int MT, bool INT4, int GB = 0>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void gemm_tile(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
@@ -1113,8 +1113,9 @@ constexpr GemmTile kGemmTilesGroup1[kTileRows + 1] = {nullptr, gemm_tile<1, true
 // multiplies them (unsigned) by the int8 activations into 16-bit pair sums of at most 2 · 15 · 127 (no saturation),
 // which add up in 16 bits over 32 columns (at most 30,480), and one vpmaddwd against ones every 32 columns adds the
 // pairs into the block's int32 lanes: the same integers. int8 takes two multiplier instructions for 32 products,
-// where fp32 takes four FMAs; int4 about one. The 8-bit form of the int8 product (|q| by the weights with q's sign, vpsignb) needs a
-// third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's (noisy VM).
+// where fp32 takes four FMAs; int4 about one. The 8-bit form of the int8 product (|q| by the weights with q's sign,
+// vpsignb) needs a third instruction on the same ports; on a Zen 4 its whole prefills measured 0.8-1.0x this form's
+// (noisy VM).
 constexpr int64_t kPanelBytesAvx2 = 2 * kPanelRows;  // a panel's bytes a column: int16 weights (int4: half used)
 
 // One row of x (K a multiple of B) -> xq as T (int8_t for int4 weights, int16_t for int8 ones), a step a block of

@@ -1,22 +1,25 @@
 """What this x86 CPU can do, and so which product each CPU path takes.
 
 What this module promises:
-- `cpu_features()` is the `CpuFeatures` of this machine: AVX2, AVX-512, AVX512-VNNI, AVX512-BF16, AMX (bf16 and
-  fp16 tiles),
-  as PyTorch's own CPU checks report them (the instruction sets its oneDNN kernels use). Detected once per
+- `cpu_features()` is the `CpuFeatures` of this machine: AVX2, AVX-VNNI, AVX-512, AVX512-VNNI, AVX512-BF16, AMX
+  (bf16 and fp16 tiles), as PyTorch's own CPU checks report them (the instruction sets its oneDNN kernels use;
+  AVX-VNNI, which PyTorch does not report, from the flags of Linux's /proc/cpuinfo: elsewhere it counts as
+  absent, and the AVX2 products serve). Detected once per
   process; the environment variable RWKV_CPU_ISA (one of PATHS) caps them for this call, so the paths below a
   CPU's best can be run and compared on it (the tests do). A value outside PATHS raises ValueError naming the
   variable and the values it takes; asking for more than the CPU has gives what it has.
-- `CpuFeatures.path` names the best path (amx > avx512_bf16 > avx512 > avx2 > baseline);
+- `CpuFeatures.path` names the best path (amx > avx512_bf16 > avx512 > avx_vnni > avx2 > baseline; avx_vnni is
+  AVX2 with AVX-VNNI's 256-bit integer dot products and no AVX-512: Intel's client CPUs from Alder Lake on);
   `native_matmul(dtype)` says whether PyTorch's matrix product of that dtype runs on matrix units or dot-product
   instructions for it (bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16; fp32 always). Where it does not, a bf16
   or fp16 product of many rows is many times slower than the fp32 one (measured: 3.5× on AVX2 Zen 3 the other
   way round from Zen 4 with AVX512-BF16, whose bf16 GEMM reads 220 GFLOP/s against 56-69 for fp32).
-  `int8_dot` names the C++ kernels' int8 and int4 products of few rows (integer dot products on int16 / int8
-  activations; csrc/cpu_kernels.cpp): "avx512_vnni" where the path keeps AVX-512 and the CPU has VNNI, else
-  "avx2" (the int8 one with the VNNI one's bits).
+  `int8_dot` names the C++ kernels' integer products (int8 and int4 weights on int16 / int8 activations;
+  csrc/cpu_kernels.cpp): "avx512_vnni" where the path keeps AVX-512 and the CPU has VNNI; "avx_vnni" where the
+  path is avx_vnni (the GEMMs on AVX-VNNI, the products of few rows on AVX2); else "avx2". All give the same bits.
   `int8_gemm` says whether int8 / int4 products of many rows (a prefill) take a C++ integer GEMM: the VNNI one
-  wherever the path has AVX512-VNNI, AMX CPUs included, the AVX2 one (the same bits) where the path is avx2.
+  wherever the path has AVX512-VNNI, AMX CPUs included, the AVX-VNNI one where the path is avx_vnni, the AVX2 one
+  where it is avx2 (all with the same bits).
 - `CpuFeatures.prefetch_bytes` is how far ahead of the row they read the C++ products of few rows ask for the
   next weights (software prefetch; 0: not at all), and `prefetch_rows_below` for which weights: rows shorter than
   that many bytes (0: every row). Intel CPUs get PREFETCH_INTEL for every row, into L2: on the first Xeon measured
@@ -53,7 +56,7 @@ from dataclasses import dataclass, replace
 import torch
 
 ISA_VARIABLE = "RWKV_CPU_ISA"
-PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
+PATHS = ("baseline", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx")  # from the least to the most a CPU can have
 PREFETCH_VARIABLE = "RWKV_CPU_PREFETCH"
 PREFETCH_INTEL = 8192  # bytes, into L2; on the 480 MiB-L3 Xeon 4,096 gave 1-10% less, 16,384 about the same
 PREFETCH_ZEN5 = 4096  # bytes; on a Zen 5 at 0.1B 2,048 and 8,192 gave a little less, at 1.5B all three lost
@@ -68,6 +71,7 @@ VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 @dataclass(frozen=True)
 class CpuFeatures:
     avx2: bool = False
+    avx_vnni: bool = False  # AVX-VNNI: 256-bit integer dot products without AVX-512 (VEX vpdpbusd)
     avx512: bool = False  # AVX-512 F/BW/VL/DQ, as PyTorch's AVX512 kernels need
     avx512_vnni: bool = False  # AVX512-VNNI's integer dot products (part of the avx512 path)
     avx512_bf16: bool = False
@@ -86,6 +90,8 @@ class CpuFeatures:
             return "avx512_bf16"
         if self.avx512:
             return "avx512"
+        if self.avx2 and self.avx_vnni:
+            return "avx_vnni"
         return "avx2" if self.avx2 else "baseline"
 
     def native_matmul(self, dtype: torch.dtype) -> bool:
@@ -98,12 +104,16 @@ class CpuFeatures:
 
     @property
     def int8_dot(self) -> str:
-        return "avx512_vnni" if self.avx512 and self.avx512_vnni else "avx2"
+        if self.avx512 and self.avx512_vnni:
+            return "avx512_vnni"
+        return "avx_vnni" if self.path == "avx_vnni" else "avx2"
 
     @property
     def int8_gemm(self) -> bool:
         """A product of many rows with int8 or int4 weights runs on a C++ integer GEMM (int8 activations) here:
-        the VNNI one wherever the path has AVX512-VNNI, the AVX2 one where the path is avx2 (no AVX-512). Measured
+        the VNNI one wherever the path has AVX512-VNNI, the AVX-VNNI one where the path is avx_vnni (on a Xeon
+        capped to it, 2 threads, 256 rows, 2026-12-05: int8 380-500 GOP/s against 140-190 for the AVX2 GEMM and
+        195-210 GFLOP/s for PyTorch's fp32 GEMM capped to AVX2), the AVX2 one where the path is avx2. Measured
         at 2 threads, 128 rows: on a Zen 4 the VNNI GEMM ran 1.6-1.8x the widened bf16 GEMM; on a Xeon with AMX,
         whole int8 prefills (128 tokens, 2 cores, 2026-12-03) ran 1.05-1.13x the widened GEMM on AMX's bf16 tiles
         at 0.1B and 1.00-1.05x at 1.5B (RWKV-7: 1.54x), because widening a model's weights to bf16 every prefill
@@ -113,17 +123,21 @@ class CpuFeatures:
         GEMM on the widened weights (MKL not capped); whole 0.1B int8 prefills with everything capped to AVX2
         1.4-1.5x faster than widening (docs/PERFORMANCE.md). AVX-512 CPUs without VNNI (Skylake-X) keep the widened fp32
         GEMM: their 16-lane FMAs match the AVX2 integer products' rate, and no such CPU was at hand to measure."""
-        return self.int8_dot == "avx512_vnni" or self.path == "avx2"
+        return self.int8_dot in ("avx512_vnni", "avx_vnni") or self.path == "avx2"
 
     def capped(self, path: str) -> "CpuFeatures":
         """These features without those above `path` (PATHS order); an AMD Zen 4's L2 prefetch (measured for
         its VNNI products; its AVX2 products lost with it) off below the avx512 path."""
         rank = PATHS.index(path)
-        prefetch = 0 if self.vendor == "amd" and self.prefetch_to_l2 and rank < 2 else self.prefetch_bytes
-        return replace(self, prefetch_bytes=prefetch, avx2=self.avx2 and rank >= 1, avx512=self.avx512 and rank >= 2,
-                       avx512_vnni=self.avx512_vnni and rank >= 2,
-                       avx512_bf16=self.avx512_bf16 and rank >= 3, amx_bf16=self.amx_bf16 and rank >= 4,
-                       amx_fp16=self.amx_fp16 and rank >= 4)
+
+        def keeps(level: str) -> bool:
+            return rank >= PATHS.index(level)
+        prefetch = 0 if self.vendor == "amd" and self.prefetch_to_l2 and not keeps("avx512") else self.prefetch_bytes
+        return replace(self, prefetch_bytes=prefetch, avx2=self.avx2 and keeps("avx2"),
+                       avx_vnni=self.avx_vnni and keeps("avx_vnni"), avx512=self.avx512 and keeps("avx512"),
+                       avx512_vnni=self.avx512_vnni and keeps("avx512"),
+                       avx512_bf16=self.avx512_bf16 and keeps("avx512_bf16"), amx_bf16=self.amx_bf16 and keeps("amx"),
+                       amx_fp16=self.amx_fp16 and keeps("amx"))
 
 
 def _cpu_info() -> str:
@@ -141,6 +155,12 @@ def _vendor_and_family(text: str) -> tuple[str, int]:
     family = next((line.split(":", 1)[1].strip() for line in text.splitlines()
                    if line.startswith("cpu family") and ":" in line), "")
     return vendor, int(family) if family.isdigit() else 0
+
+
+def _flags(text: str) -> set[str]:
+    """The first "flags" line of `_cpu_info()` (Linux's /proc/cpuinfo) as a set; empty where there is none."""
+    line = next((line for line in text.splitlines() if line.startswith("flags") and ":" in line), "")
+    return set(line.split(":", 1)[1].split()) if line else set()
 
 
 def _default_prefetch(vendor: str, family: int, avx512: bool) -> tuple[int, int, bool]:
@@ -168,10 +188,12 @@ def detected() -> CpuFeatures:
     """What the CPU has (not capped by the environment). Non-x86 CPUs have none of these."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return CpuFeatures()
-    vendor, family = _vendor_and_family(_cpu_info())
+    text = _cpu_info()
+    vendor, family = _vendor_and_family(text)
     avx512 = _check("_is_avx512_supported")
     prefetch, rows_below, to_l2 = _default_prefetch(vendor, family, avx512)
-    return CpuFeatures(avx2=_check("_is_avx2_supported"), avx512=avx512, avx512_vnni=_check("_is_vnni_supported"),
+    return CpuFeatures(avx2=_check("_is_avx2_supported"), avx_vnni="avx_vnni" in _flags(text), avx512=avx512,
+                       avx512_vnni=_check("_is_vnni_supported"),
                        avx512_bf16=_check("_is_avx512_bf16_supported"), amx_bf16=_check("_is_amx_tile_supported"),
                        amx_fp16=_check("_is_amx_fp16_supported"), vendor=vendor,
                        prefetch_bytes=prefetch, prefetch_rows_below=rows_below, prefetch_to_l2=to_l2)
@@ -207,7 +229,7 @@ def cpu_features() -> CpuFeatures:
 
 def describe() -> str:
     features = cpu_features()
-    have = [name for name in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_fp16")
+    have = [name for name in ("avx2", "avx_vnni", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_fp16")
             if getattr(features, name)]
     matmul = "bf16 products on the CPU's bf16 units" if features.native_matmul(torch.bfloat16) else \
         "bf16/fp16 products as fp32 (no bf16 units)"
@@ -216,7 +238,9 @@ def describe() -> str:
     level = " into L2" if features.prefetch_to_l2 else ""
     prefetch = (f"weights prefetched {features.prefetch_bytes:,} bytes ahead{level}{rows}"
                 if features.prefetch_bytes else "no software prefetch")
-    gemm = ("VNNI GEMM" if features.int8_dot == "avx512_vnni" else "AVX2 GEMM") if features.int8_gemm else "widened"
+    gemm = {"avx512_vnni": "VNNI GEMM", "avx_vnni": "AVX-VNNI GEMM"}.get(features.int8_dot, "AVX2 GEMM") \
+        if features.int8_gemm else "widened"
+    decode = "avx512_vnni" if features.int8_dot == "avx512_vnni" else "avx2"
     return (f"CPU path {features.path}{capped}: {', '.join(have) or 'no AVX2'}; {matmul}; "
-            f"int8/int4 decode products {features.int8_dot}; "
+            f"int8/int4 decode products {decode}; "
             f"int8/int4 prefill products {gemm}; {prefetch}")

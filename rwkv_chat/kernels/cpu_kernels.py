@@ -127,14 +127,22 @@ def kernels():
         return module
 
 
-INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1}  # cpu_features' int8_dot -> the extension's set_int8_product
+INT8_PRODUCTS = {"avx2": 0, "avx512_vnni": 1, "avx_vnni": 2}  # cpu_features' int8_dot -> set_int8_product
+
+
+def _int8_product(module) -> str:
+    """cpu_features' int8_dot as this build can run it: the AVX-VNNI GEMMs need a compiler with AVX-VNNI's
+    intrinsics (GCC 11, clang 12 and later; the C++ file's RWKV_AVX_VNNI), else the AVX2 ones (the same bits)."""
+    product = cpu_features().int8_dot
+    return "avx2" if product == "avx_vnni" and not module.avx_vnni_runs() else product
 
 
 def _configure(module) -> str:
     features = cpu_features()
-    module.set_int8_product(INT8_PRODUCTS[features.int8_dot])
+    product = _int8_product(module)
+    module.set_int8_product(INT8_PRODUCTS[product])
     module.set_prefetch_bytes(features.prefetch_bytes, features.prefetch_rows_below, features.prefetch_to_l2)
-    return features.int8_dot
+    return product
 
 
 def configure() -> str | None:
@@ -218,16 +226,16 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def runs_gemm(weight: torch.Tensor) -> bool:
     """A product of many rows with this int8 or int4 (uint8) weight takes the extension's `int8_gemm` /
     `int4_gemm`: a CPU whose features pick them (cpu_features' `int8_gemm`: AVX512-VNNI, or AVX2 without
-    AVX-512), the kernels built with the features' int8 product picked (configure: it also picks the GEMM's VNNI or
-    AVX2 tiles), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too; int4's are whole blocks of
-    64 by its format)."""
+    AVX-512), the kernels built with the features' int8 product picked (configure: it also picks the GEMM's VNNI,
+    AVX-VNNI or AVX2 tiles), the weight's rows a multiple of GEMM_MULTIPLE (int8: its columns too; int4's are
+    whole blocks of 64 by its format)."""
     if not (weight.dtype in (torch.int8, torch.uint8) and weight.device.type == "cpu" and weight.dim() == 2
             and weight.shape[0] % GEMM_MULTIPLE == 0 and cpu_features().int8_gemm):
         return False
     if weight.dtype == torch.int8 and weight.shape[1] % GEMM_MULTIPLE != 0:
         return False
     module = kernels()
-    return module is not None and module.int8_product() == INT8_PRODUCTS[cpu_features().int8_dot]
+    return module is not None and module.int8_product() == INT8_PRODUCTS[_int8_product(module)]
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, P
                                             PREFETCH_ZEN4, PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, CpuFeatures,
                                             cpu_features, detected)
 
-RUNNABLE = PATHS[:PATHS.index(detected().path) + 1]  # this CPU's best path and every one below it
+RUNNABLE = [path for path in PATHS if detected().capped(path).path == path]  # its best path and those below it
 
 
 def runnable(path: str):
@@ -35,7 +35,8 @@ def test_the_variable_caps_the_features_and_refuses_unknown_values(monkeypatch):
     assert "capped" in features_module.describe()
     assert cpu_features().int8_gemm  # the AVX2 GEMM
     monkeypatch.setenv(ISA_VARIABLE, "sse9")
-    with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of baseline, avx2, avx512, avx512_bf16, amx"):
+    with pytest.raises(ValueError, match=f"{ISA_VARIABLE} must be one of baseline, avx2, avx_vnni, avx512, "
+                                         "avx512_bf16, amx"):
         cpu_features()
 
 
@@ -46,6 +47,13 @@ def test_int8_prefill_products_take_a_gemm_on_vnni_cpus_and_on_avx2_cpus():
     assert vnni.capped("avx2").int8_gemm and vnni.capped("avx2").int8_dot == "avx2"  # the AVX2 GEMM
     assert not replace(vnni, avx512_vnni=False).int8_gemm  # AVX-512 without VNNI: widened to fp32 (not measured)
     assert not vnni.capped("baseline").int8_gemm
+    client = CpuFeatures(avx2=True, avx_vnni=True)  # Intel's Alder Lake and later client CPUs: no AVX-512
+    assert client.path == "avx_vnni" and client.int8_dot == "avx_vnni" and client.int8_gemm
+    assert client.capped("avx2").int8_dot == "avx2" and client.capped("avx2").int8_gemm
+    assert client.capped("avx512") == client  # more than it has gives what it has
+    both = replace(vnni, avx_vnni=True)  # Sapphire Rapids, Zen 5: the AVX-512 products win
+    assert both.int8_dot == "avx512_vnni" and both.capped("avx_vnni").int8_dot == "avx_vnni"
+    assert CpuFeatures(avx_vnni=True).path == "baseline"  # AVX-VNNI without AVX2 is nothing these kernels use
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
@@ -60,7 +68,9 @@ def test_what_is_detected_is_what_the_kernel_reports():
     assert best.avx2 == ("avx2" in flags)
     assert best.avx512_bf16 == ("avx512_bf16" in flags)
     assert best.avx512_vnni == ("avx512_vnni" in flags)
-    assert best.int8_dot == ("avx512_vnni" if best.avx512 and "avx512_vnni" in flags else "avx2")
+    assert best.avx_vnni == ("avx_vnni" in flags)
+    assert best.int8_dot == ("avx512_vnni" if best.avx512 and "avx512_vnni" in flags else
+                             "avx_vnni" if not best.avx512 and {"avx2", "avx_vnni"} <= flags else "avx2")
     # AMX also needs the kernel's permission for its tile state, which a CPU listing the flags may lack
     assert not best.amx_bf16 or {"amx_bf16", "amx_tile"} <= flags
     assert best.native_matmul(torch.bfloat16) == (("avx512_bf16" in flags) or best.amx_bf16)
@@ -103,7 +113,7 @@ def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
             cpu_features()
 
 
-@pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx512", "avx512_bf16", "amx")])
+@pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx_vnni", "avx512", "avx512_bf16", "amx")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("rows", [3, 40])  # a decode step's few rows (C++ kernels), a prefill's many (GEMM)
 def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows):

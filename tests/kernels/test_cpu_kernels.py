@@ -57,13 +57,16 @@ def test_rows_product_equals_pytorch(dtype, rows, n, k):
 
 
 VNNI = CAPABLE and detected().int8_dot == "avx512_vnni"
+AVX_VNNI = CAPABLE and detected().avx2 and detected().avx_vnni  # the AVX-VNNI GEMMs (the compiler's part: below)
 
 
 def integer_paths():
     """The integer products (int8 of few rows, the GEMMs) this machine runs, as (RWKV_CPU_ISA cap, the int8
-    product it picks): the AVX2 ones on any CPU the kernels build for, the VNNI ones where the CPU has AVX512-VNNI."""
+    product it picks): the AVX2 ones on any CPU the kernels build for, the AVX-VNNI GEMMs where the CPU has
+    AVX-VNNI, the VNNI ones where it has AVX512-VNNI."""
     return [pytest.param(path, product, marks=pytest.mark.skipif(not runs, reason=f"needs {product}, a C++ compiler"))
-            for path, product, runs in (("avx2", "avx2", CAPABLE), ("avx512", "avx512_vnni", VNNI))]
+            for path, product, runs in (("avx2", "avx2", CAPABLE), ("avx_vnni", "avx_vnni", AVX_VNNI),
+                                        ("avx512", "avx512_vnni", VNNI))]
 
 
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +167,7 @@ def int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("path,product", integer_paths())
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 37])  # one tile of each height (AVX2 2, VNNI 6), several, rests
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 37])  # each tile height (AVX2 2, AVX-VNNI 3, VNNI 6), rests
 @pytest.mark.parametrize("n,k", [(32, 32), (64, 224), (96, 768), (160, 2688)])
 def test_the_int8_gemm_equals_its_integer_oracle(int8_dot, path, product, rows, n, k):
     """Against float64: exactly the integer products of the rounded blocks (up to fp32 sums), and within the
@@ -254,13 +257,17 @@ def test_the_avx2_int8_product_gives_the_vnni_products_bits(int8_dot, rows, n, k
     assert torch.equal(results["avx2"], results["avx512"])
 
 
-@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI and a C++ compiler")
-@pytest.mark.parametrize("rows", [1, 2, 7, 40])
+GEMM_PATHS = ["avx2"] + (["avx_vnni"] if AVX_VNNI else []) + (["avx512"] if VNNI else [])
+
+
+@pytest.mark.skipif(len(GEMM_PATHS) < 2, reason="needs AVX-VNNI or AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 40])  # every tile height of each path, and rests
 @pytest.mark.parametrize("n,k,group", [(32, 64, 64), (96, 768, 128), (64, 2688, 384)])
-def test_the_avx2_gemms_give_the_vnni_gemms_bits(int8_dot, rows, n, k, group):
-    """The AVX2 GEMMs (int16 products for int8 weights, byte products for int4) build the same integer block sums
-    as the VNNI ones and apply the same fp32 steps in the same order: the same bits, whatever the values' signs
-    (the weights at both ends of their range, blocks of zeros and outliers)."""
+def test_every_gemm_path_gives_the_same_bits(int8_dot, rows, n, k, group):
+    """The AVX2 GEMMs (int16 products for int8 weights, byte products for int4) and the AVX-VNNI ones (256-bit
+    byte dot products; the int8 activations offset by 128, the int4 weights the unsigned operand) build the same
+    integer block sums as the VNNI ones and apply the same fp32 steps in the same order: the same bits, whatever
+    the values' signs (the weights at both ends of their range, blocks of zeros and outliers)."""
     from rwkv_chat.kernels import quant
     gen = torch.Generator().manual_seed(rows * 1000 + k)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
@@ -272,11 +279,12 @@ def test_the_avx2_gemms_give_the_vnni_gemms_bits(int8_dot, rows, n, k, group):
     packed, groups = quant.quantize_int4(torch.randn(n, k, generator=gen), group)
     module = cpu_kernels.kernels()
     results = {}
-    for path in ("avx512", "avx2"):
-        int8_dot(path)
+    for path in GEMM_PATHS:
+        assert int8_dot(path) == {"avx512": "avx512_vnni"}.get(path, path)
         results[path] = (module.int8_gemm(x, weight, scale), module.int4_gemm(x, packed, groups))
-    assert torch.equal(results["avx2"][0], results["avx512"][0])
-    assert torch.equal(results["avx2"][1], results["avx512"][1])
+    for path in GEMM_PATHS[1:]:
+        assert torch.equal(results[path][0], results["avx2"][0])
+        assert torch.equal(results[path][1], results["avx2"][1])
 
 
 @pytest.mark.parametrize("path,product", integer_paths())
@@ -311,6 +319,33 @@ def test_the_int8_product_follows_the_instruction_set_cap(int8_dot):
     assert int8_dot("avx2") == "avx2" and cpu_kernels.kernels().int8_product() == 0
     assert int8_dot(detected().path) == detected().int8_dot
     assert cpu_kernels.kernels().int8_product() == cpu_kernels.INT8_PRODUCTS[detected().int8_dot]
+
+
+@needs_kernels
+def test_the_avx_vnni_gemms_run_only_where_the_cpu_and_the_build_have_them(int8_dot, monkeypatch):
+    """The extension runs its AVX-VNNI tiles where Linux lists the CPU flag (the oracle) and refuses them, by
+    name, elsewhere; where the CPU would pick them but the build cannot run them (a compiler without AVX-VNNI's
+    intrinsics), configure() takes the AVX2 products, whose GEMMs give the same bits, and the prefill's products
+    still take a GEMM."""
+    from rwkv_chat.kernels import cpu_features as features_module
+    module = cpu_kernels.kernels()
+    assert module.avx_vnni_runs() == AVX_VNNI
+    with pytest.raises(RuntimeError, match="int8 product 0 \\(avx2\\), 1 \\(vnni\\) or 2 \\(avx_vnni\\)"):
+        module.set_int8_product(3)
+    if not AVX_VNNI:
+        with pytest.raises(RuntimeError, match="AVX-VNNI needs a CPU and a compiler with it"):
+            module.set_int8_product(2)
+    client = features_module.CpuFeatures(avx2=True, avx_vnni=True)
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: client)
+    without = SimpleNamespace(avx_vnni_runs=lambda: False, set_int8_product=module.set_int8_product,
+                              set_prefetch_bytes=module.set_prefetch_bytes)
+    monkeypatch.setitem(cpu_kernels._built, "module", without)
+    try:
+        assert cpu_kernels.configure() == "avx2" and module.int8_product() == 0
+        monkeypatch.setattr(without, "int8_product", module.int8_product, raising=False)
+        assert cpu_kernels.runs_gemm(torch.zeros(64, 96, dtype=torch.int8))
+    finally:
+        monkeypatch.undo()  # the real build and features back before int8_dot configures them again
 
 
 @needs_kernels

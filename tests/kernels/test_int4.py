@@ -1,7 +1,7 @@
 """The int4 weight format (kernels/quant.py's quantize_int4) and its CPU products: the packing against a layout
 built by hand, the rounding bound of the quantisation, the C++ products of few rows on every instruction-set path
-this CPU runs (AVX2; AVX512-VNNI where it has it) against the float64 product of the dequantised weights, the
-products of many rows (bf16 or fp32 GEMMs by what the CPU has, the weights widened in the C++ kernels), and
+this CPU runs (AVX2; AVX-VNNI and AVX512-VNNI where it has them) against the float64 product of the dequantised
+weights, the products of many rows (the integer GEMMs, or bf16 or fp32 GEMMs on weights the C++ kernels widen), and
 what the loader makes of dtype "int4"."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from rwkv_chat.models.layers import Projection
 
 CAPABLE = torch.backends.cpu.get_cpu_capability() in cpu_kernels.CAPABLE and shutil.which("c++") is not None
 needs_kernels = pytest.mark.skipif(not CAPABLE, reason="needs an AVX2 CPU and a C++ compiler")
-PATHS = ["avx2"] + (["avx512"] if CAPABLE and detected().int8_dot == "avx512_vnni" else [])
+PATHS = ["avx2"] + (["avx_vnni"] if CAPABLE and detected().avx2 and detected().avx_vnni else []) + \
+    (["avx512"] if CAPABLE and detected().int8_dot == "avx512_vnni" else [])
 
 
 def random_int4(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +99,7 @@ def test_the_int4_product_equals_the_dequantised_product_in_float64(int8_dot, pa
 
 @needs_kernels
 def test_the_avx2_and_vnni_int4_products_agree_to_fp32_sums(int8_dot):
-    if len(PATHS) < 2:
+    if "avx512" not in PATHS:
         pytest.skip("needs AVX512-VNNI")
     packed, groups = random_int4(300, 2048, 64, seed=5)
     x = torch.randn(3, 2048)
@@ -135,7 +136,7 @@ def test_the_kernels_widen_int4_as_the_dequantisation_does(dtype):
 
 
 @pytest.mark.skipif(not CAPABLE, reason="needs an AVX2 CPU and a C++ compiler")
-@pytest.mark.parametrize("path", PATHS)  # the AVX2 GEMM everywhere, the VNNI one where the CPU has it
+@pytest.mark.parametrize("path", PATHS)  # the AVX2 GEMM everywhere, AVX-VNNI's and VNNI's where the CPU has them
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 37])
 @pytest.mark.parametrize("n,k,group", [(32, 64, 64), (64, 768, 64), (96, 1024, 256), (32, 192, 192),
                                          (64, 1088, 64)])  # 17 groups: the panel's groups 16 at a time and one after
@@ -144,7 +145,7 @@ def test_the_int4_gemm_equals_the_dequantised_product_in_float64(int8_dot, path,
     scales' and the mins' terms alike), up to fp32 sums; so within step / 2 an activation of the exact product;
     each row's bits the same alone; and the activations rounded as a decode step's product rounds them (its
     blocks of 64): the two agree up to fp32 sums."""
-    assert int8_dot(path) == ("avx512_vnni" if path == "avx512" else "avx2")
+    assert int8_dot(path) == {"avx512": "avx512_vnni"}.get(path, path)
     packed, groups = random_int4(n, k, group, seed=rows * 100 + n)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 10

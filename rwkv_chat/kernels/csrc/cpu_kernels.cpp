@@ -1,6 +1,6 @@
 // AVX2 kernels for RWKV on CPUs: decode steps and the prefill's wkv (built by rwkv_chat/kernels/cpu_kernels.py on first use).
-// The integer products (int8, int4) have AVX512-VNNI variants, compiled for that instruction set alone and run
-// only where Python picked them (set_int8_product).
+// The integer products (int8, int4) have AVX512-VNNI variants, and the GEMMs AVX-VNNI ones too, each compiled for
+// its instruction set alone and run only where Python picked them (set_int8_product).
 //
 // What this file promises:
 // - rows_product(x, w, scale): out[M, N] = x[M, K] · Wᵀ for few rows, fp32 activations and fp32 accumulation;
@@ -21,7 +21,8 @@
 // - int8_gemm(x, w, scale) / int4_gemm(x, w, groups): the same product for many rows (a prefill) with int8 / int4
 //   weights: the activations rounded to int8 a step per 32 columns (int8 weights) or 64 (int4 ones: the int4
 //   decode products' blocks) and integer sums (the comments above kGemmBlock and kActBlock), on AVX512-VNNI under
-//   set_int8_product(1), else in AVX2 with the same bits (quantize_row_s8). x fp32, or bf16 widened as it is read.
+//   set_int8_product(1), on AVX-VNNI under set_int8_product(2), else in AVX2, all with the same bits
+//   (quantize_row_s8, gemm_tile_avxvnni). x fp32, or bf16 widened as it is read.
 // - DecodeStack(layers, version, n_att).step(...): every layer of one decode step for B sequences in one call,
 //   each layer by its version's layer step, which writes the layer's output over its input:
 //   layer45: one token of one RWKV-4 or RWKV-5 layer, the same arithmetic as runtime/fast_path.py's
@@ -247,10 +248,11 @@ void rows_range(const float* x, const typename W::T* w, const float* scale, floa
   }
 }
 
-// Which integer products run (int8_rows_avx2 or int8_rows_vnni, int4_rows's AVX2 or VNNI dot, the GEMMs' AVX2 or
-// VNNI tiles): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA), read by every
-// product.
-enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1 };
+// Which integer products run (int8_rows_avx2 or int8_rows_vnni, int4_rows's AVX2 or VNNI dot, the GEMMs' AVX2,
+// AVX-VNNI or VNNI tiles): set once from Python (cpu_kernels.configure, from what the CPU has and RWKV_CPU_ISA),
+// read by every product. kInt8AvxVnni (AVX2 CPUs with AVX-VNNI's 256-bit dot products, e.g. Intel's Alder Lake and
+// later client CPUs): the GEMMs on the AVX-VNNI tiles, the products of few rows on the AVX2 ones.
+enum Int8Product : int { kInt8Avx2 = 0, kInt8Vnni = 1, kInt8AvxVnni = 2 };
 std::atomic<int> g_int8_product{kInt8Avx2};
 
 // The AVX512-VNNI int8 product. Each row of x is first quantised to int16 with one fp32 step per row,
@@ -1172,6 +1174,53 @@ void pack_panel_avx2(const int8_t* w, int64_t K, int8_t* packed) {
   }
 }
 
+// The fp32 side of the 8-lane GEMM tiles (gemm_tile_avx2, gemm_tile_avxvnni): gemm_tile's steps in the same order.
+// Each block's int32 sums times the row's step are added into `part` (int4: a group's) or `total` (int8); an int4
+// group's part meets the weights' scale and min at the group's end; the int8 row scales multiply at the end.
+template <int MT, bool INT4>
+struct TileSums8 {
+  static constexpr int V = kPanelRows / 8;
+  __m256 total[MT][V], part[MT][V];
+  TileSums8() {
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < V; ++v) total[t][v] = _mm256_setzero_ps();
+  }
+  __attribute__((always_inline)) void start_group() {
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < V; ++v) part[t][v] = _mm256_setzero_ps();
+  }
+  __attribute__((always_inline)) void add_block(const __m256i (&acc)[MT][V], const GemmRows& x, int64_t blocks,
+                                                int64_t b) {
+    for (int t = 0; t < MT; ++t) {
+      const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]);
+      for (int v = 0; v < V; ++v) {
+        if constexpr (INT4)
+          part[t][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), s, part[t][v]);
+        else
+          total[t][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), s, total[t][v]);
+      }
+    }
+  }
+  __attribute__((always_inline)) void end_group(const GemmRows& x, const GemmPanel& p, int64_t groups, int64_t g) {
+    if constexpr (INT4)
+      for (int t = 0; t < MT; ++t) {
+        const __m256 sum = _mm256_set1_ps(x.group_sums[t * groups + g]);
+        for (int v = 0; v < V; ++v) {
+          const __m256 scale = _mm256_loadu_ps(p.group_scales + g * kPanelRows + 8 * v);
+          const __m256 min = _mm256_loadu_ps(p.group_mins + g * kPanelRows + 8 * v);
+          total[t][v] = _mm256_fmadd_ps(min, sum, _mm256_fmadd_ps(part[t][v], scale, total[t][v]));
+        }
+      }
+  }
+  __attribute__((always_inline)) void store(const GemmPanel& p, float* out, int64_t N) const {
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < V; ++v) {
+        const __m256 result = INT4 ? total[t][v] : _mm256_mul_ps(total[t][v], _mm256_loadu_ps(p.scale + 8 * v));
+        _mm256_storeu_ps(out + t * N + 8 * v, result);
+      }
+  }
+};
+
 // MT rows of x (quantize_row_s8's: int16 for int8 weights, int8 for int4) against one packed panel -> out[t, 0 ..
 // kPanelRows): gemm_tile's arithmetic (the same block sums, the same fp32 steps in the same order) in 8-lane vectors.
 // (Cutting K into chunks whose panel part stays in L1 across the tiles measured the same on a Zen 4.)
@@ -1185,13 +1234,9 @@ void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N
   const int64_t blocks = x.K / B;
   const int64_t span = INT4 ? (GB > 0 ? GB : p.group_blocks) : blocks;  // as in gemm_tile
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 total[MT][V];
-  for (int t = 0; t < MT; ++t)
-    for (int v = 0; v < V; ++v) total[t][v] = _mm256_setzero_ps();
+  TileSums8<MT, INT4> sums;
   for (int64_t first = 0, g = 0; first < blocks; first += span, ++g) {
-    __m256 part[MT][V];  // int4: the group's Σ_b sum_b · step_b
-    for (int t = 0; t < MT; ++t)
-      for (int v = 0; v < V; ++v) part[t][v] = _mm256_setzero_ps();
+    sums.start_group();
     for (int64_t b = first; b < first + span; ++b) {
       __m256i acc[MT][V];  // the block's int32 sums
       const int8_t* panel = p.packed + b * B * 4 / L * kPanelRows;
@@ -1225,35 +1270,15 @@ void gemm_tile_avx2(const GemmRows& x, const GemmPanel& p, float* out, int64_t N
         }
         for (int t = 0; t < MT; ++t)
           for (int v = 0; v < V; ++v) {
-            const __m256i sums = INT4 ? _mm256_madd_epi16(run[t][v], ones) : run[t][v];  // int4: pairs into int32
-            acc[t][v] = half == 0 ? sums : _mm256_add_epi32(acc[t][v], sums);
+            const __m256i pairs = INT4 ? _mm256_madd_epi16(run[t][v], ones) : run[t][v];  // int4: into int32
+            acc[t][v] = half == 0 ? pairs : _mm256_add_epi32(acc[t][v], pairs);
           }
       }
-      for (int t = 0; t < MT; ++t) {
-        const __m256 s = _mm256_set1_ps(x.step[t * blocks + b]);
-        for (int v = 0; v < V; ++v) {
-          if constexpr (INT4)
-            part[t][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), s, part[t][v]);
-          else
-            total[t][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), s, total[t][v]);
-        }
-      }
+      sums.add_block(acc, x, blocks, b);
     }
-    if constexpr (INT4)
-      for (int t = 0; t < MT; ++t) {
-        const __m256 sum = _mm256_set1_ps(x.group_sums[t * (blocks / span) + g]);
-        for (int v = 0; v < V; ++v) {
-          const __m256 scale = _mm256_loadu_ps(p.group_scales + g * kPanelRows + 8 * v);
-          const __m256 min = _mm256_loadu_ps(p.group_mins + g * kPanelRows + 8 * v);
-          total[t][v] = _mm256_fmadd_ps(min, sum, _mm256_fmadd_ps(part[t][v], scale, total[t][v]));
-        }
-      }
+    sums.end_group(x, p, blocks / span, g);
   }
-  for (int t = 0; t < MT; ++t)
-    for (int v = 0; v < V; ++v) {
-      const __m256 result = INT4 ? total[t][v] : _mm256_mul_ps(total[t][v], _mm256_loadu_ps(p.scale + 8 * v));
-      _mm256_storeu_ps(out + t * N + 8 * v, result);
-    }
+  sums.store(p, out, N);
 }
 
 constexpr int kTileRowsAvx2 = 2;  // 3 and 4 rows spill accumulators and measured slower on a Zen 4
@@ -1261,6 +1286,89 @@ template <bool INT4>
 constexpr GemmTile kGemmTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, INT4>, gemm_tile_avx2<2, INT4>};
 constexpr GemmTile kGemmTilesAvx2Group1[kTileRowsAvx2 + 1] = {nullptr, gemm_tile_avx2<1, true, 1>,
                                                               gemm_tile_avx2<2, true, 1>};
+
+// The same GEMM on AVX-VNNI (256-bit vpdpbusd: AVX2 CPUs that have it, where Python picked kInt8AvxVnni): the VNNI
+// tiles' integers and fp32 steps in 8-lane vectors, on pack_panel_avx2<false>'s panels (the VNNI tiles' layout: 4
+// columns of a row a 32-bit lane). The activations are quantize_row_s8's int8 ones. int8 weights: run_gemm offsets
+// them by 128 (each byte's sign bit flipped: q + 128 as an unsigned byte, quantize_row_u8's bytes) to meet the signed
+// weights, each block's sums starting from the panel's -128 · Σ w (pack_neg_avxvnni), as on the VNNI tiles; int4
+// weights (0..15) are the unsigned operand and the activations the signed one, so nothing to undo. One instruction
+// a lane's 4 products, where the AVX2 tiles take two a pair (int8) or about one and a quarter a quad (int4); the
+// integers are the same, so are the results' bits.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define RWKV_AVX_VNNI 1
+#define RWKV_AVX_VNNI_TARGET __attribute__((target("avx2,fma,avxvnni")))
+// a[lane] + the 4 products of u's unsigned bytes by s's signed ones in each 32-bit lane
+RWKV_AVX_VNNI_TARGET inline __m256i dot_bytes(__m256i a, __m256i u, __m256i s) {
+  return _mm256_dpbusd_avx_epi32(a, u, s);
+}
+#else  // a compiler without AVX-VNNI's intrinsics (GCC 10, clang 11): the AVX-VNNI tiles are compiled, never run
+#define RWKV_AVX_VNNI 0
+#define RWKV_AVX_VNNI_TARGET
+inline __m256i dot_bytes(__m256i, __m256i, __m256i) { __builtin_trap(); }  // set_int8_product(2) is refused
+#endif
+
+template <int MT, bool INT4, int GB = 0>
+RWKV_AVX_VNNI_TARGET
+void gemm_tile_avxvnni(const GemmRows& x, const GemmPanel& p, float* out, int64_t N) {
+  constexpr int V = kPanelRows / 8;
+  constexpr int64_t B = kActBlock<INT4>;
+  const int64_t blocks = x.K / B;
+  const int64_t span = INT4 ? (GB > 0 ? GB : p.group_blocks) : blocks;  // as in gemm_tile
+  TileSums8<MT, INT4> sums;
+  for (int64_t first = 0, g = 0; first < blocks; first += span, ++g) {
+    sums.start_group();
+    for (int64_t b = first; b < first + span; ++b) {
+      __m256i acc[MT][V];  // the block's int32 sums
+      for (int v = 0; v < V; ++v) {
+        const __m256i* neg = reinterpret_cast<const __m256i*>(p.neg + b * kPanelRows + 8 * v);
+        const __m256i start = INT4 ? _mm256_setzero_si256() : _mm256_loadu_si256(neg);
+        for (int t = 0; t < MT; ++t) acc[t][v] = start;
+      }
+      const int8_t* panel = p.packed + b * B * kPanelRows;
+#pragma GCC unroll 16
+      for (int64_t q = 0; q < B / 4; ++q) {
+        __m256i a[MT];  // the row's 4 activations of these columns, in every lane
+        for (int t = 0; t < MT; ++t) {
+          int32_t four;
+          std::memcpy(&four, x.xq + t * x.K + b * B + q * 4, 4);
+          a[t] = _mm256_set1_epi32(four);
+        }
+        for (int v = 0; v < V; ++v) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 4 * kPanelRows + 32 * v));
+          for (int t = 0; t < MT; ++t)  // int4: the weights are the unsigned bytes; int8: the activations
+            acc[t][v] = INT4 ? dot_bytes(acc[t][v], w, a[t]) : dot_bytes(acc[t][v], a[t], w);
+        }
+      }
+      sums.add_block(acc, x, blocks, b);
+    }
+    sums.end_group(x, p, blocks / span, g);
+  }
+  sums.store(p, out, N);
+}
+
+// neg [K/kGemmBlock][kPanelRows] = -128 · Σ of each row's int8 weights over each block, from a panel that
+// pack_panel_avx2<false> packed (vpdpbusd of all-ones bytes sums a lane's 4 weights, as pack_panel_rows does).
+RWKV_AVX_VNNI_TARGET
+void pack_neg_avxvnni(const int8_t* packed, int64_t K, int32_t* neg) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  constexpr int64_t quad = 4 * kPanelRows;  // a panel's bytes for 4 columns
+  for (int64_t b = 0; b < K / kGemmBlock; ++b)
+    for (int64_t v = 0; v < kPanelRows / 8; ++v) {
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t q = b * kGemmBlock / 4; q < (b + 1) * kGemmBlock / 4; ++q)
+        sum = dot_bytes(sum, ones, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + q * quad + 32 * v)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(neg + b * kPanelRows + 8 * v),
+                          _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
+    }
+}
+
+constexpr int kTileRowsAvxVnni = 3;  // 12 int32 accumulators, 3 activation vectors and a weight vector
+template <bool INT4>
+constexpr GemmTile kGemmTilesAvxVnni[kTileRowsAvxVnni + 1] = {nullptr, gemm_tile_avxvnni<1, INT4>,
+                                                              gemm_tile_avxvnni<2, INT4>, gemm_tile_avxvnni<3, INT4>};
+constexpr GemmTile kGemmTilesAvxVnniGroup1[kTileRowsAvxVnni + 1] = {
+    nullptr, gemm_tile_avxvnni<1, true, 1>, gemm_tile_avxvnni<2, true, 1>, gemm_tile_avxvnni<3, true, 1>};
 
 // The rows a GEMM reads: fp32 as they are, or bf16 (a prefill's token-shift mixes, rounded to bf16 for the bf16
 // products beside the GEMM) widened a row at a time, exactly (a bf16 number is the top half of an fp32 one), so
@@ -1286,14 +1394,17 @@ struct GemmInput {
 };
 
 // x [M, K] against every panel of an [N, K] weight: prepare(n0, panel) packs the panel of rows n0 .. n0 + 31 (into
-// buffers it owns, one set a thread; pack_panel for the VNNI tiles, pack_panel_avx2 for the AVX2 ones) and fills
-// `panel`. The rows of x are quantised once, panels split over PyTorch's intra-op threads. VNNI picks the tiles.
+// buffers it owns, one set a thread; pack_panel for the VNNI tiles, pack_panel_avx2 for the AVX2 and AVX-VNNI ones)
+// and fills `panel`. The rows of x are quantised once, panels split over PyTorch's intra-op threads. P (an
+// Int8Product) picks the tiles and the activations' form: uint8 for the VNNI tiles, int8 for the AVX-VNNI ones and
+// the AVX2 int4 ones, int16 for the AVX2 int8 ones.
 // INT4: group_blocks blocks a group of the weights' (scale, min); each row's group sums of step · Σ q are formed here.
-template <bool INT4, bool VNNI, typename Prepare>
+template <bool INT4, int P, typename Prepare>
 void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* out, Prepare prepare,
               int64_t group_blocks = 1) {
-  constexpr int64_t tile_rows = VNNI ? kTileRows : kTileRowsAvx2;
-  constexpr int64_t width = VNNI || INT4 ? 1 : 2;  // bytes an activation: int16 for the AVX2 int8 tiles
+  constexpr bool VNNI = P == kInt8Vnni, AVX2 = P == kInt8Avx2;
+  constexpr int64_t tile_rows = VNNI ? kTileRows : AVX2 ? kTileRowsAvx2 : kTileRowsAvxVnni;
+  constexpr int64_t width = AVX2 && !INT4 ? 2 : 1;  // bytes an activation: int16 for the AVX2 int8 tiles
   constexpr int64_t B = kActBlock<INT4>;
   const int64_t blocks = K / B, groups = blocks / group_blocks;
   std::vector<uint8_t> xq(M * K * width);
@@ -1305,9 +1416,11 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
       float* row_sums = INT4 ? sums.data() + m * blocks : nullptr;
       if constexpr (VNNI)
         quantize_row_u8<B>(x, K, xq.data() + m * K, step.data() + m * blocks, row_sums);
-      else if constexpr (INT4)
+      else if constexpr (width == 1) {
         quantize_row_s8<B>(x, K, reinterpret_cast<int8_t*>(xq.data() + m * K), step.data() + m * blocks, row_sums);
-      else
+        if constexpr (P == kInt8AvxVnni && !INT4)  // q + 128 as unsigned bytes, the AVX-VNNI int8 tiles' operand
+          for (int64_t k = 0; k < K; ++k) xq[m * K + k] ^= 0x80;
+      } else
         quantize_row_s8<B>(x, K, reinterpret_cast<int16_t*>(xq.data() + m * K * width), step.data() + m * blocks,
                            row_sums);
       if constexpr (INT4)
@@ -1318,6 +1431,10 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
         }
     }
   });
+  const bool group1 = INT4 && group_blocks == 1;
+  const GemmTile* tiles = VNNI ? (group1 ? kGemmTilesGroup1 : kGemmTiles<INT4>)
+                          : AVX2 ? (group1 ? kGemmTilesAvx2Group1 : kGemmTilesAvx2<INT4>)
+                                 : (group1 ? kGemmTilesAvxVnniGroup1 : kGemmTilesAvxVnni<INT4>);
   at::parallel_for(0, N / kPanelRows, 1, [&](int64_t first, int64_t last) {
     GemmPanel panel{};
     auto buffers = prepare.buffers();
@@ -1328,9 +1445,6 @@ void run_gemm(const GemmInput& input, int64_t M, int64_t K, int64_t N, float* ou
         const int64_t rows = std::min<int64_t>(tile_rows, M - m);
         const GemmRows tile{xq.data() + m * K * width, step.data() + m * blocks,
                             INT4 ? group_sums.data() + m * groups : nullptr, K};
-        const GemmTile* tiles = INT4 && group_blocks == 1 ? (VNNI ? kGemmTilesGroup1 : kGemmTilesAvx2Group1)
-                                : VNNI                     ? kGemmTiles<INT4>
-                                                           : kGemmTilesAvx2<INT4>;
         tiles[rows](tile, panel, out + m * N + n0, N);
       }
     }
@@ -2834,8 +2948,8 @@ GemmInput gemm_input(const torch::Tensor& x) {
 }
 
 // The int8 GEMM above, for a prefill's many rows: x fp32 or bf16 [M, K] (GemmInput), w int8 [N, K] with its fp32
-// scale per row; K and N multiples of 32; on the VNNI tiles under set_int8_product(1), else on the AVX2 ones (the
-// same bits). Panels of W are split over PyTorch's intra-op threads.
+// scale per row; K and N multiples of 32; on the VNNI tiles under set_int8_product(1), the AVX-VNNI ones under
+// set_int8_product(2), else on the AVX2 ones (the same bits). Panels of W are split over PyTorch's intra-op threads.
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   torch::Tensor out = gemm_output(x, w, scale, torch::kInt8, "cpu_kernels.int8_gemm");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -2844,23 +2958,29 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
     const int8_t* w;
     const float* scale;
     int64_t K;
-    bool vnni;
+    int path;
     std::pair<std::vector<int8_t>, std::vector<int32_t>> buffers() const {
       return {std::vector<int8_t>(kPanelBytesAvx2 * K), std::vector<int32_t>(kPanelRows * (K / kGemmBlock))};
     }
     void operator()(int64_t n0, std::pair<std::vector<int8_t>, std::vector<int32_t>>& b, GemmPanel& panel) const {
-      if (vnni)
+      if (path == kInt8Vnni) {
         pack_panel(w + n0 * K, K, b.first.data(), b.second.data());
-      else
+      } else if (path == kInt8AvxVnni) {
+        pack_panel_avx2<false>(w + n0 * K, K, b.first.data());
+        pack_neg_avxvnni(b.first.data(), K, b.second.data());
+      } else {
         pack_panel_avx2<true>(w + n0 * K, K, b.first.data());
+      }
       panel = {b.first.data(), b.second.data(), scale + n0, nullptr, nullptr, 1};
     }
   };
-  const Prepare prepare{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K, g_int8_product.load() == kInt8Vnni};
-  if (prepare.vnni)
-    run_gemm<false, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
+  const Prepare prepare{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K, g_int8_product.load()};
+  if (prepare.path == kInt8Vnni)
+    run_gemm<false, kInt8Vnni>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
+  else if (prepare.path == kInt8AvxVnni)
+    run_gemm<false, kInt8AvxVnni>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
   else
-    run_gemm<false, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
+    run_gemm<false, kInt8Avx2>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare);
   return out;
 }
 
@@ -2886,14 +3006,14 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
     const uint8_t* w;
     const uint16_t* groups;
     int64_t K, n_groups;
-    bool vnni;
+    int path;
     Buffers buffers() const {
-      return {std::vector<int8_t>(vnni ? 0 : kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
+      return {std::vector<int8_t>(path == kInt8Vnni ? 0 : kPanelRows * K), std::vector<int8_t>(kPanelRows * K),
               std::vector<int32_t>(kPanelRows * (K / kInt4Block)), std::vector<float>(kPanelRows * n_groups),
               std::vector<float>(kPanelRows * n_groups)};
     }
     void operator()(int64_t n0, Buffers& b, GemmPanel& panel) const {
-      if (vnni) {
+      if (path == kInt8Vnni) {
         pack_panel_int4(w + n0 * (K / 2), K, b.packed.data(), b.neg.data());
         panel_groups(groups + n0 * 2 * n_groups, n_groups, b.scales.data(), b.mins.data());
       } else {
@@ -2919,11 +3039,14 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor groups) 
     }
   };
   const Prepare prepare{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(groups.data_ptr()), K, n_groups,
-                        g_int8_product.load() == kInt8Vnni};
-  if (prepare.vnni)
-    run_gemm<true, true>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kInt4Block);
+                        g_int8_product.load()};
+  const int64_t group_blocks = K / n_groups / kInt4Block;
+  if (prepare.path == kInt8Vnni)
+    run_gemm<true, kInt8Vnni>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, group_blocks);
+  else if (prepare.path == kInt8AvxVnni)
+    run_gemm<true, kInt8AvxVnni>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, group_blocks);
   else
-    run_gemm<true, false>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, K / n_groups / kInt4Block);
+    run_gemm<true, kInt8Avx2>(gemm_input(x), M, K, N, out.data_ptr<float>(), prepare, group_blocks);
   return out;
 }
 
@@ -2936,11 +3059,22 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
+// Whether the AVX-VNNI tiles can run here: compiled with the instructions (RWKV_AVX_VNNI) and the CPU has them.
+bool avx_vnni_runs() {
+#if RWKV_AVX_VNNI
+  return __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+
 // Which integer products run (0: AVX2, int8 through vpmaddwd and int4 through pmaddubsw; 1: AVX512-VNNI, int8
-// through vpdpwssd, int4 through vpdpbusd); the caller checks that the CPU has what it picks
-// (cpu_kernels.configure).
+// through vpdpwssd, int4 through vpdpbusd; 2: the GEMMs on AVX-VNNI's vpdpbusd, the rest as 0); the caller checks
+// that the CPU has what it picks (cpu_kernels.configure), and 2 is refused here on a CPU without AVX-VNNI.
 void set_int8_product(int64_t which) {
-  TORCH_CHECK(which == kInt8Avx2 || which == kInt8Vnni, "cpu_kernels: int8 product 0 (avx2) or 1 (vnni)");
+  TORCH_CHECK(which == kInt8Avx2 || which == kInt8Vnni || which == kInt8AvxVnni,
+              "cpu_kernels: int8 product 0 (avx2), 1 (vnni) or 2 (avx_vnni)");
+  TORCH_CHECK(which != kInt8AvxVnni || avx_vnni_runs(), "cpu_kernels: AVX-VNNI needs a CPU and a compiler with it");
   g_int8_product.store(static_cast<int>(which));
 }
 
@@ -2961,7 +3095,8 @@ int64_t prefetch_rows_below() { return g_prefetch_rows_below.load(); }
 bool prefetch_to_l2() { return g_prefetch_l2.load(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI");
+  m.def("avx_vnni_runs", &avx_vnni_runs, "whether set_int8_product(2) (the AVX-VNNI GEMMs) can run here");
+  m.def("set_int8_product", &set_int8_product, "which int8/int4 products run: 0 AVX2, 1 AVX512-VNNI, 2 AVX-VNNI GEMMs");
   m.def("int8_product", &int8_product, "which int8 product runs now");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, py::arg("bytes"), py::arg("rows_below") = 0,
         py::arg("to_l2") = false,

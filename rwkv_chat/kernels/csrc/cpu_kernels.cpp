@@ -42,6 +42,7 @@
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -1295,7 +1296,8 @@ constexpr GemmTile kGemmTilesAvx2Group1[kTileRowsAvx2 + 1] = {nullptr, gemm_tile
 // weights (0..15) are the unsigned operand and the activations the signed one, so nothing to undo. One instruction
 // a lane's 4 products, where the AVX2 tiles take two a pair (int8) or about one and a quarter a quad (int4); the
 // integers are the same, so are the results' bits.
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#if (defined(__clang__) && !defined(__apple_build_version__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define RWKV_AVX_VNNI 1
 #define RWKV_AVX_VNNI_TARGET __attribute__((target("avx2,fma,avxvnni")))
 // a[lane] + the 4 products of u's unsigned bytes by s's signed ones in each 32-bit lane
@@ -3059,10 +3061,12 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
-// Whether the AVX-VNNI tiles can run here: compiled with the instructions (RWKV_AVX_VNNI) and the CPU has them.
+// Whether the AVX-VNNI tiles can run here: compiled with the instructions (RWKV_AVX_VNNI) and the CPU has them
+// (CPUID leaf 7, subleaf 1: EAX bit 4; the OS's AVX state is the AVX2 this whole file needs).
 bool avx_vnni_runs() {
 #if RWKV_AVX_VNNI
-  return __builtin_cpu_supports("avxvnni");
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4)) != 0;
 #else
   return false;
 #endif

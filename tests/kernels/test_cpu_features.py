@@ -11,8 +11,8 @@ import torch
 
 from rwkv_chat.kernels import cpu_kernels, cpu_features as features_module, quant
 from rwkv_chat.kernels.cpu_features import (ISA_VARIABLE, MAX_PREFETCH, PATHS, PREFETCH_INTEL, PREFETCH_VARIABLE,
-                                            PREFETCH_ZEN4, PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, CpuFeatures,
-                                            cpu_features, detected)
+                                            PREFETCH_ZEN3, PREFETCH_ZEN4, PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW,
+                                            CpuFeatures, cpu_features, detected)
 
 RUNNABLE = [path for path in PATHS if detected().capped(path).path == path]  # its best path and those below it
 
@@ -78,10 +78,10 @@ def test_what_is_detected_is_what_the_kernel_reports():
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
 def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
-    """Intel CPUs prefetch every row into L1 by default, AMD's Zen 5 (family 26) and later rows under 2 KiB, Zen 4
-    (family 25 with AVX-512) every row into L2, older AMD CPUs none (the vendor, family and flags as Linux names
-    them are the oracle); the variable sets any distance in its bound for every row, keeps the CPU's level and the
-    instruction-set cap, and refuses the rest by name."""
+    """Intel CPUs prefetch every row into L2 by default, AMD's Zen 5 (family 26) and later rows under 2 KiB, Zen 4
+    (family 25 with AVX-512) and Zen 3 (without) every row into L2, older AMD CPUs none (the vendor, family and
+    flags as Linux names them are the oracle); the variable sets any distance in its bound for every row, keeps
+    the CPU's level and the instruction-set cap, and refuses the rest by name."""
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     vendor_ids = {line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")}
     families = {int(line.split(":", 1)[1]) for line in lines if line.startswith("cpu family")}
@@ -90,22 +90,24 @@ def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
     zen5 = vendor_ids == {"AuthenticAMD"} and min(families, default=0) >= 26
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags  # what PyTorch's AVX512 check asks for
     zen4 = vendor_ids == {"AuthenticAMD"} and families == {25} and avx512
+    zen3 = vendor_ids == {"AuthenticAMD"} and families == {25} and not avx512
     monkeypatch.delenv(PREFETCH_VARIABLE, raising=False)
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
-    expected = PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else PREFETCH_ZEN4 if zen4 else 0
+    expected = (PREFETCH_INTEL if intel else PREFETCH_ZEN5 if zen5 else PREFETCH_ZEN4 if zen4 else
+                PREFETCH_ZEN3 if zen3 else 0)
     assert cpu_features().prefetch_bytes == expected
     assert cpu_features().prefetch_rows_below == (PREFETCH_ZEN5_ROWS_BELOW if zen5 else 0)
-    assert cpu_features().prefetch_to_l2 == (zen4 or intel)
-    assert ("prefetched" in features_module.describe()) == (intel or zen5 or zen4)
-    assert ("into L2" in features_module.describe()) == (zen4 or intel)
+    assert cpu_features().prefetch_to_l2 == (zen4 or zen3 or intel)
+    assert ("prefetched" in features_module.describe()) == (intel or zen5 or zen4 or zen3)
+    assert ("into L2" in features_module.describe()) == (zen4 or zen3 or intel)
     monkeypatch.setenv(ISA_VARIABLE, "avx2")
-    assert cpu_features().prefetch_to_l2 == (zen4 or intel)  # the CPU's generation, not the path it is capped to
+    assert cpu_features().prefetch_to_l2 == (zen4 or zen3 or intel)  # the CPU's generation, not the capped path
     assert cpu_features().prefetch_bytes == (0 if zen4 else expected)  # the Zen 4's AVX2 products lost with it
     for value in ("0", "2048", f"{MAX_PREFETCH}"):
         monkeypatch.setenv(PREFETCH_VARIABLE, value)
         assert cpu_features().prefetch_bytes == int(value) and cpu_features().path == "avx2"
         assert cpu_features().prefetch_rows_below == 0
-        assert cpu_features().prefetch_to_l2 == (zen4 or intel)
+        assert cpu_features().prefetch_to_l2 == (zen4 or zen3 or intel)
     for bad in ("-64", f"{MAX_PREFETCH + 1}", "4k"):
         monkeypatch.setenv(PREFETCH_VARIABLE, bad)
         with pytest.raises(ValueError, match=f"{PREFETCH_VARIABLE} must be a whole number of bytes from 0 "
@@ -169,7 +171,8 @@ ZEN5_INFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\
 @pytest.mark.parametrize("info, avx512, vendor, family, prefetch", [
     (INTEL_INFO, True, "intel", 6, (PREFETCH_INTEL, 0, True)),
     (ZEN4_INFO, True, "amd", 25, (PREFETCH_ZEN4, 0, True)),
-    (ZEN4_INFO.replace(": 17", ": 33"), False, "amd", 25, (0, 0, False)),  # a Zen 3: the same family, no AVX-512
+    (ZEN4_INFO.replace(": 17", ": 33"), False, "amd", 25, (PREFETCH_ZEN3, 0, True)),  # Zen 3: no AVX-512
+    (ZEN4_INFO.replace(": 25", ": 23"), False, "amd", 23, (0, 0, False)),  # a Zen 2: not measured
     (ZEN5_INFO, True, "amd", 26, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
     (ZEN5_INFO.replace(": 26", ": 27"), True, "amd", 27, (PREFETCH_ZEN5, PREFETCH_ZEN5_ROWS_BELOW, False)),
     ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", True, "intel", 0, (PREFETCH_INTEL, 0, True)),  # Windows
@@ -189,7 +192,7 @@ def test_the_default_prefetch_by_maker_and_family(monkeypatch, info, avx512, ven
         assert (detected().vendor, detected().prefetch_bytes, detected().prefetch_rows_below,
                 detected().prefetch_to_l2) == (vendor, *prefetch)
         capped = detected().capped("avx2")  # only the Zen 4's prefetch into L2 stops below the avx512 path
-        assert capped.prefetch_bytes == (0 if vendor == "amd" and prefetch[2] else prefetch[0])
+        assert capped.prefetch_bytes == (0 if vendor == "amd" and prefetch[2] and avx512 else prefetch[0])
         assert detected().capped("avx512").prefetch_bytes == prefetch[0]
     finally:
         features_module.detected.cache_clear()

@@ -680,9 +680,15 @@ def without(module, names):
                               if not name.startswith("_") and name not in names})
 
 
-def assert_same_read(fused, fused_state, plain, plain_state):
-    """Two prefills of one prompt agree up to fp32 rounding, and not bit for bit (the kernels did run)."""
-    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
+def assert_same_read(fused, fused_state, plain, plain_state, int8=False):
+    """Two prefills of one prompt agree up to fp32 rounding, and not bit for bit (the kernels did run). int8: the
+    GEMMs round their activations to steps of max|x| / 127, so an fp32 rounding difference upstream can move an
+    activation by a whole step, and that token's output (and, through the shift and the state, later ones') by
+    that step's share: all but a few tokens agree up to fp32 rounding, the rest within 0.05 (a Zen 3: 3 tokens of
+    80, by 0.011 at most)."""
+    close = torch.isclose(fused, plain, rtol=1e-4, atol=1e-4).all(dim=-1)
+    assert float(close.float().mean()) >= (0.9 if int8 else 1.0)
+    assert float((fused - plain).abs().max()) <= 0.05
     assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
     assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
     assert not torch.equal(fused, plain)
@@ -710,7 +716,7 @@ def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoi
 def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_checkpoint, monkeypatch):
     """RWKV-6's prompt on CPUs: its GroupNorm with gate and its channel mix's gate from the C++ kernels once the
     process has built them, from PyTorch otherwise (the same scans either way): the same logits and state up to
-    fp32 rounding."""
+    fp32 rounding (int8: and a few tokens up to an activation's rounding step, assert_same_read)."""
     from rwkv_chat.models import rwkv6
     model = load_model(make_checkpoint("6", n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype=dtype, fast=False)
     ids = torch.tensor([random_tokens(40, seed=5), random_tokens(40, seed=6)])
@@ -721,7 +727,7 @@ def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_che
     monkeypatch.setattr(rwkv6, "cpu_kernels", SimpleNamespace(
         built_for=lambda tensor: hidden if tensor.device.type == "cpu" else None,
         scan_each_sequence=cpu_kernels.scan_each_sequence))
-    assert_same_read(fused, fused_state, *model._read(ids, start))
+    assert_same_read(fused, fused_state, *model._read(ids, start), int8=dtype == "int8")
 
 
 @needs_kernels

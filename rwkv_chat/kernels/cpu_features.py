@@ -40,10 +40,10 @@ What this module promises:
   process; docs/PERFORMANCE.md). Its AVX2 int8 product lost 11% with it, so a Zen 4 capped below the avx512 path
   (RWKV_CPU_ISA) prefetches nothing. Zen 3 (family 25 without AVX-512) gets PREFETCH_ZEN3 for every row into L2:
   measured there (2 cores, 2026-12-05, alternated in one process), int4 decode 15-27% faster at 0.1B and 35-47%
-  at 1.5B, int8 5-12% at 0.1B and within noise at 1.5B (-5% to +1% over three runs), bf16 within noise. Older
-  AMD CPUs (Zen 2 and before, not measured) get 0. RWKV_CPU_PREFETCH
-  (bytes, 0..MAX_PREFETCH) sets the distance for every row on any CPU (the CPU's level kept); other values raise
-  ValueError naming the variable and the bound.
+  at 1.5B, int8 5-12% at 0.1B and -5% to +1% at 1.5B (three runs), bf16 -11% to +14% (two runs a size: noise).
+  Older AMD CPUs (Zen 2 and before, not measured) get 0. RWKV_CPU_PREFETCH (bytes, 0..MAX_PREFETCH) sets the
+  distance for every row on any CPU (the CPU's level kept); other values raise ValueError naming the variable and
+  the bound.
 - `describe()` is the one line the app prints at start-up.
 
 It knows instruction sets, not models; the products that use it live in kernels/quant.py.

@@ -20,8 +20,8 @@ What this module promises:
   It returns its refusals instead of throwing them through the binding: they are raised here, as RuntimeError.
   The extension's `wkv4_scan` / `wkv5_scan` (RWKV-5/6) / `wkv7_scan` are the wkv of a prefill segment (the runners
   and the RWKV-6/7 modules call them; `built_for` hands them to the plain path once built, and
-  `scan_each_sequence` runs one over a batch). Its `shift_mixes_bf16` writes a prefill's token-shift mixes
-  (RWKV-6/7) in bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
+  `scan_each_sequence` runs one over a batch). Its `lora_shift_mixes` writes a prefill's token-shift mixes
+  (RWKV-6/7) in fp32 or bf16 in one pass (models/layers.py's `ShiftMixes`). The tests hold them to PyTorch and to the
   float64 recurrence.
 
 - A build lock that a stopped build left behind (torch's `lock` file in the extension's build directory, older
@@ -160,7 +160,7 @@ def tried() -> bool:
 def built_for(tensor: torch.Tensor):
     """The extension, for a CPU tensor once this process has built it (every fast or low-precision CPU load
     does); else None. The plain path's prefill asks it for its token-by-token scans (wkv5_scan, wkv7_scan) and
-    its bf16 token-shift mixes (shift_mixes_bf16), without ever starting a build itself."""
+    its RWKV-6/7 token-shift mixes (lora_shift_mixes), without ever starting a build itself."""
     return _built.get("module") if tensor.device.type == "cpu" else None
 
 

@@ -2,7 +2,7 @@
 
 Promises: `Projection` returns fp32 and computes in its weight's dtype (int8 weights through the kernels' int8
 product; it takes fp32 rows, or bf16 ones that a bf16 product reads as they are); `token_shift`/`mix` are the
-reference token-shift formulas and `ShiftMixes` RWKV-6/7's (the bf16 mixes of a CPU prefill in one C++ pass);
+reference token-shift formulas and `ShiftMixes` RWKV-6/7's (a CPU prefill's in one C++ pass);
 `ChannelMix` is the feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`);
 `layer_norm`/`group_norm` run in fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes'
 low-rank products (fp32 parameters) in bf16 where the projections beside them run in bf16 (a prefill: bf16 and
@@ -98,21 +98,21 @@ def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 class ShiftMixes:
     """RWKV-6/7's token-shift mixes of one input: `ShiftMixes(xx, prev, dtype)(mixes, lora)` is xx + (shifted -
-    xx) * (mixes[p] + lora[p]) -> [P, B, T, C] in `dtype`, computed in fp32 and rounded once (xx [B, T, C] fp32,
-    prev [B, C], mixes [P, C] fp32, lora [P, B, T, C] or None). bf16 mixes of CPU tensors come from the C++ kernels
-    in one pass once the process has built them (a prefill whose products run in bf16 converts its inputs anyway);
-    elsewhere PyTorch, with `shifted - xx` computed once for all the calls on the same input."""
+    xx) * (mixes[p] + lora[p]) -> [P, B, T, C] in `dtype` (fp32 or bf16), the product and sum fused in fp32 and
+    rounded once (xx [B, T, C] fp32, prev [B, C], mixes [P, C] fp32, lora [P, B, T, C] fp32 or bf16, or None).
+    CPU tensors take the C++ kernels' one pass once the process has built them (cpu_kernels.built_for); elsewhere
+    PyTorch's addcmul, with `shifted - xx` computed once for all the calls on the same input."""
 
     def __init__(self, xx: torch.Tensor, prev: torch.Tensor, dtype: torch.dtype = torch.float32):
         self.xx, self.prev, self.dtype = xx, prev, dtype
-        self.kernels = cpu_kernels.built_for(xx) if dtype == torch.bfloat16 else None
+        self.kernels = cpu_kernels.built_for(xx) if dtype in (torch.float32, torch.bfloat16) else None
         self._difference = None
 
     def __call__(self, mixes: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernels is not None:
-            lora = None if lora is None else lora.to(torch.bfloat16).contiguous()
-            return self.kernels.shift_mixes_bf16(self.xx.contiguous(), self.prev.float(),
-                                                 mixes.float().contiguous(), lora)
+            lora = None if lora is None else lora.contiguous()
+            return self.kernels.lora_shift_mixes(self.xx.float().contiguous(), self.prev.float(),
+                                                 mixes.float().contiguous(), lora, self.dtype == torch.bfloat16)
         if self._difference is None:
             self._difference = token_shift(self.xx, self.prev) - self.xx
         weights = mixes.view(mixes.shape[0], 1, 1, -1).float()

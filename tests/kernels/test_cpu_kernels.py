@@ -552,25 +552,47 @@ def bf16_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
 
 
-@needs_kernels
-@pytest.mark.parametrize("batch,length,channels,parts,with_lora", [(1, 40, 768, 5, True), (2, 7, 100, 2, False),
-                                                                 (3, 1, 13, 6, True), (1, 20, 8, 1, False)])
-def test_shift_mixes_bf16_equal_pytorchs_fp32_mixes_rounded_to_bf16(batch, length, channels, parts, with_lora):
-    """xx + (shift - xx) * (mix + lora) in fp32, rounded once to bf16: PyTorch's addcmul and conversion give the
-    same bf16 values, up to one step where an FMA rounds the product and sum once (a compiler's choice); the
-    shift takes the state's token for each sequence's first position. Channel tails of 8 and sequences of 1."""
+def lora_shift_operands(batch, length, channels, parts, lora_dtype):
     gen = torch.Generator().manual_seed(channels)
     xx = torch.randn(batch, length, channels, generator=gen) * 3
     prev = torch.randn(batch, channels, generator=gen)
     mix = torch.rand(parts, channels, generator=gen)
-    lora = (torch.randn(parts, batch, length, channels, generator=gen) * 0.5).bfloat16() if with_lora else None
-    got = cpu_kernels.kernels().shift_mixes_bf16(xx, prev, mix, lora)
-    shifted = torch.cat([prev.unsqueeze(1), xx[:, :-1]], dim=1)
-    weights = mix.view(parts, 1, 1, channels) + (lora.float() if with_lora else 0)
-    want = torch.addcmul(xx, shifted - xx, weights).to(torch.bfloat16)
-    assert got.shape == want.shape and got.dtype == torch.bfloat16
-    steps = bf16_steps_apart(got, want)
-    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+    lora = None
+    if lora_dtype is not None:
+        lora = (torch.randn(parts, batch, length, channels, generator=gen) * 0.5).to(lora_dtype)
+    return xx, prev, mix, lora
+
+
+MIX_SHAPES = [(1, 40, 768, 5), (2, 7, 100, 2), (3, 1, 13, 6), (1, 20, 8, 1), (2, 300, 256, 5)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,length,channels,parts", MIX_SHAPES)
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16, None])
+def test_lora_shift_mixes_in_fp32_are_the_fused_fp32_steps(batch, length, channels, parts, lora_dtype):
+    """xx + (shift - xx) * (mix + lora) in fp32 with the product and sum rounded once, against an oracle in float64
+    (the fp32 shift and weight, their exact product plus xx, rounded once to fp32); the shift takes the state's
+    token at each sequence's first position. Channel tails of 8, sequences of 1, rows for several threads."""
+    xx, prev, mix, lora = lora_shift_operands(batch, length, channels, parts, lora_dtype)
+    got = cpu_kernels.kernels().lora_shift_mixes(xx, prev, mix, lora, False)
+    shift = torch.cat([prev.unsqueeze(1), xx[:, :-1]], dim=1) - xx
+    weights = mix.view(parts, 1, 1, channels) + (0 if lora is None else lora.float())
+    want = (xx.double() + shift.double() * weights.double()).float()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,length,channels,parts", MIX_SHAPES)
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16, None])
+def test_lora_shift_mixes_in_bf16_are_the_fp32_ones_rounded_to_nearest_even(batch, length, channels, parts,
+                                                                            lora_dtype):
+    """bf16 = True: the fp32 mixes rounded once to bf16, to nearest even, as PyTorch converts them."""
+    kernels = cpu_kernels.kernels()
+    xx, prev, mix, lora = lora_shift_operands(batch, length, channels, parts, lora_dtype)
+    got = kernels.lora_shift_mixes(xx, prev, mix, lora, True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, kernels.lora_shift_mixes(xx, prev, mix, lora, False).to(torch.bfloat16))
 
 
 @needs_kernels
@@ -752,17 +774,19 @@ def test_a_bf16_prefill_with_the_kernels_mixes_equals_pytorchs_mixes(version, ma
 
 
 @needs_kernels
-def test_shift_mixes_refuse_operands_of_the_wrong_shape_or_kind():
+def test_lora_shift_mixes_refuse_operands_of_the_wrong_shape_or_kind():
     kernels = cpu_kernels.kernels()
     xx, prev, mix = torch.zeros(1, 4, 8), torch.zeros(1, 8), torch.zeros(2, 8)
     with pytest.raises(RuntimeError, match="xx contiguous fp32"):
-        kernels.shift_mixes_bf16(xx.double(), prev, mix, None)
+        kernels.lora_shift_mixes(xx.double(), prev, mix, None, True)
     with pytest.raises(RuntimeError, match="prev fp32"):
-        kernels.shift_mixes_bf16(xx, torch.zeros(2, 8), mix, None)
+        kernels.lora_shift_mixes(xx, torch.zeros(2, 8), mix, None, False)
     with pytest.raises(RuntimeError, match="mix contiguous fp32"):
-        kernels.shift_mixes_bf16(xx, prev, torch.zeros(2, 7), None)
-    with pytest.raises(RuntimeError, match="lora contiguous bf16"):
-        kernels.shift_mixes_bf16(xx, prev, mix, torch.zeros(2, 1, 4, 8))
+        kernels.lora_shift_mixes(xx, prev, torch.zeros(2, 7), None, True)
+    with pytest.raises(RuntimeError, match="lora contiguous fp32 or bf16"):
+        kernels.lora_shift_mixes(xx, prev, mix, torch.zeros(2, 1, 4, 8, dtype=torch.float16), False)
+    with pytest.raises(RuntimeError, match="lora contiguous fp32 or bf16"):
+        kernels.lora_shift_mixes(xx, prev, mix, torch.zeros(2, 1, 4, 7), False)
 
 
 @needs_kernels

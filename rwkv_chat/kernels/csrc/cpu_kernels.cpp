@@ -36,7 +36,7 @@
 // - shift_mixes(xx, prev, mix): an RWKV-4/5 prefill's fp32 token-shift mixes, with PyTorch's bits, in one pass.
 // - sigmoid_gate(r, y, residual), relu_square_(x), group_norm_gate(y, heads, w, b, eps, gate): an RWKV-4/5/6
 //   prefill's gates, relu² and ln_x, fp32, each in one pass with the decode step's arithmetic (relu²: PyTorch's bits).
-// - shift_mixes_bf16(xx, prev, mix, lora): a prefill's token-shift mixes (RWKV-6/7) in bf16, in one pass.
+// - lora_shift_mixes(xx, prev, mix, lora, bf16): a prefill's token-shift mixes (RWKV-6/7), fp32 or bf16, in one pass.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
@@ -2873,70 +2873,80 @@ torch::Tensor group_norm_gate(torch::Tensor y, int64_t heads, torch::Tensor weig
   return out;
 }
 
-// The token-shift mixes of a prefill (RWKV-6/7), in bf16 for the products that read them: out[p, b, t, c] =
-// bf16(xx + (s - xx) * (mix[p, c] + lora[p, b, t, c])), s the token before (prev[b] for t = 0), lora bf16 or
-// absent (0). fp32 arithmetic, one rounding at the end (to nearest even): what PyTorch's addcmul in fp32 and a
-// conversion give, up to an FMA's rounding, in one pass instead of six. Rows (b, t) over the threads.
-torch::Tensor shift_mixes_bf16(torch::Tensor xx, torch::Tensor prev, torch::Tensor mix,
-                               c10::optional<torch::Tensor> lora_opt) {
+// 8 fp32 values stored as fp32, or rounded once to bf16 (to_bf16's rounding).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(uint16_t* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// One row (b, t) of lora_shift_mixes: for each part p, dst[p · plane] = fma(last - now, mix[p] + lora[p · plane],
+// now), every step in fp32 (torch.addcmul's bits where PyTorch fuses it, as its AVX2 and AVX-512 kernels do), the
+// sum once rounded to Out. Lora: Fp32Weights or Bf16Weights rows, a plane apart; lora null: none (0).
+template <typename Lora, typename Out>
+void lora_shift_mix_row(const float* now, const float* last, const float* mix, const typename Lora::T* lora,
+                        int64_t P, int64_t C, int64_t plane, Out* dst) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 x = _mm256_loadu_ps(now + c), shift = _mm256_sub_ps(_mm256_loadu_ps(last + c), x);
+    for (int64_t p = 0; p < P; ++p) {
+      __m256 weight = _mm256_loadu_ps(mix + p * C + c);
+      if (lora != nullptr) weight = _mm256_add_ps(weight, Lora::load8(lora + p * plane + c));
+      store8(dst + p * plane + c, _mm256_fmadd_ps(shift, weight, x));
+    }
+  }
+  for (; c < C; ++c) {
+    const float shift = last[c] - now[c];
+    for (int64_t p = 0; p < P; ++p) {
+      const float weight = lora != nullptr ? mix[p * C + c] + Lora::load1(lora + p * plane + c) : mix[p * C + c];
+      store1(dst + p * plane + c, std::fma(shift, weight, now[c]));
+    }
+  }
+}
+
+// The token-shift mixes of an RWKV-6/7 prefill: out[p, b, t, c] = xx + (s - xx) · (mix[p, c] + lora[p, b, t, c]),
+// s the token before (prev[b] for t = 0), lora fp32 or bf16 or absent (0), out fp32 or bf16 (bf16 = true: for
+// products that read bf16). fp32 arithmetic, the product and sum fused and rounded once (lora_shift_mix_row): in
+// one pass what PyTorch's token shift, subtraction, addition and addcmul give in four. Rows (b, t) over the threads.
+torch::Tensor lora_shift_mixes(torch::Tensor xx, torch::Tensor prev, torch::Tensor mix,
+                               c10::optional<torch::Tensor> lora_opt, bool bf16) {
   TORCH_CHECK(xx.dim() == 3 && xx.scalar_type() == torch::kFloat32 && xx.is_contiguous(),
-              "cpu_kernels.shift_mixes_bf16: xx contiguous fp32 [B, T, C]");
+              "cpu_kernels.lora_shift_mixes: xx contiguous fp32 [B, T, C]");
   const int64_t B = xx.size(0), T = xx.size(1), C = xx.size(2);
   TORCH_CHECK(prev.scalar_type() == torch::kFloat32 && prev.dim() == 2 && prev.size(0) == B && prev.size(1) == C &&
                   prev.stride(1) == 1,
-              "cpu_kernels.shift_mixes_bf16: prev fp32 [B, C], channels contiguous");
+              "cpu_kernels.lora_shift_mixes: prev fp32 [B, C], channels contiguous");
   TORCH_CHECK(mix.scalar_type() == torch::kFloat32 && mix.dim() == 2 && mix.size(1) == C && mix.is_contiguous(),
-              "cpu_kernels.shift_mixes_bf16: mix contiguous fp32 [P, C]");
+              "cpu_kernels.lora_shift_mixes: mix contiguous fp32 [P, C]");
   const int64_t P = mix.size(0);
-  const bool has_lora = lora_opt.has_value();
-  const uint16_t* lora = nullptr;
-  if (has_lora) {
-    const torch::Tensor& l = *lora_opt;
-    TORCH_CHECK(l.scalar_type() == torch::kBFloat16 && l.is_contiguous() && l.dim() == 4 && l.size(0) == P &&
-                    l.size(1) == B && l.size(2) == T && l.size(3) == C,
-                "cpu_kernels.shift_mixes_bf16: lora contiguous bf16 [P, B, T, C]");
-    lora = reinterpret_cast<const uint16_t*>(l.data_ptr());
-  }
-  torch::Tensor out = torch::empty({P, B, T, C}, xx.options().dtype(torch::kBFloat16));
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const float* x = xx.data_ptr<float>();
-  const float* m = mix.data_ptr<float>();
-  const float* before = prev.data_ptr<float>();
-  const int64_t rows = B * T, plane = rows * C, prev_stride = prev.stride(0);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  const torch::Tensor* lora = lora_opt.has_value() ? &*lora_opt : nullptr;
+  if (lora != nullptr)
+    TORCH_CHECK((lora->scalar_type() == torch::kFloat32 || lora->scalar_type() == torch::kBFloat16) &&
+                    lora->is_contiguous() && lora->dim() == 4 && lora->size(0) == P && lora->size(1) == B &&
+                    lora->size(2) == T && lora->size(3) == C,
+                "cpu_kernels.lora_shift_mixes: lora contiguous fp32 or bf16 [P, B, T, C]");
+  torch::Tensor out = torch::empty({P, B, T, C}, xx.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const float *x = xx.data_ptr<float>(), *m = mix.data_ptr<float>(), *before = prev.data_ptr<float>();
+  const int64_t plane = B * T * C, prev_stride = prev.stride(0);
+  const bool bf16_lora = lora != nullptr && lora->scalar_type() == torch::kBFloat16;
+  const float* lora32 = lora != nullptr && !bf16_lora ? lora->data_ptr<float>() : nullptr;
+  const uint16_t* lora16 = bf16_lora ? reinterpret_cast<const uint16_t*>(lora->data_ptr()) : nullptr;
+  float* out32 = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* out16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / T, t = row % T;
-      const float* cur = x + row * C;
-      const float* last = t == 0 ? before + b * prev_stride : cur - C;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        const __m256 now = _mm256_loadu_ps(cur + c);
-        const __m256 shift = _mm256_sub_ps(_mm256_loadu_ps(last + c), now);
-        for (int64_t p = 0; p < P; ++p) {
-          __m256 weight = _mm256_loadu_ps(m + p * C + c);
-          if (has_lora) {
-            const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lora + p * plane + row * C + c));
-            weight = _mm256_add_ps(weight, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)));
-          }
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + p * plane + row * C + c),
-                           to_bf16(_mm256_add_ps(now, _mm256_mul_ps(shift, weight))));
-        }
-      }
-      for (; c < C; ++c) {
-        const float now = cur[c], shift = last[c] - now;
-        for (int64_t p = 0; p < P; ++p) {
-          float weight = m[p * C + c];
-          if (has_lora) {
-            uint32_t bits = static_cast<uint32_t>(lora[p * plane + row * C + c]) << 16;
-            float l;
-            std::memcpy(&l, &bits, 4);
-            weight += l;
-          }
-          const float value = now + shift * weight;
-          uint32_t v;
-          std::memcpy(&v, &value, 4);
-          dst[p * plane + row * C + c] = static_cast<uint16_t>((v + 0x7FFF + ((v >> 16) & 1)) >> 16);
-        }
+      const int64_t b = row / T, t = row % T, at = row * C;
+      const float* last = t == 0 ? before + b * prev_stride : x + at - C;
+      if (bf16_lora) {
+        if (bf16) lora_shift_mix_row<Bf16Weights>(x + at, last, m, lora16 + at, P, C, plane, out16 + at);
+        else lora_shift_mix_row<Bf16Weights>(x + at, last, m, lora16 + at, P, C, plane, out32 + at);
+      } else {
+        const float* l = lora32 != nullptr ? lora32 + at : nullptr;
+        if (bf16) lora_shift_mix_row<Fp32Weights>(x + at, last, m, l, P, C, plane, out16 + at);
+        else lora_shift_mix_row<Fp32Weights>(x + at, last, m, l, P, C, plane, out32 + at);
       }
     }
   });
@@ -3147,8 +3157,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_gate", &group_norm_gate, py::arg("y"), py::arg("heads"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("gate") = py::none(),
         "an RWKV-5 prefill's ln_x (each head of each row normalised) times silu(gate) where given, in one pass");
-  m.def("shift_mixes_bf16", &shift_mixes_bf16,
-        "bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) of a prefill (RWKV-6/7)");
+  m.def("lora_shift_mixes", &lora_shift_mixes, py::arg("xx"), py::arg("prev"), py::arg("mix"), py::arg("lora"),
+        py::arg("bf16"), "fp32/bf16 [P, B, T, C] token-shift mixes xx + (shift - xx) * (mix[p] + lora[p]) (RWKV-6/7)");
   m.def("int8_gemm", &int8_gemm,
         "out[M, N] = x[M, K] · (W · scale)ᵀ for many rows: int8 weights, int8 activations a step per 32 columns");
   m.def("int4_gemm", &int4_gemm, "int8_gemm for int4 weights with their (scale, min) groups");

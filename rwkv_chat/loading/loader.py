@@ -254,8 +254,9 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
     """Build on the meta device, then place every tensor with accelerate (no full fp32 copy in between).
 
     Projections (the matrices that are multiplied) take `dtype`; RWKV-6/7's LoRA factors bf16 where
-    layers.lora_storage_dtype says (on CPUs whose prefills multiply them in bf16); everything else stays fp32: the
-    embedding is only looked up, and rounding it perturbs every later layer, as in the reference. int8 and int4:
+    layers.lora_storage_dtype says (on CPUs whose prefills multiply them in bf16, and on any CPU where their values
+    are bf16s: a bf16 checkpoint's); everything else stays fp32: the embedding is only looked up, and rounding it
+    perturbs every later layer, as in the reference. int8 and int4:
     projections are placed in bf16 (CUDA) or fp32 (CPU), then quantised one at a time (no full-precision peak).
     int4 keeps the head in int8: on the really trained tiny models an int4 head cost most of int4's argmax
     agreement (RWKV-4 96.6% → 98.2% with it in int8; docs/PERFORMANCE.md), for about 8% more bytes a token at
@@ -268,7 +269,6 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         model = RwkvModel(config)
     params = dict(model.named_parameters())
     projections, loras = model.projection_weight_names(), model.lora_factor_names()
-    lora_storage = lora_storage_dtype(device, dtype)
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -281,7 +281,9 @@ def build_model(config: RwkvConfig, state_dict: dict[str, torch.Tensor], device:
         placed = dtype
         if dtype in LOW_BIT:
             placed = torch.bfloat16 if device.type == "cuda" else torch.float32
-        target = placed if name in projections else lora_storage if name in loras else torch.float32
+        target = placed if name in projections else torch.float32
+        if name in loras:
+            target = lora_storage_dtype(device, dtype, tensor)
         set_module_tensor_to_device(model, name, device, value=tensor.reshape(param.shape), dtype=target)
         if dtype in LOW_BIT and name in projections:
             module = model.get_submodule(name.rsplit(".", 1)[0])

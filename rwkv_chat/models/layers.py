@@ -5,8 +5,9 @@ product; it takes fp32 rows, or bf16 ones that a bf16 product reads as they are)
 reference token-shift formulas and `ShiftMixes` RWKV-6/7's (a CPU prefill's in one C++ pass);
 `ChannelMix` is the feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`);
 `layer_norm`/`group_norm` run in fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes'
-low-rank products (fp32 parameters) in bf16 where the projections beside them run in bf16 (a prefill: bf16 and
-int8 models on GPUs, bf16/int8/int4 ones on CPUs with bf16 units), in fp32 everywhere else. It knows no version:
+low-rank products in bf16 where the projections beside them run in bf16 (a prefill: bf16 and int8 models on GPUs,
+bf16/int8/int4 ones on CPUs with bf16 units), in fp32 everywhere else, and `lora_storage_dtype` keeps their factors
+in bf16 on CPUs where those products read them so or no value changes. It knows no version:
 what differs between versions lives in their modules."""
 
 from __future__ import annotations
@@ -64,16 +65,27 @@ def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if quant.many_rows_dtype(weight) == torch.bfloat16 else torch.float32
 
 
-def lora_storage_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the LoRA factors of a model whose projections are `dtype` are kept in on `device`: bf16 on a CPU
-    where its prefills multiply them in bf16 anyway (lora_dtype: bf16, int8 or int4 projections, a CPU with bf16
-    units), so those read them as they are, bit for bit as before, and a decode step reads half the bytes (RWKV-7
-    0.1B int8: 1.8 of a layer's 8.9 MB were its fp32 LoRAs); fp32 everywhere else (GPUs, fp32 and fp16 models,
-    CPUs without bf16 units). On a GPU the fused decode step's packing then holds them in bf16 where no value
-    changes (kernels/lora_triton.LowRank.pack: a bf16 checkpoint's)."""
+def lora_storage_dtype(device: torch.device, dtype: torch.dtype, factor: torch.Tensor | None = None) -> torch.dtype:
+    """The dtype a LoRA factor (`factor`: its values as the checkpoint holds them) of a model whose projections are
+    `dtype` is kept in on `device`. bf16 on a CPU for bf16, int8 and int4 models where either its prefills multiply
+    the LoRAs in bf16 anyway (lora_dtype: a CPU with bf16 units), so those read them as they are, bit for bit as
+    before, or every value of the factor is a bf16 (a bf16 checkpoint's, as the released .pth files are), so only the
+    bytes change: a CPU without bf16 units widens them exactly, in its prefills' fp32 products and as its decode
+    step reads them. Either way a decode step reads half the bytes (RWKV-7 0.1B int8: 1.8 of a layer's 8.9 MB were
+    its fp32 LoRAs; on a Zen 3, 168 -> 182 tok/s, the same logits). fp32 everywhere else (GPUs, fp32 and fp16
+    models, other factors on CPUs without bf16 units). On a GPU the fused decode step's packing holds them in bf16
+    where no value changes (kernels/lora_triton.LowRank.pack: a bf16 checkpoint's)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.int8, quant.INT4):
-        return torch.bfloat16 if quant.cpu_features().native_matmul(torch.bfloat16) else torch.float32
+        if quant.cpu_features().native_matmul(torch.bfloat16) or (factor is not None and holds_bf16_values(factor)):
+            return torch.bfloat16
     return torch.float32
+
+
+def holds_bf16_values(tensor: torch.Tensor) -> bool:
+    """Whether every value of a floating tensor is a bf16 (rounding it to bf16 changes nothing)."""
+    if tensor.dtype == torch.bfloat16:
+        return True
+    return tensor.is_floating_point() and torch.equal(tensor, tensor.to(torch.bfloat16).to(tensor.dtype))
 
 
 def lora_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """What a CPU prefill of RWKV-6/7 computes in which precision, and the read that returns only its last token:
 the time mixes' LoRA products in bf16 only where the projections beside them run in bf16 (layers.lora_dtype),
 those products held to bf16's rounding bound against float64, the models' bf16 prefills with them held to fp32
-within a bound of what fp32 LoRAs give, and a last-token read equal to the last row of an every-token read."""
+within a bound of what fp32 LoRAs give, the LoRA factors kept in bf16 where that changes no bit
+(layers.lora_storage_dtype), and a last-token read equal to the last row of an every-token read."""
 
 from __future__ import annotations
 
@@ -52,16 +53,51 @@ def test_lora_products_run_in_bf16_only_for_a_prefill_beside_bf16_projections(mo
     assert layers.lora_dtype(many, torch.zeros(8, 8, dtype=torch.bfloat16)) == torch.float32
 
 
-def test_a_cpu_model_keeps_its_lora_factors_in_bf16_only_where_its_prefill_multiplies_them_in_bf16(monkeypatch):
+def test_a_cpu_model_keeps_its_lora_factors_in_bf16_where_its_prefill_multiplies_them_so_or_no_value_changes(
+        monkeypatch):
     monkeypatch.delenv(ISA_VARIABLE, raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    inexact = torch.randn(8, 8, generator=gen)
+    exact = inexact.bfloat16().float()  # every value a bf16, as in a bf16 checkpoint
+    assert layers.holds_bf16_values(exact) and layers.holds_bf16_values(exact.bfloat16())
+    assert not layers.holds_bf16_values(inexact) and not layers.holds_bf16_values(torch.zeros(8, dtype=torch.int8))
+    units = torch.bfloat16 if BF16_UNITS else torch.float32
     for stored in (torch.bfloat16, torch.int8, quant.INT4):
-        assert layers.lora_storage_dtype(cpu, stored) == (torch.bfloat16 if BF16_UNITS else torch.float32)
-        assert layers.lora_storage_dtype(cuda, stored) == torch.float32
+        assert layers.lora_storage_dtype(cpu, stored) == units
+        assert layers.lora_storage_dtype(cpu, stored, inexact) == units
+        assert layers.lora_storage_dtype(cpu, stored, exact) == torch.bfloat16
+        assert layers.lora_storage_dtype(cpu, stored, exact.bfloat16()) == torch.bfloat16
+        assert layers.lora_storage_dtype(cuda, stored, exact) == torch.float32
     for stored in (torch.float32, torch.float16):
-        assert layers.lora_storage_dtype(cpu, stored) == torch.float32
-    monkeypatch.setenv(ISA_VARIABLE, "avx512")  # a CPU without bf16 units: fp32 LoRA products, fp32 factors
+        assert layers.lora_storage_dtype(cpu, stored, exact) == torch.float32
+    monkeypatch.setenv(ISA_VARIABLE, "avx512")  # a CPU without bf16 units: fp32 LoRA products
     assert layers.lora_storage_dtype(cpu, torch.int8) == torch.float32
+    assert layers.lora_storage_dtype(cpu, torch.int8, inexact) == torch.float32
+    assert layers.lora_storage_dtype(cpu, torch.int8, exact) == torch.bfloat16  # widened exactly where read
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_a_bf16_checkpoints_lora_factors_stay_bf16_on_any_cpu_and_give_the_bits_of_fp32_ones(version, tmp_path,
+                                                                                            monkeypatch):
+    """A checkpoint whose values are bf16s (the released .pth files' dtype) keeps its LoRA factors in bf16 in an int8
+    model on this CPU, with bf16 units or without (where they are widened as read): a prefill of many rows and the
+    decode steps after it give the bits the same model with its factors in fp32 gives."""
+    weights = {key: value.bfloat16() for key, value in make_state_dict(version, 2, 128, head_size=32, seed=7).items()}
+    path = save_pth(weights, tmp_path / f"v{version}-bf16.pth")
+    kept = load_model(path, device="cpu", dtype="int8")
+    names = kept.lora_factor_names()
+    assert names and {dict(kept.named_parameters())[name].dtype for name in names} == {torch.bfloat16}
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype, factor=None: torch.float32)
+    fp32 = load_model(path, device="cpu", dtype="int8")
+    assert {dict(fp32.named_parameters())[name].dtype for name in names} == {torch.float32}
+    (logits, state), (logits_fp32, state_fp32) = [model.forward(random_tokens(40, seed=8), all_logits=True)
+                                                  for model in (kept, fp32)]
+    assert torch.equal(logits, logits_fp32)
+    for token in random_tokens(3, seed=9):  # decode steps (the C++ step where the kernels are built)
+        (last, state), (last_fp32, state_fp32) = kept.forward([token], state), fp32.forward([token], state_fp32)
+        assert torch.equal(last, last_fp32)
+    assert torch.equal(state.wkv, state_fp32.wkv) and torch.equal(state.shift, state_fp32.shift)
 
 
 @needs_bf16_units
@@ -80,7 +116,7 @@ def test_a_prefill_reads_bf16_kept_lora_factors_as_it_read_fp32_ones(checkpoint,
         {torch.float32}
     fp32 = load_model(path, device="cpu", dtype="fp32")
     assert {p.dtype for n, p in fp32.named_parameters() if n in fp32.lora_factor_names()} == {torch.float32}
-    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.float32)
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype, factor=None: torch.float32)
     before = load_model(path, device="cpu", dtype=dtype)
     assert {dict(before.named_parameters())[name].dtype for name in names} == {torch.float32}
     (logits, state), (logits_before, state_before) = kept.forward(tokens, all_logits=True), \
@@ -139,7 +175,8 @@ def _bf16_loras_cost_at_most(checkpoint, monkeypatch, device):
     with_bf16 = _logits_deviation(path, tokens, device)
     assert torch.bfloat16 in calls  # the bf16 model's prefill did take them
     monkeypatch.setattr(module, "lora_dtype", lambda x, w: torch.float32)
-    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.float32)  # fp32 factors too
+    # fp32 factors too
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype, factor=None: torch.float32)
     with_fp32 = _logits_deviation(path, tokens, device)
     assert with_bf16[0] <= 2.0 * with_fp32[0] + 0.02, (with_bf16, with_fp32)
     assert with_bf16[1] <= 1.75 * with_fp32[1] + 0.002, (with_bf16, with_fp32)

@@ -67,7 +67,7 @@ def test_the_cpp_step_reads_bf16_lora_factors_as_fp32_ones_holding_the_same_valu
     """LoRA factors kept in bf16 (layers.lora_storage_dtype; forced here on any CPU) are widened as they are read:
     the same products in the same order as fp32 factors of the same values, so the same bits. The wide shape
     splits the second factors by chunks of input rows (their partial sums added after)."""
-    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype: torch.bfloat16)
+    monkeypatch.setattr(loader, "lora_storage_dtype", lambda device, dtype, factor=None: torch.bfloat16)
     model = load_model(make_checkpoint(version, seed=6, n_layer=2, n_embd=512).path, device="cpu", dtype="int8")
     runner = model.runner
     assert isinstance(runner, CpuStepRunner)

@@ -110,8 +110,9 @@ def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 class ShiftMixes:
     """RWKV-6/7's token-shift mixes of one input: `ShiftMixes(xx, prev, dtype)(mixes, lora)` is xx + (shifted -
-    xx) * (mixes[p] + lora[p]) -> [P, B, T, C] in `dtype` (fp32 or bf16), the product and sum fused in fp32 and
-    rounded once (xx [B, T, C] fp32, prev [B, C], mixes [P, C] fp32, lora [P, B, T, C] fp32 or bf16, or None).
+    xx) * (mixes[p] + lora[p]) -> [P, B, T, C] in `dtype` (fp32 or bf16), computed in fp32 with the product and
+    sum fused, as torch.addcmul's AVX2 kernel fuses them (xx [B, T, C] fp32, prev [B, C], mixes [P, C] fp32, lora
+    [P, B, T, C] fp32 or bf16, or None).
     CPU tensors take the C++ kernels' one pass once the process has built them (cpu_kernels.built_for); elsewhere
     PyTorch's addcmul, with `shifted - xx` computed once for all the calls on the same input."""
 

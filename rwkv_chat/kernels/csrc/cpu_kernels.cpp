@@ -2884,8 +2884,8 @@ inline void store1(uint16_t* p, float v) {
 }
 
 // One row (b, t) of lora_shift_mixes: for each part p, dst[p · plane] = fma(last - now, mix[p] + lora[p · plane],
-// now), every step in fp32 (torch.addcmul's bits where PyTorch fuses it, as its AVX2 and AVX-512 kernels do), the
-// sum once rounded to Out. Lora: Fp32Weights or Bf16Weights rows, a plane apart; lora null: none (0).
+// now), every step in fp32 (torch.addcmul's bits where PyTorch's CPU kernel fuses them, as torch 2.13's AVX2 one
+// does), the sum once rounded to Out. Lora: Fp32Weights or Bf16Weights rows, a plane apart; lora null: none (0).
 template <typename Lora, typename Out>
 void lora_shift_mix_row(const float* now, const float* last, const float* mix, const typename Lora::T* lora,
                         int64_t P, int64_t C, int64_t plane, Out* dst) {

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .quant import holds_bf16_values
 from .triton_kernels import AVAILABLE, _sm_count, pdl, tl, triton
 
 IDENTITY, TANH, SIGMOID = 0, 1, 2
@@ -227,7 +228,7 @@ class LowRank:
         down = torch.cat([a.data.float().t() for a in firsts]).contiguous()  # [R, C]
         up = torch.cat([b.data.float().reshape(-1, b.shape[-1]) for b in seconds]).contiguous()  # [R, N]
         if bf16 is None:
-            bf16 = down.is_cuda and all(torch.equal(m, m.bfloat16().float()) for m in (down, up))
+            bf16 = down.is_cuda and all(holds_bf16_values(m) for m in (down, up))
         if bf16:  # every value a bf16 (a bf16 checkpoint's): held in half the bytes, widened exactly as loaded
             down, up = down.bfloat16(), up.bfloat16()
         if sum(p.width for p in parts) != down.shape[0] or up.shape[0] != down.shape[0]:

@@ -9,7 +9,8 @@ What this module promises:
   a row's scales, then its mins):
   w ≈ q * scale + min (asymmetric: the group's min and max are representable up to fp16 rounding). At the default
   group of 64 that is 4.5 bits a weight. `dequantize_int4` undoes it. `INT4` (torch.int4) is the dtype token a
-  caller asks for; `weight_format` names a stored weight's format (torch.int4 for the uint8 packing).
+  caller asks for; `weight_format` names a stored weight's format (torch.int4 for the uint8 packing);
+  `holds_bf16_values` says whether a tensor's values are all bf16s (held so, nothing changes).
 - `linear(x, weight, scale)` is `x @ Wᵀ` returning fp32, for float weights (computed in the weight's dtype,
   as `model.Projection` does) and for int8 weights (scale given); with widen=False a float product that ran in
   bf16/fp16 comes back unwidened. On CUDA, int8 products run in Triton
@@ -59,6 +60,14 @@ INT4_STORAGE = torch.uint8
 INT4_MAX = 15.0
 INT4_BLOCK = 64  # columns per packing block (32 bytes); a group is a whole number of blocks
 INT4_GROUP = 64  # input columns per (scale, min): measured on the trained tiny models, 32 was no better
+
+
+def holds_bf16_values(tensor: torch.Tensor) -> bool:
+    """Whether every value of a floating tensor is a bf16 (rounding it to bf16 changes nothing): a bf16
+    checkpoint's, which may then be held in bf16 and widened exactly where it is read."""
+    if tensor.dtype == torch.bfloat16:
+        return True
+    return tensor.is_floating_point() and torch.equal(tensor, tensor.to(torch.bfloat16).to(tensor.dtype))
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,16 +76,10 @@ def lora_storage_dtype(device: torch.device, dtype: torch.dtype, factor: torch.T
     models, other factors on CPUs without bf16 units). On a GPU the fused decode step's packing holds them in bf16
     where no value changes (kernels/lora_triton.LowRank.pack: a bf16 checkpoint's)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.int8, quant.INT4):
-        if quant.cpu_features().native_matmul(torch.bfloat16) or (factor is not None and holds_bf16_values(factor)):
+        if quant.cpu_features().native_matmul(torch.bfloat16) or (
+                factor is not None and quant.holds_bf16_values(factor)):
             return torch.bfloat16
     return torch.float32
-
-
-def holds_bf16_values(tensor: torch.Tensor) -> bool:
-    """Whether every value of a floating tensor is a bf16 (rounding it to bf16 changes nothing)."""
-    if tensor.dtype == torch.bfloat16:
-        return True
-    return tensor.is_floating_point() and torch.equal(tensor, tensor.to(torch.bfloat16).to(tensor.dtype))
 
 
 def lora_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

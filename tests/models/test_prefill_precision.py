@@ -60,8 +60,8 @@ def test_a_cpu_model_keeps_its_lora_factors_in_bf16_where_its_prefill_multiplies
     gen = torch.Generator().manual_seed(0)
     inexact = torch.randn(8, 8, generator=gen)
     exact = inexact.bfloat16().float()  # every value a bf16, as in a bf16 checkpoint
-    assert layers.holds_bf16_values(exact) and layers.holds_bf16_values(exact.bfloat16())
-    assert not layers.holds_bf16_values(inexact) and not layers.holds_bf16_values(torch.zeros(8, dtype=torch.int8))
+    assert quant.holds_bf16_values(exact) and quant.holds_bf16_values(exact.bfloat16())
+    assert not quant.holds_bf16_values(inexact) and not quant.holds_bf16_values(torch.zeros(8, dtype=torch.int8))
     units = torch.bfloat16 if BF16_UNITS else torch.float32
     for stored in (torch.bfloat16, torch.int8, quant.INT4):
         assert layers.lora_storage_dtype(cpu, stored) == units

@@ -469,10 +469,15 @@ def test_wkv4_scan_equals_the_recurrence_in_float64(k_scale, empty_state):
     assert torch.allclose(new_state[1].double(), b[0], rtol=rtol, atol=1e-5)
 
 
+# wkv5_head_token's three forms: heads of 64 (the sums in registers), other multiples of 8, the plain loop
+WKV5_SIZES = [64, 32, 8, 12]
+
+
 @needs_kernels
-def test_wkv5_scan_equals_the_recurrence_in_float64():
+@pytest.mark.parametrize("size", WKV5_SIZES)
+def test_wkv5_scan_equals_the_recurrence_in_float64(size):
     gen = torch.Generator().manual_seed(5)
-    length, heads, size = 23, 3, 64
+    length, heads = 23, 3
     log_w = -torch.exp(torch.rand(heads, size, generator=gen) * 6 - 5)
     u = torch.randn(heads, size, generator=gen)
     r, k, v = (torch.randn(length, heads * size, generator=gen) for _ in range(3))
@@ -490,9 +495,10 @@ def test_wkv5_scan_equals_the_recurrence_in_float64():
 
 
 @needs_kernels
-def test_wkv5_scan_with_a_decay_per_token_equals_the_rwkv6_recurrence_in_float64():
+@pytest.mark.parametrize("size", WKV5_SIZES)
+def test_wkv5_scan_with_a_decay_per_token_equals_the_rwkv6_recurrence_in_float64(size):
     gen = torch.Generator().manual_seed(6)
-    length, heads, size = 19, 2, 32
+    length, heads = 19, 2
     log_w = -torch.exp(torch.rand(length, heads, size, generator=gen) * 6 - 5)
     u = torch.randn(heads, size, generator=gen)
     r, k, v = (torch.randn(length, heads * size, generator=gen) for _ in range(3))
@@ -705,14 +711,15 @@ def without(module, names):
 def assert_same_read(fused, fused_state, plain, plain_state, int8=False):
     """Two prefills of one prompt agree up to fp32 rounding, and not bit for bit (the kernels did run). int8: the
     GEMMs round their activations to steps of max|x| / 127, so an fp32 rounding difference upstream can move an
-    activation by a whole step, and that token's output (and, through the shift and the state, later ones') by
-    that step's share: all but a few tokens agree up to fp32 rounding, the rest within 0.05 (a Zen 3: 3 tokens of
-    80, by 0.011 at most)."""
-    close = torch.isclose(fused, plain, rtol=1e-4, atol=1e-4).all(dim=-1)
-    assert float(close.float().mean()) >= (0.9 if int8 else 1.0)
-    assert float((fused - plain).abs().max()) <= 0.05
-    assert torch.allclose(fused_state.wkv, plain_state.wkv, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(fused_state.shift, plain_state.shift, rtol=1e-4, atol=1e-4)
+    activation by a whole step, and that token's output by that step's share, and every later token of its
+    sequence and its final state too (through the shift and the state): logits and states agree within 0.05. How
+    many tokens agree up to fp32 rounding is chance (where the first such step falls: a Zen 3 saw 3 tokens of 80
+    differ at db4558e, and 13, from the 28th token of one sequence on, by 0.019 at most, its state by 0.015, once
+    the RWKV-5/6 scan ran in vectors), so it is not asserted."""
+    tolerance = dict(rtol=0.0, atol=0.05) if int8 else dict(rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused, plain, **tolerance)
+    assert torch.allclose(fused_state.wkv, plain_state.wkv, **tolerance)
+    assert torch.allclose(fused_state.shift, plain_state.shift, **tolerance)
     assert not torch.equal(fused, plain)
 
 
@@ -738,7 +745,7 @@ def test_a_prefill_with_the_kernels_gates_equals_pytorchs(version, make_checkpoi
 def test_an_rwkv6_prefill_with_the_kernels_gates_equals_pytorchs(dtype, make_checkpoint, monkeypatch):
     """RWKV-6's prompt on CPUs: its GroupNorm with gate and its channel mix's gate from the C++ kernels once the
     process has built them, from PyTorch otherwise (the same scans either way): the same logits and state up to
-    fp32 rounding (int8: and a few tokens up to an activation's rounding step, assert_same_read)."""
+    fp32 rounding (int8: up to an activation rounding step's share, assert_same_read)."""
     from rwkv_chat.models import rwkv6
     model = load_model(make_checkpoint("6", n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype=dtype, fast=False)
     ids = torch.tensor([random_tokens(40, seed=5), random_tokens(40, seed=6)])

@@ -1858,29 +1858,48 @@ inline void end_stream(bool stream) {
 }
 
 // One token of one RWKV-5 head of size S: o[j] = Σ_i r_i (u_i k_i v_j + s_ij) (before the group norm), and
-// s_out_ij = k_i v_j + w_i s_ij, where w is the decay factor. s_out may be s (each row is read, then written).
+// s_out_ij = k_i v_j + w_i s_ij, where w is the decay factor. s_out may be s (each row is read, then written: a
+// prefill's scan). Sizes that are multiples of 8 run in 8-lane vectors, o[j] += fma(r_i u_i k_i, v_j, r_i s_ij) row
+// after row, one order for decode steps and scans alike; heads of 64 (every released RWKV-5/6 model) keep o in
+// eight registers over the rows (the same sums), which made a prefill's scan 1.5x faster than the plain loop it ran
+// before (Zen 3, 12 heads of 64, 256 tokens: 1.0 -> 0.66 ms). Other sizes run the plain loop.
 inline void wkv5_head_token(const float* r, const float* k, const float* v, const float* u, const float* w,
                             const float* s, float* s_out, float* o, int64_t S) {
-  std::fill(o, o + S, 0.0f);
   const bool stream = streams_state(s, s_out, S);
-  for (int64_t i = 0; i < S; ++i) {
+  auto row_vectors = [&](int64_t i, auto&& add_term) {  // row i's state and its terms of o, 8 columns at a time
     const float ri = r[i], ki = k[i], rui = ri * u[i] * ki, wi = w[i];
+    const __m256 r8 = _mm256_set1_ps(ri), k8 = _mm256_set1_ps(ki), ru8 = _mm256_set1_ps(rui), w8 = _mm256_set1_ps(wi);
     const float* si = s + i * S;
     float* soi = s_out + i * S;
-    int64_t j = 0;
-    if (stream) {  // a decode step (S a multiple of 8); a prefill's scan keeps the plain loop below and its sums
-      const __m256 r8 = _mm256_set1_ps(ri), k8 = _mm256_set1_ps(ki), ru8 = _mm256_set1_ps(rui), w8 = _mm256_set1_ps(wi);
-      for (; j < S; j += 8) {
-        const __m256 vj = _mm256_loadu_ps(v + j), sij = _mm256_loadu_ps(si + j);
-        const __m256 term = _mm256_fmadd_ps(ru8, vj, _mm256_mul_ps(r8, sij));
-        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), term));
-        store_state(soi + j, _mm256_fmadd_ps(w8, sij, _mm256_mul_ps(k8, vj)), stream);
-      }
+    for (int64_t j = 0; j < S; j += 8) {
+      const __m256 vj = _mm256_loadu_ps(v + j), sij = _mm256_loadu_ps(si + j);
+      add_term(j, _mm256_fmadd_ps(ru8, vj, _mm256_mul_ps(r8, sij)));
+      store_state(soi + j, _mm256_fmadd_ps(w8, sij, _mm256_mul_ps(k8, vj)), stream);
     }
-    for (; j < S; ++j) {
-      const float a = ki * v[j];
-      o[j] += rui * v[j] + ri * si[j];
-      soi[j] = a + wi * si[j];
+  };
+  if (S == 64) {
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < 64; ++i)
+      row_vectors(i, [&](int64_t j, __m256 term) { acc[j / 8] = _mm256_add_ps(acc[j / 8], term); });
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(o + 8 * q, acc[q]);
+  } else if (S % 8 == 0) {
+    std::fill(o, o + S, 0.0f);
+    for (int64_t i = 0; i < S; ++i)
+      row_vectors(i, [&](int64_t j, __m256 term) {
+        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), term));
+      });
+  } else {
+    std::fill(o, o + S, 0.0f);
+    for (int64_t i = 0; i < S; ++i) {
+      const float ri = r[i], ki = k[i], rui = ri * u[i] * ki, wi = w[i];
+      const float* si = s + i * S;
+      float* soi = s_out + i * S;
+      for (int64_t j = 0; j < S; ++j) {
+        const float a = ki * v[j];
+        o[j] += rui * v[j] + ri * si[j];
+        soi[j] = a + wi * si[j];
+      }
     }
   }
   end_stream(stream);

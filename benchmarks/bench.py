@@ -655,6 +655,8 @@ def bench_batching(model, n_chats: int, steps: int, seed: int = 0, check_chats: 
         table.step(first_logits)
     sync(device)
     sampling_ms = (time.perf_counter() - start) / steps * 1e3
+    del ring, batch_state, table, logits, fed  # the batcher's own ring holds three such buffers
+    cleanup()
     with DecodeBatcher(model, max_batch=n_chats) as batcher:
         lone_tps, _ = alone_tps(batcher)
         # warm-up: the timed chats once untimed. Chats of a few tokens never filled the batch (the first ended

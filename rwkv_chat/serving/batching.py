@@ -155,6 +155,7 @@ class _Chat(Generation):
         self.accepted = 0  # tokens the judge kept so far
         self.finished = False
         self.error: Optional[BaseException] = None
+        self.error_traceback = None  # the error's traceback where the worker caught it
         self.cancelled = False  # set by the reader: the worker drops the chat before its next step
         self.progress = threading.Event()
         self.woken = 0.0  # when the worker last woke the reader (time.monotonic)
@@ -173,8 +174,8 @@ class _Chat(Generation):
                     break
         finally:
             self.close()
-        if self.error is not None:
-            raise self.error
+        if self.error is not None:  # one error can end many chats: each reader raises it from its own traceback
+            raise self.error.with_traceback(self.error_traceback)
 
     def close(self) -> None:
         if not self.finished:
@@ -186,6 +187,7 @@ class _Chat(Generation):
         self.logits = logits.clone() if logits is not None else None
         self.state = state.clone() if state is not None else None
         self.error = error
+        self.error_traceback = error.__traceback__ if error is not None else None
         self.finished = True
 
 

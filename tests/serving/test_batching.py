@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import traceback
 
 import pytest
 import torch
@@ -213,6 +214,24 @@ def test_a_failing_step_ends_every_chat_of_that_step_with_its_error_and_the_batc
         judge = Recorder(3)
         run_chat(batcher, one_hot(1), tiny_state(), Sampler(GREEDY), judge)  # still serving
     assert judge.tokens == [1, 1, 1]
+
+
+def test_an_error_that_ends_several_chats_keeps_its_traceback_for_each_reader():
+    # the chats of one failing step share its error; each reader raises it with the traceback the worker caught,
+    # not with the frames of every reader that raised it before (256 chats made a traceback of 256 raises)
+    model = SlowModel(fail=True)
+    with DecodeBatcher(model) as batcher:
+        runs = [batcher.generate(one_hot(i), tiny_state(), Sampler(GREEDY), Recorder(5)) for i in range(4)]
+        wait_until(lambda: model.entered == 1)
+        model.release.set()
+        raised = []
+        for run in runs:
+            with pytest.raises(RuntimeError, match="kernel exploded") as caught:
+                for _ in run:
+                    pass
+            raised.append((caught.value, len(traceback.extract_tb(caught.value.__traceback__))))
+    assert len({id(error) for error, _ in raised}) < len(raised)  # some chats shared one step's error
+    assert len({depth for _, depth in raised}) == 1
 
 
 def test_bad_calls_fail_at_once_and_the_batcher_still_serves(model):

@@ -13,9 +13,10 @@ What this module promises:
   `holds_bf16_values` says whether a tensor's values are all bf16s (held so, nothing changes).
 - `linear(x, weight, scale)` is `x @ Wᵀ` returning fp32, for float weights (computed in the weight's dtype,
   as `model.Projection` does) and for int8 weights (scale given); with widen=False a float product that ran in
-  bf16/fp16 comes back unwidened. On CUDA, int8 products run in Triton
-  kernels when Triton is present; anywhere else but CPUs by dequantising, which is slow but exact to the
-  stored weights.
+  bf16/fp16 comes back unwidened. On CUDA, int8 products of fewer than CUDA_INT8_EXPAND_ROWS rows run in
+  Triton kernels when Triton is present (they read the int8 bytes once); from that many rows, without Triton,
+  and anywhere else but CPUs the weight is dequantised for one GEMM (exact to the stored weights; a bf16 GEMM
+  on CUDA, whose result widen=False keeps in bf16).
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
   (cpu_kernels.py) when they are built. Many rows (a prefill) of an int8 or int4 weight take the C++ GEMM on CPUs
   with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the activations rounded to int8, a step per 32
@@ -51,6 +52,10 @@ from .cpu_features import cpu_features
 MANY_ROWS = 16  # from this many rows a CPU product is one GEMM in the fastest dtype (weights widened once);
 # fewer stream the weight through cpu_kernels
 STREAM_ROWS = 64  # a decode step's narrow weights stream through cpu_kernels below this many rows (decode_linear)
+CUDA_INT8_EXPAND_ROWS = 1024  # from this many rows a CUDA int8 product expands its weight to bf16 for cuBLAS; fewer
+# take the Triton int8 kernel. H100, 7B / 1.5B shapes (docs/PERFORMANCE.md, forty-third session): 64 rows 89-203 µs
+# against 152-2,406 expanded, 512 rows 147-1,328 against 175-2,644; 1,024 rows 271-2,678 against 210-3,126; 2,048
+# rows expanded 1.3-1.9x faster
 
 INT8_MAX = 127.0
 QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows / quantize_int4 (64 MiB of fp32)
@@ -141,17 +146,19 @@ def widen_int4(packed: torch.Tensor, groups: torch.Tensor, dtype: torch.dtype) -
     return dequantize_int4(packed, groups, dtype)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (any float dtype) @ (q * scale)ᵀ -> fp32 [..., N]."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, widen: bool = True) -> torch.Tensor:
+    """x [..., K] (any float dtype) @ (q * scale)ᵀ -> fp32 [..., N]; widen=False: a product that ran as a bf16
+    GEMM (CUDA, from CUDA_INT8_EXPAND_ROWS rows or without Triton) comes back in bf16."""
     if x.device.type == "cpu":
         return cpu_linear(x, q, scale)
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x.device.type == "cuda":
-        if triton_kernels.AVAILABLE:
+        if triton_kernels.AVAILABLE and x2.shape[0] < CUDA_INT8_EXPAND_ROWS:
             out = triton_kernels.matmul(x2.to(torch.bfloat16).unsqueeze(0), q, scale).sum(0)
             return out.reshape(*shape, q.shape[0])
-        out = F.linear(x2.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16)).float()
+        out = F.linear(x2.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16))
+        out = out.float() if widen else out
     else:
         out = F.linear(x2.float(), dequantize(q, scale))
     return out.reshape(*shape, q.shape[0])
@@ -233,6 +240,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if weight.dtype == torch.int8:
         if scale is None:
             raise ValueError("an int8 weight needs its per-row scale")
-        return int8_linear(x, weight, scale)
+        return int8_linear(x, weight, scale, widen)
     out = F.linear(x.to(weight.dtype), weight)
     return out.float() if widen else out

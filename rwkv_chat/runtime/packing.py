@@ -7,7 +7,8 @@ What this module promises:
   of it: the weights are held once.
 - `PackedLinear(x, i)` is segment i's product x @ Wᵀ in fp32 (or, widen=False, in the dtype a bf16/fp16 GEMM
   gave it), as the plain path computes it (kernels/quant.py chooses the CPU's product; fp32 weights too take the
-  C++ kernels for few rows there; on CUDA, int8 is expanded to bf16 for one wide GEMM of many rows).
+  C++ kernels for few rows there; on CUDA, int8 runs in the Triton kernel or, from quant.CUDA_INT8_EXPAND_ROWS
+  rows, expanded to bf16 for one wide GEMM).
 - `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
   when P is smaller), and comes back as a split-K partials view [S, M, N_i] (S = 1 from cuBLAS), which the
   Triton kernels add while loading.
@@ -59,9 +60,6 @@ class PackedLinear:
             if few_rows and weight.dtype == torch.float32 and cpu_kernels.handles(x, weight):
                 return cpu_kernels.linear(x, weight)  # a decode step's packed fp32 products stream here too
             return quant.linear(x, weight, scale, widen)
-        if scale is not None and x.numel() >= quant.MANY_ROWS * x.shape[-1]:  # expand the int8 weight once
-            out = F.linear(x.to(torch.bfloat16), quant.dequantize(weight, scale, torch.bfloat16))
-            return out.float() if widen else out
         return quant.linear(x, weight, scale, widen)
 
     def decode(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:

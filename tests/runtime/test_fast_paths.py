@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from rwkv_chat import load_model
-from rwkv_chat.kernels import cpu_kernels, parallel_wkv, quant
+from rwkv_chat.kernels import cpu_kernels, parallel_wkv, quant, triton_kernels
 from rwkv_chat.kernels.cpu_features import ISA_VARIABLE, describe, detected
 from rwkv_chat.runtime.fast_path import attach_fast_path
+from rwkv_chat.runtime.packing import PackedLinear
 from rwkv_chat.models.rwkv4 import wkv4_step
 from rwkv_chat.models.rwkv5 import wkv5_step
 from rwkv_chat.state import RwkvState
@@ -114,6 +115,22 @@ def test_int8_linear_equals_dequantised_product_on_cpu():
     got = quant.linear(x, q, scale)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= 0.02 * expected.abs().max().item()  # bf16 activations
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [16, 64, quant.CUDA_INT8_EXPAND_ROWS - 1, quant.CUDA_INT8_EXPAND_ROWS])
+def test_cuda_int8_products_of_many_rows_equal_the_dequantised_product(rows):
+    # fewer than CUDA_INT8_EXPAND_ROWS rows take the Triton kernel, more the weight expanded to bf16; a packed
+    # projection's segments take the same products
+    w, x = torch.randn(384, 256, device="cuda"), torch.randn(rows, 256, device="cuda")
+    q, scale = quant.quantize_rows(w)
+    expected = x @ quant.dequantize(q, scale).T
+    packed = PackedLinear(q, scale, (0, 128, 384))
+    for got in (quant.linear(x, q, scale), torch.cat([packed(x, 0), packed(x, 1)], dim=1)):
+        assert got.dtype == torch.float32
+        assert (got - expected).abs().max().item() <= 0.02 * expected.abs().max().item()  # bf16 activations
+    expanded = rows >= quant.CUDA_INT8_EXPAND_ROWS or not triton_kernels.AVAILABLE
+    assert quant.linear(x, q, scale, widen=False).dtype == (torch.bfloat16 if expanded else torch.float32)
 
 
 def test_int8_model_halves_bf16_memory_and_keeps_the_plain_path_working(ckpt):

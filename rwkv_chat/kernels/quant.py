@@ -53,9 +53,9 @@ MANY_ROWS = 16  # from this many rows a CPU product is one GEMM in the fastest d
 # fewer stream the weight through cpu_kernels
 STREAM_ROWS = 64  # a decode step's narrow weights stream through cpu_kernels below this many rows (decode_linear)
 CUDA_INT8_EXPAND_ROWS = 1024  # from this many rows a CUDA int8 product expands its weight to bf16 for cuBLAS; fewer
-# take the Triton int8 kernel. H100, 7B / 1.5B shapes (docs/PERFORMANCE.md, forty-third session): 64 rows 89-203 µs
-# against 152-2,406 expanded, 512 rows 147-1,328 against 175-2,644; 1,024 rows 271-2,678 against 210-3,126; 2,048
-# rows expanded 1.3-1.9x faster
+# take the Triton int8 kernel. On an H100 at 7B and 1.5B shapes the kernel was 1.1-16x faster up to 512 rows; at 1,024
+# 0-17 % faster at 7B, 26-35 % slower at 1.5B; the expansion 1.3-1.9x faster at 2,048 (docs/PERFORMANCE.md,
+# forty-third session)
 
 INT8_MAX = 127.0
 QUANTIZE_BLOCK = 1 << 24  # weights per block of rows in quantize_rows / quantize_int4 (64 MiB of fp32)

@@ -55,11 +55,10 @@ class PackedLinear:
         """x [..., K] @ segment i ᵀ -> fp32; widen=False: a GEMM that ran in bf16/fp16 returns its result in that
         dtype (quant.linear)."""
         weight, scale = self.segment(i)
-        if x.device.type != "cuda":
-            few_rows = x.numel() < quant.MANY_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
-            if few_rows and weight.dtype == torch.float32 and cpu_kernels.handles(x, weight):
-                return cpu_kernels.linear(x, weight)  # a decode step's packed fp32 products stream here too
-            return quant.linear(x, weight, scale, widen)
+        few_rows = x.numel() < quant.MANY_ROWS * x.shape[-1]  # rows = numel / K, without a reshape
+        if (x.device.type != "cuda" and few_rows and weight.dtype == torch.float32
+                and cpu_kernels.handles(x, weight)):
+            return cpu_kernels.linear(x, weight)  # a decode step's packed fp32 products stream here too
         return quant.linear(x, weight, scale, widen)
 
     def decode(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Triton kernel for RWKV-7's decode step: everything element-wise between the projections and the output
-product, for one token of B sequences, in one launch.
+"""Triton kernels for RWKV-7: the decode step (everything element-wise between the projections and the output
+product, for one token of B sequences, in one launch) and the recurrence of a prompt token by token.
 
 What this module promises:
 - `wkv7_decode(...)` computes, per (sequence, head) and in fp32, what models/rwkv7.py's `TimeMixV7` computes
@@ -11,6 +11,10 @@ What this module promises:
 - r, k, v come as split-K partial sums (views [S, B, A], any dtype), the LoRA outputs as fp32 [B, A] views.
 - The head size must be a power of two (triton_kernels.supports_head_size). Under TRITON_INTERPRET=1 the kernel
   also runs on CPU tensors (the tests compare it with the PyTorch path there).
+- `wkv7_scan(log_w, r, k, v, kk, a, s)` runs the state step `S = S diag(w) - (S kk)(kk a)^T + v k^T`, `y = S r`
+  over T tokens of B sequences in one launch (fp32 throughout; each program keeps SCAN_ROWS value rows of one
+  head's state in registers from the first token to the last) and returns (y, new state); the state passed in is
+  not changed. Its cost grows with T one token after another: the caller decides where it beats a chunked form.
 
 It knows the arithmetic of one RWKV-7 time-mix step, not the model's structure.
 """
@@ -68,6 +72,27 @@ if AVAILABLE:
         y = y + tl.sum(r * k * tl.load(R_K + ch), axis=0) * v
         tl.store(Y + b * A + ch, (y * tl.load(G + lora)).to(Y.dtype.element_ty))
 
+    @triton.jit
+    def _wkv7_scan_kernel(LOG_W, R, K, V, KK, A, S_IN, S_OUT, Y, length, heads,
+                          SIZE: tl.constexpr, BLOCK: tl.constexpr):
+        """T tokens of one (sequence, head) for BLOCK of its value rows (the state's rows are independent):
+        i indexes values, j keys; the rows stay in registers from the first token to the last."""
+        bh = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        j = tl.arange(0, SIZE)
+        cell = bh * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
+        s = tl.load(S_IN + cell)
+        row = (bh // heads) * length * heads * SIZE + (bh % heads) * SIZE  # token 0 of [B, T, H, N]
+        for _ in range(0, length):
+            w = tl.exp(tl.load(LOG_W + row + j))
+            kk = tl.load(KK + row + j)
+            s_kk = tl.sum(s * kk[None, :], axis=1)  # [i]
+            s = (s * w[None, :] - s_kk[:, None] * (kk * tl.load(A + row + j))[None, :]
+                 + tl.load(V + row + i)[:, None] * tl.load(K + row + j)[None, :])
+            tl.store(Y + row + i, tl.sum(s * tl.load(R + row + j)[None, :], axis=1))
+            row += heads * SIZE
+        tl.store(S_OUT + cell, s)
+
 
 def wkv7_decode(r, k, v, w_lora, a_lora, v_lora, g, v_first, first: bool, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b,
                 state_in, state_out, out_dtype, eps: float, decay_scale: float) -> torch.Tensor:
@@ -90,3 +115,22 @@ def wkv7_decode(r, k, v, w_lora, a_lora, v_lora, g, v_first, first: bool, w0, a0
                                         FIRST=first, SIZE=size, num_warps=2 if batch >= WIDE_BATCH else 4,
                                         **pdl(r.device))
     return y
+
+
+SCAN_ROWS = 16  # value rows of a head's state a scan program keeps (4 programs a head of 64: more of the GPU's
+SCAN_WARPS = 2  # cores busy); rows and warps not tuned beyond one measured point (H100, 7.2B, 2026-12-05)
+
+
+def wkv7_scan(log_w, r, k, v, kk, a, s):
+    """T tokens token by token, in fp32: every input [B, T, H, N] fp32 (k already scaled by k_a), s [B, H, N, N]
+    fp32 (values by keys) -> (y fp32 [B, T, H, N], new s). The arithmetic of `models.rwkv7.wkv7_step` per token;
+    one launch for the whole prompt."""
+    batch, length, heads, size = r.shape
+    rows = [t.contiguous() for t in (log_w, r, k, v, kk, a)]
+    state_in = s.contiguous()
+    state_out = torch.empty_like(state_in)
+    y = torch.empty_like(rows[1])
+    block = min(size, SCAN_ROWS)
+    _wkv7_scan_kernel[(batch * heads, size // block)](*rows, state_in, state_out, y, length, heads,
+                                                       SIZE=size, BLOCK=block, num_warps=SCAN_WARPS)
+    return y, state_out

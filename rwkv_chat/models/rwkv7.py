@@ -17,7 +17,8 @@
   exponent stays within a chunk. `wkv7_sequence` picks the C++ kernels' token-by-token scan instead on CPUs
   where they are built.
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
-- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
+- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above (on GPUs
+  with Triton, prompts of up to WKV7_GPU_SCAN_TOKENS tokens run the recurrence in kernels/rwkv7_triton.py's scan). On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py; on the
   step's side stream, beside the product) and one kernel for everything element-wise up to the gated output
@@ -42,6 +43,9 @@ from .layers import (GROUP_NORM_EPS, Projection, ShiftMixes, group_norm, lora_dt
 DECAY_SCALE = math.exp(-0.5)  # log_w = -DECAY_SCALE * sigmoid(...): every decay is in (e^-0.607, 1)
 WKV7_CHUNK = 16  # tokens per chunk on CPUs: the in-chunk decay factors stay within e^(16 * 0.607) ~ 1.6e4
 WKV7_GPU_CHUNK = 64  # on GPUs, fewer and larger chunks (factors within e^(64 * 0.607) ~ 7e16, far from fp32's limit)
+WKV7_GPU_SCAN_TOKENS = 128  # on GPUs with Triton, prompts (graphed pieces) up to this long take the token-by-token
+# scan: H100, 7.2B, a piece of 2-32 tokens 12-13 ms in bf16 where the chunked form's dozens of launches took 15-16,
+# 128 tokens 18.8 vs 19.3; from 256 the chunked form is faster (27.0 vs 30.0, 1,024: 76.7 vs 99.4)
 _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
 MIX_ORDER = ("r", "k", "v", "w", "a", "g")  # the fused step's mixes: r, k, v feed the projections; v, w, a, g the LoRAs
 
@@ -110,7 +114,11 @@ def wkv7_chunks(log_w, r, k, v, kk, a, s, chunk: int):
 def wkv7_sequence(log_w, r, k, v, kk, a, s):
     """T tokens [B, T, H, N] -> (y [B, T, H, N], s): on a CPU whose C++ kernels are built, their token-by-token
     scan for each sequence (the step's own arithmetic; cheaper there than the chunked form's products and
-    copies); else `wkv7_chunks`."""
+    copies); on a GPU with Triton, prompts of at most WKV7_GPU_SCAN_TOKENS tokens in Triton's token-by-token
+    scan (one launch where the chunked form makes dozens); else `wkv7_chunks`."""
+    if (r.is_cuda and r.shape[1] <= WKV7_GPU_SCAN_TOKENS and triton_kernels.supports_head_size(r.shape[-1])
+            and r.dtype == s.dtype == torch.float32):
+        return rwkv7_triton.wkv7_scan(log_w, r, k, v, kk, a, s)
     scans = cpu_kernels.built_for(r)
     if scans is None:
         return wkv7_chunks(log_w, r, k, v, kk, a, s, WKV7_GPU_CHUNK if r.is_cuda else WKV7_CHUNK)

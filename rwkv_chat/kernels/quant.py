@@ -92,7 +92,9 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+    """quantize_rows' (q, scale) -> q * scale[:, None] in `dtype`: each product in fp32, rounded to `dtype` once,
+    in one pass (the int8 read, the result written; no fp32 copy of the matrix in between)."""
+    return torch.mul(q, scale[:, None].float(), out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 def weight_format(weight: torch.Tensor) -> torch.dtype:

@@ -108,6 +108,20 @@ def test_int8_rows_round_trip_within_half_a_step(monkeypatch, block):
     assert ((quant.dequantize(q, scale) - w.float()).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantised_weights_are_the_fp32_products_rounded_once(device, dtype):
+    """q * scale as an fp32 product rounded to the dtype once (the exact product in float64, rounded to fp32 and
+    then to the dtype, is the oracle); scales near fp32's limits included (fp16 overflows to inf)."""
+    w = torch.randn(96, 80, device=device)
+    q, scale = quant.quantize_rows(w)
+    scale[0], scale[1] = 1e-30, 3e38 / 127
+    expected = (q.double() * scale.double()[:, None]).float().to(dtype)
+    got = quant.dequantize(q, scale, dtype)
+    assert got.dtype == dtype and got.device == w.device
+    assert torch.equal(got, expected)
+
+
 def test_int8_linear_equals_dequantised_product_on_cpu():
     w, x = torch.randn(300, 96), torch.randn(5, 96)
     q, scale = quant.quantize_rows(w)

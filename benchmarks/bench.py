@@ -14,6 +14,8 @@ What it promises:
   and decode), ratio to the best reference, and parity against the fp32 reference (this package's plain
   path in fp32, which the tests hold to the `rwkv` package): max |Δlogit| and argmax agreement over the
   prompt's last token and --parity-steps teacher-forced decode steps.
+- `--turn-tokens 2,16,60`: a second table per shape, ms of a prompt of each length for every row (a chat turn's
+  wait before its first token; on GPUs our graphed pieces, captured by two untimed runs first).
 - `--batch N`: N concurrent chats through `batching.DecodeBatcher` (a reading thread each), aggregate tok/s
   against one chat alone, all running the engine's per-token judge (stop rules, detokenising, penalties)
   and sampling with the default chat settings; each chat's logits (teacher-forced along its batched
@@ -238,6 +240,7 @@ class Row:
     read_rounds: list = field(default_factory=list, repr=False)  # CPU: bytes/s of the plain read after each decode
     sustained_rounds: list = field(default_factory=list, repr=False)  # CPU: bytes/s of the sustained read after it
     decode_bytes: int = 0  # CPU: what a decode step reads (for the read-ceiling note)
+    turn_ms: dict = field(default_factory=dict)  # --turn-tokens: ms of a prefill of that many tokens (median)
     impl: object = field(default=None, repr=False)  # kept loaded between interleaved rounds
 
 
@@ -433,9 +436,11 @@ def decode_rate(impl, state, timing_tokens, device) -> tuple[float, float]:
     return done / elapsed, elapsed
 
 
-def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="", keep=False) -> Row:
-    """Build, time prefill and decode, and collect logits for parity. Returns the row; the impl is freed, or with
-    keep=True left loaded on the row (row.impl) for interleaved rounds."""
+def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_note="", keep=False,
+             turns=()) -> Row:
+    """Build, time prefill and decode, and collect logits for parity; then, for each length in `turns`, a prompt of
+    that many tokens (a chat's turn: `turn_times`). Returns the row; the impl is freed, or with keep=True left
+    loaded on the row (row.impl) for interleaved rounds."""
     device = torch.device(device)
     meter = MemoryMeter(device)
     with meter:
@@ -479,6 +484,7 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
                     if spent > TIME_BUDGET_S:
                         break
                 row.decode_tps = max(rates)
+                row.turn_ms = turn_times(impl, prompt, turns, reps, device)
             if device.type == "cpu" and hasattr(impl, "decode_bytes"):
                 row.decode_bytes = impl.decode_bytes()
         except Exception as error:
@@ -492,6 +498,36 @@ def run_impl(impl_factory, device, prompt, steps, timing_tokens, reps, meter_not
     del impl
     cleanup()
     return row
+
+
+def turn_times(impl, prompt, lengths, reps, device) -> dict:
+    """{n: ms of a prefill of n tokens (the prompt's first n, repeated where it is shorter), median of `reps`
+    after two untimed ones (their graphs captured, their kernels built)}: what a chat's turn of n new tokens
+    waits before its first token is sampled (a turn reads after a state; the cost does not depend on it)."""
+    out = {}
+    for n in lengths:
+        ids = (prompt * (n // len(prompt) + 1))[:n]
+        for _ in range(2):
+            impl.prefill(ids)
+        out[n] = statistics.median(timed_prefill(impl, ids, device)[0] for _ in range(max(reps, 3))) * 1e3
+    return out
+
+
+def print_turns(title: str, rows: list[Row]) -> str:
+    """The --turn-tokens table: ms a prefill of each length, every row that measured them."""
+    lengths = sorted({n for r in rows for n in r.turn_ms})
+    if not lengths:
+        return ""
+    lines = [f"\n### {title}: a prompt of N tokens, ms (median)", "",
+             "| impl | dtype | " + " | ".join(f"N={n}" for n in lengths) + " |",
+             "|---|---|" + "---:|" * len(lengths)]
+    for r in rows:
+        if r.turn_ms:
+            lines.append(f"| {r.name} | {r.dtype} | "
+                         + " | ".join(f"{r.turn_ms[n]:,.2f}" if n in r.turn_ms else "" for n in lengths) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def interleaved_rounds(rows: list[Row], prompt, timing_tokens, device, rounds: int) -> None:
@@ -907,6 +943,8 @@ def parse_args(argv=None):
     p.add_argument("--refs", default="rwkv,transformers",
                    help="reference implementations to run ('' for none; rwkv.cpp: see benchmarks/rwkv_cpp.py)")
     p.add_argument("--plain", action="store_true", help="also time our plain (reference) path")
+    p.add_argument("--turn-tokens", default="",
+                   help="comma list of prompt lengths to time as chat turns (ms a prefill; e.g. 2,16,60,128,1023)")
     p.add_argument("--batch", type=int, default=0, help="concurrent chats for the batching section (0 = skip)")
     p.add_argument("--batch-sizes", default=None, help="sizes for the batching section (default: --sizes)")
     p.add_argument("--batch-steps", type=int, default=64)
@@ -956,6 +994,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     for dt in dtypes:
         factories.append(lambda dt=dt: OursImpl(sd, device, dt))
     refs = [r for r in args.refs.split(",") if r]
+    turns = [int(n) for n in args.turn_tokens.split(",") if n]
     if "rwkv" in refs and (version == "7") == (os.environ.get("RWKV_V7_ON") == "1"):
         strategy = "cuda fp16" if on_cuda else "cpu fp32"
         factories.append(lambda: RwkvPipImpl(sd, device, strategy))
@@ -965,7 +1004,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
         from benchmarks import rwkv_cpp
         factories += rwkv_cpp.factories(sd, torch.get_num_threads())
     for factory in factories:
-        row = run_impl(factory, device, prompt, steps, timing_tokens, reps, keep=args.rounds > 1)
+        row = run_impl(factory, device, prompt, steps, timing_tokens, reps, keep=args.rounds > 1, turns=turns)
         row.max_dlogit, row.argmax_agree = compare(row.logits, ref_logits + [None] * 0)
         rows.append(row)
         print(f"[bench]   {row.name} {row.dtype}: prefill {row.prefill_tps:,.0f} tok/s, decode "
@@ -1006,7 +1045,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     title = (f"RWKV-{version} {size} (L{n_layer} D{n_embd}) · {name} · prefill {args.prefill_tokens} tok · "
              f"decode {decode_n} tok · batch 1" + (" · bf16 checkpoint values" if args.checkpoint_values == "bf16"
                                                    else ""))
-    return rows, print_table(title, rows)
+    return rows, print_table(title, rows) + print_turns(title, rows)
 
 
 def main(argv=None) -> int:

@@ -127,3 +127,31 @@ def test_the_read_ceiling_share_is_each_rounds_own_on_a_machine_whose_bandwidth_
     assert note.startswith("decode 80% of the read ceiling (median of 5 rounds"), note
     sustained = re.search(r", (\d+)% of a sustained read \(", note)
     assert sustained and abs(int(sustained.group(1)) - 100 * 0.8 / 0.9) < 1.5, note  # 0.8 / 0.9, the round's own
+
+
+def test_turn_lengths_are_timed_as_prompts_of_that_many_tokens_and_tabled(monkeypatch, capsys):
+    class SteadyClock(Clock):
+        def spend(self, cost: float) -> None:
+            self.now += cost
+
+    clock = SteadyClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    seen = []
+
+    class Recording(FakeImpl):
+        def prefill(self, tokens):
+            seen.append(list(tokens))
+            return super().prefill(tokens)
+
+    ours = Recording("ours", clock, prefill_cost=0.002, step_cost=0.01)
+    ref = FakeImpl("rwkv pip", clock, prefill_cost=0.005, step_cost=0.04)
+    prompt = list(range(10))
+    rows = [bench.run_impl(lambda: impl, "cpu", prompt, [1], [1, 2], reps=2, turns=(3, 25)) for impl in (ours, ref)]
+    for row, expected in zip(rows, ({3: 6.0, 25: 50.0}, {3: 15.0, 25: 125.0})):
+        assert row.turn_ms.keys() == expected.keys()
+        assert all(abs(row.turn_ms[n] - ms) < 1e-9 for n, ms in expected.items()), row.turn_ms
+    assert seen[-1] == (prompt * 3)[:25] and seen.count([0, 1, 2]) == 5  # two untimed, three timed
+    text = bench.print_turns("RWKV-7 tiny", rows)
+    assert "| ours | fp32 | 6.00 | 50.00 |" in text and "| rwkv pip | fp32 | 15.00 | 125.00 |" in text
+    assert "N=3 | N=25" in text and text in capsys.readouterr().out
+    assert bench.print_turns("none", [bench.Row("x", "fp32")]) == ""

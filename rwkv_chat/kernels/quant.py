@@ -18,11 +18,14 @@ What this module promises:
   and anywhere else but CPUs the weight is dequantised for one GEMM (exact to the stored weights; a bf16 GEMM
   on CUDA, whose result widen=False keeps in bf16).
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
-  (cpu_kernels.py) when they are built. Many rows (a prefill) of an int8 or int4 weight take the C++ GEMM on CPUs
-  with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the activations rounded to int8, a step per 32
-  columns as llama.cpp's q8_0, 64 for int4 weights as their decode products; the VNNI one 1.6-1.8x the widened
-  bf16 GEMM on a Zen 4 and faster than widening to AMX's bf16 tiles on a Xeon, the AVX2 one, the same bits,
-  1.2-1.6x the widened fp32 GEMM on that Zen 4 capped to AVX2).
+  (cpu_kernels.py) when they are built: fewer than MANY_ROWS, or, for a bf16/fp16 weight on a CPU without units for
+  it (`widened_on_cpu`), fewer than STREAM_ROWS, since the GEMM would first widen the whole weight to fp32 (a chat
+  turn of 16-63 tokens, 0.1B bf16 on a 2-core Zen 3: RWKV-5.2 37-115 ms streamed against 98-174 widened, RWKV-7
+  44-128 against 71-161; at 127 rows the two were within that VM's noise). Many rows (a prefill) of an int8 or
+  int4 weight take the C++ GEMM on CPUs with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the
+  activations rounded to int8, a step per 32 columns as llama.cpp's q8_0, 64 for int4 weights as their decode
+  products; the VNNI one 1.6-1.8x the widened bf16 GEMM on a Zen 4 and faster than widening to AMX's bf16 tiles
+  on a Xeon, the AVX2 one, the same bits, 1.2-1.6x the widened fp32 GEMM on that Zen 4 capped to AVX2).
   Other many-row products take PyTorch's GEMM in the dtype this CPU multiplies fastest (cpu_features.py): bf16
   inputs where the CPU has bf16 units (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM
   does not run (exact: |q| ≤ 127 is a bf16 integer) with the row scales applied to the fp32 result, int4 ones
@@ -186,7 +189,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring);
     widen=False: see `linear`."""
     rows = x.numel() // x.shape[-1]
-    if (weight.dtype != torch.float32 and rows < MANY_ROWS and cpu_kernels.tried()
+    streamed_below = STREAM_ROWS if widened_on_cpu(weight) else MANY_ROWS  # (module docstring)
+    if (weight.dtype != torch.float32 and rows < streamed_below and cpu_kernels.tried()
             and cpu_kernels.handles(x, weight)):
         return cpu_kernels.linear(x, weight, scale)
     shape = x.shape[:-1]

@@ -57,7 +57,8 @@ import torch
 
 from rwkv_chat.models import architecture_for
 
-SIZES = {"tiny": (2, 256), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "3B": (32, 2560), "7B": (32, 4096)}
+SIZES = {"tiny": (2, 256), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "3B": (32, 2560),
+         "7B": (32, 4096)}
 VOCAB = 65536
 HEAD_SIZE = 64
 TIME_BUDGET_S = 4.0  # per implementation and phase: repetitions stop once this much time was spent
@@ -811,7 +812,8 @@ def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
             if p > 1 and label != "ffn k|r":
                 t = graph_time(calls=calls, fn=lambda: torch.bmm(x, rotate(ws).view(p, n // p, k).transpose(1, 2)))
             else:
-                t = graph_time(calls=calls, fn=lambda: [torch.nn.functional.linear(x[i], rotate(ws)[:n // p]) for i in range(p)]
+                t = graph_time(calls=calls, fn=lambda: [torch.nn.functional.linear(x[i], rotate(ws)[:n // p])
+                                                        for i in range(p)]
                                if label != "ffn k|r" else
                                (torch.nn.functional.linear(x[0], rotate(ws)[:f]),
                                 torch.nn.functional.linear(x[1], ws[state["i"]][f:])))
@@ -834,7 +836,7 @@ def bench_kernels(sizes: list[str], device: torch.device) -> list[dict]:
                   f"{rec['float_best_us']:.1f} {tuple(rec['float_best'].values())} | "
                   f"{rec['int8_us']:.1f} ({rec['int8_TBps']:.2f}) | "
                   f"{rec['int8_best_us']:.1f} {tuple(rec['int8_best'].values())} |", flush=True)
-            del ws, qs
+            ws = qs = None  # freed before the next shape (the timed lambdas above read them)
             cleanup()
     return out
 
@@ -987,7 +989,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
     cleanup()
     # position i of every row: logits after prompt + steps[:i]; the reference has the same positions
     rows: list[Row] = []
-    dtypes = (args.dtypes or ("bf16,int8" if True else "")).split(",")
+    dtypes = (args.dtypes or "bf16,int8").split(",")
     factories = []
     if args.plain:
         factories.append(lambda: OursImpl(sd, device, "fp32", fast=False, name="ours plain"))
@@ -1034,7 +1036,7 @@ def bench_shape(args, version: str, size: str, device: torch.device) -> tuple[li
             r.note += ("; " if r.note else "") + f"vs bf16: argmax {agree:.1f}%, mean |Δ| {mean:.4f}"
     if "rwkv.cpp" in refs:  # ours against the fastest rwkv.cpp format, per phase, in the ours rows' notes
         rwkv_cpp.annotate(rows)
-    del sd, factories
+    sd = factories = None  # freed (the factories above read sd)
     cleanup()
     if on_cuda:
         name = torch.cuda.get_device_name(device)
@@ -1067,7 +1069,8 @@ def main(argv=None) -> int:
         print(f"[bench] {results['cpu']}", flush=True)
     texts = []
     if args.kernels and device.type == "cuda":
-        print("\n### Batch-1 products: µs (TB/s of weight read); settings (block_n, block_k, warps, stages, programs)\n\n"
+        print("\n### Batch-1 products: µs (TB/s of weight read); settings (block_n, block_k, warps, stages, "
+              "programs)\n\n"
               "| size | matrix | shape | MB bf16 | cuBLAS bf16 | Triton bf16 | best setting bf16 | Triton int8 | "
               "best setting int8 |\n|---|---|---|---:|---:|---:|---|---:|---|", flush=True)
         results["kernels"] = bench_kernels(args.sizes.split(","), device)

@@ -11,8 +11,8 @@ What it promises:
 - For each version: the matrix work any exact prefill of N tokens must do (every projection of every token,
   except in the last layer: k and v for every token (its wkv state), its other attention projections for
   the last two (the last token's channel mix reads the one before through its token shift), its channel mix
-  and the head for the last one), the reference's prefill (the `rwkv` package, `cpu fp32`) and ours (bf16 fast path) timed
-  in the same process on the same random checkpoint, and for each ceiling the time that matrix work alone
+  and the head for the last one), the reference's prefill (the `rwkv` package, `cpu fp32`) and ours (bf16 fast
+  path) timed in the same process on the same random checkpoint, and for each ceiling the time that matrix work alone
   would take at that rate (nothing else counted) and so the largest prefill speed-up over the reference it
   leaves room for.
 - It prints markdown tables and asserts nothing. It is the measurement behind docs/PERFORMANCE.md's
@@ -119,8 +119,8 @@ def bound_table(version: str, size: str, args, limits: list[tuple[str, float, fl
     sd = random_state_dict(version, n_layer, n_embd, seed=args.seed)
     prompt = torch.randint(1, 65530, (args.tokens,), generator=torch.Generator().manual_seed(args.seed + 1)).tolist()
     macs = prefill_macs(sd, n_layer, args.tokens)
-    limits = limits + [("PyTorch fp32 GEMM on these shapes (measured)", float("nan"), torch_gemm_rate(sd, n_layer, args.tokens),
-                        "what the reference and our prefill run on")]
+    limits = limits + [("PyTorch fp32 GEMM on these shapes (measured)", float("nan"),
+                        torch_gemm_rate(sd, n_layer, args.tokens), "what the reference and our prefill run on")]
     print(f"[bound] RWKV-{version} {size}: timing the reference and ours", file=sys.stderr, flush=True)
     reference = RwkvPipImpl(sd, "cpu", "cpu fp32")
     ref_s = prefill_seconds(reference, prompt, args.reps)

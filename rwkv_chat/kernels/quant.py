@@ -19,9 +19,11 @@ What this module promises:
   on CUDA, whose result widen=False keeps in bf16).
 - CPUs (`cpu_linear`): few rows (a decode step) of a bf16/fp16/int8/int4 weight stream it through the C++ kernels
   (cpu_kernels.py) when they are built: fewer than MANY_ROWS, or, for a bf16/fp16 weight on a CPU without units for
-  it (`widened_on_cpu`), fewer than STREAM_ROWS, since the GEMM would first widen the whole weight to fp32 (a chat
-  turn of 16-63 tokens, 0.1B bf16 on a 2-core Zen 3: RWKV-5.2 37-115 ms streamed against 98-174 widened, RWKV-7
-  44-128 against 71-161; at 127 rows the two were within that VM's noise). Many rows (a prefill) of an int8 or
+  it (`widened_on_cpu`), fewer than WIDENED_STREAM_ROWS, since the GEMM would first widen the whole weight to fp32
+  (chat turns in bf16 on a 2-core Zen 3: 0.1B, 16-63 tokens, RWKV-5.2 37-115 ms streamed against 98-174 widened,
+  RWKV-7 44-128 against 71-161, from 64 to 127 tokens either way within 15 %; 1.5B, RWKV-7 16 / 63 / 128 tokens
+  0.50 / 1.7 / 3.4 s against 2.1 / 3.4 / 4.5, RWKV-5.2 80 / 127 tokens 2.1 / 3.4 s against 3.0-3.5 / 4.4; from
+  256 tokens the GEMM wins). Many rows (a prefill) of an int8 or
   int4 weight take the C++ GEMM on CPUs with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the
   activations rounded to int8, a step per 32 columns as llama.cpp's q8_0, 64 for int4 weights as their decode
   products; the VNNI one 1.6-1.8x the widened bf16 GEMM on a Zen 4 and faster than widening to AMX's bf16 tiles
@@ -39,7 +41,8 @@ What this module promises:
   (the 0.1B head, 65,536 x 768 int8, on a Zen 4, 2 threads: 16 rows 9.6 ms streamed against 37.9 widened; 64
   rows 46 against 53), and so that each chat's logits are the bits it gets decoded alone. From STREAM_ROWS rows
   `linear` takes over (int8 / int4 on the integer GEMM where it runs; the VNNI one: the head at 64 rows 13.8 ms;
-  it would win from ~16 rows, 7.1 against 5.4 ms, at the price of those bits).
+  it would win from ~16 rows, 7.1 against 5.4 ms, at the price of those bits; a bf16/fp16 weight without units
+  streams on there up to WIDENED_STREAM_ROWS).
 
 It knows nothing of RWKV: which matrices are quantised is the loader's choice.
 """
@@ -55,6 +58,8 @@ from .cpu_features import cpu_features
 MANY_ROWS = 16  # from this many rows a CPU product is one GEMM in the fastest dtype (weights widened once);
 # fewer stream the weight through cpu_kernels
 STREAM_ROWS = 64  # a decode step's narrow weights stream through cpu_kernels below this many rows (decode_linear)
+WIDENED_STREAM_ROWS = 128  # a weight the GEMM would widen (widened_on_cpu) streams below this many rows in any
+# product (cpu_linear), prompts included; measured in the module docstring
 CUDA_INT8_EXPAND_ROWS = 1024  # from this many rows a CUDA int8 product expands its weight to bf16 for cuBLAS; fewer
 # take the Triton int8 kernel. On an H100 at 7B and 1.5B shapes the kernel was 1.1-16x faster up to 512 rows; at 1,024
 # 0-17 % faster at 7B, 26-35 % slower at 1.5B; the expansion 1.3-1.9x faster at 2,048 (docs/PERFORMANCE.md,
@@ -189,7 +194,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring);
     widen=False: see `linear`."""
     rows = x.numel() // x.shape[-1]
-    streamed_below = STREAM_ROWS if widened_on_cpu(weight) else MANY_ROWS  # (module docstring)
+    streamed_below = WIDENED_STREAM_ROWS if widened_on_cpu(weight) else MANY_ROWS  # (module docstring)
     if (weight.dtype != torch.float32 and rows < streamed_below and cpu_kernels.tried()
             and cpu_kernels.handles(x, weight)):
         return cpu_kernels.linear(x, weight, scale)

@@ -117,8 +117,8 @@ def test_the_prefetch_distance_follows_the_vendor_and_the_variable(monkeypatch):
 
 @pytest.mark.parametrize("path", [runnable(p) for p in ("avx2", "avx_vnni", "avx512", "avx512_bf16", "amx")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
-@pytest.mark.parametrize("rows", [3, 40, 70])  # a decode step's few rows (C++ kernels), a prefill's many (GEMM;
-# from 40 rows for int8 and where the CPU has units for the dtype, from 70 where a GEMM would widen it)
+@pytest.mark.parametrize("rows", [3, 40, 130])  # a decode step's few rows (C++ kernels), a prefill's many (GEMM;
+# from 40 rows for int8 and where the CPU has units for the dtype, from 130 where a GEMM would widen it)
 def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows):
     int8_dot(path)  # the kernels built, as loading a model on a CPU does (else few rows stay with PyTorch)
     gen = torch.Generator().manual_seed(7)
@@ -132,7 +132,7 @@ def test_each_path_computes_the_product_it_promises(int8_dot, path, dtype, rows)
         exact_w = weight.double()
     out = quant.cpu_linear(x, weight, scale)
     features = cpu_features()
-    streamed_below = quant.STREAM_ROWS if quant.widened_on_cpu(weight) else quant.MANY_ROWS
+    streamed_below = quant.WIDENED_STREAM_ROWS if quant.widened_on_cpu(weight) else quant.MANY_ROWS
     few_in_kernels = rows < streamed_below and cpu_kernels.handles(x, weight)
     many = rows >= quant.MANY_ROWS and not few_in_kernels
     int8_gemm = dtype == torch.int8 and many and features.int8_gemm  # the integer GEMM: int8 activations

@@ -854,7 +854,8 @@ def test_the_decode_stack_refuses_an_int8_weight_without_its_scales(make_checkpo
 @pytest.mark.parametrize("widened", [True, False])
 def test_a_weight_the_gemm_would_widen_streams_up_to_stream_rows(monkeypatch, widened):
     """A bf16 weight on a CPU without bf16 units (the GEMM would widen it to fp32 first) streams through the C++
-    kernels below quant.STREAM_ROWS rows, in a prefill as in a decode step; with the units only below MANY_ROWS."""
+    kernels below quant.WIDENED_STREAM_ROWS rows, in a prefill as in a decode step; with the units only below
+    MANY_ROWS."""
     from rwkv_chat.kernels import quant
     cpu_kernels.kernels()  # built, as loading a model on a CPU does
     monkeypatch.setattr(quant, "widened_on_cpu", lambda weight: widened)
@@ -863,7 +864,7 @@ def test_a_weight_the_gemm_would_widen_streams_up_to_stream_rows(monkeypatch, wi
     monkeypatch.setattr(cpu_kernels, "linear", lambda x, *rest: streamed.append(x.shape[0]) or stream(x, *rest))
     gen = torch.Generator().manual_seed(3)
     weight = (torch.randn(64, 96, generator=gen) / 10).to(torch.bfloat16)
-    limit = quant.STREAM_ROWS if widened else quant.MANY_ROWS
+    limit = quant.WIDENED_STREAM_ROWS if widened else quant.MANY_ROWS
     for rows in (quant.MANY_ROWS - 1, quant.MANY_ROWS, limit - 1, limit):
         x = torch.randn(rows, 96, generator=gen)
         out = quant.cpu_linear(x, weight)

@@ -23,11 +23,11 @@ What this module promises:
   (chat turns in bf16 on a 2-core Zen 3: 0.1B, 16-63 tokens, RWKV-5.2 37-115 ms streamed against 98-174 widened,
   RWKV-7 44-128 against 71-161, from 64 to 127 tokens either way within 15 %; 1.5B, RWKV-7 16 / 63 / 128 tokens
   0.50 / 1.7 / 3.4 s against 2.1 / 3.4 / 4.5, RWKV-5.2 80 / 127 tokens 2.1 / 3.4 s against 3.0-3.5 / 4.4; from
-  256 tokens the GEMM wins). Many rows (a prefill) of an int8 or
-  int4 weight take the C++ GEMM on CPUs with AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the
-  activations rounded to int8, a step per 32 columns as llama.cpp's q8_0, 64 for int4 weights as their decode
-  products; the VNNI one 1.6-1.8x the widened bf16 GEMM on a Zen 4 and faster than widening to AMX's bf16 tiles
-  on a Xeon, the AVX2 one, the same bits, 1.2-1.6x the widened fp32 GEMM on that Zen 4 capped to AVX2).
+  256 tokens the GEMM wins). Many rows (a prefill) of an int8 or int4 weight take the C++ GEMM on CPUs with
+  AVX512-VNNI or with AVX2 but no AVX-512 (cpu_kernels.gemm: the activations rounded to int8, a step per 32 columns
+  as llama.cpp's q8_0, 64 for int4 weights as their decode products; the VNNI one 1.6-1.8x the widened bf16 GEMM
+  on a Zen 4 and faster than widening to AMX's bf16 tiles on a Xeon, the AVX2 one, the same bits, 1.2-1.6x the
+  widened fp32 GEMM on that Zen 4 capped to AVX2).
   Other many-row products take PyTorch's GEMM in the dtype this CPU multiplies fastest (cpu_features.py): bf16
   inputs where the CPU has bf16 units (AVX512-BF16, AMX), int8 weights widened to bf16 there where the int8 GEMM
   does not run (exact: |q| ≤ 127 is a bf16 integer) with the row scales applied to the fp32 result, int4 ones

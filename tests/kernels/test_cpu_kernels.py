@@ -852,7 +852,7 @@ def test_the_decode_stack_refuses_an_int8_weight_without_its_scales(make_checkpo
 
 @needs_kernels
 @pytest.mark.parametrize("widened", [True, False])
-def test_a_weight_the_gemm_would_widen_streams_up_to_stream_rows(monkeypatch, widened):
+def test_a_weight_the_gemm_would_widen_streams_below_widened_stream_rows(monkeypatch, widened):
     """A bf16 weight on a CPU without bf16 units (the GEMM would widen it to fp32 first) streams through the C++
     kernels below quant.WIDENED_STREAM_ROWS rows, in a prefill as in a decode step; with the units only below
     MANY_ROWS."""

@@ -13,6 +13,7 @@ from rwkv_chat.state import RwkvState
 from checkpoints import RANDOM_LORA, make_state_dict, save_pth
 from reference import assert_states_passed_in_stay_unchanged, random_tokens, reference_run
 from reference_v7 import reference_v7_logits
+from wkv7_oracle import wkv7_inputs, wkv7_token_loop
 
 FP32_TOLERANCE = 1e-3
 # (version, n_layer, n_embd, head_size): head sizes 64 (every published model) and 32; 3 heads of 64
@@ -126,27 +127,6 @@ def test_rwkv6_chunked_recurrence_equals_its_one_token_steps(chunk, batch, lengt
                                                chunk)
     assert torch.allclose(chunk_out.transpose(1, 2).cpu(), torch.stack(steps, 2), atol=1e-9)
     assert torch.allclose(chunk_state.cpu(), state, atol=1e-9)
-
-
-def wkv7_inputs(batch, length, seed, heads=3, size=16, strongest=False):
-    """Random RWKV-7 recurrence inputs [B, H, T, N] (float64) and a start state."""
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    shape = (batch, heads, length, size)
-    log_w = -rwkv7.DECAY_SCALE * torch.sigmoid(rand(*shape) * 3)
-    if strongest:  # every decay at its strongest: the largest in-chunk factors
-        log_w = torch.full_like(log_w, -rwkv7.DECAY_SCALE)
-    kk = torch.nn.functional.normalize(rand(*shape), dim=-1)
-    a = torch.sigmoid(rand(*shape))
-    return (log_w, rand(*shape), rand(*shape), rand(*shape), kk, a), rand(batch, heads, size, size)
-
-
-def wkv7_token_loop(inputs, s0):
-    state, steps = s0, []
-    for t in range(inputs[0].shape[2]):
-        out, state = rwkv7.wkv7_step(*(x[:, :, t] for x in inputs), state)
-        steps.append(out)
-    return torch.stack(steps, 2), state
 
 
 def wkv7_chunks(inputs, s0, chunk, device="cpu"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from triton_interpreter import run_interpreted
+from wkv7_oracle import wkv7_inputs, wkv7_token_loop
 
 CASES = [  # batch, tokens, heads, head size, every decay at its strongest
     (2, 37, 3, 16, False), (1, 1, 2, 64, False), (3, 5, 1, 8, True), (1, 70, 2, 64, True)]
@@ -18,24 +19,13 @@ CASES = [  # batch, tokens, heads, head size, every decay at its strongest
 def worst_differences(batch, length, heads, size, strongest, device) -> list[float]:
     """[output, new state]: the scan's largest difference from the float64 steps, relative to the largest value."""
     from rwkv_chat.kernels import rwkv7_triton
-    from rwkv_chat.models import rwkv7
-    gen = torch.Generator().manual_seed(length)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    shape = (batch, length, heads, size)
-    log_w = -rwkv7.DECAY_SCALE * (torch.ones(shape, dtype=torch.float64) if strongest
-                                  else torch.sigmoid(rand(*shape) * 3))
-    kk = torch.nn.functional.normalize(rand(*shape), dim=-1)
-    inputs = [log_w, rand(*shape), rand(*shape), rand(*shape), kk, torch.sigmoid(rand(*shape))]
-    s0 = rand(batch, heads, size, size)
-    state, steps = s0, []
-    for t in range(length):
-        out, state = rwkv7.wkv7_step(*(x[:, t] for x in inputs), state)
-        steps.append(out)
-    expected = torch.stack(steps, 1)
+    inputs, s0 = wkv7_inputs(batch, length, seed=length, heads=heads, size=size, strongest=strongest)  # [B, H, T, N]
+    expected, state = wkv7_token_loop(inputs, s0)
     start = s0.float().to(device)
     kept = start.clone()
-    y, s = rwkv7_triton.wkv7_scan(*(x.float().to(device) for x in inputs), start)
+    y, s = rwkv7_triton.wkv7_scan(*(x.transpose(1, 2).float().to(device) for x in inputs), start)  # [B, T, H, N]
     assert torch.equal(start, kept), "the scan changed the state it was given"
+    y = y.transpose(1, 2)
     assert y.dtype == s.dtype == torch.float32 and y.shape == expected.shape and s.shape == s0.shape
     return [((y.double().cpu() - expected).abs().max() / expected.abs().max()).item(),
             ((s.double().cpu() - state).abs().max() / state.abs().max()).item()]

@@ -194,9 +194,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     """x [..., K] @ Wᵀ -> fp32 [..., N] on a CPU, each case where it runs fastest (see the module docstring);
     widen=False: see `linear`."""
     rows = x.numel() // x.shape[-1]
-    streamed_below = WIDENED_STREAM_ROWS if widened_on_cpu(weight) else MANY_ROWS  # (module docstring)
-    if (weight.dtype != torch.float32 and rows < streamed_below and cpu_kernels.tried()
-            and cpu_kernels.handles(x, weight)):
+    few = rows < MANY_ROWS or (rows < WIDENED_STREAM_ROWS and widened_on_cpu(weight))  # (module docstring)
+    if weight.dtype != torch.float32 and few and cpu_kernels.tried() and cpu_kernels.handles(x, weight):
         return cpu_kernels.linear(x, weight, scale)
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -65,6 +65,9 @@ class Architecture:
     family: str  # the name users know: "RWKV-4", "RWKV-5", ...
     heads: bool  # whether the time mix is split into heads of `head_size`
     fast_runner: bool = True  # whether runtime.fast_path can pack it (else the plain path runs on every device)
+    # whether its time mix takes `real` (a bool [1, T, 1] mask of a padded prompt's real tokens) and leaves the
+    # memory as it is for the others, so that RwkvModel.read_padded reads prompts padded at their end
+    reads_padded_prompts: bool = False
     # state files (`blocks.N.att.time_state` [H, N, N]) hold the memory transposed against `empty_wkv`'s layout;
     # None: this architecture has no per-head matrix memory, so no state file fits it
     state_file_transposed: bool | None = None
@@ -77,6 +80,9 @@ class Architecture:
     # whether `prefill_wkv` takes the time-mix products as the GEMMs gave them (bf16/fp16) when its scans are
     # Triton's (which widen while reading); else they come widened to fp32
     prefill_takes_gemm_dtype: bool = False
+    # whether `prefill_wkv` takes `real` (a bool [T, 1] mask of a padded prompt's real tokens) with the scans of
+    # `kernels` and leaves the memory as it is for the others (the fast runner's padded prompts)
+    prefill_wkv_reads_padding: bool = False
     # time-mix projections (indices into `TimeMixPack.projections`) that the last layer of a prefill computes
     # for every token (the recurrence reads them); the others only for the last two tokens
     projections_for_every_token: tuple[int, ...]
@@ -145,12 +151,13 @@ class Architecture:
         raise NotImplementedError
 
     def prefill_wkv(self, layer, proj: list[torch.Tensor], wkv: torch.Tensor, kernels, chunk: int,
-                    kept: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                    kept: slice, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """T tokens of one sequence: projections [T or 2, A] (fp32, or as `prefill_takes_gemm_dtype` says) -> (the
         output projection's input for the `kept` rows, new memory: fp32, or in the projections' dtype when they
         came in it). `kernels` is a module with the token-by-token scans (Triton or C++) and, where it has them,
         the gates and norms in one pass (`sigmoid_gate`, `group_norm_gate`), or None for the chunked PyTorch
-        forms."""
+        forms. real: where `prefill_wkv_reads_padding`, None or a bool [T, 1] mask of the prompt's tokens (the
+        others are padding after it, which leaves the memory as it is)."""
         raise NotImplementedError
 
     def pack_fused_time_mix(self, att: nn.Module, config) -> FusedTimeMixPack | None:

@@ -4,13 +4,15 @@ Promises: `Projection` returns fp32 and computes in its weight's dtype (int8 wei
 product; it takes fp32 rows, or bf16 ones that a bf16 product reads as they are); `token_shift`/`mix` are the
 reference token-shift formulas and `ShiftMixes` RWKV-6/7's (a CPU prefill's in one C++ pass);
 `ChannelMix` is the feed-forward half of a block of RWKV-4/5/6 (`sigmoid(r) * (relu(k)^2 @ Wv)`);
-`layer_norm`/`group_norm` run in fp32 with the reference epsilons; `lora_dtype`/`lora_product` run the time mixes'
-low-rank products in bf16 where the projections beside them run in bf16 (a prefill: bf16 and int8 models on GPUs,
-bf16/int8/int4 ones on CPUs with bf16 units), in fp32 everywhere else, and `lora_storage_dtype` keeps their factors
-in bf16 on CPUs where those products read them so or no value changes. It knows no version:
-what differs between versions lives in their modules."""
+`layer_norm`/`group_norm` run in fp32 with the reference epsilons; `Padding` says where a prompt padded at its
+end stops; `lora_dtype`/`lora_product` run the time mixes' low-rank products in bf16 where the projections beside
+them run in bf16 (a prefill: bf16 and int8 models on GPUs, bf16/int8/int4 ones on CPUs with bf16 units), in fp32
+everywhere else, and `lora_storage_dtype` keeps their factors in bf16 on CPUs where those products read them so or
+no value changes. It knows no version: what differs between versions lives in their modules."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,23 @@ class Projection(nn.Linear):
     def stored(self) -> list[torch.Tensor]:
         """[the weight as stored, its per-row scale (an empty tensor unless int8)]: what the C++ steps read."""
         return [self.weight.detach(), getattr(self, "weight_scale", torch.empty(0))]
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Where a prompt padded at its end stops, on its device: `real` bool [1, T, 1] (True for the prompt's tokens),
+    `last` long [1] (the index of its last token). The architectures that read padding (`reads_padded_prompts`)
+    take `real` in their time mix (or, in the fast runner, their `prefill_wkv`) and leave the memory as it is for
+    the other tokens."""
+
+    real: torch.Tensor
+    last: torch.Tensor
+
+    @classmethod
+    def of(cls, length: int, valid: torch.Tensor) -> "Padding":
+        """The first `valid` (long [1], 1..length) of `length` tokens are real."""
+        positions = torch.arange(length, device=valid.device)
+        return cls((positions < valid).view(1, length, 1), valid - 1)
 
 
 def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

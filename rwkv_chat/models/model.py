@@ -7,6 +7,8 @@ What this module promises:
   part runs in chunks with the exact chunked form of the recurrence (the architecture's time mix) — never a
   Python loop over tokens. Reading a sequence whole or split anywhere gives the same state (up to rounding).
   A read that returns only its last token's logits runs the last layer's channel mix for that token alone.
+  `read_padded` reads a prompt padded at its end (RWKV-6/7: their time mixes pass the padding), so one CUDA
+  graph of T tokens serves every prompt of 1 to T.
 - Numerics follow the reference implementation: LayerNorms, the recurrence and the residual stream are fp32;
   only the projections run in the weight dtype (fp32, bf16, fp16, int8, int4), so bf16 stays close to fp32.
 - Parameter names are those of the original checkpoints (`blocks.N.att.key.weight`, ...), except that
@@ -25,7 +27,7 @@ from torch import nn
 from ..kernels import quant
 from ..state import RwkvState
 from .config import RwkvConfig
-from .layers import LAYER_NORM_EPS, Projection, layer_norm
+from .layers import LAYER_NORM_EPS, Padding, Projection, layer_norm
 
 SEGMENT_TOKENS = 1024  # tokens read through all layers at once; bounds activation memory for long prompts
 
@@ -44,13 +46,17 @@ class Block(nn.Module):
         self.att = config.architecture.make_time_mix(config, layer_id)
         self.ffn = config.architecture.make_channel_mix(config)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, carry=None, last_only: bool = False):
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, carry=None, last_only: bool = False,
+                padding: Padding | None = None):
         """x: residual stream [B, T, C] fp32; shift: [B, 2, C]; wkv: this layer's memory; carry: what the
         previous layer's time mix hands on (RWKV-7's first-layer value, else None). last_only: return the
         stream of the last token alone [B, 1, C] (the last layer of a read whose only output is its last token):
-        the channel mix then runs for that token only, its token shift read from the token before (same state)."""
+        the channel mix then runs for that token only, its token shift read from the token before (same state).
+        padding: the tokens after padding.last are padding (the time mix passes them, the new shifts are taken at
+        padding.last; not with last_only)."""
         xx = layer_norm(x, self.ln1.weight, self.ln1.bias)
-        att, wkv, carry = self.att(xx, shift[:, 0], wkv, carry)
+        real = {} if padding is None else {"real": padding.real}  # only architectures that read padding take it
+        att, wkv, carry = self.att(xx, shift[:, 0], wkv, carry, **real)
         x = x + att
         if last_only and x.shape[1] > 1:
             x = x[:, -2:]  # the token before the last feeds the last one's shift
@@ -59,6 +65,8 @@ class Block(nn.Module):
         else:
             xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
             x = x + self.ffn(xx2, shift[:, 1])
+        if padding is not None:
+            return x, torch.cat([xx.index_select(1, padding.last), xx2.index_select(1, padding.last)], 1), wkv, carry
         return x, torch.stack([xx[:, -1], xx2[:, -1]], dim=1), wkv, carry
 
 
@@ -149,6 +157,21 @@ class RwkvModel(nn.Module):
         hidden = torch.cat(outputs) if all_logits else outputs[-1][0]
         return self._logits(hidden), state
 
+    def read_padded(self, ids: torch.Tensor, state: RwkvState, valid: torch.Tensor):
+        """A prompt padded at its end: ids [T] (T <= SEGMENT_TOKENS, on the model's device, all in range) whose first
+        `valid` are the prompt (`valid` a long tensor [1] on the device, 1 <= valid <= T; the rest any tokens) ->
+        (logits fp32 [vocab] after the prompt's last token, the state after it): what read_plain(ids[:valid])
+        gives, up to the rounding of the products over more rows. The architecture's time mix passes the padding
+        (`Architecture.reads_padded_prompts`); the shifts and logits are taken at the prompt's last token. No host
+        sync, so one CUDA graph captured for T tokens reads every prompt of 1 to T tokens."""
+        if not self.config.architecture.reads_padded_prompts:
+            raise ValueError(f"{self.config.architecture.family} cannot read padded prompts")
+        if not 1 <= ids.numel() <= SEGMENT_TOKENS:
+            raise ValueError(f"a padded read takes 1 to {SEGMENT_TOKENS} tokens, got {ids.numel()}")
+        padding = Padding.of(ids.numel(), valid.to(self.device).reshape(1))
+        hidden, state = self._read(ids.to(self.device).reshape(1, -1), state, padding=padding)
+        return self._logits(hidden[0].index_select(0, padding.last))[0], state
+
     @torch.no_grad()
     def decode_batch(self, tokens: torch.Tensor, state: RwkvState):
         """One token for each of B sequences: tokens [B] -> (logits fp32 [B, vocab], new batched state)."""
@@ -164,14 +187,16 @@ class RwkvModel(nn.Module):
         hidden, state = self._read(ids.to(self.device).reshape(-1, 1), state)
         return self._logits(hidden[:, -1]), state
 
-    def _read(self, ids: torch.Tensor, state: RwkvState, last_only: bool = False):
+    def _read(self, ids: torch.Tensor, state: RwkvState, last_only: bool = False, padding: Padding | None = None):
         """Run [B, T] ids through every layer; returns (final hidden [B, T, C], or [B, 1, C] of the last token
-        with last_only (the last layer's channel mix then runs for that token alone), new state)."""
+        with last_only (the last layer's channel mix then runs for that token alone), new state). padding: the
+        tokens after padding.last leave the state as it is (Block.forward)."""
         x = layer_norm(self.emb(ids).float(), self.ln0.weight, self.ln0.bias)
         shifts, wkvs, carry = [], [], None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, shift, wkv, carry = block(x, state.shift[:, i], state.wkv[:, i], carry, last_only and i == last)
+            x, shift, wkv, carry = block(x, state.shift[:, i], state.wkv[:, i], carry, last_only and i == last,
+                                         padding)
             shifts.append(shift)
             wkvs.append(wkv)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:

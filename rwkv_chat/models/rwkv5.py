@@ -6,7 +6,9 @@
 - State per layer: the token shifts and one key-by-value matrix per head [H, S, S] fp32.
 - Math (log_w = -exp(time_decay), u = time_faaaa): `wkv5_step` for one token, `wkv5_chunk` for L tokens at once
   (every exponent <= 0), `TimeMixV5` the module (GroupNorm of the heads, 5.2's SiLU gate).
-- Fast paths: the packed r|k|v(|g) projections, the PyTorch/Triton decode cores and the prefill scans.
+- Fast paths: the packed r|k|v(|g) projections, the PyTorch/Triton decode cores and the prefill scans. A prompt
+  padded at its end (the fast runner's graphed pieces) goes through the scans with a decay per token, 1 for the
+  padding, and zero keys there, so the padding leaves the memory as it is (`prefill_wkv`'s `real`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Rwkv5(HeadMatrixArchitecture):
     cpu_wkv_chunk = 16
     state_file_transposed = True  # state files hold [H, S(value), S(key)]
     projections_for_every_token = (0, 1, 2)  # r, k and v: the scans read r
+    prefill_wkv_reads_padding = True  # padding: decay 1 and zero keys, through the scans' decay per token
 
     def __init__(self, version: str, gated: bool):
         self.version, self.gated = version, gated
@@ -172,9 +175,15 @@ class Rwkv5(HeadMatrixArchitecture):
         return kernels.wkv5_decode(proj[0], proj[1], proj[2], gate, wkv, wkv_out, layer.decay_factor, layer.first,
                                    *layer.ln_x, act_dtype, GROUP_NORM_EPS)
 
-    def prefill_wkv(self, layer, proj, wkv, kernels, chunk, kept):
+    def prefill_wkv(self, layer, proj, wkv, kernels, chunk, kept, real=None):
         h, s = layer.decay.shape
-        if kernels is not None:
+        if real is not None:  # padding after the prompt: decay 1 and zero keys (the scans' decay per token, RWKV-6's)
+            if kernels is None:
+                raise ValueError("RWKV-5 reads padded prompts with the token-by-token scans only (Triton or C++)")
+            decay = torch.where(real, layer.decay_factor.view(1, -1), 1.0)
+            r, k, v = proj[0].contiguous(), torch.where(real, proj[1], 0.0), proj[2].contiguous()
+            out, new_wkv = kernels.wkv5_scan(decay, layer.first, r, k, v, wkv.contiguous())
+        elif kernels is not None:
             out, new_wkv = kernels.wkv5_scan(layer.decay_factor, layer.first, *(t.contiguous() for t in proj[:3]),
                                              wkv.contiguous())
         else:

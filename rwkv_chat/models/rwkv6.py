@@ -12,7 +12,8 @@
   <= 0); `wkv6_sequence` picks a token-by-token scan instead where one runs (the C++ kernels' on CPUs that built
   them, Triton's on GPUs).
   The channel mix is RWKV-5's with the same shift convention (`time_maa_k/r`).
-- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above. On
+- Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above (a prompt
+  padded at its end, as graphed pieces are, gives the padding decay 1 and zero keys). On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is the token shift's LoRA (two launches, kernels/lora_triton.py), the five mixes (one), one
   product for k/v/r/g, the decay's LoRA (two, on the step's side stream, beside the product) and the recurrence
@@ -130,8 +131,10 @@ class TimeMixV6(nn.Module):
         self.output = Projection(a, c)
         self.ln_x = nn.GroupNorm(h, a, eps=GROUP_NORM_EPS)
 
-    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, carry=None):
-        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out [B, T, C], new wkv, carry)."""
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, carry=None, real=None):
+        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out [B, T, C], new wkv, carry).
+        real: None, or a bool [1, T, 1] mask of the tokens that are the prompt's; the others (padding after it) get
+        decay 1 and a zero key, so the memory passes them unchanged (their outputs are junk)."""
         batch, length, _ = xx.shape
         h, n = self.n_head, self.head_size
         low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill beside bf16 products, else fp32
@@ -144,12 +147,14 @@ class TimeMixV6(nn.Module):
         wx, kx, vx, rx, gx = shift_mixes(maa.view(MAA_PARTS, -1), lora).unbind(0)
         heads = (batch, length, h, n)
         r = self.receptance(rx).view(heads)  # [B, T, H, N]
-        k = self.key(kx).view(heads)
+        k = self.key(kx)
+        k = (k if real is None else torch.where(real, k, 0.0)).view(heads)
         v = self.value(vx).view(heads)
         gate = self.gate(gx)
         w = self.time_decay.view(-1) + lora_product(torch.tanh(lora_product(wx, self.time_decay_w1, low)),
                                                     self.time_decay_w2, low)  # fp32
-        log_w = -torch.exp(w).view(heads)
+        log_w = -torch.exp(w)
+        log_w = (log_w if real is None else torch.where(real, log_w, 0.0)).view(heads)
         u = self.time_faaaa.float()
         if length == 1:
             out, wkv = wkv6_step(log_w[:, 0], u, r[:, 0], k[:, 0], v[:, 0], wkv)
@@ -249,6 +254,7 @@ class Rwkv6(HeadMatrixArchitecture):
     version = "6"
     family = "RWKV-6"
     fast_runner = False
+    reads_padded_prompts = True  # the time mix's `real`: padding tokens get decay 1 and zero keys
     cpu_kernel_id = 6
     state_file_transposed = True  # state files hold [H, N(value), N(key)]; this memory is [H, N(key), N(value)]
 

@@ -18,7 +18,8 @@
   where they are built.
   The channel mix has no receptance: `relu(key(x + (prev - x) * x_k))^2 @ value`.
 - Fast paths: the fast runner does not pack it (`fast_runner = False`): prefill is the plain path above (on GPUs
-  with Triton, prompts of up to WKV7_GPU_SCAN_TOKENS tokens run the recurrence in kernels/rwkv7_triton.py's scan). On
+  with Triton, prompts of up to WKV7_GPU_SCAN_TOKENS tokens run the recurrence in kernels/rwkv7_triton.py's scan;
+  a prompt padded at its end, as graphed pieces are, gives the padding decay 1, zero keys and learning rate). On
   CUDA with Triton the decode step is fused (runtime/fused_decode.py, graphed by runtime/plain_graphs.py):
   `fused_time_mix` is one product for r/k/v, two launches for the four LoRAs (kernels/lora_triton.py; on the
   step's side stream, beside the product) and one kernel for everything element-wise up to the gated output
@@ -160,8 +161,10 @@ class TimeMixV7(nn.Module):
         self.output = Projection(dim_att, c)
         self.ln_x = nn.GroupNorm(h, dim_att, eps=GROUP_NORM_EPS)
 
-    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, v_first=None):
-        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first)."""
+    def forward(self, xx: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor, v_first=None, real=None):
+        """xx: normalised input [B, T, C]; prev: [B, C]; wkv: [B, H, N, N] -> (out, new wkv, v_first). real: None,
+        or a bool [1, T, 1] mask of the tokens that are the prompt's; the others (padding after it) get decay 1,
+        a zero key and a zero learning rate, so the memory passes them unchanged (their outputs are junk)."""
         batch, length, _ = xx.shape
         heads = (batch, length, self.n_head, self.head_size)
         low = lora_dtype(xx, self.receptance.weight)  # bf16 for a prefill beside bf16 products, else fp32
@@ -175,6 +178,8 @@ class TimeMixV7(nn.Module):
         g = _lora(xg, self.g1, self.g2, None, torch.sigmoid, low)
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)
         k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k * (1 + (a - 1) * k_a)
+        if real is not None:  # exact: a chosen 0 where the mask is False, the value itself where it is True
+            log_w, k, a = (torch.where(real, t, 0.0) for t in (log_w, k, a))
         if self.first_layer:
             v_first = v
         else:
@@ -286,6 +291,7 @@ class Rwkv7(HeadMatrixArchitecture):
     version = "7"
     family = "RWKV-7"
     fast_runner = False
+    reads_padded_prompts = True  # the time mix's `real`: padding gets decay 1, zero keys and learning rate
     cpu_kernel_id = 7
     state_file_transposed = False
 

@@ -13,9 +13,10 @@ What this module promises:
   to views of them, so the weights are held once. int8 models (kernels/quant.py) are packed the same way.
 - Devices: on CUDA with Triton, a decode step is 4 fused Triton kernels + 4 weight-streaming products per
   layer, captured in CUDA graphs per batch size (cuda_graphs.py), and prompts are read in CUDA graphs too
-  (prefill_graphs.py); on CUDA without Triton the PyTorch step is graphed; on CPU a step is one call into
-  the C++ kernels (cpu_kernels.DecodeStack), whose products read the weights as stored (fp32 activations;
-  the integer ones round them to int16 / int8 first), and the PyTorch step runs where they did not build.
+  (prefill_graphs.py; their last piece padded where the architecture's scans pass padding: `read_padded`); on
+  CUDA without Triton the PyTorch step is graphed; on CPU a step is one call into the C++ kernels
+  (cpu_kernels.DecodeStack), whose products read the weights as stored (fp32 activations; the integer ones round
+  them to int16 / int8 first), and the PyTorch step runs where they did not build.
   Prefill is a few large matrix products per layer plus the wkv recurrence: scans token by token in Triton
   (CUDA) or in the C++ kernels (CPU), else the chunked-parallel PyTorch forms of parallel_wkv.py. With Triton,
   a prompt's element-wise work between the products is a few one-pass kernels (token-shift mixes, gates with
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_kernels, quant, triton_kernels
-from ..models.layers import LAYER_NORM_EPS, relu_square_
+from ..models.layers import LAYER_NORM_EPS, Padding, relu_square_
 from ..state import RwkvState
 from .cpu_decode import CpuStepRunner, stack_ends
 from .cuda_graphs import GraphedDecoder
@@ -140,7 +141,13 @@ class FastRunner:
         self.wkv_chunk = CUDA_WKV_CHUNK if on_cuda else self.architecture.cpu_wkv_chunk
         self.segment = CUDA_SEGMENT if on_cuda else CPU_SEGMENT
         self._graphs = GraphedDecoder(self._decode_step, self.empty_state, self.device) if self.use_graphs else None
-        self._prompt_graphs = (GraphedPrefill(self._prefill_last, self.empty_state, self.device)
+        # the prefill's kernels: its wkv token by token and, where they have them, its gates in one pass (Triton on
+        # GPUs, the C++ kernels on CPUs: the same signatures); else the chunked PyTorch forms of parallel_wkv. The
+        # graphed prompts' last piece is padded where their scans pass padding (read_padded)
+        self.prefill_kernels = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
+        padded = (self.read_padded if self.architecture.prefill_wkv_reads_padding and self.prefill_kernels is not None
+                  else None)
+        self._prompt_graphs = (GraphedPrefill(self._prefill_last, self.empty_state, self.device, padded)
                                if self.use_graphs else None)
         # CPU: a decode step is one call into the C++ kernels, when they built (cpu_kernels.DecodeStack)
         self.cpu_layers = ([cpu_layer_tensors(layer, self.architecture) for layer in self.layers]
@@ -150,9 +157,6 @@ class FastRunner:
             ends = stack_ends(self.emb, self.ln0, self.ln_out, *self.head.segment(0))
             self.cpu_stack = cpu_kernels.DecodeStack(self.cpu_layers, self.architecture.cpu_kernel_id,
                                                      self.layers[0].att.n_segments, ends=ends)
-        # the prefill's kernels: its wkv token by token and, where they have them, its gates in one pass (Triton on
-        # GPUs, the C++ kernels on CPUs: the same signatures); else the chunked PyTorch forms of parallel_wkv
-        self.prefill_kernels = triton_kernels if self.use_triton else cpu_kernels.kernels() if cpu_decode else None
 
     # ------------------------------------------------------------------------------------- public
     def decode(self, ids: torch.Tensor, state: RwkvState) -> tuple[torch.Tensor, RwkvState]:
@@ -185,6 +189,20 @@ class FastRunner:
 
     def _prefill_last(self, ids: torch.Tensor, state: RwkvState):
         return self._prefill(ids, state)
+
+    def read_padded(self, ids: torch.Tensor, state: RwkvState, valid: torch.Tensor):
+        """A prompt padded at its end (RwkvModel.read_padded's contract: the first `valid` of ids [T], T <= the
+        prefill's segment) -> (logits fp32 [V] after its last token, the state after it), where the architecture's
+        prefill_wkv passes padding with this runner's scans (`Architecture.prefill_wkv_reads_padding`); no host
+        sync."""
+        if not (self.architecture.prefill_wkv_reads_padding and self.prefill_kernels is not None):
+            raise ValueError(f"{self.architecture.family} prompts cannot be read padded here (no token-by-token scans)")
+        if not 1 <= ids.numel() <= self.segment:
+            raise ValueError(f"a padded read takes 1 to {self.segment} tokens, got {ids.numel()}")
+        padding = Padding.of(ids.numel(), valid.to(self.device).reshape(1))
+        hidden, state = self._prefill_segment(ids.to(self.device), state, padding=padding)
+        hidden = hidden.index_select(0, padding.last)
+        return self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))[0], state
 
     def _prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         outputs = []
@@ -277,15 +295,17 @@ class FastRunner:
         return logits.float(), RwkvState(new_shift, new_wkv)
 
     # ------------------------------------------------------------------------------------- prefill
-    def _prefill_segment(self, ids: torch.Tensor, state: RwkvState, all_rows: bool = True):
+    def _prefill_segment(self, ids: torch.Tensor, state: RwkvState, all_rows: bool = True,
+                         padding: Padding | None = None):
         """One sequence: ids [T] -> (final hidden fp32 before ln_out, new state). The hidden is [T, C], or
-        with all_rows=False only its last rows (the last layer then skips what only other tokens need)."""
+        with all_rows=False only its last rows (the last layer then skips what only other tokens need). padding:
+        the tokens after padding.last leave the state as it is (all rows kept)."""
         x = F.embedding(ids, self.emb).float()
         x = F.layer_norm(x, x.shape[-1:], *self.ln0, LAYER_NORM_EPS)  # [T, C]
         shifts, wkvs = [], []
         for i, layer in enumerate(self.layers):
             last_rows = not all_rows and i == len(self.layers) - 1
-            x, shift, wkv = self._prefill_layer(layer, x, state.shift[0, i], state.wkv[0, i], last_rows)
+            x, shift, wkv = self._prefill_layer(layer, x, state.shift[0, i], state.wkv[0, i], last_rows, padding)
             shifts.append(shift)
             wkvs.append(wkv)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
@@ -314,10 +334,12 @@ class FastRunner:
             return list((out.float() if widen else out).unbind(0))
         return [lin(mixed[i], i, widen) for i in range(lin.n_segments)]
 
-    def _prefill_layer(self, layer: LayerPack, x, shift, wkv, last_rows: bool = False):
+    def _prefill_layer(self, layer: LayerPack, x, shift, wkv, last_rows: bool = False,
+                       padding: Padding | None = None):
         """One layer over x [T, C] -> (x, new shift, new wkv). last_rows: return x for the last two tokens
         only, and spend on the others only what the state needs (k and v; the channel mix of the last token
-        needs the attention output of the one before it, through its token shift)."""
+        needs the attention output of the one before it, through its token shift). padding (not with last_rows):
+        the recurrence passes the tokens after padding.last, and the new shifts are taken there."""
         fused = self.use_triton  # element-wise passes in Triton kernels; GEMM results stay in their dtype
         xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx, shift[0], layer.att_mix)
@@ -329,7 +351,9 @@ class FastRunner:
         else:
             proj = self._prefill_projections(mixed, layer.att, widen)
         kept = slice(-2, None) if last_rows else slice(None)  # the rows that go on past the wkv
-        out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.prefill_kernels, self.wkv_chunk, kept)
+        real = {} if padding is None else {"real": padding.real[0]}  # [T, 1]
+        out, new_wkv = self.architecture.prefill_wkv(layer, proj, wkv, self.prefill_kernels, self.wkv_chunk, kept,
+                                                     **real)
         x = x[kept] + layer.out(out.to(self.act_dtype), widen=not fused)  # fp32 + bf16 adds in fp32, one pass
         xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b, LAYER_NORM_EPS)
         mixed = self._mixed(xx2, shift[1], layer.ffn_mix)
@@ -342,6 +366,8 @@ class FastRunner:
             x = gate(layer.ffn(mixed[1], 1), layer.value(k), x)
         else:
             x = x + torch.sigmoid(layer.ffn(mixed[1], 1)) * layer.value(k)
+        if padding is not None:
+            return x, torch.cat([xx.index_select(0, padding.last), xx2.index_select(0, padding.last)]), new_wkv
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv
 
 

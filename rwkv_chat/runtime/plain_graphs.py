@@ -5,11 +5,11 @@ Promises: `GraphedPlainRunner(model)` gives `decode(ids [B], state)` -> (logits 
 from one graph per batch bucket, and `decode_into`, the same step from and into a batcher's own state buffers
 (runtime/cuda_graphs.py; a decode step is hundreds to thousands of small kernels,
 and launching them one by one is most of its time), and `prefill` = the plain path, prompts replayed from
-CUDA graphs of it (runtime/prefill_graphs.py). The step is the fused one
-(runtime/fused_decode.py: a few Triton kernels and packed products per layer) where it runs, unless
-`use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s function (the fused
-one within the weight dtype's rounding). The state passed in is never changed. Knows nothing of any
-architecture's math.
+CUDA graphs of it (runtime/prefill_graphs.py; their last piece padded where the architecture reads padding).
+The step is the fused one (runtime/fused_decode.py: a few Triton kernels and packed products per layer) where
+it runs, unless `use_triton=False`; else `model.decode_plain` itself. Either computes `model.decode_plain`'s
+function (the fused one within the weight dtype's rounding). The state passed in is never changed. Knows nothing
+of any architecture's math.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class GraphedPlainRunner:
         self.fused = fused_decoder(model) if use_triton is not False else None
         self._graphs = GraphedDecoder(self.fused.step if self.fused else self._plain_step, model.zero_state,
                                       self.device)
-        self._prompt_graphs = GraphedPrefill(self._prefill_last, model.zero_state, self.device)
+        padded = model.read_padded if model.config.architecture.reads_padded_prompts else None
+        self._prompt_graphs = GraphedPrefill(self._prefill_last, model.zero_state, self.device, padded)
 
     def _plain_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
         logits, state = self.model.decode_plain(ids, RwkvState(shift, wkv))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_chat import load_model
-from rwkv_chat.runtime.prefill_graphs import LONG_PIECE, PIECES, GraphedPrefill, pieces_of
+from rwkv_chat.runtime.prefill_graphs import LONG_PIECE, PADDED_PIECE, PIECES, GraphedPrefill, pieces_of
 from reference import random_tokens
 
 CUDA = torch.cuda.is_available()
@@ -18,13 +18,31 @@ CUDA = torch.cuda.is_available()
 def test_pieces_cover_every_prompt_whole_long_pieces_first_then_each_length_once():
     for length in list(range(1, 3 * LONG_PIECE + 2)) + [100_000]:
         pieces = pieces_of(length)
-        assert sum(pieces) == length
-        long, rest = pieces[:length // LONG_PIECE], pieces[length // LONG_PIECE:]
+        assert all(size == tokens for size, tokens in pieces) and sum(size for size, _ in pieces) == length
+        sizes = [size for size, _ in pieces]
+        long, rest = sizes[:length // LONG_PIECE], sizes[length // LONG_PIECE:]
         assert long == [LONG_PIECE] * len(long)
         assert rest == sorted(set(rest), reverse=True) and set(rest) <= set(PIECES) - {LONG_PIECE}
-    assert pieces_of(2100) == [1024, 1024, 32, 16, 4]
+    assert pieces_of(2100) == [(1024, 1024), (1024, 1024), (32, 32), (16, 16), (4, 4)]
     with pytest.raises(ValueError, match="graphed prompt"):
         pieces_of(0)
+
+
+def test_padded_pieces_read_the_last_part_below_padded_piece_in_one_piece():
+    for length in list(range(1, 3 * LONG_PIECE + 2)) + [100_000]:
+        pieces = pieces_of(length, padded=True)
+        assert sum(tokens for _, tokens in pieces) == length
+        assert all(size in PIECES and tokens <= size for size, tokens in pieces)
+        tail = length % PADDED_PIECE  # below PADDED_PIECE: one piece, the smallest that holds it
+        whole = pieces[:-1] if tail else pieces
+        assert whole == (pieces_of(length - tail) if length > tail else [])  # unpadded, as without padding
+        if tail:
+            size, tokens = pieces[-1]
+            assert tokens == tail and size // 2 < tokens <= size
+    assert pieces_of(60, padded=True) == [(64, 60)]
+    assert pieces_of(2100, padded=True) == [(1024, 1024), (1024, 1024), (64, 52)]
+    assert pieces_of(255, padded=True) == [(128, 128), (128, 127)]
+    assert pieces_of(1, padded=True) == [(1, 1)]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -36,9 +54,12 @@ def test_graphed_prompts_equal_the_direct_prefill(make_checkpoint, version, dtyp
     runner = model.runner
     graphs = runner._prompt_graphs
     assert isinstance(graphs, GraphedPrefill)
+    padded = version != "4"  # the architectures whose recurrence passes padding: their last piece is padded
+    assert (graphs.padded is not None) == padded
     start = model.forward(random_tokens(30, seed=2))[1]  # a state that is not empty
     before = start.clone()
-    for length in (1, 2, 3, 20, 64, 127, 255, 256, LONG_PIECE, 2 * LONG_PIECE + 519):
+    lengths = (1, 2, 3, 20, 60, 64, 127, 129, 255, 256, LONG_PIECE, 2 * LONG_PIECE + 519, 5, 3)  # 5, 3: the padded
+    for length in lengths:  # pieces again, over an earlier prompt's ids
         ids = torch.tensor(random_tokens(length, seed=length), device="cuda")
         for state in (None, start):
             state = model.zero_state(1) if state is None else state
@@ -47,7 +68,8 @@ def test_graphed_prompts_equal_the_direct_prefill(make_checkpoint, version, dtyp
             assert (logits - direct_logits).abs().max().item() <= tolerance, length
             assert (new.wkv - direct.wkv).abs().max().item() <= tolerance, length
             assert (new.shift - direct.shift).abs().max().item() <= tolerance, length
-    assert not graphs.failed and set(graphs.pieces) == set(PIECES)
+    assert not graphs.failed
+    assert set(graphs.pieces) == {size for length in lengths for size, _ in pieces_of(length, padded)}
     assert torch.equal(start.wkv, before.wkv) and torch.equal(start.shift, before.shift)  # never changed
     # the results are the caller's: a later prompt does not overwrite them
     first = runner.prefill(torch.tensor(random_tokens(5, seed=9), device="cuda"), model.zero_state(1))

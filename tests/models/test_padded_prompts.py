@@ -1,0 +1,84 @@
+"""Prompts padded at their end read as the prompt alone, whatever the padding tokens: RwkvModel.read_padded (RWKV-6
+and RWKV-7, whose time mixes pass padding) and the fast runner's read_padded (RWKV-5, whose token-by-token scans
+pass it; here the C++ ones). The oracle is the plain read of the prompt alone (held to the reference by
+test_model.py, test_rwkv6_rwkv7.py and test_real_tiny.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_chat import load_model
+from reference import random_tokens
+
+REAL_TINY_V7 = Path(__file__).resolve().parents[1] / "data" / "real-tiny" / "rwkv7-tiny-834K.pth"
+CASES = [(1, 1), (1, 8), (2, 2), (5, 8), (16, 16), (17, 32), (31, 32), (33, 64), (100, 128)]  # (prompt, padded to)
+
+
+def padded_reads_equal_the_plain_read(model, ids: list[int], start, tolerance: float, read=None,
+                                      oracle=None) -> None:
+    """read(ids, state, valid): model.read_padded unless given; oracle(ids, state): model.read_plain unless given."""
+    read = read or model.read_padded
+    oracle = oracle or model.read_plain
+    vocab = model.config.vocab_size
+    for prompt, length in CASES:
+        expected_logits, expected = oracle(torch.tensor(ids[:prompt]), start)
+        results = []
+        for seed in (1, 2):  # two different paddings
+            padding = torch.randint(0, vocab, (length - prompt,), generator=torch.Generator().manual_seed(seed))
+            padded = torch.cat([torch.tensor(ids[:prompt]), padding])
+            results.append(read(padded, start, torch.tensor([prompt])))
+        for logits, state in results:
+            assert (logits - expected_logits).abs().max().item() <= tolerance, (prompt, length)
+            assert (state.wkv - expected.wkv).abs().max().item() <= tolerance, (prompt, length)
+            assert (state.shift - expected.shift).abs().max().item() <= tolerance, (prompt, length)
+        # the padding changes nothing at all: two different paddings give the same bits
+        (first_logits, first), (second_logits, second) = results
+        assert torch.equal(first_logits, second_logits) and torch.equal(first.wkv, second.wkv)
+        assert torch.equal(first.shift, second.shift)
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_a_padded_prompt_reads_as_the_prompt_alone(make_checkpoint, version):
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path, device="cpu", dtype="fp32")
+    start = model.forward(random_tokens(9, seed=4))[1]  # a state that is not empty
+    before = start.clone()
+    padded_reads_equal_the_plain_read(model, random_tokens(128, seed=5), model.zero_state(1), 2e-5)
+    padded_reads_equal_the_plain_read(model, random_tokens(128, seed=6), start, 2e-5)
+    assert torch.equal(start.wkv, before.wkv) and torch.equal(start.shift, before.shift)  # never changed
+
+
+def test_the_trained_tiny_rwkv7_reads_a_padded_prompt_as_the_prompt_alone():
+    model = load_model(REAL_TINY_V7, device="cpu", dtype="fp32")
+    text = list(b"Once upon a time, there was a little girl who lived in a village near the forest. Whenever she "
+                b"went out, she wore a red riding cloak.")
+    padded_reads_equal_the_plain_read(model, text, model.zero_state(1), 2e-5)
+
+
+@pytest.mark.parametrize("version", ["5.0", "5.2"])
+def test_the_fast_runner_reads_a_padded_rwkv5_prompt_as_the_prompt_alone(make_checkpoint, version):
+    model = load_model(make_checkpoint(version, n_layer=2, n_embd=128, seed=3).path, device="cpu", dtype="fp32",
+                       fast=True)
+    runner = model.runner
+    if runner.prefill_kernels is None:
+        pytest.skip("the C++ kernels did not build here")
+    start = model.forward(random_tokens(9, seed=4))[1]
+    ids = random_tokens(128, seed=5)
+    # against the runner's own read of the prompt alone, and the plain path's (its chunked form rounds otherwise)
+    padded_reads_equal_the_plain_read(model, ids, start, 2e-5, runner.read_padded, runner.prefill)
+    padded_reads_equal_the_plain_read(model, ids, start, 2e-4, runner.read_padded)
+
+
+def test_architectures_without_padding_and_bad_lengths_are_refused(make_checkpoint):
+    model = load_model(make_checkpoint("5.2", n_layer=2, n_embd=64, seed=1).path, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="RWKV-5 cannot read padded prompts"):
+        model.read_padded(torch.tensor([1, 2, 0]), model.zero_state(1), torch.tensor([2]))
+    model = load_model(make_checkpoint("7", n_layer=2, n_embd=64, seed=1).path, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="1 to 1024 tokens, got 0"):
+        model.read_padded(torch.tensor([], dtype=torch.long), model.zero_state(1), torch.tensor([1]))
+    model = load_model(make_checkpoint("4", n_layer=2, n_embd=64, seed=1).path, device="cpu", dtype="fp32",
+                       fast=True)
+    with pytest.raises(ValueError, match="RWKV-4 prompts cannot be read padded here"):
+        model.runner.read_padded(torch.tensor([1, 2, 0]), model.zero_state(1), torch.tensor([2]))

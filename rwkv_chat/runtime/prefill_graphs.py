@@ -15,7 +15,8 @@ What this module promises:
   first prompt that needs it. With `padded` (the model's read of a prompt padded at its end, for architectures
   whose recurrence passes padding: `RwkvModel.read_padded`), the rest's last part below PADDED_PIECE tokens is
   one piece of the next power of two, padded, so that a chat turn of up to PADDED_PIECE tokens is one replay
-  (60 = one piece of 64; 2,100 = 1,024 + 1,024 + 52 in a piece of 64). The state passed in is never changed.
+  (60 = one piece of 64; 1,023 = 512 + 256 + 255 in a piece of 256; 2,100 = 1,024 + 1,024 + 52 in a piece of
+  64). The state passed in is never changed.
   Once a capture has failed (warned once) every prompt runs `prefill` directly: slower, never wrong.
 - The graphs share one memory pool and one state buffer, which each piece reads and then overwrites with its
   own result (inside the graph, after everything read it), so a prompt's pieces chain without copies. The
@@ -38,9 +39,10 @@ from .cuda_graphs import captured
 
 LONG_PIECE = 1024  # the largest piece: its intermediates (kept by the graphs' pool) stay a few hundred MB at 7B
 PIECES = tuple(LONG_PIECE >> i for i in range(LONG_PIECE.bit_length()))  # 1024, 512, ..., 1
-PADDED_PIECE = 128  # with a padded read, fewer tokens than this (a prompt's last part) take one padded piece: a
-# piece costs about the same up to here (H200, RWKV-7 7.2B bf16: 2-32 tokens 10-11 ms, 128 16 ms, 256 25 ms; a
-# 60-token turn took four pieces, 44 ms)
+PADDED_PIECE = 256  # with a padded read, fewer tokens than this (a prompt's last part) take one padded piece. A
+# piece costs little more for more tokens (H200, 7B, ms: RWKV-7 bf16 2-32 tokens 10-11, 128 16.4, 256 25.4; int8
+# 9-11, 22.3, 39.6; RWKV-5.2 bf16 6-7, 8.4, 11.5; int8 6-7.5, 16.0, 29.5): one piece of 256 beats two of 128 in each,
+# and a 60-token turn had taken four pieces (44 ms)
 
 
 def pieces_of(length: int, padded: bool = False) -> list[tuple[int, int]]:

@@ -41,7 +41,10 @@ def test_padded_pieces_read_the_last_part_below_padded_piece_in_one_piece():
             assert tokens == tail and size // 2 < tokens <= size
     assert pieces_of(60, padded=True) == [(64, 60)]
     assert pieces_of(2100, padded=True) == [(1024, 1024), (1024, 1024), (64, 52)]
-    assert pieces_of(255, padded=True) == [(128, 128), (128, 127)]
+    assert pieces_of(255, padded=True) == [(256, 255)]
+    assert pieces_of(1023, padded=True) == [(512, 512), (256, 256), (256, 255)]  # a graph may serve twice
+    assert pieces_of(1023) == [(512, 512), (256, 256), (128, 128), (64, 64), (32, 32), (16, 16), (8, 8), (4, 4),
+                               (2, 2), (1, 1)]
     assert pieces_of(1, padded=True) == [(1, 1)]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from rwkv_chat import load_model
 from reference import random_tokens
+from runtime.triton_interpreter import run_interpreted
 
 REAL_TINY_V7 = Path(__file__).resolve().parents[1] / "data" / "real-tiny" / "rwkv7-tiny-834K.pth"
 CASES = [(1, 1), (1, 8), (2, 2), (5, 8), (16, 16), (17, 32), (31, 32), (33, 64), (100, 128)]  # (prompt, padded to)
@@ -69,6 +70,42 @@ def test_the_fast_runner_reads_a_padded_rwkv5_prompt_as_the_prompt_alone(make_ch
     # against the runner's own read of the prompt alone, and the plain path's (its chunked form rounds otherwise)
     padded_reads_equal_the_plain_read(model, ids, start, 2e-5, runner.read_padded, runner.prefill)
     padded_reads_equal_the_plain_read(model, ids, start, 2e-4, runner.read_padded)
+
+
+TRITON_PADDED_SCRIPT = """
+    import sys
+    import torch
+    from rwkv_chat import load_model
+    from rwkv_chat.runtime.fast_path import attach_fast_path
+    plain = load_model(sys.argv[1], device="cpu", dtype="fp32", fast=False)
+    fast = attach_fast_path(load_model(sys.argv[1], device="cpu", dtype="fp32", fast=False), use_triton=True)
+    runner = fast.runner
+    assert runner.use_triton and runner.prefill_kernels.__name__.endswith("triton_kernels")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, plain.config.vocab_size, (128,), generator=gen)
+    start = plain.forward(ids[:9].tolist())[1]
+    for prompt, length in ((1, 4), (5, 8), (17, 32), (100, 128)):
+        padded = torch.cat([ids[:prompt], torch.randint(0, plain.config.vocab_size, (length - prompt,), generator=gen)])
+        logits, state = runner.read_padded(padded, start, torch.tensor([prompt]))
+        own_logits, own = runner.prefill(ids[:prompt], start)  # the runner's read of the prompt alone
+        plain_logits, expected = plain.read_plain(ids[:prompt], start)
+        print(prompt, length, max((logits - own_logits).abs().max().item(), (state.wkv - own.wkv).abs().max().item(),
+                                  (state.shift - own.shift).abs().max().item()),
+              max((logits - plain_logits).abs().max().item(), (state.wkv - expected.wkv).abs().max().item()))
+"""
+
+
+def test_the_gpu_scans_read_a_padded_rwkv5_prompt_as_the_prompt_alone_under_the_interpreter(make_checkpoint):
+    """The fast runner's padded read through the Triton kernels a GPU runs (RWKV-5's scan with a decay per token,
+    1 for the padding), under Triton's interpreter: against the runner's read of the prompt alone, and the plain
+    path's."""
+    pytest.importorskip("triton")
+    path = make_checkpoint("5.2", n_layer=2, n_embd=128, seed=3).path
+    lines = run_interpreted(TRITON_PADDED_SCRIPT, str(path)).strip().splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        own, plain = (float(x) for x in line.split()[2:])
+        assert own <= 2e-5 and plain <= 2e-4, line
 
 
 def test_architectures_without_padding_and_bad_lengths_are_refused(make_checkpoint):

@@ -47,6 +47,10 @@ WKV7_GPU_CHUNK = 64  # on GPUs, fewer and larger chunks (factors within e^(64 * 
 WKV7_GPU_SCAN_TOKENS = 128  # on GPUs with Triton, prompts (graphed pieces) up to this long take the token-by-token
 # scan: H100, 7.2B, a piece of 2-32 tokens 12-13 ms in bf16 where the chunked form's dozens of launches took 15-16,
 # 128 tokens 18.8 vs 19.3; from 256 the chunked form is faster (27.0 vs 30.0, 1,024: 76.7 vs 99.4)
+CPU_LORA_KERNEL_ROWS = 16  # CPU prompts of fewer rows multiply their LoRAs in the C++ kernels (see _lora): Zen 3, 2
+# threads, whole prompts, PyTorch / kernels: 0.1B int8 2-12 tokens 1.08-1.18, 16 1.03, 24 1.01, 60 0.95; 1.5B int8 2-15
+# tokens 1.05-1.25, 24 0.96 (the kernels' rows re-read the factors, where a GEMM blocks them)
+_KERNEL_ACTIVATIONS = {None: 0, torch.tanh: 1, torch.sigmoid: 2}  # cpu_kernels.lora's codes
 _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
 MIX_ORDER = ("r", "k", "v", "w", "a", "g")  # the fused step's mixes: r, k, v feed the projections; v, w, a, g the LoRAs
 
@@ -196,7 +200,16 @@ class TimeMixV7(nn.Module):
 
 def _lora(x, first, second, bias=None, activation=None, dtype=torch.float32):
     """activation(x @ first) @ second (+ bias [1, 1, A]): a LoRA of the time mix, its products in `dtype`
-    (layers.lora_dtype), the bias added and the result returned in fp32."""
+    (layers.lora_dtype), the bias added and the result returned in fp32. A prompt (x [B, T > 1, C]) of fewer than
+    CPU_LORA_KERNEL_ROWS rows in fp32 on a CPU whose C++ kernels are built: their LowRank (the decode step's), which
+    reads bf16 factors as stored (decode steps keep PyTorch's products: a batch's rows stay bit for bit alone's)."""
+    rows = x.numel() // x.shape[-1]
+    prompt = x.dim() == 3 and x.shape[1] > 1 and rows < CPU_LORA_KERNEL_ROWS
+    kernels = cpu_kernels.built_for(x) if prompt and dtype == torch.float32 else None
+    if kernels is not None and first.is_contiguous() and second.is_contiguous():
+        out = kernels.lora(x.reshape(rows, -1).float().contiguous(), first, second, _KERNEL_ACTIVATIONS[activation])
+        out = out.view(*x.shape[:-1], -1)
+        return out if bias is None else out.add_(bias.view(-1))
     if dtype == torch.float32:  # factors kept in bf16 (layers.lora_storage_dtype) are widened here
         hidden = x @ first.to(dtype)
         hidden = activation(hidden) if activation is not None else hidden

@@ -797,6 +797,73 @@ def test_lora_shift_mixes_refuse_operands_of_the_wrong_shape_or_kind():
 
 
 @needs_kernels
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 15, 40])
+@pytest.mark.parametrize("activation", [0, 1, 2])
+def test_the_lora_kernel_equals_its_float64_oracle(factor_dtype, rows, activation):
+    """cpu_kernels.lora: activation(x @ w1) @ w2 (none, tanh, sigmoid) with fp32 or bf16 factors read as stored
+    (widened exactly), against float64 from the same values; C = 300 leaves chunks and lanes over."""
+    gen = torch.Generator().manual_seed(rows + 10 * activation)
+    x = torch.randn(rows, 300, generator=gen)
+    w1 = (torch.randn(300, 40, generator=gen) / 10).to(factor_dtype)
+    w2 = (torch.randn(40, 70, generator=gen) / 5).to(factor_dtype)
+    hidden = x.double() @ w1.double()
+    hidden = [hidden, torch.tanh(hidden), torch.sigmoid(hidden)][activation]
+    want = hidden @ w2.double()
+    got = cpu_kernels.kernels().lora(x, w1, w2, activation)
+    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    assert (got.double() - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item())
+
+
+@needs_kernels
+def test_the_lora_kernel_refuses_what_it_cannot_read():
+    kernels = cpu_kernels.kernels()
+    x, w1, w2 = torch.zeros(3, 8), torch.zeros(8, 4), torch.zeros(4, 6)
+    with pytest.raises(RuntimeError, match="x must be a contiguous fp32 CPU tensor"):
+        kernels.lora(x.double(), w1, w2, 0)
+    with pytest.raises(RuntimeError, match="factors must be"):
+        kernels.lora(x, torch.zeros(7, 4), w2, 0)
+    with pytest.raises(RuntimeError, match="must be a contiguous fp32 or bf16"):
+        kernels.lora(x, w1.half(), w2, 0)
+    with pytest.raises(RuntimeError, match="activation 0"):
+        kernels.lora(x, w1, w2, 3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_short_rwkv7_prompts_take_the_lora_kernel_and_decode_steps_do_not(dtype, make_checkpoint, monkeypatch):
+    """An RWKV-7 prompt of fewer than CPU_LORA_KERNEL_ROWS tokens multiplies its LoRAs in the C++ kernel (four a
+    layer, three in the first), a longer one and a decode step in PyTorch; the kernel's read equals PyTorch's up
+    to fp32 rounding."""
+    from rwkv_chat.models import rwkv7
+    model = load_model(make_checkpoint("7", n_layer=2, n_embd=128, seed=4).path, device="cpu", dtype=dtype, fast=False)
+    real = cpu_kernels.kernels()
+    calls = []
+
+    class Counting:  # the kernels, counting the rows of each LoRA call
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def lora(self, *args):
+            calls.append(args[0].shape[0])
+            return real.lora(*args)
+    counting = Counting()
+    monkeypatch.setattr(rwkv7, "cpu_kernels", SimpleNamespace(
+        built_for=lambda tensor: counting if tensor.device.type == "cpu" else None,
+        scan_each_sequence=cpu_kernels.scan_each_sequence))
+    start = model.zero_state(1)
+    short = torch.tensor([random_tokens(rwkv7.CPU_LORA_KERNEL_ROWS - 1, seed=5)])
+    fused, fused_state = model._read(short, start)
+    assert calls == [short.shape[1]] * 7  # layer 0 has no value LoRA
+    calls.clear()
+    model._read(torch.tensor([random_tokens(rwkv7.CPU_LORA_KERNEL_ROWS, seed=5)]), start)
+    model._read(torch.tensor([[7], [8]]), model.zero_state(2))  # a decode step of two rows
+    assert calls == []
+    monkeypatch.setattr(rwkv7, "CPU_LORA_KERNEL_ROWS", 0)
+    assert_same_read(fused, fused_state, *model._read(short, start))
+
+
+@needs_kernels
 def test_the_scans_refuse_operands_of_the_wrong_shape_or_kind():
     kernels = cpu_kernels.kernels()
     c = 8

@@ -37,6 +37,7 @@
 // - sigmoid_gate(r, y, residual), relu_square_(x), group_norm_gate(y, heads, w, b, eps, gate): an RWKV-4/5/6
 //   prefill's gates, relu² and ln_x, fp32, each in one pass with the decode step's arithmetic (relu²: PyTorch's bits).
 // - lora_shift_mixes(xx, prev, mix, lora, bf16): a prefill's token-shift mixes (RWKV-6/7), fp32 or bf16, in one pass.
+// - lora(x, w1, w2, activation): a prefill's LoRA of a few rows (RWKV-7), the decode step's LowRank.
 // - wkv4_scan / wkv5_scan (RWKV-5 and 6) / wkv7_scan: the wkv of a whole prefill segment of one sequence, token
 //   by token with the decode step's own recurrence (the same signatures as triton_kernels' scans), channels or heads over threads.
 // Inputs must be CPU tensors; the checks below say which must be contiguous.
@@ -2850,6 +2851,24 @@ torch::Tensor sigmoid_gate(torch::Tensor r, torch::Tensor y, c10::optional<torch
 }
 
 // relu(x)² written over x (fp32, contiguous): relu_squared's bits, which are relu(x).square()'s, in one pass.
+// A prefill's LoRA of a few rows: activation(x @ W1) @ W2 for x [M, C] (contiguous fp32), W1 [C, R] and W2 [R, A]
+// as stored (fp32 or bf16, contiguous) -> out [M, A] fp32; activation 0 none, 1 tanh, 2 sigmoid. The decode step's
+// LowRank (the same products in the same order), so a bf16 factor is widened as it is read instead of copied to fp32
+// for a GEMM whose set-up outweighs its few rows (RWKV-7 0.1B: ~60-70 us a product at 16 rows on a Zen 3).
+torch::Tensor lora(torch::Tensor x, torch::Tensor w1, torch::Tensor w2, int64_t activation) {
+  if (x.device().type() != torch::kCPU || x.scalar_type() != torch::kFloat32 || !x.is_contiguous() || x.dim() != 2)
+    refuse("cpu_kernels.lora: x must be a contiguous fp32 CPU tensor [M, C]");
+  if (w1.dim() != 2 || w2.dim() != 2 || w1.size(0) != x.size(1) || w2.size(0) != w1.size(1))
+    refuse("cpu_kernels.lora: the factors must be [C, R] and [R, A] for x [M, C]");
+  if (activation < 0 || activation > 2) refuse("cpu_kernels.lora: activation 0 (none), 1 (tanh) or 2 (sigmoid)");
+  auto out = torch::empty({x.size(0), w2.size(1)}, x.options());
+  LowRank low_rank(x.data_ptr<float>(), x.size(0), x.size(1), w1, w2, static_cast<int>(activation),
+                   out.data_ptr<float>());
+  run_together({low_rank.first()});
+  run_together({low_rank.second()});
+  return out;
+}
+
 torch::Tensor relu_square_(torch::Tensor x) {
   if (x.device().type() != torch::kCPU || x.scalar_type() != torch::kFloat32 || !x.is_contiguous())
     refuse("cpu_kernels.relu_square_: a contiguous fp32 CPU tensor");
@@ -3173,6 +3192,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_gate", &sigmoid_gate, py::arg("r"), py::arg("y"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = py::none(), "fp32 [residual +] sigmoid(r) * y in one pass (a prefill's gates)");
   m.def("relu_square_", &relu_square_, py::arg("x"), "relu(x)^2 written over fp32 x, in one pass");
+  m.def("lora", &lora, py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("activation"),
+        "a prefill's LoRA of a few rows: activation(x @ w1) @ w2, fp32 or bf16 factors as stored (0 none, 1 tanh, "
+        "2 sigmoid)");
   m.def("group_norm_gate", &group_norm_gate, py::arg("y"), py::arg("heads"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("gate") = py::none(),
         "an RWKV-5 prefill's ln_x (each head of each row normalised) times silu(gate) where given, in one pass");

@@ -48,8 +48,9 @@ WKV7_GPU_SCAN_TOKENS = 128  # on GPUs with Triton, prompts (graphed pieces) up t
 # scan: H100, 7.2B, a piece of 2-32 tokens 12-13 ms in bf16 where the chunked form's dozens of launches took 15-16,
 # 128 tokens 18.8 vs 19.3; from 256 the chunked form is faster (27.0 vs 30.0, 1,024: 76.7 vs 99.4)
 CPU_LORA_KERNEL_ROWS = 16  # CPU prompts of fewer rows multiply their LoRAs in the C++ kernels (see _lora): Zen 3, 2
-# threads, whole prompts, PyTorch / kernels: 0.1B int8 2-12 tokens 1.08-1.18, 16 1.03, 24 1.01, 60 0.95; 1.5B int8 2-15
-# tokens 1.05-1.25, 24 0.96 (the kernels' rows re-read the factors, where a GEMM blocks them)
+# threads, whole prompts, PyTorch's time / the kernels': 2-15 tokens 1.07-1.26 (0.1B int8), 1.08-1.16 (1.5B int8),
+# 1.10-1.15 (0.1B bf16); from ~24 rows the GEMM is ahead (0.1B int8 60 tokens 0.95: the kernels' rows re-read the
+# factors, where a GEMM blocks them)
 _KERNEL_ACTIVATIONS = {None: 0, torch.tanh: 1, torch.sigmoid: 2}  # cpu_kernels.lora's codes
 _DEEP_EMBED = ("ffn.s_emb", ".qkv.", "ffn.s0", "ffn.s1")
 MIX_ORDER = ("r", "k", "v", "w", "a", "g")  # the fused step's mixes: r, k, v feed the projections; v, w, a, g the LoRAs

@@ -2850,7 +2850,6 @@ torch::Tensor sigmoid_gate(torch::Tensor r, torch::Tensor y, c10::optional<torch
   return out_dtype.has_value() ? out.to(*out_dtype) : out;
 }
 
-// relu(x)² written over x (fp32, contiguous): relu_squared's bits, which are relu(x).square()'s, in one pass.
 // A prefill's LoRA of a few rows: activation(x @ W1) @ W2 for x [M, C] (contiguous fp32), W1 [C, R] and W2 [R, A]
 // as stored (fp32 or bf16, contiguous) -> out [M, A] fp32; activation 0 none, 1 tanh, 2 sigmoid. The decode step's
 // LowRank (the same products in the same order), so a bf16 factor is widened as it is read instead of copied to fp32
@@ -2869,6 +2868,7 @@ torch::Tensor lora(torch::Tensor x, torch::Tensor w1, torch::Tensor w2, int64_t 
   return out;
 }
 
+// relu(x)² written over x (fp32, contiguous): relu_squared's bits, which are relu(x).square()'s, in one pass.
 torch::Tensor relu_square_(torch::Tensor x) {
   if (x.device().type() != torch::kCPU || x.scalar_type() != torch::kFloat32 || !x.is_contiguous())
     refuse("cpu_kernels.relu_square_: a contiguous fp32 CPU tensor");

@@ -68,6 +68,11 @@ class Padding:
         positions = torch.arange(length, device=valid.device)
         return cls((positions < valid).view(1, length, 1), valid - 1)
 
+    def at_last(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """Each tensor's row at the last real token (index `last` along `dim`), concatenated along `dim`: the token
+        shifts a padded read leaves in the state."""
+        return torch.cat([t.index_select(dim, self.last) for t in tensors], dim)
+
 
 def lora_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype a time mix's LoRA products of `x` run in, beside projections stored as `weight`: bf16 where the

@@ -66,7 +66,7 @@ class Block(nn.Module):
             xx2 = layer_norm(x, self.ln2.weight, self.ln2.bias)
             x = x + self.ffn(xx2, shift[:, 1])
         if padding is not None:
-            return x, torch.cat([xx.index_select(1, padding.last), xx2.index_select(1, padding.last)], 1), wkv, carry
+            return x, padding.at_last([xx, xx2], 1), wkv, carry
         return x, torch.stack([xx[:, -1], xx2[:, -1]], dim=1), wkv, carry
 
 

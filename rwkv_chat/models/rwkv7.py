@@ -207,8 +207,8 @@ def _lora(x, first, second, bias=None, activation=None, dtype=torch.float32):
     rows = x.numel() // x.shape[-1]
     prompt = x.dim() == 3 and x.shape[1] > 1 and rows < CPU_LORA_KERNEL_ROWS
     kernels = cpu_kernels.built_for(x) if prompt and dtype == torch.float32 else None
-    stored = all(f.is_contiguous() and f.dtype in (torch.float32, torch.bfloat16) for f in (first, second))
-    if kernels is not None and stored:  # factors as the kernel reads them (lora_storage_dtype keeps them so)
+    if kernels is not None and all(f.is_contiguous() and f.dtype in (torch.float32, torch.bfloat16)
+                                   for f in (first, second)):  # factors as the kernel reads them (as stored)
         out = kernels.lora(x.reshape(rows, -1).float().contiguous(), first, second, _KERNEL_ACTIVATIONS[activation])
         out = out.view(*x.shape[:-1], -1)
         return out if bias is None else out.add_(bias.view(-1))

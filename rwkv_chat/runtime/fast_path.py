@@ -201,8 +201,7 @@ class FastRunner:
             raise ValueError(f"a padded read takes 1 to {self.segment} tokens, got {ids.numel()}")
         padding = Padding.of(ids.numel(), valid.to(self.device).reshape(1))
         hidden, state = self._prefill_segment(ids.to(self.device), state, padding=padding)
-        hidden = hidden.index_select(0, padding.last)
-        return self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))[0], state
+        return self._logits(hidden.index_select(0, padding.last))[0], state
 
     def _prefill(self, ids: torch.Tensor, state: RwkvState, all_logits: bool = False):
         outputs = []
@@ -210,8 +209,12 @@ class FastRunner:
             hidden, state = self._prefill_segment(ids[start:start + self.segment], state, all_rows=all_logits)
             outputs.append(hidden if all_logits else hidden[-1:])
         hidden = torch.cat(outputs) if all_logits else outputs[-1]
-        logits = self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))
+        logits = self._logits(hidden)
         return (logits if all_logits else logits[0]), state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits of final hidden rows [T, C] (ln_out, then the head)."""
+        return self.head(F.layer_norm(hidden, hidden.shape[-1:], *self.ln_out, LAYER_NORM_EPS))
 
     # ------------------------------------------------------------------------------------- decode
     def _decode_step(self, ids: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, out: RwkvState | None = None):
@@ -367,7 +370,7 @@ class FastRunner:
         else:
             x = x + torch.sigmoid(layer.ffn(mixed[1], 1)) * layer.value(k)
         if padding is not None:
-            return x, torch.cat([xx.index_select(0, padding.last), xx2.index_select(0, padding.last)]), new_wkv
+            return x, padding.at_last([xx, xx2], 0), new_wkv
         return x, torch.stack([xx[-1], xx2[-1]]), new_wkv
 
 

@@ -6,7 +6,7 @@ What this module promises:
   PyTorch), and importing this module never fails.
 - Each wrapper computes the same function as the PyTorch code of runtime/fast_path.py and the architectures it
   replaces (fp32 arithmetic; only the matrix operands are in the weight dtype), allocates its outputs, and
-  returns them. `ln_mix`, `ffn_act`,
+  returns them. `ln_mix`, `ffn_act`, `project_relu2`,
   `project` and the RWKV-5 decode kernel (whose decay may also come per token, RWKV-6's) serve the fused decode
   step of RWKV-6/7 as well (runtime/fused_decode.py).
 - `project` multiplies P stacked inputs [P, M, K] by one packed weight [N, K] whose rows fall into
@@ -15,7 +15,9 @@ What this module promises:
   where it measured faster than cuBLAS on an H200 (runtime/packing.py chooses; docs/PERFORMANCE.md). One
   row's launch settings come from GEMV_CONFIGS, by weight format.
   Results come back as split-K partial sums [S, M, N] fp32; the consumers (`ln_mix`, `wkv*_decode`,
-  `ffn_act`) add the S partials while loading, so no extra reduction pass runs.
+  `ffn_act`) add the S partials while loading, so no extra reduction pass runs. `project_relu2` is one row's
+  `project` that also does `ffn_act`'s work on the channel mix's key where one split covers K (at 7B on an
+  H100/H200 it does): relu² in the product's last step, one launch less a layer.
 - For prefill, beside the scans: `shift_mix` (a prompt's token-shift mixes, one pass, in the GEMMs' input dtype)
   and `sigmoid_gate` ([residual +] sigmoid(r) * y in fp32 from inputs of any float dtype, one pass); the RWKV-4
   scan reads k and v as a bf16/fp16 GEMM gave them. `wkv5_scan` also takes a decay per token: RWKV-6's plain
@@ -152,10 +154,10 @@ if AVAILABLE:
         return acc
 
     @triton.jit
-    def _gemv1_kernel(X, W, SCALE, Y, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT,
+    def _gemv1_kernel(X, W, SCALE, Y, H, N, KW, SEG, NSEG, stride_xp, stride_ys, KW_PER_SPLIT, RELU2_N,
                       BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_SCALE: tl.constexpr,
                       WORDS: tl.constexpr = False, PAIRS: tl.constexpr = False, PRELOAD: tl.constexpr = 0,
-                      PDL: tl.constexpr = False):
+                      RELU2: tl.constexpr = False, PDL: tl.constexpr = False):
         """One row: Y[s, 0, n] = sum_k X[seg(n), 0, k] * W[n, k] (* SCALE[n]). The products accumulate in a
         [BLOCK_N, BLOCK_KW] register tile and are reduced once at the end (no reduction inside the loop).
 
@@ -168,7 +170,10 @@ if AVAILABLE:
 
         With PRELOAD (1-4), a program loads its first PRELOAD weight tiles before it waits for the kernel before it
         (PDL): no kernel writes weights, so their reading may start while that kernel ends (the LayerNorm and mixes,
-        the wkv step, relu²: a few microseconds each, ~130 a 7B step). The sums' order is the same."""
+        the wkv step, relu²: a few microseconds each, ~130 a 7B step). The sums' order is the same.
+
+        With RELU2 (one split only: Y then holds whole sums), rows below RELU2_N (the channel mix's key, whole row
+        blocks) go to H [1, RELU2_N] as relu(y)² in H's dtype instead of to Y: the bits `ffn_act` gives."""
         tl.static_assert(PRELOAD <= 4, "PRELOAD: at most 4 weight tiles before the wait")
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -218,7 +223,14 @@ if AVAILABLE:
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out = out * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
-        tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
+        if RELU2:
+            if n0 < RELU2_N:  # a row block lies wholly below RELU2_N or above it
+                out = tl.maximum(out, 0.0)
+                tl.store(H + offs_n, (out * out).to(H.dtype.element_ty), mask=n_ok)
+            else:
+                tl.store(Y + offs_n, out, mask=n_ok)
+        else:
+            tl.store(Y + pid_s * stride_ys + offs_n, out, mask=n_ok)
 
     @triton.jit
     def _matmul_kernel(X, W, SCALE, Y, M, N, K, SEG, NSEG, stride_xp, stride_xm, stride_ys, stride_ym,
@@ -623,6 +635,43 @@ def _splits(k: int, block_k: int, n_blocks: int, target_programs: float, device:
     return max(1, min(want // max(1, n_blocks), k // (4 * block_k)))
 
 
+def _one_row_plan(x: torch.Tensor, weight: torch.Tensor, seg: int, splits: int | None) -> tuple[int, int, int, int]:
+    """(block_n, row blocks, splits, K a split) of one row's product (GEMV_CONFIGS)."""
+    k, n = x.shape[-1], weight.shape[0]
+    cfg = GEMV_CONFIGS[gemv_format(weight)]
+    block_k = cfg["block_k"]
+    block_n = _block_n(seg, n, cfg["block_n"])
+    n_blocks = triton.cdiv(n, block_n)
+    if block_n > 8 and n_blocks * _splits(k, block_k, n_blocks, cfg["target_programs"], x.device) < \
+            4 * _sm_count(x.device):  # a small matrix: narrower blocks, so that every SM streams
+        block_n = _block_n(seg, n, block_n // 2)
+        n_blocks = triton.cdiv(n, block_n)
+    splits = splits or _splits(k, block_k, n_blocks, cfg["target_programs"], x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return block_n, n_blocks, triton.cdiv(k, k_per_split), k_per_split
+
+
+def _one_row(x, weight, scale, seg, plan, relu2: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch one row's product by `plan` (`_one_row_plan`); relu2: H of `_gemv1_kernel` (one split)."""
+    p_count, _, k = x.shape
+    n = weight.shape[0]
+    block_n, n_blocks, splits, k_per_split = plan
+    cfg = GEMV_CONFIGS[gemv_format(weight)]
+    y = torch.empty((splits, 1, n), device=x.device, dtype=torch.float32)
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x.device))
+    words = (weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous()
+             and weight.storage_offset() % 4 == 0)
+    w, per = (weight.view(torch.int32), 4) if words else (weight, 1)
+    pairs = (words and PTX and x.device.type == "cuda" and cfg["pairs_per_sm"] > 0
+             and (block_n <= 8 or n_blocks * splits <= cfg["pairs_per_sm"] * _sm_count(x.device)))
+    _gemv1_kernel[(n_blocks, splits)](x, w, y if scale is None else scale, y, y if relu2 is None else relu2, n,
+                                      k // per, seg, p_count, x.stride(0), y.stride(0), k_per_split // per,
+                                      0 if relu2 is None else relu2.shape[-1], BLOCK_N=block_n,
+                                      BLOCK_KW=cfg["block_k"] // per, HAS_SCALE=scale is not None, WORDS=words,
+                                      PAIRS=pairs, PRELOAD=cfg["preload"], RELU2=relu2 is not None, **options)
+    return y
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, seg: int | None = None,
             splits: int | None = None) -> torch.Tensor:
     """x [P, M, K] (P stacked inputs) @ weight [N, K]ᵀ, row block n taking input n // seg (clamped to P-1).
@@ -635,29 +684,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     x = x if x.stride(-1) == 1 else x.contiguous()
     has_scale = scale is not None
     if m == 1:
-        cfg = GEMV_CONFIGS[gemv_format(weight)]
-        block_k = cfg["block_k"]
-        block_n = _block_n(seg, n, cfg["block_n"])
-        n_blocks = triton.cdiv(n, block_n)
-        if block_n > 8 and n_blocks * _splits(k, block_k, n_blocks, cfg["target_programs"], x.device) < \
-                4 * _sm_count(x.device):  # a small matrix: narrower blocks, so that every SM streams
-            block_n = _block_n(seg, n, block_n // 2)
-            n_blocks = triton.cdiv(n, block_n)
-        splits = splits or _splits(k, block_k, n_blocks, cfg["target_programs"], x.device)
-        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-        splits = triton.cdiv(k, k_per_split)
-        y = torch.empty((splits, 1, n), device=x.device, dtype=torch.float32)
-        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x.device))
-        words = (weight.dtype == torch.int8 and k % 4 == 0 and weight.is_contiguous()
-                 and weight.storage_offset() % 4 == 0)
-        w, per = (weight.view(torch.int32), 4) if words else (weight, 1)
-        pairs = (words and PTX and x.device.type == "cuda" and cfg["pairs_per_sm"] > 0
-                 and (block_n <= 8 or n_blocks * splits <= cfg["pairs_per_sm"] * _sm_count(x.device)))
-        _gemv1_kernel[(n_blocks, splits)](x, w, scale if has_scale else y, y, n, k // per, seg, p_count,
-                                          x.stride(0), y.stride(0), k_per_split // per, BLOCK_N=block_n,
-                                          BLOCK_KW=block_k // per, HAS_SCALE=has_scale, WORDS=words, PAIRS=pairs,
-                                          PRELOAD=cfg["preload"], **options)
-        return y
+        return _one_row(x, weight, scale, seg, _one_row_plan(x, weight, seg, splits))
     block_n = _block_n(seg, n, 64)
     block_k = 64
     n_blocks = triton.cdiv(n, block_n)
@@ -678,6 +705,26 @@ def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, M, K] @ weight [N, K]ᵀ -> partials [S, M, N] fp32 (convenience for single inputs)."""
     return project(x, weight, scale)
+
+
+def project_relu2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, rows: int,
+                  out_dtype: torch.dtype, seg: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One row's `project` (x [P, 1, K]) whose first `rows` outputs (the channel mix's key: segment 0, `rows`
+    its length) come back as relu(.)² [1, rows] in out_dtype, squared in the product's last step rather than by
+    `ffn_act` after it (one launch less, the same bits). Returns (that, partials [1, 1, N] whose first `rows`
+    columns are not written), or None where one split does not cover K or x has several rows: then `project`
+    and `ffn_act`."""
+    n = weight.shape[0]
+    seg = seg or n
+    if x.shape[1] != 1:
+        return None
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    plan = _one_row_plan(x, weight, seg, None)
+    if plan[2] != 1:
+        return None
+    assert rows % plan[0] == 0 and rows <= n, "the squared rows must be whole row blocks"
+    hidden = torch.empty((1, rows), device=x.device, dtype=out_dtype)
+    return hidden, _one_row(x, weight, scale, seg, plan, relu2=hidden)
 
 
 def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:

@@ -43,7 +43,7 @@ from ..models.layers import LAYER_NORM_EPS, Padding, relu_square_
 from ..state import RwkvState
 from .cpu_decode import CpuStepRunner, stack_ends
 from .cuda_graphs import GraphedDecoder
-from .packing import PackedLinear, pack_projections, project
+from .packing import PackedLinear, pack_projections, project, project_channel_mix
 from .plain_graphs import GraphedPlainRunner
 from .prefill_graphs import GraphedPrefill
 
@@ -265,8 +265,9 @@ class FastRunner:
         r = torch.sigmoid(layer.ffn(mixed[1], 1))
         return x + r * layer.value(k.to(self.act_dtype))
 
-    # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) -> act ->
-    # project(value); the residual adds happen inside the next ln_mix, which returns the residual.
+    # Triton: per layer ln_mix -> project(att) -> wkv -> project(out) -> ln_mix -> project(ffn) with relu² of the
+    # key (inside the product for one row) -> project(value); the residual adds happen inside the next ln_mix,
+    # which returns the residual.
     def _decode_triton(self, x, shift, wkv, new_shift, new_wkv):
         tk = triton_kernels
         batch, c = x.shape
@@ -283,8 +284,7 @@ class FastRunner:
             (att_out,) = project(y.unsqueeze(0), layer.out)
             x = tk.ln_mix(x, layer.ln2_w, layer.ln2_b, mixed2, prev=shift[:, i, 1], mix=layer.ffn_mix,
                           xx_out=new_shift[:, i, 1], delta=att_out)
-            k_parts, r_parts = project(mixed2, layer.ffn)
-            hidden = tk.ffn_act(k_parts, self.act_dtype)
+            hidden, (r_parts,) = project_channel_mix(mixed2, layer.ffn, self.act_dtype)
             (value,) = project(hidden.unsqueeze(0), layer.value)
             halve = bool(self.rescale_every) and (i + 1) % self.rescale_every == 0
             if i + 1 < len(layers):

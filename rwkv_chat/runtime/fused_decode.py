@@ -15,7 +15,8 @@ What this module promises:
   architecture's time-mix core (RWKV-7: one product for r/k/v, two LoRA launches, one kernel for everything
   else; for fewer than SIDE_STREAM_ROWS rows, work that does not need the projections, as RWKV-7's LoRAs, runs on
   a second CUDA stream beside them: `SideStream`); the output product; one kernel for the channel mix's add,
-  LayerNorm and mixes; its key (and receptance) product, relu² and the value product. The time-mix projections
+  LayerNorm and mixes; its key (and receptance) product with relu² (in the product's last step for one row:
+  packing.project_channel_mix) and the value product. The time-mix projections
   are packed into one matrix and the LoRAs into two, sharing memory with the model (packing.py,
   kernels/lora_triton.py).
 
@@ -36,7 +37,7 @@ from ..kernels import lora_triton, triton_kernels
 from ..models.architecture import FusedTimeMixPack
 from ..models.layers import LAYER_NORM_EPS
 from ..state import RwkvState
-from .packing import PackedLinear, pack_projections, project
+from .packing import PackedLinear, pack_projections, project, project_channel_mix
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_DTYPES = {dtype: dtype for dtype in FLOAT_DTYPES} | {torch.int8: torch.bfloat16}  # products' inputs
@@ -150,8 +151,8 @@ class FusedDecoder:
             (att_out,) = project(y.unsqueeze(0), layer.out)
             x = triton_kernels.ln_mix(x, *layer.ln2, ffn_mixed, prev=shift[:, i, 1], mix=layer.ffn_mix,
                                       xx_out=new_shift[:, i, 1], delta=att_out)
-            key, *receptance = project(ffn_mixed, layer.ffn)
-            (value,) = project(triton_kernels.ffn_act(key, self.act_dtype).unsqueeze(0), layer.value)
+            hidden, receptance = project_channel_mix(ffn_mixed, layer.ffn, self.act_dtype)
+            (value,) = project(hidden.unsqueeze(0), layer.value)
             residual = dict(delta=value, gate=receptance[0] if receptance else None,
                             halve=bool(self.rescale_every) and (i + 1) % self.rescale_every == 0)
             if i + 1 < len(self.layers):

@@ -11,7 +11,9 @@ What this module promises:
   rows, expanded to bf16 for one wide GEMM).
 - `project(x [P, M, K], lin)` is the decode steps' product on CUDA: segment i takes input x[i] (the last one
   when P is smaller), and comes back as a split-K partials view [S, M, N_i] (S = 1 from cuBLAS), which the
-  Triton kernels add while loading.
+  Triton kernels add while loading. `project_channel_mix(x, lin, dtype)` is the channel mix's product (segment 0
+  the key) with relu² of the key applied: (relu(key)² [M, F] in dtype, the other segments' partials views);
+  one row squares the key inside the product where triton_kernels.project_relu2 can, else `ffn_act` does.
 
 It knows matrices and where they run best, not RWKV.
 """
@@ -102,3 +104,15 @@ def project(x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
     seg = lin.bounds[1] if lin.n_segments > 1 else None
     parts = triton_kernels.project(x, lin.weight, lin.scale, seg)
     return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(lin.n_segments)]
+
+
+def project_channel_mix(x: torch.Tensor, lin: PackedLinear, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    """x [P, M, K] -> (relu(key)² [M, F] in dtype, the partials views of segments 1...) (see the module docstring)."""
+    if x.shape[1] == 1:
+        seg = lin.bounds[1] if lin.n_segments > 1 else None
+        fused = triton_kernels.project_relu2(x, lin.weight, lin.scale, lin.bounds[1], dtype, seg)
+        if fused is not None:
+            hidden, parts = fused
+            return hidden, [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(1, lin.n_segments)]
+    key, *rest = project(x, lin)
+    return triton_kernels.ffn_act(key, dtype), rest

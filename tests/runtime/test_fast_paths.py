@@ -533,6 +533,56 @@ def test_int8_one_row_product_equals_the_dequantised_product_under_the_interpret
         assert line.split()[-2] == "1" and float(line.split()[-1]) < 1e-6, line
 
 
+RELU2_SCRIPT = """
+    import torch
+    from rwkv_chat.kernels import triton_kernels as tk
+    from reference import int8_one_row_case
+    gen = torch.Generator().manual_seed(9)
+    # (N, K, segments): one split (a key alone, a key and a receptance, an odd K: bytes), then K long enough for
+    # several splits (the interpreter counts 8 SMs), where the fused form must decline
+    for n, k, segments in ((64, 260, 1), (96, 1000, 2), (96, 259, 2), (64, 4096, 1)):
+        q, scale, x, seg, want = int8_one_row_case(gen, n, k, segments)
+        rows = seg or n
+        w32 = q.float() * scale[:, None]
+        for name, w, s, dtype in (("int8", q, scale, torch.bfloat16), ("bf16", w32.to(torch.bfloat16), None,
+                                  torch.bfloat16), ("fp32", w32, None, torch.float32)):
+            parts = tk.project(x, w, s, seg)
+            alone = tk.ffn_act(parts[:, :, :rows], dtype)
+            fused = tk.project_relu2(x, w, s, rows, dtype, seg)
+            if fused is None:
+                print(n, k, segments, name, parts.shape[0], "declined")
+                continue
+            hidden, fused_parts = fused
+            dense = w.double() if s is None else q.double() * scale.double()[:, None]
+            keys = torch.einsum("k,nk->n", x[0, 0].double(), dense[:rows])  # the key reads input 0
+            squares = keys.clamp(min=0) ** 2
+            err = ((hidden[0].double() - squares).abs() / squares.clamp(min=squares.max() * 1e-3)).max().item()
+            same = torch.equal(hidden, alone) and torch.equal(fused_parts[:, :, rows:], parts[:, :, rows:])
+            print(n, k, segments, name, parts.shape[0], int(same), err)
+    wide = tk.project_relu2(torch.zeros(1, 3, 64), torch.zeros(16, 64), None, 16, torch.float32)
+    print("rows", wide)
+"""
+
+
+def test_key_squared_in_the_product_is_the_separate_ffn_act_under_the_interpreter():
+    """One row's channel-mix product with relu² of the key in its last step (project_relu2): the same bits as
+    `project` then `ffn_act` for int8, bf16 and fp32 weights, a key alone and a key with a receptance (whose
+    partials also agree), and against the float64 squares of the stored weights; declined where K takes several
+    splits or x has several rows."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(RELU2_SCRIPT).strip().splitlines()
+    assert lines[-1] == "rows None"
+    results = [line.split() for line in lines[:-1]]
+    assert len(results) == 12
+    for n, k, segments, name, splits, *rest in results:
+        if k == "4096":
+            assert int(splits) > 1 and rest == ["declined"], (n, k, name, splits, rest)
+        else:
+            # the squares rounded once to the output dtype (bf16: the interpreter's conversion truncates, one step)
+            bound = 1e-5 if name == "fp32" else 2.0 ** -7
+            assert splits == "1" and rest[0] == "1" and float(rest[1]) < bound, (n, k, name, rest)
+
+
 LN_MIX_SCRIPT = """
     import torch
     from rwkv_chat.kernels import triton_kernels as tk

@@ -16,9 +16,8 @@ What this module promises:
   else; for fewer than SIDE_STREAM_ROWS rows, work that does not need the projections, as RWKV-7's LoRAs, runs on
   a second CUDA stream beside them: `SideStream`); the output product; one kernel for the channel mix's add,
   LayerNorm and mixes; its key (and receptance) product with relu² (in the product's last step for one row:
-  packing.project_channel_mix) and the value product. The time-mix projections
-  are packed into one matrix and the LoRAs into two, sharing memory with the model (packing.py,
-  kernels/lora_triton.py).
+  packing.project_channel_mix) and the value product. The time-mix projections are packed into one matrix and
+  the LoRAs into two, sharing memory with the model (packing.py, kernels/lora_triton.py).
 
 It knows the block around the time mix (LayerNorms, residual stream, channel mix, fp16 halving), not any
 architecture's time mix: that is the architecture's `fused_time_mix`.

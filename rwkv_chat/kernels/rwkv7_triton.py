@@ -29,7 +29,7 @@ WIDE_BATCH = 32  # from this many sequences a program has 2 warps, not 4 (H200, 
 # a layer, 64 rows 46 -> 40; fewer rows alike within 1 us)
 
 if AVAILABLE:
-    from .triton_kernels import _let_next_launch, _sum_splits, _wait_for_kernel_before
+    from .triton_kernels import _sum_splits, _wait_for_producer
 
     @triton.jit
     def _sigmoid(x):
@@ -39,35 +39,28 @@ if AVAILABLE:
     def _wkv7_decode_kernel(R, K, V, stride_s, stride_b, n_split, W_L, A_L, V_L, G, stride_l, V_FIRST,
                             W0, A0, V0, K_K, K_A, R_K, LNW, LNB, S_IN, S_OUT, stride_state, Y, A, eps, decay_scale,
                             FIRST: tl.constexpr, SIZE: tl.constexpr, PDL: tl.constexpr = False):
-        """One token for one (sequence, head): i indexes values (state rows), j keys (state columns). The
-        constants and S_IN (the state passed in) are read before the wait for the kernel before (PDL): no kernel
-        of the same step may write them."""
-        _let_next_launch(PDL)
+        """One token for one (sequence, head): i indexes values (state rows), j keys (state columns)."""
+        _wait_for_producer(PDL)
         h = tl.program_id(0)
         b = tl.program_id(1)
         n = tl.arange(0, SIZE)
         ch = h * SIZE + n
         ok = n < SIZE
-        cell = b * stride_state + h * SIZE * SIZE + n[:, None] * SIZE + n[None, :]
-        s = tl.load(S_IN + cell)
-        w0, a0, k_k, k_a = tl.load(W0 + ch), tl.load(A0 + ch), tl.load(K_K + ch), tl.load(K_A + ch)
-        r_k, ln_w, ln_b = tl.load(R_K + ch), tl.load(LNW + ch), tl.load(LNB + ch)
-        if not FIRST:
-            v0 = tl.load(V0 + ch)
-        _wait_for_kernel_before(PDL)
         r = _sum_splits(R + b * stride_b + h * SIZE, stride_s, n_split, n, ok)
         k = _sum_splits(K + b * stride_b + h * SIZE, stride_s, n_split, n, ok)
         v = _sum_splits(V + b * stride_b + h * SIZE, stride_s, n_split, n, ok)
         lora = b * stride_l + ch
-        w = tl.exp(-decay_scale * _sigmoid(w0 + tl.load(W_L + lora)))
-        a = _sigmoid(a0 + tl.load(A_L + lora))
-        kk = k * k_k
+        w = tl.exp(-decay_scale * _sigmoid(tl.load(W0 + ch) + tl.load(W_L + lora)))
+        a = _sigmoid(tl.load(A0 + ch) + tl.load(A_L + lora))
+        kk = k * tl.load(K_K + ch)
         kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, axis=0)), 1e-12)
-        k = k * (1.0 + (a - 1.0) * k_a)
+        k = k * (1.0 + (a - 1.0) * tl.load(K_A + ch))
         if FIRST:
             tl.store(V_FIRST + b * A + ch, v)
         else:
-            v = v + (tl.load(V_FIRST + b * A + ch) - v) * _sigmoid(v0 + tl.load(V_L + lora))
+            v = v + (tl.load(V_FIRST + b * A + ch) - v) * _sigmoid(tl.load(V0 + ch) + tl.load(V_L + lora))
+        cell = b * stride_state + h * SIZE * SIZE + n[:, None] * SIZE + n[None, :]
+        s = tl.load(S_IN + cell)
         s_kk = tl.sum(s * kk[None, :], axis=1)  # [i]
         s = s * w[None, :] - s_kk[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
         tl.store(S_OUT + cell, s)
@@ -75,8 +68,8 @@ if AVAILABLE:
         mean = tl.sum(y, axis=0) / SIZE
         diff = y - mean
         var = tl.sum(diff * diff, axis=0) / SIZE
-        y = diff / tl.sqrt(var + eps) * ln_w + ln_b
-        y = y + tl.sum(r * k * r_k, axis=0) * v
+        y = diff / tl.sqrt(var + eps) * tl.load(LNW + ch) + tl.load(LNB + ch)
+        y = y + tl.sum(r * k * tl.load(R_K + ch), axis=0) * v
         tl.store(Y + b * A + ch, (y * tl.load(G + lora)).to(Y.dtype.element_ty))
 
     @triton.jit

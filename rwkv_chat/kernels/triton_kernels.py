@@ -300,34 +300,29 @@ if AVAILABLE:
         """x' = x + sigmoid(g) * d (or + d), halved if HALVE, to X_OUT; xx = LayerNorm(x'); mix p = xx*mix_p +
         prev*(1-mix_p) goes to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32
         (fp32). Program (b, c) writes channels [c CHUNK, (c+1) CHUNK) of row b; each program of a row computes
-        the row's statistics itself (from L2), so one row's work spreads over several SMs, and keeps the whole row
-        in registers: what it writes is masked to its channels (no second read of them). X_OUT may be X only
-        when one program covers the row (CHUNK >= C). LNW, LNB and PREV (the state passed in) are read before the
-        wait for the kernel before (PDL): no kernel of the same step may write them."""
-        _let_next_launch(PDL)
+        the row's statistics itself (from L2), so one row's work spreads over several SMs. X_OUT may be X only
+        when one program covers the row (CHUNK >= C)."""
+        _wait_for_producer(PDL)
         b = tl.program_id(0)
         row = X + b * C
         d_row = D + b * stride_db
         g_row = G + b * stride_gb
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
-        mine = ok  # the channels this program writes
-        if CHUNK < BLOCK_C:
-            mine = ok & (offs // CHUNK == tl.program_id(1))
-        ln_w = tl.load(LNW + offs, mask=mine, other=1.0)
-        ln_b = tl.load(LNB + offs, mask=mine, other=0.0)
-        if HAS_MIX:
-            prev = tl.load(PREV + b * stride_prev + offs, mask=mine, other=0.0)
-        _wait_for_kernel_before(PDL)
         x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
         diff = tl.where(ok, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-        ok = mine
+        if CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
+            offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+            ok = offs < C
+            x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
+            diff = x - mean
         if HAS_D:
             tl.store(X_OUT + b * C + offs, x, mask=ok)
-        xx = diff * rstd * ln_w + ln_b
+        xx = diff * rstd * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok, other=0.0)
         if HAS_MIX:
+            prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
             tl.store(XX + b * stride_xx + offs, xx, mask=ok)
             for p in range(P):
                 m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
@@ -345,35 +340,30 @@ if AVAILABLE:
                             A, eps, W_LORA, stride_wl, GATED: tl.constexpr, SIZE: tl.constexpr,
                             TOKEN_DECAY: tl.constexpr, PDL: tl.constexpr = False):
         """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate. W is the
-        decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence. The
-        constants and S_IN (the state passed in) are read before the wait for the kernel before (PDL): no kernel
-        of the same step may write them."""
-        _let_next_launch(PDL)
+        decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence."""
+        _wait_for_producer(PDL)
         h = tl.program_id(0)
         b = tl.program_id(1)
         i = tl.arange(0, SIZE)  # key index
         j = tl.arange(0, SIZE)  # value index
         base = b * stride_b + h * SIZE
         mask = i < SIZE
-        u = tl.load(U + h * SIZE + i)
-        w = tl.load(W + h * SIZE + i)
-        cell = b * stride_state + h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
-        s = tl.load(S_IN + cell)
-        ln_w = tl.load(LNW + h * SIZE + j)
-        ln_b = tl.load(LNB + h * SIZE + j)
-        _wait_for_kernel_before(PDL)
         r = _sum_splits(R + base, stride_s, n_split, i, mask)
         k = _sum_splits(K + base, stride_s, n_split, i, mask)
         v = _sum_splits(V + base, stride_s, n_split, j, mask)
+        u = tl.load(U + h * SIZE + i)
+        w = tl.load(W + h * SIZE + i)
         if TOKEN_DECAY:
             w = tl.exp(-tl.exp(w + tl.load(W_LORA + b * stride_wl + h * SIZE + i)))
+        cell = b * stride_state + h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
+        s = tl.load(S_IN + cell)
         a = k[:, None] * v[None, :]
         out = tl.sum(r[:, None] * (u[:, None] * a + s), axis=0)  # [value]
         tl.store(S_OUT + cell, a + w[:, None] * s)
         mean = tl.sum(out, axis=0) / SIZE
         diff = out - mean
         var = tl.sum(diff * diff, axis=0) / SIZE
-        y = diff / tl.sqrt(var + eps) * ln_w + ln_b
+        y = diff / tl.sqrt(var + eps) * tl.load(LNW + h * SIZE + j) + tl.load(LNB + h * SIZE + j)
         if GATED:
             g = _sum_splits(G + base, stride_s, n_split, j, mask)
             y = y * (g / (1.0 + tl.exp(-g)))
@@ -382,25 +372,22 @@ if AVAILABLE:
     @triton.jit
     def _wkv4_decode_kernel(R, K, V, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, Y, C,
                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """One token of the v4 recurrence; state rows (aa, bb, pp) at S + {0, C, 2C}; y = sigmoid(r) * wkv. The
-        constants and S_IN (the state passed in) are read before the wait for the kernel before (PDL): no kernel
-        of the same step may write them."""
-        _let_next_launch(PDL)
+        """One token of the v4 recurrence; state rows (aa, bb, pp) at S + {0, C, 2C}; y = sigmoid(r) * wkv."""
+        _wait_for_producer(PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < C
         base = b * stride_b
+        r = _sum_splits(R + base, stride_s, n_split, offs, ok)
+        k = _sum_splits(K + base, stride_s, n_split, offs, ok)
+        v = _sum_splits(V + base, stride_s, n_split, offs, ok)
         st = b * stride_state + offs
         aa = tl.load(S_IN + st, mask=ok, other=0.0)
         bb = tl.load(S_IN + C + st, mask=ok, other=0.0)
         pp = tl.load(S_IN + 2 * C + st, mask=ok, other=0.0)
         w = tl.load(W + offs, mask=ok, other=0.0)
         u = tl.load(U + offs, mask=ok, other=0.0)
-        _wait_for_kernel_before(PDL)
-        r = _sum_splits(R + base, stride_s, n_split, offs, ok)
-        k = _sum_splits(K + base, stride_s, n_split, offs, ok)
-        v = _sum_splits(V + base, stride_s, n_split, offs, ok)
         ww = u + k
         p = tl.maximum(pp, ww)
         e1 = tl.exp(pp - p)

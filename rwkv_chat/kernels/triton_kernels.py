@@ -712,17 +712,16 @@ def project_relu2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     """One row's `project` (x [P, 1, K]) whose first `rows` outputs (the channel mix's key: segment 0, `rows`
     its length) come back as relu(.)² [1, rows] in out_dtype, squared in the product's last step rather than by
     `ffn_act` after it (one launch less, the same bits). Returns (that, partials [1, 1, N] whose first `rows`
-    columns are not written), or None where one split does not cover K or x has several rows: then `project`
-    and `ffn_act`."""
+    columns are not written), or None where one split does not cover K, x has several rows or `rows` is no whole
+    number of the product's row blocks: then `project` and `ffn_act`."""
     n = weight.shape[0]
     seg = seg or n
     if x.shape[1] != 1:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
     plan = _one_row_plan(x, weight, seg, None)
-    if plan[2] != 1:
+    if plan[2] != 1 or rows % plan[0] or rows > n:
         return None
-    assert rows % plan[0] == 0 and rows <= n, "the squared rows must be whole row blocks"
     hidden = torch.empty((1, rows), device=x.device, dtype=out_dtype)
     return hidden, _one_row(x, weight, scale, seg, plan, relu2=hidden)
 

@@ -560,7 +560,8 @@ RELU2_SCRIPT = """
             same = torch.equal(hidden, alone) and torch.equal(fused_parts[:, :, rows:], parts[:, :, rows:])
             print(n, k, segments, name, parts.shape[0], int(same), err)
     wide = tk.project_relu2(torch.zeros(1, 3, 64), torch.zeros(16, 64), None, 16, torch.float32)
-    print("rows", wide)
+    ragged = tk.project_relu2(torch.zeros(1, 1, 64), torch.zeros(16, 64), None, 12, torch.float32)  # 8-row blocks
+    print("rows", wide, ragged)
 """
 
 
@@ -568,10 +569,10 @@ def test_key_squared_in_the_product_is_the_separate_ffn_act_under_the_interprete
     """One row's channel-mix product with relu² of the key in its last step (project_relu2): the same bits as
     `project` then `ffn_act` for int8, bf16 and fp32 weights, a key alone and a key with a receptance (whose
     partials also agree), and against the float64 squares of the stored weights; declined where K takes several
-    splits or x has several rows."""
+    splits, x has several rows or the key ends inside a row block."""
     pytest.importorskip("triton")
     lines = run_interpreted(RELU2_SCRIPT).strip().splitlines()
-    assert lines[-1] == "rows None"
+    assert lines[-1] == "rows None None"
     results = [line.split() for line in lines[:-1]]
     assert len(results) == 12
     for n, k, segments, name, splits, *rest in results:

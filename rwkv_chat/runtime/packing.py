@@ -101,18 +101,25 @@ def project(x: torch.Tensor, lin: PackedLinear) -> list[torch.Tensor]:
             return [out[i:i + 1] for i in range(lin.n_segments)]
         return [F.linear(x[min(i, x.shape[0] - 1)], lin.segment(i)[0]).unsqueeze(0)
                 for i in range(lin.n_segments)]
-    seg = lin.bounds[1] if lin.n_segments > 1 else None
-    parts = triton_kernels.project(x, lin.weight, lin.scale, seg)
-    return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(lin.n_segments)]
+    return _segments(triton_kernels.project(x, lin.weight, lin.scale, _segment_length(lin)), lin)
+
+
+def _segment_length(lin: PackedLinear) -> int | None:
+    """The row count after which the Triton product takes its next input (None: one segment)."""
+    return lin.bounds[1] if lin.n_segments > 1 else None
+
+
+def _segments(parts: torch.Tensor, lin: PackedLinear, first: int = 0) -> list[torch.Tensor]:
+    """The partials [S, M, N] of a packed product as one view per segment, from segment `first` on."""
+    return [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(first, lin.n_segments)]
 
 
 def project_channel_mix(x: torch.Tensor, lin: PackedLinear, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
     """x [P, M, K] -> (relu(key)² [M, F] in dtype, the partials views of segments 1...) (see the module docstring)."""
     if x.shape[1] == 1:
-        seg = lin.bounds[1] if lin.n_segments > 1 else None
-        fused = triton_kernels.project_relu2(x, lin.weight, lin.scale, lin.bounds[1], dtype, seg)
+        fused = triton_kernels.project_relu2(x, lin.weight, lin.scale, lin.bounds[1], dtype, _segment_length(lin))
         if fused is not None:
             hidden, parts = fused
-            return hidden, [parts[:, :, lin.bounds[i]:lin.bounds[i + 1]] for i in range(1, lin.n_segments)]
+            return hidden, _segments(parts, lin, first=1)
     key, *rest = project(x, lin)
     return triton_kernels.ffn_act(key, dtype), rest

@@ -643,6 +643,52 @@ def test_ln_mix_spread_over_programs_equals_layer_norm_under_the_interpreter():
         assert float(err) < 1e-4, line
 
 
+WKV5_STATE_SCRIPT = """
+import torch
+from rwkv_chat.kernels import rwkv6_triton, triton_kernels as tk
+gen = torch.Generator().manual_seed(3)
+heads, size = 3, 16
+a = heads * size
+for rows in (1, 3, 5):
+    for version in ("5.2", "6"):
+        r, k, v, g = (torch.randn(2, rows, a, generator=gen) for _ in range(4))  # two split-K partials each
+        s_in = torch.randn(rows, heads, size, size, generator=gen)
+        w, u = torch.rand(heads, size, generator=gen), torch.randn(heads, size, generator=gen)
+        ln_w, ln_b = torch.randn(a, generator=gen), torch.randn(a, generator=gen)
+        w_lora = torch.randn(rows, a, generator=gen)
+        results = []
+        for early_rows in (tk.WKV5_EARLY_STATE_ROWS, 0):  # the state read before the wait where rows allow, never
+            tk.WKV5_EARLY_STATE_ROWS = rwkv6_triton.WKV5_EARLY_STATE_ROWS = early_rows
+            s_out = torch.empty_like(s_in)
+            if version == "5.2":
+                y = tk.wkv5_decode(r, k, v, g, s_in, s_out, w, u, ln_w, ln_b, torch.float32, 1e-5)
+            else:
+                y = rwkv6_triton.wkv6_decode(r, k, v, g, w_lora, s_in, s_out, w.flatten(), u, ln_w, ln_b,
+                                             torch.float32, 1e-5)
+            results.append(torch.cat([y.flatten(), s_out.flatten()]))
+        tk.WKV5_EARLY_STATE_ROWS = rwkv6_triton.WKV5_EARLY_STATE_ROWS = 4
+        rs, ks, vs = r.sum(0).double(), k.sum(0).double(), v.sum(0).double()
+        decay = (w.double().flatten()[None] if version == "5.2"
+                 else torch.exp(-torch.exp(w.double().flatten()[None] + w_lora.double())))
+        want = (ks.view(rows, heads, size, 1) * vs.view(rows, heads, 1, size)
+                + decay.view(-1 if version == "6" else 1, heads, size, 1) * s_in.double())
+        err = (results[0][rows * a:].double() - want.flatten()).abs().max().item()
+        print(rows, version, torch.equal(*results), err)
+"""
+
+
+def test_v5_decode_reading_its_state_before_the_wait_is_the_same_step_under_the_interpreter():
+    """The RWKV-5/6 decode kernel reading the state passed in before its wait (fewer than WKV5_EARLY_STATE_ROWS
+    rows) and after it: the same bits, and the new state the float64 recurrence's, at rows on both sides of the
+    bound."""
+    pytest.importorskip("triton")
+    lines = run_interpreted(WKV5_STATE_SCRIPT).strip().splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        rows, version, same, err = line.split()
+        assert same == "True" and float(err) < 1e-5, line
+
+
 @pytest.mark.parametrize("version,dtype,tolerance,head_size", [("4", "fp32", 1e-4, 64), ("5.2", "fp32", 1e-4, 64),
                                                                ("5.2", "fp32", 1e-4, 8), ("4", "int8", 0.3, 64),
                                                                ("5.2", "int8", 0.3, 64)])

@@ -296,33 +296,50 @@ if AVAILABLE:
                        stride_prev, MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C,
                        P, P_OUT, FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
                        HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr,
-                       CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+                       CHUNK: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
         """x' = x + sigmoid(g) * d (or + d), halved if HALVE, to X_OUT; xx = LayerNorm(x'); mix p = xx*mix_p +
         prev*(1-mix_p) goes to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32
         (fp32). Program (b, c) writes channels [c CHUNK, (c+1) CHUNK) of row b; each program of a row computes
         the row's statistics itself (from L2), so one row's work spreads over several SMs. X_OUT may be X only
-        when one program covers the row (CHUNK >= C)."""
-        _wait_for_producer(PDL)
+        when one program covers the row (CHUNK >= C). With EARLY a program keeps the whole row in registers (what
+        it writes is masked to its channels: no second read of them) and reads LNW, LNB and PREV (the state passed
+        in) before the wait for the kernel before (PDL): no kernel of the same step writes them."""
+        _let_next_launch(PDL)
         b = tl.program_id(0)
         row = X + b * C
         d_row = D + b * stride_db
         g_row = G + b * stride_gb
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
+        if EARLY:
+            mine = ok
+            if CHUNK < BLOCK_C:
+                mine = ok & (offs // CHUNK == tl.program_id(1))
+            ln_w = tl.load(LNW + offs, mask=mine, other=1.0)
+            ln_b = tl.load(LNB + offs, mask=mine, other=0.0)
+            if HAS_MIX:
+                prev = tl.load(PREV + b * stride_prev + offs, mask=mine, other=0.0)
+        _wait_for_kernel_before(PDL)
         x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
         diff = tl.where(ok, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-        if CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
+        if EARLY:
+            ok = mine
+        elif CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
             offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
             ok = offs < C
             x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
             diff = x - mean
+        if not EARLY:
+            ln_w = tl.load(LNW + offs, mask=ok, other=1.0)
+            ln_b = tl.load(LNB + offs, mask=ok, other=0.0)
+            if HAS_MIX:
+                prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
         if HAS_D:
             tl.store(X_OUT + b * C + offs, x, mask=ok)
-        xx = diff * rstd * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok, other=0.0)
+        xx = diff * rstd * ln_w + ln_b
         if HAS_MIX:
-            prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
             tl.store(XX + b * stride_xx + offs, xx, mask=ok)
             for p in range(P):
                 m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
@@ -739,6 +756,12 @@ def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:
 
 
 LN_MIX_CHUNK = 512  # channels a program of `ln_mix` writes when rows are few (its statistics read the whole row)
+# Not yet timed on a GPU (so off): a row spread over several programs stays whole in each program's registers (no
+# second read of its channels) and the LayerNorm weights and the shift state passed in are read before the PDL wait.
+# The same bits (interpreter test). `python -m benchmarks.decode_parts --set
+# "early=rwkv_chat.kernels.triton_kernels.LN_MIX_EARLY=True"` times it. One program a row never takes it: its
+# registers would grow 80 -> 155 for sm_90 (compiled locally), which batched steps feel.
+LN_MIX_EARLY = False
 
 
 def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None,
@@ -775,7 +798,8 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
                                 o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
                                 mix.shape[0] if has_mix else 1, p_out, first32, eps,
                                 HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
-                                BLOCK_C=block_c, CHUNK=chunk, num_warps=4 if c <= 1024 else 8, **pdl(x.device))
+                                BLOCK_C=block_c, CHUNK=chunk, EARLY=LN_MIX_EARLY and chunks > 1,
+                                num_warps=4 if c <= 1024 else 8, **pdl(x.device))
     return x_out
 
 

@@ -603,6 +603,7 @@ LN_MIX_SCRIPT = """
                 want = torch.nn.functional.layer_norm(x64, (c,), weight.double(), bias.double(), 1e-5)
                 mixes = want[None] * mix.double()[:, None] + prev.double()[None] * (1 - mix.double()[:, None])
                 before = x.clone()
+                tk.LN_MIX_EARLY = rows == 3  # spread rows read early (the setting under test) or not
                 got = tk.ln_mix(x, weight, bias, out, prev=prev, mix=mix, xx_out=xx, delta=delta, gate=gate,
                                 halve=True, out32=out32, first32=2, chunk=chunk)
                 in_place = got is x
@@ -614,16 +615,18 @@ LN_MIX_SCRIPT = """
                 same = tk.ln_mix(got, weight, bias, final, chunk=chunk)
                 err = max(err, (final[0].double() - want).abs().max().item())
                 print(c, rows, chunk, in_place, untouched, same is got, err)
-    # the same inputs spread over programs or not: the same bits
+    # the same inputs spread over programs or not, read early or not: the same bits
     x, delta, gate, prev = (torch.randn(shape, generator=gen) for shape in ((2, 100), (2, 2, 100), (1, 2, 100),
                                                                             (2, 100)))
     mix, weight, bias = torch.rand(3, 100, generator=gen), torch.randn(100, generator=gen), torch.randn(100)
     outputs = []
-    for chunk in (16, 32, 128):
-        out, xx = torch.zeros(3, 2, 100), torch.zeros(2, 100)
-        got = tk.ln_mix(x.clone(), weight, bias, out, prev=prev, mix=mix, xx_out=xx, delta=delta, gate=gate,
-                        chunk=chunk)
-        outputs.append(torch.cat([got.flatten(), out.flatten(), xx.flatten()]))
+    for early in (False, True):
+        tk.LN_MIX_EARLY = early
+        for chunk in (16, 32, 128):
+            out, xx = torch.zeros(3, 2, 100), torch.zeros(2, 100)
+            got = tk.ln_mix(x.clone(), weight, bias, out, prev=prev, mix=mix, xx_out=xx, delta=delta, gate=gate,
+                            chunk=chunk)
+            outputs.append(torch.cat([got.flatten(), out.flatten(), xx.flatten()]))
     print("chunks", all(torch.equal(outputs[0], o) for o in outputs[1:]))
 """
 
@@ -632,7 +635,8 @@ def test_ln_mix_spread_over_programs_equals_layer_norm_under_the_interpreter():
     """The residual add, LayerNorm and mixes with a row's channels spread over several programs (each reading
     the row's statistics itself) and with one program a row, against float64; spread, x is left for the caller
     and a new residual comes back (another program may still be reading x), one program updates x in place; the
-    same bits however the channels are spread."""
+    same bits however the channels are spread, and with LN_MIX_EARLY (spread rows kept whole in registers, their
+    constants and shift state read before the wait) or without."""
     pytest.importorskip("triton")
     lines = run_interpreted(LN_MIX_SCRIPT).strip().splitlines()
     assert len(lines) == 13 and lines[-1] == "chunks True"

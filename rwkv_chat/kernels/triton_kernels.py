@@ -759,8 +759,9 @@ LN_MIX_CHUNK = 512  # channels a program of `ln_mix` writes when rows are few (i
 # Not yet timed on a GPU (so off): a row spread over several programs stays whole in each program's registers (no
 # second read of its channels) and the LayerNorm weights and the shift state passed in are read before the PDL wait.
 # The same bits (interpreter test). `python -m benchmarks.decode_parts --set
-# "early=rwkv_chat.kernels.triton_kernels.LN_MIX_EARLY=True"` times it. One program a row never takes it: its
-# registers would grow 80 -> 155 for sm_90 (compiled locally), which batched steps feel.
+# "early=rwkv_chat.kernels.triton_kernels.LN_MIX_EARLY=True"` times it. Registers for sm_90 (compiled here, 4,096
+# channels, 8 warps): 62 -> 128 a program of 512 channels; one program a row (the batched steps) never takes it, as
+# it would grow from 96 to 122.
 LN_MIX_EARLY = False
 
 
@@ -804,9 +805,8 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
 
 
 WKV5_EARLY_STATE_ROWS = 4  # below this many sequences the v5/v6 decode kernel reads the state before its PDL wait:
-# a graphed RWKV-5.2 7B step 17 µs (bf16) / 30 µs (int8) shorter at one row (H100, 2026-12-06). Its registers go
-# from 168 to 241-249 for sm_90 (2 programs an SM, not 3), so only launches of few programs (at most 192 of 64-wide
-# heads at 7B, which fit at once) take it.
+# a graphed RWKV-5.2 7B step 17 µs (bf16) / 30 µs (int8) shorter at one row (H100, 2026-12-06). Its registers for
+# sm_90 stay at 96 either way, but batched steps, where the state is most of what moves, were not timed with it.
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):

@@ -651,6 +651,7 @@ WKV5_STATE_SCRIPT = """
 import torch
 from rwkv_chat.kernels import rwkv6_triton, triton_kernels as tk
 gen = torch.Generator().manual_seed(3)
+bound = tk.WKV5_EARLY_STATE_ROWS
 heads, size = 3, 16
 a = heads * size
 for rows in (1, 3, 5):
@@ -661,8 +662,8 @@ for rows in (1, 3, 5):
         ln_w, ln_b = torch.randn(a, generator=gen), torch.randn(a, generator=gen)
         w_lora = torch.randn(rows, a, generator=gen)
         results = []
-        for early_rows in (tk.WKV5_EARLY_STATE_ROWS, 0):  # the state read before the wait where rows allow, never
-            tk.WKV5_EARLY_STATE_ROWS = rwkv6_triton.WKV5_EARLY_STATE_ROWS = early_rows
+        for early_rows in (bound, 0):  # the state read before the wait where rows allow, never
+            tk.WKV5_EARLY_STATE_ROWS = early_rows
             s_out = torch.empty_like(s_in)
             if version == "5.2":
                 y = tk.wkv5_decode(r, k, v, g, s_in, s_out, w, u, ln_w, ln_b, torch.float32, 1e-5)
@@ -670,8 +671,8 @@ for rows in (1, 3, 5):
                 y = rwkv6_triton.wkv6_decode(r, k, v, g, w_lora, s_in, s_out, w.flatten(), u, ln_w, ln_b,
                                              torch.float32, 1e-5)
             results.append(torch.cat([y.flatten(), s_out.flatten()]))
-        tk.WKV5_EARLY_STATE_ROWS = rwkv6_triton.WKV5_EARLY_STATE_ROWS = 4
-        rs, ks, vs = r.sum(0).double(), k.sum(0).double(), v.sum(0).double()
+        tk.WKV5_EARLY_STATE_ROWS = bound
+        ks, vs = k.sum(0).double(), v.sum(0).double()
         decay = (w.double().flatten()[None] if version == "5.2"
                  else torch.exp(-torch.exp(w.double().flatten()[None] + w_lora.double())))
         want = (ks.view(rows, heads, size, 1) * vs.view(rows, heads, 1, size)

@@ -1,15 +1,18 @@
-"""Where a one-row decode step's GPU time goes: the CUDA-graphed step of a random-weight model, captured whole, with
-parts left out and with module settings changed, timed side by side in one process.
+"""Where a decode step's GPU time goes: the CUDA-graphed step of a random-weight model, captured whole, with parts
+left out and with module settings changed, timed side by side in one process.
 
     python -m benchmarks.decode_parts --versions 5.2,7 --dtypes bf16,int8
+    python -m benchmarks.decode_parts --versions 7 --dtypes bf16 --rows 256     # the step of 256 chats
     python -m benchmarks.decode_parts --versions 5.2 --dtypes int8 \\
         --set "preload 2=rwkv_chat.kernels.triton_kernels.GEMV_CONFIGS.int8.preload=2"
 
 What it promises:
-- Every row is a CUDA graph of the step the model's runner replays for one chat (`model.runner._graphs.step`),
-  captured after the model read a --prompt-tokens prompt of the benchmark's random checkpoint (benchmarks.bench's,
-  --checkpoint-values as there). Times are CUDA events over --replays replays; each round times every graph in
-  turn and the table gives the median over --rounds rounds, so a machine that drifts moves the rows alike.
+- Every table row is a CUDA graph of the step the model's runner replays (`model.runner._graphs.step`) for --rows chats
+  (default one), each from the state a --prompt-tokens prompt of the benchmark's random checkpoint left
+  (benchmarks.bench's, --checkpoint-values as there). Times are CUDA events over --replays replays; each round
+  times every graph in turn and the table gives the median over --rounds rounds, so a machine that drifts moves
+  the table rows alike; tok/s is chats × steps a second. The graphs share one memory pool (no graph's outputs
+  are read), so the new states of many chats (8.6 GB for 256 at RWKV-7 7.2B) are held once, not once a graph.
 - "whole step": the step as the app runs it. "without ln_mix", "without the wkv step", "products only": the step
   captured with those launches left out (triton_kernels.ln_mix, wkv4_decode, wkv5_decode, rwkv6_triton.wkv6_decode
   and rwkv7_triton.wkv7_decode return without launching). Such a graph computes nothing useful; what it saves is
@@ -35,6 +38,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from benchmarks.bench import SIZES, OursImpl, cleanup, random_state_dict
+from rwkv_chat.state import RwkvState
 
 LEFT_OUT = {"whole step": (), "without ln_mix": ("ln_mix",), "without the wkv step": ("wkv",),
             "products only": ("ln_mix", "wkv")}
@@ -111,13 +115,14 @@ def bench_model(args, version: str, size: str, dtype: str, device: torch.device)
     with torch.inference_mode():
         _, state = model.forward(torch.randint(1, 65530, (args.prompt_tokens,)).tolist())
         model.forward([1], state)
+        state = RwkvState(*(t.expand(args.rows, *t.shape[1:]).contiguous() for t in (state.shift, state.wkv)))
         step = model.runner._graphs.step
-        ids = torch.ones(1, dtype=torch.long, device=device)
-        graphs, logits = {}, {}
+        ids = torch.ones(args.rows, dtype=torch.long, device=device)
+        graphs, logits, pool = {}, {}, torch.cuda.graph_pool_handle()
         run = functools.partial(step, ids, state.shift, state.wkv)
         for name, context in rows:
             with context:
-                graphs[name] = captured(run, device, None)[0]
+                graphs[name] = captured(run, device, pool)[0]
                 logits[name] = run()[0].clone()
         times = {name: [] for name in graphs}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -132,8 +137,8 @@ def bench_model(args, version: str, size: str, dtype: str, device: torch.device)
                 torch.cuda.synchronize()
                 times[name].append(start.elapsed_time(end) * 1e3 / args.replays)
     whole = statistics.median(times["whole step"])
-    print(f"\n### RWKV-{version} {size} {dtype}, one row: {torch.cuda.get_device_name(device)}\n\n"
-          "| graph | µs a step | steps/s | saves µs | logits vs the whole step |\n|---|---:|---:|---:|---|")
+    print(f"\n### RWKV-{version} {size} {dtype}, {args.rows} row(s): {torch.cuda.get_device_name(device)}\n\n"
+          "| graph | µs a step | tok/s | saves µs | logits vs the whole step |\n|---|---:|---:|---:|---|")
     for name, spread in times.items():
         median = statistics.median(spread)
         if name in LEFT_OUT and name != "whole step":
@@ -141,7 +146,8 @@ def bench_model(args, version: str, size: str, dtype: str, device: torch.device)
         else:
             diff = (logits[name] - logits["whole step"]).abs().max().item()
             parity = "same bits" if torch.equal(logits[name], logits["whole step"]) else f"max |Δ| {diff:.3g}"
-        print(f"| {name} | {median:.1f} | {1e6 / median:.1f} | {whole - median:.1f} | {parity} |", flush=True)
+        print(f"| {name} | {median:.1f} | {args.rows * 1e6 / median:.1f} | {whole - median:.1f} | {parity} |",
+              flush=True)
     del model, graphs, run, step, state
     cleanup()
 
@@ -151,6 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--versions", default="5.2,7")
     p.add_argument("--sizes", default="7B", help="comma list of " + ",".join(SIZES))
     p.add_argument("--dtypes", default="bf16,int8")
+    p.add_argument("--rows", type=int, default=1, help="chats a step decodes (1 to 256)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--replays", type=int, default=40)
@@ -163,6 +170,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 1 <= args.rows <= 256:
+        raise ValueError(f"--rows: {args.rows} is not in 1..256 (the step's graph buckets)")
     for text in args.set:  # clear errors before any model is built
         name, path, value = parse_set(text)
         with setting(path, value):

@@ -1,5 +1,6 @@
 """`python -m benchmarks.decode_parts`: its settings and left-out kernels apply inside their block and are restored
-after it; it refuses a setting that names nothing, and a machine without CUDA, clearly."""
+after it; it refuses a setting that names nothing, a row count past the graphs' buckets and a machine without CUDA,
+clearly."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def test_left_out_kernels_launch_nothing_inside_the_block_and_come_back_after():
 def test_it_checks_its_settings_first_and_needs_cuda(capsys):
     with pytest.raises(ValueError, match="NO_SUCH"):
         decode_parts.main(["--set", "x=rwkv_chat.kernels.triton_kernels.NO_SUCH=1"])
+    with pytest.raises(ValueError, match="--rows: 257 is not in 1..256"):
+        decode_parts.main(["--rows", "257"])
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal is for machines without it")
     assert decode_parts.main(["--set", "x=rwkv_chat.kernels.triton_kernels.LN_MIX_CHUNK=64"]) == 2

@@ -110,8 +110,8 @@ def bench_model(args, version: str, size: str, dtype: str, device: torch.device)
     model = OursImpl(sd, device, dtype).model
     del sd
     cleanup()
-    rows = [(name, left_out(parts)) for name, parts in LEFT_OUT.items()]
-    rows += [(name, setting(path, value)) for name, path, value in map(parse_set, args.set)]
+    variants = [(name, left_out(parts)) for name, parts in LEFT_OUT.items()]
+    variants += [(name, setting(path, value)) for name, path, value in map(parse_set, args.set)]
     with torch.inference_mode():
         _, state = model.forward(torch.randint(1, 65530, (args.prompt_tokens,)).tolist())
         model.forward([1], state)
@@ -120,7 +120,7 @@ def bench_model(args, version: str, size: str, dtype: str, device: torch.device)
         ids = torch.ones(args.rows, dtype=torch.long, device=device)
         graphs, logits, pool = {}, {}, torch.cuda.graph_pool_handle()
         run = functools.partial(step, ids, state.shift, state.wkv)
-        for name, context in rows:
+        for name, context in variants:
             with context:
                 graphs[name] = captured(run, device, pool)[0]
                 logits[name] = run()[0].clone()

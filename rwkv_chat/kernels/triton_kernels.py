@@ -292,6 +292,17 @@ if AVAILABLE:
         return x
 
     @triton.jit
+    def _ln_mix_constants(LNW, LNB, prev_row, offs, mask, HAS_MIX: tl.constexpr):
+        """`ln_mix`'s LayerNorm weight and bias and (with HAS_MIX) the row's shift state at offs; without HAS_MIX
+        the third is the weight again, unread."""
+        ln_w = tl.load(LNW + offs, mask=mask, other=1.0)
+        ln_b = tl.load(LNB + offs, mask=mask, other=0.0)
+        prev = ln_w
+        if HAS_MIX:
+            prev = tl.load(prev_row + offs, mask=mask, other=0.0)
+        return ln_w, ln_b, prev
+
+    @triton.jit
     def _ln_mix_kernel(X, X_OUT, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV,
                        stride_prev, MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C,
                        P, P_OUT, FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
@@ -315,10 +326,7 @@ if AVAILABLE:
             mine = ok
             if CHUNK < BLOCK_C:
                 mine = ok & (offs // CHUNK == tl.program_id(1))
-            ln_w = tl.load(LNW + offs, mask=mine, other=1.0)
-            ln_b = tl.load(LNB + offs, mask=mine, other=0.0)
-            if HAS_MIX:
-                prev = tl.load(PREV + b * stride_prev + offs, mask=mine, other=0.0)
+            ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, mine, HAS_MIX)
         _wait_for_kernel_before(PDL)
         x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
@@ -332,10 +340,7 @@ if AVAILABLE:
             x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
             diff = x - mean
         if not EARLY:
-            ln_w = tl.load(LNW + offs, mask=ok, other=1.0)
-            ln_b = tl.load(LNB + offs, mask=ok, other=0.0)
-            if HAS_MIX:
-                prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
+            ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, ok, HAS_MIX)
         if HAS_D:
             tl.store(X_OUT + b * C + offs, x, mask=ok)
         xx = diff * rstd * ln_w + ln_b

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_kernels
 from .triton_kernels import AVAILABLE, _pow2, _split_view, pdl, tl, triton
 
 if AVAILABLE:
@@ -64,7 +63,6 @@ def wkv6_decode(r, k, v, g, w_lora, state_in, state_out, time_decay, u, ln_w, ln
     y = torch.empty((batch, dim), device=r.device, dtype=out_dtype)
     _wkv5_decode_kernel[(heads, batch)](r, k, v, g, stride_s, stride_b, n_split, state_in, state_out,
                                         state_in.stride(0), time_decay, u, ln_w, ln_b, y, dim, eps, w_lora,
-                                        w_lora.stride(0), GATED=True, SIZE=size, TOKEN_DECAY=True,
-                                        EARLY_STATE=batch < triton_kernels.WKV5_EARLY_STATE_ROWS, num_warps=4,
+                                        w_lora.stride(0), GATED=True, SIZE=size, TOKEN_DECAY=True, num_warps=4,
                                         **pdl(r.device))
     return y

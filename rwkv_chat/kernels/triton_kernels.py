@@ -307,14 +307,12 @@ if AVAILABLE:
                        stride_prev, MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C,
                        P, P_OUT, FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
                        HAS_MIX: tl.constexpr, HAS_OUT32: tl.constexpr, BLOCK_C: tl.constexpr,
-                       CHUNK: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+                       CHUNK: tl.constexpr, PDL: tl.constexpr = False):
         """x' = x + sigmoid(g) * d (or + d), halved if HALVE, to X_OUT; xx = LayerNorm(x'); mix p = xx*mix_p +
         prev*(1-mix_p) goes to OUT[p] for p < P_OUT (OUT's dtype) and to OUT32[p - FIRST32] for p >= FIRST32
         (fp32). Program (b, c) writes channels [c CHUNK, (c+1) CHUNK) of row b; each program of a row computes
         the row's statistics itself (from L2), so one row's work spreads over several SMs. X_OUT may be X only
-        when one program covers the row (CHUNK >= C). With EARLY a program keeps the whole row in registers (what
-        it writes is masked to its channels: no second read of them) and reads LNW, LNB and PREV (the state passed
-        in) before the wait for the kernel before (PDL): no kernel of the same step writes them."""
+        when one program covers the row (CHUNK >= C)."""
         _let_next_launch(PDL)
         b = tl.program_id(0)
         row = X + b * C
@@ -322,25 +320,17 @@ if AVAILABLE:
         g_row = G + b * stride_gb
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
-        if EARLY:
-            mine = ok
-            if CHUNK < BLOCK_C:
-                mine = ok & (offs // CHUNK == tl.program_id(1))
-            ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, mine, HAS_MIX)
         _wait_for_kernel_before(PDL)
         x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
         diff = tl.where(ok, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-        if EARLY:
-            ok = mine
-        elif CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
+        if CHUNK < BLOCK_C:  # this program's channels only: their residual again, from L2
             offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
             ok = offs < C
             x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
             diff = x - mean
-        if not EARLY:
-            ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, ok, HAS_MIX)
+        ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, ok, HAS_MIX)
         if HAS_D:
             tl.store(X_OUT + b * C + offs, x, mask=ok)
         xx = diff * rstd * ln_w + ln_b
@@ -360,20 +350,21 @@ if AVAILABLE:
     @triton.jit
     def _wkv5_decode_kernel(R, K, V, G, stride_s, stride_b, n_split, S_IN, S_OUT, stride_state, W, U, LNW, LNB, Y,
                             A, eps, W_LORA, stride_wl, GATED: tl.constexpr, SIZE: tl.constexpr,
-                            TOKEN_DECAY: tl.constexpr, EARLY_STATE: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            TOKEN_DECAY: tl.constexpr, PDL: tl.constexpr = False):
         """One token of the v5 recurrence for one (sequence, head), then GroupNorm and the 5.2 gate. W is the
-        decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence. With
-        EARLY_STATE the state passed in is read before the wait for the kernel before (PDL): no kernel of the step
-        writes S_IN (the new state goes to S_OUT)."""
+        decay factor; with TOKEN_DECAY (RWKV-6) it is exp(-exp(W + W_LORA[b])) instead, per sequence. The
+        state passed in is read before the wait for the kernel before (PDL): no kernel of the step writes S_IN (the
+        new state goes to S_OUT), and what wrote it before the step (the step before, a copy) has finished by then.
+        A graphed RWKV-5.2 7B step on an H100, against reading it after the wait: 17 µs (bf16) / 30 µs (int8)
+        shorter at one row, 144 µs (1 %) at 256 rows (docs/PERFORMANCE.md, forty-seventh and forty-eighth
+        sessions)."""
         _let_next_launch(PDL)
         h = tl.program_id(0)
         b = tl.program_id(1)
         i = tl.arange(0, SIZE)  # key index
         j = tl.arange(0, SIZE)  # value index
         cell = b * stride_state + h * SIZE * SIZE + i[:, None] * SIZE + j[None, :]
-        if EARLY_STATE:
-            s = tl.load(S_IN + cell)
+        s = tl.load(S_IN + cell)
         _wait_for_kernel_before(PDL)
         base = b * stride_b + h * SIZE
         mask = i < SIZE
@@ -384,8 +375,6 @@ if AVAILABLE:
         w = tl.load(W + h * SIZE + i)
         if TOKEN_DECAY:
             w = tl.exp(-tl.exp(w + tl.load(W_LORA + b * stride_wl + h * SIZE + i)))
-        if not EARLY_STATE:
-            s = tl.load(S_IN + cell)
         a = k[:, None] * v[None, :]
         out = tl.sum(r[:, None] * (u[:, None] * a + s), axis=0)  # [value]
         tl.store(S_OUT + cell, a + w[:, None] * s)
@@ -761,13 +750,6 @@ def _split_view(parts: torch.Tensor) -> tuple[int, int, int]:
 
 
 LN_MIX_CHUNK = 512  # channels a program of `ln_mix` writes when rows are few (its statistics read the whole row)
-# Not yet timed on a GPU (so off): a row spread over several programs stays whole in each program's registers (no
-# second read of its channels) and the LayerNorm weights and the shift state passed in are read before the PDL wait.
-# The same bits (interpreter test). `python -m benchmarks.decode_parts --set
-# "early=rwkv_chat.kernels.triton_kernels.LN_MIX_EARLY=True"` times it. Registers for sm_90 (compiled here, 4,096
-# channels, 8 warps): 62 -> 128 a program of 512 channels; one program a row (the batched steps) never takes it, as
-# it would grow from 96 to 122.
-LN_MIX_EARLY = False
 
 
 def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None,
@@ -804,14 +786,9 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
                                 o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
                                 mix.shape[0] if has_mix else 1, p_out, first32, eps,
                                 HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
-                                BLOCK_C=block_c, CHUNK=chunk, EARLY=LN_MIX_EARLY and chunks > 1,
+                                BLOCK_C=block_c, CHUNK=chunk,
                                 num_warps=4 if c <= 1024 else 8, **pdl(x.device))
     return x_out
-
-
-WKV5_EARLY_STATE_ROWS = 4  # below this many sequences the v5/v6 decode kernel reads the state before its PDL wait:
-# a graphed RWKV-5.2 7B step 17 µs (bf16) / 30 µs (int8) shorter at one row (H100, 2026-12-06). Its registers for
-# sm_90 stay at 96 either way, but batched steps, where the state is most of what moves, were not timed with it.
 
 
 def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, eps):
@@ -826,8 +803,8 @@ def wkv5_decode(r, k, v, g, state_in, state_out, w, u, ln_w, ln_b, out_dtype, ep
         assert _split_view(t) == (stride_s, stride_b, n_split)
     _wkv5_decode_kernel[(heads, m)](r, k, v, g if g is not None else r, stride_s, stride_b, n_split,
                                     state_in, state_out, state_in.stride(0), w, u, ln_w, ln_b, y, a, eps, w, 0,
-                                    GATED=g is not None, SIZE=size, TOKEN_DECAY=False,
-                                    EARLY_STATE=m < WKV5_EARLY_STATE_ROWS, num_warps=4, **pdl(r.device))
+                                    GATED=g is not None, SIZE=size, TOKEN_DECAY=False, num_warps=4,
+                                    **pdl(r.device))
     return y
 
 

@@ -313,14 +313,13 @@ if AVAILABLE:
         (fp32). Program (b, c) writes channels [c CHUNK, (c+1) CHUNK) of row b; each program of a row computes
         the row's statistics itself (from L2), so one row's work spreads over several SMs. X_OUT may be X only
         when one program covers the row (CHUNK >= C)."""
-        _let_next_launch(PDL)
+        _wait_for_producer(PDL)
         b = tl.program_id(0)
         row = X + b * C
         d_row = D + b * stride_db
         g_row = G + b * stride_gb
         offs = tl.arange(0, BLOCK_C)
         ok = offs < C
-        _wait_for_kernel_before(PDL)
         x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
         mean = tl.sum(x, axis=0) / C
         diff = tl.where(ok, x - mean, 0.0)

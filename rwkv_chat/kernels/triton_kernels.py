@@ -292,17 +292,6 @@ if AVAILABLE:
         return x
 
     @triton.jit
-    def _ln_mix_constants(LNW, LNB, prev_row, offs, mask, HAS_MIX: tl.constexpr):
-        """`ln_mix`'s LayerNorm weight and bias and (with HAS_MIX) the row's shift state at offs; without HAS_MIX
-        the third is the weight again, unread."""
-        ln_w = tl.load(LNW + offs, mask=mask, other=1.0)
-        ln_b = tl.load(LNB + offs, mask=mask, other=0.0)
-        prev = ln_w
-        if HAS_MIX:
-            prev = tl.load(prev_row + offs, mask=mask, other=0.0)
-        return ln_w, ln_b, prev
-
-    @triton.jit
     def _ln_mix_kernel(X, X_OUT, D, stride_ds, stride_db, n_d, G, stride_gs, stride_gb, n_g, LNW, LNB, PREV,
                        stride_prev, MIX, OUT, stride_op, stride_om, OUT32, stride_o32p, stride_o32m, XX, stride_xx, C,
                        P, P_OUT, FIRST32, eps, HAS_D: tl.constexpr, HAS_G: tl.constexpr, HALVE: tl.constexpr,
@@ -329,11 +318,11 @@ if AVAILABLE:
             ok = offs < C
             x = _residual(row, d_row, stride_ds, n_d, g_row, stride_gs, n_g, offs, ok, HAS_D, HAS_G, HALVE)
             diff = x - mean
-        ln_w, ln_b, prev = _ln_mix_constants(LNW, LNB, PREV + b * stride_prev, offs, ok, HAS_MIX)
         if HAS_D:
             tl.store(X_OUT + b * C + offs, x, mask=ok)
-        xx = diff * rstd * ln_w + ln_b
+        xx = diff * rstd * tl.load(LNW + offs, mask=ok, other=1.0) + tl.load(LNB + offs, mask=ok, other=0.0)
         if HAS_MIX:
+            prev = tl.load(PREV + b * stride_prev + offs, mask=ok, other=0.0)
             tl.store(XX + b * stride_xx + offs, xx, mask=ok)
             for p in range(P):
                 m = tl.load(MIX + p * C + offs, mask=ok, other=0.0)
@@ -785,8 +774,7 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch
                                 o32, o32.stride(0), o32.stride(1), xx_out, xx_out.stride(0), c,
                                 mix.shape[0] if has_mix else 1, p_out, first32, eps,
                                 HAS_D=has_d, HAS_G=has_g, HALVE=halve, HAS_MIX=has_mix, HAS_OUT32=has_out32,
-                                BLOCK_C=block_c, CHUNK=chunk,
-                                num_warps=4 if c <= 1024 else 8, **pdl(x.device))
+                                BLOCK_C=block_c, CHUNK=chunk, num_warps=4 if c <= 1024 else 8, **pdl(x.device))
     return x_out
 
 

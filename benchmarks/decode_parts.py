@@ -38,6 +38,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from benchmarks.bench import SIZES, OursImpl, cleanup, random_state_dict
+from rwkv_chat.runtime.cuda_graphs import BUCKETS, captured
 from rwkv_chat.state import RwkvState
 
 LEFT_OUT = {"whole step": (), "without ln_mix": ("ln_mix",), "without the wkv step": ("wkv",),
@@ -63,17 +64,12 @@ def setting(path: str, value):
     if not (last in owner if is_dict else hasattr(owner, last)):
         raise ValueError(f"--set: {path!r} names nothing that exists")
     old = owner[last] if is_dict else getattr(owner, last)
-    if is_dict:
-        owner[last] = value
-    else:
-        setattr(owner, last, value)
+    put = owner.__setitem__ if is_dict else functools.partial(setattr, owner)
+    put(last, value)
     try:
         yield
     finally:
-        if is_dict:
-            owner[last] = old
-        else:
-            setattr(owner, last, old)
+        put(last, old)
 
 
 def _no_ln_mix(x, *args, **kwargs):
@@ -105,7 +101,6 @@ def parse_set(text: str) -> tuple[str, str, object]:
 
 
 def bench_model(args, version: str, size: str, dtype: str, device: torch.device) -> None:
-    from rwkv_chat.runtime.cuda_graphs import captured
     sd = random_state_dict(version, *SIZES[size], seed=args.seed, device=device, values=args.checkpoint_values)
     model = OursImpl(sd, device, dtype).model
     del sd
@@ -170,8 +165,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not 1 <= args.rows <= 256:
-        raise ValueError(f"--rows: {args.rows} is not in 1..256 (the step's graph buckets)")
+    if not 1 <= args.rows <= BUCKETS[-1]:
+        raise ValueError(f"--rows: {args.rows} is not in 1..{BUCKETS[-1]} (the step's graph buckets)")
     for text in args.set:  # clear errors before any model is built
         name, path, value = parse_set(text)
         with setting(path, value):
